@@ -1,0 +1,77 @@
+//! The command line: one file per subcommand.
+
+mod certs;
+mod config;
+mod run;
+mod send;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Tidepool: devices publish over QUIC, sandboxed WebAssembly handlers decide what matters,
+/// and the cloud is woken only for that.
+#[derive(Parser)]
+#[command(name = "tidepool", version, about, long_about = None, propagate_version = true)]
+#[command(after_help = "Start with `tidepool run` (embedded defaults, data in ./tidepool-data), then issue a\n\
+device certificate with `tidepool certs device dev-1` and publish with `tidepool send`.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Run(run::Args),
+    Certs {
+        #[command(subcommand)]
+        what: certs::What,
+    },
+    Config {
+        #[command(subcommand)]
+        what: config::What,
+    },
+    Send(send::Args),
+}
+
+/// Options shared by commands that read the gateway's configuration.
+#[derive(clap::Args, Clone)]
+pub struct ConfigArgs {
+    /// The configuration file (TOML). Without it, the embedded defaults apply
+    /// (`tidepool config defaults` prints them).
+    #[arg(long, short = 'c', value_name = "FILE", env = "TIDEPOOL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The data dir (certificates, store, metrics); overrides `gateway.data_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    pub fn load(&self) -> anyhow::Result<tidepool::config::Config> {
+        let mut cfg = match &self.config {
+            Some(p) => tidepool::config::Config::load(p)?,
+            None => tidepool::config::Config::defaults(),
+        };
+        if let Some(d) = &self.data_dir {
+            cfg.gateway.data_dir = d.clone();
+        }
+        Ok(cfg)
+    }
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Certs { what } => certs::run(what),
+        Command::Config { what } => config::run(what),
+        Command::Send(a) => send::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tidepool: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! `tidepool run`: the gateway in the foreground until SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+use super::ConfigArgs;
+
+/// Run the gateway: listen for devices (UDP, QUIC), run handlers, commit to the store and
+/// wake the uplink when handlers forward. SIGINT or SIGTERM stops it gracefully: streams stop
+/// reading, everything received is settled and answered, then it exits.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let cfg = a.config.load()?;
+    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cfg.gateway.log))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot watch SIGTERM: {e}");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let _ = stop_tx.send(true);
+        });
+        tidepool::gateway::run(cfg, stop, |addr| {
+            // A machine-readable ready line on stdout (logs go to stderr).
+            println!("tidepool listening on {addr}");
+        })
+        .await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,125 @@
+//! The device side of wire protocol v1, used by `tidepool send`, the tests and the load
+//! generator: connect with a device certificate, open a stream, send frames, read answers.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+
+use crate::ingress::tls::{self, TlsError};
+use crate::proto::frame::{self, FrameDecoder, FrameError};
+use crate::proto::msg::{self, BadFrame, DeviceMsg, GatewayMsg};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("bad frame from gateway: {0}")]
+    Frame(#[from] FrameError),
+    #[error("bad message from gateway: {0}")]
+    Message(#[from] BadFrame),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A device's connection to a gateway.
+pub struct Device {
+    pub endpoint: Endpoint,
+    pub conn: Connection,
+}
+
+/// Resolves `host:port`; returns the address and the TLS server name (the host).
+pub async fn resolve(gateway: &str) -> Result<(SocketAddr, String), ClientError> {
+    let addr = tokio::net::lookup_host(gateway)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ClientError::Resolve(gateway.to_string()))?;
+    let host = gateway.rsplit_once(':').map(|(h, _)| h).unwrap_or(gateway);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((addr, host.to_string()))
+}
+
+impl Device {
+    /// Connects with the device's certificate and key, trusting `ca`.
+    pub async fn connect(gateway: &str, ca: &Path, cert: &Path, key: &Path) -> Result<Device, ClientError> {
+        let (addr, name) = resolve(gateway).await?;
+        let config = tls::client_config(ca, cert, key)?;
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal address");
+        let mut endpoint = Endpoint::client(bind)?;
+        endpoint.set_default_client_config(config);
+        let conn = endpoint.connect(addr, &name)?.await?;
+        Ok(Device { endpoint, conn })
+    }
+
+    /// Opens a bidirectional stream for frames.
+    pub async fn open(&self) -> Result<FrameStream, ClientError> {
+        let (send, recv) = self.conn.open_bi().await?;
+        Ok(FrameStream { send, recv, decoder: FrameDecoder::new(16 * 1024 * 1024), out: Vec::new() })
+    }
+
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// One stream of frames.
+pub struct FrameStream {
+    pub send: SendStream,
+    pub recv: RecvStream,
+    decoder: FrameDecoder,
+    out: Vec<u8>,
+}
+
+impl FrameStream {
+    /// Queues a message (written by the next [`FrameStream::flush`]).
+    pub fn push(&mut self, m: &DeviceMsg) {
+        frame::encode(&msg::encode_device(m), &mut self.out);
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        self.send.write_all(&self.out).await?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Sends one message now.
+    pub async fn send(&mut self, m: &DeviceMsg) -> Result<(), ClientError> {
+        self.push(m);
+        self.flush().await
+    }
+
+    /// Sends raw bytes (tests of malformed input).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        Ok(self.send.write_all(bytes).await?)
+    }
+
+    /// The next message from the gateway; `None` when the gateway finished the stream.
+    /// Messages of unknown types are skipped, as devices must.
+    pub async fn next(&mut self) -> Result<Option<GatewayMsg>, ClientError> {
+        loop {
+            if let Some(f) = self.decoder.next_frame()? {
+                match msg::decode_gateway(&f)? {
+                    Some(m) => return Ok(Some(m)),
+                    None => continue,
+                }
+            }
+            match self.recv.read_chunk(64 * 1024, true).await? {
+                Some(c) => self.decoder.extend(&c.bytes),
+                None => return Ok(None),
+            }
+        }
+    }
+}

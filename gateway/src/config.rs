@@ -1,0 +1,296 @@
+//! The one configuration file: the embedded defaults (`defaults.toml`, printed by
+//! `tidepool config defaults`) merged with the user's TOML, checked, as typed structs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::proto::topic;
+
+/// The commented default configuration, the single source of every default.
+pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub ingress: IngressConfig,
+    pub acl: AclConfig,
+    pub router: RouterConfig,
+    pub limits: BoxLimits,
+    pub store: StoreConfig,
+    pub outbox: OutboxConfig,
+    pub uplink: UplinkConfig,
+    #[serde(default)]
+    pub handler: Vec<HandlerEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub id: String,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub server_names: Vec<String>,
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    pub max_frame_bytes: u32,
+    pub max_payload_bytes: usize,
+    pub max_connections: usize,
+    pub max_streams_per_connection: u32,
+    pub busy_retry_after_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub datagram_shed_backlog: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclConfig {
+    pub publish: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unrouted {
+    Drop,
+    Forward,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    Urgent,
+    Normal,
+    Bulk,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Urgent => "urgent",
+            Class::Normal => "normal",
+            Class::Bulk => "bulk",
+        }
+    }
+
+    /// The ABI's class number (0 urgent, 1 normal, 2 bulk).
+    pub fn from_abi(n: i32) -> Option<Class> {
+        match n {
+            0 => Some(Class::Urgent),
+            1 => Some(Class::Normal),
+            2 => Some(Class::Bulk),
+            _ => None,
+        }
+    }
+
+    pub fn as_abi(self) -> u8 {
+        self as u8
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterConfig {
+    pub unrouted: Unrouted,
+    pub unrouted_class: Class,
+}
+
+/// Handler limits: the box-wide caps in the config, and each manifest's own.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BoxLimits {
+    pub fuel_per_event: u64,
+    pub memory_pages: u32,
+    pub state_bytes: u64,
+    pub forwards_per_event: u32,
+    pub emits_per_event: u32,
+    pub emit_depth: u32,
+    pub log_bytes_per_event: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub cache_capacity_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FullPolicy {
+    DropBulkFirst,
+    Backpressure,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    pub max_bytes: u64,
+    pub full_policy: FullPolicy,
+    pub max_batch_events: usize,
+    pub max_batch_bytes: usize,
+    pub max_delay_ms: u64,
+    pub bulk_window_ms: u64,
+    pub linger_ms: u64,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    Http,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    pub sink: SinkKind,
+    pub url: String,
+    pub timeout_ms: u64,
+}
+
+/// A `[[handler]]` entry: a module, its manifest and per-box config overrides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerEntry {
+    pub wasm: PathBuf,
+    pub manifest: PathBuf,
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+impl Config {
+    /// The embedded defaults.
+    pub fn defaults() -> Config {
+        Config::from_toml_str(DEFAULTS_TOML, Path::new("<defaults>")).expect("embedded defaults are valid")
+    }
+
+    /// Defaults overridden by `text`; relative handler paths resolve against `base_dir`.
+    pub fn from_toml_str(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let parse = |s: &str| {
+            toml::from_str::<toml::Value>(s)
+                .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), source: Box::new(e) })
+        };
+        let mut value: toml::Value = toml::from_str(DEFAULTS_TOML).expect("embedded defaults parse");
+        merge(&mut value, parse(text)?);
+        let mut cfg: Config = value
+            .try_into()
+            .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), source: Box::new(e) })?;
+        if let Some(dir) = origin.parent() {
+            for h in &mut cfg.handler {
+                h.wasm = dir.join(&h.wasm);
+                h.manifest = dir.join(&h.manifest);
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml_str(&text, path)
+    }
+
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.gateway.id.is_empty() {
+            self.gateway.id = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .ok()
+                .filter(|s| topic::valid_device_id(s))
+                .unwrap_or_else(|| "tidepool".to_string());
+        }
+        if !topic::valid_device_id(&self.gateway.id) {
+            return bad(format!("gateway.id `{}` must match [A-Za-z0-9._-]{{1,64}}", self.gateway.id));
+        }
+        if self.ingress.max_frame_bytes == 0 {
+            return bad("ingress.max_frame_bytes must be at least 1".into());
+        }
+        for p in &self.acl.publish {
+            topic::validate_pattern(p).map_err(|e| ConfigError::Invalid(format!("acl.publish: {e}")))?;
+        }
+        if self.outbox.max_batch_events == 0 || self.outbox.max_batch_bytes == 0 {
+            return bad("outbox.max_batch_events and max_batch_bytes must be at least 1".into());
+        }
+        if self.outbox.retry_base_ms == 0 || self.outbox.retry_max_ms < self.outbox.retry_base_ms {
+            return bad("outbox: need 0 < retry_base_ms <= retry_max_ms".into());
+        }
+        if self.uplink.sink == SinkKind::Http && !self.uplink.url.is_empty() {
+            let u = &self.uplink.url;
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return bad(format!("uplink.url `{u}` must start with http:// or https://"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_match_the_documented_values() {
+        let c = Config::defaults();
+        assert_eq!(c.gateway.listen.port(), 7700);
+        assert_eq!(c.gateway.data_dir, PathBuf::from("./tidepool-data"));
+        assert_eq!(c.acl.publish, vec!["devices/{id}/#".to_string()]);
+        assert_eq!(c.ingress.max_frame_bytes, 65536);
+        assert!(c.handler.is_empty());
+    }
+
+    #[test]
+    fn user_keys_override_table_by_table() {
+        let c = Config::from_toml_str(
+            "[outbox]\nmax_delay_ms = 10\n[[handler]]\nwasm = \"a.wasm\"\nmanifest = \"a.toml\"\n[handler.config]\nthreshold = \"40\"\n",
+            Path::new("/etc/tidepool/tidepool.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.outbox.max_delay_ms, 10);
+        assert_eq!(c.outbox.max_batch_events, 100);
+        assert_eq!(c.handler[0].wasm, PathBuf::from("/etc/tidepool/a.wasm"));
+        assert_eq!(c.handler[0].config["threshold"], "40");
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        assert!(Config::from_toml_str("[outbox]\nmax_dealy_ms = 1\n", Path::new("x")).is_err());
+        assert!(Config::from_toml_str("[gateway]\nid = \"a b\"\n", Path::new("x")).is_err());
+        assert!(Config::from_toml_str("[acl]\npublish = [\"a/#/b\"]\n", Path::new("x")).is_err());
+    }
+}

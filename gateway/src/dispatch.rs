@@ -1,0 +1,315 @@
+//! The dispatcher: one event at a time, in the order the committer will see them. It checks a
+//! publish against the high-water mark (resend), the topic rules and the ACL, runs the
+//! subscribed handlers (and what they emit) outside any store transaction, applies outbox
+//! admission, and submits the event's write set to the committer. Everything here is
+//! synchronous and free of network I/O; the ingress calls it under one lock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
+
+use crate::config::{Class, Config, Unrouted};
+use crate::metrics::Metrics;
+use crate::outbox::{entry_id, Admission, Entry, Outbox};
+use crate::proto::msg::{NackCode, Publish};
+use crate::proto::topic;
+use crate::router::Router;
+use crate::sandbox::{EventInfo, Handler, StateSource};
+use crate::store::commit::{Item, ItemKind, OutboxRecord, Reply, WriteSet};
+use crate::store::{keys, DeadLetter, Store};
+
+/// What became of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    /// Queued for the committer; its ack (or nack) follows the flush.
+    Queued,
+    /// Not kept: answer `busy` and stop reading the stream.
+    Busy,
+}
+
+/// State reads for handlers: this event's own writes, then the overlay of pending groups,
+/// then sled.
+pub struct EventState {
+    store: Store,
+    current: Mutex<HashMap<Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl EventState {
+    pub fn new(store: Store) -> Self {
+        EventState { store, current: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Option<Vec<u8>>>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl StateSource for EventState {
+    fn get(&self, handler: &str, key: &[u8]) -> Option<Vec<u8>> {
+        let full = keys::state(handler, key);
+        if let Some(v) = self.lock().get(&full) {
+            return v.clone();
+        }
+        StateSource::get(&self.store, handler, key)
+    }
+}
+
+/// Stops the process on a store error: no ack may go out after one (the supervisor restarts us).
+pub fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
+    tracing::error!("{what}: {e}; stopping so that the supervisor restarts the gateway");
+    std::process::exit(70)
+}
+
+pub struct Dispatcher {
+    gateway: Arc<str>,
+    handlers: Vec<Handler>,
+    router: Router,
+    acl: Vec<String>,
+    max_payload: usize,
+    unrouted: Unrouted,
+    unrouted_class: Class,
+    busy_retry_ms: u64,
+    claimed: HashMap<Arc<str>, u64>,
+    store: Store,
+    state: Arc<EventState>,
+    outbox: Arc<Outbox>,
+    tx: Option<SyncSender<Item>>,
+    /// Items submitted and not yet committed.
+    pub backlog: Arc<AtomicUsize>,
+    tag: u64,
+    datagrams: u64,
+    boot_ms: u64,
+    metrics: Arc<Metrics>,
+    route_buf: Vec<usize>,
+}
+
+impl Dispatcher {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: &Config,
+        handlers: Vec<Handler>,
+        store: Store,
+        state: Arc<EventState>,
+        outbox: Arc<Outbox>,
+        tx: SyncSender<Item>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let router = Router::new(handlers.iter().map(|h| h.manifest.subscribe.as_slice()));
+        Dispatcher {
+            gateway: cfg.gateway.id.as_str().into(),
+            handlers,
+            router,
+            acl: cfg.acl.publish.clone(),
+            max_payload: cfg.ingress.max_payload_bytes,
+            unrouted: cfg.router.unrouted,
+            unrouted_class: cfg.router.unrouted_class,
+            busy_retry_ms: cfg.ingress.busy_retry_after_ms,
+            claimed: HashMap::new(),
+            store,
+            state,
+            outbox,
+            tx: Some(tx),
+            backlog: Arc::new(AtomicUsize::new(0)),
+            tag: 0,
+            datagrams: 0,
+            boot_ms: crate::clock::now_ms(),
+            metrics,
+            route_buf: Vec::new(),
+        }
+    }
+
+    /// Stops submitting: the committer finishes what it has and exits.
+    pub fn close(&mut self) {
+        self.tx = None;
+    }
+
+    pub fn handler_names(&self) -> Vec<String> {
+        self.handlers.iter().map(|h| h.name().to_string()).collect()
+    }
+
+    fn submit(&mut self, device: &Arc<str>, seq: u64, kind: ItemKind, reply: Option<&Reply>) {
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        let item = Item { device: device.clone(), seq, kind, reply: reply.cloned() };
+        if self.tx.as_ref().is_none_or(|tx| tx.send(item).is_err()) {
+            // The committer stopped: we are shutting down, and nothing more will be acked.
+            self.backlog.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The highest seq of `device` that is durable or on its way to the committer.
+    fn claimed(&mut self, device: &Arc<str>) -> &mut u64 {
+        let store = &self.store;
+        self.claimed.entry(device.clone()).or_insert_with(|| match store.hwm(device) {
+            Ok(h) => h,
+            Err(e) => fatal("reading a high-water mark", e),
+        })
+    }
+
+    /// Answers a `hello` with the durable high-water mark, after what precedes it is durable.
+    pub fn hello(&mut self, device: &Arc<str>, reply: &Reply) {
+        self.submit(device, 0, ItemKind::Welcome, Some(reply));
+    }
+
+    /// Nacks a publish for good. A nacked seq advances the high-water mark.
+    pub fn nack(&mut self, device: &Arc<str>, seq: u64, code: NackCode, reason: String, reply: &Reply) {
+        Metrics::inc(&self.metrics.nacks);
+        let c = self.claimed(device);
+        *c = (*c).max(seq);
+        self.submit(device, seq, ItemKind::Nack { code, reason }, Some(reply));
+    }
+
+    /// Answers `busy` for `seq` once everything before it is settled.
+    pub fn busy(&mut self, device: &Arc<str>, seq: u64, reply: &Reply) {
+        Metrics::inc(&self.metrics.busy);
+        let retry_after_ms = self.busy_retry_ms;
+        self.submit(device, seq, ItemKind::Busy { retry_after_ms }, Some(reply));
+    }
+
+    /// Checks topic rules and the ACL: `Err((code, reason))` to nack.
+    fn check(&self, device: &str, p: &Publish) -> Result<(), (NackCode, String)> {
+        topic::validate(&p.topic).map_err(|e| (NackCode::BadTopic, e.to_string()))?;
+        if !self.acl.iter().any(|pat| topic::matches(pat, &p.topic, Some(device))) {
+            return Err((NackCode::Acl, format!("device `{device}` may not publish to `{}`", p.topic)));
+        }
+        if p.payload.len() > self.max_payload {
+            return Err((NackCode::TooLarge, format!("payload of {} bytes exceeds {}", p.payload.len(), self.max_payload)));
+        }
+        Ok(())
+    }
+
+    /// One publish from a stream (seq already checked to rise on that stream).
+    pub fn publish(&mut self, device: &Arc<str>, p: Publish, received_ms: u64, reply: &Reply) -> Submitted {
+        Metrics::inc(&self.metrics.events_in);
+        if p.seq <= *self.claimed(device) {
+            Metrics::inc(&self.metrics.resends);
+            self.submit(device, p.seq, ItemKind::Resend, Some(reply));
+            return Submitted::Queued;
+        }
+        if let Err((code, reason)) = self.check(device, &p) {
+            self.nack(device, p.seq, code, reason, reply);
+            return Submitted::Queued;
+        }
+        let seq_text = p.seq.to_string();
+        match self.process(device, &p, &seq_text, received_ms) {
+            Some(ws) => {
+                *self.claimed(device) = p.seq;
+                self.submit(device, p.seq, ItemKind::Event(ws), Some(reply));
+                Submitted::Queued
+            }
+            None => Submitted::Busy,
+        }
+    }
+
+    /// A best-effort telemetry datagram: no seq, no ack, shed first under load.
+    pub fn datagram(&mut self, device: &Arc<str>, p: Publish, received_ms: u64, shed_backlog: usize) {
+        Metrics::inc(&self.metrics.datagrams_in);
+        if self.backlog.load(Ordering::Relaxed) > shed_backlog || self.check(device, &p).is_err() {
+            Metrics::inc(&self.metrics.datagrams_dropped);
+            return;
+        }
+        self.datagrams += 1;
+        let seq_text = format!("dg{}.{}", self.boot_ms, self.datagrams);
+        match self.process(device, &p, &seq_text, received_ms) {
+            Some(ws) => self.submit(device, 0, ItemKind::Event(ws), None),
+            None => Metrics::inc(&self.metrics.datagrams_dropped),
+        }
+    }
+
+    /// Runs the event through the handlers (and their emits). `None` when the outbox cannot
+    /// take its forwards: nothing of the event is kept.
+    fn process(&mut self, device: &Arc<str>, p: &Publish, seq_text: &str, received_ms: u64) -> Option<WriteSet> {
+        let ts = p.ts.unwrap_or(received_ms);
+        let mut ws = WriteSet::default();
+        let mut deltas: Vec<(usize, i64)> = Vec::new();
+        let mut queue: VecDeque<(String, Vec<u8>, u32, usize)> = VecDeque::new();
+        let mut emitted = 0usize;
+        let mut route = std::mem::take(&mut self.route_buf);
+        // The device's own event first, borrowed; emitted events follow, owned.
+        let mut current: Option<(String, Vec<u8>, u32, usize)> = None;
+        loop {
+            let (t, payload, depth, origin): (&str, &[u8], u32, usize) = match &current {
+                None => (&p.topic, &p.payload, 0, 0),
+                Some((t, pl, d, o)) => (t, pl, *d, *o),
+            };
+            self.router.route(t, &mut route);
+            if route.is_empty() && depth == 0 {
+                Metrics::inc(&self.metrics.unrouted);
+                if self.unrouted == Unrouted::Forward {
+                    let id = entry_id(&self.gateway, device, seq_text, "", 0);
+                    ws.outbox.push(record(id, device, t, self.unrouted_class, ts, payload));
+                }
+            }
+            for &h in &route {
+                let ev = EventInfo { device, seq: p.seq, ts: p.ts, received_ms, topic: t, payload, depth };
+                let handler = &mut self.handlers[h];
+                let outcome = handler.invoke(&ev);
+                Metrics::inc(&self.metrics.handler_calls);
+                match outcome.result {
+                    Ok(effects) => {
+                        let name = handler.name().to_string();
+                        let mut cur = self.state.lock();
+                        for (k, v) in effects.state {
+                            let full = keys::state(&name, &k);
+                            cur.insert(full, v);
+                        }
+                        drop(cur);
+                        deltas.push((h, effects.state_delta));
+                        let seq_part = if origin == 0 { seq_text.to_string() } else { format!("{seq_text}.e{origin}") };
+                        for (i, f) in effects.forwards.into_iter().enumerate() {
+                            let id = entry_id(&self.gateway, device, &seq_part, &name, i);
+                            ws.outbox.push(record(id, device, &f.topic, f.class, ts, &f.payload));
+                        }
+                        for (et, ep) in effects.emits {
+                            emitted += 1;
+                            queue.push_back((et, ep, depth + 1, emitted));
+                        }
+                    }
+                    Err(failure) => {
+                        Metrics::inc(&self.metrics.handler_errors);
+                        Metrics::inc(&self.metrics.dead_letters);
+                        tracing::warn!(handler = handler.name(), device = &**device, seq = p.seq, "handler failed: {failure}");
+                        let d = DeadLetter {
+                            device: device.to_string(),
+                            seq: p.seq,
+                            topic: t.to_string(),
+                            payload: payload.to_vec(),
+                            handler: handler.name().to_string(),
+                            reason: failure.0,
+                            received_ms,
+                        };
+                        ws.dead.push(d.encode());
+                    }
+                }
+            }
+            match queue.pop_front() {
+                Some(next) => current = Some(next),
+                None => break,
+            }
+        }
+        self.route_buf = route;
+        let written: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.state.lock().drain().collect();
+        match self.outbox.admit(&mut ws.outbox) {
+            Admission::Full => return None,
+            Admission::DroppedBulk(n) => Metrics::add(&self.metrics.bulk_dropped, n as u64),
+            Admission::Admitted => {}
+        }
+        Metrics::add(&self.metrics.forwards, ws.outbox.len() as u64);
+        self.tag += 1;
+        ws.tag = self.tag;
+        for (k, v) in written {
+            self.store.overlay.put(k.clone(), v.clone(), ws.tag);
+            ws.state.push((k, v));
+        }
+        for (h, d) in deltas {
+            let used = &mut self.handlers[h].state_used;
+            *used = used.saturating_add_signed(d);
+        }
+        Some(ws)
+    }
+}
+
+fn record(id: String, device: &str, topic: &str, class: Class, ts: u64, payload: &[u8]) -> OutboxRecord {
+    let e = Entry { id, device: device.to_string(), topic: topic.to_string(), class, ts, payload: payload.to_vec() };
+    OutboxRecord { class, entry: e.encode() }
+}

@@ -1,0 +1,173 @@
+//! Wiring: opens the store, loads the handlers, starts the committer thread, the uplink and
+//! the QUIC endpoint, and on stop drains them in order (stop reading, settle, answer, close,
+//! commit what is left, write the metrics).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::config::{Config, SinkKind};
+use crate::dispatch::{Dispatcher, EventState};
+use crate::ingress::{self, Shared};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::pki::{self, PkiPaths};
+use crate::sandbox::{Handler, HostEnv, Manifest, Runtime};
+use crate::store::commit::{self, AfterFlush, Group};
+use crate::store::Store;
+use crate::uplink::{http::HttpSink, Uplink};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data dir {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] ingress::tls::TlsError),
+    #[error("handler {path}: {msg}")]
+    Handler { path: PathBuf, msg: String },
+    #[error("listen on {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+}
+
+/// Loads the configured handlers (`[[handler]]`).
+pub fn load_handlers(cfg: &Config, store: &Store, env: &HostEnv) -> Result<Vec<Handler>, StartError> {
+    let runtime = Runtime::default();
+    let mut handlers: Vec<Handler> = Vec::new();
+    for entry in &cfg.handler {
+        let err = |msg: String| StartError::Handler { path: entry.manifest.clone(), msg };
+        let manifest = Manifest::load(&entry.manifest).map_err(|e| err(e.to_string()))?;
+        manifest.check(&cfg.limits).map_err(|e| err(e.to_string()))?;
+        if handlers.iter().any(|h| h.name() == manifest.name) {
+            return Err(err(format!("a handler named `{}` is already loaded", manifest.name)));
+        }
+        let wasm = std::fs::read(&entry.wasm).map_err(|e| err(format!("cannot read {}: {e}", entry.wasm.display())))?;
+        let used = store.state_bytes(&manifest.name)?;
+        let started = Instant::now();
+        let h = Handler::load(&runtime, &wasm, manifest, &entry.config, env.clone(), used).map_err(|e| err(e.to_string()))?;
+        tracing::info!(
+            handler = h.name(),
+            version = h.manifest.version,
+            subscribe = ?h.manifest.subscribe,
+            wasm_bytes = wasm.len(),
+            load_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "handler loaded"
+        );
+        handlers.push(h);
+    }
+    Ok(handlers)
+}
+
+struct Hooks {
+    outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
+    backlog: Arc<AtomicUsize>,
+}
+
+impl AfterFlush for Hooks {
+    fn after_flush(&mut self, g: &Group) {
+        self.outbox.add(&g.entries, Instant::now());
+        Metrics::inc(&self.metrics.groups);
+        self.backlog.fetch_sub(g.items, Ordering::Relaxed);
+    }
+}
+
+fn make_private_dir(path: &Path) -> Result<(), StartError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |source| StartError::DataDir { path: path.to_path_buf(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(err)
+}
+
+/// Runs the gateway until `stop` turns true; returns the final metrics.
+pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, ready: impl FnOnce(std::net::SocketAddr)) -> Result<serde_json::Value, StartError> {
+    let data = cfg.gateway.data_dir.clone();
+    make_private_dir(&data)?;
+    let paths = PkiPaths::new(&data);
+    if pki::ensure(&data, &cfg.gateway.server_names)? {
+        tracing::info!(dir = %paths.dir.display(), "generated the device CA, operator CA, server CA and server certificate; issue device certificates with `tidepool certs device ID`");
+    } else {
+        tracing::info!(dir = %paths.dir.display(), "using the certificates in the data dir");
+    }
+    let store = Store::open(&data.join("db"), cfg.store.cache_capacity_bytes)?;
+    let outbox = Arc::new(Outbox::load(&store, &cfg.outbox)?);
+    let metrics = Arc::new(Metrics::default());
+    let state = Arc::new(EventState::new(store.clone()));
+    let env = HostEnv { state: state.clone(), log_bytes_per_event: cfg.limits.log_bytes_per_event, emit_depth: cfg.limits.emit_depth };
+    let handlers = load_handlers(&cfg, &store, &env)?;
+    if handlers.is_empty() {
+        tracing::warn!("no handlers configured: events go nowhere unless router.unrouted = \"forward\"");
+    }
+
+    let (tx, rx) = mpsc::sync_channel(16 * 1024);
+    let dispatcher = Dispatcher::new(&cfg, handlers, store.clone(), state, outbox.clone(), tx, metrics.clone());
+    let hooks = Hooks { outbox: outbox.clone(), metrics: metrics.clone(), backlog: dispatcher.backlog.clone() };
+    let committer = {
+        let store = store.clone();
+        std::thread::Builder::new()
+            .name("committer".into())
+            .spawn(move || {
+                if let Err(e) = commit::run(&store, rx, hooks) {
+                    crate::dispatch::fatal("committing a group", e);
+                }
+            })
+            .map_err(|source| StartError::DataDir { path: data.clone(), source })?
+    };
+    let dispatcher = Arc::new(Mutex::new(dispatcher));
+
+    let (uplink_stop_tx, uplink_stop) = watch::channel(false);
+    let uplink = match (cfg.uplink.sink, cfg.uplink.url.is_empty()) {
+        (SinkKind::Http, false) => {
+            let sink = HttpSink::new(cfg.uplink.url.clone(), Duration::from_millis(cfg.uplink.timeout_ms));
+            let up = Uplink::new(&cfg, store.clone(), outbox.clone(), metrics.clone(), sink);
+            tracing::info!(url = %cfg.uplink.url, "uplink: HTTP");
+            Some(tokio::spawn(up.run(uplink_stop)))
+        }
+        _ => {
+            tracing::warn!("no uplink configured (uplink.url is empty): forwards stay in the outbox");
+            None
+        }
+    };
+
+    let (server_cfg, roles) = ingress::tls::server_config(&paths, &cfg.ingress)?;
+    let listen = cfg.gateway.listen;
+    let endpoint = quinn::Endpoint::server(server_cfg, listen).map_err(|source| StartError::Listen { addr: listen, source })?;
+    let local = endpoint.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
+    let shared = Arc::new(Shared::new(dispatcher.clone(), roles, cfg.ingress.clone(), metrics.clone()));
+    let (conn_stop_tx, conn_stop) = watch::channel(false);
+    let server = tokio::spawn(ingress::serve(endpoint.clone(), shared, conn_stop));
+    tracing::info!(%local, gateway = %cfg.gateway.id, data_dir = %data.display(), "listening");
+    ready(local);
+
+    let _ = stop.wait_for(|s| *s).await;
+    tracing::info!("stopping: settling connections");
+    let _ = conn_stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(10), server).await.is_err() {
+        tracing::warn!("connections did not settle within 10 s");
+    }
+    endpoint.close(quinn::VarInt::from_u32(crate::proto::CloseCode::ShuttingDown as u32), b"shutting_down");
+    dispatcher.lock().unwrap_or_else(|p| p.into_inner()).close();
+    let _ = tokio::task::spawn_blocking(move || committer.join()).await;
+    let _ = uplink_stop_tx.send(true);
+    if let Some(u) = uplink {
+        match u.await {
+            Ok(Err(e)) => tracing::error!("uplink: {e}"),
+            Err(e) => tracing::error!("uplink task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+    let _ = store.db.flush();
+    endpoint.wait_idle().await;
+    let snapshot = metrics.snapshot();
+    let path = data.join("metrics.json");
+    if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&snapshot).unwrap_or_default()) {
+        tracing::warn!("cannot write {}: {e}", path.display());
+    }
+    tracing::info!(metrics = %snapshot, "stopped");
+    Ok(snapshot)
+}

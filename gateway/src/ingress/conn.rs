@@ -1,0 +1,226 @@
+//! One device connection: identity from the certificate, its streams (frames in, settled
+//! answers out) and its datagrams. Superseding and shutdown stop the reading, let what was
+//! submitted settle and be answered, then close with the protocol's code.
+
+use std::sync::Arc;
+
+use quinn::VarInt;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::watch;
+
+use super::Shared;
+use crate::dispatch::Submitted;
+use crate::metrics::Metrics;
+use crate::proto::frame::FrameDecoder;
+use crate::proto::msg::{self, DeviceMsg, GatewayMsg, NackCode};
+use crate::proto::{topic, CloseCode};
+use crate::store::commit::Settled;
+
+fn code(c: CloseCode) -> VarInt {
+    VarInt::from_u32(c as u32)
+}
+
+pub(super) async fn run(incoming: quinn::Incoming, shared: &Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%remote, "handshake refused: {e}");
+            return;
+        }
+    };
+    let chain = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .map(|b| *b)
+        .unwrap_or_default();
+    if !shared.roles.is_device(&chain) {
+        tracing::info!(%remote, "closing: certificate is not a device certificate");
+        conn.close(code(CloseCode::WrongRole), CloseCode::WrongRole.reason());
+        return;
+    }
+    let id = chain.first().and_then(|c| crate::pki::common_name(c)).filter(|cn| topic::valid_device_id(cn));
+    let Some(device) = id else {
+        tracing::info!(%remote, "closing: certificate CN is not a valid device id");
+        conn.close(code(CloseCode::WrongRole), b"bad device id");
+        return;
+    };
+    let device: Arc<str> = device.into();
+    Metrics::inc(&shared.metrics.connections);
+    let (session, mut superseded) = shared.register(&device);
+    tracing::debug!(%remote, device = &*device, "device connected");
+
+    // Stream tasks stop reading when `halt` turns true (superseded or shutting down).
+    let (halt_tx, halt) = watch::channel(false);
+    let mut streams = tokio::task::JoinSet::new();
+    let datagrams = tokio::spawn(read_datagrams(conn.clone(), device.clone(), shared.clone()));
+    let reason = loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    streams.spawn(stream(send, recv, device.clone(), shared.clone(), halt.clone()));
+                }
+                Err(_) => break None,
+            },
+            _ = superseded.changed() => break Some(CloseCode::Superseded),
+            _ = stop.changed() => break Some(CloseCode::ShuttingDown),
+        }
+        while streams.try_join_next().is_some() {}
+    };
+    let _ = halt_tx.send(true);
+    datagrams.abort();
+    // Settle: every stream answers what it submitted before we close.
+    while streams.join_next().await.is_some() {}
+    if let Some(c) = reason {
+        tracing::debug!(device = &*device, reason = ?c, "closing connection");
+        conn.close(code(c), c.reason());
+    }
+    shared.unregister(&device, session);
+}
+
+async fn read_datagrams(conn: quinn::Connection, device: Arc<str>, shared: Arc<Shared>) {
+    while let Ok(d) = conn.read_datagram().await {
+        Metrics::add(&shared.metrics.bytes_in, d.len() as u64);
+        let received = crate::clock::now_ms();
+        match msg::decode(&d, false) {
+            Ok(DeviceMsg::Publish(p)) => {
+                shared.lock_dispatcher().datagram(&device, p, received, shared.ingress.datagram_shed_backlog)
+            }
+            _ => Metrics::inc(&shared.metrics.datagrams_dropped),
+        }
+    }
+}
+
+/// How a stream ends on the gateway's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The device finished, or we stopped reading: finish after the last answer.
+    Finish,
+    /// The framing is lost: reset with this code after the answers already due.
+    Reset(CloseCode),
+}
+
+async fn stream(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    device: Arc<str>,
+    shared: Arc<Shared>,
+    mut halt: watch::Receiver<bool>,
+) {
+    let (reply, answers) = unbounded_channel();
+    let writer = tokio::spawn(write_answers(send, answers, shared.ingress.max_frame_bytes.into()));
+    let mut decoder = FrameDecoder::new(shared.ingress.max_frame_bytes);
+    let mut prev_seq = 0u64;
+    let mut end = End::Finish;
+    'read: loop {
+        let chunk = tokio::select! {
+            c = recv.read_chunk(64 * 1024, true) => c,
+            _ = halt.changed() => break 'read,
+        };
+        let chunk = match chunk {
+            Ok(Some(c)) => c,
+            Ok(None) | Err(_) => break 'read,
+        };
+        Metrics::add(&shared.metrics.bytes_in, chunk.bytes.len() as u64);
+        decoder.extend(&chunk.bytes);
+        let received = crate::clock::now_ms();
+        let mut d = shared.lock_dispatcher();
+        loop {
+            let frame = match decoder.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::info!(device = &*device, "stream closed: {e}");
+                    end = End::Reset(e.close_code());
+                    break 'read;
+                }
+            };
+            match msg::decode(&frame, true) {
+                Err(bad) => {
+                    prev_seq = prev_seq.max(bad.seq);
+                    d.nack(&device, bad.seq, NackCode::BadFrame, bad.reason, &reply);
+                }
+                Ok(DeviceMsg::Hello) => d.hello(&device, &reply),
+                Ok(DeviceMsg::Publish(p)) if p.seq <= prev_seq => {
+                    let reason = format!("seq {} is not above the previous seq {prev_seq} on this stream", p.seq);
+                    d.nack(&device, p.seq, NackCode::BadFrame, reason, &reply);
+                }
+                Ok(DeviceMsg::Publish(p)) => {
+                    let seq = p.seq;
+                    prev_seq = seq;
+                    if d.publish(&device, p, received, &reply) == Submitted::Busy {
+                        d.busy(&device, seq, &reply);
+                        break 'read;
+                    }
+                }
+            }
+        }
+    }
+    if let End::Reset(c) = end {
+        let _ = recv.stop(code(c));
+    }
+    drop(reply);
+    let _ = writer.await.map(|send| finish(send, end));
+}
+
+fn finish(send: Option<quinn::SendStream>, end: End) {
+    let Some(mut send) = send else { return };
+    match end {
+        End::Finish => {
+            let _ = send.finish();
+        }
+        End::Reset(c) => {
+            let _ = send.reset(code(c));
+        }
+    }
+}
+
+/// Writes settled answers in order, coalescing consecutive acks into one cumulative ack.
+/// Returns the send stream once every submitted item was answered (None if the peer left).
+async fn write_answers(
+    mut send: quinn::SendStream,
+    mut answers: UnboundedReceiver<Settled>,
+    max_frame_bytes: u64,
+) -> Option<quinn::SendStream> {
+    let mut buf = Vec::with_capacity(256);
+    let mut busy = false;
+    while let Some(first) = answers.recv().await {
+        buf.clear();
+        let mut ack: Option<u64> = None;
+        let mut next = Some(first);
+        while let Some(s) = next {
+            let msg = match s {
+                Settled::Ack(seq) => {
+                    ack = Some(ack.map_or(seq, |a| a.max(seq)));
+                    None
+                }
+                Settled::Nack { seq, code, reason } => Some(GatewayMsg::Nack { seq, code, reason }),
+                Settled::Welcome { hwm } => Some(GatewayMsg::Welcome { hwm, max_frame_bytes }),
+                Settled::Busy { seq, retry_after_ms } => {
+                    busy = true;
+                    Some(GatewayMsg::Busy { seq, retry_after_ms })
+                }
+            };
+            if let Some(m) = msg {
+                // An ack never overtakes a nack, welcome or busy that was settled after it.
+                if let Some(a) = ack.take() {
+                    GatewayMsg::Ack { seq: a }.encode_frame(&mut buf);
+                }
+                m.encode_frame(&mut buf);
+            }
+            next = answers.try_recv().ok();
+        }
+        if let Some(a) = ack {
+            GatewayMsg::Ack { seq: a }.encode_frame(&mut buf);
+        }
+        if send.write_all(&buf).await.is_err() {
+            return None;
+        }
+        if busy {
+            // Nothing after a busy is kept; the device resends from its seq on a new stream.
+            while answers.recv().await.is_some() {}
+        }
+    }
+    Some(send)
+}

@@ -1,0 +1,94 @@
+//! TLS for the QUIC endpoint: the server certificate, mutual TLS against the gateway's CAs
+//! during the handshake, and the role check after it (a device's certificate must chain to
+//! the device CA).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+use crate::config::IngressConfig;
+use crate::pki::{self, PkiError, PkiPaths};
+use crate::proto::ALPN_DEVICE;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("TLS verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("QUIC: {0}")]
+    Quic(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(paths: &[std::path::PathBuf]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for p in paths {
+        for c in pki::read_certs(p)? {
+            store.add(c)?;
+        }
+    }
+    Ok(Arc::new(store))
+}
+
+/// Checks after the handshake that a client certificate belongs to the device role.
+pub struct RoleCheck {
+    device: Arc<dyn ClientCertVerifier>,
+}
+
+impl RoleCheck {
+    /// Whether `chain` (leaf first) chains to the device CA.
+    pub fn is_device(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let Some((leaf, rest)) = chain.split_first() else { return false };
+        self.device.verify_client_cert(leaf, rest, UnixTime::now()).is_ok()
+    }
+}
+
+/// The QUIC server config and the role check for a data dir's PKI.
+pub fn server_config(paths: &PkiPaths, ingress: &IngressConfig) -> Result<(quinn::ServerConfig, RoleCheck), TlsError> {
+    let p = provider();
+    let all = roots(&[paths.cert(pki::DEVICE_CA), paths.cert(pki::OPERATOR_CA)])?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(all, p.clone()).build()?;
+    let device = WebPkiClientVerifier::builder_with_provider(roots(&[paths.cert(pki::DEVICE_CA)])?, p.clone()).build()?;
+    let chain = pki::read_certs(&paths.cert(pki::SERVER))?;
+    let key = pki::read_key(&paths.key(pki::SERVER))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(p)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![ALPN_DEVICE.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(ingress.max_streams_per_connection.into())
+        .max_concurrent_uni_streams(0u8.into())
+        .datagram_receive_buffer_size(Some(65536))
+        .max_idle_timeout(Some(
+            Duration::from_millis(ingress.idle_timeout_ms).try_into().map_err(|_| TlsError::Quic("idle_timeout_ms too large".into()))?,
+        ));
+    server.transport_config(Arc::new(transport));
+    Ok((server, RoleCheck { device }))
+}
+
+/// A device-side QUIC client config (for `tidepool send`, tests and the load generator).
+pub fn client_config(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Result<quinn::ClientConfig, TlsError> {
+    let roots = roots(&[ca.to_path_buf()])?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(pki::read_certs(cert)?, pki::read_key(key)?)?;
+    tls.alpn_protocols = vec![ALPN_DEVICE.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}

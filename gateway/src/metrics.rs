@@ -1,0 +1,56 @@
+//! Counters of what the gateway did, shared by every task, written to
+//! `<data-dir>/metrics.json` at shutdown and logged.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($name:ident: $doc:literal),* $(,)?) => {
+        /// Monotonic counters since start.
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $(#[doc = $doc] pub $name: AtomicU64,)*
+        }
+
+        impl Metrics {
+            /// A JSON object of every counter.
+            pub fn snapshot(&self) -> serde_json::Value {
+                let mut m = serde_json::Map::new();
+                $(m.insert(stringify!($name).into(), self.$name.load(Ordering::Relaxed).into());)*
+                serde_json::Value::Object(m)
+            }
+        }
+    };
+}
+
+counters! {
+    connections: "Device connections accepted.",
+    events_in: "Publishes received on streams (resends included).",
+    bytes_in: "Bytes of frames and datagrams received from devices.",
+    resends: "Publishes at or below the high-water mark, acked again without running.",
+    nacks: "Publishes nacked.",
+    busy: "Busy answers sent.",
+    datagrams_in: "Telemetry datagrams received.",
+    datagrams_dropped: "Datagrams shed under load or rejected.",
+    handler_calls: "Handler invocations.",
+    handler_errors: "Invocations that failed (their events are dead-lettered).",
+    dead_letters: "Dead letters written.",
+    forwards: "Forwards admitted to the outbox.",
+    bulk_dropped: "Bulk forwards dropped at admission because the outbox was full.",
+    unrouted: "Events no handler subscribes to.",
+    groups: "Group commits (one atomic write and one flush each).",
+    uplink_wakeups: "Times the uplink woke up and connected.",
+    batches_sent: "Batches the cloud accepted.",
+    events_sent: "Outbox entries the cloud accepted.",
+    bytes_up: "Request body bytes sent to the cloud (retries included).",
+    send_failures: "Uplink attempts that failed and will be retried.",
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

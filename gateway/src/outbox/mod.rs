@@ -1,0 +1,275 @@
+//! The outbox: forwards waiting for the uplink. Entries live in sled (`o/` keys, written by
+//! group commit); this module keeps the in-memory index of flushed entries per class, the
+//! byte budget applied at admission, and the batch selection. The wake policy is in [`policy`].
+
+pub mod policy;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::config::{Class, FullPolicy, OutboxConfig};
+use crate::store::commit::{NewEntry, OutboxRecord};
+use crate::store::{keys, Store, StoreError};
+pub use policy::{Action, Pending, WakePolicy};
+
+/// One forward on its way to the cloud.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    /// Derived: `gateway:device:seq:handler:index`, so a reprocessed event yields the same id.
+    pub id: String,
+    pub device: String,
+    pub topic: String,
+    pub class: Class,
+    /// The event's time: the device's `ts`, else when the gateway received it (ms since epoch).
+    pub ts: u64,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+impl Entry {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).expect("CBOR encoding into a Vec");
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Entry> {
+        ciborium::from_reader(bytes).ok()
+    }
+}
+
+/// The derived id of a forward.
+pub fn entry_id(gateway: &str, device: &str, seq: &str, handler: &str, index: usize) -> String {
+    format!("{gateway}:{device}:{seq}:{handler}:{index}")
+}
+
+/// The answer of admission control for one event's forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Admitted after dropping this many bulk forwards.
+    DroppedBulk(usize),
+    /// Does not fit: answer `busy`.
+    Full,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    bytes: u64,
+    at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    /// Flushed entries by class, in outbox order.
+    classes: [BTreeMap<u64, Meta>; 3],
+    normal_bytes: u64,
+}
+
+/// The outbox shared by the dispatcher (admission), the committer (new entries) and the uplink.
+pub struct Outbox {
+    index: Mutex<Index>,
+    used: AtomicU64,
+    max_bytes: u64,
+    full_policy: FullPolicy,
+    /// Woken when flushed entries arrive.
+    pub wake: Notify,
+}
+
+fn slot(c: Class) -> usize {
+    c.as_abi() as usize
+}
+
+impl Outbox {
+    /// Rebuilds the index from the store (entries found at start count as arrived now).
+    pub fn load(store: &Store, cfg: &OutboxConfig) -> Result<Outbox, StoreError> {
+        let ob = Outbox {
+            index: Mutex::new(Index::default()),
+            used: AtomicU64::new(0),
+            max_bytes: cfg.max_bytes,
+            full_policy: cfg.full_policy,
+            wake: Notify::new(),
+        };
+        let mut found = Vec::new();
+        for kv in store.tree.scan_prefix(keys::OUTBOX) {
+            let (k, v) = kv?;
+            let (Some(seq), Some(e)) = (keys::seq_of(&k), Entry::decode(&v)) else {
+                return Err(StoreError::Corrupt("o/".into()));
+            };
+            found.push(NewEntry { seq, class: e.class, bytes: v.len() as u64 });
+        }
+        ob.used.store(found.iter().map(|e| e.bytes).sum(), Ordering::Relaxed);
+        ob.add(&found, Instant::now());
+        Ok(ob)
+    }
+
+    /// Admission control for one event's forwards (before anything is written).
+    pub fn admit(&self, records: &mut Vec<OutboxRecord>) -> Admission {
+        let need: u64 = records.iter().map(|r| r.entry.len() as u64).sum();
+        if need == 0 || self.reserve(need) {
+            return Admission::Admitted;
+        }
+        if self.full_policy == FullPolicy::DropBulkFirst {
+            let before = records.len();
+            records.retain(|r| r.class != Class::Bulk);
+            let dropped = before - records.len();
+            let need: u64 = records.iter().map(|r| r.entry.len() as u64).sum();
+            if dropped > 0 && (need == 0 || self.reserve(need)) {
+                return Admission::DroppedBulk(dropped);
+            }
+        }
+        Admission::Full
+    }
+
+    fn reserve(&self, need: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(need).filter(|n| *n <= self.max_bytes)
+            })
+            .is_ok()
+    }
+
+    /// Entries that a group made durable.
+    pub fn add(&self, entries: &[NewEntry], now: Instant) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut ix = self.lock();
+        for e in entries {
+            ix.classes[slot(e.class)].insert(e.seq, Meta { bytes: e.bytes, at: now });
+            if e.class == Class::Normal {
+                ix.normal_bytes += e.bytes;
+            }
+        }
+        drop(ix);
+        self.wake.notify_one();
+    }
+
+    /// What is waiting, for the wake policy.
+    pub fn pending(&self) -> Pending {
+        let ix = self.lock();
+        let oldest = |c: Class| ix.classes[slot(c)].values().map(|m| m.at).min();
+        Pending {
+            urgent: ix.classes[0].len(),
+            normal: ix.classes[1].len(),
+            normal_bytes: ix.normal_bytes as usize,
+            bulk: ix.classes[2].len(),
+            oldest_normal: oldest(Class::Normal),
+            oldest_bulk: oldest(Class::Bulk),
+        }
+    }
+
+    /// The next batch: urgent first, then normal, then bulk, each in outbox order, up to
+    /// `max_events` entries and `max_bytes` (at least one entry).
+    pub fn next_batch(&self, max_events: usize, max_bytes: usize) -> Vec<u64> {
+        let ix = self.lock();
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for class in &ix.classes {
+            for (seq, m) in class {
+                if out.len() >= max_events || (!out.is_empty() && bytes + m.bytes > max_bytes as u64) {
+                    return out;
+                }
+                bytes += m.bytes;
+                out.push(*seq);
+            }
+        }
+        out
+    }
+
+    /// Forgets delivered (or dead-lettered) entries and frees their budget.
+    pub fn remove(&self, seqs: &[u64]) {
+        let mut ix = self.lock();
+        let mut freed = 0;
+        for seq in seqs {
+            for (i, class) in ix.classes.iter_mut().enumerate() {
+                if let Some(m) = class.remove(seq) {
+                    freed += m.bytes;
+                    if i == 1 {
+                        ix.normal_bytes -= m.bytes;
+                    }
+                    break;
+                }
+            }
+        }
+        self.used.fetch_sub(freed, Ordering::AcqRel);
+    }
+
+    /// Bytes admitted and not yet delivered.
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn outbox(max_bytes: u64, full_policy: FullPolicy) -> Outbox {
+        Outbox { index: Mutex::default(), used: AtomicU64::new(0), max_bytes, full_policy, wake: Notify::new() }
+    }
+
+    fn rec(class: Class, n: usize) -> OutboxRecord {
+        OutboxRecord { class, entry: vec![0; n] }
+    }
+
+    #[test]
+    fn drop_bulk_first_keeps_urgent_and_answers_busy_when_it_cannot() {
+        let ob = outbox(100, FullPolicy::DropBulkFirst);
+        let mut r = vec![rec(Class::Urgent, 60), rec(Class::Bulk, 60)];
+        assert_eq!(ob.admit(&mut r), Admission::DroppedBulk(1));
+        assert_eq!(r.len(), 1);
+        let mut r = vec![rec(Class::Normal, 50)];
+        assert_eq!(ob.admit(&mut r), Admission::Full);
+        assert_eq!(ob.used_bytes(), 60);
+        let bp = outbox(100, FullPolicy::Backpressure);
+        let mut r = vec![rec(Class::Urgent, 60), rec(Class::Bulk, 60)];
+        assert_eq!(bp.admit(&mut r), Admission::Full);
+        assert_eq!(bp.used_bytes(), 0);
+    }
+
+    #[test]
+    fn batches_take_urgent_first_and_respect_the_limits() {
+        let ob = outbox(1000, FullPolicy::Backpressure);
+        let now = Instant::now();
+        ob.add(
+            &[
+                NewEntry { seq: 1, class: Class::Bulk, bytes: 10 },
+                NewEntry { seq: 2, class: Class::Normal, bytes: 10 },
+                NewEntry { seq: 3, class: Class::Urgent, bytes: 10 },
+            ],
+            now,
+        );
+        assert_eq!(ob.next_batch(10, 1000), vec![3, 2, 1]);
+        assert_eq!(ob.next_batch(2, 1000), vec![3, 2]);
+        assert_eq!(ob.next_batch(10, 15), vec![3]);
+        assert_eq!(ob.pending().normal_bytes, 10);
+        ob.remove(&[2]);
+        assert_eq!(ob.pending().normal, 0);
+        let _ = Config::defaults();
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let e = Entry {
+            id: entry_id("gw", "d1", "5", "threshold", 0),
+            device: "d1".into(),
+            topic: "devices/d1/temp".into(),
+            class: Class::Urgent,
+            ts: 9,
+            payload: b"{}".to_vec(),
+        };
+        assert_eq!(e.id, "gw:d1:5:threshold:0");
+        assert_eq!(Entry::decode(&e.encode()), Some(e));
+    }
+}

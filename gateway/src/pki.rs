@@ -1,0 +1,203 @@
+//! Certificates: the device CA, the operator CA, the server CA and the gateway's server
+//! certificate, generated on first start under `<data-dir>/pki/`, and device certificates
+//! issued from the device CA. All keys are ECDSA P-256.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SerialNumber,
+};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+
+use crate::proto::topic::valid_device_id;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{path}: not a usable PEM file: {msg}")]
+    Pem { path: PathBuf, msg: String },
+    #[error("device id `{0}` must match [A-Za-z0-9._-]{{1,64}}")]
+    BadId(String),
+    #[error("no PKI in {0}: start the gateway once (`tidepool run`) to create it")]
+    Missing(PathBuf),
+}
+
+/// The file names of the PKI inside `<data-dir>/pki/`.
+#[derive(Debug, Clone)]
+pub struct PkiPaths {
+    pub dir: PathBuf,
+}
+
+impl PkiPaths {
+    pub fn new(data_dir: &Path) -> Self {
+        PkiPaths { dir: data_dir.join("pki") }
+    }
+    pub fn cert(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.crt"))
+    }
+    pub fn key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.key"))
+    }
+}
+
+/// The certificate authorities a gateway owns.
+pub const DEVICE_CA: &str = "device-ca";
+pub const OPERATOR_CA: &str = "operator-ca";
+pub const SERVER_CA: &str = "server-ca";
+pub const SERVER: &str = "server";
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io { path: path.to_path_buf(), source }
+}
+
+fn write_file(path: &Path, data: &str, mode: u32) -> Result<(), PkiError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(data.as_bytes()).map_err(io(path))
+}
+
+fn random_serial() -> SerialNumber {
+    // A positive 63-bit serial: unique per issue even for the same key.
+    SerialNumber::from((fastrand::u64(..) >> 1).max(1))
+}
+
+fn new_ca(cn: &str) -> Result<(String, KeyPair), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.serial_number = Some(random_serial());
+    Ok((p.self_signed(&key)?.pem(), key))
+}
+
+fn load_ca(paths: &PkiPaths, name: &str) -> Result<(Certificate, KeyPair), PkiError> {
+    let (cp, kp) = (paths.cert(name), paths.key(name));
+    if !cp.exists() {
+        return Err(PkiError::Missing(paths.dir.clone()));
+    }
+    let crt = fs::read_to_string(&cp).map_err(io(&cp))?;
+    let key = fs::read_to_string(&kp).map_err(io(&kp))?;
+    let key = KeyPair::from_pem(&key).map_err(|e| PkiError::Pem { path: kp.clone(), msg: e.to_string() })?;
+    let params = CertificateParams::from_ca_cert_pem(&crt)
+        .map_err(|e| PkiError::Pem { path: cp.clone(), msg: e.to_string() })?;
+    Ok((params.self_signed(&key)?, key))
+}
+
+fn issue_leaf(
+    ca: &(Certificate, KeyPair),
+    cn: &str,
+    sans: Vec<String>,
+    eku: ExtendedKeyUsagePurpose,
+) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut p = CertificateParams::new(sans)?;
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.extended_key_usages = vec![eku];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.serial_number = Some(random_serial());
+    let cert = p.signed_by(&key, &ca.0, &ca.1)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Creates whatever part of the PKI is missing. Returns true when something was created.
+pub fn ensure(data_dir: &Path, server_names: &[String]) -> Result<bool, PkiError> {
+    let paths = PkiPaths::new(data_dir);
+    fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
+    let mut created = false;
+    for (name, cn) in [
+        (DEVICE_CA, "Tidepool device CA"),
+        (OPERATOR_CA, "Tidepool operator CA"),
+        (SERVER_CA, "Tidepool server CA"),
+    ] {
+        if !paths.cert(name).exists() {
+            let (crt, key) = new_ca(cn)?;
+            write_file(&paths.key(name), &key.serialize_pem(), 0o600)?;
+            write_file(&paths.cert(name), &crt, 0o644)?;
+            created = true;
+        }
+    }
+    if !paths.cert(SERVER).exists() {
+        let ca = load_ca(&paths, SERVER_CA)?;
+        let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        sans.extend(server_names.iter().cloned());
+        let (crt, key) = issue_leaf(&ca, "tidepool gateway", sans, ExtendedKeyUsagePurpose::ServerAuth)?;
+        write_file(&paths.key(SERVER), &key, 0o600)?;
+        write_file(&paths.cert(SERVER), &crt, 0o644)?;
+        created = true;
+    }
+    Ok(created)
+}
+
+/// Issues a device certificate: writes `ID.crt`, `ID.key` and the gateway's `ca.crt` to `out`.
+pub fn issue_device(data_dir: &Path, id: &str, out: &Path) -> Result<[PathBuf; 3], PkiError> {
+    if !valid_device_id(id) {
+        return Err(PkiError::BadId(id.to_string()));
+    }
+    let paths = PkiPaths::new(data_dir);
+    let ca = load_ca(&paths, DEVICE_CA)?;
+    let (crt, key) = issue_leaf(&ca, id, vec![], ExtendedKeyUsagePurpose::ClientAuth)?;
+    fs::create_dir_all(out).map_err(io(out))?;
+    let files = [out.join(format!("{id}.crt")), out.join(format!("{id}.key")), out.join("ca.crt")];
+    write_file(&files[0], &crt, 0o644)?;
+    write_file(&files[1], &key, 0o600)?;
+    let server_ca = paths.cert(SERVER_CA);
+    let ca_pem = fs::read_to_string(&server_ca).map_err(io(&server_ca))?;
+    write_file(&files[2], &ca_pem, 0o644)?;
+    Ok(files)
+}
+
+/// Reads every certificate of a PEM file.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| PkiError::Pem { path: path.to_path_buf(), msg: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(PkiError::Pem { path: path.to_path_buf(), msg: "no certificate".into() });
+    }
+    Ok(certs)
+}
+
+/// Reads a private key (PKCS#8 or SEC1 PEM).
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| PkiError::Pem { path: path.to_path_buf(), msg: e.to_string() })
+}
+
+/// The subject common name of a DER certificate.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    Some(cn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_once_and_issues_device_certs_with_the_id_as_cn() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(ensure(dir.path(), &["gw.example".into()]).unwrap());
+        assert!(!ensure(dir.path(), &[]).unwrap());
+        let out = dir.path().join("out");
+        let files = issue_device(dir.path(), "dev-1", &out).unwrap();
+        let cert = &read_certs(&files[0]).unwrap()[0];
+        assert_eq!(common_name(cert).as_deref(), Some("dev-1"));
+        read_key(&files[1]).unwrap();
+        let mode = std::fs::metadata(&files[1]).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert!(matches!(issue_device(dir.path(), "bad id", &out), Err(PkiError::BadId(_))));
+    }
+}

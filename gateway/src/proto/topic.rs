@@ -1,0 +1,126 @@
+//! Topics and MQTT-style topic patterns (`+` one level, `#` the rest), and the publish ACL
+//! where a pattern level `{id}` matches exactly the device id. No I/O.
+
+/// Longest topic accepted, in bytes.
+pub const MAX_TOPIC_BYTES: usize = 256;
+
+/// Why a topic is refused (`nack bad_topic`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic is empty")]
+    Empty,
+    #[error("topic is longer than {MAX_TOPIC_BYTES} bytes")]
+    TooLong,
+    #[error("topic contains a wildcard or NUL")]
+    Wildcard,
+    #[error("topic has an empty level")]
+    EmptyLevel,
+}
+
+/// Checks a concrete topic that a device or a handler publishes to.
+pub fn validate(topic: &str) -> Result<(), TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if topic.len() > MAX_TOPIC_BYTES {
+        return Err(TopicError::TooLong);
+    }
+    if topic.contains(['+', '#', '\0']) {
+        return Err(TopicError::Wildcard);
+    }
+    if topic.split('/').any(str::is_empty) {
+        return Err(TopicError::EmptyLevel);
+    }
+    Ok(())
+}
+
+/// Whether `topic` matches `pattern`. In the pattern, `+` matches one level, a final `#`
+/// matches any number of remaining levels (zero included), and a level equal to `{id}` matches
+/// exactly `device` when one is given.
+pub fn matches(pattern: &str, topic: &str, device: Option<&str>) -> bool {
+    let mut pat = pattern.split('/');
+    let mut top = topic.split('/');
+    loop {
+        match (pat.next(), top.next()) {
+            (Some("#"), _) => return true,
+            (Some(p), Some(t)) => {
+                let ok = match p {
+                    "+" => true,
+                    "{id}" => device == Some(t),
+                    _ => p == t,
+                };
+                if !ok {
+                    return false;
+                }
+            }
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Checks a subscription or ACL pattern: `#` only as the last level, wildcards only as whole levels.
+pub fn validate_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("empty pattern".into());
+    }
+    let levels: Vec<&str> = pattern.split('/').collect();
+    for (i, l) in levels.iter().enumerate() {
+        if l.contains('#') && (*l != "#" || i + 1 != levels.len()) {
+            return Err(format!("`#` must be a whole last level in `{pattern}`"));
+        }
+        if l.contains('+') && *l != "+" {
+            return Err(format!("`+` must be a whole level in `{pattern}`"));
+        }
+    }
+    Ok(())
+}
+
+/// A device id: `[A-Za-z0-9._-]{1,64}`.
+pub fn valid_device_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_wildcards() {
+        assert!(matches("devices/+/temp", "devices/a/temp", None));
+        assert!(!matches("devices/+/temp", "devices/a/b/temp", None));
+        assert!(matches("devices/#", "devices", None));
+        assert!(matches("devices/#", "devices/a/b", None));
+        assert!(!matches("devices/a", "devices/a/b", None));
+        assert!(!matches("devices/a/b", "devices/a", None));
+    }
+
+    #[test]
+    fn id_is_one_literal_level_never_text_substitution() {
+        assert!(matches("devices/{id}/#", "devices/d1/temp", Some("d1")));
+        assert!(!matches("devices/{id}/#", "devices/d2/temp", Some("d1")));
+        assert!(!matches("devices/{id}/#", "devices/d1x/temp", Some("d1")));
+        assert!(!matches("devices/{id}/#", "devices/d1/temp", None));
+        // A device named like a wildcard cannot widen its ACL: ids cannot contain '+' or '#'.
+        assert!(!valid_device_id("+"));
+        assert!(!valid_device_id("a/b"));
+    }
+
+    #[test]
+    fn topic_validation() {
+        assert!(validate("devices/d1/temp").is_ok());
+        assert_eq!(validate(""), Err(TopicError::Empty));
+        assert_eq!(validate("a/+/b"), Err(TopicError::Wildcard));
+        assert_eq!(validate("a//b"), Err(TopicError::EmptyLevel));
+        assert_eq!(validate(&"a".repeat(257)), Err(TopicError::TooLong));
+    }
+
+    #[test]
+    fn device_ids() {
+        assert!(valid_device_id("dev-1.a_B"));
+        assert!(!valid_device_id(""));
+        assert!(!valid_device_id(&"a".repeat(65)));
+        assert!(!valid_device_id("dev 1"));
+    }
+}

@@ -1,0 +1,332 @@
+//! The handler ABI's host side: the `tidepool` import module with its exact signatures,
+//! pointer checks, host-call fuel and the per-invocation limits. Every guest pointer and
+//! length is checked over its whole range (overflow included) before anything is touched;
+//! a bad one traps, it never panics the host.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::Arc;
+
+use wasmi::{Caller, Linker, Memory, StoreLimits, ValType};
+
+use super::manifest::Limits;
+use super::{Effects, Forward, HostEnv};
+use crate::config::Class;
+use crate::proto::topic;
+
+/// Fuel every host call costs on top of the bytes it copies.
+pub const HOST_CALL_FUEL: u64 = 20;
+
+/// The import module name.
+pub const MODULE: &str = "tidepool";
+
+/// The ABI's imports: name, params, results.
+pub const IMPORTS: &[(&str, &[ValType], &[ValType])] = {
+    use ValType::{I32, I64};
+    &[
+        ("state_get", &[I32, I32, I32, I32], &[I32]),
+        ("state_put", &[I32, I32, I32, I32], &[I32]),
+        ("state_delete", &[I32, I32], &[I32]),
+        ("forward", &[I32, I32, I32, I32, I32], &[I32]),
+        ("emit", &[I32, I32, I32, I32], &[I32]),
+        ("log", &[I32, I32, I32], &[]),
+        ("now_ms", &[], &[I64]),
+        ("config_get", &[I32, I32, I32, I32], &[I32]),
+        ("event_meta", &[I32, I32], &[I32]),
+    ]
+};
+
+pub const NOT_FOUND: i32 = -1;
+pub const OVER_STATE_QUOTA: i32 = -2;
+pub const OVER_FORWARDS: i32 = -3;
+pub const OVER_EMITS: i32 = -4;
+pub const BAD_ARGUMENT: i32 = -5;
+
+/// Why a host call stopped the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostTrap {
+    /// A pointer or length outside the guest's memory (or overflowing).
+    BadPointer(&'static str),
+    /// Not enough fuel left to pay for the host call.
+    Fuel,
+    /// A call that `tp_init` may not make.
+    NotInInit(&'static str),
+}
+
+impl std::fmt::Display for HostTrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostTrap::BadPointer(call) => write!(f, "trap:bad pointer or length in {call}"),
+            HostTrap::Fuel => write!(f, "limit:fuel"),
+            HostTrap::NotInInit(call) => write!(f, "trap:{call} is not allowed in tp_init"),
+        }
+    }
+}
+
+impl wasmi::errors::HostError for HostTrap {}
+
+fn trap(t: HostTrap) -> wasmi::Error {
+    wasmi::Error::host(t)
+}
+
+/// What the instance is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Init,
+    Event,
+}
+
+/// The state of one running invocation.
+#[derive(Debug)]
+pub struct Invocation {
+    pub mode: Mode,
+    pub effects: Effects,
+    /// This invocation's own writes, for read-your-writes: key -> value (None = deleted).
+    pub writes: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The first limit the handler hit; it fails the invocation.
+    pub limit_hit: Option<&'static str>,
+    pub log_bytes: usize,
+    pub log_dropped: usize,
+    /// The `event_meta` CBOR map.
+    pub meta: Vec<u8>,
+    pub depth: u32,
+}
+
+impl Invocation {
+    pub fn new(mode: Mode, meta: Vec<u8>, depth: u32) -> Self {
+        Invocation {
+            mode,
+            effects: Effects::default(),
+            writes: HashMap::new(),
+            limit_hit: None,
+            log_bytes: 0,
+            log_dropped: 0,
+            meta,
+            depth,
+        }
+    }
+
+    fn hit(&mut self, limit: &'static str, code: i32) -> i32 {
+        self.limit_hit.get_or_insert(limit);
+        code
+    }
+}
+
+/// The host data of one handler's wasmi store.
+pub struct Host {
+    pub limits: StoreLimits,
+    pub memory: Option<Memory>,
+    pub name: Arc<str>,
+    pub config: Arc<BTreeMap<String, String>>,
+    pub env: HostEnv,
+    pub manifest_limits: Limits,
+    /// Bytes (keys + values) the handler's state held before this invocation.
+    pub state_used: u64,
+    pub inv: Invocation,
+}
+
+impl Host {
+    fn current(&self, key: &[u8]) -> Option<Vec<u8>> {
+        match self.inv.writes.get(key) {
+            Some(v) => v.clone(),
+            None => self.env.state.get(&self.name, key),
+        }
+    }
+}
+
+/// The byte range `[ptr, ptr + len)` if it lies inside `mem_len` bytes.
+fn range(mem_len: usize, ptr: i32, len: i32, call: &'static str) -> Result<Range<usize>, wasmi::Error> {
+    let start = ptr as u32 as usize;
+    let end = start.checked_add(len as u32 as usize).ok_or(trap(HostTrap::BadPointer(call)))?;
+    if end > mem_len {
+        return Err(trap(HostTrap::BadPointer(call)));
+    }
+    Ok(start..end)
+}
+
+fn memory(caller: &Caller<'_, Host>, call: &'static str) -> Result<Memory, wasmi::Error> {
+    caller.data().memory.ok_or(trap(HostTrap::BadPointer(call)))
+}
+
+/// Copies a guest range out, checking it.
+fn read(caller: &Caller<'_, Host>, mem: Memory, ptr: i32, len: i32, call: &'static str) -> Result<Vec<u8>, wasmi::Error> {
+    let data = mem.data(caller);
+    let r = range(data.len(), ptr, len, call)?;
+    Ok(data[r].to_vec())
+}
+
+/// Takes `HOST_CALL_FUEL + bytes` from the guest's fuel, or traps.
+fn charge(caller: &mut Caller<'_, Host>, bytes: usize) -> Result<(), wasmi::Error> {
+    let cost = HOST_CALL_FUEL.saturating_add(bytes as u64);
+    let left = caller.get_fuel()?;
+    if left < cost {
+        caller.set_fuel(0)?;
+        return Err(trap(HostTrap::Fuel));
+    }
+    caller.set_fuel(left - cost)
+}
+
+fn deny_in_init(caller: &Caller<'_, Host>, call: &'static str) -> Result<(), wasmi::Error> {
+    if caller.data().inv.mode == Mode::Init {
+        return Err(trap(HostTrap::NotInInit(call)));
+    }
+    Ok(())
+}
+
+/// Shared shape of `state_get`, `config_get` and `event_meta`: check the out range, write the
+/// value only if it fits, return its full length (or -1).
+fn answer(
+    caller: &mut Caller<'_, Host>,
+    mem: Memory,
+    value: Option<Vec<u8>>,
+    out_ptr: i32,
+    out_cap: i32,
+    in_bytes: usize,
+    call: &'static str,
+) -> Result<i32, wasmi::Error> {
+    let out = range(mem.data(&*caller).len(), out_ptr, out_cap, call)?;
+    let Some(v) = value else {
+        charge(caller, in_bytes)?;
+        return Ok(NOT_FOUND);
+    };
+    let fits = v.len() <= out.len();
+    charge(caller, in_bytes + if fits { v.len() } else { 0 })?;
+    if fits {
+        mem.data_mut(&mut *caller)[out.start..out.start + v.len()].copy_from_slice(&v);
+    }
+    Ok(i32::try_from(v.len()).unwrap_or(i32::MAX))
+}
+
+fn topic_ok(t: &[u8]) -> Option<String> {
+    let t = std::str::from_utf8(t).ok()?;
+    topic::validate(t).ok()?;
+    Some(t.to_string())
+}
+
+/// A linker with the whole `tidepool` import module.
+pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
+    let mut l = Linker::<Host>::new(engine);
+    let add = |r: Result<&mut Linker<Host>, wasmi::errors::LinkerError>| {
+        r.expect("each ABI import is defined once");
+    };
+    add(l.func_wrap(MODULE, "state_get", |mut c: Caller<'_, Host>, kp: i32, kl: i32, op: i32, oc: i32| {
+        let mem = memory(&c, "state_get")?;
+        let key = read(&c, mem, kp, kl, "state_get")?;
+        let value = c.data().current(&key);
+        answer(&mut c, mem, value, op, oc, key.len(), "state_get")
+    }));
+    add(l.func_wrap(MODULE, "state_put", |mut c: Caller<'_, Host>, kp: i32, kl: i32, vp: i32, vl: i32| {
+        deny_in_init(&c, "state_put")?;
+        let mem = memory(&c, "state_put")?;
+        let key = read(&c, mem, kp, kl, "state_put")?;
+        let val = read(&c, mem, vp, vl, "state_put")?;
+        charge(&mut c, key.len() + val.len())?;
+        let h = c.data_mut();
+        let old = h.current(&key).map(|v| (key.len() + v.len()) as i64).unwrap_or(0);
+        let delta = (key.len() + val.len()) as i64 - old;
+        let after = h.state_used as i64 + h.inv.effects.state_delta + delta;
+        if after > h.manifest_limits.state_bytes as i64 {
+            return Ok(h.inv.hit("state_bytes", OVER_STATE_QUOTA));
+        }
+        h.inv.effects.state_delta += delta;
+        h.inv.writes.insert(key.clone(), Some(val.clone()));
+        h.inv.effects.state.push((key, Some(val)));
+        Ok(0)
+    }));
+    add(l.func_wrap(MODULE, "state_delete", |mut c: Caller<'_, Host>, kp: i32, kl: i32| {
+        deny_in_init(&c, "state_delete")?;
+        let mem = memory(&c, "state_delete")?;
+        let key = read(&c, mem, kp, kl, "state_delete")?;
+        charge(&mut c, key.len())?;
+        let h = c.data_mut();
+        if let Some(old) = h.current(&key) {
+            h.inv.effects.state_delta -= (key.len() + old.len()) as i64;
+            h.inv.writes.insert(key.clone(), None);
+            h.inv.effects.state.push((key, None));
+        }
+        Ok(0)
+    }));
+    add(l.func_wrap(
+        MODULE,
+        "forward",
+        |mut c: Caller<'_, Host>, tp: i32, tl: i32, pp: i32, pl: i32, class: i32| {
+            deny_in_init(&c, "forward")?;
+            let mem = memory(&c, "forward")?;
+            let t = read(&c, mem, tp, tl, "forward")?;
+            let payload = read(&c, mem, pp, pl, "forward")?;
+            charge(&mut c, t.len() + payload.len())?;
+            let (Some(class), Some(topic)) = (Class::from_abi(class), topic_ok(&t)) else {
+                return Ok(BAD_ARGUMENT);
+            };
+            let h = c.data_mut();
+            if h.inv.effects.forwards.len() >= h.manifest_limits.forwards_per_event as usize {
+                return Ok(h.inv.hit("forwards_per_event", OVER_FORWARDS));
+            }
+            h.inv.effects.forwards.push(Forward { topic, payload, class });
+            Ok(0)
+        },
+    ));
+    add(l.func_wrap(MODULE, "emit", |mut c: Caller<'_, Host>, tp: i32, tl: i32, pp: i32, pl: i32| {
+        deny_in_init(&c, "emit")?;
+        let mem = memory(&c, "emit")?;
+        let t = read(&c, mem, tp, tl, "emit")?;
+        let payload = read(&c, mem, pp, pl, "emit")?;
+        charge(&mut c, t.len() + payload.len())?;
+        let Some(topic) = topic_ok(&t) else {
+            return Ok(BAD_ARGUMENT);
+        };
+        let h = c.data_mut();
+        if h.inv.depth >= h.env.emit_depth {
+            return Ok(h.inv.hit("emit_depth", OVER_EMITS));
+        }
+        if h.inv.effects.emits.len() >= h.manifest_limits.emits_per_event as usize {
+            return Ok(h.inv.hit("emits_per_event", OVER_EMITS));
+        }
+        h.inv.effects.emits.push((topic, payload));
+        Ok(0)
+    }));
+    add(l.func_wrap(MODULE, "log", |mut c: Caller<'_, Host>, level: i32, p: i32, len: i32| {
+        let mem = memory(&c, "log")?;
+        let data = mem.data(&c);
+        let r = range(data.len(), p, len, "log")?;
+        let h = c.data();
+        let room = h.env.log_bytes_per_event.saturating_sub(h.inv.log_bytes);
+        let take = r.len().min(room);
+        let text = String::from_utf8_lossy(&data[r.start..r.start + take]).into_owned();
+        let dropped = r.len() - take;
+        charge(&mut c, take)?;
+        let h = c.data_mut();
+        h.inv.log_bytes += take;
+        h.inv.log_dropped += dropped;
+        if take > 0 {
+            let name = &*h.name;
+            match level {
+                0 => tracing::error!(handler = name, "{text}"),
+                1 => tracing::warn!(handler = name, "{text}"),
+                2 => tracing::info!(handler = name, "{text}"),
+                3 => tracing::debug!(handler = name, "{text}"),
+                _ => tracing::trace!(handler = name, "{text}"),
+            }
+        }
+        Ok(())
+    }));
+    add(l.func_wrap(MODULE, "now_ms", |mut c: Caller<'_, Host>| -> Result<i64, wasmi::Error> {
+        charge(&mut c, 0)?;
+        Ok(crate::clock::now_ms() as i64)
+    }));
+    add(l.func_wrap(MODULE, "config_get", |mut c: Caller<'_, Host>, kp: i32, kl: i32, op: i32, oc: i32| {
+        let mem = memory(&c, "config_get")?;
+        let key = read(&c, mem, kp, kl, "config_get")?;
+        let value = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|k| c.data().config.get(k))
+            .map(|v| v.as_bytes().to_vec());
+        answer(&mut c, mem, value, op, oc, key.len(), "config_get")
+    }));
+    add(l.func_wrap(MODULE, "event_meta", |mut c: Caller<'_, Host>, op: i32, oc: i32| {
+        let mem = memory(&c, "event_meta")?;
+        let meta = c.data().inv.meta.clone();
+        answer(&mut c, mem, Some(meta), op, oc, 0, "event_meta")
+    }));
+    l
+}

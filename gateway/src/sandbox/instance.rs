@@ -1,0 +1,271 @@
+//! One handler: its module (validated against the ABI and compiled eagerly, so fuel is the
+//! same everywhere), its warm instance (rebuilt after any trap), and one invocation at a time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wasmi::{CompilationMode, Engine, ExternType, Linker, Module, Store, StoreLimitsBuilder, TrapCode, TypedFunc, ValType};
+
+use super::abi::{self, Host, HostTrap, Invocation, Mode};
+use super::manifest::Manifest;
+use super::{EventInfo, Failure, HostEnv, Outcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("handler `{name}`: {msg}")]
+    Invalid { name: String, msg: String },
+}
+
+/// A wasmi engine configured for handlers: fuel, eager compilation, strict parse limits,
+/// no start functions.
+pub fn engine() -> Engine {
+    let mut c = wasmi::Config::default();
+    c.consume_fuel(true)
+        .compilation_mode(CompilationMode::Eager)
+        .enforced_limits(wasmi::EnforcedLimits::strict())
+        .allow_start_fn(false)
+        .wasm_multi_memory(false)
+        .wasm_memory64(false);
+    Engine::new(&c)
+}
+
+/// The engine and linker every handler of a process shares.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<Host>>,
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        let engine = engine();
+        let linker = Arc::new(abi::linker(&engine));
+        Runtime { engine, linker }
+    }
+}
+
+struct Live {
+    store: Store<Host>,
+    alloc: TypedFunc<i32, i32>,
+    on_event: TypedFunc<(i32, i32, i32, i32), i32>,
+}
+
+/// A loaded handler.
+pub struct Handler {
+    pub manifest: Manifest,
+    config: Arc<BTreeMap<String, String>>,
+    name: Arc<str>,
+    runtime: Runtime,
+    module: Module,
+    env: HostEnv,
+    live: Option<Live>,
+    /// Bytes of state the handler holds (committed or pending).
+    pub state_used: u64,
+}
+
+fn check_abi(module: &Module) -> Result<(), String> {
+    for imp in module.imports() {
+        let (m, n) = (imp.module(), imp.name());
+        if m != abi::MODULE {
+            return Err(format!(
+                "import `{m}`.`{n}` is not part of the Tidepool ABI (only module `tidepool` is provided; WASI is not available)"
+            ));
+        }
+        let Some(&(_, params, results)) = abi::IMPORTS.iter().find(|(name, _, _)| *name == n) else {
+            return Err(format!("import `tidepool`.`{n}` does not exist in the ABI"));
+        };
+        match imp.ty().func() {
+            Some(f) if f.params() == params && f.results() == results => {}
+            _ => return Err(format!("import `tidepool`.`{n}` has the wrong type; expected {params:?} -> {results:?}")),
+        }
+    }
+    let func = |name: &str| {
+        module.exports().find(|e| e.name() == name).map(|e| match e.ty() {
+            ExternType::Func(f) => Some((f.params().to_vec(), f.results().to_vec())),
+            _ => None,
+        })
+    };
+    use ValType::{I32, I64};
+    let required: [(&str, &[ValType], &[ValType], bool); 4] = [
+        ("tp_alloc", &[I32], &[I32], true),
+        ("tp_on_event", &[I32, I32, I32, I32], &[I32], true),
+        ("tp_init", &[], &[I32], false),
+        ("tp_on_timer", &[I64], &[I32], false),
+    ];
+    for (name, params, results, needed) in required {
+        match func(name) {
+            None if needed => return Err(format!("missing export `{name}`")),
+            None => {}
+            Some(Some((p, r))) if p == params && r == results => {}
+            Some(_) => return Err(format!("export `{name}` must be a function {params:?} -> {results:?}")),
+        }
+    }
+    match module.exports().find(|e| e.name() == "memory").map(|e| matches!(e.ty(), ExternType::Memory(_))) {
+        Some(true) => Ok(()),
+        _ => Err("missing export `memory` (a memory)".into()),
+    }
+}
+
+/// The dead-letter reason for an error out of a guest call.
+fn reason(e: &wasmi::Error) -> String {
+    if let Some(t) = e.downcast_ref::<HostTrap>() {
+        return t.to_string();
+    }
+    match e.as_trap_code() {
+        Some(TrapCode::OutOfFuel) => "limit:fuel".into(),
+        Some(TrapCode::StackOverflow) => "limit:stack".into(),
+        Some(TrapCode::GrowthOperationLimited) => "limit:memory".into(),
+        Some(code) => format!("trap:{code}"),
+        None => format!("error:{e}"),
+    }
+}
+
+impl Handler {
+    /// Validates and compiles `wasm`, and makes the first instance (running `tp_init`).
+    pub fn load(
+        runtime: &Runtime,
+        wasm: &[u8],
+        manifest: Manifest,
+        overrides: &BTreeMap<String, String>,
+        env: HostEnv,
+        state_used: u64,
+    ) -> Result<Handler, LoadError> {
+        let invalid = |msg: String| LoadError::Invalid { name: manifest.name.clone(), msg };
+        let module = Module::new(&runtime.engine, wasm).map_err(|e| invalid(format!("not a valid module: {e}")))?;
+        check_abi(&module).map_err(invalid)?;
+        let mut config = manifest.config.clone();
+        config.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mut h = Handler {
+            name: manifest.name.as_str().into(),
+            config: Arc::new(config),
+            manifest,
+            runtime: runtime.clone(),
+            module,
+            env,
+            live: None,
+            state_used,
+        };
+        h.instantiate().map_err(|f| LoadError::Invalid { name: h.manifest.name.clone(), msg: f.0 })?;
+        Ok(h)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn instantiate(&mut self) -> Result<(), Failure> {
+        let limits = &self.manifest.limits;
+        let host = Host {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_pages as usize * 65536)
+                .instances(1)
+                .memories(1)
+                .tables(1)
+                .table_elements(10_000)
+                .build(),
+            memory: None,
+            name: self.name.clone(),
+            config: self.config.clone(),
+            env: self.env.clone(),
+            manifest_limits: limits.clone(),
+            state_used: self.state_used,
+            inv: Invocation::new(Mode::Init, Vec::new(), 0),
+        };
+        let mut store = Store::new(&self.runtime.engine, host);
+        store.limiter(|h| &mut h.limits);
+        let fail = |what: &str, e: wasmi::Error| Failure(format!("{what}: {}", reason(&e)));
+        store.set_fuel(limits.fuel_per_event).map_err(|e| fail("fuel", e))?;
+        let instance = self
+            .runtime
+            .linker
+            .instantiate_and_start(&mut store, &self.module)
+            .map_err(|e| match e.kind() {
+                wasmi::errors::ErrorKind::Instantiation(_) => Failure(format!("instantiate: {e} (memory_pages is {})", limits.memory_pages)),
+                _ => fail("instantiate", e),
+            })?;
+        store.data_mut().memory = instance.get_memory(&store, "memory");
+        let alloc = instance.get_typed_func(&store, "tp_alloc").map_err(|e| fail("tp_alloc", e))?;
+        let on_event = instance.get_typed_func(&store, "tp_on_event").map_err(|e| fail("tp_on_event", e))?;
+        if let Ok(init) = instance.get_typed_func::<(), i32>(&store, "tp_init") {
+            match init.call(&mut store, ()) {
+                Ok(0) => {}
+                Ok(code) => return Err(Failure(format!("tp_init returned {code}"))),
+                Err(e) => return Err(fail("tp_init", e)),
+            }
+        }
+        self.live = Some(Live { store, alloc, on_event });
+        Ok(())
+    }
+
+    /// Runs `tp_on_event` once. On any failure the effects are discarded; after a trap the
+    /// instance is dropped and rebuilt on the next event.
+    pub fn invoke(&mut self, ev: &EventInfo<'_>) -> Outcome {
+        let fuel = self.manifest.limits.fuel_per_event;
+        if self.live.is_none() {
+            if let Err(f) = self.instantiate() {
+                self.live = None;
+                return Outcome { result: Err(f), fuel_used: 0, log_dropped: 0 };
+            }
+        }
+        let state_used = self.state_used;
+        let Some(live) = self.live.as_mut() else {
+            return Outcome { result: Err(Failure("no instance".into())), fuel_used: 0, log_dropped: 0 };
+        };
+        let host = live.store.data_mut();
+        host.state_used = state_used;
+        host.inv = Invocation::new(Mode::Event, event_meta(ev), ev.depth);
+        let result = Self::run(live, ev, fuel);
+        let fuel_used = fuel.saturating_sub(live.store.get_fuel().unwrap_or(0));
+        let inv = std::mem::replace(&mut live.store.data_mut().inv, Invocation::new(Mode::Event, Vec::new(), 0));
+        let result = match result {
+            Err((f, trapped)) => {
+                if trapped {
+                    self.live = None;
+                }
+                Err(f)
+            }
+            Ok(code) => match (inv.limit_hit, code) {
+                (Some(limit), _) => Err(Failure(format!("limit:{limit}"))),
+                (None, 0) => Ok(inv.effects),
+                (None, code) => Err(Failure(format!("handler returned {code}"))),
+            },
+        };
+        Outcome { result, fuel_used, log_dropped: inv.log_dropped }
+    }
+
+    /// Copies topic and payload in and calls the guest. Err carries whether it trapped.
+    fn run(live: &mut Live, ev: &EventInfo<'_>, fuel: u64) -> Result<i32, (Failure, bool)> {
+        let trapped = |e: wasmi::Error| (Failure(reason(&e)), true);
+        live.store.set_fuel(fuel).map_err(trapped)?;
+        let (tl, pl) = (ev.topic.len(), ev.payload.len());
+        let total = i32::try_from(tl + pl).map_err(|_| (Failure("event too large".into()), false))?;
+        let ptr = live.alloc.call(&mut live.store, total).map_err(trapped)?;
+        let start = ptr as u32 as usize;
+        let mem = live.store.data().memory.ok_or((Failure("no memory".into()), true))?;
+        let data = mem.data_mut(&mut live.store);
+        let block = start
+            .checked_add(tl + pl)
+            .and_then(|end| data.get_mut(start..end))
+            .ok_or((Failure("trap:tp_alloc returned an out-of-bounds block".into()), true))?;
+        block[..tl].copy_from_slice(ev.topic.as_bytes());
+        block[tl..].copy_from_slice(ev.payload);
+        let args = (ptr, tl as i32, ptr.wrapping_add(tl as i32), pl as i32);
+        live.on_event.call(&mut live.store, args).map_err(trapped)
+    }
+}
+
+/// The `event_meta` map: `{device, seq, ts, received_ms, clock_synced}`.
+fn event_meta(ev: &EventInfo<'_>) -> Vec<u8> {
+    use ciborium::Value;
+    let t = |s: &str| Value::Text(s.into());
+    let map = Value::Map(vec![
+        (t("device"), t(ev.device)),
+        (t("seq"), Value::Integer(ev.seq.into())),
+        (t("ts"), ev.ts.map(|v| Value::Integer(v.into())).unwrap_or(Value::Null)),
+        (t("received_ms"), Value::Integer(ev.received_ms.into())),
+        (t("clock_synced"), Value::Bool(crate::clock::looks_synced(ev.received_ms))),
+    ]);
+    let mut out = Vec::new();
+    ciborium::into_writer(&map, &mut out).expect("CBOR encoding into a Vec");
+    out
+}

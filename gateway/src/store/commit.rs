@@ -1,0 +1,408 @@
+//! Group commit. [`CommitQueue`] is the pure state machine: items arrive from every
+//! connection in processing order; when no group is in flight, everything pending becomes one
+//! [`Group`] (one atomic batch: state, outbox entries, dead letters and the devices' new
+//! high-water marks); its acks, nacks, welcomes and busy answers are released only by
+//! [`CommitQueue::flushed`], which the driver calls after the flush returned. [`run`] is the
+//! driver thread that moves the bytes to sled.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{keys, last_seq, Store, StoreError};
+use crate::config::Class;
+use crate::proto::msg::NackCode;
+
+/// An outbox entry ready to be written.
+#[derive(Debug, Clone)]
+pub struct OutboxRecord {
+    pub class: Class,
+    /// The encoded [`crate::outbox::Entry`].
+    pub entry: Vec<u8>,
+}
+
+/// Everything one processed event writes. Applied whole or not at all.
+#[derive(Debug, Default, Clone)]
+pub struct WriteSet {
+    /// Full store keys (see [`keys::state`]); `None` deletes.
+    pub state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub outbox: Vec<OutboxRecord>,
+    /// Encoded [`super::DeadLetter`]s.
+    pub dead: Vec<Vec<u8>>,
+    /// The overlay tag of these state writes.
+    pub tag: u64,
+}
+
+/// What the device is told once an item is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    Ack(u64),
+    Nack { seq: u64, code: NackCode, reason: String },
+    Welcome { hwm: u64 },
+    Busy { seq: u64, retry_after_ms: u64 },
+}
+
+pub type Reply = UnboundedSender<Settled>;
+
+#[derive(Debug)]
+pub enum ItemKind {
+    /// A processed publish (or datagram when seq is 0): its effects and dead letters.
+    Event(WriteSet),
+    /// A publish rejected for good.
+    Nack { code: NackCode, reason: String },
+    /// A publish at or below the high-water mark: ack it again once durable.
+    Resend,
+    /// A `hello`: answer with the durable high-water mark.
+    Welcome,
+    /// Backpressure: settles after everything submitted before it.
+    Busy { retry_after_ms: u64 },
+}
+
+#[derive(Debug)]
+pub struct Item {
+    pub device: Arc<str>,
+    /// 0 when the item has no seq (datagrams, frames without one).
+    pub seq: u64,
+    pub kind: ItemKind,
+    pub reply: Option<Reply>,
+}
+
+/// An outbox entry written by a group, for the uplink's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewEntry {
+    pub seq: u64,
+    pub class: Class,
+    pub bytes: u64,
+}
+
+/// One atomic write and what it releases once durable.
+#[derive(Debug, Default)]
+pub struct Group {
+    pub ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub replies: Vec<(Reply, Settled)>,
+    pub overlay: Vec<(Vec<Vec<u8>>, u64)>,
+    pub entries: Vec<NewEntry>,
+    pub events: usize,
+    /// Items in the group (events, nacks, resends, welcomes, busy answers).
+    pub items: usize,
+}
+
+/// The pure group-commit state machine.
+pub struct CommitQueue {
+    /// High-water marks as written by the groups so far (durable once their flush returned).
+    hwm: HashMap<Arc<str>, u64>,
+    next_outbox: u64,
+    dead_ids: Arc<AtomicU64>,
+    pending: Vec<Item>,
+    in_flight: bool,
+}
+
+impl CommitQueue {
+    pub fn new(next_outbox: u64, dead_ids: Arc<AtomicU64>) -> Self {
+        CommitQueue { hwm: HashMap::new(), next_outbox, dead_ids, pending: Vec::new(), in_flight: false }
+    }
+
+    pub fn push(&mut self, item: Item) {
+        self.pending.push(item);
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The next group to write, unless one is in flight or nothing is pending.
+    /// `durable_hwm` reads a device's mark from the store the first time it is seen.
+    pub fn next_group(&mut self, mut durable_hwm: impl FnMut(&str) -> u64) -> Option<Group> {
+        if self.in_flight || self.pending.is_empty() {
+            return None;
+        }
+        self.in_flight = true;
+        let mut g = Group::default();
+        let mut touched: Vec<Arc<str>> = Vec::new();
+        for item in std::mem::take(&mut self.pending) {
+            g.items += 1;
+            let hwm = self.hwm.entry(item.device.clone()).or_insert_with(|| durable_hwm(&item.device));
+            let advances = item.seq > *hwm;
+            let settled = match item.kind {
+                ItemKind::Event(ws) => {
+                    g.events += 1;
+                    let mut keys_written = Vec::with_capacity(ws.state.len());
+                    for (k, v) in ws.state {
+                        keys_written.push(k.clone());
+                        g.ops.push((k, v));
+                    }
+                    if !keys_written.is_empty() {
+                        g.overlay.push((keys_written, ws.tag));
+                    }
+                    for rec in ws.outbox {
+                        let seq = self.next_outbox;
+                        self.next_outbox += 1;
+                        g.entries.push(NewEntry { seq, class: rec.class, bytes: rec.entry.len() as u64 });
+                        g.ops.push((keys::outbox(seq), Some(rec.entry)));
+                    }
+                    for d in ws.dead {
+                        g.ops.push((keys::dead(self.dead_ids.fetch_add(1, Ordering::Relaxed)), Some(d)));
+                    }
+                    (item.seq > 0).then_some(Settled::Ack(item.seq))
+                }
+                ItemKind::Nack { code, reason } => Some(Settled::Nack { seq: item.seq, code, reason }),
+                ItemKind::Resend => Some(Settled::Ack(item.seq)),
+                ItemKind::Welcome => Some(Settled::Welcome { hwm: *hwm }),
+                ItemKind::Busy { retry_after_ms } => Some(Settled::Busy { seq: item.seq, retry_after_ms }),
+            };
+            let advances = advances && !matches!(settled, Some(Settled::Busy { .. }) | Some(Settled::Welcome { .. }));
+            if advances {
+                *hwm = item.seq;
+                if !touched.contains(&item.device) {
+                    touched.push(item.device.clone());
+                }
+            }
+            if let (Some(reply), Some(s)) = (item.reply, settled) {
+                g.replies.push((reply, s));
+            }
+        }
+        for d in touched {
+            g.ops.push((keys::hwm(&d), Some(self.hwm[&d].to_be_bytes().to_vec())));
+        }
+        Some(g)
+    }
+
+    /// Marks the in-flight group durable and hands back what it releases. Call only after the
+    /// flush that covers `group` has returned.
+    pub fn flushed(&mut self, group: Group) -> Group {
+        self.in_flight = false;
+        group
+    }
+}
+
+/// Largest number of items in one group.
+const MAX_GROUP_ITEMS: usize = 16_384;
+
+/// Hooks the driver calls after each durable group.
+pub trait AfterFlush: Send {
+    fn after_flush(&mut self, group: &Group);
+}
+
+/// The committer thread: gathers what arrived since the last flush, writes it as one batch,
+/// flushes, then releases the replies. Returns when every sender is gone (shutdown) or on the
+/// first store error (the caller reports it and exits: no ack goes out after a failed write).
+pub fn run(store: &Store, rx: Receiver<Item>, mut hooks: impl AfterFlush) -> Result<(), StoreError> {
+    let next_outbox = last_seq(store, keys::OUTBOX)?.map_or(1, |s| s + 1);
+    let mut q = CommitQueue::new(next_outbox, store.dead_ids.clone());
+    let mut read_error = None;
+    loop {
+        match rx.recv() {
+            Ok(item) => q.push(item),
+            Err(_) => return Ok(()),
+        }
+        while q.pending() < MAX_GROUP_ITEMS {
+            match rx.try_recv() {
+                Ok(item) => q.push(item),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let Some(group) = q.next_group(|d| match store.hwm(d) {
+            Ok(h) => h,
+            Err(e) => {
+                read_error.get_or_insert(e);
+                u64::MAX
+            }
+        }) else {
+            continue;
+        };
+        if let Some(e) = read_error.take() {
+            return Err(e);
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in &group.ops {
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        store.tree.apply_batch(batch)?;
+        store.db.flush()?;
+        let group = q.flushed(group);
+        for (keys, tag) in &group.overlay {
+            store.overlay.settle(keys.iter(), *tag);
+        }
+        hooks.after_flush(&group);
+        for (reply, settled) in group.replies {
+            // A connection that went away no longer needs its answer.
+            let _ = reply.send(settled);
+        }
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    fn item(dev: &str, seq: u64, kind: ItemKind, reply: &Reply) -> Item {
+        Item { device: dev.into(), seq, kind, reply: Some(reply.clone()) }
+    }
+
+    fn event(state: &[(&str, &str)]) -> ItemKind {
+        ItemKind::Event(WriteSet {
+            state: state.iter().map(|(k, v)| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()))).collect(),
+            ..Default::default()
+        })
+    }
+
+    /// A disk that knows what was written and what is durable.
+    #[derive(Default)]
+    struct Disk {
+        written: HashMap<Vec<u8>, Option<Vec<u8>>>,
+        durable: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    }
+
+    impl Disk {
+        fn write(&mut self, g: &Group) {
+            for (k, v) in &g.ops {
+                self.written.insert(k.clone(), v.clone());
+            }
+        }
+        fn flush(&mut self) {
+            self.durable = self.written.clone();
+        }
+        fn hwm(&self, dev: &str) -> u64 {
+            self.durable.get(&keys::hwm(dev)).cloned().flatten().and_then(|v| keys::u64_value(&v)).unwrap_or(0)
+        }
+    }
+
+    /// Sends a group's replies the way the driver does, checking each against the durable disk.
+    fn release(q: &mut CommitQueue, g: Group, disk: &mut Disk, dev: &str) {
+        disk.flush();
+        for (reply, s) in q.flushed(g).replies {
+            match &s {
+                Settled::Ack(seq) | Settled::Nack { seq, .. } => {
+                    assert!(disk.hwm(dev) >= *seq, "{s:?} released before durable (hwm {})", disk.hwm(dev))
+                }
+                // The mark at the hello's place in the order: durable, and covering what preceded it.
+                Settled::Welcome { hwm } => assert!(*hwm <= disk.hwm(dev), "welcome {hwm} is not durable"),
+                Settled::Busy { .. } => {}
+            }
+            reply.send(s).unwrap();
+        }
+    }
+
+    fn drain(rx: &mut UnboundedReceiver<Settled>) -> Vec<Settled> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn nothing_is_released_before_the_flush_that_covers_it() {
+        let (tx, mut rx) = unbounded_channel();
+        let mut disk = Disk::default();
+        let mut q = CommitQueue::new(1, Arc::default());
+        q.push(item("d", 1, event(&[("s/h\0k", "1")]), &tx));
+        q.push(item("d", 2, event(&[]), &tx));
+        let g1 = q.next_group(|_| 0).unwrap();
+        disk.write(&g1);
+        // While g1 is in flight: a resend of seq 2 (from a new connection) and a hello.
+        q.push(item("d", 2, ItemKind::Resend, &tx));
+        q.push(item("d", 0, ItemKind::Welcome, &tx));
+        q.push(item("d", 3, event(&[]), &tx));
+        assert!(q.next_group(|_| 0).is_none(), "a second group may not start while one is in flight");
+        assert!(drain(&mut rx).is_empty(), "nothing goes out before the flush");
+        release(&mut q, g1, &mut disk, "d");
+        assert_eq!(drain(&mut rx), vec![Settled::Ack(1), Settled::Ack(2)]);
+        let g2 = q.next_group(|_| 0).unwrap();
+        disk.write(&g2);
+        assert!(drain(&mut rx).is_empty());
+        release(&mut q, g2, &mut disk, "d");
+        assert_eq!(drain(&mut rx), vec![Settled::Ack(2), Settled::Welcome { hwm: 2 }, Settled::Ack(3)]);
+    }
+
+    #[test]
+    fn interleaved_devices_groups_and_nacks_keep_the_invariant() {
+        // A deterministic pseudo-random schedule of pushes and flushes over three devices;
+        // each device has its own reply channel, checked against its own durable mark.
+        let devs = ["a", "b", "c"];
+        let chans: Vec<_> = devs.iter().map(|_| unbounded_channel::<Settled>()).collect();
+        let mut disk = Disk::default();
+        let mut q = CommitQueue::new(1, Arc::default());
+        let mut next = [1u64; 3];
+        let mut submitted = [0u64; 3];
+        let mut in_flight: Option<Group> = None;
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut released = 0;
+        for _ in 0..3000 {
+            let d = rng.usize(0..3);
+            let tx = &chans[d].0;
+            match rng.u8(0..10) {
+                0..=4 => {
+                    q.push(item(devs[d], next[d], event(&[]), tx));
+                    submitted[d] = next[d];
+                    next[d] += 1;
+                }
+                5 => {
+                    q.push(item(devs[d], next[d], ItemKind::Nack { code: NackCode::Acl, reason: "x".into() }, tx));
+                    submitted[d] = next[d];
+                    next[d] += 1;
+                }
+                6 if next[d] > 1 => q.push(item(devs[d], next[d] - 1, ItemKind::Resend, tx)),
+                7 => q.push(item(devs[d], 0, ItemKind::Welcome, tx)),
+                _ => {
+                    if let Some(g) = in_flight.take() {
+                        disk.flush();
+                        for (reply, s) in q.flushed(g).replies {
+                            let i = chans.iter().position(|(t, _)| t.same_channel(&reply)).unwrap();
+                            match &s {
+                                Settled::Ack(seq) | Settled::Nack { seq, .. } => {
+                                    assert!(disk.hwm(devs[i]) >= *seq, "{s:?} of {} before durable", devs[i])
+                                }
+                                Settled::Welcome { hwm } => assert!(*hwm <= disk.hwm(devs[i])),
+                                Settled::Busy { .. } => {}
+                            }
+                            released += 1;
+                        }
+                    }
+                    // Nothing is released while a group is in flight.
+                    if let Some(g) = q.next_group(|_| 0) {
+                        disk.write(&g);
+                        assert!(q.next_group(|_| 0).is_none());
+                        in_flight = Some(g);
+                    }
+                }
+            }
+        }
+        assert!(released > 500, "the schedule released {released} answers");
+        assert!(submitted.iter().all(|s| *s > 100));
+    }
+
+    #[test]
+    fn a_group_is_one_write_with_one_hwm_per_device_and_welcome_reads_it() {
+        let (tx, mut rx) = unbounded_channel();
+        let mut q = CommitQueue::new(10, Arc::default());
+        let mut ws = WriteSet::default();
+        ws.outbox.push(OutboxRecord { class: Class::Urgent, entry: b"e".to_vec() });
+        q.push(item("d", 5, ItemKind::Event(ws), &tx));
+        q.push(item("d", 6, ItemKind::Nack { code: NackCode::Acl, reason: "no".into() }, &tx));
+        q.push(item("d", 7, ItemKind::Busy { retry_after_ms: 100 }, &tx));
+        q.push(item("d", 0, ItemKind::Welcome, &tx));
+        let g = q.next_group(|_| 4).unwrap();
+        let hwm_ops: Vec<_> = g.ops.iter().filter(|(k, _)| k.starts_with(keys::HWM)).collect();
+        assert_eq!(hwm_ops.len(), 1);
+        assert_eq!(hwm_ops[0].1.as_deref(), Some(&6u64.to_be_bytes()[..]), "busy does not advance the mark");
+        assert_eq!(g.entries, vec![NewEntry { seq: 10, class: Class::Urgent, bytes: 1 }]);
+        let g = q.flushed(g);
+        for (r, s) in g.replies {
+            r.send(s).unwrap();
+        }
+        assert_eq!(
+            drain(&mut rx),
+            vec![
+                Settled::Ack(5),
+                Settled::Nack { seq: 6, code: NackCode::Acl, reason: "no".into() },
+                Settled::Busy { seq: 7, retry_after_ms: 100 },
+                Settled::Welcome { hwm: 6 },
+            ]
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! The store: one sled tree with kind-prefixed keys (see [`keys`]), the overlay of pending
+//! writes, group commit, and the reads the rest of the gateway needs (high-water marks,
+//! handler state, outbox and dead letters).
+
+pub mod commit;
+pub mod keys;
+pub mod overlay;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sandbox::StateSource;
+pub use overlay::Overlay;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store at {path} has schema version {found}; this build reads version {expected}")]
+    Schema { path: PathBuf, found: u32, expected: u32 },
+    #[error("store: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("store: corrupt record under {0}")]
+    Corrupt(String),
+}
+
+/// An event that could not be handled, with the reason. Exported as JSON lines later.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub device: String,
+    pub seq: u64,
+    pub topic: String,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    pub handler: String,
+    pub reason: String,
+    pub received_ms: u64,
+}
+
+impl DeadLetter {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).expect("CBOR encoding into a Vec");
+        out
+    }
+}
+
+/// The open store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub db: sled::Db,
+    pub tree: sled::Tree,
+    pub overlay: Arc<Overlay>,
+    /// The next dead-letter id (shared by the committer and the uplink).
+    pub dead_ids: Arc<AtomicU64>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. A store that sled cannot open is moved aside
+    /// (never wiped) and a fresh one is created; a newer schema is refused.
+    pub fn open(dir: &Path, cache_capacity: u64) -> Result<Store, StoreError> {
+        let cfg = || {
+            sled::Config::new()
+                .path(dir)
+                .cache_capacity(cache_capacity)
+                .flush_every_ms(None)
+                .mode(sled::Mode::LowSpace)
+        };
+        let db = match cfg().open() {
+            Ok(db) => db,
+            Err(e @ (sled::Error::Corruption { .. } | sled::Error::Unsupported(_))) => {
+                let aside = dir.with_extension(format!("unreadable-{}", crate::clock::now_ms()));
+                std::fs::rename(dir, &aside)?;
+                tracing::error!(error = %e, moved_to = %aside.display(), "store would not open; moved it aside and started a new one");
+                cfg().open()?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let tree = db.open_tree("tidepool")?;
+        match tree.get(keys::SCHEMA)? {
+            None => {
+                tree.insert(keys::SCHEMA, &keys::SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(&*v).map(u32::from_be_bytes).unwrap_or(u32::MAX);
+                if found != keys::SCHEMA_VERSION {
+                    return Err(StoreError::Schema { path: dir.to_path_buf(), found, expected: keys::SCHEMA_VERSION });
+                }
+            }
+        }
+        let mut store = Store { db, tree, overlay: Arc::new(Overlay::default()), dead_ids: Arc::default() };
+        let next_dead = last_seq(&store, keys::DEAD)?.map_or(1, |s| s + 1);
+        store.dead_ids = Arc::new(AtomicU64::new(next_dead));
+        Ok(store)
+    }
+
+    /// A fresh dead-letter id.
+    pub fn next_dead_id(&self) -> u64 {
+        self.dead_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The durable high-water mark of a device (0 when none).
+    pub fn hwm(&self, device: &str) -> Result<u64, StoreError> {
+        Ok(self.tree.get(keys::hwm(device))?.and_then(|v| keys::u64_value(&v)).unwrap_or(0))
+    }
+
+    /// Bytes (keys + values) a handler's state holds on disk.
+    pub fn state_bytes(&self, handler: &str) -> Result<u64, StoreError> {
+        let prefix = keys::state_prefix(handler);
+        let mut total = 0u64;
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            total += (k.len() - prefix.len() + v.len()) as u64;
+        }
+        Ok(total)
+    }
+
+    /// A committed state value, ignoring the overlay.
+    pub fn state_durable(&self, handler: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(keys::state(handler, key))?.map(|v| v.to_vec()))
+    }
+
+    /// All dead letters, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.tree
+            .scan_prefix(keys::DEAD)
+            .map(|kv| {
+                let (_, v) = kv?;
+                ciborium::from_reader(&*v).map_err(|_| StoreError::Corrupt("d/".into()))
+            })
+            .collect()
+    }
+}
+
+/// The sequence number of the last key under `prefix` (`o/` or `d/`).
+pub(crate) fn last_seq(store: &Store, prefix: &[u8]) -> Result<Option<u64>, StoreError> {
+    Ok(store.tree.scan_prefix(prefix).next_back().transpose()?.and_then(|(k, _)| keys::seq_of(&k)))
+}
+
+impl StateSource for Store {
+    fn get(&self, handler: &str, key: &[u8]) -> Option<Vec<u8>> {
+        let full = keys::state(handler, key);
+        if let Some(pending) = self.overlay.get(&full) {
+            return pending;
+        }
+        // A read error surfaces at the next commit, which stops the gateway.
+        self.tree.get(full).ok().flatten().map(|v| v.to_vec())
+    }
+}

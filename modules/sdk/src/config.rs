@@ -1,0 +1,32 @@
+//! The handler's configuration: the manifest's `[config]` string map with the box's overrides.
+
+use alloc::string::String;
+
+use crate::sys;
+
+/// The config value for `key`, or `None` if it is not set (or not UTF-8).
+///
+/// ```no_run
+/// let field = tidepool_sdk::config::get("field");
+/// let field = field.as_deref().unwrap_or("v");
+/// ```
+pub fn get(key: &str) -> Option<String> {
+    let (key_ptr, key_len) = sys::raw(key.as_bytes());
+    let bytes = sys::read_buffer(|out| {
+        let (out_ptr, out_cap) = sys::raw(out);
+        // SAFETY: `key` and `out` are live buffers; the host reads `key` and writes at most
+        // `out_cap` bytes to `out`.
+        unsafe { sys::config_get(key_ptr, key_len, out_ptr, out_cap) }
+    })?;
+    String::from_utf8(bytes).ok()
+}
+
+/// The config value for `key` parsed as a number (surrounding whitespace allowed), or `None`
+/// if it is not set or does not parse.
+///
+/// ```no_run
+/// let threshold = tidepool_sdk::config::get_f64("threshold").unwrap_or(30.0);
+/// ```
+pub fn get_f64(key: &str) -> Option<f64> {
+    get(key)?.trim().parse().ok()
+}

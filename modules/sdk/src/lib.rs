@@ -1,0 +1,187 @@
+//! Guest SDK for Tidepool handlers: the crate root owns the event and error types, the
+//! uplink/bus calls (`forward`, `emit`), the clock and event metadata, and re-exports the rest.
+//!
+//! A handler is a `cdylib` built for `wasm32-unknown-unknown` that names one function with
+//! [`handler!`]:
+//!
+//! ```no_run
+//! use tidepool_sdk::{forward, Class, Error, Event};
+//!
+//! tidepool_sdk::handler!(on_event);
+//!
+//! fn on_event(ev: &Event) -> Result<(), Error> {
+//!     forward(ev.topic, ev.payload, Class::Normal)
+//! }
+//! ```
+#![no_std]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+
+pub mod config;
+pub mod json;
+mod log;
+#[doc(hidden)]
+pub mod rt;
+pub mod state;
+pub mod sys;
+
+pub use crate::log::{log, Level};
+
+/// One event delivered to the handler: its topic and raw payload bytes.
+///
+/// ```
+/// let ev = tidepool_sdk::Event { topic: "devices/a/temp", payload: br#"{"v": 21.5}"# };
+/// assert_eq!(tidepool_sdk::json::number(ev.payload, "v"), Some(21.5));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    /// The topic the event was published on, e.g. `devices/a/temp`.
+    pub topic: &'a str,
+    /// The payload as sent by the device; often JSON, but any bytes.
+    pub payload: &'a [u8],
+}
+
+/// A failure reported by a host call (by its code), or chosen by a handler.
+///
+/// Returning `Err` from a handler makes the event fail (it is dead-lettered). A limit hit
+/// fails the invocation whatever the handler returns.
+///
+/// ```
+/// use tidepool_sdk::Error;
+/// assert_eq!(Error::from_code(-3), Error::TooManyForwards);
+/// assert_eq!(Error::OverQuota.code(), -2);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// -1: the key or value does not exist (also fits a missing config key or payload field).
+    NotFound,
+    /// -2: the write would exceed the handler's `state_bytes`.
+    OverQuota,
+    /// -3: more than `forwards_per_event` forwards.
+    TooManyForwards,
+    /// -4: more than `emits_per_event` emits, or the emit depth is exceeded.
+    TooManyEmits,
+    /// -5: a bad argument, such as an empty topic.
+    BadArgument,
+    /// Any other negative code.
+    Other(i32),
+}
+
+impl Error {
+    /// The error for a negative host return code.
+    ///
+    /// ```
+    /// assert_eq!(tidepool_sdk::Error::from_code(-7), tidepool_sdk::Error::Other(-7));
+    /// ```
+    pub fn from_code(code: i32) -> Self {
+        match code {
+            -1 => Self::NotFound,
+            -2 => Self::OverQuota,
+            -3 => Self::TooManyForwards,
+            -4 => Self::TooManyEmits,
+            -5 => Self::BadArgument,
+            other => Self::Other(other),
+        }
+    }
+
+    /// The host return code for this error.
+    ///
+    /// ```
+    /// assert_eq!(tidepool_sdk::Error::NotFound.code(), -1);
+    /// ```
+    pub fn code(self) -> i32 {
+        match self {
+            Self::NotFound => -1,
+            Self::OverQuota => -2,
+            Self::TooManyForwards => -3,
+            Self::TooManyEmits => -4,
+            Self::BadArgument => -5,
+            Self::Other(code) => code,
+        }
+    }
+
+    /// `Ok` for a non-negative host return code, the matching error otherwise.
+    pub(crate) fn check(code: i32) -> Result<(), Self> {
+        if code >= 0 {
+            Ok(())
+        } else {
+            Err(Self::from_code(code))
+        }
+    }
+}
+
+/// Uplink priority of a forwarded message.
+///
+/// ```
+/// assert_eq!(tidepool_sdk::Class::Bulk as i32, 2);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Class {
+    /// Sent as soon as possible; may wake the uplink.
+    Urgent = 0,
+    /// Sent with the next regular batch.
+    Normal = 1,
+    /// Sent when the link is idle and cheap.
+    Bulk = 2,
+}
+
+/// Queues `payload` on `topic` for the uplink.
+///
+/// Fails with [`Error::TooManyForwards`] past the manifest's `forwards_per_event` and with
+/// [`Error::BadArgument`] for an empty topic.
+///
+/// ```no_run
+/// use tidepool_sdk::{forward, Class};
+/// forward("alerts/a", b"hot", Class::Urgent)?;
+/// # Ok::<(), tidepool_sdk::Error>(())
+/// ```
+pub fn forward(topic: &str, payload: &[u8], class: Class) -> Result<(), Error> {
+    let (topic_ptr, topic_len) = sys::raw(topic.as_bytes());
+    let (payload_ptr, payload_len) = sys::raw(payload);
+    // SAFETY: both ranges are live borrowed slices; the host only reads them.
+    Error::check(unsafe { sys::forward(topic_ptr, topic_len, payload_ptr, payload_len, class as i32) })
+}
+
+/// Publishes `payload` on `topic` on the local bus, for other handlers.
+///
+/// Fails with [`Error::TooManyEmits`] past the manifest's `emits_per_event` or the emit depth.
+///
+/// ```no_run
+/// tidepool_sdk::emit("derived/a/avg", br#"{"v": 20.1}"#)?;
+/// # Ok::<(), tidepool_sdk::Error>(())
+/// ```
+pub fn emit(topic: &str, payload: &[u8]) -> Result<(), Error> {
+    let (topic_ptr, topic_len) = sys::raw(topic.as_bytes());
+    let (payload_ptr, payload_len) = sys::raw(payload);
+    // SAFETY: both ranges are live borrowed slices; the host only reads them.
+    Error::check(unsafe { sys::emit(topic_ptr, topic_len, payload_ptr, payload_len) })
+}
+
+/// Milliseconds since the Unix epoch, by the gateway's clock.
+///
+/// ```no_run
+/// let t = tidepool_sdk::now_ms();
+/// ```
+pub fn now_ms() -> i64 {
+    // SAFETY: no arguments, no memory access.
+    unsafe { sys::now_ms() }
+}
+
+/// The current event's metadata as raw CBOR bytes: a map with `device`, `seq`, `ts`,
+/// `received_ms` and `clock_synced` (from a timer: `{timer: true}`).
+///
+/// ```no_run
+/// let cbor = tidepool_sdk::event_meta();
+/// ```
+pub fn event_meta() -> Vec<u8> {
+    sys::read_buffer(|out| {
+        let (out_ptr, out_cap) = sys::raw(out);
+        // SAFETY: `out` is a live mutable buffer; the host writes at most `out_cap` bytes to it.
+        unsafe { sys::event_meta(out_ptr, out_cap) }
+    })
+    .unwrap_or_default()
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds the guest SDK and the example handlers in modules/ (their own cargo workspace, target
+# wasm32-unknown-unknown per modules/.cargo/config.toml) and lists the .wasm files produced.
+# Extra arguments go to cargo, e.g. `scripts/build-handlers.sh -j1`.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+target=wasm32-unknown-unknown
+# (grep without -q reads all input, so rustup never gets SIGPIPE under pipefail.)
+if ! rustup target list --installed | grep -x "$target" >/dev/null; then
+    rustup target add "$target"
+fi
+
+# Cargo reads .cargo/config.toml from the working directory, not the manifest's, so name it.
+cargo build --release --manifest-path modules/Cargo.toml --config modules/.cargo/config.toml "$@"
+
+shopt -s nullglob
+wasm=(modules/target/"$target"/release/*.wasm)
+if ((${#wasm[@]} == 0)); then
+    echo "no .wasm produced in modules/target/$target/release" >&2
+    exit 1
+fi
+for f in "${wasm[@]}"; do
+    printf '%s\t%s bytes\n' "$f" "$(stat -c %s "$f")"
+done
