@@ -1,1 +1,486 @@
+//! End-to-end tests: the real `tidepool` binary, real QUIC with real certificates, a real sled
+//! store on disk, a real HTTP server standing in for the cloud.
 
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tidepool::proto::msg::{DeviceMsg, GatewayMsg, NackCode};
+
+fn threshold_config(cloud: &Cloud) -> String {
+    format!(
+        "[uplink]\nurl = \"{}\"\n[outbox]\nlinger_ms = 100\nretry_base_ms = 50\nretry_max_ms = 200\n{}",
+        cloud.url,
+        handler_entry(&threshold_wasm(), &threshold_manifest())
+    )
+}
+
+#[tokio::test]
+async fn urgent_forward_reaches_the_cloud_with_the_contract_body_and_state_survives_restart() {
+    let cloud = Cloud::start(|_| 200).await;
+    let mut gw = Gateway::start(&threshold_config(&cloud));
+    let dev = gw.connect("dev-1").await;
+    let mut s = dev.open().await.unwrap();
+    // Below the threshold (30): acked, stored, never forwarded.
+    s.send(&publish(1, "devices/dev-1/temp", br#"{"v": 21.5}"#))
+        .await
+        .unwrap();
+    assert_eq!(until_ack(&mut s, 1).await, vec![GatewayMsg::Ack { seq: 1 }]);
+    // Crossing: forwarded urgent, and it must reach the cloud within a second.
+    let sent_at = Instant::now();
+    s.send(&publish(2, "devices/dev-1/temp", br#"{"v": 31.5}"#))
+        .await
+        .unwrap();
+    until_ack(&mut s, 2).await;
+    let reqs = cloud
+        .wait_until(Duration::from_secs(1), |r| !r.is_empty())
+        .await;
+    assert!(
+        !reqs.is_empty(),
+        "no urgent delivery within 1 s of the publish ({:?})",
+        sent_at.elapsed()
+    );
+    let r = &reqs[0];
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let body = r.json();
+    assert_eq!(r.header("idempotency-key"), body["batch"].as_str());
+    let obj = body.as_object().unwrap();
+    assert_eq!(
+        obj.keys().collect::<HashSet<_>>(),
+        ["gateway", "batch", "events"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<HashSet<_>>()
+            .iter()
+            .collect()
+    );
+    assert_eq!(body["gateway"], "gw-test");
+    let events = body["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1);
+    let e = events[0].as_object().unwrap();
+    for k in ["id", "device", "topic", "class", "ts", "payload_b64"] {
+        assert!(e.contains_key(k), "event lacks {k}: {e:?}");
+    }
+    assert_eq!(e["id"], "gw-test:dev-1:2:threshold:0");
+    assert_eq!(e["device"], "dev-1");
+    assert_eq!(e["topic"], "devices/dev-1/temp");
+    assert_eq!(e["class"], "urgent");
+    assert!(e["ts"].as_u64().unwrap() > 1_600_000_000_000);
+    assert_eq!(e["payload_b64"], "eyJ2IjogMzEuNX0="); // {"v": 31.5}
+                                                      // Still above: no new crossing, nothing forwarded.
+    s.send(&publish(3, "devices/dev-1/temp", br#"{"v": 32}"#))
+        .await
+        .unwrap();
+    until_ack(&mut s, 3).await;
+    dev.close().await;
+
+    // The last reading survives a restart: 32 > 30, so another high reading is no crossing.
+    gw.restart();
+    let dev = gw.connect("dev-1").await;
+    let mut s = dev.open().await.unwrap();
+    s.send(&publish(4, "devices/dev-1/temp", br#"{"v": 33}"#))
+        .await
+        .unwrap();
+    until_ack(&mut s, 4).await;
+    // A crossing after a low reading is forwarded again.
+    s.send(&publish(5, "devices/dev-1/temp", br#"{"v": 10}"#))
+        .await
+        .unwrap();
+    s.send(&publish(6, "devices/dev-1/temp", br#"{"v": 40}"#))
+        .await
+        .unwrap();
+    until_ack(&mut s, 6).await;
+    let reqs = cloud
+        .wait_until(Duration::from_secs(5), |r| r.len() >= 2)
+        .await;
+    dev.close().await;
+    let m = gw.stop();
+    let ids: Vec<String> = reqs
+        .iter()
+        .flat_map(|r| {
+            r.json()["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["gw-test:dev-1:2:threshold:0", "gw-test:dev-1:6:threshold:0"],
+        "only the crossings reach the cloud"
+    );
+    let stored = read_state(&gw.data(), "threshold", b"last/devices/dev-1/temp").unwrap();
+    assert_eq!(f64::from_le_bytes(stored.try_into().unwrap()), 40.0);
+    assert_eq!(m["handler_calls"], 3);
+}
+
+#[tokio::test]
+async fn a_resent_event_is_acked_and_not_run_twice_even_while_the_original_is_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    // A slow handler keeps the dispatcher busy with the first connection's burst, so the second
+    // connection's resends queue up behind it and meet the burst's last group in flight.
+    let slow = slow_counter_wat(50_000);
+    let mut gw = Gateway::start(&wat_handler(
+        dir.path(),
+        "counter",
+        &slow,
+        "[limits]\nfuel_per_event = 5000000",
+    ));
+    // Same connection, later: seq ≤ hwm is acked and not run.
+    let dev = gw.connect("dev-r").await;
+    let mut s = dev.open().await.unwrap();
+    s.send(&publish(1, "devices/dev-r/x", b"1")).await.unwrap();
+    until_ack(&mut s, 1).await;
+    let mut s2 = dev.open().await.unwrap();
+    s2.send(&publish(1, "devices/dev-r/x", b"1")).await.unwrap();
+    assert_eq!(
+        until_ack(&mut s2, 1).await,
+        vec![GatewayMsg::Ack { seq: 1 }]
+    );
+    // A burst on one connection; as soon as its first ack is back (the rest still being read and
+    // committed), a second connection of the same device (which supersedes the first) resends
+    // every seq of the burst.
+    const BURST: u64 = 200;
+    let mut a = dev.open().await.unwrap();
+    for seq in 2..=BURST {
+        a.push(&publish(seq, "devices/dev-r/x", b"1"));
+    }
+    a.flush().await.unwrap();
+    assert!(matches!(
+        next_msg(&mut a).await,
+        Some(GatewayMsg::Ack { .. })
+    ));
+    let other = gw.connect("dev-r").await;
+    let mut b = other.open().await.unwrap();
+    for seq in 2..=BURST {
+        b.push(&publish(seq, "devices/dev-r/x", b"1"));
+    }
+    b.flush().await.unwrap();
+    until_ack(&mut b, BURST).await;
+    other.close().await;
+    let m = gw.stop();
+    let n = read_state(&gw.data(), "counter", b"n").unwrap();
+    assert_eq!(
+        u64::from_le_bytes(n.try_into().unwrap()),
+        BURST,
+        "every seq ran exactly once"
+    );
+    assert_eq!(m["handler_calls"], BURST);
+    assert!(
+        m["resends"].as_u64().unwrap() > 1,
+        "the second connection's resends were recognised: {m}"
+    );
+}
+
+#[tokio::test]
+async fn bad_seqs_and_unknown_types_are_nacked_and_a_second_connection_supersedes_the_first() {
+    let gw = Gateway::start("[router]\nunrouted = \"drop\"\n");
+    let dev = gw.connect("dev-s").await;
+    let mut s = dev.open().await.unwrap();
+    s.send(&publish(0, "devices/dev-s/x", b"a"))
+        .await
+        .unwrap_or(());
+    // publish() with seq 0 omits the key; send an explicit seq 0 instead.
+    let mut raw = Vec::new();
+    let body = cbor_map(&[
+        ("type", V::T("publish")),
+        ("seq", V::U(0)),
+        ("topic", V::T("devices/dev-s/x")),
+        ("payload", V::B(b"a")),
+    ]);
+    tidepool::proto::frame::encode(&body, &mut raw);
+    s.send_raw(&raw).await.unwrap();
+    s.send(&publish(5, "devices/dev-s/x", b"a")).await.unwrap();
+    s.send(&publish(5, "devices/dev-s/x", b"a")).await.unwrap();
+    s.send(&publish(4, "devices/dev-s/x", b"a")).await.unwrap();
+    let mut raw = Vec::new();
+    tidepool::proto::frame::encode(
+        &cbor_map(&[("type", V::T("subscribe")), ("seq", V::U(6))]),
+        &mut raw,
+    );
+    s.send_raw(&raw).await.unwrap();
+    s.send(&publish(7, "devices/dev-s/x", b"a")).await.unwrap();
+    let seen = until_ack(&mut s, 7).await;
+    let nacks: Vec<(u64, NackCode)> = seen
+        .iter()
+        .filter_map(|m| match m {
+            GatewayMsg::Nack { seq, code, .. } => Some((*seq, *code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        nacks,
+        vec![
+            (0, NackCode::BadFrame),
+            (0, NackCode::BadFrame),
+            (5, NackCode::BadFrame),
+            (4, NackCode::BadFrame),
+            (6, NackCode::BadFrame)
+        ],
+        "missing seq, seq 0, repeated seq, lower seq, unknown type: {seen:?}"
+    );
+    // A nack for a seq always comes before any ack at or above it.
+    let pos = |p: &dyn Fn(&GatewayMsg) -> bool| seen.iter().position(p).unwrap();
+    assert!(
+        pos(&|m| matches!(m, GatewayMsg::Nack { seq: 6, .. }))
+            < pos(&|m| matches!(m, GatewayMsg::Ack { seq } if *seq >= 6))
+    );
+
+    // A second connection of the same device closes the first with `superseded` (3).
+    let second = gw.connect("dev-s").await;
+    let reason = tokio::time::timeout(Duration::from_secs(5), dev.conn.closed())
+        .await
+        .expect("first connection closed");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(3));
+            assert_eq!(&c.reason[..], b"superseded");
+        }
+        other => panic!("expected superseded, got {other}"),
+    }
+    let mut s = second.open().await.unwrap();
+    s.send(&DeviceMsg::Hello).await.unwrap();
+    assert_eq!(
+        next_msg(&mut s).await,
+        Some(GatewayMsg::Welcome {
+            hwm: 7,
+            max_frame_bytes: 65536
+        })
+    );
+}
+
+#[tokio::test]
+async fn only_device_certificates_get_in_and_topics_outside_the_acl_are_nacked() {
+    let gw = Gateway::start("");
+    // Another gateway's device CA.
+    let stranger = tempfile::tempdir().unwrap();
+    tidepool::pki::ensure(stranger.path(), &[]).unwrap();
+    let [c, k, _] =
+        tidepool::pki::issue_device(stranger.path(), "dev-x", &stranger.path().join("out"))
+            .unwrap();
+    let (_, _, ca) = gw.device_certs("dev-ok");
+    let refused = async |dev: Result<tidepool::client::Device, tidepool::client::ClientError>| {
+        // TLS 1.3: the client may finish its handshake before the server refuses it.
+        let Ok(dev) = dev else { return true };
+        let Ok(mut s) = dev.open().await else {
+            return true;
+        };
+        if s.send(&DeviceMsg::Hello).await.is_err() {
+            return true;
+        }
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.next()).await,
+            Ok(Err(_)) | Ok(Ok(None))
+        )
+    };
+    let foreign = tidepool::client::Device::connect(&gw.addr, &ca, &c, &k).await;
+    assert!(
+        refused(foreign).await,
+        "a certificate from another CA must be refused"
+    );
+    let anon = connect_without_client_cert(&gw.addr, &ca).await;
+    assert!(
+        refused(anon).await,
+        "a client without a certificate must be refused"
+    );
+
+    let dev = gw.connect("dev-a").await;
+    let mut s = dev.open().await.unwrap();
+    s.send(&publish(1, "devices/dev-b/temp", b"x"))
+        .await
+        .unwrap();
+    s.send(&publish(2, "devices/dev-a/temp", b"x"))
+        .await
+        .unwrap();
+    s.send(&publish(3, "devices/dev-a+/temp", b"x"))
+        .await
+        .unwrap();
+    s.send(&publish(4, "devices/dev-a/t", &vec![b'x'; 40_000]))
+        .await
+        .unwrap();
+    s.send(&publish(5, "devices/dev-a/temp", b"x"))
+        .await
+        .unwrap();
+    let seen = until_ack(&mut s, 5).await;
+    let codes: Vec<_> = seen
+        .iter()
+        .filter_map(|m| {
+            if let GatewayMsg::Nack { seq, code, .. } = m {
+                Some((*seq, *code))
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            (1, NackCode::Acl),
+            (3, NackCode::BadTopic),
+            (4, NackCode::TooLarge)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn malformed_frames_get_a_nack_or_a_closed_stream_and_the_gateway_serves_the_next_client() {
+    let gw = Gateway::start("");
+    let dev = gw.connect("dev-m").await;
+    // Not CBOR, CBOR that is not a map, a map with a wrong-typed seq.
+    let mut s = dev.open().await.unwrap();
+    let mut raw = Vec::new();
+    tidepool::proto::frame::encode(&[0xff, 0xfe, 0x00], &mut raw);
+    tidepool::proto::frame::encode(&[0x83, 0x01, 0x02, 0x03], &mut raw);
+    tidepool::proto::frame::encode(
+        &cbor_map(&[("type", V::T("publish")), ("seq", V::T("one"))]),
+        &mut raw,
+    );
+    s.send_raw(&raw).await.unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            next_msg(&mut s).await,
+            Some(GatewayMsg::Nack {
+                seq: 0,
+                code: NackCode::BadFrame,
+                ..
+            })
+        ));
+    }
+    // Length 0: the stream is closed with bad_framing (1).
+    let mut s = dev.open().await.unwrap();
+    s.send_raw(&[0, 0, 0, 0]).await.unwrap();
+    assert_eq!(reset_code(&mut s).await, 1);
+    // Length above max_frame_bytes: too_large (2), before the body is even sent.
+    let mut s = dev.open().await.unwrap();
+    s.send_raw(&(65537u32).to_be_bytes()).await.unwrap();
+    assert_eq!(reset_code(&mut s).await, 2);
+    // The same connection and a new client are still served.
+    let mut s = dev.open().await.unwrap();
+    s.send(&publish(1, "devices/dev-m/x", b"ok")).await.unwrap();
+    until_ack(&mut s, 1).await;
+    let other = gw.connect("dev-n").await;
+    let mut s = other.open().await.unwrap();
+    s.send(&publish(1, "devices/dev-n/x", b"ok")).await.unwrap();
+    until_ack(&mut s, 1).await;
+}
+
+#[tokio::test]
+async fn a_cloud_answering_503_for_a_while_gets_every_event_once_after_it_recovers() {
+    // The first 3 attempts fail with 503, then the cloud recovers.
+    let cloud = Cloud::start(|n| if n < 3 { 503 } else { 200 }).await;
+    let mut gw = Gateway::start(&threshold_config(&cloud));
+    let dev = gw.connect("dev-c").await;
+    let mut s = dev.open().await.unwrap();
+    let mut seq = 0;
+    for v in [40, 10, 41, 10, 42] {
+        seq += 1;
+        s.push(&publish(
+            seq,
+            "devices/dev-c/temp",
+            format!("{{\"v\":{v}}}").as_bytes(),
+        ));
+    }
+    s.flush().await.unwrap();
+    until_ack(&mut s, seq).await;
+    let delivered = |r: &[Request]| -> Vec<String> {
+        r.iter()
+            .filter(|r| r.status == 200)
+            .flat_map(|r| {
+                r.json()["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["id"].as_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let reqs = cloud
+        .wait_until(Duration::from_secs(10), |r| delivered(r).len() >= 3)
+        .await;
+    dev.close().await;
+    let m = gw.stop();
+    let ids = delivered(&reqs);
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), 3, "{ids:?}");
+    assert_eq!(ids.len(), 3, "each event id delivered once: {ids:?}");
+    // Retries resend the same bytes under the same Idempotency-Key.
+    let failed: Vec<_> = reqs.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(failed.len(), 3);
+    let first_ok = reqs.iter().find(|r| r.status == 200).unwrap();
+    assert_eq!(failed[0].body, first_ok.body);
+    assert_eq!(
+        failed[0].header("idempotency-key"),
+        first_ok.header("idempotency-key")
+    );
+    assert!(m["send_failures"].as_u64().unwrap() >= 3);
+}
+
+// --- helpers -----------------------------------------------------------------------------
+
+enum V<'a> {
+    T(&'a str),
+    U(u64),
+    B(&'a [u8]),
+}
+
+fn cbor_map(kv: &[(&str, V)]) -> Vec<u8> {
+    use ciborium::Value;
+    let m = kv
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                V::T(t) => Value::Text(t.to_string()),
+                V::U(u) => Value::Integer((*u).into()),
+                V::B(b) => Value::Bytes(b.to_vec()),
+            };
+            (Value::Text(k.to_string()), v)
+        })
+        .collect();
+    let mut out = Vec::new();
+    ciborium::into_writer(&Value::Map(m), &mut out).unwrap();
+    out
+}
+
+/// Waits for the gateway to reset the stream and returns the code.
+async fn reset_code(s: &mut tidepool::client::FrameStream) -> u64 {
+    let r = tokio::time::timeout(Duration::from_secs(5), s.next())
+        .await
+        .expect("stream closed within 5 s");
+    match r {
+        Err(tidepool::client::ClientError::Read(quinn::ReadError::Reset(code))) => {
+            code.into_inner()
+        }
+        other => panic!("expected a reset stream, got {other:?}"),
+    }
+}
+
+async fn connect_without_client_cert(
+    addr: &str,
+    ca: &std::path::Path,
+) -> Result<tidepool::client::Device, tidepool::client::ClientError> {
+    use std::sync::Arc;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in tidepool::pki::read_certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"tidepool/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(addr.parse().unwrap(), "localhost")?
+        .await?;
+    Ok(tidepool::client::Device { endpoint, conn })
+}

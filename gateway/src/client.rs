@@ -52,10 +52,21 @@ pub async fn resolve(gateway: &str) -> Result<(SocketAddr, String), ClientError>
 
 impl Device {
     /// Connects with the device's certificate and key, trusting `ca`.
-    pub async fn connect(gateway: &str, ca: &Path, cert: &Path, key: &Path) -> Result<Device, ClientError> {
+    pub async fn connect(
+        gateway: &str,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Device, ClientError> {
         let (addr, name) = resolve(gateway).await?;
         let config = tls::client_config(ca, cert, key)?;
-        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal address");
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .expect("literal address");
         let mut endpoint = Endpoint::client(bind)?;
         endpoint.set_default_client_config(config);
         let conn = endpoint.connect(addr, &name)?.await?;
@@ -65,7 +76,12 @@ impl Device {
     /// Opens a bidirectional stream for frames.
     pub async fn open(&self) -> Result<FrameStream, ClientError> {
         let (send, recv) = self.conn.open_bi().await?;
-        Ok(FrameStream { send, recv, decoder: FrameDecoder::new(16 * 1024 * 1024), out: Vec::new() })
+        Ok(FrameStream {
+            send,
+            recv,
+            decoder: FrameDecoder::new(16 * 1024 * 1024),
+            out: Vec::new(),
+        })
     }
 
     pub async fn close(self) {

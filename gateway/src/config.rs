@@ -15,9 +15,15 @@ pub const DEFAULTS_TOML: &str = include_str!("defaults.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -72,7 +78,9 @@ pub enum Unrouted {
     Forward,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Class {
     Urgent,
@@ -195,20 +203,25 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
 impl Config {
     /// The embedded defaults.
     pub fn defaults() -> Config {
-        Config::from_toml_str(DEFAULTS_TOML, Path::new("<defaults>")).expect("embedded defaults are valid")
+        Config::from_toml_str(DEFAULTS_TOML, Path::new("<defaults>"))
+            .expect("embedded defaults are valid")
     }
 
     /// Defaults overridden by `text`; relative handler paths resolve against `base_dir`.
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let parse = |s: &str| {
-            toml::from_str::<toml::Value>(s)
-                .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), source: Box::new(e) })
+            toml::from_str::<toml::Value>(s).map_err(|e| ConfigError::Parse {
+                path: origin.to_path_buf(),
+                source: Box::new(e),
+            })
         };
-        let mut value: toml::Value = toml::from_str(DEFAULTS_TOML).expect("embedded defaults parse");
+        let mut value: toml::Value =
+            toml::from_str(DEFAULTS_TOML).expect("embedded defaults parse");
         merge(&mut value, parse(text)?);
-        let mut cfg: Config = value
-            .try_into()
-            .map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), source: Box::new(e) })?;
+        let mut cfg: Config = value.try_into().map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            source: Box::new(e),
+        })?;
         if let Some(dir) = origin.parent() {
             for h in &mut cfg.handler {
                 h.wasm = dir.join(&h.wasm);
@@ -221,8 +234,10 @@ impl Config {
 
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::from_toml_str(&text, path)
     }
 
@@ -236,13 +251,17 @@ impl Config {
                 .unwrap_or_else(|| "tidepool".to_string());
         }
         if !topic::valid_device_id(&self.gateway.id) {
-            return bad(format!("gateway.id `{}` must match [A-Za-z0-9._-]{{1,64}}", self.gateway.id));
+            return bad(format!(
+                "gateway.id `{}` must match [A-Za-z0-9._-]{{1,64}}",
+                self.gateway.id
+            ));
         }
         if self.ingress.max_frame_bytes == 0 {
             return bad("ingress.max_frame_bytes must be at least 1".into());
         }
         for p in &self.acl.publish {
-            topic::validate_pattern(p).map_err(|e| ConfigError::Invalid(format!("acl.publish: {e}")))?;
+            topic::validate_pattern(p)
+                .map_err(|e| ConfigError::Invalid(format!("acl.publish: {e}")))?;
         }
         if self.outbox.max_batch_events == 0 || self.outbox.max_batch_bytes == 0 {
             return bad("outbox.max_batch_events and max_batch_bytes must be at least 1".into());
@@ -253,7 +272,9 @@ impl Config {
         if self.uplink.sink == SinkKind::Http && !self.uplink.url.is_empty() {
             let u = &self.uplink.url;
             if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return bad(format!("uplink.url `{u}` must start with http:// or https://"));
+                return bad(format!(
+                    "uplink.url `{u}` must start with http:// or https://"
+                ));
             }
         }
         Ok(())

@@ -37,7 +37,10 @@ pub struct EventState {
 
 impl EventState {
     pub fn new(store: Store) -> Self {
-        EventState { store, current: Mutex::default() }
+        EventState {
+            store,
+            current: Mutex::default(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Option<Vec<u8>>>> {
@@ -130,7 +133,12 @@ impl Dispatcher {
 
     fn submit(&mut self, device: &Arc<str>, seq: u64, kind: ItemKind, reply: Option<&Reply>) {
         self.backlog.fetch_add(1, Ordering::Relaxed);
-        let item = Item { device: device.clone(), seq, kind, reply: reply.cloned() };
+        let item = Item {
+            device: device.clone(),
+            seq,
+            kind,
+            reply: reply.cloned(),
+        };
         if self.tx.as_ref().is_none_or(|tx| tx.send(item).is_err()) {
             // The committer stopped: we are shutting down, and nothing more will be acked.
             self.backlog.fetch_sub(1, Ordering::Relaxed);
@@ -140,10 +148,12 @@ impl Dispatcher {
     /// The highest seq of `device` that is durable or on its way to the committer.
     fn claimed(&mut self, device: &Arc<str>) -> &mut u64 {
         let store = &self.store;
-        self.claimed.entry(device.clone()).or_insert_with(|| match store.hwm(device) {
-            Ok(h) => h,
-            Err(e) => fatal("reading a high-water mark", e),
-        })
+        self.claimed
+            .entry(device.clone())
+            .or_insert_with(|| match store.hwm(device) {
+                Ok(h) => h,
+                Err(e) => fatal("reading a high-water mark", e),
+            })
     }
 
     /// Answers a `hello` with the durable high-water mark, after what precedes it is durable.
@@ -152,7 +162,14 @@ impl Dispatcher {
     }
 
     /// Nacks a publish for good. A nacked seq advances the high-water mark.
-    pub fn nack(&mut self, device: &Arc<str>, seq: u64, code: NackCode, reason: String, reply: &Reply) {
+    pub fn nack(
+        &mut self,
+        device: &Arc<str>,
+        seq: u64,
+        code: NackCode,
+        reason: String,
+        reply: &Reply,
+    ) {
         Metrics::inc(&self.metrics.nacks);
         let c = self.claimed(device);
         *c = (*c).max(seq);
@@ -169,17 +186,37 @@ impl Dispatcher {
     /// Checks topic rules and the ACL: `Err((code, reason))` to nack.
     fn check(&self, device: &str, p: &Publish) -> Result<(), (NackCode, String)> {
         topic::validate(&p.topic).map_err(|e| (NackCode::BadTopic, e.to_string()))?;
-        if !self.acl.iter().any(|pat| topic::matches(pat, &p.topic, Some(device))) {
-            return Err((NackCode::Acl, format!("device `{device}` may not publish to `{}`", p.topic)));
+        if !self
+            .acl
+            .iter()
+            .any(|pat| topic::matches(pat, &p.topic, Some(device)))
+        {
+            return Err((
+                NackCode::Acl,
+                format!("device `{device}` may not publish to `{}`", p.topic),
+            ));
         }
         if p.payload.len() > self.max_payload {
-            return Err((NackCode::TooLarge, format!("payload of {} bytes exceeds {}", p.payload.len(), self.max_payload)));
+            return Err((
+                NackCode::TooLarge,
+                format!(
+                    "payload of {} bytes exceeds {}",
+                    p.payload.len(),
+                    self.max_payload
+                ),
+            ));
         }
         Ok(())
     }
 
     /// One publish from a stream (seq already checked to rise on that stream).
-    pub fn publish(&mut self, device: &Arc<str>, p: Publish, received_ms: u64, reply: &Reply) -> Submitted {
+    pub fn publish(
+        &mut self,
+        device: &Arc<str>,
+        p: Publish,
+        received_ms: u64,
+        reply: &Reply,
+    ) -> Submitted {
         Metrics::inc(&self.metrics.events_in);
         if p.seq <= *self.claimed(device) {
             Metrics::inc(&self.metrics.resends);
@@ -202,7 +239,13 @@ impl Dispatcher {
     }
 
     /// A best-effort telemetry datagram: no seq, no ack, shed first under load.
-    pub fn datagram(&mut self, device: &Arc<str>, p: Publish, received_ms: u64, shed_backlog: usize) {
+    pub fn datagram(
+        &mut self,
+        device: &Arc<str>,
+        p: Publish,
+        received_ms: u64,
+        shed_backlog: usize,
+    ) {
         Metrics::inc(&self.metrics.datagrams_in);
         if self.backlog.load(Ordering::Relaxed) > shed_backlog || self.check(device, &p).is_err() {
             Metrics::inc(&self.metrics.datagrams_dropped);
@@ -218,7 +261,13 @@ impl Dispatcher {
 
     /// Runs the event through the handlers (and their emits). `None` when the outbox cannot
     /// take its forwards: nothing of the event is kept.
-    fn process(&mut self, device: &Arc<str>, p: &Publish, seq_text: &str, received_ms: u64) -> Option<WriteSet> {
+    fn process(
+        &mut self,
+        device: &Arc<str>,
+        p: &Publish,
+        seq_text: &str,
+        received_ms: u64,
+    ) -> Option<WriteSet> {
         let ts = p.ts.unwrap_or(received_ms);
         let mut ws = WriteSet::default();
         let mut deltas: Vec<(usize, i64)> = Vec::new();
@@ -237,11 +286,20 @@ impl Dispatcher {
                 Metrics::inc(&self.metrics.unrouted);
                 if self.unrouted == Unrouted::Forward {
                     let id = entry_id(&self.gateway, device, seq_text, "", 0);
-                    ws.outbox.push(record(id, device, t, self.unrouted_class, ts, payload));
+                    ws.outbox
+                        .push(record(id, device, t, self.unrouted_class, ts, payload));
                 }
             }
             for &h in &route {
-                let ev = EventInfo { device, seq: p.seq, ts: p.ts, received_ms, topic: t, payload, depth };
+                let ev = EventInfo {
+                    device,
+                    seq: p.seq,
+                    ts: p.ts,
+                    received_ms,
+                    topic: t,
+                    payload,
+                    depth,
+                };
                 let handler = &mut self.handlers[h];
                 let outcome = handler.invoke(&ev);
                 Metrics::inc(&self.metrics.handler_calls);
@@ -255,10 +313,15 @@ impl Dispatcher {
                         }
                         drop(cur);
                         deltas.push((h, effects.state_delta));
-                        let seq_part = if origin == 0 { seq_text.to_string() } else { format!("{seq_text}.e{origin}") };
+                        let seq_part = if origin == 0 {
+                            seq_text.to_string()
+                        } else {
+                            format!("{seq_text}.e{origin}")
+                        };
                         for (i, f) in effects.forwards.into_iter().enumerate() {
                             let id = entry_id(&self.gateway, device, &seq_part, &name, i);
-                            ws.outbox.push(record(id, device, &f.topic, f.class, ts, &f.payload));
+                            ws.outbox
+                                .push(record(id, device, &f.topic, f.class, ts, &f.payload));
                         }
                         for (et, ep) in effects.emits {
                             emitted += 1;
@@ -268,7 +331,12 @@ impl Dispatcher {
                     Err(failure) => {
                         Metrics::inc(&self.metrics.handler_errors);
                         Metrics::inc(&self.metrics.dead_letters);
-                        tracing::warn!(handler = handler.name(), device = &**device, seq = p.seq, "handler failed: {failure}");
+                        tracing::warn!(
+                            handler = handler.name(),
+                            device = &**device,
+                            seq = p.seq,
+                            "handler failed: {failure}"
+                        );
                         let d = DeadLetter {
                             device: device.to_string(),
                             seq: p.seq,
@@ -309,7 +377,136 @@ impl Dispatcher {
     }
 }
 
-fn record(id: String, device: &str, topic: &str, class: Class, ts: u64, payload: &[u8]) -> OutboxRecord {
-    let e = Entry { id, device: device.to_string(), topic: topic.to_string(), class, ts, payload: payload.to_vec() };
-    OutboxRecord { class, entry: e.encode() }
+fn record(
+    id: String,
+    device: &str,
+    topic: &str,
+    class: Class,
+    ts: u64,
+    payload: &[u8],
+) -> OutboxRecord {
+    let e = Entry {
+        id,
+        device: device.to_string(),
+        topic: topic.to_string(),
+        class,
+        ts,
+        payload: payload.to_vec(),
+    };
+    OutboxRecord {
+        class,
+        entry: e.encode(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::{HostEnv, Manifest, Runtime};
+    use bytes::Bytes;
+
+    const COUNTER: &str = r#"(module
+      (import "tidepool" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
+      (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 0) "n")
+      (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+        (i64.store (i32.const 16) (i64.const 0))
+        (drop (call $get (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 8)))
+        (i64.store (i32.const 16) (i64.add (i64.load (i32.const 16)) (i64.const 1)))
+        (call $put (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 8))))"#;
+
+    fn publish(seq: u64) -> Publish {
+        Publish {
+            seq,
+            topic: "devices/d/x".into(),
+            payload: Bytes::from_static(b"1"),
+            ts: None,
+            id: None,
+            src: None,
+            class: None,
+        }
+    }
+
+    #[test]
+    fn a_resend_of_an_event_still_in_flight_is_not_run_again_and_reads_see_pending_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::defaults();
+        let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
+        let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
+        let state = Arc::new(EventState::new(store.clone()));
+        let env = HostEnv {
+            state: state.clone(),
+            log_bytes_per_event: 1024,
+            emit_depth: 4,
+        };
+        let manifest: Manifest =
+            toml::from_str("name = \"counter\"\nversion = 1\nsubscribe = [\"devices/#\"]\n")
+                .unwrap();
+        let wasm = wat::parse_str(COUNTER).unwrap();
+        let h = Handler::load(
+            &Runtime::default(),
+            &wasm,
+            manifest,
+            &Default::default(),
+            env,
+            0,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let metrics = Arc::new(Metrics::default());
+        let mut d = Dispatcher::new(
+            &cfg,
+            vec![h],
+            store.clone(),
+            state,
+            outbox,
+            tx,
+            metrics.clone(),
+        );
+        let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
+        let dev: Arc<str> = "d".into();
+        // Nothing is committed in this test: every item stays "in flight".
+        assert_eq!(d.publish(&dev, publish(1), 0, &reply), Submitted::Queued);
+        assert_eq!(d.publish(&dev, publish(2), 0, &reply), Submitted::Queued);
+        // The same seqs again, as from a new connection, while the originals are in flight.
+        assert_eq!(d.publish(&dev, publish(2), 0, &reply), Submitted::Queued);
+        assert_eq!(d.publish(&dev, publish(1), 0, &reply), Submitted::Queued);
+        assert_eq!(
+            metrics.handler_calls.load(Ordering::Relaxed),
+            2,
+            "resends must not run the handler"
+        );
+        let kinds: Vec<(u64, &'static str)> = rx
+            .try_iter()
+            .map(|i| {
+                let k = match &i.kind {
+                    ItemKind::Event(ws) => {
+                        // The second event read the first one's pending write: n = 2.
+                        if i.seq == 2 {
+                            assert_eq!(
+                                ws.state,
+                                vec![(
+                                    keys::state("counter", b"n"),
+                                    Some(2u64.to_le_bytes().to_vec())
+                                )]
+                            );
+                        }
+                        "event"
+                    }
+                    ItemKind::Resend => "resend",
+                    _ => "other",
+                };
+                (i.seq, k)
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![(1, "event"), (2, "event"), (2, "resend"), (1, "resend")]
+        );
+        // Nothing reached sled.
+        assert_eq!(store.hwm("d").unwrap(), 0);
+        assert_eq!(store.state_durable("counter", b"n").unwrap(), None);
+    }
 }

@@ -23,7 +23,10 @@ use crate::uplink::{http::HttpSink, Uplink};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("data dir {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
     #[error(transparent)]
@@ -33,24 +36,41 @@ pub enum StartError {
     #[error("handler {path}: {msg}")]
     Handler { path: PathBuf, msg: String },
     #[error("listen on {addr}: {source}")]
-    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Loads the configured handlers (`[[handler]]`).
-pub fn load_handlers(cfg: &Config, store: &Store, env: &HostEnv) -> Result<Vec<Handler>, StartError> {
+pub fn load_handlers(
+    cfg: &Config,
+    store: &Store,
+    env: &HostEnv,
+) -> Result<Vec<Handler>, StartError> {
     let runtime = Runtime::default();
     let mut handlers: Vec<Handler> = Vec::new();
     for entry in &cfg.handler {
-        let err = |msg: String| StartError::Handler { path: entry.manifest.clone(), msg };
+        let err = |msg: String| StartError::Handler {
+            path: entry.manifest.clone(),
+            msg,
+        };
         let manifest = Manifest::load(&entry.manifest).map_err(|e| err(e.to_string()))?;
-        manifest.check(&cfg.limits).map_err(|e| err(e.to_string()))?;
+        manifest
+            .check(&cfg.limits)
+            .map_err(|e| err(e.to_string()))?;
         if handlers.iter().any(|h| h.name() == manifest.name) {
-            return Err(err(format!("a handler named `{}` is already loaded", manifest.name)));
+            return Err(err(format!(
+                "a handler named `{}` is already loaded",
+                manifest.name
+            )));
         }
-        let wasm = std::fs::read(&entry.wasm).map_err(|e| err(format!("cannot read {}: {e}", entry.wasm.display())))?;
+        let wasm = std::fs::read(&entry.wasm)
+            .map_err(|e| err(format!("cannot read {}: {e}", entry.wasm.display())))?;
         let used = store.state_bytes(&manifest.name)?;
         let started = Instant::now();
-        let h = Handler::load(&runtime, &wasm, manifest, &entry.config, env.clone(), used).map_err(|e| err(e.to_string()))?;
+        let h = Handler::load(&runtime, &wasm, manifest, &entry.config, env.clone(), used)
+            .map_err(|e| err(e.to_string()))?;
         tracing::info!(
             handler = h.name(),
             version = h.manifest.version,
@@ -80,12 +100,23 @@ impl AfterFlush for Hooks {
 
 fn make_private_dir(path: &Path) -> Result<(), StartError> {
     use std::os::unix::fs::DirBuilderExt;
-    let err = |source| StartError::DataDir { path: path.to_path_buf(), source };
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(err)
+    let err = |source| StartError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(err)
 }
 
 /// Runs the gateway until `stop` turns true; returns the final metrics.
-pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, ready: impl FnOnce(std::net::SocketAddr)) -> Result<serde_json::Value, StartError> {
+pub async fn run(
+    cfg: Config,
+    mut stop: watch::Receiver<bool>,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<serde_json::Value, StartError> {
     let data = cfg.gateway.data_dir.clone();
     make_private_dir(&data)?;
     let paths = PkiPaths::new(&data);
@@ -98,15 +129,33 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, ready: impl FnOnc
     let outbox = Arc::new(Outbox::load(&store, &cfg.outbox)?);
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(EventState::new(store.clone()));
-    let env = HostEnv { state: state.clone(), log_bytes_per_event: cfg.limits.log_bytes_per_event, emit_depth: cfg.limits.emit_depth };
+    let env = HostEnv {
+        state: state.clone(),
+        log_bytes_per_event: cfg.limits.log_bytes_per_event,
+        emit_depth: cfg.limits.emit_depth,
+    };
     let handlers = load_handlers(&cfg, &store, &env)?;
     if handlers.is_empty() {
-        tracing::warn!("no handlers configured: events go nowhere unless router.unrouted = \"forward\"");
+        tracing::warn!(
+            "no handlers configured: events go nowhere unless router.unrouted = \"forward\""
+        );
     }
 
     let (tx, rx) = mpsc::sync_channel(16 * 1024);
-    let dispatcher = Dispatcher::new(&cfg, handlers, store.clone(), state, outbox.clone(), tx, metrics.clone());
-    let hooks = Hooks { outbox: outbox.clone(), metrics: metrics.clone(), backlog: dispatcher.backlog.clone() };
+    let dispatcher = Dispatcher::new(
+        &cfg,
+        handlers,
+        store.clone(),
+        state,
+        outbox.clone(),
+        tx,
+        metrics.clone(),
+    );
+    let hooks = Hooks {
+        outbox: outbox.clone(),
+        metrics: metrics.clone(),
+        backlog: dispatcher.backlog.clone(),
+    };
     let committer = {
         let store = store.clone();
         std::thread::Builder::new()
@@ -116,29 +165,49 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, ready: impl FnOnc
                     crate::dispatch::fatal("committing a group", e);
                 }
             })
-            .map_err(|source| StartError::DataDir { path: data.clone(), source })?
+            .map_err(|source| StartError::DataDir {
+                path: data.clone(),
+                source,
+            })?
     };
     let dispatcher = Arc::new(Mutex::new(dispatcher));
 
     let (uplink_stop_tx, uplink_stop) = watch::channel(false);
     let uplink = match (cfg.uplink.sink, cfg.uplink.url.is_empty()) {
         (SinkKind::Http, false) => {
-            let sink = HttpSink::new(cfg.uplink.url.clone(), Duration::from_millis(cfg.uplink.timeout_ms));
+            let sink = HttpSink::new(
+                cfg.uplink.url.clone(),
+                Duration::from_millis(cfg.uplink.timeout_ms),
+            );
             let up = Uplink::new(&cfg, store.clone(), outbox.clone(), metrics.clone(), sink);
             tracing::info!(url = %cfg.uplink.url, "uplink: HTTP");
             Some(tokio::spawn(up.run(uplink_stop)))
         }
         _ => {
-            tracing::warn!("no uplink configured (uplink.url is empty): forwards stay in the outbox");
+            tracing::warn!(
+                "no uplink configured (uplink.url is empty): forwards stay in the outbox"
+            );
             None
         }
     };
 
     let (server_cfg, roles) = ingress::tls::server_config(&paths, &cfg.ingress)?;
     let listen = cfg.gateway.listen;
-    let endpoint = quinn::Endpoint::server(server_cfg, listen).map_err(|source| StartError::Listen { addr: listen, source })?;
-    let local = endpoint.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
-    let shared = Arc::new(Shared::new(dispatcher.clone(), roles, cfg.ingress.clone(), metrics.clone()));
+    let endpoint =
+        quinn::Endpoint::server(server_cfg, listen).map_err(|source| StartError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let local = endpoint.local_addr().map_err(|source| StartError::Listen {
+        addr: listen,
+        source,
+    })?;
+    let shared = Arc::new(Shared::new(
+        dispatcher.clone(),
+        roles,
+        cfg.ingress.clone(),
+        metrics.clone(),
+    ));
     let (conn_stop_tx, conn_stop) = watch::channel(false);
     let server = tokio::spawn(ingress::serve(endpoint.clone(), shared, conn_stop));
     tracing::info!(%local, gateway = %cfg.gateway.id, data_dir = %data.display(), "listening");
@@ -147,10 +216,16 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, ready: impl FnOnc
     let _ = stop.wait_for(|s| *s).await;
     tracing::info!("stopping: settling connections");
     let _ = conn_stop_tx.send(true);
-    if tokio::time::timeout(Duration::from_secs(10), server).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .is_err()
+    {
         tracing::warn!("connections did not settle within 10 s");
     }
-    endpoint.close(quinn::VarInt::from_u32(crate::proto::CloseCode::ShuttingDown as u32), b"shutting_down");
+    endpoint.close(
+        quinn::VarInt::from_u32(crate::proto::CloseCode::ShuttingDown as u32),
+        b"shutting_down",
+    );
     dispatcher.lock().unwrap_or_else(|p| p.into_inner()).close();
     let _ = tokio::task::spawn_blocking(move || committer.join()).await;
     let _ = uplink_stop_tx.send(true);
@@ -165,7 +240,10 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>, ready: impl FnOnc
     endpoint.wait_idle().await;
     let snapshot = metrics.snapshot();
     let path = data.join("metrics.json");
-    if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&snapshot).unwrap_or_default()) {
+    if let Err(e) = std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&snapshot).unwrap_or_default(),
+    ) {
         tracing::warn!("cannot write {}: {e}", path.display());
     }
     tracing::info!(metrics = %snapshot, "stopped");

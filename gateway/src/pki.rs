@@ -8,8 +8,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SerialNumber,
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 
@@ -18,7 +18,10 @@ use crate::proto::topic::valid_device_id;
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("certificate generation: {0}")]
     Rcgen(#[from] rcgen::Error),
     #[error("{path}: not a usable PEM file: {msg}")]
@@ -37,7 +40,9 @@ pub struct PkiPaths {
 
 impl PkiPaths {
     pub fn new(data_dir: &Path) -> Self {
-        PkiPaths { dir: data_dir.join("pki") }
+        PkiPaths {
+            dir: data_dir.join("pki"),
+        }
     }
     pub fn cert(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.crt"))
@@ -54,18 +59,26 @@ pub const SERVER_CA: &str = "server-ca";
 pub const SERVER: &str = "server";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io { path: path.to_path_buf(), source }
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
+/// Writes a whole file atomically (temp file, then rename), so readers never see half of it.
 fn write_file(path: &Path, data: &str, mode: u32) -> Result<(), PkiError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(mode)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(data.as_bytes()).map_err(io(path))
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(data.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
 }
 
 fn random_serial() -> SerialNumber {
@@ -90,9 +103,14 @@ fn load_ca(paths: &PkiPaths, name: &str) -> Result<(Certificate, KeyPair), PkiEr
     }
     let crt = fs::read_to_string(&cp).map_err(io(&cp))?;
     let key = fs::read_to_string(&kp).map_err(io(&kp))?;
-    let key = KeyPair::from_pem(&key).map_err(|e| PkiError::Pem { path: kp.clone(), msg: e.to_string() })?;
-    let params = CertificateParams::from_ca_cert_pem(&crt)
-        .map_err(|e| PkiError::Pem { path: cp.clone(), msg: e.to_string() })?;
+    let key = KeyPair::from_pem(&key).map_err(|e| PkiError::Pem {
+        path: kp.clone(),
+        msg: e.to_string(),
+    })?;
+    let params = CertificateParams::from_ca_cert_pem(&crt).map_err(|e| PkiError::Pem {
+        path: cp.clone(),
+        msg: e.to_string(),
+    })?;
     Ok((params.self_signed(&key)?, key))
 }
 
@@ -133,7 +151,12 @@ pub fn ensure(data_dir: &Path, server_names: &[String]) -> Result<bool, PkiError
         let ca = load_ca(&paths, SERVER_CA)?;
         let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
         sans.extend(server_names.iter().cloned());
-        let (crt, key) = issue_leaf(&ca, "tidepool gateway", sans, ExtendedKeyUsagePurpose::ServerAuth)?;
+        let (crt, key) = issue_leaf(
+            &ca,
+            "tidepool gateway",
+            sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
         write_file(&paths.key(SERVER), &key, 0o600)?;
         write_file(&paths.cert(SERVER), &crt, 0o644)?;
         created = true;
@@ -150,7 +173,11 @@ pub fn issue_device(data_dir: &Path, id: &str, out: &Path) -> Result<[PathBuf; 3
     let ca = load_ca(&paths, DEVICE_CA)?;
     let (crt, key) = issue_leaf(&ca, id, vec![], ExtendedKeyUsagePurpose::ClientAuth)?;
     fs::create_dir_all(out).map_err(io(out))?;
-    let files = [out.join(format!("{id}.crt")), out.join(format!("{id}.key")), out.join("ca.crt")];
+    let files = [
+        out.join(format!("{id}.crt")),
+        out.join(format!("{id}.key")),
+        out.join("ca.crt"),
+    ];
     write_file(&files[0], &crt, 0o644)?;
     write_file(&files[1], &key, 0o600)?;
     let server_ca = paths.cert(SERVER_CA);
@@ -163,22 +190,37 @@ pub fn issue_device(data_dir: &Path, id: &str, out: &Path) -> Result<[PathBuf; 3
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| PkiError::Pem { path: path.to_path_buf(), msg: e.to_string() })?;
+        .map_err(|e| PkiError::Pem {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(PkiError::Pem { path: path.to_path_buf(), msg: "no certificate".into() });
+        return Err(PkiError::Pem {
+            path: path.to_path_buf(),
+            msg: "no certificate".into(),
+        });
     }
     Ok(certs)
 }
 
 /// Reads a private key (PKCS#8 or SEC1 PEM).
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| PkiError::Pem { path: path.to_path_buf(), msg: e.to_string() })
+    PrivateKeyDer::from_pem_file(path).map_err(|e| PkiError::Pem {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
 }
 
 /// The subject common name of a DER certificate.
 pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
     Some(cn)
 }
 
@@ -197,7 +239,13 @@ mod tests {
         assert_eq!(common_name(cert).as_deref(), Some("dev-1"));
         read_key(&files[1]).unwrap();
         let mode = std::fs::metadata(&files[1]).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
-        assert!(matches!(issue_device(dir.path(), "bad id", &out), Err(PkiError::BadId(_))));
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            issue_device(dir.path(), "bad id", &out),
+            Err(PkiError::BadId(_))
+        ));
     }
 }

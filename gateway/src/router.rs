@@ -35,7 +35,11 @@ mod tests {
 
     #[test]
     fn each_handler_once_in_load_order() {
-        let subs = [vec!["devices/+/temp".to_string(), "devices/#".to_string()], vec!["other/#".to_string()], vec!["devices/a/temp".to_string()]];
+        let subs = [
+            vec!["devices/+/temp".to_string(), "devices/#".to_string()],
+            vec!["other/#".to_string()],
+            vec!["devices/a/temp".to_string()],
+        ];
         let r = Router::new(subs.iter().map(|v| v.as_slice()));
         let mut out = Vec::new();
         r.route("devices/a/temp", &mut out);

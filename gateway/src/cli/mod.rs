@@ -13,8 +13,10 @@ use clap::{Parser, Subcommand};
 /// and the cloud is woken only for that.
 #[derive(Parser)]
 #[command(name = "tidepool", version, about, long_about = None, propagate_version = true)]
-#[command(after_help = "Start with `tidepool run` (embedded defaults, data in ./tidepool-data), then issue a\n\
-device certificate with `tidepool certs device dev-1` and publish with `tidepool send`.")]
+#[command(
+    after_help = "Start with `tidepool run` (embedded defaults, data in ./tidepool-data), then issue a\n\
+device certificate with `tidepool certs device dev-1` and publish with `tidepool send`."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

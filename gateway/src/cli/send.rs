@@ -50,6 +50,8 @@ pub struct Args {
 
 #[derive(Default)]
 struct Tally {
+    /// Events settled (acked or nacked), counted from the first seq.
+    settled: u64,
     acked: u64,
     nacked: Vec<(u64, String, String)>,
     busy: Option<(u64, u64)>,
@@ -57,15 +59,21 @@ struct Tally {
 
 fn apply(t: &mut Tally, m: GatewayMsg, first: u64) {
     match m {
-        GatewayMsg::Ack { seq } => t.acked = t.acked.max(seq.saturating_sub(first - 1)),
-        GatewayMsg::Nack { seq, code, reason } => t.nacked.push((seq, code.as_str().into(), reason)),
-        GatewayMsg::Busy { seq, retry_after_ms } => t.busy = Some((seq, retry_after_ms)),
+        GatewayMsg::Ack { seq } => t.settled = t.settled.max(seq.saturating_sub(first - 1)),
+        GatewayMsg::Nack { seq, code, reason } => {
+            t.settled = t.settled.max(seq.saturating_sub(first - 1));
+            t.nacked.push((seq, code.as_str().into(), reason));
+        }
+        GatewayMsg::Busy {
+            seq,
+            retry_after_ms,
+        } => t.busy = Some((seq, retry_after_ms)),
         GatewayMsg::Welcome { .. } => {}
     }
 }
 
-async fn wait(s: &mut FrameStream, t: &mut Tally, first: u64, until_acked: u64) -> anyhow::Result<()> {
-    while t.acked < until_acked && t.busy.is_none() {
+async fn wait(s: &mut FrameStream, t: &mut Tally, first: u64, until: u64) -> anyhow::Result<()> {
+    while t.settled < until && t.busy.is_none() {
         match s.next().await? {
             Some(m) => apply(t, m, first),
             None => anyhow::bail!("the gateway closed the stream"),
@@ -80,18 +88,32 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             let p = p.clone().into_bytes();
             Box::new((0..a.count).map(move |_| p.clone()))
         }
-        None => Box::new(std::io::stdin().lock().lines().map_while(Result::ok).map(String::into_bytes).collect::<Vec<_>>().into_iter()),
+        None => Box::new(
+            std::io::stdin()
+                .lock()
+                .lines()
+                .map_while(Result::ok)
+                .map(String::into_bytes)
+                .collect::<Vec<_>>()
+                .into_iter(),
+        ),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let dev = Device::connect(&a.gateway, &a.ca, &a.cert, &a.key).await.context("connecting")?;
+        let dev = Device::connect(&a.gateway, &a.ca, &a.cert, &a.key)
+            .await
+            .context("connecting")?;
         let mut s = dev.open().await?;
         s.send(&DeviceMsg::Hello).await?;
         let hwm = loop {
             match s.next().await.context("waiting for welcome")? {
                 Some(GatewayMsg::Welcome { hwm, .. }) => break hwm,
                 Some(_) => continue,
-                None => anyhow::bail!("the gateway closed the stream (is this certificate from its device CA?)"),
+                None => anyhow::bail!(
+                    "the gateway closed the stream (is this certificate from its device CA?)"
+                ),
             }
         };
         let first = hwm + 1;
@@ -116,7 +138,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             if a.rate > 0.0 || sent % 64 == 0 {
                 s.flush().await?;
             }
-            if sent >= t.acked + a.window {
+            if sent >= t.settled + a.window {
                 s.flush().await?;
                 wait(&mut s, &mut t, first, sent - a.window / 2).await?;
             }
@@ -127,8 +149,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         s.flush().await?;
         let _ = s.send.finish();
         wait(&mut s, &mut t, first, sent).await?;
+        t.acked = t.settled - t.nacked.len() as u64;
         let secs = started.elapsed().as_secs_f64();
-        println!("sent {sent} events as seq {first}..={} in {secs:.3} s; acked {} ({} nacked)", first + sent.max(1) - 1, t.acked, t.nacked.len());
+        println!(
+            "sent {sent} events as seq {first}..={} in {secs:.3} s; acked {} ({} nacked)",
+            first + sent.max(1) - 1,
+            t.acked,
+            t.nacked.len()
+        );
         for (seq, code, reason) in &t.nacked {
             println!("nack seq {seq}: {code}: {reason}");
         }
@@ -137,6 +165,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         dev.close().await;
         let ok = t.nacked.is_empty() && t.busy.is_none() && t.acked == sent;
-        Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
     })
 }

@@ -21,7 +21,11 @@ fn code(c: CloseCode) -> VarInt {
     VarInt::from_u32(c as u32)
 }
 
-pub(super) async fn run(incoming: quinn::Incoming, shared: &Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub(super) async fn run(
+    incoming: quinn::Incoming,
+    shared: &Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -40,7 +44,10 @@ pub(super) async fn run(incoming: quinn::Incoming, shared: &Arc<Shared>, mut sto
         conn.close(code(CloseCode::WrongRole), CloseCode::WrongRole.reason());
         return;
     }
-    let id = chain.first().and_then(|c| crate::pki::common_name(c)).filter(|cn| topic::valid_device_id(cn));
+    let id = chain
+        .first()
+        .and_then(|c| crate::pki::common_name(c))
+        .filter(|cn| topic::valid_device_id(cn));
     let Some(device) = id else {
         tracing::info!(%remote, "closing: certificate CN is not a valid device id");
         conn.close(code(CloseCode::WrongRole), b"bad device id");
@@ -84,9 +91,12 @@ async fn read_datagrams(conn: quinn::Connection, device: Arc<str>, shared: Arc<S
         Metrics::add(&shared.metrics.bytes_in, d.len() as u64);
         let received = crate::clock::now_ms();
         match msg::decode(&d, false) {
-            Ok(DeviceMsg::Publish(p)) => {
-                shared.lock_dispatcher().datagram(&device, p, received, shared.ingress.datagram_shed_backlog)
-            }
+            Ok(DeviceMsg::Publish(p)) => shared.lock_dispatcher().datagram(
+                &device,
+                p,
+                received,
+                shared.ingress.datagram_shed_backlog,
+            ),
             _ => Metrics::inc(&shared.metrics.datagrams_dropped),
         }
     }
@@ -109,7 +119,11 @@ async fn stream(
     mut halt: watch::Receiver<bool>,
 ) {
     let (reply, answers) = unbounded_channel();
-    let writer = tokio::spawn(write_answers(send, answers, shared.ingress.max_frame_bytes.into()));
+    let writer = tokio::spawn(write_answers(
+        send,
+        answers,
+        shared.ingress.max_frame_bytes.into(),
+    ));
     let mut decoder = FrameDecoder::new(shared.ingress.max_frame_bytes);
     let mut prev_seq = 0u64;
     let mut end = End::Finish;
@@ -143,7 +157,10 @@ async fn stream(
                 }
                 Ok(DeviceMsg::Hello) => d.hello(&device, &reply),
                 Ok(DeviceMsg::Publish(p)) if p.seq <= prev_seq => {
-                    let reason = format!("seq {} is not above the previous seq {prev_seq} on this stream", p.seq);
+                    let reason = format!(
+                        "seq {} is not above the previous seq {prev_seq} on this stream",
+                        p.seq
+                    );
                     d.nack(&device, p.seq, NackCode::BadFrame, reason, &reply);
                 }
                 Ok(DeviceMsg::Publish(p)) => {
@@ -196,10 +213,19 @@ async fn write_answers(
                     None
                 }
                 Settled::Nack { seq, code, reason } => Some(GatewayMsg::Nack { seq, code, reason }),
-                Settled::Welcome { hwm } => Some(GatewayMsg::Welcome { hwm, max_frame_bytes }),
-                Settled::Busy { seq, retry_after_ms } => {
+                Settled::Welcome { hwm } => Some(GatewayMsg::Welcome {
+                    hwm,
+                    max_frame_bytes,
+                }),
+                Settled::Busy {
+                    seq,
+                    retry_after_ms,
+                } => {
                     busy = true;
-                    Some(GatewayMsg::Busy { seq, retry_after_ms })
+                    Some(GatewayMsg::Busy {
+                        seq,
+                        retry_after_ms,
+                    })
                 }
             };
             if let Some(m) = msg {

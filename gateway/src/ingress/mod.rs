@@ -34,7 +34,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(dispatcher: Arc<Mutex<Dispatcher>>, roles: RoleCheck, ingress: IngressConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        dispatcher: Arc<Mutex<Dispatcher>>,
+        roles: RoleCheck,
+        ingress: IngressConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Shared {
             dispatcher,
             roles,
@@ -58,7 +63,10 @@ impl Shared {
     fn register(&self, device: &Arc<str>) -> (u64, watch::Receiver<bool>) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(false);
-        if let Some(old) = self.sessions().insert(device.clone(), Session { id, superseded: tx }) {
+        if let Some(old) = self
+            .sessions()
+            .insert(device.clone(), Session { id, superseded: tx })
+        {
             let _ = old.superseded.send(true);
         }
         (id, rx)
@@ -73,7 +81,11 @@ impl Shared {
 }
 
 /// Accepts connections until `stop` turns true, then waits for the connections to settle.
-pub async fn serve(endpoint: quinn::Endpoint, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         let incoming = tokio::select! {

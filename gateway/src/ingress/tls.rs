@@ -48,17 +48,28 @@ pub struct RoleCheck {
 impl RoleCheck {
     /// Whether `chain` (leaf first) chains to the device CA.
     pub fn is_device(&self, chain: &[CertificateDer<'static>]) -> bool {
-        let Some((leaf, rest)) = chain.split_first() else { return false };
-        self.device.verify_client_cert(leaf, rest, UnixTime::now()).is_ok()
+        let Some((leaf, rest)) = chain.split_first() else {
+            return false;
+        };
+        self.device
+            .verify_client_cert(leaf, rest, UnixTime::now())
+            .is_ok()
     }
 }
 
 /// The QUIC server config and the role check for a data dir's PKI.
-pub fn server_config(paths: &PkiPaths, ingress: &IngressConfig) -> Result<(quinn::ServerConfig, RoleCheck), TlsError> {
+pub fn server_config(
+    paths: &PkiPaths,
+    ingress: &IngressConfig,
+) -> Result<(quinn::ServerConfig, RoleCheck), TlsError> {
     let p = provider();
     let all = roots(&[paths.cert(pki::DEVICE_CA), paths.cert(pki::OPERATOR_CA)])?;
     let verifier = WebPkiClientVerifier::builder_with_provider(all, p.clone()).build()?;
-    let device = WebPkiClientVerifier::builder_with_provider(roots(&[paths.cert(pki::DEVICE_CA)])?, p.clone()).build()?;
+    let device = WebPkiClientVerifier::builder_with_provider(
+        roots(&[paths.cert(pki::DEVICE_CA)])?,
+        p.clone(),
+    )
+    .build()?;
     let chain = pki::read_certs(&paths.cert(pki::SERVER))?;
     let key = pki::read_key(&paths.key(pki::SERVER))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(p)
@@ -67,7 +78,8 @@ pub fn server_config(paths: &PkiPaths, ingress: &IngressConfig) -> Result<(quinn
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = vec![ALPN_DEVICE.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -75,20 +87,27 @@ pub fn server_config(paths: &PkiPaths, ingress: &IngressConfig) -> Result<(quinn
         .max_concurrent_uni_streams(0u8.into())
         .datagram_receive_buffer_size(Some(65536))
         .max_idle_timeout(Some(
-            Duration::from_millis(ingress.idle_timeout_ms).try_into().map_err(|_| TlsError::Quic("idle_timeout_ms too large".into()))?,
+            Duration::from_millis(ingress.idle_timeout_ms)
+                .try_into()
+                .map_err(|_| TlsError::Quic("idle_timeout_ms too large".into()))?,
         ));
     server.transport_config(Arc::new(transport));
     Ok((server, RoleCheck { device }))
 }
 
 /// A device-side QUIC client config (for `tidepool send`, tests and the load generator).
-pub fn client_config(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<quinn::ClientConfig, TlsError> {
     let roots = roots(&[ca.to_path_buf()])?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(pki::read_certs(cert)?, pki::read_key(key)?)?;
     tls.alpn_protocols = vec![ALPN_DEVICE.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }

@@ -101,9 +101,14 @@ impl Outbox {
             let (Some(seq), Some(e)) = (keys::seq_of(&k), Entry::decode(&v)) else {
                 return Err(StoreError::Corrupt("o/".into()));
             };
-            found.push(NewEntry { seq, class: e.class, bytes: v.len() as u64 });
+            found.push(NewEntry {
+                seq,
+                class: e.class,
+                bytes: v.len() as u64,
+            });
         }
-        ob.used.store(found.iter().map(|e| e.bytes).sum(), Ordering::Relaxed);
+        ob.used
+            .store(found.iter().map(|e| e.bytes).sum(), Ordering::Relaxed);
         ob.add(&found, Instant::now());
         Ok(ob)
     }
@@ -141,7 +146,13 @@ impl Outbox {
         }
         let mut ix = self.lock();
         for e in entries {
-            ix.classes[slot(e.class)].insert(e.seq, Meta { bytes: e.bytes, at: now });
+            ix.classes[slot(e.class)].insert(
+                e.seq,
+                Meta {
+                    bytes: e.bytes,
+                    at: now,
+                },
+            );
             if e.class == Class::Normal {
                 ix.normal_bytes += e.bytes;
             }
@@ -172,7 +183,9 @@ impl Outbox {
         let mut bytes = 0u64;
         for class in &ix.classes {
             for (seq, m) in class {
-                if out.len() >= max_events || (!out.is_empty() && bytes + m.bytes > max_bytes as u64) {
+                if out.len() >= max_events
+                    || (!out.is_empty() && bytes + m.bytes > max_bytes as u64)
+                {
                     return out;
                 }
                 bytes += m.bytes;
@@ -216,11 +229,20 @@ mod tests {
     use crate::config::Config;
 
     fn outbox(max_bytes: u64, full_policy: FullPolicy) -> Outbox {
-        Outbox { index: Mutex::default(), used: AtomicU64::new(0), max_bytes, full_policy, wake: Notify::new() }
+        Outbox {
+            index: Mutex::default(),
+            used: AtomicU64::new(0),
+            max_bytes,
+            full_policy,
+            wake: Notify::new(),
+        }
     }
 
     fn rec(class: Class, n: usize) -> OutboxRecord {
-        OutboxRecord { class, entry: vec![0; n] }
+        OutboxRecord {
+            class,
+            entry: vec![0; n],
+        }
     }
 
     #[test]
@@ -244,9 +266,21 @@ mod tests {
         let now = Instant::now();
         ob.add(
             &[
-                NewEntry { seq: 1, class: Class::Bulk, bytes: 10 },
-                NewEntry { seq: 2, class: Class::Normal, bytes: 10 },
-                NewEntry { seq: 3, class: Class::Urgent, bytes: 10 },
+                NewEntry {
+                    seq: 1,
+                    class: Class::Bulk,
+                    bytes: 10,
+                },
+                NewEntry {
+                    seq: 2,
+                    class: Class::Normal,
+                    bytes: 10,
+                },
+                NewEntry {
+                    seq: 3,
+                    class: Class::Urgent,
+                    bytes: 10,
+                },
             ],
             now,
         );

@@ -97,7 +97,10 @@ impl WakePolicy {
             self.awake_until = None;
             return Action::Close;
         }
-        let deadline = [normal_due, bulk_due, self.awake_until].into_iter().flatten().min();
+        let deadline = [normal_due, bulk_due, self.awake_until]
+            .into_iter()
+            .flatten()
+            .min();
         Action::Wait(deadline)
     }
 
@@ -112,7 +115,9 @@ impl WakePolicy {
     /// `[delay/2, delay]` drawn from `jitter` (0.0..=1.0). Returns the wait.
     pub fn on_failed(&mut self, now: Instant, jitter: f64) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        let exp = self.retry_base.saturating_mul(1u32 << (self.failures - 1).min(20));
+        let exp = self
+            .retry_base
+            .saturating_mul(1u32 << (self.failures - 1).min(20));
         let full = exp.min(self.retry_max);
         let wait = full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
         self.retry_at = Some(now + wait);
@@ -140,20 +145,59 @@ mod tests {
     #[test]
     fn empty_outbox_means_no_timer() {
         let mut p = policy();
-        assert_eq!(p.next(Instant::now(), &Pending::default()), Action::Wait(None));
+        assert_eq!(
+            p.next(Instant::now(), &Pending::default()),
+            Action::Wait(None)
+        );
     }
 
     #[test]
     fn urgent_wakes_now_normal_waits_for_size_or_age_bulk_for_its_window() {
         let t0 = Instant::now();
         let mut p = policy();
-        assert_eq!(p.next(t0, &Pending { urgent: 1, ..Default::default() }), Action::Send);
-        let normal = Pending { normal: 1, normal_bytes: 10, oldest_normal: Some(t0), ..Default::default() };
-        assert_eq!(p.next(t0, &normal), Action::Wait(Some(t0 + Duration::from_millis(1000))));
-        assert_eq!(p.next(t0 + Duration::from_millis(1000), &normal), Action::Send);
-        assert_eq!(p.next(t0, &Pending { normal: 3, ..normal }), Action::Send);
-        let bulk = Pending { bulk: 5, oldest_bulk: Some(t0), ..Default::default() };
-        assert_eq!(p.next(t0, &bulk), Action::Wait(Some(t0 + Duration::from_secs(60))));
+        assert_eq!(
+            p.next(
+                t0,
+                &Pending {
+                    urgent: 1,
+                    ..Default::default()
+                }
+            ),
+            Action::Send
+        );
+        let normal = Pending {
+            normal: 1,
+            normal_bytes: 10,
+            oldest_normal: Some(t0),
+            ..Default::default()
+        };
+        assert_eq!(
+            p.next(t0, &normal),
+            Action::Wait(Some(t0 + Duration::from_millis(1000)))
+        );
+        assert_eq!(
+            p.next(t0 + Duration::from_millis(1000), &normal),
+            Action::Send
+        );
+        assert_eq!(
+            p.next(
+                t0,
+                &Pending {
+                    normal: 3,
+                    ..normal
+                }
+            ),
+            Action::Send
+        );
+        let bulk = Pending {
+            bulk: 5,
+            oldest_bulk: Some(t0),
+            ..Default::default()
+        };
+        assert_eq!(
+            p.next(t0, &bulk),
+            Action::Wait(Some(t0 + Duration::from_secs(60)))
+        );
     }
 
     #[test]
@@ -161,13 +205,26 @@ mod tests {
         let t0 = Instant::now();
         let mut p = policy();
         p.on_delivered(t0);
-        let bulk = Pending { bulk: 1, oldest_bulk: Some(t0), ..Default::default() };
+        let bulk = Pending {
+            bulk: 1,
+            oldest_bulk: Some(t0),
+            ..Default::default()
+        };
         assert_eq!(p.next(t0 + Duration::from_millis(10), &bulk), Action::Send);
         p.on_delivered(t0);
         let idle = Pending::default();
-        assert_eq!(p.next(t0 + Duration::from_millis(10), &idle), Action::Wait(Some(t0 + Duration::from_millis(2000))));
-        assert_eq!(p.next(t0 + Duration::from_millis(2000), &idle), Action::Close);
-        assert_eq!(p.next(t0 + Duration::from_millis(2001), &idle), Action::Wait(None));
+        assert_eq!(
+            p.next(t0 + Duration::from_millis(10), &idle),
+            Action::Wait(Some(t0 + Duration::from_millis(2000)))
+        );
+        assert_eq!(
+            p.next(t0 + Duration::from_millis(2000), &idle),
+            Action::Close
+        );
+        assert_eq!(
+            p.next(t0 + Duration::from_millis(2001), &idle),
+            Action::Wait(None)
+        );
     }
 
     #[test]
@@ -177,9 +234,18 @@ mod tests {
         let waits: Vec<u128> = (0..6).map(|_| p.on_failed(t0, 1.0).as_millis()).collect();
         assert_eq!(waits, vec![100, 200, 400, 800, 1000, 1000]);
         assert_eq!(p.on_failed(t0, 0.0).as_millis(), 500);
-        let urgent = Pending { urgent: 1, ..Default::default() };
-        assert_eq!(p.next(t0, &urgent), Action::Wait(Some(t0 + Duration::from_millis(500))));
-        assert_eq!(p.next(t0 + Duration::from_millis(500), &urgent), Action::Send);
+        let urgent = Pending {
+            urgent: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            p.next(t0, &urgent),
+            Action::Wait(Some(t0 + Duration::from_millis(500)))
+        );
+        assert_eq!(
+            p.next(t0 + Duration::from_millis(500), &urgent),
+            Action::Send
+        );
         p.on_delivered(t0);
         assert_eq!(p.failures(), 0);
     }

@@ -35,7 +35,10 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that accepts frames of 1..=`max` bytes.
     pub fn new(max: u32) -> Self {
-        FrameDecoder { max, buf: BytesMut::with_capacity(4096) }
+        FrameDecoder {
+            max,
+            buf: BytesMut::with_capacity(4096),
+        }
     }
 
     /// Appends received bytes.
@@ -94,7 +97,10 @@ mod tests {
                 got.push(f);
             }
         }
-        assert_eq!(got, vec![Bytes::from_static(b"abc"), Bytes::from_static(b"d")]);
+        assert_eq!(
+            got,
+            vec![Bytes::from_static(b"abc"), Bytes::from_static(b"d")]
+        );
         assert_eq!(d.pending(), 0);
     }
 
@@ -103,14 +109,20 @@ mod tests {
         let mut d = FrameDecoder::new(16);
         d.extend(&[0, 0, 0, 0, 1]);
         assert_eq!(d.next_frame(), Err(FrameError::Empty));
-        assert_eq!(FrameError::Empty.close_code(), super::super::CloseCode::BadFraming);
+        assert_eq!(
+            FrameError::Empty.close_code(),
+            super::super::CloseCode::BadFraming
+        );
     }
 
     #[test]
     fn oversized_length_is_refused_before_the_body_arrives() {
         let mut d = FrameDecoder::new(16);
         d.extend(&17u32.to_be_bytes());
-        assert_eq!(d.next_frame(), Err(FrameError::TooLarge { len: 17, max: 16 }));
+        assert_eq!(
+            d.next_frame(),
+            Err(FrameError::TooLarge { len: 17, max: 16 })
+        );
         let mut d = FrameDecoder::new(16);
         d.extend(&u32::MAX.to_be_bytes());
         assert!(d.next_frame().is_err());

@@ -36,11 +36,16 @@ pub struct BadFrame {
 }
 
 fn bad(seq: u64, reason: impl Into<String>) -> BadFrame {
-    BadFrame { seq, reason: reason.into() }
+    BadFrame {
+        seq,
+        reason: reason.into(),
+    }
 }
 
 fn field<'a>(map: &'a [(Value, Value)], name: &str) -> Option<&'a Value> {
-    map.iter().find(|(k, _)| k.as_text() == Some(name)).map(|(_, v)| v)
+    map.iter()
+        .find(|(k, _)| k.as_text() == Some(name))
+        .map(|(_, v)| v)
 }
 
 fn as_u64(v: &Value) -> Option<u64> {
@@ -57,8 +62,7 @@ fn opt_text(map: &[(Value, Value)], name: &str, seq: u64) -> Result<Option<Strin
 
 /// Decodes one frame body. Datagrams use the same decoder with `require_seq = false`.
 pub fn decode(body: &[u8], require_seq: bool) -> Result<DeviceMsg, BadFrame> {
-    let value: Value =
-        ciborium::from_reader(body).map_err(|e| bad(0, format!("not CBOR: {e}")))?;
+    let value: Value = ciborium::from_reader(body).map_err(|e| bad(0, format!("not CBOR: {e}")))?;
     let Value::Map(map) = value else {
         return Err(bad(0, "frame is not a CBOR map"));
     };
@@ -93,7 +97,9 @@ pub fn decode(body: &[u8], require_seq: bool) -> Result<DeviceMsg, BadFrame> {
             };
             let ts = match field(&map, "ts") {
                 None | Some(Value::Null) => None,
-                Some(v) => Some(as_u64(v).ok_or_else(|| bad(seq, "`ts` must be an unsigned integer"))?),
+                Some(v) => {
+                    Some(as_u64(v).ok_or_else(|| bad(seq, "`ts` must be an unsigned integer"))?)
+                }
             };
             Ok(DeviceMsg::Publish(Publish {
                 seq,
@@ -132,35 +138,69 @@ impl NackCode {
 /// A message from the gateway to a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayMsg {
-    Welcome { hwm: u64, max_frame_bytes: u64 },
-    Ack { seq: u64 },
-    Nack { seq: u64, code: NackCode, reason: String },
-    Busy { seq: u64, retry_after_ms: u64 },
+    Welcome {
+        hwm: u64,
+        max_frame_bytes: u64,
+    },
+    Ack {
+        seq: u64,
+    },
+    Nack {
+        seq: u64,
+        code: NackCode,
+        reason: String,
+    },
+    Busy {
+        seq: u64,
+        retry_after_ms: u64,
+    },
 }
 
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum Wire<'a> {
-    Welcome { hwm: u64, max_frame_bytes: u64 },
-    Ack { seq: u64 },
-    Nack { seq: u64, code: &'a str, reason: &'a str },
-    Busy { seq: u64, retry_after_ms: u64 },
+    Welcome {
+        hwm: u64,
+        max_frame_bytes: u64,
+    },
+    Ack {
+        seq: u64,
+    },
+    Nack {
+        seq: u64,
+        code: &'a str,
+        reason: &'a str,
+    },
+    Busy {
+        seq: u64,
+        retry_after_ms: u64,
+    },
 }
 
 impl GatewayMsg {
     /// Appends this message as one length-prefixed frame.
     pub fn encode_frame(&self, out: &mut Vec<u8>) {
         let wire = match self {
-            GatewayMsg::Welcome { hwm, max_frame_bytes } => {
-                Wire::Welcome { hwm: *hwm, max_frame_bytes: *max_frame_bytes }
-            }
+            GatewayMsg::Welcome {
+                hwm,
+                max_frame_bytes,
+            } => Wire::Welcome {
+                hwm: *hwm,
+                max_frame_bytes: *max_frame_bytes,
+            },
             GatewayMsg::Ack { seq } => Wire::Ack { seq: *seq },
-            GatewayMsg::Nack { seq, code, reason } => {
-                Wire::Nack { seq: *seq, code: code.as_str(), reason }
-            }
-            GatewayMsg::Busy { seq, retry_after_ms } => {
-                Wire::Busy { seq: *seq, retry_after_ms: *retry_after_ms }
-            }
+            GatewayMsg::Nack { seq, code, reason } => Wire::Nack {
+                seq: *seq,
+                code: code.as_str(),
+                reason,
+            },
+            GatewayMsg::Busy {
+                seq,
+                retry_after_ms,
+            } => Wire::Busy {
+                seq: *seq,
+                retry_after_ms: *retry_after_ms,
+            },
         };
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
@@ -178,15 +218,25 @@ pub fn decode_gateway(body: &[u8]) -> Result<Option<GatewayMsg>, BadFrame> {
     let Value::Map(map) = value else {
         return Err(bad(0, "frame is not a CBOR map"));
     };
-    let num = |name: &str| field(&map, name).and_then(as_u64).ok_or_else(|| bad(0, format!("missing `{name}`")));
+    let num = |name: &str| {
+        field(&map, name)
+            .and_then(as_u64)
+            .ok_or_else(|| bad(0, format!("missing `{name}`")))
+    };
     let text = |name: &str| match field(&map, name) {
         Some(Value::Text(t)) => Ok(t.clone()),
         _ => Err(bad(0, format!("missing `{name}`"))),
     };
     Ok(Some(match text("type")?.as_str() {
-        "welcome" => GatewayMsg::Welcome { hwm: num("hwm")?, max_frame_bytes: num("max_frame_bytes")? },
+        "welcome" => GatewayMsg::Welcome {
+            hwm: num("hwm")?,
+            max_frame_bytes: num("max_frame_bytes")?,
+        },
         "ack" => GatewayMsg::Ack { seq: num("seq")? },
-        "busy" => GatewayMsg::Busy { seq: num("seq")?, retry_after_ms: num("retry_after_ms")? },
+        "busy" => GatewayMsg::Busy {
+            seq: num("seq")?,
+            retry_after_ms: num("retry_after_ms")?,
+        },
         "nack" => {
             let code = match text("code")?.as_str() {
                 "acl" => NackCode::Acl,
@@ -195,7 +245,11 @@ pub fn decode_gateway(body: &[u8]) -> Result<Option<GatewayMsg>, BadFrame> {
                 "bad_frame" => NackCode::BadFrame,
                 other => return Err(bad(0, format!("unknown nack code `{other}`"))),
             };
-            GatewayMsg::Nack { seq: num("seq")?, code, reason: text("reason").unwrap_or_default() }
+            GatewayMsg::Nack {
+                seq: num("seq")?,
+                code,
+                reason: text("reason").unwrap_or_default(),
+            }
         }
         _ => return Ok(None),
     }))
@@ -256,7 +310,9 @@ mod tests {
         };
         let mut body = encode_device(&DeviceMsg::Publish(p.clone()));
         // Append an unknown key by re-encoding with an extra entry.
-        let Value::Map(mut m) = ciborium::from_reader::<Value, _>(&body[..]).unwrap() else { panic!() };
+        let Value::Map(mut m) = ciborium::from_reader::<Value, _>(&body[..]).unwrap() else {
+            panic!()
+        };
         m.push((t("future"), Value::Bool(true)));
         body = cbor(Value::Map(m));
         assert_eq!(decode(&body, true), Ok(DeviceMsg::Publish(p)));
@@ -267,9 +323,24 @@ mod tests {
         let cases: Vec<(Vec<u8>, u64)> = vec![
             (vec![0xff, 0x00], 0),
             (cbor(Value::Array(vec![])), 0),
-            (cbor(Value::Map(vec![(t("type"), t("publish")), (t("seq"), Value::Integer(0.into()))])), 0),
-            (cbor(Value::Map(vec![(t("type"), t("nope")), (t("seq"), Value::Integer(5.into()))])), 5),
-            (cbor(Value::Map(vec![(t("seq"), Value::Integer(5.into()))])), 5),
+            (
+                cbor(Value::Map(vec![
+                    (t("type"), t("publish")),
+                    (t("seq"), Value::Integer(0.into())),
+                ])),
+                0,
+            ),
+            (
+                cbor(Value::Map(vec![
+                    (t("type"), t("nope")),
+                    (t("seq"), Value::Integer(5.into())),
+                ])),
+                5,
+            ),
+            (
+                cbor(Value::Map(vec![(t("seq"), Value::Integer(5.into()))])),
+                5,
+            ),
             (
                 cbor(Value::Map(vec![
                     (t("type"), t("publish")),
@@ -279,7 +350,13 @@ mod tests {
                 ])),
                 3,
             ),
-            (cbor(Value::Map(vec![(t("type"), t("publish")), (t("seq"), Value::Integer((-1).into()))])), 0),
+            (
+                cbor(Value::Map(vec![
+                    (t("type"), t("publish")),
+                    (t("seq"), Value::Integer((-1).into())),
+                ])),
+                0,
+            ),
         ];
         for (body, seq) in cases {
             let err = decode(&body, true).unwrap_err();
@@ -290,10 +367,20 @@ mod tests {
     #[test]
     fn gateway_messages_round_trip() {
         let msgs = [
-            GatewayMsg::Welcome { hwm: 41, max_frame_bytes: 65536 },
+            GatewayMsg::Welcome {
+                hwm: 41,
+                max_frame_bytes: 65536,
+            },
             GatewayMsg::Ack { seq: 42 },
-            GatewayMsg::Nack { seq: 43, code: NackCode::Acl, reason: "topic not allowed".into() },
-            GatewayMsg::Busy { seq: 44, retry_after_ms: 500 },
+            GatewayMsg::Nack {
+                seq: 43,
+                code: NackCode::Acl,
+                reason: "topic not allowed".into(),
+            },
+            GatewayMsg::Busy {
+                seq: 44,
+                retry_after_ms: 500,
+            },
         ];
         for m in msgs {
             let mut out = Vec::new();
@@ -309,7 +396,10 @@ mod tests {
         let mut out = Vec::new();
         GatewayMsg::Ack { seq: 42 }.encode_frame(&mut out);
         // {"type":"ack","seq":42}
-        let body = [0xa2, 0x64, b't', b'y', b'p', b'e', 0x63, b'a', b'c', b'k', 0x63, b's', b'e', b'q', 0x18, 42];
+        let body = [
+            0xa2, 0x64, b't', b'y', b'p', b'e', 0x63, b'a', b'c', b'k', 0x63, b's', b'e', b'q',
+            0x18, 42,
+        ];
         assert_eq!(&out[4..], &body);
     }
 }

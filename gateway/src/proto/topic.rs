@@ -79,7 +79,9 @@ pub fn validate_pattern(pattern: &str) -> Result<(), String> {
 /// A device id: `[A-Za-z0-9._-]{1,64}`.
 pub fn valid_device_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]

@@ -135,9 +135,16 @@ impl Host {
 }
 
 /// The byte range `[ptr, ptr + len)` if it lies inside `mem_len` bytes.
-fn range(mem_len: usize, ptr: i32, len: i32, call: &'static str) -> Result<Range<usize>, wasmi::Error> {
+fn range(
+    mem_len: usize,
+    ptr: i32,
+    len: i32,
+    call: &'static str,
+) -> Result<Range<usize>, wasmi::Error> {
     let start = ptr as u32 as usize;
-    let end = start.checked_add(len as u32 as usize).ok_or(trap(HostTrap::BadPointer(call)))?;
+    let end = start
+        .checked_add(len as u32 as usize)
+        .ok_or(trap(HostTrap::BadPointer(call)))?;
     if end > mem_len {
         return Err(trap(HostTrap::BadPointer(call)));
     }
@@ -149,7 +156,13 @@ fn memory(caller: &Caller<'_, Host>, call: &'static str) -> Result<Memory, wasmi
 }
 
 /// Copies a guest range out, checking it.
-fn read(caller: &Caller<'_, Host>, mem: Memory, ptr: i32, len: i32, call: &'static str) -> Result<Vec<u8>, wasmi::Error> {
+fn read(
+    caller: &Caller<'_, Host>,
+    mem: Memory,
+    ptr: i32,
+    len: i32,
+    call: &'static str,
+) -> Result<Vec<u8>, wasmi::Error> {
     let data = mem.data(caller);
     let r = range(data.len(), ptr, len, call)?;
     Ok(data[r].to_vec())
@@ -209,43 +222,58 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     let add = |r: Result<&mut Linker<Host>, wasmi::errors::LinkerError>| {
         r.expect("each ABI import is defined once");
     };
-    add(l.func_wrap(MODULE, "state_get", |mut c: Caller<'_, Host>, kp: i32, kl: i32, op: i32, oc: i32| {
-        let mem = memory(&c, "state_get")?;
-        let key = read(&c, mem, kp, kl, "state_get")?;
-        let value = c.data().current(&key);
-        answer(&mut c, mem, value, op, oc, key.len(), "state_get")
-    }));
-    add(l.func_wrap(MODULE, "state_put", |mut c: Caller<'_, Host>, kp: i32, kl: i32, vp: i32, vl: i32| {
-        deny_in_init(&c, "state_put")?;
-        let mem = memory(&c, "state_put")?;
-        let key = read(&c, mem, kp, kl, "state_put")?;
-        let val = read(&c, mem, vp, vl, "state_put")?;
-        charge(&mut c, key.len() + val.len())?;
-        let h = c.data_mut();
-        let old = h.current(&key).map(|v| (key.len() + v.len()) as i64).unwrap_or(0);
-        let delta = (key.len() + val.len()) as i64 - old;
-        let after = h.state_used as i64 + h.inv.effects.state_delta + delta;
-        if after > h.manifest_limits.state_bytes as i64 {
-            return Ok(h.inv.hit("state_bytes", OVER_STATE_QUOTA));
-        }
-        h.inv.effects.state_delta += delta;
-        h.inv.writes.insert(key.clone(), Some(val.clone()));
-        h.inv.effects.state.push((key, Some(val)));
-        Ok(0)
-    }));
-    add(l.func_wrap(MODULE, "state_delete", |mut c: Caller<'_, Host>, kp: i32, kl: i32| {
-        deny_in_init(&c, "state_delete")?;
-        let mem = memory(&c, "state_delete")?;
-        let key = read(&c, mem, kp, kl, "state_delete")?;
-        charge(&mut c, key.len())?;
-        let h = c.data_mut();
-        if let Some(old) = h.current(&key) {
-            h.inv.effects.state_delta -= (key.len() + old.len()) as i64;
-            h.inv.writes.insert(key.clone(), None);
-            h.inv.effects.state.push((key, None));
-        }
-        Ok(0)
-    }));
+    add(l.func_wrap(
+        MODULE,
+        "state_get",
+        |mut c: Caller<'_, Host>, kp: i32, kl: i32, op: i32, oc: i32| {
+            let mem = memory(&c, "state_get")?;
+            let key = read(&c, mem, kp, kl, "state_get")?;
+            let value = c.data().current(&key);
+            answer(&mut c, mem, value, op, oc, key.len(), "state_get")
+        },
+    ));
+    add(l.func_wrap(
+        MODULE,
+        "state_put",
+        |mut c: Caller<'_, Host>, kp: i32, kl: i32, vp: i32, vl: i32| {
+            deny_in_init(&c, "state_put")?;
+            let mem = memory(&c, "state_put")?;
+            let key = read(&c, mem, kp, kl, "state_put")?;
+            let val = read(&c, mem, vp, vl, "state_put")?;
+            charge(&mut c, key.len() + val.len())?;
+            let h = c.data_mut();
+            let old = h
+                .current(&key)
+                .map(|v| (key.len() + v.len()) as i64)
+                .unwrap_or(0);
+            let delta = (key.len() + val.len()) as i64 - old;
+            let after = h.state_used as i64 + h.inv.effects.state_delta + delta;
+            if after > h.manifest_limits.state_bytes as i64 {
+                return Ok(h.inv.hit("state_bytes", OVER_STATE_QUOTA));
+            }
+            h.inv.effects.state_delta += delta;
+            h.inv.writes.insert(key.clone(), Some(val.clone()));
+            h.inv.effects.state.push((key, Some(val)));
+            Ok(0)
+        },
+    ));
+    add(l.func_wrap(
+        MODULE,
+        "state_delete",
+        |mut c: Caller<'_, Host>, kp: i32, kl: i32| {
+            deny_in_init(&c, "state_delete")?;
+            let mem = memory(&c, "state_delete")?;
+            let key = read(&c, mem, kp, kl, "state_delete")?;
+            charge(&mut c, key.len())?;
+            let h = c.data_mut();
+            if let Some(old) = h.current(&key) {
+                h.inv.effects.state_delta -= (key.len() + old.len()) as i64;
+                h.inv.writes.insert(key.clone(), None);
+                h.inv.effects.state.push((key, None));
+            }
+            Ok(0)
+        },
+    ));
     add(l.func_wrap(
         MODULE,
         "forward",
@@ -262,71 +290,95 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             if h.inv.effects.forwards.len() >= h.manifest_limits.forwards_per_event as usize {
                 return Ok(h.inv.hit("forwards_per_event", OVER_FORWARDS));
             }
-            h.inv.effects.forwards.push(Forward { topic, payload, class });
+            h.inv.effects.forwards.push(Forward {
+                topic,
+                payload,
+                class,
+            });
             Ok(0)
         },
     ));
-    add(l.func_wrap(MODULE, "emit", |mut c: Caller<'_, Host>, tp: i32, tl: i32, pp: i32, pl: i32| {
-        deny_in_init(&c, "emit")?;
-        let mem = memory(&c, "emit")?;
-        let t = read(&c, mem, tp, tl, "emit")?;
-        let payload = read(&c, mem, pp, pl, "emit")?;
-        charge(&mut c, t.len() + payload.len())?;
-        let Some(topic) = topic_ok(&t) else {
-            return Ok(BAD_ARGUMENT);
-        };
-        let h = c.data_mut();
-        if h.inv.depth >= h.env.emit_depth {
-            return Ok(h.inv.hit("emit_depth", OVER_EMITS));
-        }
-        if h.inv.effects.emits.len() >= h.manifest_limits.emits_per_event as usize {
-            return Ok(h.inv.hit("emits_per_event", OVER_EMITS));
-        }
-        h.inv.effects.emits.push((topic, payload));
-        Ok(0)
-    }));
-    add(l.func_wrap(MODULE, "log", |mut c: Caller<'_, Host>, level: i32, p: i32, len: i32| {
-        let mem = memory(&c, "log")?;
-        let data = mem.data(&c);
-        let r = range(data.len(), p, len, "log")?;
-        let h = c.data();
-        let room = h.env.log_bytes_per_event.saturating_sub(h.inv.log_bytes);
-        let take = r.len().min(room);
-        let text = String::from_utf8_lossy(&data[r.start..r.start + take]).into_owned();
-        let dropped = r.len() - take;
-        charge(&mut c, take)?;
-        let h = c.data_mut();
-        h.inv.log_bytes += take;
-        h.inv.log_dropped += dropped;
-        if take > 0 {
-            let name = &*h.name;
-            match level {
-                0 => tracing::error!(handler = name, "{text}"),
-                1 => tracing::warn!(handler = name, "{text}"),
-                2 => tracing::info!(handler = name, "{text}"),
-                3 => tracing::debug!(handler = name, "{text}"),
-                _ => tracing::trace!(handler = name, "{text}"),
+    add(l.func_wrap(
+        MODULE,
+        "emit",
+        |mut c: Caller<'_, Host>, tp: i32, tl: i32, pp: i32, pl: i32| {
+            deny_in_init(&c, "emit")?;
+            let mem = memory(&c, "emit")?;
+            let t = read(&c, mem, tp, tl, "emit")?;
+            let payload = read(&c, mem, pp, pl, "emit")?;
+            charge(&mut c, t.len() + payload.len())?;
+            let Some(topic) = topic_ok(&t) else {
+                return Ok(BAD_ARGUMENT);
+            };
+            let h = c.data_mut();
+            if h.inv.depth >= h.env.emit_depth {
+                return Ok(h.inv.hit("emit_depth", OVER_EMITS));
             }
-        }
-        Ok(())
-    }));
-    add(l.func_wrap(MODULE, "now_ms", |mut c: Caller<'_, Host>| -> Result<i64, wasmi::Error> {
-        charge(&mut c, 0)?;
-        Ok(crate::clock::now_ms() as i64)
-    }));
-    add(l.func_wrap(MODULE, "config_get", |mut c: Caller<'_, Host>, kp: i32, kl: i32, op: i32, oc: i32| {
-        let mem = memory(&c, "config_get")?;
-        let key = read(&c, mem, kp, kl, "config_get")?;
-        let value = std::str::from_utf8(&key)
-            .ok()
-            .and_then(|k| c.data().config.get(k))
-            .map(|v| v.as_bytes().to_vec());
-        answer(&mut c, mem, value, op, oc, key.len(), "config_get")
-    }));
-    add(l.func_wrap(MODULE, "event_meta", |mut c: Caller<'_, Host>, op: i32, oc: i32| {
-        let mem = memory(&c, "event_meta")?;
-        let meta = c.data().inv.meta.clone();
-        answer(&mut c, mem, Some(meta), op, oc, 0, "event_meta")
-    }));
+            if h.inv.effects.emits.len() >= h.manifest_limits.emits_per_event as usize {
+                return Ok(h.inv.hit("emits_per_event", OVER_EMITS));
+            }
+            h.inv.effects.emits.push((topic, payload));
+            Ok(0)
+        },
+    ));
+    add(l.func_wrap(
+        MODULE,
+        "log",
+        |mut c: Caller<'_, Host>, level: i32, p: i32, len: i32| {
+            let mem = memory(&c, "log")?;
+            let data = mem.data(&c);
+            let r = range(data.len(), p, len, "log")?;
+            let h = c.data();
+            let room = h.env.log_bytes_per_event.saturating_sub(h.inv.log_bytes);
+            let take = r.len().min(room);
+            let text = String::from_utf8_lossy(&data[r.start..r.start + take]).into_owned();
+            let dropped = r.len() - take;
+            charge(&mut c, take)?;
+            let h = c.data_mut();
+            h.inv.log_bytes += take;
+            h.inv.log_dropped += dropped;
+            if take > 0 {
+                let name = &*h.name;
+                match level {
+                    0 => tracing::error!(handler = name, "{text}"),
+                    1 => tracing::warn!(handler = name, "{text}"),
+                    2 => tracing::info!(handler = name, "{text}"),
+                    3 => tracing::debug!(handler = name, "{text}"),
+                    _ => tracing::trace!(handler = name, "{text}"),
+                }
+            }
+            Ok(())
+        },
+    ));
+    add(l.func_wrap(
+        MODULE,
+        "now_ms",
+        |mut c: Caller<'_, Host>| -> Result<i64, wasmi::Error> {
+            charge(&mut c, 0)?;
+            Ok(crate::clock::now_ms() as i64)
+        },
+    ));
+    add(l.func_wrap(
+        MODULE,
+        "config_get",
+        |mut c: Caller<'_, Host>, kp: i32, kl: i32, op: i32, oc: i32| {
+            let mem = memory(&c, "config_get")?;
+            let key = read(&c, mem, kp, kl, "config_get")?;
+            let value = std::str::from_utf8(&key)
+                .ok()
+                .and_then(|k| c.data().config.get(k))
+                .map(|v| v.as_bytes().to_vec());
+            answer(&mut c, mem, value, op, oc, key.len(), "config_get")
+        },
+    ));
+    add(l.func_wrap(
+        MODULE,
+        "event_meta",
+        |mut c: Caller<'_, Host>, op: i32, oc: i32| {
+            let mem = memory(&c, "event_meta")?;
+            let meta = c.data().inv.meta.clone();
+            answer(&mut c, mem, Some(meta), op, oc, 0, "event_meta")
+        },
+    ));
     l
 }

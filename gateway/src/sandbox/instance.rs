@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use wasmi::{CompilationMode, Engine, ExternType, Linker, Module, Store, StoreLimitsBuilder, TrapCode, TypedFunc, ValType};
+use wasmi::{
+    CompilationMode, Engine, ExternType, Linker, Module, Store, StoreLimitsBuilder, TrapCode,
+    TypedFunc, ValType,
+};
 
 use super::abi::{self, Host, HostTrap, Invocation, Mode};
 use super::manifest::Manifest;
@@ -71,19 +74,25 @@ fn check_abi(module: &Module) -> Result<(), String> {
                 "import `{m}`.`{n}` is not part of the Tidepool ABI (only module `tidepool` is provided; WASI is not available)"
             ));
         }
-        let Some(&(_, params, results)) = abi::IMPORTS.iter().find(|(name, _, _)| *name == n) else {
+        let Some(&(_, params, results)) = abi::IMPORTS.iter().find(|(name, _, _)| *name == n)
+        else {
             return Err(format!("import `tidepool`.`{n}` does not exist in the ABI"));
         };
         match imp.ty().func() {
             Some(f) if f.params() == params && f.results() == results => {}
-            _ => return Err(format!("import `tidepool`.`{n}` has the wrong type; expected {params:?} -> {results:?}")),
+            _ => return Err(format!(
+                "import `tidepool`.`{n}` has the wrong type; expected {params:?} -> {results:?}"
+            )),
         }
     }
     let func = |name: &str| {
-        module.exports().find(|e| e.name() == name).map(|e| match e.ty() {
-            ExternType::Func(f) => Some((f.params().to_vec(), f.results().to_vec())),
-            _ => None,
-        })
+        module
+            .exports()
+            .find(|e| e.name() == name)
+            .map(|e| match e.ty() {
+                ExternType::Func(f) => Some((f.params().to_vec(), f.results().to_vec())),
+                _ => None,
+            })
     };
     use ValType::{I32, I64};
     let required: [(&str, &[ValType], &[ValType], bool); 4] = [
@@ -97,10 +106,18 @@ fn check_abi(module: &Module) -> Result<(), String> {
             None if needed => return Err(format!("missing export `{name}`")),
             None => {}
             Some(Some((p, r))) if p == params && r == results => {}
-            Some(_) => return Err(format!("export `{name}` must be a function {params:?} -> {results:?}")),
+            Some(_) => {
+                return Err(format!(
+                    "export `{name}` must be a function {params:?} -> {results:?}"
+                ))
+            }
         }
     }
-    match module.exports().find(|e| e.name() == "memory").map(|e| matches!(e.ty(), ExternType::Memory(_))) {
+    match module
+        .exports()
+        .find(|e| e.name() == "memory")
+        .map(|e| matches!(e.ty(), ExternType::Memory(_)))
+    {
         Some(true) => Ok(()),
         _ => Err("missing export `memory` (a memory)".into()),
     }
@@ -130,8 +147,12 @@ impl Handler {
         env: HostEnv,
         state_used: u64,
     ) -> Result<Handler, LoadError> {
-        let invalid = |msg: String| LoadError::Invalid { name: manifest.name.clone(), msg };
-        let module = Module::new(&runtime.engine, wasm).map_err(|e| invalid(format!("not a valid module: {e}")))?;
+        let invalid = |msg: String| LoadError::Invalid {
+            name: manifest.name.clone(),
+            msg,
+        };
+        let module = Module::new(&runtime.engine, wasm)
+            .map_err(|e| invalid(format!("not a valid module: {e}")))?;
         check_abi(&module).map_err(invalid)?;
         let mut config = manifest.config.clone();
         config.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -145,7 +166,10 @@ impl Handler {
             live: None,
             state_used,
         };
-        h.instantiate().map_err(|f| LoadError::Invalid { name: h.manifest.name.clone(), msg: f.0 })?;
+        h.instantiate().map_err(|f| LoadError::Invalid {
+            name: h.manifest.name.clone(),
+            msg: f.0,
+        })?;
         Ok(h)
     }
 
@@ -174,18 +198,27 @@ impl Handler {
         let mut store = Store::new(&self.runtime.engine, host);
         store.limiter(|h| &mut h.limits);
         let fail = |what: &str, e: wasmi::Error| Failure(format!("{what}: {}", reason(&e)));
-        store.set_fuel(limits.fuel_per_event).map_err(|e| fail("fuel", e))?;
+        store
+            .set_fuel(limits.fuel_per_event)
+            .map_err(|e| fail("fuel", e))?;
         let instance = self
             .runtime
             .linker
             .instantiate_and_start(&mut store, &self.module)
             .map_err(|e| match e.kind() {
-                wasmi::errors::ErrorKind::Instantiation(_) => Failure(format!("instantiate: {e} (memory_pages is {})", limits.memory_pages)),
+                wasmi::errors::ErrorKind::Instantiation(_) => Failure(format!(
+                    "instantiate: {e} (memory_pages is {})",
+                    limits.memory_pages
+                )),
                 _ => fail("instantiate", e),
             })?;
         store.data_mut().memory = instance.get_memory(&store, "memory");
-        let alloc = instance.get_typed_func(&store, "tp_alloc").map_err(|e| fail("tp_alloc", e))?;
-        let on_event = instance.get_typed_func(&store, "tp_on_event").map_err(|e| fail("tp_on_event", e))?;
+        let alloc = instance
+            .get_typed_func(&store, "tp_alloc")
+            .map_err(|e| fail("tp_alloc", e))?;
+        let on_event = instance
+            .get_typed_func(&store, "tp_on_event")
+            .map_err(|e| fail("tp_on_event", e))?;
         if let Ok(init) = instance.get_typed_func::<(), i32>(&store, "tp_init") {
             match init.call(&mut store, ()) {
                 Ok(0) => {}
@@ -193,7 +226,11 @@ impl Handler {
                 Err(e) => return Err(fail("tp_init", e)),
             }
         }
-        self.live = Some(Live { store, alloc, on_event });
+        self.live = Some(Live {
+            store,
+            alloc,
+            on_event,
+        });
         Ok(())
     }
 
@@ -204,19 +241,30 @@ impl Handler {
         if self.live.is_none() {
             if let Err(f) = self.instantiate() {
                 self.live = None;
-                return Outcome { result: Err(f), fuel_used: 0, log_dropped: 0 };
+                return Outcome {
+                    result: Err(f),
+                    fuel_used: 0,
+                    log_dropped: 0,
+                };
             }
         }
         let state_used = self.state_used;
         let Some(live) = self.live.as_mut() else {
-            return Outcome { result: Err(Failure("no instance".into())), fuel_used: 0, log_dropped: 0 };
+            return Outcome {
+                result: Err(Failure("no instance".into())),
+                fuel_used: 0,
+                log_dropped: 0,
+            };
         };
         let host = live.store.data_mut();
         host.state_used = state_used;
         host.inv = Invocation::new(Mode::Event, event_meta(ev), ev.depth);
         let result = Self::run(live, ev, fuel);
         let fuel_used = fuel.saturating_sub(live.store.get_fuel().unwrap_or(0));
-        let inv = std::mem::replace(&mut live.store.data_mut().inv, Invocation::new(Mode::Event, Vec::new(), 0));
+        let inv = std::mem::replace(
+            &mut live.store.data_mut().inv,
+            Invocation::new(Mode::Event, Vec::new(), 0),
+        );
         let result = match result {
             Err((f, trapped)) => {
                 if trapped {
@@ -230,7 +278,11 @@ impl Handler {
                 (None, code) => Err(Failure(format!("handler returned {code}"))),
             },
         };
-        Outcome { result, fuel_used, log_dropped: inv.log_dropped }
+        Outcome {
+            result,
+            fuel_used,
+            log_dropped: inv.log_dropped,
+        }
     }
 
     /// Copies topic and payload in and calls the guest. Err carries whether it trapped.
@@ -238,15 +290,23 @@ impl Handler {
         let trapped = |e: wasmi::Error| (Failure(reason(&e)), true);
         live.store.set_fuel(fuel).map_err(trapped)?;
         let (tl, pl) = (ev.topic.len(), ev.payload.len());
-        let total = i32::try_from(tl + pl).map_err(|_| (Failure("event too large".into()), false))?;
+        let total =
+            i32::try_from(tl + pl).map_err(|_| (Failure("event too large".into()), false))?;
         let ptr = live.alloc.call(&mut live.store, total).map_err(trapped)?;
         let start = ptr as u32 as usize;
-        let mem = live.store.data().memory.ok_or((Failure("no memory".into()), true))?;
+        let mem = live
+            .store
+            .data()
+            .memory
+            .ok_or((Failure("no memory".into()), true))?;
         let data = mem.data_mut(&mut live.store);
         let block = start
             .checked_add(tl + pl)
             .and_then(|end| data.get_mut(start..end))
-            .ok_or((Failure("trap:tp_alloc returned an out-of-bounds block".into()), true))?;
+            .ok_or((
+                Failure("trap:tp_alloc returned an out-of-bounds block".into()),
+                true,
+            ))?;
         block[..tl].copy_from_slice(ev.topic.as_bytes());
         block[tl..].copy_from_slice(ev.payload);
         let args = (ptr, tl as i32, ptr.wrapping_add(tl as i32), pl as i32);
@@ -261,9 +321,17 @@ fn event_meta(ev: &EventInfo<'_>) -> Vec<u8> {
     let map = Value::Map(vec![
         (t("device"), t(ev.device)),
         (t("seq"), Value::Integer(ev.seq.into())),
-        (t("ts"), ev.ts.map(|v| Value::Integer(v.into())).unwrap_or(Value::Null)),
+        (
+            t("ts"),
+            ev.ts
+                .map(|v| Value::Integer(v.into()))
+                .unwrap_or(Value::Null),
+        ),
         (t("received_ms"), Value::Integer(ev.received_ms.into())),
-        (t("clock_synced"), Value::Bool(crate::clock::looks_synced(ev.received_ms))),
+        (
+            t("clock_synced"),
+            Value::Bool(crate::clock::looks_synced(ev.received_ms)),
+        ),
     ]);
     let mut out = Vec::new();
     ciborium::into_writer(&map, &mut out).expect("CBOR encoding into a Vec");

@@ -59,13 +59,19 @@ pub enum ManifestError {
 impl Manifest {
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ManifestError::Read(shown.clone(), e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ManifestError::Read(shown.clone(), e))?;
         toml::from_str(&text).map_err(|e| ManifestError::Parse(shown, e))
     }
 
     /// Checks names, patterns and that every limit is within the box's caps.
     pub fn check(&self, caps: &BoxLimits) -> Result<(), ManifestError> {
-        let bad = |msg: String| Err(ManifestError::Invalid { name: self.name.clone(), msg });
+        let bad = |msg: String| {
+            Err(ManifestError::Invalid {
+                name: self.name.clone(),
+                msg,
+            })
+        };
         if !topic::valid_device_id(&self.name) {
             return bad("name must match [A-Za-z0-9._-]{1,64}".into());
         }
@@ -83,10 +89,22 @@ impl Manifest {
         let l = &self.limits;
         let over: [(&str, u64, u64); 5] = [
             ("fuel_per_event", l.fuel_per_event, caps.fuel_per_event),
-            ("memory_pages", l.memory_pages.into(), caps.memory_pages.into()),
+            (
+                "memory_pages",
+                l.memory_pages.into(),
+                caps.memory_pages.into(),
+            ),
             ("state_bytes", l.state_bytes, caps.state_bytes),
-            ("forwards_per_event", l.forwards_per_event.into(), caps.forwards_per_event.into()),
-            ("emits_per_event", l.emits_per_event.into(), caps.emits_per_event.into()),
+            (
+                "forwards_per_event",
+                l.forwards_per_event.into(),
+                caps.forwards_per_event.into(),
+            ),
+            (
+                "emits_per_event",
+                l.emits_per_event.into(),
+                caps.emits_per_event.into(),
+            ),
         ];
         for (name, want, cap) in over {
             if want > cap {
@@ -108,7 +126,8 @@ mod tests {
     #[test]
     fn limits_over_the_box_caps_are_refused() {
         let caps = Config::defaults().limits;
-        let mut m: Manifest = toml::from_str("name = \"t\"\nversion = 1\nsubscribe = [\"a/#\"]\n").unwrap();
+        let mut m: Manifest =
+            toml::from_str("name = \"t\"\nversion = 1\nsubscribe = [\"a/#\"]\n").unwrap();
         m.check(&caps).unwrap();
         m.limits.memory_pages = caps.memory_pages + 1;
         let err = m.check(&caps).unwrap_err().to_string();

@@ -6,8 +6,8 @@
 //! driver thread that moves the bytes to sled.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -40,9 +40,18 @@ pub struct WriteSet {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settled {
     Ack(u64),
-    Nack { seq: u64, code: NackCode, reason: String },
-    Welcome { hwm: u64 },
-    Busy { seq: u64, retry_after_ms: u64 },
+    Nack {
+        seq: u64,
+        code: NackCode,
+        reason: String,
+    },
+    Welcome {
+        hwm: u64,
+    },
+    Busy {
+        seq: u64,
+        retry_after_ms: u64,
+    },
 }
 
 pub type Reply = UnboundedSender<Settled>;
@@ -102,7 +111,13 @@ pub struct CommitQueue {
 
 impl CommitQueue {
     pub fn new(next_outbox: u64, dead_ids: Arc<AtomicU64>) -> Self {
-        CommitQueue { hwm: HashMap::new(), next_outbox, dead_ids, pending: Vec::new(), in_flight: false }
+        CommitQueue {
+            hwm: HashMap::new(),
+            next_outbox,
+            dead_ids,
+            pending: Vec::new(),
+            in_flight: false,
+        }
     }
 
     pub fn push(&mut self, item: Item) {
@@ -124,7 +139,10 @@ impl CommitQueue {
         let mut touched: Vec<Arc<str>> = Vec::new();
         for item in std::mem::take(&mut self.pending) {
             g.items += 1;
-            let hwm = self.hwm.entry(item.device.clone()).or_insert_with(|| durable_hwm(&item.device));
+            let hwm = self
+                .hwm
+                .entry(item.device.clone())
+                .or_insert_with(|| durable_hwm(&item.device));
             let advances = item.seq > *hwm;
             let settled = match item.kind {
                 ItemKind::Event(ws) => {
@@ -140,20 +158,38 @@ impl CommitQueue {
                     for rec in ws.outbox {
                         let seq = self.next_outbox;
                         self.next_outbox += 1;
-                        g.entries.push(NewEntry { seq, class: rec.class, bytes: rec.entry.len() as u64 });
+                        g.entries.push(NewEntry {
+                            seq,
+                            class: rec.class,
+                            bytes: rec.entry.len() as u64,
+                        });
                         g.ops.push((keys::outbox(seq), Some(rec.entry)));
                     }
                     for d in ws.dead {
-                        g.ops.push((keys::dead(self.dead_ids.fetch_add(1, Ordering::Relaxed)), Some(d)));
+                        g.ops.push((
+                            keys::dead(self.dead_ids.fetch_add(1, Ordering::Relaxed)),
+                            Some(d),
+                        ));
                     }
                     (item.seq > 0).then_some(Settled::Ack(item.seq))
                 }
-                ItemKind::Nack { code, reason } => Some(Settled::Nack { seq: item.seq, code, reason }),
+                ItemKind::Nack { code, reason } => Some(Settled::Nack {
+                    seq: item.seq,
+                    code,
+                    reason,
+                }),
                 ItemKind::Resend => Some(Settled::Ack(item.seq)),
                 ItemKind::Welcome => Some(Settled::Welcome { hwm: *hwm }),
-                ItemKind::Busy { retry_after_ms } => Some(Settled::Busy { seq: item.seq, retry_after_ms }),
+                ItemKind::Busy { retry_after_ms } => Some(Settled::Busy {
+                    seq: item.seq,
+                    retry_after_ms,
+                }),
             };
-            let advances = advances && !matches!(settled, Some(Settled::Busy { .. }) | Some(Settled::Welcome { .. }));
+            let advances = advances
+                && !matches!(
+                    settled,
+                    Some(Settled::Busy { .. }) | Some(Settled::Welcome { .. })
+                );
             if advances {
                 *hwm = item.seq;
                 if !touched.contains(&item.device) {
@@ -165,7 +201,8 @@ impl CommitQueue {
             }
         }
         for d in touched {
-            g.ops.push((keys::hwm(&d), Some(self.hwm[&d].to_be_bytes().to_vec())));
+            g.ops
+                .push((keys::hwm(&d), Some(self.hwm[&d].to_be_bytes().to_vec())));
         }
         Some(g)
     }
@@ -189,7 +226,11 @@ pub trait AfterFlush: Send {
 /// The committer thread: gathers what arrived since the last flush, writes it as one batch,
 /// flushes, then releases the replies. Returns when every sender is gone (shutdown) or on the
 /// first store error (the caller reports it and exits: no ack goes out after a failed write).
-pub fn run(store: &Store, rx: Receiver<Item>, mut hooks: impl AfterFlush) -> Result<(), StoreError> {
+pub fn run(
+    store: &Store,
+    rx: Receiver<Item>,
+    mut hooks: impl AfterFlush,
+) -> Result<(), StoreError> {
     let next_outbox = last_seq(store, keys::OUTBOX)?.map_or(1, |s| s + 1);
     let mut q = CommitQueue::new(next_outbox, store.dead_ids.clone());
     let mut read_error = None;
@@ -237,19 +278,26 @@ pub fn run(store: &Store, rx: Receiver<Item>, mut hooks: impl AfterFlush) -> Res
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     fn item(dev: &str, seq: u64, kind: ItemKind, reply: &Reply) -> Item {
-        Item { device: dev.into(), seq, kind, reply: Some(reply.clone()) }
+        Item {
+            device: dev.into(),
+            seq,
+            kind,
+            reply: Some(reply.clone()),
+        }
     }
 
     fn event(state: &[(&str, &str)]) -> ItemKind {
         ItemKind::Event(WriteSet {
-            state: state.iter().map(|(k, v)| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()))).collect(),
+            state: state
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec())))
+                .collect(),
             ..Default::default()
         })
     }
@@ -271,7 +319,12 @@ mod tests {
             self.durable = self.written.clone();
         }
         fn hwm(&self, dev: &str) -> u64 {
-            self.durable.get(&keys::hwm(dev)).cloned().flatten().and_then(|v| keys::u64_value(&v)).unwrap_or(0)
+            self.durable
+                .get(&keys::hwm(dev))
+                .cloned()
+                .flatten()
+                .and_then(|v| keys::u64_value(&v))
+                .unwrap_or(0)
         }
     }
 
@@ -281,10 +334,16 @@ mod tests {
         for (reply, s) in q.flushed(g).replies {
             match &s {
                 Settled::Ack(seq) | Settled::Nack { seq, .. } => {
-                    assert!(disk.hwm(dev) >= *seq, "{s:?} released before durable (hwm {})", disk.hwm(dev))
+                    assert!(
+                        disk.hwm(dev) >= *seq,
+                        "{s:?} released before durable (hwm {})",
+                        disk.hwm(dev)
+                    )
                 }
                 // The mark at the hello's place in the order: durable, and covering what preceded it.
-                Settled::Welcome { hwm } => assert!(*hwm <= disk.hwm(dev), "welcome {hwm} is not durable"),
+                Settled::Welcome { hwm } => {
+                    assert!(*hwm <= disk.hwm(dev), "welcome {hwm} is not durable")
+                }
                 Settled::Busy { .. } => {}
             }
             reply.send(s).unwrap();
@@ -308,15 +367,28 @@ mod tests {
         q.push(item("d", 2, ItemKind::Resend, &tx));
         q.push(item("d", 0, ItemKind::Welcome, &tx));
         q.push(item("d", 3, event(&[]), &tx));
-        assert!(q.next_group(|_| 0).is_none(), "a second group may not start while one is in flight");
-        assert!(drain(&mut rx).is_empty(), "nothing goes out before the flush");
+        assert!(
+            q.next_group(|_| 0).is_none(),
+            "a second group may not start while one is in flight"
+        );
+        assert!(
+            drain(&mut rx).is_empty(),
+            "nothing goes out before the flush"
+        );
         release(&mut q, g1, &mut disk, "d");
         assert_eq!(drain(&mut rx), vec![Settled::Ack(1), Settled::Ack(2)]);
         let g2 = q.next_group(|_| 0).unwrap();
         disk.write(&g2);
         assert!(drain(&mut rx).is_empty());
         release(&mut q, g2, &mut disk, "d");
-        assert_eq!(drain(&mut rx), vec![Settled::Ack(2), Settled::Welcome { hwm: 2 }, Settled::Ack(3)]);
+        assert_eq!(
+            drain(&mut rx),
+            vec![
+                Settled::Ack(2),
+                Settled::Welcome { hwm: 2 },
+                Settled::Ack(3)
+            ]
+        );
     }
 
     #[test]
@@ -324,7 +396,10 @@ mod tests {
         // A deterministic pseudo-random schedule of pushes and flushes over three devices;
         // each device has its own reply channel, checked against its own durable mark.
         let devs = ["a", "b", "c"];
-        let chans: Vec<_> = devs.iter().map(|_| unbounded_channel::<Settled>()).collect();
+        let chans: Vec<_> = devs
+            .iter()
+            .map(|_| unbounded_channel::<Settled>())
+            .collect();
         let mut disk = Disk::default();
         let mut q = CommitQueue::new(1, Arc::default());
         let mut next = [1u64; 3];
@@ -342,7 +417,15 @@ mod tests {
                     next[d] += 1;
                 }
                 5 => {
-                    q.push(item(devs[d], next[d], ItemKind::Nack { code: NackCode::Acl, reason: "x".into() }, tx));
+                    q.push(item(
+                        devs[d],
+                        next[d],
+                        ItemKind::Nack {
+                            code: NackCode::Acl,
+                            reason: "x".into(),
+                        },
+                        tx,
+                    ));
                     submitted[d] = next[d];
                     next[d] += 1;
                 }
@@ -352,10 +435,17 @@ mod tests {
                     if let Some(g) = in_flight.take() {
                         disk.flush();
                         for (reply, s) in q.flushed(g).replies {
-                            let i = chans.iter().position(|(t, _)| t.same_channel(&reply)).unwrap();
+                            let i = chans
+                                .iter()
+                                .position(|(t, _)| t.same_channel(&reply))
+                                .unwrap();
                             match &s {
                                 Settled::Ack(seq) | Settled::Nack { seq, .. } => {
-                                    assert!(disk.hwm(devs[i]) >= *seq, "{s:?} of {} before durable", devs[i])
+                                    assert!(
+                                        disk.hwm(devs[i]) >= *seq,
+                                        "{s:?} of {} before durable",
+                                        devs[i]
+                                    )
                                 }
                                 Settled::Welcome { hwm } => assert!(*hwm <= disk.hwm(devs[i])),
                                 Settled::Busy { .. } => {}
@@ -381,16 +471,49 @@ mod tests {
         let (tx, mut rx) = unbounded_channel();
         let mut q = CommitQueue::new(10, Arc::default());
         let mut ws = WriteSet::default();
-        ws.outbox.push(OutboxRecord { class: Class::Urgent, entry: b"e".to_vec() });
+        ws.outbox.push(OutboxRecord {
+            class: Class::Urgent,
+            entry: b"e".to_vec(),
+        });
         q.push(item("d", 5, ItemKind::Event(ws), &tx));
-        q.push(item("d", 6, ItemKind::Nack { code: NackCode::Acl, reason: "no".into() }, &tx));
-        q.push(item("d", 7, ItemKind::Busy { retry_after_ms: 100 }, &tx));
+        q.push(item(
+            "d",
+            6,
+            ItemKind::Nack {
+                code: NackCode::Acl,
+                reason: "no".into(),
+            },
+            &tx,
+        ));
+        q.push(item(
+            "d",
+            7,
+            ItemKind::Busy {
+                retry_after_ms: 100,
+            },
+            &tx,
+        ));
         q.push(item("d", 0, ItemKind::Welcome, &tx));
         let g = q.next_group(|_| 4).unwrap();
-        let hwm_ops: Vec<_> = g.ops.iter().filter(|(k, _)| k.starts_with(keys::HWM)).collect();
+        let hwm_ops: Vec<_> = g
+            .ops
+            .iter()
+            .filter(|(k, _)| k.starts_with(keys::HWM))
+            .collect();
         assert_eq!(hwm_ops.len(), 1);
-        assert_eq!(hwm_ops[0].1.as_deref(), Some(&6u64.to_be_bytes()[..]), "busy does not advance the mark");
-        assert_eq!(g.entries, vec![NewEntry { seq: 10, class: Class::Urgent, bytes: 1 }]);
+        assert_eq!(
+            hwm_ops[0].1.as_deref(),
+            Some(&6u64.to_be_bytes()[..]),
+            "busy does not advance the mark"
+        );
+        assert_eq!(
+            g.entries,
+            vec![NewEntry {
+                seq: 10,
+                class: Class::Urgent,
+                bytes: 1
+            }]
+        );
         let g = q.flushed(g);
         for (r, s) in g.replies {
             r.send(s).unwrap();
@@ -399,8 +522,15 @@ mod tests {
             drain(&mut rx),
             vec![
                 Settled::Ack(5),
-                Settled::Nack { seq: 6, code: NackCode::Acl, reason: "no".into() },
-                Settled::Busy { seq: 7, retry_after_ms: 100 },
+                Settled::Nack {
+                    seq: 6,
+                    code: NackCode::Acl,
+                    reason: "no".into()
+                },
+                Settled::Busy {
+                    seq: 7,
+                    retry_after_ms: 100
+                },
                 Settled::Welcome { hwm: 6 },
             ]
         );

@@ -20,7 +20,11 @@ pub enum StoreError {
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
     #[error("store at {path} has schema version {found}; this build reads version {expected}")]
-    Schema { path: PathBuf, found: u32, expected: u32 },
+    Schema {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
     #[error("store: {0}")]
     Io(#[from] std::io::Error),
     #[error("store: corrupt record under {0}")]
@@ -86,13 +90,24 @@ impl Store {
                 db.flush()?;
             }
             Some(v) => {
-                let found = <[u8; 4]>::try_from(&*v).map(u32::from_be_bytes).unwrap_or(u32::MAX);
+                let found = <[u8; 4]>::try_from(&*v)
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
                 if found != keys::SCHEMA_VERSION {
-                    return Err(StoreError::Schema { path: dir.to_path_buf(), found, expected: keys::SCHEMA_VERSION });
+                    return Err(StoreError::Schema {
+                        path: dir.to_path_buf(),
+                        found,
+                        expected: keys::SCHEMA_VERSION,
+                    });
                 }
             }
         }
-        let mut store = Store { db, tree, overlay: Arc::new(Overlay::default()), dead_ids: Arc::default() };
+        let mut store = Store {
+            db,
+            tree,
+            overlay: Arc::new(Overlay::default()),
+            dead_ids: Arc::default(),
+        };
         let next_dead = last_seq(&store, keys::DEAD)?.map_or(1, |s| s + 1);
         store.dead_ids = Arc::new(AtomicU64::new(next_dead));
         Ok(store)
@@ -105,7 +120,11 @@ impl Store {
 
     /// The durable high-water mark of a device (0 when none).
     pub fn hwm(&self, device: &str) -> Result<u64, StoreError> {
-        Ok(self.tree.get(keys::hwm(device))?.and_then(|v| keys::u64_value(&v)).unwrap_or(0))
+        Ok(self
+            .tree
+            .get(keys::hwm(device))?
+            .and_then(|v| keys::u64_value(&v))
+            .unwrap_or(0))
     }
 
     /// Bytes (keys + values) a handler's state holds on disk.
@@ -121,7 +140,10 @@ impl Store {
 
     /// A committed state value, ignoring the overlay.
     pub fn state_durable(&self, handler: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(keys::state(handler, key))?.map(|v| v.to_vec()))
+        Ok(self
+            .tree
+            .get(keys::state(handler, key))?
+            .map(|v| v.to_vec()))
     }
 
     /// All dead letters, oldest first.
@@ -138,7 +160,12 @@ impl Store {
 
 /// The sequence number of the last key under `prefix` (`o/` or `d/`).
 pub(crate) fn last_seq(store: &Store, prefix: &[u8]) -> Result<Option<u64>, StoreError> {
-    Ok(store.tree.scan_prefix(prefix).next_back().transpose()?.and_then(|(k, _)| keys::seq_of(&k)))
+    Ok(store
+        .tree
+        .scan_prefix(prefix)
+        .next_back()
+        .transpose()?
+        .and_then(|(k, _)| keys::seq_of(&k)))
 }
 
 impl StateSource for Store {

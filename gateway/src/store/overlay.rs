@@ -5,9 +5,12 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// Full store key -> (value, or None for a delete; the tag of the item that wrote it).
+type Writes = HashMap<Vec<u8>, (Option<Vec<u8>>, u64)>;
+
 #[derive(Default)]
 pub struct Overlay {
-    map: Mutex<HashMap<Vec<u8>, (Option<Vec<u8>>, u64)>>,
+    map: Mutex<Writes>,
 }
 
 impl Overlay {
@@ -38,7 +41,7 @@ impl Overlay {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, (Option<Vec<u8>>, u64)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writes> {
         // A poisoned lock only means another thread panicked mid-insert; the map is still usable.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -39,18 +39,32 @@ pub fn body(gateway: &str, batch: &str, entries: &[Entry]) -> Vec<u8> {
             payload_b64: base64::engine::general_purpose::STANDARD.encode(&e.payload),
         })
         .collect();
-    serde_json::to_vec(&Body { gateway, batch, events }).expect("JSON encoding into a Vec")
+    serde_json::to_vec(&Body {
+        gateway,
+        batch,
+        events,
+    })
+    .expect("JSON encoding into a Vec")
 }
 
 /// The design's status map.
 pub fn classify(status: u16) -> SendResult {
     match status {
         200..=299 => SendResult::Delivered,
-        401 | 403 | 404 => SendResult::Retry { alarm: true, why: format!("HTTP {status}: check the uplink URL and credentials") },
-        408 | 429 | 500..=599 => SendResult::Retry { alarm: false, why: format!("HTTP {status}") },
+        401 | 403 | 404 => SendResult::Retry {
+            alarm: true,
+            why: format!("HTTP {status}: check the uplink URL and credentials"),
+        },
+        408 | 429 | 500..=599 => SendResult::Retry {
+            alarm: false,
+            why: format!("HTTP {status}"),
+        },
         413 => SendResult::Split,
         400 | 422 => SendResult::Reject(format!("HTTP {status}")),
-        other => SendResult::Retry { alarm: true, why: format!("unexpected HTTP {other}") },
+        other => SendResult::Retry {
+            alarm: true,
+            why: format!("unexpected HTTP {other}"),
+        },
     }
 }
 
@@ -63,7 +77,11 @@ pub struct HttpSink {
 
 impl HttpSink {
     pub fn new(url: String, timeout: Duration) -> Self {
-        HttpSink { url, timeout, client: None }
+        HttpSink {
+            url,
+            timeout,
+            client: None,
+        }
     }
 }
 
@@ -72,10 +90,17 @@ impl super::Sink for HttpSink {
         if self.client.is_none() {
             match reqwest::Client::builder().timeout(self.timeout).build() {
                 Ok(c) => self.client = Some(c),
-                Err(e) => return SendResult::Retry { alarm: true, why: format!("HTTP client: {e}") },
+                Err(e) => {
+                    return SendResult::Retry {
+                        alarm: true,
+                        why: format!("HTTP client: {e}"),
+                    }
+                }
             }
         }
-        let Some(client) = &self.client else { unreachable!("client set above") };
+        let Some(client) = &self.client else {
+            unreachable!("client set above")
+        };
         let req = client
             .post(&self.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -86,7 +111,10 @@ impl super::Sink for HttpSink {
             Err(e) => {
                 // The connection may be broken: start a fresh one next time.
                 self.client = None;
-                SendResult::Retry { alarm: false, why: format!("{e}") }
+                SendResult::Retry {
+                    alarm: false,
+                    why: format!("{e}"),
+                }
             }
         }
     }
@@ -122,10 +150,16 @@ mod tests {
     fn status_map() {
         assert_eq!(classify(204), SendResult::Delivered);
         for s in [408, 429, 500, 503] {
-            assert!(matches!(classify(s), SendResult::Retry { alarm: false, .. }), "{s}");
+            assert!(
+                matches!(classify(s), SendResult::Retry { alarm: false, .. }),
+                "{s}"
+            );
         }
         for s in [401, 403, 404] {
-            assert!(matches!(classify(s), SendResult::Retry { alarm: true, .. }), "{s}");
+            assert!(
+                matches!(classify(s), SendResult::Retry { alarm: true, .. }),
+                "{s}"
+            );
         }
         assert_eq!(classify(413), SendResult::Split);
         assert!(matches!(classify(422), SendResult::Reject(_)));

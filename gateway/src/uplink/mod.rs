@@ -31,7 +31,10 @@ pub struct Batch {
 pub enum SendResult {
     Delivered,
     /// Try the same batch again later; `alarm` when an operator must look (401/403/404).
-    Retry { alarm: bool, why: String },
+    Retry {
+        alarm: bool,
+        why: String,
+    },
     /// Too large: send it in halves.
     Split,
     /// The cloud refuses the content: bisect to the offending event.
@@ -58,7 +61,13 @@ pub struct Uplink<S: Sink> {
 }
 
 impl<S: Sink> Uplink<S> {
-    pub fn new(cfg: &Config, store: Store, outbox: Arc<Outbox>, metrics: Arc<Metrics>, sink: S) -> Self {
+    pub fn new(
+        cfg: &Config,
+        store: Store,
+        outbox: Arc<Outbox>,
+        metrics: Arc<Metrics>,
+        sink: S,
+    ) -> Self {
         Uplink {
             store,
             outbox,
@@ -75,17 +84,28 @@ impl<S: Sink> Uplink<S> {
         let first = seqs.first().copied().unwrap_or(0);
         let id = format!("{}-{}-{}", self.gateway, first, seqs.len());
         let body = http::body(&self.gateway, &id, &entries);
-        Batch { id, seqs, entries, body }
+        Batch {
+            id,
+            seqs,
+            entries,
+            body,
+        }
     }
 
     fn compose(&self) -> Result<Option<Batch>, StoreError> {
-        let seqs = self.outbox.next_batch(self.max_batch_events, self.max_batch_bytes);
+        let seqs = self
+            .outbox
+            .next_batch(self.max_batch_events, self.max_batch_bytes);
         if seqs.is_empty() {
             return Ok(None);
         }
         let mut entries = Vec::with_capacity(seqs.len());
         for s in &seqs {
-            let v = self.store.tree.get(keys::outbox(*s))?.ok_or_else(|| StoreError::Corrupt("o/ (missing)".into()))?;
+            let v = self
+                .store
+                .tree
+                .get(keys::outbox(*s))?
+                .ok_or_else(|| StoreError::Corrupt("o/ (missing)".into()))?;
             entries.push(Entry::decode(&v).ok_or_else(|| StoreError::Corrupt("o/".into()))?);
         }
         Ok(Some(self.make_batch(seqs, entries)))
@@ -143,7 +163,9 @@ impl<S: Sink> Uplink<S> {
                             None => continue,
                         }
                     }
-                    let Some(batch) = queue.pop_front() else { continue };
+                    let Some(batch) = queue.pop_front() else {
+                        continue;
+                    };
                     if !self.policy.is_awake() && self.policy.failures() == 0 {
                         Metrics::inc(&self.metrics.uplink_wakeups);
                     }
@@ -212,7 +234,10 @@ pub struct NoSink;
 
 impl Sink for NoSink {
     async fn send(&mut self, _batch: &Batch) -> SendResult {
-        SendResult::Retry { alarm: true, why: "no uplink configured".into() }
+        SendResult::Retry {
+            alarm: true,
+            why: "no uplink configured".into(),
+        }
     }
     fn close(&mut self) {}
 }

@@ -54,17 +54,26 @@ fn find_quote(s: &[u8]) -> Option<usize> {
         }
         skipped += 8;
     }
-    s[skipped..].iter().position(|&b| b == b'"').map(|i| skipped + i)
+    s[skipped..]
+        .iter()
+        .position(|&b| b == b'"')
+        .map(|i| skipped + i)
 }
 
 fn skip_ws(s: &[u8]) -> &[u8] {
-    let n = s.iter().take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')).count();
+    let n = s
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .count();
     &s[n..]
 }
 
 /// Parses the JSON number at the start of `s`.
 fn parse_number(s: &[u8]) -> Option<f64> {
-    let digits = |from: usize| s.get(from..).map_or(0, |t| t.iter().take_while(|b| b.is_ascii_digit()).count());
+    let digits = |from: usize| {
+        s.get(from..)
+            .map_or(0, |t| t.iter().take_while(|b| b.is_ascii_digit()).count())
+    };
     let mut end = usize::from(s.first() == Some(&b'-'));
     let int = digits(end);
     if int == 0 {
@@ -102,11 +111,18 @@ mod tests {
         for start in 0..text.len() {
             for end in start..=text.len() {
                 let s = &text[start..end];
-                assert_eq!(find_quote(s), s.iter().position(|&b| b == b'"'), "{start}..{end}");
+                assert_eq!(
+                    find_quote(s),
+                    s.iter().position(|&b| b == b'"'),
+                    "{start}..{end}"
+                );
             }
         }
         // Bytes next to a quote (0x21, 0x23, 0xa2) must not be taken for one.
-        assert_eq!(find_quote(&[0x21, 0x23, 0xa2, 0x21, 0x23, 0xa2, 0x21, 0x23, 0xa2, 0x22]), Some(9));
+        assert_eq!(
+            find_quote(&[0x21, 0x23, 0xa2, 0x21, 0x23, 0xa2, 0x21, 0x23, 0xa2, 0x22]),
+            Some(9)
+        );
     }
 
     #[test]
@@ -121,8 +137,22 @@ mod tests {
 
     #[test]
     fn rejects_non_numbers() {
-        for payload in [&br#"{"v":}"#[..], br#"{"v":-}"#, br#"{"v":1.}"#, br#"{"v":.5}"#, br#"{"v":1e}"#, br#"{"v":null}"#, b"", br#"{"v""#] {
-            assert_eq!(number(payload, "v"), None, "{}", core::str::from_utf8(payload).unwrap());
+        for payload in [
+            &br#"{"v":}"#[..],
+            br#"{"v":-}"#,
+            br#"{"v":1.}"#,
+            br#"{"v":.5}"#,
+            br#"{"v":1e}"#,
+            br#"{"v":null}"#,
+            b"",
+            br#"{"v""#,
+        ] {
+            assert_eq!(
+                number(payload, "v"),
+                None,
+                "{}",
+                core::str::from_utf8(payload).unwrap()
+            );
         }
     }
 }

@@ -143,7 +143,9 @@ pub fn forward(topic: &str, payload: &[u8], class: Class) -> Result<(), Error> {
     let (topic_ptr, topic_len) = sys::raw(topic.as_bytes());
     let (payload_ptr, payload_len) = sys::raw(payload);
     // SAFETY: both ranges are live borrowed slices; the host only reads them.
-    Error::check(unsafe { sys::forward(topic_ptr, topic_len, payload_ptr, payload_len, class as i32) })
+    Error::check(unsafe {
+        sys::forward(topic_ptr, topic_len, payload_ptr, payload_len, class as i32)
+    })
 }
 
 /// Publishes `payload` on `topic` on the local bus, for other handlers.

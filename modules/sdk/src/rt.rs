@@ -30,8 +30,12 @@ static BLOCK_SIZE: AtomicUsize = AtomicUsize::new(0);
 /// to write the topic and payload into. Traps on a negative length or when out of memory.
 pub fn alloc_block(len: i32) -> i32 {
     free_block();
-    let Ok(len) = usize::try_from(len) else { panic!() };
-    let Ok(layout) = Layout::from_size_align(len.max(1), 1) else { panic!() };
+    let Ok(len) = usize::try_from(len) else {
+        panic!()
+    };
+    let Ok(layout) = Layout::from_size_align(len.max(1), 1) else {
+        panic!()
+    };
     // SAFETY: the layout's size is at least 1.
     let ptr = unsafe { alloc(layout) };
     if ptr.is_null() {
@@ -74,7 +78,10 @@ pub fn on_event(
     payload: (i32, i32),
     handler: impl FnOnce(&Event<'_>) -> Result<(), Error>,
 ) -> i32 {
-    let event = (block_bytes(topic.0, topic.1), block_bytes(payload.0, payload.1));
+    let event = (
+        block_bytes(topic.0, topic.1),
+        block_bytes(payload.0, payload.1),
+    );
     let code = match event {
         (Some(topic), Some(payload)) => match core::str::from_utf8(topic) {
             Ok(topic) => match handler(&Event { topic, payload }) {

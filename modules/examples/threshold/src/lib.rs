@@ -22,7 +22,9 @@ fn on_event(ev: &Event) -> Result<(), Error> {
     };
 
     let key = [b"last/", ev.topic.as_bytes()].concat();
-    let previous = state::get(&key).and_then(|v| v.try_into().ok()).map(f64::from_le_bytes);
+    let previous = state::get(&key)
+        .and_then(|v| v.try_into().ok())
+        .map(f64::from_le_bytes);
     if reading > threshold && previous.map_or(true, |p| p <= threshold) {
         forward(ev.topic, ev.payload, Class::Urgent)?;
     }

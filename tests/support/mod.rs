@@ -1,0 +1,368 @@
+//! Test support: the real `tidepool` binary in a temp data dir, device certificates, a real
+//! local HTTP server standing in for the cloud, and a tiny sled reader.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tidepool::client::{Device, FrameStream};
+use tidepool::proto::msg::{DeviceMsg, GatewayMsg, Publish};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
+
+/// The threshold example handler, built by `scripts/build-handlers.sh`.
+pub fn threshold_wasm() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../modules/target/wasm32-unknown-unknown/release/threshold.wasm");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build-handlers.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+pub fn threshold_manifest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules/examples/threshold/threshold.toml")
+}
+
+/// Writes a WAT handler and its manifest into `dir`; returns the `[[handler]]` TOML entry.
+pub fn wat_handler(dir: &Path, name: &str, wat: &str, manifest_extra: &str) -> String {
+    let wasm = wat::parse_str(wat).expect("test WAT parses");
+    let wp = dir.join(format!("{name}.wasm"));
+    let mp = dir.join(format!("{name}.toml"));
+    std::fs::write(&wp, wasm).unwrap();
+    std::fs::write(
+        &mp,
+        format!(
+            "name = \"{name}\"\nversion = 1\nsubscribe = [\"devices/+/#\"]\n{manifest_extra}\n"
+        ),
+    )
+    .unwrap();
+    handler_entry(&wp, &mp)
+}
+
+pub fn handler_entry(wasm: &Path, manifest: &Path) -> String {
+    format!(
+        "[[handler]]\nwasm = \"{}\"\nmanifest = \"{}\"\n",
+        wasm.display(),
+        manifest.display()
+    )
+}
+
+/// A handler that counts its invocations in state key `n` (u64 LE) and forwards nothing.
+pub const COUNTER_WAT: &str = r#"(module
+  (import "tidepool" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
+  (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "n")
+  (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+    (i64.store (i32.const 16) (i64.const 0))
+    (drop (call $get (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 8)))
+    (i64.store (i32.const 16) (i64.add (i64.load (i32.const 16)) (i64.const 1)))
+    (call $put (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 8))))"#;
+
+/// Like [`COUNTER_WAT`], after burning fuel in a loop of `$spin` iterations (a slow handler).
+pub fn slow_counter_wat(spin: u32) -> String {
+    COUNTER_WAT.replace(
+        "(i64.store (i32.const 16) (i64.const 0))",
+        &format!(
+            "(local $i i32) (local.set $i (i32.const {spin}))
+    (block $done (loop $spin
+      (br_if $done (i32.eqz (local.get $i)))
+      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (br $spin)))
+    (i64.store (i32.const 16) (i64.const 0))"
+        ),
+    )
+}
+
+/// A running gateway (the real binary) with its own data dir.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub addr: String,
+    child: Option<Child>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Gateway {
+    /// Starts `tidepool run` with `extra` TOML appended to a test config (port 0, temp data dir).
+    pub fn start(extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tidepool.toml");
+        let base = format!(
+            "[gateway]\nid = \"gw-test\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nlog = \"info,tidepool=debug\"\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&config, format!("{base}{extra}")).unwrap();
+        let mut g = Gateway {
+            dir,
+            config,
+            addr: String::new(),
+            child: None,
+            stderr: Arc::default(),
+        };
+        g.spawn();
+        g
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tidepool");
+        let stderr = child.stderr.take().unwrap();
+        let log = self.stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let Some(addr) = line.trim().strip_prefix("tidepool listening on ") else {
+            let _ = child.wait();
+            panic!(
+                "gateway did not start: {line:?}\n{}",
+                self.stderr.lock().unwrap()
+            );
+        };
+        self.addr = addr.to_string();
+        self.child = Some(child);
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Issues a device certificate; returns (cert, key, ca).
+    pub fn device_certs(&self, id: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let out = self.dir.path().join("certs");
+        let [c, k, ca] = tidepool::pki::issue_device(&self.data(), id, &out).unwrap();
+        (c, k, ca)
+    }
+
+    pub async fn connect(&self, id: &str) -> Device {
+        let (c, k, ca) = self.device_certs(id);
+        Device::connect(&self.addr, &ca, &c, &k)
+            .await
+            .expect("device connects")
+    }
+
+    /// Stops with SIGTERM (graceful) and returns the metrics it wrote.
+    pub fn stop(&mut self) -> serde_json::Value {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "gateway exited with {status}\n{}",
+            self.stderr.lock().unwrap()
+        );
+        let m = std::fs::read(self.data().join("metrics.json")).unwrap();
+        serde_json::from_slice(&m).unwrap()
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn publish(seq: u64, topic: &str, payload: &[u8]) -> DeviceMsg {
+    DeviceMsg::Publish(Publish {
+        seq,
+        topic: topic.into(),
+        payload: payload.to_vec().into(),
+        ts: None,
+        id: None,
+        src: None,
+        class: None,
+    })
+}
+
+/// Reads answers until an ack for `seq` (or higher), collecting everything seen.
+pub async fn until_ack(s: &mut FrameStream, seq: u64) -> Vec<GatewayMsg> {
+    let mut seen = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("answer within 10 s")
+            .expect("stream ok");
+        let Some(m) = m else {
+            panic!("stream ended before ack {seq}; saw {seen:?}")
+        };
+        let done = matches!(m, GatewayMsg::Ack { seq: a } if a >= seq);
+        seen.push(m);
+        if done {
+            return seen;
+        }
+    }
+}
+
+pub async fn next_msg(s: &mut FrameStream) -> Option<GatewayMsg> {
+    tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .expect("answer within 10 s")
+        .expect("stream ok")
+}
+
+/// Opens the gateway's store after it stopped and reads a handler's state value.
+pub fn read_state(data: &Path, handler: &str, key: &[u8]) -> Option<Vec<u8>> {
+    let store = tidepool::store::Store::open(&data.join("db"), 1 << 20).unwrap();
+    store.state_durable(handler, key).unwrap()
+}
+
+/// One request the cloud received.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub status: u16,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// A real HTTP/1.1 server on loopback that records requests and answers with `status(n)` for
+/// the n-th request (0-based).
+pub struct Cloud {
+    pub url: String,
+    pub requests: Arc<Mutex<Vec<Request>>>,
+    arrived: Arc<Notify>,
+}
+
+impl Cloud {
+    pub async fn start(status: impl Fn(usize) -> u16 + Send + Sync + 'static) -> Cloud {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/ingest", listener.local_addr().unwrap());
+        let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
+        let arrived = Arc::new(Notify::new());
+        let status = Arc::new(status);
+        let (reqs, arr) = (requests.clone(), arrived.clone());
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let (reqs, arr, status) = (reqs.clone(), arr.clone(), status.clone());
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut r = tokio::io::BufReader::new(r);
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                        let mut headers = Vec::new();
+                        loop {
+                            let mut h = String::new();
+                            r.read_line(&mut h).await.unwrap();
+                            let h = h.trim_end().to_string();
+                            if h.is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = h.split_once(':') {
+                                headers.push((k.trim().to_string(), v.trim().to_string()));
+                            }
+                        }
+                        let len: usize = headers
+                            .iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                            .map(|(_, v)| v.parse().unwrap())
+                            .unwrap_or(0);
+                        let mut body = vec![0; len];
+                        r.read_exact(&mut body).await.unwrap();
+                        let code = {
+                            let mut g = reqs.lock().unwrap();
+                            let code = status(g.len());
+                            g.push(Request {
+                                path,
+                                headers,
+                                body,
+                                status: code,
+                            });
+                            code
+                        };
+                        arr.notify_waiters();
+                        let resp = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n");
+                        if w.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Cloud {
+            url,
+            requests,
+            arrived,
+        }
+    }
+
+    /// Waits until `pred` holds for the requests so far, or `timeout` passes.
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[Request]) -> bool,
+    ) -> Vec<Request> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.arrived.notified();
+            {
+                let g = self.requests.lock().unwrap();
+                if pred(&g) {
+                    return g.clone();
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.requests.lock().unwrap().clone();
+            }
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.requests.lock().unwrap().clone()
+    }
+}
