@@ -1,0 +1,183 @@
+//! The load generator of `scripts/bench.sh`.
+//!
+//! `loadgen tidepool`: N devices, each its own QUIC connection and stream, publish 100-byte
+//! events with a window of W in flight (or at a fixed total rate); prints events/s and the
+//! ack latency p50/p99 (send to the cumulative ack that covers it).
+//! `loadgen sled`: the baseline on the same disk: batches of one 100-byte value per event,
+//! one flush per batch.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use tidepool::client::Device;
+use tidepool::proto::msg::{DeviceMsg, GatewayMsg, Publish};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Publish through a running gateway.
+    Tidepool {
+        #[arg(long)]
+        gateway: String,
+        /// Directory with ca.crt and dev-I.crt / dev-I.key for I in 1..=devices.
+        #[arg(long)]
+        certs: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        devices: usize,
+        #[arg(long, default_value_t = 20_000)]
+        events_per_device: u64,
+        #[arg(long, default_value_t = 512)]
+        window: u64,
+        /// Total events/s across devices (0: as fast as acks allow).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+    },
+    /// Raw sled batched inserts on the same disk.
+    Sled {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        #[arg(long, default_value_t = 1000)]
+        batch: u64,
+        #[arg(long, default_value_t = 100)]
+        value_bytes: usize,
+    },
+}
+
+/// A JSON reading padded to `n` bytes: `{"v": 21.5, "pad": "xxx"}`.
+fn payload(n: usize, v: f64) -> Vec<u8> {
+    let head = format!("{{\"v\": {v:.1}, \"pad\": \"");
+    let pad = n.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad)).into_bytes()
+}
+
+async fn device(
+    gateway: String,
+    certs: PathBuf,
+    i: usize,
+    events: u64,
+    window: u64,
+    rate: f64,
+    bytes: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let id = format!("dev-{i}");
+    let dev = Device::connect(&gateway, &certs.join("ca.crt"), &certs.join(format!("{id}.crt")), &certs.join(format!("{id}.key"))).await?;
+    let mut s = dev.open().await?;
+    s.send(&DeviceMsg::Hello).await?;
+    let hwm = loop {
+        if let Some(GatewayMsg::Welcome { hwm, .. }) = s.next().await? {
+            break hwm;
+        }
+    };
+    let topic = format!("devices/{id}/temp");
+    let mut sent_at: VecDeque<(u64, Instant)> = VecDeque::new();
+    let mut lat = Vec::with_capacity(events as usize);
+    let (first, last) = (hwm + 1, hwm + events);
+    let mut next = first;
+    let mut acked = hwm;
+    let start = Instant::now();
+    let mut rng = fastrand::Rng::with_seed(i as u64);
+    let due = |seq: u64| start + Duration::from_secs_f64((seq - first) as f64 / rate);
+    while acked < last {
+        let now = Instant::now();
+        let mut pushed = false;
+        while next <= last && next - acked <= window && (rate <= 0.0 || due(next) <= now) {
+            let v = 20.0 + rng.f64() * 12.0;
+            s.push(&DeviceMsg::Publish(Publish {
+                seq: next,
+                topic: topic.clone(),
+                payload: payload(bytes, v).into(),
+                ts: None,
+                id: None,
+                src: None,
+                class: None,
+            }));
+            sent_at.push_back((next, now));
+            next += 1;
+            pushed = true;
+        }
+        if pushed {
+            s.flush().await?;
+        }
+        let wake = (rate > 0.0 && next <= last && next - acked <= window).then(|| due(next));
+        tokio::select! {
+            m = s.next() => match m? {
+                Some(GatewayMsg::Ack { seq }) => {
+                    let now = Instant::now();
+                    while let Some((_, t)) = sent_at.front().filter(|(q, _)| *q <= seq).copied() {
+                        sent_at.pop_front();
+                        lat.push(now - t);
+                    }
+                    acked = acked.max(seq);
+                }
+                Some(other) => anyhow::bail!("{id}: unexpected {other:?}"),
+                None => anyhow::bail!("{id}: stream closed"),
+            },
+            _ = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() => {}
+        }
+    }
+    dev.close().await;
+    Ok(lat)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Tidepool { gateway, certs, devices, events_per_device, window, rate, payload_bytes } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async {
+                let start = Instant::now();
+                let per_device_rate = rate / devices as f64;
+                let tasks: Vec<_> = (1..=devices)
+                    .map(|i| tokio::spawn(device(gateway.clone(), certs.clone(), i, events_per_device, window, per_device_rate, payload_bytes)))
+                    .collect();
+                let mut lat = Vec::new();
+                for t in tasks {
+                    lat.extend(t.await??);
+                }
+                let secs = start.elapsed().as_secs_f64();
+                lat.sort_unstable();
+                let n = lat.len();
+                println!(
+                    "tidepool events={n} seconds={secs:.3} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
+                    n as f64 / secs,
+                    pct(&lat, 0.50),
+                    pct(&lat, 0.99)
+                );
+                anyhow::Ok(())
+            })
+        }
+        Cmd::Sled { dir, events, batch, value_bytes } => {
+            let db = sled::Config::new().path(&dir).flush_every_ms(None).cache_capacity(4 << 20).open()?;
+            let tree = db.open_tree("bench")?;
+            let value = vec![b'x'; value_bytes];
+            let start = Instant::now();
+            let mut i = 0u64;
+            while i < events {
+                let mut b = sled::Batch::default();
+                for _ in 0..batch.min(events - i) {
+                    b.insert(&i.to_be_bytes(), value.as_slice());
+                    i += 1;
+                }
+                tree.apply_batch(b)?;
+                db.flush()?;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!("sled events={events} seconds={secs:.3} events_per_s={:.0}", events as f64 / secs);
+            Ok(())
+        }
+    }
+}
