@@ -71,7 +71,13 @@ async fn device(
     bytes: usize,
 ) -> anyhow::Result<Vec<Duration>> {
     let id = format!("dev-{i}");
-    let dev = Device::connect(&gateway, &certs.join("ca.crt"), &certs.join(format!("{id}.crt")), &certs.join(format!("{id}.key"))).await?;
+    let dev = Device::connect(
+        &gateway,
+        &certs.join("ca.crt"),
+        &certs.join(format!("{id}.crt")),
+        &certs.join(format!("{id}.key")),
+    )
+    .await?;
     let mut s = dev.open().await?;
     s.send(&DeviceMsg::Hello).await?;
     let hwm = loop {
@@ -136,8 +142,18 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Tidepool { gateway, certs, devices, events_per_device, window, rate, payload_bytes } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        Cmd::Tidepool {
+            gateway,
+            certs,
+            devices,
+            events_per_device,
+            window,
+            rate,
+            payload_bytes,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async {
                 let start = Instant::now();
                 let per_device_rate = rate / devices as f64;
@@ -160,8 +176,17 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         }
-        Cmd::Sled { dir, events, batch, value_bytes } => {
-            let db = sled::Config::new().path(&dir).flush_every_ms(None).cache_capacity(4 << 20).open()?;
+        Cmd::Sled {
+            dir,
+            events,
+            batch,
+            value_bytes,
+        } => {
+            let db = sled::Config::new()
+                .path(&dir)
+                .flush_every_ms(None)
+                .cache_capacity(4 << 20)
+                .open()?;
             let tree = db.open_tree("bench")?;
             let value = vec![b'x'; value_bytes];
             let start = Instant::now();
@@ -176,7 +201,10 @@ fn main() -> anyhow::Result<()> {
                 db.flush()?;
             }
             let secs = start.elapsed().as_secs_f64();
-            println!("sled events={events} seconds={secs:.3} events_per_s={:.0}", events as f64 / secs);
+            println!(
+                "sled events={events} seconds={secs:.3} events_per_s={:.0}",
+                events as f64 / secs
+            );
             Ok(())
         }
     }

@@ -17,7 +17,7 @@ use crate::proto::topic;
 use crate::router::Router;
 use crate::sandbox::{EventInfo, Handler, StateSource};
 use crate::store::commit::{Item, ItemKind, OutboxRecord, Reply, WriteSet};
-use crate::store::{keys, DeadLetter, Store};
+use crate::store::{fatal, keys, DeadLetter, Store};
 
 /// What became of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,12 +56,6 @@ impl StateSource for EventState {
         }
         StateSource::get(&self.store, handler, key)
     }
-}
-
-/// Stops the process on a store error: no ack may go out after one (the supervisor restarts us).
-pub fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
-    tracing::error!("{what}: {e}; stopping so that the supervisor restarts the gateway");
-    std::process::exit(70)
 }
 
 pub struct Dispatcher {
@@ -231,7 +225,7 @@ impl Dispatcher {
         match self.process(device, &p, &seq_text, received_ms) {
             Some(ws) => {
                 *self.claimed(device) = p.seq;
-                self.submit(device, p.seq, ItemKind::Event(ws), Some(reply));
+                self.submit(device, p.seq, ItemKind::Event(Box::new(ws)), Some(reply));
                 Submitted::Queued
             }
             None => Submitted::Busy,
@@ -254,7 +248,7 @@ impl Dispatcher {
         self.datagrams += 1;
         let seq_text = format!("dg{}.{}", self.boot_ms, self.datagrams);
         match self.process(device, &p, &seq_text, received_ms) {
-            Some(ws) => self.submit(device, 0, ItemKind::Event(ws), None),
+            Some(ws) => self.submit(device, 0, ItemKind::Event(Box::new(ws)), None),
             None => Metrics::inc(&self.metrics.datagrams_dropped),
         }
     }

@@ -20,6 +20,9 @@ use crate::store::commit::{self, AfterFlush, Group};
 use crate::store::Store;
 use crate::uplink::{http::HttpSink, Uplink};
 
+/// Events that may wait for the committer before the dispatcher blocks (backpressure).
+const COMMIT_BACKLOG: usize = 4096;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("data dir {path}: {source}")]
@@ -141,7 +144,9 @@ pub async fn run(
         );
     }
 
-    let (tx, rx) = mpsc::sync_channel(16 * 1024);
+    // Bounds the events waiting for the committer (each slot is a few dozen bytes: the channel
+    // allocates all of them up front, so this is idle memory too).
+    let (tx, rx) = mpsc::sync_channel(COMMIT_BACKLOG);
     let dispatcher = Dispatcher::new(
         &cfg,
         handlers,
@@ -162,7 +167,7 @@ pub async fn run(
             .name("committer".into())
             .spawn(move || {
                 if let Err(e) = commit::run(&store, rx, hooks) {
-                    crate::dispatch::fatal("committing a group", e);
+                    crate::store::fatal("committing a group", e);
                 }
             })
             .map_err(|source| StartError::DataDir {
@@ -181,7 +186,11 @@ pub async fn run(
             );
             let up = Uplink::new(&cfg, store.clone(), outbox.clone(), metrics.clone(), sink);
             tracing::info!(url = %cfg.uplink.url, "uplink: HTTP");
-            Some(tokio::spawn(up.run(uplink_stop)))
+            Some(tokio::spawn(async move {
+                if let Err(e) = up.run(uplink_stop).await {
+                    crate::store::fatal("uplink store access", e);
+                }
+            }))
         }
         _ => {
             tracing::warn!(
@@ -230,10 +239,8 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || committer.join()).await;
     let _ = uplink_stop_tx.send(true);
     if let Some(u) = uplink {
-        match u.await {
-            Ok(Err(e)) => tracing::error!("uplink: {e}"),
-            Err(e) => tracing::error!("uplink task: {e}"),
-            Ok(Ok(())) => {}
+        if let Err(e) = u.await {
+            tracing::error!("uplink task: {e}");
         }
     }
     let _ = store.db.flush();

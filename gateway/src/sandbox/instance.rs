@@ -27,8 +27,7 @@ pub fn engine() -> Engine {
         .compilation_mode(CompilationMode::Eager)
         .enforced_limits(wasmi::EnforcedLimits::strict())
         .allow_start_fn(false)
-        .wasm_multi_memory(false)
-        .wasm_memory64(false);
+        .wasm_multi_memory(false);
     Engine::new(&c)
 }
 
@@ -80,9 +79,11 @@ fn check_abi(module: &Module) -> Result<(), String> {
         };
         match imp.ty().func() {
             Some(f) if f.params() == params && f.results() == results => {}
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "import `tidepool`.`{n}` has the wrong type; expected {params:?} -> {results:?}"
-            )),
+            ))
+            }
         }
     }
     let func = |name: &str| {

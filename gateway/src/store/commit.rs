@@ -59,7 +59,7 @@ pub type Reply = UnboundedSender<Settled>;
 #[derive(Debug)]
 pub enum ItemKind {
     /// A processed publish (or datagram when seq is 0): its effects and dead letters.
-    Event(WriteSet),
+    Event(Box<WriteSet>),
     /// A publish rejected for good.
     Nack { code: NackCode, reason: String },
     /// A publish at or below the high-water mark: ack it again once durable.
@@ -146,6 +146,7 @@ impl CommitQueue {
             let advances = item.seq > *hwm;
             let settled = match item.kind {
                 ItemKind::Event(ws) => {
+                    let ws = *ws;
                     g.events += 1;
                     let mut keys_written = Vec::with_capacity(ws.state.len());
                     for (k, v) in ws.state {
@@ -293,13 +294,13 @@ mod tests {
     }
 
     fn event(state: &[(&str, &str)]) -> ItemKind {
-        ItemKind::Event(WriteSet {
+        ItemKind::Event(Box::new(WriteSet {
             state: state
                 .iter()
                 .map(|(k, v)| (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec())))
                 .collect(),
             ..Default::default()
-        })
+        }))
     }
 
     /// A disk that knows what was written and what is durable.
@@ -475,7 +476,7 @@ mod tests {
             class: Class::Urgent,
             entry: b"e".to_vec(),
         });
-        q.push(item("d", 5, ItemKind::Event(ws), &tx));
+        q.push(item("d", 5, ItemKind::Event(Box::new(ws)), &tx));
         q.push(item(
             "d",
             6,

@@ -31,6 +31,13 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Stops the process on a store error: no ack may go out after one, and the supervisor
+/// restarts the gateway (exit code 70, EX_SOFTWARE).
+pub fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
+    tracing::error!("{what}: {e}; stopping so that the supervisor restarts the gateway");
+    std::process::exit(70)
+}
+
 /// An event that could not be handled, with the reason. Exported as JSON lines later.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -174,7 +181,10 @@ impl StateSource for Store {
         if let Some(pending) = self.overlay.get(&full) {
             return pending;
         }
-        // A read error surfaces at the next commit, which stops the gateway.
-        self.tree.get(full).ok().flatten().map(|v| v.to_vec())
+        match self.tree.get(full) {
+            Ok(v) => v.map(|v| v.to_vec()),
+            // A handler must never act on a false "not found".
+            Err(e) => fatal("reading handler state", e),
+        }
     }
 }

@@ -228,16 +228,3 @@ impl<S: Sink> Uplink<S> {
         }
     }
 }
-
-/// A sink that keeps everything in the outbox (`sink = "none"` or no URL).
-pub struct NoSink;
-
-impl Sink for NoSink {
-    async fn send(&mut self, _batch: &Batch) -> SendResult {
-        SendResult::Retry {
-            alarm: true,
-            why: "no uplink configured".into(),
-        }
-    }
-    fn close(&mut self) {}
-}
