@@ -420,6 +420,53 @@ async fn a_cloud_answering_503_for_a_while_gets_every_event_once_after_it_recove
     assert!(m["send_failures"].as_u64().unwrap() >= 3);
 }
 
+#[tokio::test]
+async fn a_full_outbox_answers_busy_with_the_first_seq_not_kept_after_settling_the_rest() {
+    // No uplink: forwards stay in a 250-byte outbox (about two entries).
+    let gw = Gateway::start("[router]\nunrouted = \"forward\"\n[outbox]\nmax_bytes = 250\nfull_policy = \"backpressure\"\n");
+    let dev = gw.connect("dev-b").await;
+    let mut s = dev.open().await.unwrap();
+    for seq in 1..=5 {
+        s.push(&publish(seq, "devices/dev-b/x", b"0123456789"));
+    }
+    s.flush().await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(m) = next_msg(&mut s).await {
+        seen.push(m);
+    }
+    // Every publish before the busy one is settled first; then busy; then the stream ends.
+    let busy_at = seen
+        .iter()
+        .position(|m| matches!(m, GatewayMsg::Busy { .. }))
+        .expect("a busy answer");
+    let GatewayMsg::Busy {
+        seq: first_not_kept,
+        retry_after_ms,
+    } = seen[busy_at]
+    else {
+        unreachable!()
+    };
+    assert!((2..=5).contains(&first_not_kept), "{seen:?}");
+    assert_eq!(retry_after_ms, 1000);
+    assert_eq!(busy_at, seen.len() - 1, "nothing after busy: {seen:?}");
+    assert!(
+        seen[..busy_at].contains(&GatewayMsg::Ack {
+            seq: first_not_kept - 1
+        }),
+        "{seen:?}"
+    );
+    // The device learns where to continue on a new stream: nothing from the busy seq on was kept.
+    let mut s = dev.open().await.unwrap();
+    s.send(&DeviceMsg::Hello).await.unwrap();
+    assert_eq!(
+        next_msg(&mut s).await,
+        Some(GatewayMsg::Welcome {
+            hwm: first_not_kept - 1,
+            max_frame_bytes: 65536
+        })
+    );
+}
+
 // --- helpers -----------------------------------------------------------------------------
 
 enum V<'a> {
