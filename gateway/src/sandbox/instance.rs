@@ -317,24 +317,212 @@ impl Handler {
 
 /// The `event_meta` map: `{device, seq, ts, received_ms, clock_synced}`.
 fn event_meta(ev: &EventInfo<'_>) -> Vec<u8> {
-    use ciborium::Value;
-    let t = |s: &str| Value::Text(s.into());
-    let map = Value::Map(vec![
-        (t("device"), t(ev.device)),
-        (t("seq"), Value::Integer(ev.seq.into())),
-        (
-            t("ts"),
-            ev.ts
-                .map(|v| Value::Integer(v.into()))
-                .unwrap_or(Value::Null),
-        ),
-        (t("received_ms"), Value::Integer(ev.received_ms.into())),
-        (
-            t("clock_synced"),
-            Value::Bool(crate::clock::looks_synced(ev.received_ms)),
-        ),
-    ]);
-    let mut out = Vec::new();
-    ciborium::into_writer(&map, &mut out).expect("CBOR encoding into a Vec");
+    #[derive(serde::Serialize)]
+    struct Meta<'a> {
+        device: &'a str,
+        seq: u64,
+        ts: Option<u64>,
+        received_ms: u64,
+        clock_synced: bool,
+    }
+    let meta = Meta {
+        device: ev.device,
+        seq: ev.seq,
+        ts: ev.ts,
+        received_ms: ev.received_ms,
+        clock_synced: crate::clock::looks_synced(ev.received_ms),
+    };
+    let mut out = Vec::with_capacity(96);
+    ciborium::into_writer(&meta, &mut out).expect("CBOR encoding into a Vec");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::{Effects, StateSource};
+
+    struct NoState;
+    impl StateSource for NoState {
+        fn get(&self, _: &str, key: &[u8]) -> Option<Vec<u8>> {
+            (key == b"k").then(|| b"0123456789".to_vec())
+        }
+    }
+
+    fn load(body: &str, limits: &str) -> Result<Handler, LoadError> {
+        let wat = format!(
+            r#"(module
+              (import "tidepool" "state_get" (func $state_get (param i32 i32 i32 i32) (result i32)))
+              (import "tidepool" "forward" (func $forward (param i32 i32 i32 i32 i32) (result i32)))
+              (import "tidepool" "event_meta" (func $event_meta (param i32 i32) (result i32)))
+              (memory (export "memory") 1)
+              (data (i32.const 0) "k")
+              (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+              {body})"#
+        );
+        let manifest: Manifest = toml::from_str(&format!(
+            "name = \"t\"\nversion = 1\nsubscribe = [\"#\"]\n[limits]\n{limits}\n"
+        ))
+        .unwrap();
+        let env = HostEnv {
+            state: Arc::new(NoState),
+            log_bytes_per_event: 100,
+            emit_depth: 2,
+        };
+        Handler::load(
+            &Runtime::default(),
+            &wat::parse_str(&wat).unwrap(),
+            manifest,
+            &BTreeMap::new(),
+            env,
+            0,
+        )
+    }
+
+    fn ev() -> EventInfo<'static> {
+        EventInfo {
+            device: "d1",
+            seq: 7,
+            ts: None,
+            received_ms: 5,
+            topic: "a/b",
+            payload: b"xy",
+            depth: 0,
+        }
+    }
+
+    #[test]
+    fn wasi_imports_and_missing_exports_are_refused_by_name() {
+        let wasm = wat::parse_str(
+            r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+                (memory (export "memory") 1))"#,
+        )
+        .unwrap();
+        let m: Manifest =
+            toml::from_str("name = \"w\"\nversion = 1\nsubscribe = [\"#\"]\n").unwrap();
+        let env = HostEnv {
+            state: Arc::new(NoState),
+            log_bytes_per_event: 100,
+            emit_depth: 2,
+        };
+        let err = Handler::load(&Runtime::default(), &wasm, m, &BTreeMap::new(), env, 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("wasi_snapshot_preview1") && err.contains("fd_write"),
+            "{err}"
+        );
+        let err = load("", "").err().unwrap().to_string();
+        assert!(err.contains("tp_on_event"), "{err}");
+    }
+
+    #[test]
+    fn state_get_returns_the_full_length_and_writes_only_what_fits() {
+        // Cap 4: returns 10 and writes nothing; cap 16: writes the value. Return code = sum check.
+        let mut h = load(
+            r#"(func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+                (if (i32.ne (call $state_get (i32.const 0) (i32.const 1) (i32.const 200) (i32.const 4)) (i32.const 10))
+                  (then (return (i32.const 1))))
+                (if (i32.ne (i32.load8_u (i32.const 200)) (i32.const 0)) (then (return (i32.const 2))))
+                (drop (call $state_get (i32.const 0) (i32.const 1) (i32.const 200) (i32.const 16)))
+                (if (i32.ne (i32.load8_u (i32.const 209)) (i32.const 57)) (then (return (i32.const 3))))
+                (if (i32.ne (call $state_get (i32.const 1) (i32.const 1) (i32.const 200) (i32.const 16)) (i32.const -1))
+                  (then (return (i32.const 4))))
+                (i32.const 0))"#,
+            "",
+        )
+        .unwrap();
+        let out = h.invoke(&ev());
+        assert_eq!(out.result, Ok(Effects::default()));
+        assert!(out.fuel_used > 2 * abi::HOST_CALL_FUEL);
+    }
+
+    #[test]
+    fn bad_arguments_and_limits_return_their_codes_and_a_limit_fails_the_invocation() {
+        let mut h = load(
+            r#"(func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+                (if (i32.ne (call $forward (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 3)) (i32.const -5))
+                  (then (return (i32.const 1))))
+                (if (i32.ne (call $forward (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const -5))
+                  (then (return (i32.const 2))))
+                (if (i32.ne (call $forward (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 0))
+                  (then (return (i32.const 3))))
+                (if (i32.ne (call $forward (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const -3))
+                  (then (return (i32.const 4))))
+                (i32.const 0))"#,
+            "forwards_per_event = 1",
+        )
+        .unwrap();
+        assert_eq!(
+            h.invoke(&ev()).result,
+            Err(Failure("limit:forwards_per_event".into()))
+        );
+    }
+
+    #[test]
+    fn bad_pointers_trap_without_touching_the_host_and_the_instance_is_rebuilt() {
+        let mut h = load(
+            r#"(func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+                (if (i32.eq (local.get 3) (i32.const 2))
+                  (then (drop (call $state_get (i32.const -1) (i32.const 2) (i32.const 0) (i32.const 0)))))
+                (if (i32.eq (local.get 3) (i32.const 3))
+                  (then (drop (call $event_meta (i32.const 65530) (i32.const 7)))))
+                (i32.const 0))"#,
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            h.invoke(&ev()).result,
+            Err(Failure("trap:bad pointer or length in state_get".into()))
+        );
+        let three = EventInfo {
+            payload: b"xyz",
+            ..ev()
+        };
+        assert_eq!(
+            h.invoke(&three).result,
+            Err(Failure("trap:bad pointer or length in event_meta".into()))
+        );
+        let one = EventInfo {
+            payload: b"x",
+            ..ev()
+        };
+        assert_eq!(
+            h.invoke(&one).result,
+            Ok(Effects::default()),
+            "a fresh instance serves the next event"
+        );
+    }
+
+    #[test]
+    fn a_handler_that_loops_forever_runs_out_of_fuel_and_event_meta_is_cbor() {
+        let mut h = load(
+            r#"(func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+                (if (i32.eq (local.get 3) (i32.const 2)) (then (loop $l (br $l))))
+                (call $event_meta (i32.const 2048) (i32.const 256)))"#,
+            "fuel_per_event = 10000",
+        )
+        .unwrap();
+        let out = h.invoke(&ev());
+        assert_eq!(out.result, Err(Failure("limit:fuel".into())));
+        assert!(out.fuel_used >= 9_990, "{}", out.fuel_used);
+        // The meta map's length comes back as the (non-zero) return code.
+        let one = EventInfo {
+            payload: b"x",
+            ..ev()
+        };
+        let out = h.invoke(&one);
+        let Err(Failure(msg)) = out.result else {
+            panic!("expected the length as a non-zero return")
+        };
+        let len: usize = msg.trim_start_matches("handler returned ").parse().unwrap();
+        let meta = event_meta(&one);
+        assert_eq!(len, meta.len());
+        let v: ciborium::Value = ciborium::from_reader(&meta[..]).unwrap();
+        let map = v.as_map().unwrap();
+        let keys: Vec<_> = map.iter().map(|(k, _)| k.as_text().unwrap()).collect();
+        assert_eq!(keys, ["device", "seq", "ts", "received_ms", "clock_synced"]);
+        assert_eq!(map[0].1.as_text(), Some("d1"));
+    }
 }
