@@ -89,6 +89,14 @@ echo "== sled alone: $total inserts of 100 bytes, a flush per 1000"
 sl=$("$loadgen" sled --dir "$work/sled" --events "$total" --batch 1000 --value-bytes 100)
 echo "   $sl"
 
+echo "== the commit's write shape (2 keys per event + 1 mark per group, a flush per group):"
+echo "   one-tree batch (what the gateway does) vs three-tree transaction, at group sizes 40 and 1000"
+for group in 40 1000; do
+    for mode in batch txn; do
+        echo "   group=$group $("$loadgen" sled-group --dir "$work/sled-$mode-$group" --events 60000 --group "$group" --mode "$mode")"
+    done
+done
+
 echo "== mosquitto: $devices publishers (mosquitto_pub -q 1 -l), $events messages each, persistence on"
 mq_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mkdir -p "$work/mq"

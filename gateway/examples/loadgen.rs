@@ -52,6 +52,20 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         value_bytes: usize,
     },
+    /// The group-commit write shape, two ways: per event a state key and an outbox key
+    /// (100 bytes each), plus one high-water mark per group, one flush per group; either one
+    /// `apply_batch` on one tree with prefixed keys (what the gateway does) or one transaction
+    /// over three trees.
+    SledGroup {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        #[arg(long, default_value_t = 1000)]
+        group: u64,
+        #[arg(long, value_parser = ["batch", "txn"])]
+        mode: String,
+    },
 }
 
 /// A JSON reading padded to `n` bytes: `{"v": 21.5, "pad": "xxx"}`.
@@ -203,6 +217,62 @@ fn main() -> anyhow::Result<()> {
             let secs = start.elapsed().as_secs_f64();
             println!(
                 "sled events={events} seconds={secs:.3} events_per_s={:.0}",
+                events as f64 / secs
+            );
+            Ok(())
+        }
+        Cmd::SledGroup {
+            dir,
+            events,
+            group,
+            mode,
+        } => {
+            use sled::Transactional;
+            let db = sled::Config::new()
+                .path(&dir)
+                .flush_every_ms(None)
+                .cache_capacity(4 << 20)
+                .open()?;
+            let one = db.open_tree("one")?;
+            let (state, outbox, marks) =
+                (db.open_tree("s")?, db.open_tree("o")?, db.open_tree("h")?);
+            let value = vec![b'x'; 100];
+            let start = Instant::now();
+            let mut i = 0u64;
+            while i < events {
+                let n = group.min(events - i);
+                if mode == "batch" {
+                    let mut b = sled::Batch::default();
+                    for k in i..i + n {
+                        b.insert(
+                            [b"s/".as_slice(), &(k % 64).to_be_bytes()].concat(),
+                            value.as_slice(),
+                        );
+                        b.insert(
+                            [b"o/".as_slice(), &k.to_be_bytes()].concat(),
+                            value.as_slice(),
+                        );
+                    }
+                    b.insert(b"h/dev".as_slice(), &(i + n).to_be_bytes());
+                    one.apply_batch(b)?;
+                } else {
+                    let r: sled::transaction::TransactionResult<(), ()> = (&state, &outbox, &marks)
+                        .transaction(|(s, o, h)| {
+                            for k in i..i + n {
+                                s.insert(&(k % 64).to_be_bytes(), value.as_slice())?;
+                                o.insert(&k.to_be_bytes(), value.as_slice())?;
+                            }
+                            h.insert(b"dev", &(i + n).to_be_bytes())?;
+                            Ok(())
+                        });
+                    r.map_err(|e| anyhow::anyhow!("transaction: {e:?}"))?;
+                }
+                db.flush()?;
+                i += n;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "sled-{mode} events={events} seconds={secs:.3} events_per_s={:.0}",
                 events as f64 / secs
             );
             Ok(())
