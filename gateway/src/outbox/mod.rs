@@ -164,7 +164,8 @@ impl Outbox {
     /// What is waiting, for the wake policy.
     pub fn pending(&self) -> Pending {
         let ix = self.lock();
-        let oldest = |c: Class| ix.classes[slot(c)].values().map(|m| m.at).min();
+        // Entries arrive in outbox order with non-decreasing times: the first is the oldest.
+        let oldest = |c: Class| ix.classes[slot(c)].first_key_value().map(|(_, m)| m.at);
         Pending {
             urgent: ix.classes[0].len(),
             normal: ix.classes[1].len(),

@@ -116,7 +116,8 @@ pub fn decode(body: &[u8], require_seq: bool) -> Result<DeviceMsg, BadFrame> {
 }
 
 /// Nack codes of wire protocol v1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NackCode {
     Acl,
     TooLarge,
@@ -125,6 +126,13 @@ pub enum NackCode {
 }
 
 impl NackCode {
+    pub const ALL: [NackCode; 4] = [
+        NackCode::Acl,
+        NackCode::TooLarge,
+        NackCode::BadTopic,
+        NackCode::BadFrame,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             NackCode::Acl => "acl",
@@ -135,8 +143,9 @@ impl NackCode {
     }
 }
 
-/// A message from the gateway to a device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A message from the gateway to a device. Serializes as the wire's CBOR map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum GatewayMsg {
     Welcome {
         hwm: u64,
@@ -156,56 +165,13 @@ pub enum GatewayMsg {
     },
 }
 
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-enum Wire<'a> {
-    Welcome {
-        hwm: u64,
-        max_frame_bytes: u64,
-    },
-    Ack {
-        seq: u64,
-    },
-    Nack {
-        seq: u64,
-        code: &'a str,
-        reason: &'a str,
-    },
-    Busy {
-        seq: u64,
-        retry_after_ms: u64,
-    },
-}
-
 impl GatewayMsg {
     /// Appends this message as one length-prefixed frame.
     pub fn encode_frame(&self, out: &mut Vec<u8>) {
-        let wire = match self {
-            GatewayMsg::Welcome {
-                hwm,
-                max_frame_bytes,
-            } => Wire::Welcome {
-                hwm: *hwm,
-                max_frame_bytes: *max_frame_bytes,
-            },
-            GatewayMsg::Ack { seq } => Wire::Ack { seq: *seq },
-            GatewayMsg::Nack { seq, code, reason } => Wire::Nack {
-                seq: *seq,
-                code: code.as_str(),
-                reason,
-            },
-            GatewayMsg::Busy {
-                seq,
-                retry_after_ms,
-            } => Wire::Busy {
-                seq: *seq,
-                retry_after_ms: *retry_after_ms,
-            },
-        };
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
         // Writing into a Vec cannot fail, and these types always serialize.
-        ciborium::into_writer(&wire, &mut *out).expect("CBOR encoding into a Vec");
+        ciborium::into_writer(self, &mut *out).expect("CBOR encoding into a Vec");
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
     }
@@ -238,13 +204,11 @@ pub fn decode_gateway(body: &[u8]) -> Result<Option<GatewayMsg>, BadFrame> {
             retry_after_ms: num("retry_after_ms")?,
         },
         "nack" => {
-            let code = match text("code")?.as_str() {
-                "acl" => NackCode::Acl,
-                "too_large" => NackCode::TooLarge,
-                "bad_topic" => NackCode::BadTopic,
-                "bad_frame" => NackCode::BadFrame,
-                other => return Err(bad(0, format!("unknown nack code `{other}`"))),
-            };
+            let code = text("code")?;
+            let code = NackCode::ALL
+                .into_iter()
+                .find(|c| c.as_str() == code)
+                .ok_or_else(|| bad(0, format!("unknown nack code `{code}`")))?;
             GatewayMsg::Nack {
                 seq: num("seq")?,
                 code,
@@ -382,7 +346,12 @@ mod tests {
                 retry_after_ms: 500,
             },
         ];
-        for m in msgs {
+        let nacks = NackCode::ALL.map(|code| GatewayMsg::Nack {
+            seq: 1,
+            code,
+            reason: String::new(),
+        });
+        for m in msgs.into_iter().chain(nacks) {
             let mut out = Vec::new();
             m.encode_frame(&mut out);
             let len = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
