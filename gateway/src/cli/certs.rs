@@ -7,9 +7,10 @@ use super::ConfigArgs;
 
 #[derive(clap::Subcommand)]
 pub enum What {
-    /// Issue a certificate for a device: writes ID.crt, ID.key (PEM, ECDSA P-256) and the
-    /// gateway's ca.crt. The device id is the certificate's common name and must match
-    /// [A-Za-z0-9._-]{1,64}. Creates the gateway's CAs first if the data dir has none.
+    /// Issue a device certificate (ID.crt, ID.key and the gateway's ca.crt).
+    ///
+    /// Keys are ECDSA P-256, in PEM. The device id is the certificate's common name and must
+    /// match [A-Za-z0-9._-]{1,64}. Creates the gateway's CAs first if the data dir has none.
     Device {
         /// The device id.
         id: String,

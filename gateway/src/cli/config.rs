@@ -5,6 +5,8 @@ use std::process::ExitCode;
 #[derive(clap::Subcommand)]
 pub enum What {
     /// Print the full default configuration as commented TOML (every key, every default).
+    ///
+    /// Save it as a starting point: `tidepool config defaults > tidepool.toml`.
     Defaults,
 }
 

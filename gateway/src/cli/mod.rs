@@ -25,10 +25,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Run(run::Args),
+    /// Issue certificates from the gateway's CAs.
     Certs {
         #[command(subcommand)]
         what: certs::What,
     },
+    /// Show the configuration's defaults.
     Config {
         #[command(subcommand)]
         what: config::What,

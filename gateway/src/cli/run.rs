@@ -7,9 +7,13 @@ use tracing_subscriber::EnvFilter;
 
 use super::ConfigArgs;
 
-/// Run the gateway: listen for devices (UDP, QUIC), run handlers, commit to the store and
-/// wake the uplink when handlers forward. SIGINT or SIGTERM stops it gracefully: streams stop
-/// reading, everything received is settled and answered, then it exits.
+/// Run the gateway in the foreground.
+///
+/// Listens for devices (QUIC on UDP), runs the handlers on each event, commits to the store,
+/// and wakes the uplink when handlers forward. The first start creates the CAs and the server
+/// certificate in the data dir. Prints `tidepool listening on ADDR` on stdout when ready; logs
+/// go to stderr. SIGINT or SIGTERM stops it gracefully: streams stop reading, everything
+/// received is settled and answered, then it exits and writes `<data-dir>/metrics.json`.
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]

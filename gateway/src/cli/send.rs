@@ -10,9 +10,10 @@ use bytes::Bytes;
 use tidepool::client::{Device, FrameStream};
 use tidepool::proto::msg::{DeviceMsg, GatewayMsg, Publish};
 
-/// Publish events to a gateway as a device. Asks the gateway where to continue (`hello`),
-/// sends each payload with the next seq, waits for every answer, and prints a summary.
-/// Exits non-zero unless every event was acked.
+/// Publish events to a gateway as a device.
+///
+/// Asks the gateway where to continue (`hello`), sends each payload with the next seq, waits
+/// for every answer, and prints a summary. Exits non-zero unless every event was acked.
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("source").required(true).args(["payload", "stdin"]))]
 pub struct Args {
