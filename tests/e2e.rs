@@ -97,17 +97,7 @@ async fn urgent_forward_reaches_the_cloud_with_the_contract_body_and_state_survi
         .await;
     dev.close().await;
     let m = gw.stop();
-    let ids: Vec<String> = reqs
-        .iter()
-        .flat_map(|r| {
-            r.json()["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["id"].as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let ids = delivered_ids(&reqs);
     assert_eq!(
         ids,
         vec!["gw-test:dev-1:2:threshold:0", "gw-test:dev-1:6:threshold:0"],
@@ -386,25 +376,12 @@ async fn a_cloud_answering_503_for_a_while_gets_every_event_once_after_it_recove
     }
     s.flush().await.unwrap();
     until_ack(&mut s, seq).await;
-    let delivered = |r: &[Request]| -> Vec<String> {
-        r.iter()
-            .filter(|r| r.status == 200)
-            .flat_map(|r| {
-                r.json()["events"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|e| e["id"].as_str().unwrap().to_string())
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    };
     let reqs = cloud
-        .wait_until(Duration::from_secs(10), |r| delivered(r).len() >= 3)
+        .wait_until(Duration::from_secs(10), |r| delivered_ids(r).len() >= 3)
         .await;
     dev.close().await;
     let m = gw.stop();
-    let ids = delivered(&reqs);
+    let ids = delivered_ids(&reqs);
     let unique: HashSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), 3, "{ids:?}");
     assert_eq!(ids.len(), 3, "each event id delivered once: {ids:?}");
@@ -465,6 +442,104 @@ async fn a_full_outbox_answers_busy_with_the_first_seq_not_kept_after_settling_t
             max_frame_bytes: 65536
         })
     );
+}
+
+/// Four unrouted events forwarded as one `normal` batch of four (no handler needed).
+async fn four_forwards_in_one_batch(cloud: &Cloud, topics: [&str; 4]) -> serde_json::Value {
+    let mut gw = Gateway::start(&format!(
+        "[router]\nunrouted = \"forward\"\nunrouted_class = \"normal\"\n[outbox]\nmax_batch_events = 4\nmax_delay_ms = 600000\n[uplink]\nurl = \"{}\"\n",
+        cloud.url
+    ));
+    let dev = gw.connect("dev-p").await;
+    let mut s = dev.open().await.unwrap();
+    for (i, t) in topics.iter().enumerate() {
+        s.push(&publish(i as u64 + 1, &format!("devices/dev-p/{t}"), b"{}"));
+    }
+    s.flush().await.unwrap();
+    until_ack(&mut s, 4).await;
+    let done = |r: &[Request]| {
+        delivered_ids(r).len()
+            + r.iter()
+                .filter(|r| r.status == 422 && r.json()["events"].as_array().unwrap().len() == 1)
+                .count()
+            >= 4
+    };
+    cloud.wait_until(Duration::from_secs(10), done).await;
+    dev.close().await;
+    gw.stop()
+}
+
+fn delivered_ids(r: &[Request]) -> Vec<String> {
+    r.iter()
+        .filter(|r| r.status == 200)
+        .flat_map(|r| {
+            r.json()["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rejected_batch_is_bisected_and_only_the_offending_event_is_dead_lettered() {
+    // Answer 422 to any batch holding the poisoned topic, 200 otherwise.
+    let cloud = Cloud::start_with(|req: &Request| {
+        if String::from_utf8_lossy(&req.body).contains("poison") {
+            422
+        } else {
+            200
+        }
+    })
+    .await;
+    let m = four_forwards_in_one_batch(&cloud, ["a", "b", "c", "poison"]).await;
+    let reqs = cloud.requests();
+    assert_eq!(
+        reqs[0].json()["events"].as_array().unwrap().len(),
+        4,
+        "one batch of four first"
+    );
+    let mut ids = delivered_ids(&reqs);
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            "gw-test:dev-p:1::0",
+            "gw-test:dev-p:2::0",
+            "gw-test:dev-p:3::0"
+        ],
+        "each good event once"
+    );
+    assert_eq!(m["dead_letters"], 1, "{m}");
+    // 4 → 2 + 2 → the bad half splits → 1 + 1: five requests, no more.
+    assert_eq!(
+        reqs.len(),
+        5,
+        "{:?}",
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_batch_too_large_for_the_cloud_is_split() {
+    let cloud = Cloud::start_with(|req: &Request| {
+        if req.json()["events"].as_array().unwrap().len() > 2 {
+            413
+        } else {
+            200
+        }
+    })
+    .await;
+    let m = four_forwards_in_one_batch(&cloud, ["a", "b", "c", "d"]).await;
+    let reqs = cloud.requests();
+    assert_eq!(
+        reqs.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [413, 200, 200]
+    );
+    assert_eq!(delivered_ids(&reqs).len(), 4);
+    assert_eq!(m["dead_letters"], 0);
 }
 
 // --- helpers -----------------------------------------------------------------------------

@@ -57,17 +57,7 @@ pub fn handler_entry(wasm: &Path, manifest: &Path) -> String {
 }
 
 /// A handler that counts its invocations in state key `n` (u64 LE) and forwards nothing.
-pub const COUNTER_WAT: &str = r#"(module
-  (import "tidepool" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
-  (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (data (i32.const 0) "n")
-  (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
-  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
-    (i64.store (i32.const 16) (i64.const 0))
-    (drop (call $get (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 8)))
-    (i64.store (i32.const 16) (i64.add (i64.load (i32.const 16)) (i64.const 1)))
-    (call $put (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 8))))"#;
+pub const COUNTER_WAT: &str = include_str!("../handlers/counter.wat");
 
 /// Like [`COUNTER_WAT`], after burning fuel in a loop of `$spin` iterations (a slow handler).
 pub fn slow_counter_wat(spin: u32) -> String {
@@ -267,8 +257,8 @@ impl Request {
     }
 }
 
-/// A real HTTP/1.1 server on loopback that records requests and answers with `status(n)` for
-/// the n-th request (0-based).
+/// A real HTTP/1.1 server on loopback that records requests and answers each with a status
+/// chosen by the test.
 pub struct Cloud {
     pub url: String,
     pub requests: Arc<Mutex<Vec<Request>>>,
@@ -276,7 +266,15 @@ pub struct Cloud {
 }
 
 impl Cloud {
+    /// A cloud that answers by request number.
     pub async fn start(status: impl Fn(usize) -> u16 + Send + Sync + 'static) -> Cloud {
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        Cloud::start_with(move |_| status(n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)))
+            .await
+    }
+
+    /// A cloud that answers by request content.
+    pub async fn start_with(status: impl Fn(&Request) -> u16 + Send + Sync + 'static) -> Cloud {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/ingest", listener.local_addr().unwrap());
         let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
@@ -314,17 +312,15 @@ impl Cloud {
                             .unwrap_or(0);
                         let mut body = vec![0; len];
                         r.read_exact(&mut body).await.unwrap();
-                        let code = {
-                            let mut g = reqs.lock().unwrap();
-                            let code = status(g.len());
-                            g.push(Request {
-                                path,
-                                headers,
-                                body,
-                                status: code,
-                            });
-                            code
+                        let mut req = Request {
+                            path,
+                            headers,
+                            body,
+                            status: 0,
                         };
+                        req.status = status(&req);
+                        let code = req.status;
+                        reqs.lock().unwrap().push(req);
                         arr.notify_waiters();
                         let resp = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n");
                         if w.write_all(resp.as_bytes()).await.is_err() {

@@ -2,8 +2,10 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
 
 use super::ConfigArgs;
 
@@ -22,11 +24,17 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let cfg = a.config.load()?;
-    let filter =
-        EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cfg.gateway.log))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    // `target=level` directives, comma-separated (e.g. `info,tidepool=debug`); RUST_LOG wins.
+    let (directives, origin) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => (v, "RUST_LOG"),
+        _ => (cfg.gateway.log.clone(), "gateway.log"),
+    };
+    let filter: Targets = directives
+        .parse()
+        .with_context(|| format!("{origin} = `{directives}`"))?;
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

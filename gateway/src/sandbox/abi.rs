@@ -216,6 +216,24 @@ fn topic_ok(t: &[u8]) -> Option<String> {
     Some(t.to_string())
 }
 
+/// The shared start of `forward` and `emit`: not in `tp_init`, read and pay for the topic and
+/// the payload. The topic is `None` when it is not a valid concrete topic (`-5`).
+fn publication(
+    c: &mut Caller<'_, Host>,
+    tp: i32,
+    tl: i32,
+    pp: i32,
+    pl: i32,
+    call: &'static str,
+) -> Result<(Option<String>, Vec<u8>), wasmi::Error> {
+    deny_in_init(c, call)?;
+    let mem = memory(c, call)?;
+    let t = read(c, mem, tp, tl, call)?;
+    let payload = read(c, mem, pp, pl, call)?;
+    charge(c, t.len() + payload.len())?;
+    Ok((topic_ok(&t), payload))
+}
+
 /// A linker with the whole `tidepool` import module.
 pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     let mut l = Linker::<Host>::new(engine);
@@ -278,12 +296,8 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
         MODULE,
         "forward",
         |mut c: Caller<'_, Host>, tp: i32, tl: i32, pp: i32, pl: i32, class: i32| {
-            deny_in_init(&c, "forward")?;
-            let mem = memory(&c, "forward")?;
-            let t = read(&c, mem, tp, tl, "forward")?;
-            let payload = read(&c, mem, pp, pl, "forward")?;
-            charge(&mut c, t.len() + payload.len())?;
-            let (Some(class), Some(topic)) = (Class::from_abi(class), topic_ok(&t)) else {
+            let (topic, payload) = publication(&mut c, tp, tl, pp, pl, "forward")?;
+            let (Some(class), Some(topic)) = (Class::from_abi(class), topic) else {
                 return Ok(BAD_ARGUMENT);
             };
             let h = c.data_mut();
@@ -302,12 +316,8 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
         MODULE,
         "emit",
         |mut c: Caller<'_, Host>, tp: i32, tl: i32, pp: i32, pl: i32| {
-            deny_in_init(&c, "emit")?;
-            let mem = memory(&c, "emit")?;
-            let t = read(&c, mem, tp, tl, "emit")?;
-            let payload = read(&c, mem, pp, pl, "emit")?;
-            charge(&mut c, t.len() + payload.len())?;
-            let Some(topic) = topic_ok(&t) else {
+            let (topic, payload) = publication(&mut c, tp, tl, pp, pl, "emit")?;
+            let Some(topic) = topic else {
                 return Ok(BAD_ARGUMENT);
             };
             let h = c.data_mut();
