@@ -119,5 +119,5 @@ import json, sys
 m = json.load(open(sys.argv[1]))
 if m["bytes_up"]:
     print(f"   => the cloud saw {m['bytes_up'] / m['bytes_in']:.1%} of the bytes the devices sent, "
-          f"in {m['uplink_wakeups']} wake-ups for {m['events_in']} events")
+          f"in {m['uplink_wakeups']} uplink wake-up{'' if m['uplink_wakeups'] == 1 else 's'} for {m['events_in']} events")
 PY

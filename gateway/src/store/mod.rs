@@ -82,7 +82,9 @@ impl Store {
         };
         let db = match cfg().open() {
             Ok(db) => db,
-            Err(e @ (sled::Error::Corruption { .. } | sled::Error::Unsupported(_))) => {
+            // Only a corrupt store is moved aside; any other error (a lock held by another
+            // process, an option sled cannot apply to this store) stops the start, data untouched.
+            Err(e @ sled::Error::Corruption { .. }) => {
                 let aside = dir.with_extension(format!("unreadable-{}", crate::clock::now_ms()));
                 std::fs::rename(dir, &aside)?;
                 tracing::error!(error = %e, moved_to = %aside.display(), "store would not open; moved it aside and started a new one");
