@@ -542,6 +542,64 @@ async fn a_batch_too_large_for_the_cloud_is_split() {
     assert_eq!(m["dead_letters"], 0);
 }
 
+#[tokio::test]
+async fn a_certificate_from_the_operator_ca_is_closed_with_wrong_role_on_the_device_alpn() {
+    let gw = Gateway::start("");
+    let (cert, key) = operator_cert(&gw, "op-1");
+    let (_, _, ca) = gw.device_certs("unused");
+    let dev = tidepool::client::Device::connect(&gw.addr, &ca, &cert, &key)
+        .await
+        .expect("the handshake itself succeeds");
+    let reason = tokio::time::timeout(Duration::from_secs(5), dev.conn.closed())
+        .await
+        .expect("closed");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(4));
+            assert_eq!(&c.reason[..], b"wrong_role");
+        }
+        other => panic!("expected wrong_role, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_telemetry_datagram_runs_without_an_ack_and_never_moves_the_high_water_mark() {
+    let cloud = Cloud::start(|_| 200).await;
+    let gw = Gateway::start(&format!(
+        "[router]\nunrouted = \"forward\"\nunrouted_class = \"urgent\"\n[uplink]\nurl = \"{}\"\n",
+        cloud.url
+    ));
+    let dev = gw.connect("dev-g").await;
+    let body = cbor_map(&[
+        ("type", V::T("publish")),
+        ("topic", V::T("devices/dev-g/t")),
+        ("payload", V::B(b"21")),
+    ]);
+    dev.conn.send_datagram(body.into()).unwrap();
+    // The forward of the datagram's event reaches the cloud: it was processed and committed.
+    let reqs = cloud
+        .wait_until(Duration::from_secs(5), |r| !r.is_empty())
+        .await;
+    let e = &reqs
+        .first()
+        .expect("the datagram's forward reached the cloud")
+        .json()["events"][0];
+    assert_eq!(e["topic"], "devices/dev-g/t");
+    assert!(
+        e["id"].as_str().unwrap().starts_with("gw-test:dev-g:dg"),
+        "{e}"
+    );
+    let mut s = dev.open().await.unwrap();
+    s.send(&DeviceMsg::Hello).await.unwrap();
+    assert_eq!(
+        next_msg(&mut s).await,
+        Some(GatewayMsg::Welcome {
+            hwm: 0,
+            max_frame_bytes: 65536
+        })
+    );
+}
+
 // --- helpers -----------------------------------------------------------------------------
 
 enum V<'a> {
@@ -579,6 +637,32 @@ async fn reset_code(s: &mut tidepool::client::FrameStream) -> u64 {
         }
         other => panic!("expected a reset stream, got {other:?}"),
     }
+}
+
+/// A client certificate signed by the gateway's operator CA (not the device CA).
+fn operator_cert(gw: &Gateway, cn: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let pki = gw.data().join("pki");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki.join("operator-ca.key")).unwrap())
+            .unwrap();
+    let ca = rcgen::CertificateParams::from_ca_cert_pem(
+        &std::fs::read_to_string(pki.join("operator-ca.crt")).unwrap(),
+    )
+    .unwrap()
+    .self_signed(&ca_key)
+    .unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+    let (cp, kp) = (
+        gw.dir.path().join(format!("{cn}.crt")),
+        gw.dir.path().join(format!("{cn}.key")),
+    );
+    std::fs::write(&cp, cert.pem()).unwrap();
+    std::fs::write(&kp, key.serialize_pem()).unwrap();
+    (cp, kp)
 }
 
 async fn connect_without_client_cert(
