@@ -626,16 +626,14 @@ fn cbor_map(kv: &[(&str, V)]) -> Vec<u8> {
     out
 }
 
-/// Waits for the gateway to reset the stream and returns the code.
+/// Waits for the gateway to stop the device's sending side of the stream; returns the code.
 async fn reset_code(s: &mut tidepool::client::FrameStream) -> u64 {
-    let r = tokio::time::timeout(Duration::from_secs(5), s.next())
+    let r = tokio::time::timeout(Duration::from_secs(5), s.send.stopped())
         .await
-        .expect("stream closed within 5 s");
+        .expect("stream stopped within 5 s");
     match r {
-        Err(tidepool::client::ClientError::Read(quinn::ReadError::Reset(code))) => {
-            code.into_inner()
-        }
-        other => panic!("expected a reset stream, got {other:?}"),
+        Ok(Some(code)) => code.into_inner(),
+        other => panic!("expected STOP_SENDING with a code, got {other:?}"),
     }
 }
 

@@ -266,6 +266,19 @@ impl Config {
         if self.outbox.max_batch_events == 0 || self.outbox.max_batch_bytes == 0 {
             return bad("outbox.max_batch_events and max_batch_bytes must be at least 1".into());
         }
+        const MAX_MS: u64 = 30 * 24 * 3600 * 1000;
+        let o = &self.outbox;
+        for (name, v) in [
+            ("max_delay_ms", o.max_delay_ms),
+            ("bulk_window_ms", o.bulk_window_ms),
+            ("linger_ms", o.linger_ms),
+            ("retry_base_ms", o.retry_base_ms),
+            ("retry_max_ms", o.retry_max_ms),
+        ] {
+            if v > MAX_MS {
+                return bad(format!("outbox.{name} = {v} is more than 30 days"));
+            }
+        }
         if self.outbox.retry_base_ms == 0 || self.outbox.retry_max_ms < self.outbox.retry_base_ms {
             return bad("outbox: need 0 < retry_base_ms <= retry_max_ms".into());
         }
@@ -313,5 +326,11 @@ mod tests {
         assert!(Config::from_toml_str("[outbox]\nmax_dealy_ms = 1\n", Path::new("x")).is_err());
         assert!(Config::from_toml_str("[gateway]\nid = \"a b\"\n", Path::new("x")).is_err());
         assert!(Config::from_toml_str("[acl]\npublish = [\"a/#/b\"]\n", Path::new("x")).is_err());
+        let err = Config::from_toml_str(
+            "[outbox]\nbulk_window_ms = 18446744073709551615\n",
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("bulk_window_ms"), "{err}");
     }
 }

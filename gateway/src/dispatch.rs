@@ -76,7 +76,8 @@ pub struct Dispatcher {
     pub backlog: Arc<AtomicUsize>,
     tag: u64,
     datagrams: u64,
-    boot_ms: u64,
+    /// Random per start: datagram entry ids stay unique across restarts, even without a clock.
+    boot_nonce: u64,
     metrics: Arc<Metrics>,
     route_buf: Vec<usize>,
 }
@@ -110,7 +111,7 @@ impl Dispatcher {
             backlog: Arc::new(AtomicUsize::new(0)),
             tag: 0,
             datagrams: 0,
-            boot_ms: crate::clock::now_ms(),
+            boot_nonce: fastrand::u64(..),
             metrics,
             route_buf: Vec::new(),
         }
@@ -246,7 +247,7 @@ impl Dispatcher {
             return;
         }
         self.datagrams += 1;
-        let seq_text = format!("dg{}.{}", self.boot_ms, self.datagrams);
+        let seq_text = format!("dg{:016x}.{}", self.boot_nonce, self.datagrams);
         match self.process(device, &p, &seq_text, received_ms) {
             Some(ws) => self.submit(device, 0, ItemKind::Event(Box::new(ws)), None),
             None => Metrics::inc(&self.metrics.datagrams_dropped),
@@ -353,6 +354,23 @@ impl Dispatcher {
         let written: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.state.lock().drain().collect();
         match self.outbox.admit(&mut ws.outbox) {
             Admission::Full => return None,
+            Admission::TooLarge(need) => {
+                // Busy would never clear: the event goes to the dead letters instead of its forwards.
+                Metrics::inc(&self.metrics.dead_letters);
+                let d = DeadLetter {
+                    device: device.to_string(),
+                    seq: p.seq,
+                    topic: p.topic.clone(),
+                    payload: p.payload.to_vec(),
+                    handler: String::new(),
+                    reason: format!(
+                        "limit:outbox ({need} bytes of forwards exceed outbox.max_bytes)"
+                    ),
+                    received_ms,
+                };
+                ws.outbox.clear();
+                ws.dead.push(d.encode());
+            }
             Admission::DroppedBulk(n) => Metrics::add(&self.metrics.bulk_dropped, n as u64),
             Admission::Admitted => {}
         }

@@ -46,7 +46,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                     Ok(s) => s,
                     Err(e) => {
-                        tracing::error!("cannot watch SIGTERM: {e}");
+                        tracing::error!(
+                            "cannot watch SIGTERM ({e}); only SIGINT stops the gateway"
+                        );
+                        let _ = tokio::signal::ctrl_c().await;
+                        let _ = stop_tx.send(true);
                         return;
                     }
                 };

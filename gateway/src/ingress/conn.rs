@@ -17,6 +17,9 @@ use crate::proto::msg::{self, DeviceMsg, GatewayMsg, NackCode};
 use crate::proto::{topic, CloseCode};
 use crate::store::commit::Settled;
 
+/// How long a closing connection waits for its streams to answer what they submitted.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn code(c: CloseCode) -> VarInt {
     VarInt::from_u32(c as u32)
 }
@@ -61,12 +64,18 @@ pub(super) async fn run(
     // Stream tasks stop reading when `halt` turns true (superseded or shutting down).
     let (halt_tx, halt) = watch::channel(false);
     let mut streams = tokio::task::JoinSet::new();
-    let datagrams = tokio::spawn(read_datagrams(conn.clone(), device.clone(), shared.clone()));
+    let datagrams = tokio::spawn(read_datagrams(
+        conn.clone(),
+        device.clone(),
+        shared.clone(),
+        superseded.clone(),
+    ));
     let reason = loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    streams.spawn(stream(send, recv, device.clone(), shared.clone(), halt.clone()));
+                    let watch = (halt.clone(), superseded.clone());
+                    streams.spawn(stream(send, recv, device.clone(), shared.clone(), watch));
                 }
                 Err(_) => break None,
             },
@@ -77,8 +86,16 @@ pub(super) async fn run(
     };
     let _ = halt_tx.send(true);
     datagrams.abort();
-    // Settle: every stream answers what it submitted before we close.
-    while streams.join_next().await.is_some() {}
+    // Settle: every stream answers what it submitted before we close (bounded: a device that
+    // stops reading its answers must not hold the connection forever).
+    let settle = async { while streams.join_next().await.is_some() {} };
+    if tokio::time::timeout(SETTLE, settle).await.is_err() {
+        tracing::info!(
+            device = &*device,
+            "streams did not settle within {SETTLE:?}; closing anyway"
+        );
+        streams.abort_all();
+    }
     if let Some(c) = reason {
         tracing::debug!(device = &*device, reason = ?c, "closing connection");
         conn.close(code(c), c.reason());
@@ -86,8 +103,16 @@ pub(super) async fn run(
     shared.unregister(&device, session);
 }
 
-async fn read_datagrams(conn: quinn::Connection, device: Arc<str>, shared: Arc<Shared>) {
+async fn read_datagrams(
+    conn: quinn::Connection,
+    device: Arc<str>,
+    shared: Arc<Shared>,
+    superseded: watch::Receiver<bool>,
+) {
     while let Ok(d) = conn.read_datagram().await {
+        if *superseded.borrow() {
+            return;
+        }
         Metrics::add(&shared.metrics.bytes_in, d.len() as u64);
         let received = crate::clock::now_ms();
         match msg::decode(&d, false) {
@@ -102,21 +127,12 @@ async fn read_datagrams(conn: quinn::Connection, device: Arc<str>, shared: Arc<S
     }
 }
 
-/// How a stream ends on the gateway's side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    /// The device finished, or we stopped reading: finish after the last answer.
-    Finish,
-    /// The framing is lost: reset with this code after the answers already due.
-    Reset(CloseCode),
-}
-
 async fn stream(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     device: Arc<str>,
     shared: Arc<Shared>,
-    mut halt: watch::Receiver<bool>,
+    (mut halt, superseded): (watch::Receiver<bool>, watch::Receiver<bool>),
 ) {
     let (reply, answers) = unbounded_channel();
     let writer = tokio::spawn(write_answers(
@@ -126,7 +142,7 @@ async fn stream(
     ));
     let mut decoder = FrameDecoder::new(shared.ingress.max_frame_bytes);
     let mut prev_seq = 0u64;
-    let mut end = End::Finish;
+    let mut framing_lost = None;
     'read: loop {
         let chunk = tokio::select! {
             c = recv.read_chunk(64 * 1024, true) => c,
@@ -140,13 +156,19 @@ async fn stream(
         decoder.extend(&chunk.bytes);
         let received = crate::clock::now_ms();
         let mut d = shared.lock_dispatcher();
+        // A newer session of this device registered (before it could submit anything): what
+        // this one still reads must not run, or it could claim seqs the new session is told
+        // are free. The device resends it on the new connection.
+        if *superseded.borrow() {
+            break 'read;
+        }
         loop {
             let frame = match decoder.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::info!(device = &*device, "stream closed: {e}");
-                    end = End::Reset(e.close_code());
+                    framing_lost = Some(e.close_code());
                     break 'read;
                 }
             };
@@ -174,22 +196,15 @@ async fn stream(
             }
         }
     }
-    if let End::Reset(c) = end {
+    if let Some(c) = framing_lost {
+        // The code goes to the device as STOP_SENDING on its side of the stream.
         let _ = recv.stop(code(c));
     }
     drop(reply);
-    let _ = writer.await.map(|send| finish(send, end));
-}
-
-fn finish(send: Option<quinn::SendStream>, end: End) {
-    let Some(mut send) = send else { return };
-    match end {
-        End::Finish => {
-            let _ = send.finish();
-        }
-        End::Reset(c) => {
-            let _ = send.reset(code(c));
-        }
+    // Finish (not reset) after the last answer: a reset could discard acks and nacks already
+    // written but not yet delivered.
+    if let Ok(Some(mut send)) = writer.await {
+        let _ = send.finish();
     }
 }
 

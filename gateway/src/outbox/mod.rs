@@ -54,8 +54,10 @@ pub enum Admission {
     Admitted,
     /// Admitted after dropping this many bulk forwards.
     DroppedBulk(usize),
-    /// Does not fit: answer `busy`.
+    /// Does not fit now: answer `busy`.
     Full,
+    /// Larger than the whole outbox: it never will fit.
+    TooLarge(u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -115,18 +117,27 @@ impl Outbox {
 
     /// Admission control for one event's forwards (before anything is written).
     pub fn admit(&self, records: &mut Vec<OutboxRecord>) -> Admission {
-        let need: u64 = records.iter().map(|r| r.entry.len() as u64).sum();
-        if need == 0 || self.reserve(need) {
+        let size = |rs: &mut dyn Iterator<Item = &OutboxRecord>| {
+            rs.map(|r| r.entry.len() as u64).sum::<u64>()
+        };
+        let need = size(&mut records.iter());
+        if need == 0 || (need <= self.max_bytes && self.reserve(need)) {
             return Admission::Admitted;
         }
-        if self.full_policy == FullPolicy::DropBulkFirst {
+        // What must be kept: everything, or under drop_bulk_first only the urgent and normal ones.
+        let keep = match self.full_policy {
+            FullPolicy::DropBulkFirst => {
+                size(&mut records.iter().filter(|r| r.class != Class::Bulk))
+            }
+            FullPolicy::Backpressure => need,
+        };
+        if keep > self.max_bytes {
+            return Admission::TooLarge(keep);
+        }
+        if keep < need && (keep == 0 || self.reserve(keep)) {
             let before = records.len();
             records.retain(|r| r.class != Class::Bulk);
-            let dropped = before - records.len();
-            let need: u64 = records.iter().map(|r| r.entry.len() as u64).sum();
-            if dropped > 0 && (need == 0 || self.reserve(need)) {
-                return Admission::DroppedBulk(dropped);
-            }
+            return Admission::DroppedBulk(before - records.len());
         }
         Admission::Full
     }
@@ -256,9 +267,20 @@ mod tests {
         assert_eq!(ob.admit(&mut r), Admission::Full);
         assert_eq!(ob.used_bytes(), 60);
         let bp = outbox(100, FullPolicy::Backpressure);
-        let mut r = vec![rec(Class::Urgent, 60), rec(Class::Bulk, 60)];
-        assert_eq!(bp.admit(&mut r), Admission::Full);
-        assert_eq!(bp.used_bytes(), 0);
+        let mut r = vec![rec(Class::Urgent, 60), rec(Class::Bulk, 30)];
+        assert_eq!(bp.admit(&mut r), Admission::Admitted);
+        let mut r = vec![rec(Class::Urgent, 60)];
+        assert_eq!(
+            bp.admit(&mut r),
+            Admission::Full,
+            "90 of 100 bytes are taken"
+        );
+        assert_eq!(bp.used_bytes(), 90);
+        // More than the whole outbox never fits: not busy, but too large.
+        let mut r = vec![rec(Class::Normal, 101)];
+        assert_eq!(bp.admit(&mut r), Admission::TooLarge(101));
+        let mut r = vec![rec(Class::Normal, 101), rec(Class::Bulk, 5)];
+        assert_eq!(ob.admit(&mut r), Admission::TooLarge(101));
     }
 
     #[test]

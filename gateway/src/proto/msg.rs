@@ -111,7 +111,10 @@ pub fn decode(body: &[u8], require_seq: bool) -> Result<DeviceMsg, BadFrame> {
                 class: opt_text(&map, "class", seq)?,
             }))
         }
-        other => Err(bad(nack_seq, format!("unknown type `{other}`"))),
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            Err(bad(nack_seq, format!("unknown type `{shown}`")))
+        }
     }
 }
 

@@ -88,7 +88,11 @@ impl HttpSink {
 impl super::Sink for HttpSink {
     async fn send(&mut self, batch: &Batch) -> SendResult {
         if self.client.is_none() {
-            match reqwest::Client::builder().timeout(self.timeout).build() {
+            // No redirects: a POST turned into a GET by a 30x must not count as delivered.
+            let builder = reqwest::Client::builder()
+                .timeout(self.timeout)
+                .redirect(reqwest::redirect::Policy::none());
+            match builder.build() {
                 Ok(c) => self.client = Some(c),
                 Err(e) => {
                     return SendResult::Retry {

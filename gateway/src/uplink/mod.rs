@@ -26,6 +26,22 @@ pub struct Batch {
     pub body: Vec<u8>,
 }
 
+/// A batch's id (and `Idempotency-Key`), derived from the ids of its entries: the same entries
+/// always give the same key, different entries a different one, across restarts and boxes.
+pub fn batch_id(gateway: &str, entries: &[Entry]) -> String {
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    for e in entries {
+        h.update(e.id.as_bytes());
+        h.update(b"\n");
+    }
+    let d = h.finish();
+    let hex: String = d.as_ref()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{gateway}-{hex}-{}", entries.len())
+}
+
 /// What a sink made of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendResult {
@@ -81,8 +97,7 @@ impl<S: Sink> Uplink<S> {
     }
 
     fn make_batch(&self, seqs: Vec<u64>, entries: Vec<Entry>) -> Batch {
-        let first = seqs.first().copied().unwrap_or(0);
-        let id = format!("{}-{}-{}", self.gateway, first, seqs.len());
+        let id = batch_id(&self.gateway, &entries);
         let body = http::body(&self.gateway, &id, &entries);
         Batch {
             id,
@@ -200,10 +215,12 @@ impl<S: Sink> Uplink<S> {
                         SendResult::Split => {
                             tracing::error!(batch = %batch.id, "a single event is too large for the cloud; dead-lettered");
                             self.settle(&batch, Some("HTTP 413"))?;
+                            self.policy.on_delivered(Instant::now());
                         }
                         SendResult::Reject(why) => {
                             tracing::error!(batch = %batch.id, "the cloud rejected an event ({why}); dead-lettered");
                             self.settle(&batch, Some(&why))?;
+                            self.policy.on_delivered(Instant::now());
                         }
                     }
                 }
