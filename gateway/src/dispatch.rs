@@ -67,6 +67,8 @@ pub struct Dispatcher {
     unrouted: Unrouted,
     unrouted_class: Class,
     busy_retry_ms: u64,
+    /// Emits allowed for one device event's whole tree (the box's `emits_per_event` cap).
+    emit_budget: u32,
     claimed: HashMap<Arc<str>, u64>,
     store: Store,
     state: Arc<EventState>,
@@ -103,6 +105,7 @@ impl Dispatcher {
             unrouted: cfg.router.unrouted,
             unrouted_class: cfg.router.unrouted_class,
             busy_retry_ms: cfg.ingress.busy_retry_after_ms,
+            emit_budget: cfg.limits.emits_per_event,
             claimed: HashMap::new(),
             store,
             state,
@@ -294,6 +297,7 @@ impl Dispatcher {
                     topic: t,
                     payload,
                     depth,
+                    emit_budget: self.emit_budget.saturating_sub(emitted as u32),
                 };
                 let handler = &mut self.handlers[h];
                 let outcome = handler.invoke(&ev);
@@ -442,6 +446,7 @@ mod tests {
             state: state.clone(),
             log_bytes_per_event: 1024,
             emit_depth: 4,
+            max_payload_bytes: 1024,
         };
         let manifest: Manifest =
             toml::from_str("name = \"counter\"\nversion = 1\nsubscribe = [\"devices/#\"]\n")
@@ -510,5 +515,67 @@ mod tests {
         // Nothing reached sled.
         assert_eq!(store.hwm("d").unwrap(), 0);
         assert_eq!(store.state_durable("counter", b"n").unwrap(), None);
+    }
+
+    #[test]
+    fn one_device_event_cannot_fan_out_past_the_emit_budget() {
+        // Each invocation emits 4 events to a topic it subscribes to itself.
+        let wat = r#"(module
+          (import "tidepool" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 0) "devices/d/x")
+          (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+          (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+            (drop (call $emit (i32.const 0) (i32.const 11) (i32.const 0) (i32.const 0)))
+            (drop (call $emit (i32.const 0) (i32.const 11) (i32.const 0) (i32.const 0)))
+            (drop (call $emit (i32.const 0) (i32.const 11) (i32.const 0) (i32.const 0)))
+            (drop (call $emit (i32.const 0) (i32.const 11) (i32.const 0) (i32.const 0)))
+            (i32.const 0)))"#;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::defaults();
+        let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
+        let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
+        let state = Arc::new(EventState::new(store.clone()));
+        let env = HostEnv {
+            state: state.clone(),
+            log_bytes_per_event: 1024,
+            emit_depth: 4,
+            max_payload_bytes: 1024,
+        };
+        let manifest: Manifest =
+            toml::from_str("name = \"fan\"\nversion = 1\nsubscribe = [\"devices/#\"]\n[limits]\nemits_per_event = 4\n").unwrap();
+        let h = Handler::load(
+            &Runtime::default(),
+            &wat::parse_str(wat).unwrap(),
+            manifest,
+            &Default::default(),
+            env,
+            0,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let metrics = Arc::new(Metrics::default());
+        let mut d = Dispatcher::new(&cfg, vec![h], store, state, outbox, tx, metrics.clone());
+        let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
+        assert_eq!(
+            d.publish(&"d".into(), publish(1), 0, &reply),
+            Submitted::Queued
+        );
+        // The box allows 16 emits per device event in all: the root and 16 emitted events run;
+        // without the budget this tree would be 1 + 4 + 16 + 64 + 256 invocations.
+        assert_eq!(cfg.limits.emits_per_event, 16);
+        assert_eq!(metrics.handler_calls.load(Ordering::Relaxed), 17);
+        let Ok(Item {
+            kind: ItemKind::Event(ws),
+            ..
+        }) = rx.try_recv()
+        else {
+            panic!("one event item")
+        };
+        assert_eq!(
+            ws.dead.len(),
+            13,
+            "the invocations that hit the budget are dead-lettered"
+        );
     }
 }

@@ -136,6 +136,7 @@ pub async fn run(
         state: state.clone(),
         log_bytes_per_event: cfg.limits.log_bytes_per_event,
         emit_depth: cfg.limits.emit_depth,
+        max_payload_bytes: cfg.ingress.max_payload_bytes,
     };
     let handlers = load_handlers(&cfg, &store, &env)?;
     if handlers.is_empty() {

@@ -90,10 +90,12 @@ pub struct Invocation {
     /// The `event_meta` CBOR map.
     pub meta: Vec<u8>,
     pub depth: u32,
+    /// Emits left for the device event's whole tree.
+    pub emit_budget: u32,
 }
 
 impl Invocation {
-    pub fn new(mode: Mode, meta: Vec<u8>, depth: u32) -> Self {
+    pub fn new(mode: Mode, meta: Vec<u8>, depth: u32, emit_budget: u32) -> Self {
         Invocation {
             mode,
             effects: Effects::default(),
@@ -103,6 +105,7 @@ impl Invocation {
             log_dropped: 0,
             meta,
             depth,
+            emit_budget,
         }
     }
 
@@ -217,7 +220,8 @@ fn topic_ok(t: &[u8]) -> Option<String> {
 }
 
 /// The shared start of `forward` and `emit`: not in `tp_init`, read and pay for the topic and
-/// the payload. The topic is `None` when it is not a valid concrete topic (`-5`).
+/// the payload. The topic is `None` (`-5`) when it is not a valid concrete topic or the payload
+/// is larger than `max_payload_bytes`.
 fn publication(
     c: &mut Caller<'_, Host>,
     tp: i32,
@@ -231,6 +235,9 @@ fn publication(
     let t = read(c, mem, tp, tl, call)?;
     let payload = read(c, mem, pp, pl, call)?;
     charge(c, t.len() + payload.len())?;
+    if payload.len() > c.data().env.max_payload_bytes {
+        return Ok((None, payload));
+    }
     Ok((topic_ok(&t), payload))
 }
 
@@ -324,7 +331,8 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             if h.inv.depth >= h.env.emit_depth {
                 return Ok(h.inv.hit("emit_depth", OVER_EMITS));
             }
-            if h.inv.effects.emits.len() >= h.manifest_limits.emits_per_event as usize {
+            let allowed = h.manifest_limits.emits_per_event.min(h.inv.emit_budget);
+            if h.inv.effects.emits.len() >= allowed as usize {
                 return Ok(h.inv.hit("emits_per_event", OVER_EMITS));
             }
             h.inv.effects.emits.push((topic, payload));

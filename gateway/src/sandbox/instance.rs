@@ -194,7 +194,7 @@ impl Handler {
             env: self.env.clone(),
             manifest_limits: limits.clone(),
             state_used: self.state_used,
-            inv: Invocation::new(Mode::Init, Vec::new(), 0),
+            inv: Invocation::new(Mode::Init, Vec::new(), 0, 0),
         };
         let mut store = Store::new(&self.runtime.engine, host);
         store.limiter(|h| &mut h.limits);
@@ -259,12 +259,12 @@ impl Handler {
         };
         let host = live.store.data_mut();
         host.state_used = state_used;
-        host.inv = Invocation::new(Mode::Event, event_meta(ev), ev.depth);
+        host.inv = Invocation::new(Mode::Event, event_meta(ev), ev.depth, ev.emit_budget);
         let result = Self::run(live, ev, fuel);
         let fuel_used = fuel.saturating_sub(live.store.get_fuel().unwrap_or(0));
         let inv = std::mem::replace(
             &mut live.store.data_mut().inv,
-            Invocation::new(Mode::Event, Vec::new(), 0),
+            Invocation::new(Mode::Event, Vec::new(), 0, 0),
         );
         let result = match result {
             Err((f, trapped)) => {
@@ -368,6 +368,7 @@ mod tests {
             state: Arc::new(NoState),
             log_bytes_per_event: 100,
             emit_depth: 2,
+            max_payload_bytes: 1024,
         };
         Handler::load(
             &Runtime::default(),
@@ -388,6 +389,7 @@ mod tests {
             topic: "a/b",
             payload: b"xy",
             depth: 0,
+            emit_budget: 4,
         }
     }
 
@@ -404,6 +406,7 @@ mod tests {
             state: Arc::new(NoState),
             log_bytes_per_event: 100,
             emit_depth: 2,
+            max_payload_bytes: 1024,
         };
         let err = Handler::load(&Runtime::default(), &wasm, m, &BTreeMap::new(), env, 0)
             .err()
@@ -446,6 +449,8 @@ mod tests {
                   (then (return (i32.const 1))))
                 (if (i32.ne (call $forward (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const -5))
                   (then (return (i32.const 2))))
+                (if (i32.ne (call $forward (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 2000) (i32.const 0)) (i32.const -5))
+                  (then (return (i32.const 5))))
                 (if (i32.ne (call $forward (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const 0))
                   (then (return (i32.const 3))))
                 (if (i32.ne (call $forward (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 0)) (i32.const -3))

@@ -51,6 +51,8 @@ pub struct EventInfo<'a> {
     pub payload: &'a [u8],
     /// 0 for a device's event, n for an event emitted n hops away.
     pub depth: u32,
+    /// Emits left for the whole tree of this device event (all handlers, all depths).
+    pub emit_budget: u32,
 }
 
 /// A failed invocation: the event goes to the dead letters with this reason.
@@ -73,4 +75,6 @@ pub struct HostEnv {
     pub state: Arc<dyn StateSource>,
     pub log_bytes_per_event: usize,
     pub emit_depth: u32,
+    /// Largest payload a handler may forward or emit (`ingress.max_payload_bytes`).
+    pub max_payload_bytes: usize,
 }
