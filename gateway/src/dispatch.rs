@@ -311,6 +311,11 @@ impl Dispatcher {
                             cur.insert(full, v);
                         }
                         drop(cur);
+                        // Counted at once: a later invocation of this handler in the same event
+                        // checks its quota against it. Undone if the event is not kept.
+                        handler.state_used = handler
+                            .state_used
+                            .saturating_add_signed(effects.state_delta);
                         deltas.push((h, effects.state_delta));
                         let seq_part = if origin == 0 {
                             seq_text.to_string()
@@ -357,7 +362,13 @@ impl Dispatcher {
         self.route_buf = route;
         let written: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.state.lock().drain().collect();
         match self.outbox.admit(&mut ws.outbox) {
-            Admission::Full => return None,
+            Admission::Full => {
+                for (h, d) in deltas {
+                    let used = &mut self.handlers[h].state_used;
+                    *used = used.saturating_add_signed(-d);
+                }
+                return None;
+            }
             Admission::TooLarge(need) => {
                 // Busy would never clear: the event goes to the dead letters instead of its forwards.
                 Metrics::inc(&self.metrics.dead_letters);
@@ -384,10 +395,6 @@ impl Dispatcher {
         for (k, v) in written {
             self.store.overlay.put(k.clone(), v.clone(), ws.tag);
             ws.state.push((k, v));
-        }
-        for (h, d) in deltas {
-            let used = &mut self.handlers[h].state_used;
-            *used = used.saturating_add_signed(d);
         }
         Some(ws)
     }
