@@ -2,12 +2,13 @@
 //! answers out) and its datagrams. Superseding and shutdown stop the reading, let what was
 //! submitted settle and be answered, then close with the protocol's code.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use quinn::VarInt;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use super::Shared;
 use crate::dispatch::Submitted;
@@ -16,6 +17,16 @@ use crate::proto::frame::FrameDecoder;
 use crate::proto::msg::{self, DeviceMsg, GatewayMsg, NackCode};
 use crate::proto::{topic, CloseCode};
 use crate::store::commit::Settled;
+
+/// Items a stream may have submitted and not yet answered before it stops reading.
+const MAX_UNANSWERED: usize = 8192;
+
+/// Items of one stream submitted and not yet written back, and a wake-up for the reader.
+#[derive(Default)]
+struct Unanswered {
+    count: AtomicUsize,
+    written: Notify,
+}
 
 /// How long a closing connection waits for its streams to answer what they submitted.
 const SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -135,15 +146,25 @@ async fn stream(
     (mut halt, superseded): (watch::Receiver<bool>, watch::Receiver<bool>),
 ) {
     let (reply, answers) = unbounded_channel();
+    let unanswered = Arc::new(Unanswered::default());
     let writer = tokio::spawn(write_answers(
         send,
         answers,
         shared.ingress.max_frame_bytes.into(),
+        unanswered.clone(),
     ));
     let mut decoder = FrameDecoder::new(shared.ingress.max_frame_bytes);
     let mut prev_seq = 0u64;
     let mut framing_lost = None;
     'read: loop {
+        // A device that does not read its answers stops being read (QUIC flow control then
+        // stops it): the answers waiting for it stay bounded.
+        while unanswered.count.load(Ordering::Acquire) > MAX_UNANSWERED {
+            tokio::select! {
+                _ = unanswered.written.notified() => {}
+                _ = halt.changed() => break 'read,
+            }
+        }
         let chunk = tokio::select! {
             c = recv.read_chunk(64 * 1024, true) => c,
             _ = halt.changed() => break 'read,
@@ -172,6 +193,8 @@ async fn stream(
                     break 'read;
                 }
             };
+            // Every frame submits exactly one item (a busy answer adds one more below).
+            unanswered.count.fetch_add(1, Ordering::AcqRel);
             match msg::decode(&frame, true) {
                 Err(bad) => {
                     prev_seq = prev_seq.max(bad.seq);
@@ -189,6 +212,7 @@ async fn stream(
                     let seq = p.seq;
                     prev_seq = seq;
                     if d.publish(&device, p, received, &reply) == Submitted::Busy {
+                        unanswered.count.fetch_add(1, Ordering::AcqRel);
                         d.busy(&device, seq, &reply);
                         break 'read;
                     }
@@ -214,6 +238,7 @@ async fn write_answers(
     mut send: quinn::SendStream,
     mut answers: UnboundedReceiver<Settled>,
     max_frame_bytes: u64,
+    unanswered: Arc<Unanswered>,
 ) -> Option<quinn::SendStream> {
     let mut buf = Vec::with_capacity(256);
     let mut busy = false;
@@ -221,7 +246,9 @@ async fn write_answers(
         buf.clear();
         let mut ack: Option<u64> = None;
         let mut next = Some(first);
+        let mut answered = 0;
         while let Some(s) = next {
+            answered += 1;
             let msg = match s {
                 Settled::Ack(seq) => {
                     ack = Some(ack.map_or(seq, |a| a.max(seq)));
@@ -258,6 +285,8 @@ async fn write_answers(
         if send.write_all(&buf).await.is_err() {
             return None;
         }
+        unanswered.count.fetch_sub(answered, Ordering::AcqRel);
+        unanswered.written.notify_one();
         if busy {
             // Nothing after a busy is kept; the device resends from its seq on a new stream.
             while answers.recv().await.is_some() {}
