@@ -430,6 +430,60 @@ mod tests {
 
     const COUNTER: &str = include_str!("../../tests/handlers/counter.wat");
 
+    /// A dispatcher with one handler over a real sled store in a temp dir; nothing commits.
+    struct Setup {
+        dispatcher: Dispatcher,
+        rx: std::sync::mpsc::Receiver<Item>,
+        metrics: Arc<Metrics>,
+        store: Store,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Setup {
+        fn new(wat: &str, manifest: &str) -> Setup {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = Config::defaults();
+            let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
+            let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
+            let state = Arc::new(EventState::new(store.clone()));
+            let env = HostEnv {
+                state: state.clone(),
+                log_bytes_per_event: 1024,
+                emit_depth: 4,
+                max_payload_bytes: 1024,
+            };
+            let manifest: Manifest = toml::from_str(manifest).unwrap();
+            let wasm = wat::parse_str(wat).unwrap();
+            let h = Handler::load(
+                &Runtime::default(),
+                &wasm,
+                manifest,
+                &Default::default(),
+                env,
+                0,
+            )
+            .unwrap();
+            let (tx, rx) = std::sync::mpsc::sync_channel(16);
+            let metrics = Arc::new(Metrics::default());
+            let dispatcher = Dispatcher::new(
+                &cfg,
+                vec![h],
+                store.clone(),
+                state,
+                outbox,
+                tx,
+                metrics.clone(),
+            );
+            Setup {
+                dispatcher,
+                rx,
+                metrics,
+                store,
+                _dir: dir,
+            }
+        }
+    }
+
     fn publish(seq: u64) -> Publish {
         Publish {
             seq,
@@ -444,41 +498,11 @@ mod tests {
 
     #[test]
     fn a_resend_of_an_event_still_in_flight_is_not_run_again_and_reads_see_pending_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = Config::defaults();
-        let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
-        let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
-        let state = Arc::new(EventState::new(store.clone()));
-        let env = HostEnv {
-            state: state.clone(),
-            log_bytes_per_event: 1024,
-            emit_depth: 4,
-            max_payload_bytes: 1024,
-        };
-        let manifest: Manifest =
-            toml::from_str("name = \"counter\"\nversion = 1\nsubscribe = [\"devices/#\"]\n")
-                .unwrap();
-        let wasm = wat::parse_str(COUNTER).unwrap();
-        let h = Handler::load(
-            &Runtime::default(),
-            &wasm,
-            manifest,
-            &Default::default(),
-            env,
-            0,
-        )
-        .unwrap();
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
-        let metrics = Arc::new(Metrics::default());
-        let mut d = Dispatcher::new(
-            &cfg,
-            vec![h],
-            store.clone(),
-            state,
-            outbox,
-            tx,
-            metrics.clone(),
+        let t = Setup::new(
+            COUNTER,
+            "name = \"counter\"\nversion = 1\nsubscribe = [\"devices/#\"]\n",
         );
+        let (mut d, rx, metrics, store) = (t.dispatcher, t.rx, t.metrics, t.store);
         let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
         let dev: Arc<str> = "d".into();
         // Nothing is committed in this test: every item stays "in flight".
@@ -538,31 +562,10 @@ mod tests {
             (drop (call $emit (i32.const 0) (i32.const 11) (i32.const 0) (i32.const 0)))
             (drop (call $emit (i32.const 0) (i32.const 11) (i32.const 0) (i32.const 0)))
             (i32.const 0)))"#;
-        let dir = tempfile::tempdir().unwrap();
+        let manifest = "name = \"fan\"\nversion = 1\nsubscribe = [\"devices/#\"]\n[limits]\nemits_per_event = 4\n";
+        let t = Setup::new(wat, manifest);
+        let (mut d, rx, metrics) = (t.dispatcher, t.rx, t.metrics);
         let cfg = Config::defaults();
-        let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
-        let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
-        let state = Arc::new(EventState::new(store.clone()));
-        let env = HostEnv {
-            state: state.clone(),
-            log_bytes_per_event: 1024,
-            emit_depth: 4,
-            max_payload_bytes: 1024,
-        };
-        let manifest: Manifest =
-            toml::from_str("name = \"fan\"\nversion = 1\nsubscribe = [\"devices/#\"]\n[limits]\nemits_per_event = 4\n").unwrap();
-        let h = Handler::load(
-            &Runtime::default(),
-            &wat::parse_str(wat).unwrap(),
-            manifest,
-            &Default::default(),
-            env,
-            0,
-        )
-        .unwrap();
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
-        let metrics = Arc::new(Metrics::default());
-        let mut d = Dispatcher::new(&cfg, vec![h], store, state, outbox, tx, metrics.clone());
         let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
         assert_eq!(
             d.publish(&"d".into(), publish(1), 0, &reply),
