@@ -150,6 +150,23 @@ async fn device(
     Ok(lat)
 }
 
+/// The store the sled baselines write to: the gateway's settings (no background flusher).
+fn open_sled(dir: &std::path::Path) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(dir)
+        .flush_every_ms(None)
+        .cache_capacity(4 << 20)
+        .open()
+}
+
+fn report(label: &str, events: u64, start: Instant) {
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{label} events={events} seconds={secs:.3} events_per_s={:.0}",
+        events as f64 / secs
+    );
+}
+
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0
 }
@@ -196,11 +213,7 @@ fn main() -> anyhow::Result<()> {
             batch,
             value_bytes,
         } => {
-            let db = sled::Config::new()
-                .path(&dir)
-                .flush_every_ms(None)
-                .cache_capacity(4 << 20)
-                .open()?;
+            let db = open_sled(&dir)?;
             let tree = db.open_tree("bench")?;
             let value = vec![b'x'; value_bytes];
             let start = Instant::now();
@@ -214,11 +227,7 @@ fn main() -> anyhow::Result<()> {
                 tree.apply_batch(b)?;
                 db.flush()?;
             }
-            let secs = start.elapsed().as_secs_f64();
-            println!(
-                "sled events={events} seconds={secs:.3} events_per_s={:.0}",
-                events as f64 / secs
-            );
+            report("sled", events, start);
             Ok(())
         }
         Cmd::SledGroup {
@@ -228,11 +237,7 @@ fn main() -> anyhow::Result<()> {
             mode,
         } => {
             use sled::Transactional;
-            let db = sled::Config::new()
-                .path(&dir)
-                .flush_every_ms(None)
-                .cache_capacity(4 << 20)
-                .open()?;
+            let db = open_sled(&dir)?;
             let one = db.open_tree("one")?;
             let (state, outbox, marks) =
                 (db.open_tree("s")?, db.open_tree("o")?, db.open_tree("h")?);
@@ -270,11 +275,7 @@ fn main() -> anyhow::Result<()> {
                 db.flush()?;
                 i += n;
             }
-            let secs = start.elapsed().as_secs_f64();
-            println!(
-                "sled-{mode} events={events} seconds={secs:.3} events_per_s={:.0}",
-                events as f64 / secs
-            );
+            report(&format!("sled-{mode}"), events, start);
             Ok(())
         }
     }
