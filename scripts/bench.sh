@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
+. scripts/lib.sh
 
 devices=8
 events=20000
@@ -36,14 +37,7 @@ scripts/build-handlers.sh >/dev/null
 bin=$root/target/release/tidepool
 loadgen=$root/target/bench-fast/examples/loadgen
 
-work=$(mktemp -d -p "${BENCH_DIR:-$root/target}" bench.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+tp_workdir -p "${BENCH_DIR:-$root/target}" bench.XXXXXX
 
 cat >"$work/tidepool.toml" <<TOML
 [gateway]
@@ -53,28 +47,16 @@ data_dir = "$work/data"
 log = "warn"
 [outbox]
 max_bytes = 268435456
-[[handler]]
-wasm = "$root/modules/target/wasm32-unknown-unknown/release/threshold.wasm"
-manifest = "$root/modules/examples/threshold/threshold.toml"
 TOML
+tp_threshold_handler >>"$work/tidepool.toml"
 for i in $(seq 1 "$devices"); do
     "$bin" certs device "dev-$i" --config "$work/tidepool.toml" --out "$work/certs" >/dev/null
 done
 
-start_gateway() {
-    coproc GW { exec "$bin" run --config "$work/tidepool.toml" 2>>"$work/gateway.log"; }
-    pids+=($GW_PID)
-    read -r -u "${GW[0]}" ready
-    port=${ready##*:}
-}
-stop_gateway() {
-    kill -TERM "$GW_PID"
-    wait "$GW_PID" || true
-}
 
 total=$((devices * events))
 echo "== tidepool: $devices devices x $events events, window $window, threshold handler, ack after fsync"
-start_gateway
+tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"
 tp=$("$loadgen" tidepool --gateway "localhost:$port" --certs "$work/certs" \
     --devices "$devices" --events-per-device "$events" --window "$window")
 echo "   $tp"
@@ -82,7 +64,7 @@ echo "== tidepool at a fixed 20k events/s for 5 s (latency)"
 lat=$("$loadgen" tidepool --gateway "localhost:$port" --certs "$work/certs" \
     --devices "$devices" --events-per-device $((100000 / devices)) --window 4096 --rate 20000)
 echo "   $lat"
-stop_gateway
+tp_stop_gateway
 echo "   groups (fsyncs): $(python3 -c "import json; print(json.load(open('$work/data/metrics.json'))['groups'])")"
 
 echo "== sled alone: $total inserts of 100 bytes, a flush per 1000"
@@ -120,8 +102,7 @@ mq_start=$(date +%s.%N)
 for i in $(seq 1 "$devices"); do
     mosquitto_pub -h 127.0.0.1 -p "$mq_port" -q 1 -l -t "devices/dev-$i/temp" -i "pub-$i" <"$work/mq/lines" &
 done
-wait_pubs() { for j in $(jobs -p); do case " ${pids[*]} " in *" $j "*) ;; *) wait "$j";; esac; done; }
-wait_pubs
+tp_wait_jobs
 mq_end=$(date +%s.%N)
 mq=$(python3 -c "print(f'mosquitto events=$total seconds={$mq_end - $mq_start:.3f} events_per_s={$total / ($mq_end - $mq_start):.0f}')")
 echo "   $mq"

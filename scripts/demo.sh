@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
+. scripts/lib.sh
 
 devices=5
 events=400
@@ -25,14 +26,7 @@ cargo build --release --quiet -p tidepool
 scripts/build-handlers.sh >/dev/null
 bin=$root/target/release/tidepool
 
-work=$(mktemp -d -t tidepool-demo.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+tp_workdir -t tidepool-demo.XXXXXX
 
 # The stand-in cloud: counts what it receives.
 cat >"$work/cloud.py" <<'PY'
@@ -62,17 +56,11 @@ data_dir = "$work/data"
 log = "warn"
 [uplink]
 url = "http://127.0.0.1:$cloud_port/ingest"
-[[handler]]
-wasm = "$root/modules/target/wasm32-unknown-unknown/release/threshold.wasm"
-manifest = "$root/modules/examples/threshold/threshold.toml"
 TOML
+tp_threshold_handler >>"$work/tidepool.toml"
 
 echo "== starting the gateway (data dir $work/data)"
-coproc GW { exec "$bin" run --config "$work/tidepool.toml" 2>"$work/gateway.log"; }
-pids+=($GW_PID)
-read -r -u "${GW[0]}" ready || { cat "$work/gateway.log"; exit 1; }
-addr=${ready#tidepool listening on }
-port=${addr##*:}
+tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"
 echo "   $ready"
 
 echo "== $devices devices send $events temperature readings each (threshold 30 from the manifest)"
@@ -89,13 +77,11 @@ for d in $(seq 1 "$devices"); do
             --cert "$work/certs/$id.crt" --key "$work/certs/$id.key" --ca "$work/certs/ca.crt" \
             --topic "devices/$id/temp" | sed "s/^/   $id: /" &
 done
-wait_sends() { for j in $(jobs -p); do case " ${pids[*]} " in *" $j "*) ;; *) wait "$j";; esac; done; }
-wait_sends
+tp_wait_jobs
 
 # Urgent forwards go up at once; give the uplink a moment to finish, then stop gracefully.
 sleep 1
-kill -TERM "$GW_PID"
-wait "$GW_PID" || true
+tp_stop_gateway
 m=$work/data/metrics.json
 get() { python3 -c "import json,sys; print(json.load(open('$m'))['$1'])"; }
 cloud_events=$(python3 -c "import json; print(sum(len(json.loads(l)['events']) for l in open('$work/cloud.jsonl')))" 2>/dev/null || echo 0)

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
+. scripts/lib.sh
 idle=60
 while (($#)); do
     case $1 in
@@ -21,8 +22,7 @@ cargo build --release --quiet -p tidepool
 cargo build --profile bench-fast --quiet -p tidepool --example loadgen
 scripts/build-handlers.sh >/dev/null
 bin=$root/target/release/tidepool
-work=$(mktemp -d -p "$root/target" footprint.XXXXXX)
-trap 'kill "${GW_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+tp_workdir -p "$root/target" footprint.XXXXXX
 
 cat >"$work/tidepool.toml" <<TOML
 [gateway]
@@ -32,15 +32,11 @@ data_dir = "$work/data"
 log = "warn"
 [uplink]
 url = "http://127.0.0.1:9/ingest"
-[[handler]]
-wasm = "$root/modules/target/wasm32-unknown-unknown/release/threshold.wasm"
-manifest = "$root/modules/examples/threshold/threshold.toml"
 TOML
+tp_threshold_handler >>"$work/tidepool.toml"
 for i in $(seq 1 8); do "$bin" certs device "dev-$i" --config "$work/tidepool.toml" --out "$work/certs" >/dev/null; done
 
-coproc GW { exec "$bin" run --config "$work/tidepool.toml" 2>"$work/gateway.log"; }
-read -r -u "${GW[0]}" ready
-port=${ready##*:}
+tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"
 pid=$GW_PID
 
 switches() { cat /proc/"$pid"/task/*/status | awk '/^voluntary_ctxt_switches/ { s += $2 } END { print s }'; }

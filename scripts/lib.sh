@@ -1,0 +1,47 @@
+# Shared by demo.sh, bench.sh and footprint.sh: sourced, not run. Expects $root (the repo) and
+# $bin (the tidepool binary) where it says so.
+
+# tp_workdir MKTEMP-ARGS...: makes $work, and on exit kills everything in $pids and removes it.
+tp_workdir() {
+    work=$(mktemp -d "$@")
+    pids=()
+    trap tp_cleanup EXIT
+}
+
+tp_cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+
+# The [[handler]] entry of the threshold example (built by scripts/build-handlers.sh).
+tp_threshold_handler() {
+    cat <<TOML
+[[handler]]
+wasm = "$root/modules/target/wasm32-unknown-unknown/release/threshold.wasm"
+manifest = "$root/modules/examples/threshold/threshold.toml"
+TOML
+}
+
+# tp_start_gateway CONFIG LOG: runs `$bin run` with stderr appended to LOG, waits for its ready
+# line, and sets $GW_PID (also added to $pids), $ready, $addr and $port.
+tp_start_gateway() {
+    coproc GW { exec "$bin" run --config "$1" 2>>"$2"; }
+    pids+=("$GW_PID")
+    read -r -u "${GW[0]}" ready || { cat "$2" >&2; return 1; }
+    addr=${ready#tidepool listening on }
+    port=${addr##*:}
+}
+
+# Waits for the background jobs that are not in $pids (the load, not the servers).
+tp_wait_jobs() {
+    for j in $(jobs -p); do
+        case " ${pids[*]} " in *" $j "*) ;; *) wait "$j" ;; esac
+    done
+}
+
+# Stops the gateway gracefully (SIGTERM: it settles, answers and writes metrics.json).
+tp_stop_gateway() {
+    kill -TERM "$GW_PID"
+    wait "$GW_PID" || true
+}
