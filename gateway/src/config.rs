@@ -39,8 +39,17 @@ pub struct Config {
     pub store: StoreConfig,
     pub outbox: OutboxConfig,
     pub uplink: UplinkConfig,
+    pub record: RecordConfig,
     #[serde(default)]
     pub handler: Vec<HandlerEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordConfig {
+    pub topics: Vec<String>,
+    pub max_file_bytes: u64,
+    pub files: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,12 +139,15 @@ pub struct BoxLimits {
     pub emits_per_event: u32,
     pub emit_depth: u32,
     pub log_bytes_per_event: usize,
+    pub min_timer_ms: u64,
+    pub quarantine_after_errors: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub cache_capacity_bytes: u64,
+    pub dead_letter_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -262,6 +274,16 @@ impl Config {
         for p in &self.acl.publish {
             topic::validate_pattern(p)
                 .map_err(|e| ConfigError::Invalid(format!("acl.publish: {e}")))?;
+        }
+        for p in &self.record.topics {
+            topic::validate_pattern(p)
+                .map_err(|e| ConfigError::Invalid(format!("record.topics: {e}")))?;
+        }
+        if self.record.files == 0 || self.record.max_file_bytes == 0 {
+            return bad("record.files and record.max_file_bytes must be at least 1".into());
+        }
+        if self.limits.min_timer_ms == 0 {
+            return bad("limits.min_timer_ms must be at least 1".into());
         }
         if self.outbox.max_batch_events == 0 || self.outbox.max_batch_bytes == 0 {
             return bad("outbox.max_batch_events and max_batch_bytes must be at least 1".into());

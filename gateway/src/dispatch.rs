@@ -10,14 +10,17 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
 use crate::config::{Class, Config, Unrouted};
+use crate::jsonl::Line;
 use crate::metrics::Metrics;
 use crate::outbox::{entry_id, Admission, Entry, Outbox};
 use crate::proto::msg::{NackCode, Publish};
 use crate::proto::topic;
+use crate::record::Recorder;
 use crate::router::Router;
-use crate::sandbox::{EventInfo, Handler, StateSource};
+use crate::sandbox::{EventInfo, Handler, Outcome, StateSource, TimerInfo};
 use crate::store::commit::{Item, ItemKind, OutboxRecord, Reply, WriteSet};
 use crate::store::{fatal, keys, DeadLetter, Store};
+use crate::timers::Timers;
 
 /// What became of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +61,16 @@ impl StateSource for EventState {
     }
 }
 
+/// A handler as `tidepool status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerStatus {
+    pub name: String,
+    pub version: u64,
+    pub timer_ms: Option<u64>,
+    pub quarantined: bool,
+    pub errors_in_row: u32,
+}
+
 pub struct Dispatcher {
     gateway: Arc<str>,
     handlers: Vec<Handler>,
@@ -69,6 +82,12 @@ pub struct Dispatcher {
     busy_retry_ms: u64,
     /// Emits allowed for one device event's whole tree (the box's `emits_per_event` cap).
     emit_budget: u32,
+    /// Log bytes each handler may write per device event, and what each wrote so far.
+    log_cap: usize,
+    log_used: Vec<usize>,
+    quarantine_after: u32,
+    timers: Timers,
+    recorder: Option<Recorder>,
     claimed: HashMap<Arc<str>, u64>,
     store: Store,
     state: Arc<EventState>,
@@ -96,6 +115,18 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
     ) -> Self {
         let router = Router::new(handlers.iter().map(|h| h.manifest.subscribe.as_slice()));
+        let now = crate::clock::now_ms();
+        let n_handlers = handlers.len();
+        let mut timers = Timers::default();
+        for (i, h) in handlers.iter().enumerate() {
+            if let Some(period) = h.manifest.timer_ms {
+                let stored = match store.timer_due(h.name()) {
+                    Ok(d) => d,
+                    Err(e) => fatal("reading a timer", e),
+                };
+                timers.add(i, period, stored, now);
+            }
+        }
         Dispatcher {
             gateway: cfg.gateway.id.as_str().into(),
             handlers,
@@ -106,6 +137,11 @@ impl Dispatcher {
             unrouted_class: cfg.router.unrouted_class,
             busy_retry_ms: cfg.ingress.busy_retry_after_ms,
             emit_budget: cfg.limits.emits_per_event,
+            log_cap: cfg.limits.log_bytes_per_event,
+            log_used: vec![0; n_handlers],
+            quarantine_after: cfg.limits.quarantine_after_errors,
+            timers,
+            recorder: None,
             claimed: HashMap::new(),
             store,
             state,
@@ -120,13 +156,48 @@ impl Dispatcher {
         }
     }
 
+    /// Records matching events from now on (`[record]`).
+    pub fn record_to(&mut self, recorder: Recorder) {
+        self.recorder = Some(recorder);
+    }
+
+    fn recorder_sees(&mut self, device: &str, p: &Publish, received_ms: u64) {
+        let Some(r) = self.recorder.as_mut().filter(|r| r.wants(&p.topic)) else {
+            return;
+        };
+        let line = Line {
+            device: Some(device.to_string()),
+            seq: (p.seq > 0).then_some(p.seq),
+            ts: p.ts,
+            received_ms: Some(received_ms),
+            ..Line::event(&p.topic, &p.payload)
+        };
+        match r.write(&line) {
+            Ok(()) => Metrics::inc(&self.metrics.recorded),
+            Err(e) => {
+                tracing::error!("recording stopped: {e}");
+                self.recorder = None;
+            }
+        }
+    }
+
+    /// Each handler's name, version, timer and health.
+    pub fn handler_status(&self) -> Vec<HandlerStatus> {
+        self.handlers
+            .iter()
+            .map(|h| HandlerStatus {
+                name: h.name().to_string(),
+                version: h.manifest.version,
+                timer_ms: h.manifest.timer_ms,
+                quarantined: h.quarantined(),
+                errors_in_row: h.errors_in_row(),
+            })
+            .collect()
+    }
+
     /// Stops submitting: the committer finishes what it has and exits.
     pub fn close(&mut self) {
         self.tx = None;
-    }
-
-    pub fn handler_names(&self) -> Vec<String> {
-        self.handlers.iter().map(|h| h.name().to_string()).collect()
     }
 
     fn submit(&mut self, device: &Arc<str>, seq: u64, kind: ItemKind, reply: Option<&Reply>) {
@@ -226,7 +297,15 @@ impl Dispatcher {
             return Submitted::Queued;
         }
         let seq_text = p.seq.to_string();
-        match self.process(device, &p, &seq_text, received_ms) {
+        let ctx = Ctx {
+            device,
+            seq: p.seq,
+            ts: p.ts,
+            received_ms,
+            seq_text: &seq_text,
+        };
+        self.recorder_sees(device, &p, received_ms);
+        match self.process(&ctx, Root::Event(&p.topic, &p.payload)) {
             Some(ws) => {
                 *self.claimed(device) = p.seq;
                 self.submit(device, p.seq, ItemKind::Event(Box::new(ws)), Some(reply));
@@ -251,115 +330,115 @@ impl Dispatcher {
         }
         self.datagrams += 1;
         let seq_text = format!("dg{:016x}.{}", self.boot_nonce, self.datagrams);
-        match self.process(device, &p, &seq_text, received_ms) {
+        let ctx = Ctx {
+            device,
+            seq: 0,
+            ts: p.ts,
+            received_ms,
+            seq_text: &seq_text,
+        };
+        self.recorder_sees(device, &p, received_ms);
+        match self.process(&ctx, Root::Event(&p.topic, &p.payload)) {
             Some(ws) => self.submit(device, 0, ItemKind::Event(Box::new(ws)), None),
             None => Metrics::inc(&self.metrics.datagrams_dropped),
         }
     }
 
-    /// Runs the event through the handlers (and their emits). `None` when the outbox cannot
-    /// take its forwards: nothing of the event is kept.
-    fn process(
-        &mut self,
-        device: &Arc<str>,
-        p: &Publish,
-        seq_text: &str,
-        received_ms: u64,
-    ) -> Option<WriteSet> {
-        let ts = p.ts.unwrap_or(received_ms);
-        let mut ws = WriteSet::default();
-        let mut deltas: Vec<(usize, i64)> = Vec::new();
-        let mut queue: VecDeque<(String, Vec<u8>, u32, usize)> = VecDeque::new();
-        let mut emitted = 0usize;
-        let mut route = std::mem::take(&mut self.route_buf);
-        // The device's own event first, borrowed; emitted events follow, owned.
-        let mut current: Option<(String, Vec<u8>, u32, usize)> = None;
-        loop {
-            let (t, payload, depth, origin): (&str, &[u8], u32, usize) = match &current {
-                None => (&p.topic, &p.payload, 0, 0),
-                Some((t, pl, d, o)) => (t, pl, *d, *o),
+    /// Fires the timers due at `now_ms` (each in its own write set, which also moves its
+    /// durable next due time) and returns the next due time, if any timer exists.
+    pub fn fire_timers(&mut self, now_ms: u64) -> Option<u64> {
+        for (h, due_ms, next_ms) in self.timers.take_due(now_ms) {
+            let seq_text = format!("timer.{due_ms}");
+            let device: Arc<str> = "".into();
+            let ctx = Ctx {
+                device: &device,
+                seq: 0,
+                ts: None,
+                received_ms: now_ms,
+                seq_text: &seq_text,
             };
-            self.router.route(t, &mut route);
-            if route.is_empty() && depth == 0 {
-                Metrics::inc(&self.metrics.unrouted);
-                if self.unrouted == Unrouted::Forward {
-                    let id = entry_id(&self.gateway, device, seq_text, "", 0);
-                    ws.outbox
-                        .push(record(id, device, t, self.unrouted_class, ts, payload));
+            let info = TimerInfo {
+                now_ms,
+                due_ms,
+                emit_budget: self.emit_budget,
+                log_budget: self.log_cap,
+            };
+            let name = self.handlers[h].name().to_string();
+            let next = (keys::timer(&name), Some(next_ms.to_be_bytes().to_vec()));
+            let ws = match self.process(&ctx, Root::Timer(h, info)) {
+                Some(mut ws) => {
+                    ws.state.push(next);
+                    ws
                 }
-            }
-            for &h in &route {
-                let ev = EventInfo {
-                    device,
-                    seq: p.seq,
-                    ts: p.ts,
-                    received_ms,
-                    topic: t,
+                // The outbox is full: this firing is skipped, the schedule moves on.
+                None => {
+                    tracing::warn!(handler = name, "timer skipped: the outbox is full");
+                    WriteSet {
+                        state: vec![next],
+                        ..WriteSet::default()
+                    }
+                }
+            };
+            self.submit(&device, 0, ItemKind::Event(Box::new(ws)), None);
+        }
+        self.timers.next_due()
+    }
+
+    /// The next due time of any timer (`None`: no handler has a timer).
+    pub fn next_timer(&self) -> Option<u64> {
+        self.timers.next_due()
+    }
+
+    /// Runs the event (or timer) through the handlers and what they emit. `None` when the
+    /// outbox cannot take its forwards: nothing of it is kept.
+    fn process(&mut self, ctx: &Ctx<'_>, root: Root<'_>) -> Option<WriteSet> {
+        let mut run = Run::default();
+        self.log_used.iter_mut().for_each(|u| *u = 0);
+        let mut route = std::mem::take(&mut self.route_buf);
+        match root {
+            Root::Event(topic, payload) => {
+                self.router.route(topic, &mut route);
+                if route.is_empty() {
+                    Metrics::inc(&self.metrics.unrouted);
+                    if self.unrouted == Unrouted::Forward {
+                        let id = entry_id(&self.gateway, ctx.device, ctx.seq_text, "", 0);
+                        let ts = ctx.ts.unwrap_or(ctx.received_ms);
+                        let r = record(id, ctx.device, topic, self.unrouted_class, ts, payload);
+                        run.ws.outbox.push(r);
+                    }
+                }
+                let at = At {
+                    topic,
                     payload,
-                    depth,
-                    emit_budget: self.emit_budget.saturating_sub(emitted as u32),
+                    depth: 0,
+                    origin: 0,
                 };
-                let handler = &mut self.handlers[h];
-                let outcome = handler.invoke(&ev);
-                Metrics::inc(&self.metrics.handler_calls);
-                match outcome.result {
-                    Ok(effects) => {
-                        let name = handler.name().to_string();
-                        let mut cur = self.state.lock();
-                        for (k, v) in effects.state {
-                            let full = keys::state(&name, &k);
-                            cur.insert(full, v);
-                        }
-                        drop(cur);
-                        // Counted at once: a later invocation of this handler in the same event
-                        // checks its quota against it. Undone if the event is not kept.
-                        handler.state_used = handler
-                            .state_used
-                            .saturating_add_signed(effects.state_delta);
-                        deltas.push((h, effects.state_delta));
-                        let seq_part = if origin == 0 {
-                            seq_text.to_string()
-                        } else {
-                            format!("{seq_text}.e{origin}")
-                        };
-                        for (i, f) in effects.forwards.into_iter().enumerate() {
-                            let id = entry_id(&self.gateway, device, &seq_part, &name, i);
-                            ws.outbox
-                                .push(record(id, device, &f.topic, f.class, ts, &f.payload));
-                        }
-                        for (et, ep) in effects.emits {
-                            emitted += 1;
-                            queue.push_back((et, ep, depth + 1, emitted));
-                        }
-                    }
-                    Err(failure) => {
-                        Metrics::inc(&self.metrics.handler_errors);
-                        Metrics::inc(&self.metrics.dead_letters);
-                        tracing::warn!(
-                            handler = handler.name(),
-                            device = &**device,
-                            seq = p.seq,
-                            "handler failed: {failure}"
-                        );
-                        let d = DeadLetter {
-                            device: device.to_string(),
-                            seq: p.seq,
-                            topic: t.to_string(),
-                            payload: payload.to_vec(),
-                            handler: handler.name().to_string(),
-                            reason: failure.0,
-                            received_ms,
-                        };
-                        ws.dead.push(d.encode());
-                    }
+                for &h in &route {
+                    self.invoke(ctx, h, at, &mut run);
                 }
             }
-            match queue.pop_front() {
-                Some(next) => current = Some(next),
-                None => break,
+            Root::Timer(h, info) => {
+                if !self.handlers[h].quarantined() {
+                    let outcome = self.handlers[h].timer(&info);
+                    Metrics::inc(&self.metrics.timer_calls);
+                    self.settle(ctx, h, At::ROOT_TIMER, outcome, &mut run);
+                }
+            }
+        }
+        while let Some((t, payload, depth, origin)) = run.queue.pop_front() {
+            self.router.route(&t, &mut route);
+            let at = At {
+                topic: &t,
+                payload: &payload,
+                depth,
+                origin,
+            };
+            for &h in &route {
+                self.invoke(ctx, h, at, &mut run);
             }
         }
         self.route_buf = route;
+        let Run { mut ws, deltas, .. } = run;
         let written: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.state.lock().drain().collect();
         match self.outbox.admit(&mut ws.outbox) {
             Admission::Full => {
@@ -371,20 +450,14 @@ impl Dispatcher {
             }
             Admission::TooLarge(need) => {
                 // Busy would never clear: the event goes to the dead letters instead of its forwards.
-                Metrics::inc(&self.metrics.dead_letters);
-                let d = DeadLetter {
-                    device: device.to_string(),
-                    seq: p.seq,
-                    topic: p.topic.clone(),
-                    payload: p.payload.to_vec(),
-                    handler: String::new(),
-                    reason: format!(
-                        "limit:outbox ({need} bytes of forwards exceed outbox.max_bytes)"
-                    ),
-                    received_ms,
-                };
                 ws.outbox.clear();
-                ws.dead.push(d.encode());
+                let reason =
+                    format!("limit:outbox ({need} bytes of forwards exceed outbox.max_bytes)");
+                let (topic, payload) = match root {
+                    Root::Event(t, p) => (t, p),
+                    Root::Timer(..) => ("", &[][..]),
+                };
+                self.dead_letter(ctx, "", topic, payload, reason, &mut ws);
             }
             Admission::DroppedBulk(n) => Metrics::add(&self.metrics.bulk_dropped, n as u64),
             Admission::Admitted => {}
@@ -398,6 +471,162 @@ impl Dispatcher {
         }
         Some(ws)
     }
+
+    /// One handler on one (device or emitted) event; a quarantined handler does not run.
+    fn invoke(&mut self, ctx: &Ctx<'_>, h: usize, at: At<'_>, run: &mut Run) {
+        if self.handlers[h].quarantined() {
+            let name = self.handlers[h].name().to_string();
+            let reason = format!(
+                "quarantined: {} failures in a row",
+                self.handlers[h].errors_in_row()
+            );
+            self.dead_letter(ctx, &name, at.topic, at.payload, reason, &mut run.ws);
+            return;
+        }
+        let ev = EventInfo {
+            device: ctx.device,
+            seq: ctx.seq,
+            ts: ctx.ts,
+            received_ms: ctx.received_ms,
+            topic: at.topic,
+            payload: at.payload,
+            depth: at.depth,
+            emit_budget: self.emit_budget.saturating_sub(run.emitted as u32),
+            log_budget: self.log_cap.saturating_sub(self.log_used[h]),
+        };
+        let outcome = self.handlers[h].invoke(&ev);
+        Metrics::inc(&self.metrics.handler_calls);
+        self.settle(ctx, h, at, outcome, run);
+    }
+
+    /// Takes one invocation's outcome into the write set: its effects, or a dead letter.
+    fn settle(&mut self, ctx: &Ctx<'_>, h: usize, at: At<'_>, outcome: Outcome, run: &mut Run) {
+        self.log_used[h] += outcome.log_bytes;
+        Metrics::add(&self.metrics.log_bytes_dropped, outcome.log_dropped as u64);
+        let handler = &mut self.handlers[h];
+        let name = handler.name().to_string();
+        let ok = outcome.result.is_ok();
+        if handler.record(ok, self.quarantine_after) {
+            Metrics::inc(&self.metrics.handlers_quarantined);
+            tracing::error!(
+                handler = name,
+                failures = self.quarantine_after,
+                "handler quarantined: it failed {} times in a row; its events go to the dead letters until the gateway restarts",
+                self.quarantine_after
+            );
+        }
+        let effects = match outcome.result {
+            Ok(effects) => effects,
+            Err(failure) => {
+                Metrics::inc(&self.metrics.handler_errors);
+                tracing::warn!(
+                    handler = name,
+                    device = &**ctx.device,
+                    seq = ctx.seq,
+                    "handler failed: {failure}"
+                );
+                self.dead_letter(ctx, &name, at.topic, at.payload, failure.0, &mut run.ws);
+                return;
+            }
+        };
+        let mut cur = self.state.lock();
+        for (k, v) in effects.state {
+            cur.insert(keys::state(&name, &k), v);
+        }
+        drop(cur);
+        // Counted at once: a later invocation of this handler in the same event checks its
+        // quota against it. Undone if the event is not kept.
+        handler.state_used = handler
+            .state_used
+            .saturating_add_signed(effects.state_delta);
+        run.deltas.push((h, effects.state_delta));
+        let seq_part = if at.origin == 0 {
+            ctx.seq_text.to_string()
+        } else {
+            format!("{}.e{}", ctx.seq_text, at.origin)
+        };
+        let ts = ctx.ts.unwrap_or(ctx.received_ms);
+        for (i, f) in effects.forwards.into_iter().enumerate() {
+            let id = entry_id(&self.gateway, ctx.device, &seq_part, &name, i);
+            let r = record(id, ctx.device, &f.topic, f.class, ts, &f.payload);
+            run.ws.outbox.push(r);
+        }
+        for (et, ep) in effects.emits {
+            run.emitted += 1;
+            run.queue.push_back((et, ep, at.depth + 1, run.emitted));
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        ctx: &Ctx<'_>,
+        handler: &str,
+        topic: &str,
+        payload: &[u8],
+        reason: String,
+        ws: &mut WriteSet,
+    ) {
+        Metrics::inc(&self.metrics.dead_letters);
+        let d = DeadLetter {
+            device: ctx.device.to_string(),
+            seq: ctx.seq,
+            topic: topic.to_string(),
+            payload: payload.to_vec(),
+            handler: handler.to_string(),
+            reason,
+            received_ms: ctx.received_ms,
+            ts: ctx.ts,
+        };
+        ws.dead.push(d.encode());
+    }
+}
+
+/// The device event (or timer firing) a tree of invocations belongs to.
+struct Ctx<'a> {
+    /// Empty for a timer.
+    device: &'a Arc<str>,
+    /// 0 for datagrams and timers.
+    seq: u64,
+    ts: Option<u64>,
+    received_ms: u64,
+    /// The seq part of outbox entry ids: the seq, a datagram id or `timer.<due_ms>`.
+    seq_text: &'a str,
+}
+
+/// Where a tree starts: a device's event (topic, payload) or a handler's timer.
+#[derive(Clone, Copy)]
+enum Root<'a> {
+    Event(&'a str, &'a [u8]),
+    Timer(usize, TimerInfo),
+}
+
+/// One invocation's place in its tree: the (device or emitted) event and where it came from.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    topic: &'a str,
+    payload: &'a [u8],
+    depth: u32,
+    /// 0 for the root, n for the tree's n-th emit.
+    origin: usize,
+}
+
+impl At<'_> {
+    const ROOT_TIMER: At<'static> = At {
+        topic: "",
+        payload: &[],
+        depth: 0,
+        origin: 0,
+    };
+}
+
+/// One tree's progress: its write set, state deltas to undo, and emitted events to run.
+#[derive(Default)]
+struct Run {
+    ws: WriteSet,
+    deltas: Vec<(usize, i64)>,
+    /// (topic, payload, depth, origin): origin n is the n-th emit of the tree.
+    queue: VecDeque<(String, Vec<u8>, u32, usize)>,
+    emitted: usize,
 }
 
 fn record(
@@ -451,6 +680,7 @@ mod tests {
                 log_bytes_per_event: 1024,
                 emit_depth: 4,
                 max_payload_bytes: 1024,
+                capture_logs: false,
             };
             let manifest: Manifest = toml::from_str(manifest).unwrap();
             let wasm = wat::parse_str(wat).unwrap();

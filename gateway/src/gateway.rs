@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::config::{Config, SinkKind};
+use crate::control::{self, Control};
 use crate::dispatch::{Dispatcher, EventState};
 use crate::ingress::{self, Shared};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::pki::{self, PkiPaths};
+use crate::record::Recorder;
 use crate::sandbox::{Handler, HostEnv, Manifest, Runtime};
 use crate::store::commit::{self, AfterFlush, Group};
 use crate::store::Store;
@@ -97,6 +99,7 @@ impl AfterFlush for Hooks {
     fn after_flush(&mut self, g: &Group) {
         self.outbox.add(&g.entries, Instant::now());
         Metrics::inc(&self.metrics.groups);
+        Metrics::add(&self.metrics.dead_letters_dropped, g.dead_dropped);
         self.backlog.fetch_sub(g.items, Ordering::Relaxed);
     }
 }
@@ -114,6 +117,20 @@ fn make_private_dir(path: &Path) -> Result<(), StartError> {
         .map_err(err)
 }
 
+/// Fires handler timers at their due times (wall clock) until `stop`.
+async fn run_timers(dispatcher: Arc<Mutex<Dispatcher>>, mut stop: watch::Receiver<bool>) {
+    let lock = || dispatcher.lock().unwrap_or_else(|p| p.into_inner());
+    let mut next = lock().next_timer();
+    while let Some(due) = next {
+        let wait = Duration::from_millis(due.saturating_sub(crate::clock::now_ms()));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        next = lock().fire_timers(crate::clock::now_ms());
+    }
+}
+
 /// Runs the gateway until `stop` turns true; returns the final metrics.
 pub async fn run(
     cfg: Config,
@@ -129,6 +146,7 @@ pub async fn run(
         tracing::info!(dir = %paths.dir.display(), "using the certificates in the data dir");
     }
     let store = Store::open(&data.join("db"), cfg.store.cache_capacity_bytes)?;
+    store.bound_dead_letters(cfg.store.dead_letter_max_bytes);
     let outbox = Arc::new(Outbox::load(&store, &cfg.outbox)?);
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(EventState::new(store.clone()));
@@ -137,6 +155,7 @@ pub async fn run(
         log_bytes_per_event: cfg.limits.log_bytes_per_event,
         emit_depth: cfg.limits.emit_depth,
         max_payload_bytes: cfg.ingress.max_payload_bytes,
+        capture_logs: false,
     };
     let handlers = load_handlers(&cfg, &store, &env)?;
     if handlers.is_empty() {
@@ -176,7 +195,33 @@ pub async fn run(
                 source,
             })?
     };
+    let mut dispatcher = dispatcher;
+    if let Some(r) = Recorder::open(&cfg.record, &data).map_err(|source| StartError::DataDir {
+        path: data.join("record"),
+        source,
+    })? {
+        tracing::info!(topics = ?cfg.record.topics, dir = %data.join("record").display(), "recording matching events");
+        dispatcher.record_to(r);
+    }
+    let has_timers = dispatcher.next_timer().is_some();
     let dispatcher = Arc::new(Mutex::new(dispatcher));
+    let (side_stop_tx, side_stop) = watch::channel(false);
+    // No handler with a timer: no timer task, nothing wakes the process.
+    let timers =
+        has_timers.then(|| tokio::spawn(run_timers(dispatcher.clone(), side_stop.clone())));
+    let control = Arc::new(Control {
+        gateway: cfg.gateway.id.clone(),
+        started: Instant::now(),
+        dispatcher: dispatcher.clone(),
+        metrics: metrics.clone(),
+        outbox: outbox.clone(),
+        store: store.clone(),
+    });
+    let listener = control::bind(&data).map_err(|source| StartError::DataDir {
+        path: control::socket_path(&data),
+        source,
+    })?;
+    let control_task = tokio::spawn(control::serve(listener, control, side_stop));
 
     let (uplink_stop_tx, uplink_stop) = watch::channel(false);
     let uplink = match (cfg.uplink.sink, cfg.uplink.url.is_empty()) {
@@ -236,6 +281,12 @@ pub async fn run(
         quinn::VarInt::from_u32(crate::proto::CloseCode::ShuttingDown as u32),
         b"shutting_down",
     );
+    let _ = side_stop_tx.send(true);
+    if let Some(t) = timers {
+        let _ = t.await;
+    }
+    let _ = control_task.await;
+    let _ = std::fs::remove_file(control::socket_path(&data));
     dispatcher.lock().unwrap_or_else(|p| p.into_inner()).close();
     let _ = tokio::task::spawn_blocking(move || committer.join()).await;
     let _ = uplink_stop_tx.send(true);

@@ -2,8 +2,11 @@
 
 mod certs;
 mod config;
+mod dead_letters;
+mod invoke;
 mod run;
 mod send;
+mod status;
 
 use std::path::PathBuf;
 
@@ -36,6 +39,13 @@ enum Command {
         what: config::What,
     },
     Send(send::Args),
+    Invoke(invoke::Args),
+    Status(status::Args),
+    /// Export the dead letters (events that failed) for replay with `tidepool invoke`.
+    DeadLetters {
+        #[command(subcommand)]
+        what: dead_letters::What,
+    },
 }
 
 /// Options shared by commands that read the gateway's configuration.
@@ -70,6 +80,9 @@ pub fn main() -> std::process::ExitCode {
         Command::Certs { what } => certs::run(what),
         Command::Config { what } => config::run(what),
         Command::Send(a) => send::run(a),
+        Command::Invoke(a) => invoke::run(a),
+        Command::Status(a) => status::run(a),
+        Command::DeadLetters { what } => dead_letters::run(what),
     };
     match result {
         Ok(code) => code,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use wasmi::{Caller, Linker, Memory, StoreLimits, ValType};
 
 use super::manifest::Limits;
-use super::{Effects, Forward, HostEnv};
+use super::{Effects, Forward, HostEnv, LogLine, Meta};
 use crate::config::Class;
 use crate::proto::topic;
 
@@ -74,6 +74,7 @@ fn trap(t: HostTrap) -> wasmi::Error {
 pub enum Mode {
     Init,
     Event,
+    Timer,
 }
 
 /// The state of one running invocation.
@@ -85,24 +86,30 @@ pub struct Invocation {
     pub writes: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// The first limit the handler hit; it fails the invocation.
     pub limit_hit: Option<&'static str>,
+    /// Log bytes this invocation may still write (what is left of the handler's per-event cap).
+    pub log_budget: usize,
     pub log_bytes: usize,
     pub log_dropped: usize,
-    /// The `event_meta` CBOR map.
-    pub meta: Vec<u8>,
+    /// The lines written, when the host captures them (`tidepool invoke`).
+    pub logs: Option<Vec<LogLine>>,
+    /// What `event_meta` describes; encoded only when the handler asks.
+    pub meta: Meta,
     pub depth: u32,
     /// Emits left for the device event's whole tree.
     pub emit_budget: u32,
 }
 
 impl Invocation {
-    pub fn new(mode: Mode, meta: Vec<u8>, depth: u32, emit_budget: u32) -> Self {
+    pub fn new(mode: Mode, meta: Meta, depth: u32, emit_budget: u32, log_budget: usize) -> Self {
         Invocation {
             mode,
             effects: Effects::default(),
             writes: HashMap::new(),
             limit_hit: None,
+            log_budget,
             log_bytes: 0,
             log_dropped: 0,
+            logs: None,
             meta,
             depth,
             emit_budget,
@@ -347,7 +354,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             let data = mem.data(&c);
             let r = range(data.len(), p, len, "log")?;
             let h = c.data();
-            let room = h.env.log_bytes_per_event.saturating_sub(h.inv.log_bytes);
+            let room = h.inv.log_budget.saturating_sub(h.inv.log_bytes);
             let take = r.len().min(room);
             let text = String::from_utf8_lossy(&data[r.start..r.start + take]).into_owned();
             let dropped = r.len() - take;
@@ -355,15 +362,20 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             let h = c.data_mut();
             h.inv.log_bytes += take;
             h.inv.log_dropped += dropped;
-            if take > 0 {
-                let name = &*h.name;
-                match level {
-                    0 => tracing::error!(handler = name, "{text}"),
-                    1 => tracing::warn!(handler = name, "{text}"),
-                    2 => tracing::info!(handler = name, "{text}"),
-                    3 => tracing::debug!(handler = name, "{text}"),
-                    _ => tracing::trace!(handler = name, "{text}"),
-                }
+            if take == 0 {
+                return Ok(());
+            }
+            let level = level.clamp(0, 4) as u8;
+            let name = &*h.name;
+            match level {
+                0 => tracing::error!(handler = name, "{text}"),
+                1 => tracing::warn!(handler = name, "{text}"),
+                2 => tracing::info!(handler = name, "{text}"),
+                3 => tracing::debug!(handler = name, "{text}"),
+                _ => tracing::trace!(handler = name, "{text}"),
+            }
+            if let Some(lines) = h.inv.logs.as_mut() {
+                lines.push(LogLine { level, text });
             }
             Ok(())
         },
@@ -394,7 +406,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
         "event_meta",
         |mut c: Caller<'_, Host>, op: i32, oc: i32| {
             let mem = memory(&c, "event_meta")?;
-            let meta = c.data().inv.meta.clone();
+            let meta = c.data().inv.meta.encode();
             answer(&mut c, mem, Some(meta), op, oc, 0, "event_meta")
         },
     ));

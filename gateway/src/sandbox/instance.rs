@@ -11,7 +11,7 @@ use wasmi::{
 
 use super::abi::{self, Host, HostTrap, Invocation, Mode};
 use super::manifest::Manifest;
-use super::{EventInfo, Failure, HostEnv, Outcome};
+use super::{EventInfo, Failure, HostEnv, Meta, Outcome, TimerInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -50,6 +50,7 @@ struct Live {
     store: Store<Host>,
     alloc: TypedFunc<i32, i32>,
     on_event: TypedFunc<(i32, i32, i32, i32), i32>,
+    on_timer: Option<TypedFunc<i64, i32>>,
 }
 
 /// A loaded handler.
@@ -63,6 +64,8 @@ pub struct Handler {
     live: Option<Live>,
     /// Bytes of state the handler holds (committed or pending).
     pub state_used: u64,
+    errors_in_row: u32,
+    quarantined: bool,
 }
 
 fn check_abi(module: &Module) -> Result<(), String> {
@@ -155,6 +158,12 @@ impl Handler {
         let module = Module::new(&runtime.engine, wasm)
             .map_err(|e| invalid(format!("not a valid module: {e}")))?;
         check_abi(&module).map_err(invalid)?;
+        let has_timer = module.exports().any(|e| e.name() == "tp_on_timer");
+        if manifest.timer_ms.is_some() && !has_timer {
+            return Err(invalid(
+                "the manifest sets timer_ms but the module exports no `tp_on_timer`".into(),
+            ));
+        }
         let mut config = manifest.config.clone();
         config.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut h = Handler {
@@ -166,6 +175,8 @@ impl Handler {
             env,
             live: None,
             state_used,
+            errors_in_row: 0,
+            quarantined: false,
         };
         h.instantiate().map_err(|f| LoadError::Invalid {
             name: h.manifest.name.clone(),
@@ -194,7 +205,7 @@ impl Handler {
             env: self.env.clone(),
             manifest_limits: limits.clone(),
             state_used: self.state_used,
-            inv: Invocation::new(Mode::Init, Vec::new(), 0, 0),
+            inv: Invocation::new(Mode::Init, Meta::None, 0, 0, self.env.log_bytes_per_event),
         };
         let mut store = Store::new(&self.runtime.engine, host);
         store.limiter(|h| &mut h.limits);
@@ -227,10 +238,12 @@ impl Handler {
                 Err(e) => return Err(fail("tp_init", e)),
             }
         }
+        let on_timer = instance.get_typed_func(&store, "tp_on_timer").ok();
         self.live = Some(Live {
             store,
             alloc,
             on_event,
+            on_timer,
         });
         Ok(())
     }
@@ -238,33 +251,111 @@ impl Handler {
     /// Runs `tp_on_event` once. On any failure the effects are discarded; after a trap the
     /// instance is dropped and rebuilt on the next event.
     pub fn invoke(&mut self, ev: &EventInfo<'_>) -> Outcome {
+        let meta = Meta::Event {
+            device: ev.device.to_string(),
+            seq: ev.seq,
+            ts: ev.ts,
+            received_ms: ev.received_ms,
+        };
+        let inv = Invocation::new(Mode::Event, meta, ev.depth, ev.emit_budget, ev.log_budget);
+        self.call(inv, |live| {
+            let (tl, pl) = (ev.topic.len(), ev.payload.len());
+            let total =
+                i32::try_from(tl + pl).map_err(|_| (Failure("event too large".into()), false))?;
+            let ptr = live.alloc.call(&mut live.store, total).map_err(trapped)?;
+            let start = ptr as u32 as usize;
+            let mem = live
+                .store
+                .data()
+                .memory
+                .ok_or((Failure("no memory".into()), true))?;
+            let data = mem.data_mut(&mut live.store);
+            let block = start
+                .checked_add(tl + pl)
+                .and_then(|end| data.get_mut(start..end))
+                .ok_or((
+                    Failure("trap:tp_alloc returned an out-of-bounds block".into()),
+                    true,
+                ))?;
+            block[..tl].copy_from_slice(ev.topic.as_bytes());
+            block[tl..].copy_from_slice(ev.payload);
+            let args = (ptr, tl as i32, ptr.wrapping_add(tl as i32), pl as i32);
+            live.on_event.call(&mut live.store, args).map_err(trapped)
+        })
+    }
+
+    /// Runs `tp_on_timer(now_ms)` once, with the same limits and atomicity as an event.
+    pub fn timer(&mut self, t: &TimerInfo) -> Outcome {
+        let meta = Meta::Timer {
+            due_ms: t.due_ms,
+            now_ms: t.now_ms,
+        };
+        let inv = Invocation::new(Mode::Timer, meta, 0, t.emit_budget, t.log_budget);
+        self.call(inv, |live| {
+            let f = live
+                .on_timer
+                .ok_or((Failure("no export `tp_on_timer`".into()), false))?;
+            f.call(&mut live.store, t.now_ms as i64).map_err(trapped)
+        })
+    }
+
+    /// True once the handler failed `after` times in a row (0 never quarantines).
+    pub fn quarantined(&self) -> bool {
+        self.quarantined
+    }
+
+    /// Failures in a row so far.
+    pub fn errors_in_row(&self) -> u32 {
+        self.errors_in_row
+    }
+
+    /// Counts a result toward quarantine; true when this failure quarantines the handler.
+    pub fn record(&mut self, ok: bool, quarantine_after: u32) -> bool {
+        if ok {
+            self.errors_in_row = 0;
+            return false;
+        }
+        self.errors_in_row = self.errors_in_row.saturating_add(1);
+        if quarantine_after > 0 && self.errors_in_row >= quarantine_after && !self.quarantined {
+            self.quarantined = true;
+            return true;
+        }
+        false
+    }
+
+    /// The shared frame of an invocation: a live instance, fresh fuel, the guest call, and the
+    /// verdict (a limit hit or a non-zero return fails it; a trap also drops the instance).
+    fn call(
+        &mut self,
+        mut inv: Invocation,
+        guest: impl FnOnce(&mut Live) -> Result<i32, (Failure, bool)>,
+    ) -> Outcome {
         let fuel = self.manifest.limits.fuel_per_event;
         if self.live.is_none() {
             if let Err(f) = self.instantiate() {
                 self.live = None;
-                return Outcome {
-                    result: Err(f),
-                    fuel_used: 0,
-                    log_dropped: 0,
-                };
+                return Outcome::failed(f);
             }
         }
         let state_used = self.state_used;
         let Some(live) = self.live.as_mut() else {
-            return Outcome {
-                result: Err(Failure("no instance".into())),
-                fuel_used: 0,
-                log_dropped: 0,
-            };
+            return Outcome::failed(Failure("no instance".into()));
         };
+        if self.env.capture_logs {
+            inv.logs = Some(Vec::new());
+        }
         let host = live.store.data_mut();
         host.state_used = state_used;
-        host.inv = Invocation::new(Mode::Event, event_meta(ev), ev.depth, ev.emit_budget);
-        let result = Self::run(live, ev, fuel);
+        host.inv = inv;
+        let result = live
+            .store
+            .set_fuel(fuel)
+            .map_err(trapped)
+            .and_then(|()| guest(live));
         let fuel_used = fuel.saturating_sub(live.store.get_fuel().unwrap_or(0));
         let inv = std::mem::replace(
             &mut live.store.data_mut().inv,
-            Invocation::new(Mode::Event, Vec::new(), 0, 0),
+            Invocation::new(Mode::Event, Meta::None, 0, 0, 0),
         );
         let result = match result {
             Err((f, trapped)) => {
@@ -282,59 +373,16 @@ impl Handler {
         Outcome {
             result,
             fuel_used,
+            log_bytes: inv.log_bytes,
             log_dropped: inv.log_dropped,
+            logs: inv.logs.unwrap_or_default(),
         }
-    }
-
-    /// Copies topic and payload in and calls the guest. Err carries whether it trapped.
-    fn run(live: &mut Live, ev: &EventInfo<'_>, fuel: u64) -> Result<i32, (Failure, bool)> {
-        let trapped = |e: wasmi::Error| (Failure(reason(&e)), true);
-        live.store.set_fuel(fuel).map_err(trapped)?;
-        let (tl, pl) = (ev.topic.len(), ev.payload.len());
-        let total =
-            i32::try_from(tl + pl).map_err(|_| (Failure("event too large".into()), false))?;
-        let ptr = live.alloc.call(&mut live.store, total).map_err(trapped)?;
-        let start = ptr as u32 as usize;
-        let mem = live
-            .store
-            .data()
-            .memory
-            .ok_or((Failure("no memory".into()), true))?;
-        let data = mem.data_mut(&mut live.store);
-        let block = start
-            .checked_add(tl + pl)
-            .and_then(|end| data.get_mut(start..end))
-            .ok_or((
-                Failure("trap:tp_alloc returned an out-of-bounds block".into()),
-                true,
-            ))?;
-        block[..tl].copy_from_slice(ev.topic.as_bytes());
-        block[tl..].copy_from_slice(ev.payload);
-        let args = (ptr, tl as i32, ptr.wrapping_add(tl as i32), pl as i32);
-        live.on_event.call(&mut live.store, args).map_err(trapped)
     }
 }
 
-/// The `event_meta` map: `{device, seq, ts, received_ms, clock_synced}`.
-fn event_meta(ev: &EventInfo<'_>) -> Vec<u8> {
-    #[derive(serde::Serialize)]
-    struct Meta<'a> {
-        device: &'a str,
-        seq: u64,
-        ts: Option<u64>,
-        received_ms: u64,
-        clock_synced: bool,
-    }
-    let meta = Meta {
-        device: ev.device,
-        seq: ev.seq,
-        ts: ev.ts,
-        received_ms: ev.received_ms,
-        clock_synced: crate::clock::looks_synced(ev.received_ms),
-    };
-    let mut out = Vec::with_capacity(96);
-    ciborium::into_writer(&meta, &mut out).expect("CBOR encoding into a Vec");
-    out
+/// A guest call's error as a failure that dropped the instance.
+fn trapped(e: wasmi::Error) -> (Failure, bool) {
+    (Failure(reason(&e)), true)
 }
 
 #[cfg(test)]
@@ -369,6 +417,7 @@ mod tests {
             log_bytes_per_event: 100,
             emit_depth: 2,
             max_payload_bytes: 1024,
+            capture_logs: false,
         };
         Handler::load(
             &Runtime::default(),
@@ -390,6 +439,7 @@ mod tests {
             payload: b"xy",
             depth: 0,
             emit_budget: 4,
+            log_budget: 100,
         }
     }
 
@@ -407,6 +457,7 @@ mod tests {
             log_bytes_per_event: 100,
             emit_depth: 2,
             max_payload_bytes: 1024,
+            capture_logs: false,
         };
         let err = Handler::load(&Runtime::default(), &wasm, m, &BTreeMap::new(), env, 0)
             .err()
@@ -522,7 +573,13 @@ mod tests {
             panic!("expected the length as a non-zero return")
         };
         let len: usize = msg.trim_start_matches("handler returned ").parse().unwrap();
-        let meta = event_meta(&one);
+        let meta = Meta::Event {
+            device: one.device.into(),
+            seq: one.seq,
+            ts: one.ts,
+            received_ms: one.received_ms,
+        }
+        .encode();
         assert_eq!(len, meta.len());
         let v: ciborium::Value = ciborium::from_reader(&meta[..]).unwrap();
         let map = v.as_map().unwrap();

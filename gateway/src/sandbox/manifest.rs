@@ -83,8 +83,13 @@ impl Manifest {
                 return bad(e);
             }
         }
-        if self.timer_ms.is_some() {
-            return bad("timer_ms is not supported by this gateway yet".into());
+        if let Some(t) = self.timer_ms {
+            if t < caps.min_timer_ms {
+                return bad(format!(
+                    "timer_ms = {t} is below the box minimum {} (limits.min_timer_ms)",
+                    caps.min_timer_ms
+                ));
+            }
         }
         let l = &self.limits;
         let over: [(&str, u64, u64); 5] = [

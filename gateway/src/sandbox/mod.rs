@@ -9,6 +9,7 @@ pub mod manifest;
 use std::sync::Arc;
 
 pub use instance::{Handler, LoadError, Runtime};
+pub use manifest::Limits;
 pub use manifest::Manifest;
 
 use crate::config::Class;
@@ -53,6 +54,95 @@ pub struct EventInfo<'a> {
     pub depth: u32,
     /// Emits left for the whole tree of this device event (all handlers, all depths).
     pub emit_budget: u32,
+    /// Log bytes this handler may still write for this device event.
+    pub log_budget: usize,
+}
+
+/// A timer call: `tp_on_timer(now_ms)`.
+#[derive(Debug, Clone, Copy)]
+pub struct TimerInfo {
+    pub now_ms: u64,
+    /// When the timer fell due (a timer that fell due while the box was off fires once, late).
+    pub due_ms: u64,
+    pub emit_budget: u32,
+    pub log_budget: usize,
+}
+
+/// What `event_meta` describes, encoded as CBOR only when a handler asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Meta {
+    None,
+    /// `{device, seq, ts, received_ms, clock_synced}`.
+    Event {
+        device: String,
+        seq: u64,
+        ts: Option<u64>,
+        received_ms: u64,
+    },
+    /// `{timer: true, due_ms, now_ms, late_ms}`.
+    Timer {
+        due_ms: u64,
+        now_ms: u64,
+    },
+}
+
+impl Meta {
+    /// The CBOR map the ABI's `event_meta` returns.
+    pub fn encode(&self) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct EventMeta<'a> {
+            device: &'a str,
+            seq: u64,
+            ts: Option<u64>,
+            received_ms: u64,
+            clock_synced: bool,
+        }
+        #[derive(serde::Serialize)]
+        struct TimerMeta {
+            timer: bool,
+            due_ms: u64,
+            now_ms: u64,
+            late_ms: u64,
+        }
+        let mut out = Vec::with_capacity(96);
+        let r = match self {
+            Meta::None => ciborium::into_writer(&serde_json::Map::new(), &mut out),
+            Meta::Event {
+                device,
+                seq,
+                ts,
+                received_ms,
+            } => ciborium::into_writer(
+                &EventMeta {
+                    device,
+                    seq: *seq,
+                    ts: *ts,
+                    received_ms: *received_ms,
+                    clock_synced: crate::clock::looks_synced(*received_ms),
+                },
+                &mut out,
+            ),
+            Meta::Timer { due_ms, now_ms } => ciborium::into_writer(
+                &TimerMeta {
+                    timer: true,
+                    due_ms: *due_ms,
+                    now_ms: *now_ms,
+                    late_ms: now_ms.saturating_sub(*due_ms),
+                },
+                &mut out,
+            ),
+        };
+        r.expect("CBOR encoding into a Vec");
+        out
+    }
+}
+
+/// One line a handler logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// 0 error, 1 warn, 2 info, 3 debug, 4 trace.
+    pub level: u8,
+    pub text: String,
 }
 
 /// A failed invocation: the event goes to the dead letters with this reason.
@@ -65,16 +155,34 @@ pub struct Failure(pub String);
 pub struct Outcome {
     pub result: Result<Effects, Failure>,
     pub fuel_used: u64,
-    /// Log lines the handler wrote (already sent to tracing), and bytes dropped over the cap.
+    /// Log bytes written (already sent to tracing), and bytes dropped over the cap.
+    pub log_bytes: usize,
     pub log_dropped: usize,
+    /// The lines themselves, when [`HostEnv::capture_logs`] is set.
+    pub logs: Vec<LogLine>,
+}
+
+impl Outcome {
+    fn failed(f: Failure) -> Outcome {
+        Outcome {
+            result: Err(f),
+            fuel_used: 0,
+            log_bytes: 0,
+            log_dropped: 0,
+            logs: Vec::new(),
+        }
+    }
 }
 
 /// Everything the host needs while a handler runs.
 #[derive(Clone)]
 pub struct HostEnv {
     pub state: Arc<dyn StateSource>,
+    /// Log bytes a handler may write per device event (and in `tp_init`).
     pub log_bytes_per_event: usize,
     pub emit_depth: u32,
     /// Largest payload a handler may forward or emit (`ingress.max_payload_bytes`).
     pub max_payload_bytes: usize,
+    /// Keep log lines in [`Outcome::logs`] (for `tidepool invoke`), besides tracing them.
+    pub capture_logs: bool,
 }

@@ -97,6 +97,9 @@ pub struct Group {
     pub events: usize,
     /// Items in the group (events, nacks, resends, welcomes, busy answers).
     pub items: usize,
+    /// Bytes of new dead letters, and how many old ones the write dropped to stay under the cap.
+    pub dead_bytes: u64,
+    pub dead_dropped: u64,
 }
 
 /// The pure group-commit state machine.
@@ -167,6 +170,7 @@ impl CommitQueue {
                         g.ops.push((keys::outbox(seq), Some(rec.entry)));
                     }
                     for d in ws.dead {
+                        g.dead_bytes += d.len() as u64;
                         g.ops.push((
                             keys::dead(self.dead_ids.fetch_add(1, Ordering::Relaxed)),
                             Some(d),
@@ -265,9 +269,17 @@ pub fn run(
                 None => batch.remove(k.as_slice()),
             }
         }
+        let mut dead_dropped = 0;
+        if group.dead_bytes > 0 {
+            for k in store.trim_dead_letters(group.dead_bytes)? {
+                batch.remove(k);
+                dead_dropped += 1;
+            }
+        }
         store.tree.apply_batch(batch)?;
         store.db.flush()?;
-        let group = q.flushed(group);
+        let mut group = q.flushed(group);
+        group.dead_dropped = dead_dropped;
         for (keys, tag) in &group.overlay {
             store.overlay.settle(keys.iter(), *tag);
         }

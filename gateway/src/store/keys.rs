@@ -8,6 +8,7 @@
 //! | `s/<handler>\0<key>`                  | state value (raw bytes)                 |
 //! | `o/<u64 BE outbox seq>`               | outbox entry (CBOR [`crate::outbox::Entry`]) |
 //! | `d/<u64 BE id>`                       | dead letter (CBOR [`crate::store::DeadLetter`]) |
+//! | `t/<handler>`                         | u64 BE next due time of its timer (wall-clock ms) |
 
 /// The layout version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -17,6 +18,7 @@ pub const HWM: &[u8] = b"h/";
 pub const STATE: &[u8] = b"s/";
 pub const OUTBOX: &[u8] = b"o/";
 pub const DEAD: &[u8] = b"d/";
+pub const TIMER: &[u8] = b"t/";
 
 fn join(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>());
@@ -38,6 +40,10 @@ pub fn state_prefix(handler: &str) -> Vec<u8> {
 
 pub fn state(handler: &str, key: &[u8]) -> Vec<u8> {
     join(STATE, &[handler.as_bytes(), b"\0", key])
+}
+
+pub fn timer(handler: &str) -> Vec<u8> {
+    join(TIMER, &[handler.as_bytes()])
 }
 
 pub fn outbox(seq: u64) -> Vec<u8> {

@@ -8,7 +8,7 @@ pub mod overlay;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +38,9 @@ pub fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
     std::process::exit(70)
 }
 
-/// An event that could not be handled, with the reason. Exported as JSON lines later.
+/// An event that could not be handled, with the reason (`tidepool dead-letters export`
+/// writes them as the JSON lines `tidepool invoke` reads). A failed timer call has an empty
+/// topic and `received_ms` = the time it ran.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeadLetter {
     pub device: String,
@@ -49,6 +51,9 @@ pub struct DeadLetter {
     pub handler: String,
     pub reason: String,
     pub received_ms: u64,
+    /// The device's own timestamp, if it sent one.
+    #[serde(default)]
+    pub ts: Option<u64>,
 }
 
 impl DeadLetter {
@@ -67,6 +72,16 @@ pub struct Store {
     pub overlay: Arc<Overlay>,
     /// The next dead-letter id (shared by the committer and the uplink).
     pub dead_ids: Arc<AtomicU64>,
+    /// The dead-letter tree's size bound, shared by its two writers.
+    dead_bound: Arc<Mutex<DeadBound>>,
+}
+
+/// Bytes the dead-letter tree holds, the oldest id still in it, and its cap.
+#[derive(Debug, Default)]
+struct DeadBound {
+    bytes: u64,
+    oldest: u64,
+    max_bytes: u64,
 }
 
 impl Store {
@@ -116,10 +131,54 @@ impl Store {
             tree,
             overlay: Arc::new(Overlay::default()),
             dead_ids: Arc::default(),
+            dead_bound: Arc::default(),
         };
         let next_dead = last_seq(&store, keys::DEAD)?.map_or(1, |s| s + 1);
         store.dead_ids = Arc::new(AtomicU64::new(next_dead));
+        let mut bound = DeadBound {
+            max_bytes: u64::MAX,
+            oldest: next_dead,
+            bytes: 0,
+        };
+        for kv in store.tree.scan_prefix(keys::DEAD) {
+            let (k, v) = kv?;
+            if bound.bytes == 0 {
+                bound.oldest = keys::seq_of(&k).unwrap_or(next_dead);
+            }
+            bound.bytes += v.len() as u64;
+        }
+        store.dead_bound = Arc::new(Mutex::new(bound));
         Ok(store)
+    }
+
+    /// Caps the dead-letter tree at `max_bytes` (the oldest are dropped first).
+    pub fn bound_dead_letters(&self, max_bytes: u64) {
+        self.dead_bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_bytes = max_bytes;
+    }
+
+    /// Accounts for `added` bytes of new dead letters about to be written and returns the
+    /// removals of the oldest ones that keep the tree under its cap (add them to the same
+    /// atomic write). The new letters themselves are never removed.
+    pub fn trim_dead_letters(&self, added: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut b = self.dead_bound.lock().unwrap_or_else(|p| p.into_inner());
+        b.bytes += added;
+        let mut removals = Vec::new();
+        if b.bytes <= b.max_bytes {
+            return Ok(removals);
+        }
+        for kv in self.tree.range(keys::dead(b.oldest)..keys::dead(u64::MAX)) {
+            if b.bytes <= b.max_bytes {
+                break;
+            }
+            let (k, v) = kv?;
+            b.bytes = b.bytes.saturating_sub(v.len() as u64);
+            b.oldest = keys::seq_of(&k).map_or(b.oldest, |s| s + 1);
+            removals.push(k.to_vec());
+        }
+        Ok(removals)
     }
 
     /// A fresh dead-letter id.
@@ -145,6 +204,14 @@ impl Store {
             total += (k.len() - prefix.len() + v.len()) as u64;
         }
         Ok(total)
+    }
+
+    /// The durable next due time of `handler`'s timer.
+    pub fn timer_due(&self, handler: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .tree
+            .get(keys::timer(handler))?
+            .and_then(|v| keys::u64_value(&v)))
     }
 
     /// A committed state value, ignoring the overlay.

@@ -142,6 +142,7 @@ impl<S: Sink> Uplink<S> {
             batch.remove(keys::outbox(*s));
         }
         if let Some(reason) = dead_reason {
+            let mut added = 0;
             for e in &b.entries {
                 let d = DeadLetter {
                     device: e.device.clone(),
@@ -151,9 +152,16 @@ impl<S: Sink> Uplink<S> {
                     handler: "uplink".into(),
                     reason: format!("uplink:{reason} (entry {})", e.id),
                     received_ms: e.ts,
+                    ts: Some(e.ts),
                 };
-                batch.insert(keys::dead(self.store.next_dead_id()), d.encode());
+                let bytes = d.encode();
+                added += bytes.len() as u64;
+                batch.insert(keys::dead(self.store.next_dead_id()), bytes);
                 Metrics::inc(&self.metrics.dead_letters);
+            }
+            for k in self.store.trim_dead_letters(added)? {
+                batch.remove(k);
+                Metrics::inc(&self.metrics.dead_letters_dropped);
             }
         }
         self.store.tree.apply_batch(batch)?;

@@ -1,0 +1,324 @@
+//! `tidepool invoke`: runs one handler locally on a file of events (JSON lines) and prints,
+//! per event, its forwards, emits, state changes, logs, fuel and errors. The same engine,
+//! limits and fuel accounting as the gateway; state in memory or in a local store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use tidepool::jsonl::{Input, Line};
+use tidepool::sandbox::{
+    EventInfo, Handler, HostEnv, Manifest, Outcome, Runtime, StateSource, TimerInfo,
+};
+use tidepool::store::{keys, Store};
+
+use super::ConfigArgs;
+
+/// Run a handler locally on a file of events, the way the gateway would.
+///
+/// Each line of --events is an event: {"topic": "devices/d1/temp", "payload": "{\"v\": 21.5}"}
+/// ("payload_b64" for bytes), with optional "device", "seq" and "ts"; or a timer tick:
+/// {"timer": true, "now_ms": 1700000000000}. Recordings (`[record]`) and
+/// `tidepool dead-letters export` write this format. Prints, per event, the forwards, emits,
+/// state changes, logs, fuel used and any error (the dead-letter reason). Emits are shown, not
+/// run. The box caps come from --config (or the embedded defaults); [[handler]] overrides do
+/// not apply, use --set. State lives in memory unless --state-dir keeps it in a local store
+/// between runs. Exits 0 when every line ran (handler failures included), 2 on bad input.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The handler's module (.wasm).
+    #[arg(long, value_name = "FILE")]
+    handler: PathBuf,
+    /// The handler's manifest (.toml).
+    #[arg(long, value_name = "FILE")]
+    manifest: PathBuf,
+    /// Events as JSON lines; `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    events: PathBuf,
+    /// Keep the handler's state in a store in this directory (created if missing), so a run
+    /// starts from the state the last one left.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Override a key of the manifest's [config], e.g. --set threshold=40 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    set: Vec<(String, String)>,
+    /// Print one JSON object per event instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+fn parse_set(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+/// Handler state for a local run: in memory, or in a store.
+enum LocalState {
+    Memory(Mutex<HashMap<Vec<u8>, Vec<u8>>>),
+    Store(Store),
+}
+
+impl StateSource for LocalState {
+    fn get(&self, handler: &str, key: &[u8]) -> Option<Vec<u8>> {
+        match self {
+            LocalState::Memory(m) => m
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key)
+                .cloned(),
+            LocalState::Store(s) => StateSource::get(s, handler, key),
+        }
+    }
+}
+
+impl LocalState {
+    fn apply(&self, handler: &str, writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> anyhow::Result<()> {
+        match self {
+            LocalState::Memory(m) => {
+                let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+                for (k, v) in writes {
+                    match v {
+                        Some(v) => m.insert(k.clone(), v.clone()),
+                        None => m.remove(k),
+                    };
+                }
+            }
+            LocalState::Store(s) => {
+                let mut batch = sled::Batch::default();
+                for (k, v) in writes {
+                    match v {
+                        Some(v) => batch.insert(keys::state(handler, k), v.as_slice()),
+                        None => batch.remove(keys::state(handler, k)),
+                    }
+                }
+                s.tree.apply_batch(batch)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_events(path: &PathBuf) -> anyhow::Result<Vec<Input>> {
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+        ))
+    };
+    let mut out = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let input =
+            Line::parse(&line).with_context(|| format!("{} line {}", path.display(), i + 1))?;
+        out.push(input);
+    }
+    Ok(out)
+}
+
+/// Shows bytes as text when they are printable UTF-8, as hex otherwise.
+fn show(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(t) if !t.chars().any(|c| c.is_control()) => t.to_string(),
+        _ => {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            format!("0x{hex}")
+        }
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let cfg = a.config.load()?;
+    let manifest = Manifest::load(&a.manifest)?;
+    manifest.check(&cfg.limits)?;
+    let wasm =
+        std::fs::read(&a.handler).with_context(|| format!("reading {}", a.handler.display()))?;
+    let inputs = match read_events(&a.events) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("tidepool: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let state = Arc::new(match &a.state_dir {
+        Some(dir) => LocalState::Store(
+            Store::open(dir, cfg.store.cache_capacity_bytes)
+                .with_context(|| format!("opening the state store in {}", dir.display()))?,
+        ),
+        None => LocalState::Memory(Mutex::default()),
+    });
+    let used = match &*state {
+        LocalState::Store(s) => s.state_bytes(&manifest.name)?,
+        LocalState::Memory(_) => 0,
+    };
+    let env = HostEnv {
+        state: state.clone(),
+        log_bytes_per_event: cfg.limits.log_bytes_per_event,
+        emit_depth: cfg.limits.emit_depth,
+        max_payload_bytes: cfg.ingress.max_payload_bytes,
+        capture_logs: true,
+    };
+    let overrides: BTreeMap<String, String> = a.set.into_iter().collect();
+    let name = manifest.name.clone();
+    let started = std::time::Instant::now();
+    let mut h = Handler::load(&Runtime::default(), &wasm, manifest, &overrides, env, used)?;
+    let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if !a.json {
+        println!(
+            "loaded {name} v{} ({} bytes) in {load_ms:.1} ms",
+            h.manifest.version,
+            wasm.len()
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    let (mut ok, mut failed) = (0usize, 0usize);
+    for (i, input) in inputs.iter().enumerate() {
+        let n = i + 1;
+        let now = tidepool::clock::now_ms();
+        let (label, outcome) = match input {
+            Input::Event {
+                topic,
+                payload,
+                device,
+                seq,
+                ts,
+            } => {
+                if let Err(e) = tidepool::proto::topic::validate(topic) {
+                    bail!("{} line {n}: topic `{topic}`: {e}", a.events.display());
+                }
+                let ev = EventInfo {
+                    device: device.as_deref().unwrap_or("local"),
+                    seq: seq.unwrap_or(n as u64),
+                    ts: *ts,
+                    received_ms: now,
+                    topic,
+                    payload,
+                    depth: 0,
+                    emit_budget: cfg.limits.emits_per_event,
+                    log_budget: cfg.limits.log_bytes_per_event,
+                };
+                (format!("{topic} {}", show(payload)), h.invoke(&ev))
+            }
+            Input::Timer { now_ms } => {
+                let t = TimerInfo {
+                    now_ms: now_ms.unwrap_or(now),
+                    due_ms: now_ms.unwrap_or(now),
+                    emit_budget: cfg.limits.emits_per_event,
+                    log_budget: cfg.limits.log_bytes_per_event,
+                };
+                (format!("timer now_ms={}", t.now_ms), h.timer(&t))
+            }
+        };
+        if let Ok(effects) = &outcome.result {
+            state.apply(&name, &effects.state)?;
+            h.state_used = h.state_used.saturating_add_signed(effects.state_delta);
+            ok += 1;
+        } else {
+            failed += 1;
+        }
+        if a.json {
+            writeln!(out, "{}", to_json(n, &outcome))?;
+        } else {
+            print_text(&mut out, n, &label, &outcome)?;
+        }
+    }
+    if let LocalState::Store(s) = &*state {
+        s.db.flush()?;
+    }
+    if !a.json {
+        writeln!(out, "{} lines: {ok} ok, {failed} failed", ok + failed)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn class_name(c: tidepool::config::Class) -> &'static str {
+    match c {
+        tidepool::config::Class::Urgent => "urgent",
+        tidepool::config::Class::Normal => "normal",
+        tidepool::config::Class::Bulk => "bulk",
+    }
+}
+
+fn print_text(out: &mut impl Write, n: usize, label: &str, o: &Outcome) -> std::io::Result<()> {
+    writeln!(out, "#{n} {label}")?;
+    for l in &o.logs {
+        let level = ["error", "warn", "info", "debug", "trace"][usize::from(l.level.min(4))];
+        writeln!(out, "  log {level}: {}", l.text)?;
+    }
+    if o.log_dropped > 0 {
+        writeln!(out, "  log: {} bytes dropped over the cap", o.log_dropped)?;
+    }
+    match &o.result {
+        Ok(e) => {
+            for f in &e.forwards {
+                writeln!(
+                    out,
+                    "  forward {} {} {}",
+                    class_name(f.class),
+                    f.topic,
+                    show(&f.payload)
+                )?;
+            }
+            for (t, p) in &e.emits {
+                writeln!(out, "  emit {t} {}", show(p))?;
+            }
+            for (k, v) in &e.state {
+                match v {
+                    Some(v) => writeln!(out, "  state put {} = {}", show(k), show(v))?,
+                    None => writeln!(out, "  state delete {}", show(k))?,
+                }
+            }
+            writeln!(out, "  ok, fuel {}", o.fuel_used)
+        }
+        Err(f) => writeln!(
+            out,
+            "  FAILED {f} (fuel {}); effects discarded",
+            o.fuel_used
+        ),
+    }
+}
+
+fn to_json(n: usize, o: &Outcome) -> serde_json::Value {
+    let text = |b: &[u8]| show(b);
+    let (ok, error, forwards, emits, state) = match &o.result {
+        Ok(e) => (
+            true,
+            None,
+            e.forwards
+                .iter()
+                .map(|f| {
+                    serde_json::json!({"topic": f.topic, "class": class_name(f.class), "payload": text(&f.payload)})
+                })
+                .collect(),
+            e.emits
+                .iter()
+                .map(|(t, p)| serde_json::json!({"topic": t, "payload": text(p)}))
+                .collect(),
+            e.state
+                .iter()
+                .map(|(k, v)| serde_json::json!({"key": text(k), "value": v.as_deref().map(text)}))
+                .collect(),
+        ),
+        Err(f) => (false, Some(f.0.clone()), vec![], vec![], vec![]),
+    };
+    serde_json::json!({
+        "line": n,
+        "ok": ok,
+        "error": error,
+        "fuel": o.fuel_used,
+        "forwards": forwards,
+        "emits": emits,
+        "state": state,
+        "logs": o.logs.iter().map(|l| serde_json::json!({"level": l.level, "text": l.text})).collect::<Vec<_>>(),
+        "log_dropped": o.log_dropped,
+    })
+}

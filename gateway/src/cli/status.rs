@@ -1,0 +1,84 @@
+//! `tidepool status`: what a running gateway is doing, asked through its control socket.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use super::ConfigArgs;
+
+/// Show a running gateway's handlers (quarantine included), outbox and counters.
+///
+/// Asks the gateway through `<data-dir>/control.sock`, so run it as the gateway's user with
+/// the same `--config`/`--data-dir`. Exits 3 when no gateway runs on that data dir.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Print the raw JSON answer instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let cfg = a.config.load()?;
+    let data = &cfg.gateway.data_dir;
+    let Some(answer) = tidepool::control::request(data, "status")
+        .with_context(|| format!("asking the gateway in {}", data.display()))?
+    else {
+        eprintln!(
+            "tidepool: no gateway is running on {} (no control socket); its last counters are in metrics.json there",
+            data.display()
+        );
+        return Ok(ExitCode::from(3));
+    };
+    if a.json {
+        print!("{}", String::from_utf8_lossy(&answer));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&answer).context("the gateway's status answer is not JSON")?;
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    println!(
+        "gateway {} (tidepool {}), up {} s",
+        v["gateway"].as_str().unwrap_or("?"),
+        v["version"].as_str().unwrap_or("?"),
+        n(&v["uptime_s"])
+    );
+    let handlers = v["handlers"].as_array().cloned().unwrap_or_default();
+    if handlers.is_empty() {
+        println!("handlers: none");
+    }
+    for h in handlers {
+        let health = if h["quarantined"].as_bool() == Some(true) {
+            format!(
+                "QUARANTINED after {} failures in a row",
+                n(&h["errors_in_row"])
+            )
+        } else {
+            format!("ok ({} failures in a row)", n(&h["errors_in_row"]))
+        };
+        let timer = h["timer_ms"]
+            .as_u64()
+            .map(|t| format!(", timer every {t} ms"))
+            .unwrap_or_default();
+        println!(
+            "handler {} v{}{timer}: {health}",
+            h["name"].as_str().unwrap_or("?"),
+            n(&h["version"])
+        );
+    }
+    println!(
+        "outbox: {} entries, {} bytes",
+        n(&v["outbox"]["entries"]),
+        n(&v["outbox"]["bytes"])
+    );
+    if let Some(m) = v["metrics"].as_object() {
+        let line: Vec<String> = m
+            .iter()
+            .filter(|(_, c)| n(c) > 0)
+            .map(|(k, c)| format!("{k} {}", n(c)))
+            .collect();
+        println!("counters: {}", line.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
