@@ -33,16 +33,20 @@ pub fn threshold_manifest() -> PathBuf {
 }
 
 /// Writes a WAT handler and its manifest into `dir`; returns the `[[handler]]` TOML entry.
+/// The manifest subscribes to `devices/+/#` unless `manifest_extra` sets `subscribe` (first).
 pub fn wat_handler(dir: &Path, name: &str, wat: &str, manifest_extra: &str) -> String {
     let wasm = wat::parse_str(wat).expect("test WAT parses");
     let wp = dir.join(format!("{name}.wasm"));
     let mp = dir.join(format!("{name}.toml"));
     std::fs::write(&wp, wasm).unwrap();
+    let subscribe = if manifest_extra.trim_start().starts_with("subscribe") {
+        ""
+    } else {
+        "subscribe = [\"devices/+/#\"]\n"
+    };
     std::fs::write(
         &mp,
-        format!(
-            "name = \"{name}\"\nversion = 1\nsubscribe = [\"devices/+/#\"]\n{manifest_extra}\n"
-        ),
+        format!("name = \"{name}\"\nversion = 1\n{subscribe}{manifest_extra}\n"),
     )
     .unwrap();
     handler_entry(&wp, &mp)
@@ -171,8 +175,11 @@ impl Gateway {
         serde_json::from_slice(&m).unwrap()
     }
 
+    /// Stops the gateway if it runs, and starts it again on the same data dir.
     pub fn restart(&mut self) {
-        self.stop();
+        if self.child.is_some() {
+            self.stop();
+        }
         self.spawn();
     }
 

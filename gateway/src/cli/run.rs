@@ -33,7 +33,11 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .parse()
         .with_context(|| format!("{origin} = `{directives}`"))?;
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .with(filter)
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()

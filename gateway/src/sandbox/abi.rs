@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::Arc;
 
-use wasmi::{Caller, Linker, Memory, StoreLimits, ValType};
+use wasmi::{Caller, Linker, Memory, ResourceLimiter, StoreLimits, ValType};
+use wasmi_core::LimiterError;
 
 use super::manifest::Limits;
 use super::{Effects, Forward, HostEnv, LogLine, Meta};
@@ -122,9 +123,50 @@ impl Invocation {
     }
 }
 
+/// wasmi's store limits, remembering a refused memory growth: `memory.grow` past
+/// `memory_pages` returns -1 inside the guest, and the invocation fails with `limit:memory_pages`.
+pub struct Limiter {
+    pub inner: StoreLimits,
+    pub refused: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> Result<bool, LimiterError> {
+        let ok = self.inner.memory_growing(current, desired, maximum)?;
+        self.refused |= !ok;
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> Result<bool, LimiterError> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
 /// The host data of one handler's wasmi store.
 pub struct Host {
-    pub limits: StoreLimits,
+    pub limits: Limiter,
     pub memory: Option<Memory>,
     pub name: Arc<str>,
     pub config: Arc<BTreeMap<String, String>>,

@@ -9,7 +9,7 @@ use wasmi::{
     TypedFunc, ValType,
 };
 
-use super::abi::{self, Host, HostTrap, Invocation, Mode};
+use super::abi::{self, Host, HostTrap, Invocation, Limiter, Mode};
 use super::manifest::Manifest;
 use super::{EventInfo, Failure, HostEnv, Meta, Outcome, TimerInfo};
 
@@ -192,13 +192,16 @@ impl Handler {
     fn instantiate(&mut self) -> Result<(), Failure> {
         let limits = &self.manifest.limits;
         let host = Host {
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_pages as usize * 65536)
-                .instances(1)
-                .memories(1)
-                .tables(1)
-                .table_elements(10_000)
-                .build(),
+            limits: Limiter {
+                inner: StoreLimitsBuilder::new()
+                    .memory_size(limits.memory_pages as usize * 65536)
+                    .instances(1)
+                    .memories(1)
+                    .tables(1)
+                    .table_elements(10_000)
+                    .build(),
+                refused: false,
+            },
             memory: None,
             name: self.name.clone(),
             config: self.config.clone(),
@@ -353,16 +356,24 @@ impl Handler {
             .map_err(trapped)
             .and_then(|()| guest(live));
         let fuel_used = fuel.saturating_sub(live.store.get_fuel().unwrap_or(0));
-        let inv = std::mem::replace(
-            &mut live.store.data_mut().inv,
+        let host = live.store.data_mut();
+        let mut inv = std::mem::replace(
+            &mut host.inv,
             Invocation::new(Mode::Event, Meta::None, 0, 0, 0),
         );
+        if std::mem::take(&mut host.limits.refused) {
+            inv.limit_hit.get_or_insert("memory_pages");
+        }
         let result = match result {
             Err((f, trapped)) => {
                 if trapped {
                     self.live = None;
                 }
-                Err(f)
+                // The first limit hit names the failure, even when the guest went on and trapped.
+                match inv.limit_hit {
+                    Some(limit) => Err(Failure(format!("limit:{limit} (then {f})"))),
+                    None => Err(f),
+                }
             }
             Ok(code) => match (inv.limit_hit, code) {
                 (Some(limit), _) => Err(Failure(format!("limit:{limit}"))),

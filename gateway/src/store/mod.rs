@@ -257,3 +257,62 @@ impl StateSource for Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(i: u64) -> DeadLetter {
+        DeadLetter {
+            device: "d".into(),
+            seq: i,
+            topic: "t".into(),
+            payload: vec![0; 100],
+            handler: "h".into(),
+            reason: "limit:fuel".into(),
+            received_ms: 0,
+            ts: None,
+        }
+    }
+
+    /// Writes letters the way the committer does: trim first, in the same batch.
+    fn write(store: &Store, n: u64) -> usize {
+        let mut batch = sled::Batch::default();
+        let mut added = 0;
+        for i in 0..n {
+            let bytes = letter(i).encode();
+            added += bytes.len() as u64;
+            batch.insert(keys::dead(store.next_dead_id()), bytes);
+        }
+        let removed = store.trim_dead_letters(added).unwrap();
+        for k in &removed {
+            batch.remove(k.as_slice());
+        }
+        store.tree.apply_batch(batch).unwrap();
+        removed.len()
+    }
+
+    #[test]
+    fn the_dead_letter_tree_stays_under_its_cap_dropping_the_oldest_also_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = letter(0).encode().len() as u64;
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            store.bound_dead_letters(10 * one);
+            assert_eq!(write(&store, 8), 0);
+            assert_eq!(write(&store, 5), 3, "the 3 oldest make room");
+            let left = store.dead_letters().unwrap();
+            assert_eq!(left.len(), 10);
+            assert_eq!(left[0].seq, 3, "the oldest went first");
+            store.db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        store.bound_dead_letters(10 * one);
+        assert_eq!(
+            write(&store, 2),
+            2,
+            "the size is known again after a reopen"
+        );
+        assert_eq!(store.dead_letters().unwrap().len(), 10);
+    }
+}

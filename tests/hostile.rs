@@ -1,0 +1,369 @@
+//! The hostile suite: handlers that attack the sandbox, run inside the real gateway next to a
+//! well-behaved one. For each: the gateway stays up and acks, the event is dead-lettered with a
+//! reason that names the limit, nothing of its effects is stored or forwarded, the counters
+//! show it, and the well-behaved handler on the same events is unaffected. Modules that break
+//! the ABI are refused at load with a reason that names the problem.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use support::*;
+use tidepool::proto::msg::GatewayMsg;
+
+/// A module with every ABI import, one page of memory, `tp_alloc` at 1024, a `k = v` state
+/// write at the start of every event (so a discarded effect would show), then `body`.
+fn hostile(body: &str, extra: &str) -> String {
+    format!(
+        r#"(module
+  (import "tidepool" "state_get" (func $state_get (param i32 i32 i32 i32) (result i32)))
+  (import "tidepool" "state_put" (func $state_put (param i32 i32 i32 i32) (result i32)))
+  (import "tidepool" "state_delete" (func $state_delete (param i32 i32) (result i32)))
+  (import "tidepool" "forward" (func $forward (param i32 i32 i32 i32 i32) (result i32)))
+  (import "tidepool" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+  (import "tidepool" "log" (func $log (param i32 i32 i32)))
+  (import "tidepool" "config_get" (func $config_get (param i32 i32 i32 i32) (result i32)))
+  (import "tidepool" "event_meta" (func $event_meta (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "kvlocal/x")
+  (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+  {extra}
+  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+    (local $i i32) (local $p i32) (local $l i32)
+    (drop (call $state_put (i32.const 0) (i32.const 1) (i32.const 1) (i32.const 1)))
+    {body}
+    (i32.const 0)))"#
+    )
+}
+
+/// Each hostile handler, the reason its events must be dead-lettered with, and how many
+/// events it gets.
+fn hostile_handlers() -> Vec<(&'static str, String, &'static str)> {
+    let forever = |call: &str| format!("(loop $l {call} (br $l))");
+    // Payload byte b: import b / 2; even b = a range past the end of memory, odd b = a range
+    // whose end overflows u32.
+    let badptr = r#"
+    (local.set $i (i32.shr_u (i32.load8_u (local.get 2)) (i32.const 1)))
+    (if (i32.and (i32.load8_u (local.get 2)) (i32.const 1))
+      (then (local.set $p (i32.const -1)) (local.set $l (i32.const 2)))
+      (else (local.set $p (i32.const 65530)) (local.set $l (i32.const 100))))
+    (if (i32.eq (local.get $i) (i32.const 0)) (then (drop (call $state_get (local.get $p) (local.get $l) (i32.const 0) (i32.const 0)))))
+    (if (i32.eq (local.get $i) (i32.const 1)) (then (drop (call $state_put (i32.const 0) (i32.const 1) (local.get $p) (local.get $l)))))
+    (if (i32.eq (local.get $i) (i32.const 2)) (then (drop (call $state_delete (local.get $p) (local.get $l)))))
+    (if (i32.eq (local.get $i) (i32.const 3)) (then (drop (call $forward (i32.const 2) (i32.const 7) (local.get $p) (local.get $l) (i32.const 0)))))
+    (if (i32.eq (local.get $i) (i32.const 4)) (then (drop (call $emit (local.get $p) (local.get $l) (i32.const 0) (i32.const 0)))))
+    (if (i32.eq (local.get $i) (i32.const 5)) (then (call $log (i32.const 2) (local.get $p) (local.get $l))))
+    (if (i32.eq (local.get $i) (i32.const 6)) (then (drop (call $config_get (i32.const 0) (i32.const 1) (local.get $p) (local.get $l)))))
+    (if (i32.eq (local.get $i) (i32.const 7)) (then (drop (call $event_meta (local.get $p) (local.get $l)))))
+    "#;
+    vec![
+        ("spin", forever(""), "limit:fuel"),
+        (
+            "grow",
+            r#"(block $refused (loop $l
+                 (br_if $refused (i32.eq (memory.grow (i32.const 1)) (i32.const -1)))
+                 (br $l)))"#
+                .into(),
+            "limit:memory_pages",
+        ),
+        ("recurse", "(drop (call $deep))".into(), "limit:stack"),
+        ("badptr", badptr.into(), "trap:bad pointer or length in "),
+        (
+            "forwards",
+            r#"(local.set $i (i32.const 1000000))
+               (block $done (loop $l
+                 (br_if $done (i32.eqz (local.get $i)))
+                 (drop (call $forward (i32.const 2) (i32.const 7) (i32.const 0) (i32.const 1) (i32.const 0)))
+                 (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+                 (br $l)))"#
+                .into(),
+            "limit:forwards_per_event",
+        ),
+        (
+            "quota",
+            r#"(block $full (loop $l
+                 (i32.store (i32.const 64) (local.get $i))
+                 (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                 (br_if $full (i32.eq (call $state_put (i32.const 64) (i32.const 4) (i32.const 128) (i32.const 1024)) (i32.const -2)))
+                 (br $l)))"#
+                .into(),
+            "limit:state_bytes",
+        ),
+        (
+            "emitter",
+            forever("(drop (call $emit (i32.const 2) (i32.const 7) (i32.const 0) (i32.const 1)))"),
+            "limit:emits_per_event",
+        ),
+        (
+            "logger",
+            forever("(call $log (i32.const 0) (i32.const 0) (i32.const 65536))"),
+            "limit:fuel",
+        ),
+        (
+            "copier",
+            forever("(drop (call $state_put (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 32768)))"),
+            "limit:fuel",
+        ),
+    ]
+}
+
+/// Runs `tidepool dead-letters export` against the running gateway: handler -> reasons.
+fn dead_letters(gw: &Gateway) -> BTreeMap<String, Vec<String>> {
+    let out = Command::new(BIN)
+        .args(["dead-letters", "export", "--config"])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in String::from_utf8(out.stdout).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        by.entry(v["handler"].as_str().unwrap_or("").to_string())
+            .or_default()
+            .push(v["reason"].as_str().unwrap().to_string());
+    }
+    by
+}
+
+fn status(gw: &Gateway) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--config"])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn hostile_handlers_are_contained_and_dead_lettered_with_the_limit_they_hit() {
+    let dir = tempfile::tempdir().unwrap();
+    let handlers = hostile_handlers();
+    let mut config = wat_handler(
+        dir.path(),
+        "counter",
+        COUNTER_WAT,
+        "subscribe = [\"devices/#\"]",
+    );
+    for (name, body, _) in &handlers {
+        let extra = if *name == "recurse" {
+            "(func $deep (result i32) (i32.add (call $deep) (i32.const 1)))"
+        } else {
+            ""
+        };
+        // Each hostile handler only sees its own topic.
+        config += &wat_handler(
+            dir.path(),
+            name,
+            &hostile(body, extra),
+            &format!(
+                "subscribe = [\"devices/+/h/{name}\"]\n[limits]\nmemory_pages = 2\n\
+                 fuel_per_event = 1000000\nforwards_per_event = 2\nemits_per_event = 2"
+            ),
+        );
+    }
+    let mut gw = Gateway::start(&config);
+    let dev = gw.connect("d1").await;
+    let mut s = dev.open().await.unwrap();
+    let mut seq = 0;
+    let mut expected: BTreeMap<String, (usize, &str)> = BTreeMap::new();
+    for (name, _, reason) in &handlers {
+        let payloads: Vec<Vec<u8>> = if *name == "badptr" {
+            (0u8..16).map(|b| vec![b]).collect()
+        } else {
+            vec![b"x".to_vec()]
+        };
+        for p in &payloads {
+            seq += 1;
+            s.send(&publish(seq, &format!("devices/d1/h/{name}"), p))
+                .await
+                .unwrap();
+            assert_eq!(
+                until_ack(&mut s, seq).await,
+                vec![GatewayMsg::Ack { seq }],
+                "{name}: the event is acked"
+            );
+        }
+        expected.insert(name.to_string(), (payloads.len(), reason));
+    }
+    assert!(gw.is_running(), "the gateway stays up");
+
+    let letters = dead_letters(&gw);
+    assert!(!letters.contains_key("counter"), "{letters:?}");
+    for (name, (n, reason)) in &expected {
+        let got = letters.get(name).cloned().unwrap_or_default();
+        assert_eq!(got.len(), *n, "{name}: {got:?}");
+        assert!(
+            got.iter().all(|r| r.starts_with(reason)),
+            "{name}: expected `{reason}`, got {got:?}"
+        );
+    }
+    // Every import was named by one bad-pointer event each way.
+    let named: std::collections::BTreeSet<&str> = letters["badptr"]
+        .iter()
+        .map(|r| r.trim_start_matches("trap:bad pointer or length in "))
+        .collect();
+    assert_eq!(
+        named.into_iter().collect::<Vec<_>>(),
+        [
+            "config_get",
+            "emit",
+            "event_meta",
+            "forward",
+            "log",
+            "state_delete",
+            "state_get",
+            "state_put"
+        ]
+    );
+
+    let st = status(&gw);
+    let m = &st["metrics"];
+    let events = seq;
+    let hostile_calls = expected.values().map(|(n, _)| *n as u64).sum::<u64>();
+    assert_eq!(m["handler_errors"], hostile_calls, "{m}");
+    assert_eq!(m["dead_letters"], hostile_calls, "{m}");
+    assert_eq!(m["handler_calls"], events + hostile_calls, "{m}");
+    assert!(m["log_bytes_dropped"].as_u64().unwrap() > 1 << 20, "{m}");
+    assert_eq!(
+        st["outbox"]["entries"], 0,
+        "no forward of a failed invocation is kept"
+    );
+    assert!(st["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|h| h["quarantined"] == false));
+
+    // The logger's text went to the gateway's log once: its first 4096 bytes, then the cap.
+    let log = gw.stderr.lock().unwrap().clone();
+    assert_eq!(
+        log.matches("kvlocal/x").count(),
+        1,
+        "the log cap did not hold"
+    );
+
+    gw.stop();
+    // The well-behaved handler saw every event; no hostile effect reached the store.
+    assert_eq!(
+        read_state(&gw.data(), "counter", b"n"),
+        Some(events.to_le_bytes().to_vec())
+    );
+    for (name, _, _) in &handlers {
+        assert_eq!(
+            read_state(&gw.data(), name, b"k"),
+            None,
+            "{name} kept state"
+        );
+    }
+}
+
+/// Runs `tidepool invoke` on one event with `wasm`; returns (success, stderr).
+fn invoke(dir: &std::path::Path, name: &str, wasm: &[u8]) -> (bool, String) {
+    let wp = dir.join(format!("{name}.wasm"));
+    let mp = dir.join(format!("{name}.toml"));
+    let ev = dir.join("events.jsonl");
+    std::fs::write(&wp, wasm).unwrap();
+    std::fs::write(
+        &mp,
+        format!("name = \"{name}\"\nversion = 1\nsubscribe = [\"#\"]\n"),
+    )
+    .unwrap();
+    std::fs::write(&ev, "{\"topic\":\"a/b\",\"payload\":\"x\"}\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("invoke")
+        .arg("--handler")
+        .arg(&wp)
+        .arg("--manifest")
+        .arg(&mp)
+        .arg("--events")
+        .arg(&ev)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn modules_that_break_the_abi_are_refused_at_load_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok_exports = r#"(memory (export "memory") 1)
+        (func (export "tp_alloc") (param i32) (result i32) (i32.const 0))
+        (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) (i32.const 0))"#;
+    let cases = [
+        (
+            "wasi",
+            format!(
+                r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32))) {ok_exports})"#
+            ),
+            "wasi_snapshot_preview1",
+        ),
+        (
+            "start",
+            format!(r#"(module (func $s) (start $s) {ok_exports})"#),
+            "start",
+        ),
+        ("nothing", "(module)".to_string(), "missing export"),
+        (
+            "badsig",
+            format!(
+                r#"(module (import "tidepool" "forward" (func (param i32 i32 i32 i32) (result i32))) {ok_exports})"#
+            ),
+            "`tidepool`.`forward` has the wrong type",
+        ),
+        (
+            "unknown",
+            format!(r#"(module (import "tidepool" "exec" (func)) {ok_exports})"#),
+            "`tidepool`.`exec` does not exist",
+        ),
+    ];
+    for (name, wat, needle) in cases {
+        let (ok, err) = invoke(dir.path(), name, &wat::parse_str(&wat).unwrap());
+        assert!(!ok, "{name} was accepted");
+        assert!(err.contains(needle), "{name}: `{needle}` not in: {err}");
+    }
+    let (ok, err) = invoke(dir.path(), "notwasm", b"\0asm garbage");
+    assert!(!ok && err.contains("not a valid module"), "{err}");
+
+    // The gateway itself refuses to start with such a handler and says which and why.
+    let gw_dir = tempfile::tempdir().unwrap();
+    let entry = wat_handler(
+        gw_dir.path(),
+        "wasi",
+        &format!(
+            r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func (param i32))) {ok_exports})"#
+        ),
+        "",
+    );
+    let cfg = gw_dir.path().join("tidepool.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{entry}",
+            gw_dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("proc_exit") && err.contains("wasi.toml"),
+        "{err}"
+    );
+}

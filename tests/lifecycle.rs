@@ -1,0 +1,341 @@
+//! Handler lifecycle against the real binary: quarantine after repeated failures, durable
+//! timers across a restart, the `[record]` recording, and the developer loop around them
+//! (`tidepool status`, `dead-letters export`, `invoke` replaying what the field wrote).
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine as _;
+use support::*;
+use tidepool::proto::msg::GatewayMsg;
+
+/// Fails every event (returns 1), after a state write that must never be stored.
+const FAILING_WAT: &str = r#"(module
+  (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+    (drop (call $put (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 1)))
+    (i32.const 1)))"#;
+
+/// Forwards its `event_meta` map (CBOR) on `ticks` at every timer call.
+const TICKER_WAT: &str = r#"(module
+  (import "tidepool" "forward" (func $forward (param i32 i32 i32 i32 i32) (result i32)))
+  (import "tidepool" "event_meta" (func $meta (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "ticks")
+  (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "tp_on_timer") (param i64) (result i32)
+    (local $n i32)
+    (local.set $n (call $meta (i32.const 256) (i32.const 512)))
+    (call $forward (i32.const 0) (i32.const 5) (i32.const 256) (local.get $n) (i32.const 0))))"#;
+
+fn cli(args: &[&str], config: &std::path::Path) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn invoke(
+    wasm: &std::path::Path,
+    manifest: &std::path::Path,
+    events: &std::path::Path,
+    extra: &[&str],
+) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .arg("invoke")
+        .arg("--handler")
+        .arg(wasm)
+        .arg("--manifest")
+        .arg(manifest)
+        .arg("--events")
+        .arg(events)
+        .arg("--json")
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_replay_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[limits]\nquarantine_after_errors = 3\n{}{}",
+        wat_handler(dir.path(), "failing", FAILING_WAT, ""),
+        wat_handler(dir.path(), "counter", COUNTER_WAT, "")
+    );
+    let mut gw = Gateway::start(&config);
+    let dev = gw.connect("d1").await;
+    let mut s = dev.open().await.unwrap();
+    for seq in 1..=5 {
+        s.send(&publish(seq, "devices/d1/t", format!("{seq}").as_bytes()))
+            .await
+            .unwrap();
+        assert_eq!(until_ack(&mut s, seq).await, vec![GatewayMsg::Ack { seq }]);
+    }
+    let (ok, status, err) = cli(&["status", "--json"], &gw.config);
+    assert!(ok, "{err}");
+    let st: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let failing = st["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "failing")
+        .unwrap()
+        .clone();
+    assert_eq!(failing["quarantined"], true, "{st}");
+    let m = &st["metrics"];
+    assert_eq!(m["handlers_quarantined"], 1, "{m}");
+    assert_eq!(
+        m["handler_calls"],
+        5 + 3,
+        "the quarantined handler stopped running: {m}"
+    );
+    assert_eq!(
+        m["dead_letters"], 5,
+        "its events still go to the dead letters: {m}"
+    );
+    let (ok, text, _) = cli(&["status"], &gw.config);
+    assert!(
+        ok && text.contains("handler failing v1: QUARANTINED"),
+        "{text}"
+    );
+
+    let export = dir.path().join("dl.jsonl");
+    let (ok, _, err) = cli(
+        &["dead-letters", "export", "--out", export.to_str().unwrap()],
+        &gw.config,
+    );
+    assert!(ok && err.contains("5 dead letters exported"), "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let reasons: Vec<&str> = lines
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "handler returned 1",
+            "handler returned 1",
+            "handler returned 1",
+            "quarantined: 3 failures in a row",
+            "quarantined: 3 failures in a row"
+        ]
+    );
+    assert_eq!(lines[4]["device"], "d1");
+    assert_eq!(lines[4]["seq"], 5);
+    assert_eq!(lines[4]["payload"], "5");
+
+    let log = gw.stderr.lock().unwrap().clone();
+    assert_eq!(log.matches("handler quarantined").count(), 1, "logged once");
+    gw.stop();
+    assert_eq!(read_state(&gw.data(), "failing", b"\0"), None);
+    assert_eq!(
+        read_state(&gw.data(), "counter", b"n"),
+        Some(5u64.to_le_bytes().to_vec())
+    );
+
+    // The exported letters replay on a laptop and fail the same way.
+    let out = invoke(
+        &dir.path().join("failing.wasm"),
+        &dir.path().join("failing.toml"),
+        &export,
+        &[],
+    );
+    assert_eq!(out.len(), 5);
+    assert!(out
+        .iter()
+        .all(|o| o["ok"] == false && o["error"] == "handler returned 1"));
+}
+
+/// The `event_meta` maps the ticker forwarded, in delivery order.
+fn ticks(reqs: &[Request]) -> Vec<(String, serde_json::Map<String, serde_json::Value>)> {
+    let mut out = Vec::new();
+    for r in reqs {
+        for e in r.json()["events"].as_array().unwrap() {
+            let cbor = base64::engine::general_purpose::STANDARD
+                .decode(e["payload_b64"].as_str().unwrap())
+                .unwrap();
+            let v: serde_json::Value = ciborium::from_reader(&cbor[..]).unwrap();
+            let id = e["id"].as_str().unwrap().to_string();
+            if !out.iter().any(|(i, _)| *i == id) {
+                out.push((id, v.as_object().unwrap().clone()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_timer_that_fell_due_while_the_gateway_was_down_fires_once_late_and_keeps_its_phase() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(|_| 200).await;
+    let config = format!(
+        "[limits]\nmin_timer_ms = 100\n[uplink]\nurl = \"{}\"\n[outbox]\nlinger_ms = 50\n{}",
+        cloud.url,
+        wat_handler(dir.path(), "ticker", TICKER_WAT, "timer_ms = 300")
+    );
+    let mut gw = Gateway::start(&config);
+    let n = |r: &[Request]| ticks(r).len();
+    let before = cloud
+        .wait_until(Duration::from_secs(5), |r| n(r) >= 2)
+        .await;
+    let t = ticks(&before);
+    assert!(t.len() >= 2, "two ticks within 5 s: {t:?}");
+    let due = |m: &serde_json::Map<String, serde_json::Value>| m["due_ms"].as_u64().unwrap();
+    assert_eq!(t[0].1["timer"], true);
+    assert_eq!(due(&t[1].1) - due(&t[0].1), 300, "{t:?}");
+    assert!(
+        t[0].0.contains(":timer."),
+        "timer entry ids name the due time: {}",
+        t[0].0
+    );
+
+    gw.stop();
+    let seen = ticks(&cloud.requests()).len();
+    // The box is off for four periods or more.
+    std::thread::sleep(Duration::from_millis(1300));
+    let restarted_ms = tidepool::clock::now_ms();
+    gw.restart();
+    let after = cloud
+        .wait_until(Duration::from_secs(5), |r| n(r) >= seen + 2)
+        .await;
+    let t = ticks(&after);
+    let (first, second) = (&t[seen].1, &t[seen + 1].1);
+    assert!(
+        first["late_ms"].as_u64().unwrap() >= 1000,
+        "the missed tick fires late, and says so: {first:?}"
+    );
+    assert!(due(first) < restarted_ms);
+    assert!(
+        due(second) + 50 >= restarted_ms,
+        "missed periods are not fired one by one: {second:?} (restart at {restarted_ms})"
+    );
+    assert_eq!((due(second) - due(first)) % 300, 0, "the phase is kept");
+    gw.stop();
+}
+
+#[tokio::test]
+async fn recorded_events_replay_with_invoke_and_state_dir_keeps_state_between_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[record]\ntopics = [\"devices/+/temp\"]\n{}",
+        wat_handler(dir.path(), "counter", COUNTER_WAT, "")
+    );
+    let mut gw = Gateway::start(&config);
+    let dev = gw.connect("d1").await;
+    let mut s = dev.open().await.unwrap();
+    let sent: [(&str, &[u8]); 3] = [
+        ("devices/d1/temp", br#"{"v": 21.5}"#),
+        ("devices/d1/hum", b"55"),
+        ("devices/d1/temp", &[0xff, 0x00]),
+    ];
+    for (i, (t, p)) in sent.iter().enumerate() {
+        let seq = i as u64 + 1;
+        s.send(&publish(seq, t, p)).await.unwrap();
+        until_ack(&mut s, seq).await;
+    }
+    let m = gw.stop();
+    assert_eq!(m["recorded"], 2, "{m}");
+    let rec = gw.data().join("record/events.jsonl");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&rec)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["payload"], r#"{"v": 21.5}"#);
+    assert_eq!(lines[0]["device"], "d1");
+    assert_eq!(lines[0]["seq"], 1);
+    assert_eq!(lines[1]["payload_b64"], "/wA=");
+
+    // Replay the recording twice into one state dir: the count goes on from the last run.
+    let state = dir.path().join("state");
+    let (wasm, manifest) = (
+        dir.path().join("counter.wasm"),
+        dir.path().join("counter.toml"),
+    );
+    let run1 = invoke(
+        &wasm,
+        &manifest,
+        &rec,
+        &["--state-dir", state.to_str().unwrap()],
+    );
+    assert_eq!(run1.len(), 2);
+    let run2 = invoke(
+        &wasm,
+        &manifest,
+        &rec,
+        &["--state-dir", state.to_str().unwrap()],
+    );
+    assert_eq!(run2[1]["state"][0]["key"], "n");
+    assert_eq!(
+        run2[1]["state"][0]["value"],
+        format!("0x{}", "04".to_string() + &"00".repeat(7))
+    );
+    assert!(run2[1]["fuel"].as_u64().unwrap() > 0);
+    // Without a state dir every run starts empty.
+    let fresh = invoke(&wasm, &manifest, &rec, &[]);
+    assert_eq!(
+        fresh[0]["state"][0]["value"],
+        format!("0x01{}", "00".repeat(7))
+    );
+}
+
+#[test]
+fn invoke_refuses_a_bad_events_file_with_the_line_and_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    wat_handler(dir.path(), "counter", COUNTER_WAT, "");
+    let ev = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &ev,
+        "{\"topic\":\"a/b\",\"payload\":\"1\"}\n{\"payload\":\"no topic\"}\n",
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let out = Command::new(BIN)
+        .arg("invoke")
+        .arg("--handler")
+        .arg(dir.path().join("counter.wasm"))
+        .arg("--manifest")
+        .arg(dir.path().join("counter.toml"))
+        .arg("--events")
+        .arg(&ev)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("bad.jsonl line 2") && err.contains("topic"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    assert!(!state.exists(), "nothing ran, nothing was created");
+}
