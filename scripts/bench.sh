@@ -5,8 +5,10 @@
 #   2. Mosquitto QoS 1 ingest of the same events with the same number of publishers
 #      (mosquitto_pub -q 1 -l, persistence on).
 # Then the ack latency at a fixed 20k events/s. The load generator runs on the same 2 cores.
+# First, the sandbox path alone (no disk, one thread): trivial and threshold handlers in WAT and
+# with the SDK, against the same logic in native Rust, and the examples' load times and sizes.
 #
-#   scripts/bench.sh [--devices N] [--events N (per device)] [--window N]
+#   scripts/bench.sh [--devices N] [--events N (per device)] [--window N] [--sandbox-only]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -15,27 +17,33 @@ root=$PWD
 devices=8
 events=20000
 window=512
+sandbox_only=
 while (($#)); do
     case $1 in
         --devices) devices=$2; shift 2 ;;
         --events) events=$2; shift 2 ;;
         --window) window=$2; shift 2 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        --sandbox-only) sandbox_only=1; shift ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
 done
 
-if ! command -v mosquitto_pub >/dev/null || ! [ -x /usr/sbin/mosquitto ]; then
+if [ -z "$sandbox_only" ] && { ! command -v mosquitto_pub >/dev/null || ! [ -x /usr/sbin/mosquitto ]; }; then
     echo "== installing mosquitto (baseline)"
     apt-get update -qq && apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
 fi
 
 echo "== building (release gateway, load generator, handlers)"
-cargo build --release --quiet -p tidepool
-cargo build --profile bench-fast --quiet -p tidepool --example loadgen
+cargo build --profile bench-fast --quiet -p tidepool --example loadgen --example sandbox
 scripts/build-handlers.sh >/dev/null
 bin=$root/target/release/tidepool
 loadgen=$root/target/bench-fast/examples/loadgen
+
+echo "== the sandbox path alone: copy the event in, run, collect the effects (no disk, one thread)"
+"$root/target/bench-fast/examples/sandbox" --modules "$root/modules" | sed 's/^/   /'
+[ -n "$sandbox_only" ] && exit 0
+cargo build --release --quiet -p tidepool
 
 tp_workdir -p "${BENCH_DIR:-$root/target}" bench.XXXXXX
 

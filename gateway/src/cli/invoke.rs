@@ -195,8 +195,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 if let Err(e) = tidepool::proto::topic::validate(topic) {
                     bail!("{} line {n}: topic `{topic}`: {e}", a.events.display());
                 }
+                let device: Arc<str> = device.as_deref().unwrap_or("local").into();
                 let ev = EventInfo {
-                    device: device.as_deref().unwrap_or("local"),
+                    device: &device,
                     seq: seq.unwrap_or(n as u64),
                     ts: *ts,
                     received_ms: now,

@@ -70,6 +70,9 @@ fn trap(t: HostTrap) -> wasmi::Error {
     wasmi::Error::host(t)
 }
 
+/// From this many writes in one invocation on, read-your-writes uses a hash index.
+const INDEX_FROM: usize = 8;
+
 /// What the instance is running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -83,8 +86,9 @@ pub enum Mode {
 pub struct Invocation {
     pub mode: Mode,
     pub effects: Effects,
-    /// This invocation's own writes, for read-your-writes: key -> value (None = deleted).
-    pub writes: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// For read-your-writes once there are many writes: key -> its last entry in
+    /// `effects.state` (few writes are found by a scan, with no copy of the key).
+    index: HashMap<Vec<u8>, usize>,
     /// The first limit the handler hit; it fails the invocation.
     pub limit_hit: Option<&'static str>,
     /// Log bytes this invocation may still write (what is left of the handler's per-event cap).
@@ -105,7 +109,7 @@ impl Invocation {
         Invocation {
             mode,
             effects: Effects::default(),
-            writes: HashMap::new(),
+            index: HashMap::new(),
             limit_hit: None,
             log_budget,
             log_bytes: 0,
@@ -115,6 +119,30 @@ impl Invocation {
             depth,
             emit_budget,
         }
+    }
+
+    /// This invocation's last write of `key`: `Some(None)` when it deleted it.
+    fn written(&self, key: &[u8]) -> Option<Option<&[u8]>> {
+        let state = &self.effects.state;
+        let i = if state.len() < INDEX_FROM {
+            state.iter().rposition(|(k, _)| k == key)?
+        } else {
+            *self.index.get(key)?
+        };
+        Some(state[i].1.as_deref())
+    }
+
+    fn write(&mut self, key: Vec<u8>, val: Option<Vec<u8>>) {
+        let i = self.effects.state.len();
+        if i + 1 >= INDEX_FROM {
+            if self.index.is_empty() {
+                for (j, (k, _)) in self.effects.state.iter().enumerate() {
+                    self.index.insert(k.clone(), j);
+                }
+            }
+            self.index.insert(key.clone(), i);
+        }
+        self.effects.state.push((key, val));
     }
 
     fn hit(&mut self, limit: &'static str, code: i32) -> i32 {
@@ -179,8 +207,8 @@ pub struct Host {
 
 impl Host {
     fn current(&self, key: &[u8]) -> Option<Vec<u8>> {
-        match self.inv.writes.get(key) {
-            Some(v) => v.clone(),
+        match self.inv.written(key) {
+            Some(v) => v.map(<[u8]>::to_vec),
             None => self.env.state.get(&self.name, key),
         }
     }
@@ -326,8 +354,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
                 return Ok(h.inv.hit("state_bytes", OVER_STATE_QUOTA));
             }
             h.inv.effects.state_delta += delta;
-            h.inv.writes.insert(key.clone(), Some(val.clone()));
-            h.inv.effects.state.push((key, Some(val)));
+            h.inv.write(key, Some(val));
             Ok(0)
         },
     ));
@@ -342,8 +369,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             let h = c.data_mut();
             if let Some(old) = h.current(&key) {
                 h.inv.effects.state_delta -= (key.len() + old.len()) as i64;
-                h.inv.writes.insert(key.clone(), None);
-                h.inv.effects.state.push((key, None));
+                h.inv.write(key, None);
             }
             Ok(0)
         },
@@ -453,4 +479,25 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
         },
     ));
     l
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_your_writes_sees_the_last_write_of_a_key_below_and_above_the_index_threshold() {
+        let mut inv = Invocation::new(Mode::Event, Meta::None, 0, 0, 0);
+        let key = |i: u8| vec![b'k', i];
+        for round in 0..3u8 {
+            for i in 0..(INDEX_FROM as u8 + 4) {
+                inv.write(key(i), Some(vec![round, i]));
+                assert_eq!(inv.written(&key(i)), Some(Some(&[round, i][..])));
+            }
+        }
+        inv.write(key(2), None);
+        assert_eq!(inv.written(&key(2)), Some(None), "a delete is seen as one");
+        assert_eq!(inv.written(&key(3)), Some(Some(&[2, 3][..])));
+        assert_eq!(inv.written(b"other"), None);
+    }
 }

@@ -255,7 +255,7 @@ impl Handler {
     /// instance is dropped and rebuilt on the next event.
     pub fn invoke(&mut self, ev: &EventInfo<'_>) -> Outcome {
         let meta = Meta::Event {
-            device: ev.device.to_string(),
+            device: ev.device.clone(),
             seq: ev.seq,
             ts: ev.ts,
             received_ms: ev.received_ms,
@@ -442,7 +442,7 @@ mod tests {
 
     fn ev() -> EventInfo<'static> {
         EventInfo {
-            device: "d1",
+            device: Box::leak(Box::new(Arc::from("d1"))),
             seq: 7,
             ts: None,
             received_ms: 5,
@@ -585,7 +585,7 @@ mod tests {
         };
         let len: usize = msg.trim_start_matches("handler returned ").parse().unwrap();
         let meta = Meta::Event {
-            device: one.device.into(),
+            device: one.device.clone(),
             seq: one.seq,
             ts: one.ts,
             received_ms: one.received_ms,

@@ -43,7 +43,7 @@ pub struct Effects {
 /// The event as a handler sees it.
 #[derive(Debug, Clone)]
 pub struct EventInfo<'a> {
-    pub device: &'a str,
+    pub device: &'a Arc<str>,
     /// 0 for datagrams.
     pub seq: u64,
     pub ts: Option<u64>,
@@ -74,7 +74,7 @@ pub enum Meta {
     None,
     /// `{device, seq, ts, received_ms, clock_synced}`.
     Event {
-        device: String,
+        device: Arc<str>,
         seq: u64,
         ts: Option<u64>,
         received_ms: u64,
