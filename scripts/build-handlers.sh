@@ -15,12 +15,14 @@ fi
 # Cargo reads .cargo/config.toml from the working directory, not the manifest's, so name it.
 cargo build --release --manifest-path modules/Cargo.toml --config modules/.cargo/config.toml "$@"
 
-shopt -s nullglob
-wasm=(modules/target/"$target"/release/*.wasm)
-if ((${#wasm[@]} == 0)); then
-    echo "no .wasm produced in modules/target/$target/release" >&2
-    exit 1
-fi
-for f in "${wasm[@]}"; do
+# One module per example (modules/examples/NAME builds NAME.wasm); a missing one means an
+# example is not a workspace member or not a cdylib.
+for dir in modules/examples/*/; do
+    name=$(basename "$dir")
+    f=modules/target/"$target"/release/"$name".wasm
+    if [[ ! -f $f ]]; then
+        echo "no $f: is modules/examples/$name a member of modules/Cargo.toml?" >&2
+        exit 1
+    fi
     printf '%s\t%s bytes\n' "$f" "$(stat -c %s "$f")"
 done

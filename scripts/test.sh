@@ -7,9 +7,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 echo "== building the handlers (modules/, wasm32-unknown-unknown)"
 scripts/build-handlers.sh
 
-echo "== guest SDK tests (host target)"
+echo "== guest SDK and example handler tests (modules/ workspace, host target)"
 cargo test --manifest-path modules/Cargo.toml --config modules/.cargo/config.toml \
-    -p tidepool-sdk --target "$(rustc -vV | sed -n 's/^host: //p')"
+    --workspace --target "$(rustc -vV | sed -n 's/^host: //p')"
 
 echo "== gateway: unit and end-to-end tests"
 cargo test --workspace

@@ -6,6 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use support::*;
 use tidepool::proto::msg::{DeviceMsg, GatewayMsg, NackCode};
 
@@ -68,15 +69,24 @@ async fn urgent_forward_reaches_the_cloud_with_the_contract_body_and_state_survi
     assert_eq!(e["topic"], "devices/dev-1/temp");
     assert_eq!(e["class"], "urgent");
     assert!(e["ts"].as_u64().unwrap() > 1_600_000_000_000);
-    assert_eq!(e["payload_b64"], "eyJ2IjogMzEuNX0="); // {"v": 31.5}
-                                                      // Still above: no new crossing, nothing forwarded.
+    let alarm: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(e["payload_b64"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        alarm,
+        serde_json::json!({"alarm": true, "value": 31.5, "threshold": 30, "device": "dev-1"})
+    );
+    // Still above: no new crossing, nothing forwarded.
     s.send(&publish(3, "devices/dev-1/temp", br#"{"v": 32}"#))
         .await
         .unwrap();
     until_ack(&mut s, 3).await;
     dev.close().await;
 
-    // The last reading survives a restart: 32 > 30, so another high reading is no crossing.
+    // The alarm state survives a restart: another high reading is no crossing.
     gw.restart();
     let dev = gw.connect("dev-1").await;
     let mut s = dev.open().await.unwrap();
@@ -84,7 +94,7 @@ async fn urgent_forward_reaches_the_cloud_with_the_contract_body_and_state_survi
         .await
         .unwrap();
     until_ack(&mut s, 4).await;
-    // A crossing after a low reading is forwarded again.
+    // Below threshold - hysteresis (29) clears the alarm (normal); a crossing after it alarms again.
     s.send(&publish(5, "devices/dev-1/temp", br#"{"v": 10}"#))
         .await
         .unwrap();
@@ -93,17 +103,22 @@ async fn urgent_forward_reaches_the_cloud_with_the_contract_body_and_state_survi
         .unwrap();
     until_ack(&mut s, 6).await;
     let reqs = cloud
-        .wait_until(Duration::from_secs(5), |r| r.len() >= 2)
+        .wait_until(Duration::from_secs(5), |r| delivered_ids(r).len() >= 3)
         .await;
     dev.close().await;
     let m = gw.stop();
-    let ids = delivered_ids(&reqs);
+    let mut ids = delivered_ids(&reqs);
+    ids.sort();
     assert_eq!(
         ids,
-        vec!["gw-test:dev-1:2:threshold:0", "gw-test:dev-1:6:threshold:0"],
+        vec![
+            "gw-test:dev-1:2:threshold:0",
+            "gw-test:dev-1:5:threshold:0",
+            "gw-test:dev-1:6:threshold:0"
+        ],
         "only the crossings reach the cloud"
     );
-    let stored = read_state(&gw.data(), "threshold", b"last/devices/dev-1/temp").unwrap();
+    let stored = read_state(&gw.data(), "threshold", b"alarm/devices/dev-1/temp").unwrap();
     assert_eq!(f64::from_le_bytes(stored.try_into().unwrap()), 40.0);
     assert_eq!(m["handler_calls"], 3);
 }
@@ -376,15 +391,16 @@ async fn a_cloud_answering_503_for_a_while_gets_every_event_once_after_it_recove
     }
     s.flush().await.unwrap();
     until_ack(&mut s, seq).await;
+    // Three alarms (urgent) and two clears (normal).
     let reqs = cloud
-        .wait_until(Duration::from_secs(10), |r| delivered_ids(r).len() >= 3)
+        .wait_until(Duration::from_secs(10), |r| delivered_ids(r).len() >= 5)
         .await;
     dev.close().await;
     let m = gw.stop();
     let ids = delivered_ids(&reqs);
     let unique: HashSet<_> = ids.iter().collect();
-    assert_eq!(unique.len(), 3, "{ids:?}");
-    assert_eq!(ids.len(), 3, "each event id delivered once: {ids:?}");
+    assert_eq!(unique.len(), 5, "{ids:?}");
+    assert_eq!(ids.len(), 5, "each event id delivered once: {ids:?}");
     // Retries resend the same bytes under the same Idempotency-Key.
     let failed: Vec<_> = reqs.iter().filter(|r| r.status == 503).collect();
     assert_eq!(failed.len(), 3);

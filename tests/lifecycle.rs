@@ -11,13 +11,15 @@ use base64::Engine as _;
 use support::*;
 use tidepool::proto::msg::GatewayMsg;
 
-/// Fails every event (returns 1), after a state write that must never be stored.
+/// Traps on every event whose payload starts with `x` and rejects (returns 1) the others, after
+/// a state write that must never be stored.
 const FAILING_WAT: &str = r#"(module
   (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
   (memory (export "memory") 1)
   (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
   (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
     (drop (call $put (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 1)))
+    (if (i32.eq (i32.load8_u (local.get 2)) (i32.const 120)) (then unreachable))
     (i32.const 1)))"#;
 
 /// Forwards its `event_meta` map (CBOR) on `ticks` at every timer call.
@@ -88,8 +90,11 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
     let mut gw = Gateway::start(&config);
     let dev = gw.connect("d1").await;
     let mut s = dev.open().await.unwrap();
-    for seq in 1..=5 {
-        s.send(&publish(seq, "devices/d1/t", format!("{seq}").as_bytes()))
+    // Rejections (bad input) never quarantine; traps do, three in a row.
+    let payloads = ["r", "r", "r", "r", "x1", "x2", "x3", "x4", "x5"];
+    for (i, p) in payloads.iter().enumerate() {
+        let seq = i as u64 + 1;
+        s.send(&publish(seq, "devices/d1/t", p.as_bytes()))
             .await
             .unwrap();
         assert_eq!(until_ack(&mut s, seq).await, vec![GatewayMsg::Ack { seq }]);
@@ -109,11 +114,11 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
     assert_eq!(m["handlers_quarantined"], 1, "{m}");
     assert_eq!(
         m["handler_calls"],
-        5 + 3,
+        9 + 7,
         "the quarantined handler stopped running: {m}"
     );
     assert_eq!(
-        m["dead_letters"], 5,
+        m["dead_letters"], 9,
         "its events still go to the dead letters: {m}"
     );
     let (ok, text, _) = cli(&["status"], &gw.config);
@@ -127,7 +132,7 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
         &["dead-letters", "export", "--out", export.to_str().unwrap()],
         &gw.config,
     );
-    assert!(ok && err.contains("5 dead letters exported"), "{err}");
+    assert!(ok && err.contains("9 dead letters exported"), "{err}");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&export)
         .unwrap()
         .lines()
@@ -137,19 +142,15 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
         .iter()
         .map(|l| l["reason"].as_str().unwrap())
         .collect();
+    let trap = "trap:wasm `unreachable` instruction executed";
+    let q = "quarantined: 3 failures in a row";
     assert_eq!(
         reasons,
-        [
-            "handler returned 1",
-            "handler returned 1",
-            "handler returned 1",
-            "quarantined: 3 failures in a row",
-            "quarantined: 3 failures in a row"
-        ]
+        [&["handler returned 1"; 4][..], &[trap; 3], &[q; 2]].concat()
     );
-    assert_eq!(lines[4]["device"], "d1");
-    assert_eq!(lines[4]["seq"], 5);
-    assert_eq!(lines[4]["payload"], "5");
+    assert_eq!(lines[8]["device"], "d1");
+    assert_eq!(lines[8]["seq"], 9);
+    assert_eq!(lines[8]["payload"], "x5");
 
     let log = gw.stderr.lock().unwrap().clone();
     assert_eq!(log.matches("handler quarantined").count(), 1, "logged once");
@@ -157,7 +158,7 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
     assert_eq!(read_state(&gw.data(), "failing", b"\0"), None);
     assert_eq!(
         read_state(&gw.data(), "counter", b"n"),
-        Some(5u64.to_le_bytes().to_vec())
+        Some(9u64.to_le_bytes().to_vec())
     );
 
     // The exported letters replay on a laptop and fail the same way.
@@ -167,10 +168,11 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
         &export,
         &[],
     );
-    assert_eq!(out.len(), 5);
-    assert!(out
-        .iter()
-        .all(|o| o["ok"] == false && o["error"] == "handler returned 1"));
+    let errors: Vec<&str> = out.iter().map(|o| o["error"].as_str().unwrap()).collect();
+    assert_eq!(
+        errors,
+        [&["handler returned 1"; 4][..], &[trap; 5]].concat()
+    );
 }
 
 /// The `event_meta` maps the ticker forwarded, in delivery order.

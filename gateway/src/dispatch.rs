@@ -505,8 +505,7 @@ impl Dispatcher {
         Metrics::add(&self.metrics.log_bytes_dropped, outcome.log_dropped as u64);
         let handler = &mut self.handlers[h];
         let name = handler.name().to_string();
-        let ok = outcome.result.is_ok();
-        if handler.record(ok, self.quarantine_after) {
+        if handler.record(&outcome.result, self.quarantine_after) {
             Metrics::inc(&self.metrics.handlers_quarantined);
             tracing::error!(
                 handler = name,

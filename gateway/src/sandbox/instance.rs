@@ -11,7 +11,7 @@ use wasmi::{
 
 use super::abi::{self, Host, HostTrap, Invocation, Limiter, Mode};
 use super::manifest::Manifest;
-use super::{EventInfo, Failure, HostEnv, Meta, Outcome, TimerInfo};
+use super::{Effects, EventInfo, Failure, HostEnv, Meta, Outcome, TimerInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -191,7 +191,7 @@ impl Handler {
 
     fn instantiate(&mut self) -> Result<(), Failure> {
         let limits = &self.manifest.limits;
-        let host = Host {
+        let mut host = Host {
             limits: Limiter {
                 inner: StoreLimitsBuilder::new()
                     .memory_size(limits.memory_pages as usize * 65536)
@@ -210,6 +210,8 @@ impl Handler {
             state_used: self.state_used,
             inv: Invocation::new(Mode::Init, Meta::None, 0, 0, self.env.log_bytes_per_event),
         };
+        // Kept so that a failing tp_init can say why.
+        host.inv.logs = Some(Vec::new());
         let mut store = Store::new(&self.runtime.engine, host);
         store.limiter(|h| &mut h.limits);
         let fail = |what: &str, e: wasmi::Error| Failure(format!("{what}: {}", reason(&e)));
@@ -237,8 +239,14 @@ impl Handler {
         if let Ok(init) = instance.get_typed_func::<(), i32>(&store, "tp_init") {
             match init.call(&mut store, ()) {
                 Ok(0) => {}
-                Ok(code) => return Err(Failure(format!("tp_init returned {code}"))),
-                Err(e) => return Err(fail("tp_init", e)),
+                Ok(code) => {
+                    let said = init_logs(&mut store);
+                    return Err(Failure(format!("tp_init returned {code}{said}")));
+                }
+                Err(e) => {
+                    let said = init_logs(&mut store);
+                    return Err(Failure(format!("{}{said}", fail("tp_init", e))));
+                }
             }
         }
         let on_timer = instance.get_typed_func(&store, "tp_on_timer").ok();
@@ -312,11 +320,17 @@ impl Handler {
         self.errors_in_row
     }
 
-    /// Counts a result toward quarantine; true when this failure quarantines the handler.
-    pub fn record(&mut self, ok: bool, quarantine_after: u32) -> bool {
-        if ok {
-            self.errors_in_row = 0;
-            return false;
+    /// Counts an outcome toward quarantine: a success resets the count, a trap or a limit hit
+    /// adds one, and a rejection (the handler returned non-zero: bad input, which one device
+    /// could send 50 times) leaves it as it is. True when this failure quarantines the handler.
+    pub fn record(&mut self, result: &Result<Effects, Failure>, quarantine_after: u32) -> bool {
+        match result {
+            Ok(_) => {
+                self.errors_in_row = 0;
+                return false;
+            }
+            Err(f) if f.is_rejection() => return false,
+            Err(_) => {}
         }
         self.errors_in_row = self.errors_in_row.saturating_add(1);
         if quarantine_after > 0 && self.errors_in_row >= quarantine_after && !self.quarantined {
@@ -378,7 +392,7 @@ impl Handler {
             Ok(code) => match (inv.limit_hit, code) {
                 (Some(limit), _) => Err(Failure(format!("limit:{limit}"))),
                 (None, 0) => Ok(inv.effects),
-                (None, code) => Err(Failure(format!("handler returned {code}"))),
+                (None, code) => Err(Failure(format!("{}{code}", Failure::REJECTED))),
             },
         };
         Outcome {
@@ -389,6 +403,16 @@ impl Handler {
             logs: inv.logs.unwrap_or_default(),
         }
     }
+}
+
+/// What a failing `tp_init` logged, as a suffix for its error.
+fn init_logs(store: &mut Store<Host>) -> String {
+    let lines = store.data_mut().inv.logs.take().unwrap_or_default();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let text: Vec<String> = lines.into_iter().map(|l| l.text).collect();
+    format!(" (it logged: {})", text.join("; "))
 }
 
 /// A guest call's error as a failure that dropped the instance.

@@ -150,6 +150,16 @@ pub struct LogLine {
 #[error("{0}")]
 pub struct Failure(pub String);
 
+impl Failure {
+    /// The reason's start when the handler itself returned non-zero.
+    pub const REJECTED: &'static str = "handler returned ";
+
+    /// The handler returned non-zero: it rejected the event (no trap, no limit hit).
+    pub fn is_rejection(&self) -> bool {
+        self.0.starts_with(Self::REJECTED)
+    }
+}
+
 /// The result of one invocation.
 #[derive(Debug)]
 pub struct Outcome {

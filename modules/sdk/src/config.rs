@@ -1,4 +1,11 @@
 //! The handler's configuration: the manifest's `[config]` string map with the box's overrides.
+//! Read it in `tp_init` (see [`handler!`](crate::handler)) and keep it in a
+//! [`Cached`](crate::Cached): each read is a host call.
+//!
+//! ```no_run
+//! let threshold = tidepool_sdk::config::get_f64("threshold").ok_or(tidepool_sdk::Error::NotFound)?;
+//! # Ok::<(), tidepool_sdk::Error>(())
+//! ```
 
 use alloc::string::String;
 
@@ -18,7 +25,9 @@ pub fn get(key: &str) -> Option<String> {
         // `out_cap` bytes to `out`.
         unsafe { sys::config_get(key_ptr, key_len, out_ptr, out_cap) }
     })?;
-    String::from_utf8(bytes).ok()
+    sys::utf8(&bytes)?;
+    // SAFETY: just checked to be UTF-8.
+    Some(unsafe { String::from_utf8_unchecked(bytes) })
 }
 
 /// The config value for `key` parsed as a number (surrounding whitespace allowed), or `None`

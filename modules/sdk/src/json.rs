@@ -1,11 +1,14 @@
-//! A tiny allocation-free reader for one numeric field of a JSON object payload.
+//! JSON payloads: a tiny allocation-free reader for one numeric field ([`number`],
+//! [`number_text`], always there), and serde encoding and decoding (feature `serde`, via
+//! `serde_json`). The reader is the fast path for a handler that needs one reading; decoding
+//! the whole payload costs several times more fuel.
+//!
+//! ```
+//! assert_eq!(tidepool_sdk::json::number(br#"{"v": 21.5}"#, "v"), Some(21.5));
+//! ```
 
 /// The number stored under `"key"` in a JSON payload, or `None` if there is no such key or its
-/// value is not a number.
-///
-/// It scans for the first `"key"` that is followed (after optional whitespace) by `:`, so a
-/// string value equal to the key is skipped; nesting is ignored and the key must not need
-/// escaping. Numbers follow JSON's grammar: `-`, digits, optional fraction and exponent.
+/// value is not a number. [`number_text`] finds it.
 ///
 /// ```
 /// use tidepool_sdk::json::number;
@@ -15,16 +18,82 @@
 /// assert_eq!(number(br#"{"t":1}"#, "v"), None);
 /// ```
 pub fn number(payload: &[u8], key: &str) -> Option<f64> {
+    number_text(payload, key)?.parse().ok()
+}
+
+/// The number stored under `"key"` in a JSON payload as it is written there (valid JSON, so
+/// it can be copied into a message as is), or `None` if there is no such key or its value is
+/// not a number.
+///
+/// It scans for the first `"key"` that is followed (after optional whitespace) by `:`, so a
+/// string value equal to the key is skipped; nesting is ignored and the key must not need
+/// escaping. Numbers follow JSON's grammar: `-`, digits, optional fraction and exponent.
+///
+/// ```
+/// use tidepool_sdk::json::number_text;
+/// assert_eq!(number_text(br#"{"v": 21.50, "t": 1}"#, "v"), Some("21.50"));
+/// assert_eq!(number_text(br#"{"v":-1E+3}"#, "v"), Some("-1E+3"));
+/// assert_eq!(number_text(br#"{"v":"21.5"}"#, "v"), None);
+/// ```
+pub fn number_text<'a>(payload: &'a [u8], key: &str) -> Option<&'a str> {
     let key = key.as_bytes();
     let mut rest = payload;
     while let Some(at) = find_quoted(rest, key) {
         rest = &rest[at + key.len() + 2..];
         let after = skip_ws(rest);
         if let Some(value) = after.strip_prefix(b":") {
-            return parse_number(skip_ws(value));
+            let value = skip_ws(value);
+            let number = &value[..number_len(value)?];
+            // SAFETY: `number_len` only takes ASCII bytes (digits, `-`, `+`, `.`, `e`, `E`).
+            return Some(unsafe { core::str::from_utf8_unchecked(number) });
         }
     }
     None
+}
+
+/// Whether `text` is exactly one JSON number (no whitespace): the grammar [`number_text`]
+/// accepts. Rust's `f64` parsing also takes `inf`, `+1` or `.5`, which JSON does not.
+///
+/// ```
+/// use tidepool_sdk::json::is_number;
+/// assert!(is_number("30") && is_number("-0.5e-3"));
+/// assert!(!is_number("+30") && !is_number(".5") && !is_number("inf") && !is_number(" 1"));
+/// ```
+pub fn is_number(text: &str) -> bool {
+    number_len(text.as_bytes()) == Some(text.len())
+}
+
+/// `bytes` decoded from JSON into `T`, which may borrow from them; [`Error::BadArgument`] if
+/// they are not JSON of that shape.
+///
+/// ```
+/// let v: Vec<f64> = tidepool_sdk::json::decode(b"[1.5, 2]")?;
+/// assert_eq!(v, [1.5, 2.0]);
+/// assert!(tidepool_sdk::json::decode::<f64>(b"\"x\"").is_err());
+/// # Ok::<(), tidepool_sdk::Error>(())
+/// ```
+///
+/// [`Error::BadArgument`]: crate::Error::BadArgument
+#[cfg(feature = "serde")]
+pub fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, crate::Error> {
+    serde_json::from_slice(bytes).map_err(|_| crate::Error::BadArgument)
+}
+
+/// `value` encoded as compact JSON; [`Error::BadArgument`] if its `Serialize` impl fails (or
+/// it is a map with non-string keys). Non-finite floats become `null`.
+///
+/// ```
+/// let bytes = tidepool_sdk::json::encode(&("d1", 21.5))?;
+/// assert_eq!(bytes, br#"["d1",21.5]"#);
+/// # Ok::<(), tidepool_sdk::Error>(())
+/// ```
+///
+/// [`Error::BadArgument`]: crate::Error::BadArgument
+#[cfg(feature = "serde")]
+pub fn encode<T: serde::Serialize + ?Sized>(
+    value: &T,
+) -> Result<alloc::vec::Vec<u8>, crate::Error> {
+    serde_json::to_vec(value).map_err(|_| crate::Error::BadArgument)
 }
 
 /// Offset of the first `"key"` in `haystack`.
@@ -68,8 +137,8 @@ fn skip_ws(s: &[u8]) -> &[u8] {
     &s[n..]
 }
 
-/// Parses the JSON number at the start of `s`.
-fn parse_number(s: &[u8]) -> Option<f64> {
+/// The length of the JSON number at the start of `s`, if one starts there.
+fn number_len(s: &[u8]) -> Option<usize> {
     let digits = |from: usize| {
         s.get(from..)
             .map_or(0, |t| t.iter().take_while(|b| b.is_ascii_digit()).count())
@@ -98,7 +167,7 @@ fn parse_number(s: &[u8]) -> Option<f64> {
         }
         end += exp;
     }
-    core::str::from_utf8(&s[..end]).ok()?.parse().ok()
+    Some(end)
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
-//! Guest SDK for Tidepool handlers: the crate root owns the event and error types, the
-//! uplink/bus calls (`forward`, `emit`), the clock and event metadata, and re-exports the rest.
+//! Guest SDK for Tidepool handlers: the crate root owns the error and class types, the
+//! uplink/bus calls (`forward`, `emit`), the clock and the raw event metadata, and re-exports
+//! the rest.
 //!
-//! A handler is a `cdylib` built for `wasm32-unknown-unknown` that names one function with
+//! A handler is a `cdylib` built for `wasm32-unknown-unknown` that names its functions with
 //! [`handler!`]:
 //!
 //! ```no_run
@@ -10,9 +11,17 @@
 //! tidepool_sdk::handler!(on_event);
 //!
 //! fn on_event(ev: &Event) -> Result<(), Error> {
-//!     forward(ev.topic, ev.payload, Class::Normal)
+//!     let v = ev.number("v").ok_or(Error::NotFound)?;
+//!     if v > 30.0 {
+//!         forward(ev.topic, ev.payload, Class::Urgent)?;
+//!     }
+//!     Ok(())
 //! }
 //! ```
+//!
+//! Feature `serde` (off by default) adds typed JSON and CBOR: [`Event`]'s `json`/`cbor`, the
+//! `state::{get,put}_{json,cbor}` helpers, `forward_json` and `emit_json`, and the `json::encode`,
+//! `json::decode` and `cbor` functions. A handler that does not use them pays nothing in size.
 #![no_std]
 #![warn(missing_docs)]
 
@@ -20,29 +29,33 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 
+mod cached;
+#[cfg(feature = "serde")]
+pub mod cbor;
 pub mod config;
+mod event;
 pub mod json;
 mod log;
+mod meta;
 #[doc(hidden)]
 pub mod rt;
 pub mod state;
 pub mod sys;
 
+pub use crate::cached::Cached;
+pub use crate::event::Event;
 pub use crate::log::{log, Level};
-
-/// One event delivered to the handler: its topic and raw payload bytes.
+pub use crate::meta::{Meta, Timer};
+/// The `serde` crate the SDK's typed helpers use (feature `serde`), for handlers that do not
+/// depend on it themselves: `#[serde(crate = "tidepool_sdk::serde")]` on a derive.
 ///
 /// ```
-/// let ev = tidepool_sdk::Event { topic: "devices/a/temp", payload: br#"{"v": 21.5}"# };
-/// assert_eq!(tidepool_sdk::json::number(ev.payload, "v"), Some(21.5));
+/// #[derive(tidepool_sdk::serde::Serialize)]
+/// #[serde(crate = "tidepool_sdk::serde")]
+/// struct Alarm { on: bool }
 /// ```
-#[derive(Debug, Clone, Copy)]
-pub struct Event<'a> {
-    /// The topic the event was published on, e.g. `devices/a/temp`.
-    pub topic: &'a str,
-    /// The payload as sent by the device; often JSON, but any bytes.
-    pub payload: &'a [u8],
-}
+#[cfg(feature = "serde")]
+pub use serde;
 
 /// A failure reported by a host call (by its code), or chosen by a handler.
 ///
@@ -163,6 +176,40 @@ pub fn emit(topic: &str, payload: &[u8]) -> Result<(), Error> {
     Error::check(unsafe { sys::emit(topic_ptr, topic_len, payload_ptr, payload_len) })
 }
 
+/// Encodes `value` as JSON and [`forward`]s it; [`Error::BadArgument`] if it does not encode.
+///
+/// ```no_run
+/// use tidepool_sdk::{forward_json, Class};
+///
+/// #[derive(serde::Serialize)]
+/// struct Alarm<'a> { alarm: bool, device: &'a str }
+///
+/// forward_json("alarms/d1", &Alarm { alarm: true, device: "d1" }, Class::Urgent)?;
+/// # Ok::<(), tidepool_sdk::Error>(())
+/// ```
+#[cfg(feature = "serde")]
+pub fn forward_json<T: serde::Serialize + ?Sized>(
+    topic: &str,
+    value: &T,
+    class: Class,
+) -> Result<(), Error> {
+    forward(topic, &json::encode(value)?, class)
+}
+
+/// Encodes `value` as JSON and [`emit`]s it; [`Error::BadArgument`] if it does not encode.
+///
+/// ```no_run
+/// #[derive(serde::Serialize)]
+/// struct Avg { v: f64 }
+///
+/// tidepool_sdk::emit_json("derived/d1/avg", &Avg { v: 20.1 })?;
+/// # Ok::<(), tidepool_sdk::Error>(())
+/// ```
+#[cfg(feature = "serde")]
+pub fn emit_json<T: serde::Serialize + ?Sized>(topic: &str, value: &T) -> Result<(), Error> {
+    emit(topic, &json::encode(value)?)
+}
+
 /// Milliseconds since the Unix epoch, by the gateway's clock.
 ///
 /// ```no_run
@@ -173,17 +220,23 @@ pub fn now_ms() -> i64 {
     unsafe { sys::now_ms() }
 }
 
-/// The current event's metadata as raw CBOR bytes: a map with `device`, `seq`, `ts`,
-/// `received_ms` and `clock_synced` (from a timer: `{timer: true}`).
+/// The current call's metadata as raw CBOR bytes: for an event a map with `device`, `seq`,
+/// `ts`, `received_ms` and `clock_synced`, for a timer call `{timer: true, due_ms, now_ms,
+/// late_ms}`, in `tp_init` an empty map. [`Event::meta`] and [`Timer`] decode it for you.
 ///
 /// ```no_run
 /// let cbor = tidepool_sdk::event_meta();
 /// ```
 pub fn event_meta() -> Vec<u8> {
-    sys::read_buffer(|out| {
+    with_event_meta(|bytes| bytes.map(<[u8]>::to_vec).unwrap_or_default())
+}
+
+/// Runs `f` on the current call's metadata, without copying it to the heap when it is short.
+pub(crate) fn with_event_meta<R>(f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+    let call = |out: &mut [u8]| {
         let (out_ptr, out_cap) = sys::raw(out);
         // SAFETY: `out` is a live mutable buffer; the host writes at most `out_cap` bytes to it.
         unsafe { sys::event_meta(out_ptr, out_cap) }
-    })
-    .unwrap_or_default()
+    };
+    sys::with_buffer(call, f)
 }

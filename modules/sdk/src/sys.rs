@@ -40,42 +40,190 @@ macro_rules! imports {
 imports! {
     /// Copies the value of a state key into `out` if it fits in `out_cap`; returns its full
     /// length, or -1 when the key is not set.
+    ///
+    /// ```no_run
+    /// let (key, mut out) = (b"count", [0u8; 8]);
+    /// // SAFETY: both ranges are live local buffers; the host writes at most 8 bytes to `out`.
+    /// let len = unsafe {
+    ///     tidepool_sdk::sys::state_get(key.as_ptr() as i32, 5, out.as_mut_ptr() as i32, 8)
+    /// };
+    /// ```
     fn state_get(key_ptr, key_len, out_ptr, out_cap) -> i32;
     /// Sets a state key; returns 0, or -2 when the handler's state quota would be exceeded.
+    ///
+    /// ```no_run
+    /// let (key, val) = (b"count", 7u64.to_le_bytes());
+    /// // SAFETY: both ranges are live local buffers that the host only reads.
+    /// let rc = unsafe {
+    ///     tidepool_sdk::sys::state_put(key.as_ptr() as i32, 5, val.as_ptr() as i32, 8)
+    /// };
+    /// ```
     fn state_put(key_ptr, key_len, val_ptr, val_len) -> i32;
     /// Removes a state key (a missing key is fine); returns 0.
+    ///
+    /// ```no_run
+    /// let key = b"count";
+    /// // SAFETY: `key` is a live local buffer that the host only reads.
+    /// unsafe { tidepool_sdk::sys::state_delete(key.as_ptr() as i32, 5) };
+    /// ```
     fn state_delete(key_ptr, key_len) -> i32;
     /// Queues a message for the uplink with class 0 urgent, 1 normal, 2 bulk; returns 0, -3 over
     /// `forwards_per_event`, or -5 for a bad argument.
+    ///
+    /// ```no_run
+    /// let (topic, payload) = (b"alerts/a", b"hot");
+    /// // SAFETY: both ranges are live local buffers that the host only reads.
+    /// let rc = unsafe {
+    ///     tidepool_sdk::sys::forward(topic.as_ptr() as i32, 8, payload.as_ptr() as i32, 3, 0)
+    /// };
+    /// ```
     fn forward(topic_ptr, topic_len, payload_ptr, payload_len, class) -> i32;
     /// Publishes an event back onto the local bus; returns 0, or -4 over `emits_per_event`.
+    ///
+    /// ```no_run
+    /// let (topic, payload) = (b"derived/a", b"1");
+    /// // SAFETY: both ranges are live local buffers that the host only reads.
+    /// let rc = unsafe {
+    ///     tidepool_sdk::sys::emit(topic.as_ptr() as i32, 9, payload.as_ptr() as i32, 1)
+    /// };
+    /// ```
     fn emit(topic_ptr, topic_len, payload_ptr, payload_len) -> i32;
     /// Writes a log line at `level` (0 error, 1 warn, 2 info, 3 debug, 4 trace).
+    ///
+    /// ```no_run
+    /// let msg = b"started";
+    /// // SAFETY: `msg` is a live local buffer that the host only reads.
+    /// unsafe { tidepool_sdk::sys::log(2, msg.as_ptr() as i32, 7) };
+    /// ```
     fn log(level, ptr, len);
     /// Milliseconds since the Unix epoch, by the gateway's clock.
+    ///
+    /// ```no_run
+    /// // SAFETY: no memory is passed.
+    /// let now = unsafe { tidepool_sdk::sys::now_ms() };
+    /// ```
     fn now_ms() -> i64;
     /// Like `state_get`, for the handler's config (manifest plus box overrides).
+    ///
+    /// ```no_run
+    /// let (key, mut out) = (b"field", [0u8; 32]);
+    /// // SAFETY: both ranges are live local buffers; the host writes at most 32 bytes to `out`.
+    /// let len = unsafe {
+    ///     tidepool_sdk::sys::config_get(key.as_ptr() as i32, 5, out.as_mut_ptr() as i32, 32)
+    /// };
+    /// ```
     fn config_get(key_ptr, key_len, out_ptr, out_cap) -> i32;
-    /// Copies the current event's metadata (a CBOR map) into `out` if it fits in `out_cap`;
-    /// returns its full length.
+    /// Copies the current call's metadata (a CBOR map, see [`crate::Meta`] and
+    /// [`crate::Timer`]) into `out` if it fits in `out_cap`; returns its full length.
+    ///
+    /// ```no_run
+    /// let mut out = [0u8; 128];
+    /// // SAFETY: `out` is a live local buffer; the host writes at most 128 bytes to it.
+    /// let len = unsafe { tidepool_sdk::sys::event_meta(out.as_mut_ptr() as i32, 128) };
+    /// ```
     fn event_meta(out_ptr, out_cap) -> i32;
 }
 
 /// Calls a host function that fills `out` and returns the full length (or a negative code),
-/// starting with a 64-byte buffer and retrying once with the exact size when it is too small.
-pub(crate) fn read_buffer(mut call: impl FnMut(&mut [u8]) -> i32) -> Option<alloc::vec::Vec<u8>> {
-    let mut buf = alloc::vec![0; 64];
-    loop {
-        let len = usize::try_from(call(&mut buf)).ok()?;
-        if len <= buf.len() {
-            buf.truncate(len);
-            return Some(buf);
-        }
+/// and passes the bytes (`None` for a negative code) to `f`: first into a 128-byte stack
+/// buffer, so a missing key or a short value allocates nothing, then, when the value is longer,
+/// once more into a heap buffer of the exact size.
+pub(crate) fn with_buffer<R>(
+    mut call: impl FnMut(&mut [u8]) -> i32,
+    f: impl FnOnce(Option<&[u8]>) -> R,
+) -> R {
+    let mut first = [0u8; 128];
+    let Ok(mut len) = usize::try_from(call(&mut first)) else {
+        return f(None);
+    };
+    if len <= first.len() {
+        return f(Some(&first[..len]));
+    }
+    let mut buf = alloc::vec::Vec::new();
+    while len > buf.len() {
         buf.resize(len, 0);
+        let Ok(n) = usize::try_from(call(&mut buf)) else {
+            return f(None);
+        };
+        len = n;
+    }
+    f(Some(&buf[..len]))
+}
+
+/// [`with_buffer`] into an owned `Vec`.
+pub(crate) fn read_buffer(call: impl FnMut(&mut [u8]) -> i32) -> Option<alloc::vec::Vec<u8>> {
+    with_buffer(call, |bytes| bytes.map(<[u8]>::to_vec))
+}
+
+/// `bytes` as `str` if they are UTF-8. Checks for ASCII first: in the interpreter that costs
+/// about a third of `core::str::from_utf8`, and topics, keys and ids are nearly always ASCII.
+pub(crate) fn utf8(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8.
+        Some(unsafe { core::str::from_utf8_unchecked(bytes) })
+    } else {
+        core::str::from_utf8(bytes).ok()
     }
 }
 
 /// A slice as the `(ptr, len)` pair of `i32`s the imports take.
 pub(crate) fn raw(bytes: &[u8]) -> (i32, i32) {
     (bytes.as_ptr() as i32, bytes.len() as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{read_buffer, utf8, with_buffer};
+    use alloc::vec::Vec;
+
+    /// A host call that holds `value` and, like the host, writes it only if it fits.
+    fn host(value: &[u8]) -> impl FnMut(&mut [u8]) -> i32 + '_ {
+        |out| {
+            if value.len() <= out.len() {
+                out[..value.len()].copy_from_slice(value);
+            }
+            value.len() as i32
+        }
+    }
+
+    #[test]
+    fn reads_short_and_long_values_and_missing_keys() {
+        assert_eq!(read_buffer(|_| -1), None);
+        assert_eq!(read_buffer(host(b"")), Some(Vec::new()));
+        assert_eq!(read_buffer(host(b"abc")), Some(b"abc".to_vec()));
+        let long: Vec<u8> = (0..=255).cycle().take(1000).collect();
+        let mut calls = 0;
+        let mut inner = host(&long);
+        let got = read_buffer(|out| {
+            calls += 1;
+            inner(out)
+        });
+        assert_eq!((got.as_deref(), calls), (Some(&long[..]), 2));
+        assert_eq!(
+            with_buffer(host(&[7; 128]), |b| b.map(<[u8]>::len)),
+            Some(128)
+        );
+    }
+
+    #[test]
+    fn retries_while_the_value_grows_and_stops_on_an_error() {
+        let mut sizes = [200usize, 300, 300].into_iter();
+        let got = read_buffer(|out| {
+            let n = sizes.next().unwrap();
+            if n <= out.len() {
+                out[..n].fill(1);
+            }
+            n as i32
+        });
+        assert_eq!(got.map(|v| v.len()), Some(300));
+        let mut codes = [200, -1].into_iter();
+        assert_eq!(read_buffer(|_| codes.next().unwrap()), None);
+    }
+
+    #[test]
+    fn utf8_takes_ascii_and_checks_the_rest() {
+        assert_eq!(utf8(b"devices/a/temp"), Some("devices/a/temp"));
+        assert_eq!(utf8("café".as_bytes()), Some("café"));
+        assert_eq!(utf8(&[b'a', 0xff]), None);
+    }
 }
