@@ -63,7 +63,7 @@ echo "== starting the gateway (data dir $work/data)"
 tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"
 echo "   $ready"
 
-echo "== $devices devices send $events temperature readings each (threshold 30 from the manifest)"
+echo "== $devices devices send $events temperature readings each (alarm above 30, clear below 29)"
 for d in $(seq 1 "$devices"); do
     "$bin" certs device "sensor-$d" --config "$work/tidepool.toml" --out "$work/certs" >/dev/null
 done
@@ -78,6 +78,9 @@ for d in $(seq 1 "$devices"); do
             --topic "devices/$id/temp" | sed "s/^/   $id: /" &
 done
 tp_wait_jobs
+
+echo "== tidepool status (asked through the running gateway's control socket)"
+"$bin" status --config "$work/tidepool.toml" | sed 's/^/   /'
 
 # Urgent forwards go up at once; give the uplink a moment to finish, then stop gracefully.
 sleep 1
@@ -94,7 +97,7 @@ printf '   %-34s %s\n' \
     "handler calls (threshold)" "$(get handler_calls)" \
     "handler errors (dead letters)" "$(get handler_errors)" \
     "group commits (fsyncs)" "$(get groups)" \
-    "forwards (urgent: crossings)" "$(get forwards)" \
+    "forwards (alarms and clears)" "$(get forwards)" \
     "uplink wake-ups" "$(get uplink_wakeups)" \
     "batches the cloud received" "$cloud_batches" \
     "events the cloud received" "$cloud_events" \

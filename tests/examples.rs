@@ -5,9 +5,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use support::BIN;
+use support::invoke as run_invoke;
 
 fn example(name: &str) -> (PathBuf, PathBuf) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../modules");
@@ -26,28 +24,8 @@ fn invoke(name: &str, events: &str, extra: &[&str]) -> (bool, Vec<serde_json::Va
     let ev = dir.path().join("events.jsonl");
     std::fs::write(&ev, events).unwrap();
     let (wasm, manifest) = example(name);
-    let out = Command::new(BIN)
-        .arg("invoke")
-        .arg("--handler")
-        .arg(wasm)
-        .arg("--manifest")
-        .arg(manifest)
-        .arg("--events")
-        .arg(&ev)
-        .arg("--json")
-        .args(extra)
-        .output()
-        .unwrap();
-    let lines = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (
-        out.status.success(),
-        lines,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let run = run_invoke(&wasm, &manifest, &ev, &[&["--json"], extra].concat());
+    (run.ok, run.json_lines(), run.stderr)
 }
 
 fn readings(topic: &str, device: &str, values: &[&str]) -> String {

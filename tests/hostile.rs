@@ -7,7 +7,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use support::*;
 use tidepool::proto::msg::GatewayMsg;
@@ -110,19 +109,10 @@ fn hostile_handlers() -> Vec<(&'static str, String, &'static str)> {
 
 /// Runs `tidepool dead-letters export` against the running gateway: handler -> reasons.
 fn dead_letters(gw: &Gateway) -> BTreeMap<String, Vec<String>> {
-    let out = Command::new(BIN)
-        .args(["dead-letters", "export", "--config"])
-        .arg(&gw.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let run = cli(&["dead-letters", "export"], &gw.config);
+    assert!(run.ok, "{}", run.stderr);
     let mut by: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for line in String::from_utf8(out.stdout).unwrap().lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    for v in run.json_lines() {
         by.entry(v["handler"].as_str().unwrap_or("").to_string())
             .or_default()
             .push(v["reason"].as_str().unwrap().to_string());
@@ -131,17 +121,9 @@ fn dead_letters(gw: &Gateway) -> BTreeMap<String, Vec<String>> {
 }
 
 fn status(gw: &Gateway) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--config"])
-        .arg(&gw.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let run = cli(&["status", "--json"], &gw.config);
+    assert!(run.ok, "{}", run.stderr);
+    serde_json::from_str(&run.stdout).unwrap()
 }
 
 #[tokio::test]
@@ -268,7 +250,7 @@ async fn hostile_handlers_are_contained_and_dead_lettered_with_the_limit_they_hi
 }
 
 /// Runs `tidepool invoke` on one event with `wasm`; returns (success, stderr).
-fn invoke(dir: &std::path::Path, name: &str, wasm: &[u8]) -> (bool, String) {
+fn invoke_module(dir: &std::path::Path, name: &str, wasm: &[u8]) -> (bool, String) {
     let wp = dir.join(format!("{name}.wasm"));
     let mp = dir.join(format!("{name}.toml"));
     let ev = dir.join("events.jsonl");
@@ -279,20 +261,8 @@ fn invoke(dir: &std::path::Path, name: &str, wasm: &[u8]) -> (bool, String) {
     )
     .unwrap();
     std::fs::write(&ev, "{\"topic\":\"a/b\",\"payload\":\"x\"}\n").unwrap();
-    let out = Command::new(BIN)
-        .arg("invoke")
-        .arg("--handler")
-        .arg(&wp)
-        .arg("--manifest")
-        .arg(&mp)
-        .arg("--events")
-        .arg(&ev)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let run = invoke(&wp, &mp, &ev, &[]);
+    (run.ok, run.stderr)
 }
 
 #[test]
@@ -329,11 +299,11 @@ fn modules_that_break_the_abi_are_refused_at_load_with_the_reason() {
         ),
     ];
     for (name, wat, needle) in cases {
-        let (ok, err) = invoke(dir.path(), name, &wat::parse_str(&wat).unwrap());
+        let (ok, err) = invoke_module(dir.path(), name, &wat::parse_str(&wat).unwrap());
         assert!(!ok, "{name} was accepted");
         assert!(err.contains(needle), "{name}: `{needle}` not in: {err}");
     }
-    let (ok, err) = invoke(dir.path(), "notwasm", b"\0asm garbage");
+    let (ok, err) = invoke_module(dir.path(), "notwasm", b"\0asm garbage");
     assert!(!ok && err.contains("not a valid module"), "{err}");
 
     // The gateway itself refuses to start with such a handler and says which and why.
@@ -355,13 +325,9 @@ fn modules_that_break_the_abi_are_refused_at_load_with_the_reason() {
         ),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let run = cli(&["run"], &cfg);
+    let err = &run.stderr;
+    assert!(!run.ok);
     assert!(
         err.contains("proc_exit") && err.contains("wasi.toml"),
         "{err}"

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -35,48 +34,16 @@ const TICKER_WAT: &str = r#"(module
     (local.set $n (call $meta (i32.const 256) (i32.const 512)))
     (call $forward (i32.const 0) (i32.const 5) (i32.const 256) (local.get $n) (i32.const 0))))"#;
 
-fn cli(args: &[&str], config: &std::path::Path) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn invoke(
+/// `tidepool invoke --json`, which must succeed: one JSON object per event.
+fn invoke_json(
     wasm: &std::path::Path,
     manifest: &std::path::Path,
     events: &std::path::Path,
     extra: &[&str],
 ) -> Vec<serde_json::Value> {
-    let out = Command::new(BIN)
-        .arg("invoke")
-        .arg("--handler")
-        .arg(wasm)
-        .arg("--manifest")
-        .arg(manifest)
-        .arg("--events")
-        .arg(events)
-        .arg("--json")
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let run = invoke(wasm, manifest, events, &[&["--json"], extra].concat());
+    assert!(run.ok, "{}", run.stderr);
+    run.json_lines()
 }
 
 #[tokio::test]
@@ -99,9 +66,9 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
             .unwrap();
         assert_eq!(until_ack(&mut s, seq).await, vec![GatewayMsg::Ack { seq }]);
     }
-    let (ok, status, err) = cli(&["status", "--json"], &gw.config);
-    assert!(ok, "{err}");
-    let st: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let run = cli(&["status", "--json"], &gw.config);
+    assert!(run.ok, "{}", run.stderr);
+    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     let failing = st["handlers"]
         .as_array()
         .unwrap()
@@ -121,18 +88,20 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
         m["dead_letters"], 9,
         "its events still go to the dead letters: {m}"
     );
-    let (ok, text, _) = cli(&["status"], &gw.config);
-    assert!(
-        ok && text.contains("handler failing v1: QUARANTINED"),
-        "{text}"
-    );
+    let text = cli(&["status"], &gw.config).stdout;
+    assert!(text.contains("handler failing v1: QUARANTINED"), "{text}");
 
     let export = dir.path().join("dl.jsonl");
-    let (ok, _, err) = cli(
+    let run = cli(
         &["dead-letters", "export", "--out", export.to_str().unwrap()],
         &gw.config,
     );
-    assert!(ok && err.contains("9 dead letters exported"), "{err}");
+    assert!(
+        run.ok && run.stderr.contains("9 dead letters exported"),
+        "{}",
+        run.stderr
+    );
+
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&export)
         .unwrap()
         .lines()
@@ -162,7 +131,7 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
     );
 
     // The exported letters replay on a laptop and fail the same way.
-    let out = invoke(
+    let out = invoke_json(
         &dir.path().join("failing.wasm"),
         &dir.path().join("failing.toml"),
         &export,
@@ -282,14 +251,14 @@ async fn recorded_events_replay_with_invoke_and_state_dir_keeps_state_between_ru
         dir.path().join("counter.wasm"),
         dir.path().join("counter.toml"),
     );
-    let run1 = invoke(
+    let run1 = invoke_json(
         &wasm,
         &manifest,
         &rec,
         &["--state-dir", state.to_str().unwrap()],
     );
     assert_eq!(run1.len(), 2);
-    let run2 = invoke(
+    let run2 = invoke_json(
         &wasm,
         &manifest,
         &rec,
@@ -302,7 +271,7 @@ async fn recorded_events_replay_with_invoke_and_state_dir_keeps_state_between_ru
     );
     assert!(run2[1]["fuel"].as_u64().unwrap() > 0);
     // Without a state dir every run starts empty.
-    let fresh = invoke(&wasm, &manifest, &rec, &[]);
+    let fresh = invoke_json(&wasm, &manifest, &rec, &[]);
     assert_eq!(
         fresh[0]["state"][0]["value"],
         format!("0x01{}", "00".repeat(7))
@@ -320,24 +289,18 @@ fn invoke_refuses_a_bad_events_file_with_the_line_and_runs_nothing() {
     )
     .unwrap();
     let state = dir.path().join("state");
-    let out = Command::new(BIN)
-        .arg("invoke")
-        .arg("--handler")
-        .arg(dir.path().join("counter.wasm"))
-        .arg("--manifest")
-        .arg(dir.path().join("counter.toml"))
-        .arg("--events")
-        .arg(&ev)
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let run = invoke(
+        &dir.path().join("counter.wasm"),
+        &dir.path().join("counter.toml"),
+        &ev,
+        &["--state-dir", state.to_str().unwrap()],
+    );
+    let err = &run.stderr;
+    assert_eq!(run.code, Some(2), "{err}");
     assert!(
         err.contains("bad.jsonl line 2") && err.contains("topic"),
         "{err}"
     );
-    assert!(out.stdout.is_empty());
+    assert!(run.stdout.is_empty());
     assert!(!state.exists(), "nothing ran, nothing was created");
 }

@@ -369,3 +369,51 @@ impl Cloud {
         self.requests.lock().unwrap().clone()
     }
 }
+
+/// What one run of the CLI printed.
+pub struct Run {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn of(cmd: &mut Command) -> Run {
+        let out = cmd.output().expect("run tidepool");
+        Run {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Stdout as JSON lines.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+}
+
+/// `tidepool ARGS --config CONFIG`.
+pub fn cli(args: &[&str], config: &Path) -> Run {
+    Run::of(Command::new(BIN).args(args).arg("--config").arg(config))
+}
+
+/// `tidepool invoke --handler WASM --manifest MANIFEST --events EVENTS EXTRA`.
+pub fn invoke(wasm: &Path, manifest: &Path, events: &Path, extra: &[&str]) -> Run {
+    Run::of(
+        Command::new(BIN)
+            .arg("invoke")
+            .arg("--handler")
+            .arg(wasm)
+            .arg("--manifest")
+            .arg(manifest)
+            .arg("--events")
+            .arg(events)
+            .args(extra),
+    )
+}
