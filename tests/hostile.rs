@@ -213,6 +213,21 @@ async fn hostile_handlers_are_contained_and_dead_lettered_with_the_limit_they_hi
     let events = seq;
     let hostile_calls = expected.values().map(|(n, _)| *n as u64).sum::<u64>();
     assert_eq!(m["handler_errors"], hostile_calls, "{m}");
+    let timeouts = expected
+        .values()
+        .filter(|(_, r)| *r == "limit:fuel")
+        .count();
+    assert_eq!(m["handler_timeouts"], timeouts as u64, "{m}");
+    let burned: u64 = letters["spin"][0]
+        .trim_start_matches("limit:fuel (")
+        .trim_end_matches(" fuel burned)")
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        burned > 990_000,
+        "a timeout says what it burned (of 1,000,000): {:?}",
+        letters["spin"]
+    );
     assert_eq!(m["dead_letters"], hostile_calls, "{m}");
     assert_eq!(m["handler_calls"], events + hostile_calls, "{m}");
     assert!(m["log_bytes_dropped"].as_u64().unwrap() > 1 << 20, "{m}");

@@ -518,6 +518,9 @@ impl Dispatcher {
             Ok(effects) => effects,
             Err(failure) => {
                 Metrics::inc(&self.metrics.handler_errors);
+                if failure.is_timeout() {
+                    Metrics::inc(&self.metrics.handler_timeouts);
+                }
                 tracing::warn!(
                     handler = name,
                     device = &**ctx.device,

@@ -217,11 +217,15 @@ pub async fn run(
         outbox: outbox.clone(),
         store: store.clone(),
     });
-    let listener = control::bind(&data).map_err(|source| StartError::DataDir {
-        path: control::socket_path(&data),
-        source,
-    })?;
-    let control_task = tokio::spawn(control::serve(listener, control, side_stop));
+    // Without the socket the gateway still serves devices; only `status` and the live export
+    // are unavailable (e.g. a data dir path longer than a socket path may be).
+    let control_task = match control::bind(&data) {
+        Ok(listener) => Some(tokio::spawn(control::serve(listener, control, side_stop))),
+        Err(e) => {
+            tracing::error!(path = %control::socket_path(&data).display(), "no control socket ({e}): `tidepool status` and a live `dead-letters export` will not reach this gateway");
+            None
+        }
+    };
 
     let (uplink_stop_tx, uplink_stop) = watch::channel(false);
     let uplink = match (cfg.uplink.sink, cfg.uplink.url.is_empty()) {
@@ -285,8 +289,10 @@ pub async fn run(
     if let Some(t) = timers {
         let _ = t.await;
     }
-    let _ = control_task.await;
-    let _ = std::fs::remove_file(control::socket_path(&data));
+    if let Some(t) = control_task {
+        let _ = t.await;
+        let _ = std::fs::remove_file(control::socket_path(&data));
+    }
     dispatcher.lock().unwrap_or_else(|p| p.into_inner()).close();
     let _ = tokio::task::spawn_blocking(move || committer.join()).await;
     let _ = uplink_stop_tx.send(true);

@@ -33,6 +33,7 @@ counters! {
     datagrams_dropped: "Datagrams shed under load or rejected.",
     handler_calls: "Handler invocations.",
     handler_errors: "Invocations that failed (their events are dead-lettered).",
+    handler_timeouts: "Invocations stopped for running out of fuel (among handler_errors).",
     dead_letters: "Dead letters written.",
     dead_letters_dropped: "Oldest dead letters dropped to keep the tree under store.dead_letter_max_bytes.",
     handlers_quarantined: "Handlers quarantined after too many failures in a row.",

@@ -386,6 +386,10 @@ impl Handler {
                 // The first limit hit names the failure, even when the guest went on and trapped.
                 match inv.limit_hit {
                     Some(limit) => Err(Failure(format!("limit:{limit} (then {f})"))),
+                    // Ran too long: a timeout, with what it burned.
+                    None if f.is_timeout() => {
+                        Err(Failure(format!("{f} ({fuel_used} fuel burned)")))
+                    }
                     None => Err(f),
                 }
             }
@@ -596,7 +600,14 @@ mod tests {
         )
         .unwrap();
         let out = h.invoke(&ev());
-        assert_eq!(out.result, Err(Failure("limit:fuel".into())));
+        assert_eq!(
+            out.result,
+            Err(Failure(format!(
+                "limit:fuel ({} fuel burned)",
+                out.fuel_used
+            )))
+        );
+        assert!(out.result.unwrap_err().is_timeout());
         assert!(out.fuel_used >= 9_990, "{}", out.fuel_used);
         // The meta map's length comes back as the (non-zero) return code.
         let one = EventInfo {

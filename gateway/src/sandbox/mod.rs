@@ -158,6 +158,11 @@ impl Failure {
     pub fn is_rejection(&self) -> bool {
         self.0.starts_with(Self::REJECTED)
     }
+
+    /// The handler ran out of fuel: it ran too long (a timeout).
+    pub fn is_timeout(&self) -> bool {
+        self.0.starts_with("limit:fuel")
+    }
 }
 
 /// The result of one invocation.
