@@ -19,14 +19,21 @@ use super::ConfigArgs;
 
 /// Run a handler locally on a file of events, the way the gateway would.
 ///
-/// Each line of --events is an event: {"topic": "devices/d1/temp", "payload": "{\"v\": 21.5}"}
-/// ("payload_b64" for bytes), with optional "device", "seq" and "ts"; or a timer tick:
-/// {"timer": true, "now_ms": 1700000000000}. Recordings (`[record]`) and
-/// `tidepool dead-letters export` write this format. Prints, per event, the forwards, emits,
-/// state changes, logs, fuel used and any error (the dead-letter reason). Emits are shown, not
-/// run. The box caps come from --config (or the embedded defaults); [[handler]] overrides do
-/// not apply, use --set. State lives in memory unless --state-dir keeps it in a local store
-/// between runs. Exits 0 when every line ran (handler failures included), 2 on bad input.
+/// Each line of --events is an event,
+///   {"topic": "devices/d1/temp", "payload": "{\"v\": 21.5}"}
+/// ("payload_b64" for bytes), with optional "device", "seq" and "ts"; or a timer tick,
+///   {"timer": true, "now_ms": 1700000000000}.
+/// `[record]` recordings and `tidepool dead-letters export` write this format.
+///
+/// Prints, per event, the forwards, emits, state changes, logs, fuel used and any error (the
+/// dead-letter reason the gateway would write). Emits are shown, not run.
+///
+/// The same engine, fuel and limits as the gateway: the box caps come from --config (or the
+/// embedded defaults); [[handler]] overrides do not apply, use --set. State lives in memory
+/// unless --state-dir keeps it in a local store between runs.
+///
+/// Exits 0 when every line ran (handler failures included), 2 on a bad events file (nothing
+/// runs), 1 when the handler does not load.
 #[derive(clap::Args)]
 pub struct Args {
     /// The handler's module (.wasm).
