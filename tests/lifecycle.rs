@@ -303,4 +303,53 @@ fn invoke_refuses_a_bad_events_file_with_the_line_and_runs_nothing() {
     );
     assert!(run.stdout.is_empty());
     assert!(!state.exists(), "nothing ran, nothing was created");
+
+    // A topic the gateway would nack is bad input too, found before anything runs.
+    std::fs::write(
+        &ev,
+        "{\"topic\":\"a/b\",\"payload\":\"1\"}\n{\"topic\":\"a/#\",\"payload\":\"1\"}\n",
+    )
+    .unwrap();
+    let run = invoke(
+        &dir.path().join("counter.wasm"),
+        &dir.path().join("counter.toml"),
+        &ev,
+        &["--state-dir", state.to_str().unwrap()],
+    );
+    assert_eq!(run.code, Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("line 2: topic `a/#`"), "{}", run.stderr);
+    assert!(!state.exists());
+}
+
+#[test]
+fn invoke_runs_timer_ticks_and_tells_the_handler_how_late_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    wat_handler(dir.path(), "ticker", TICKER_WAT, "timer_ms = 60000");
+    let ev = dir.path().join("ticks.jsonl");
+    // As `dead-letters export` writes a failed timer call: when it ran, and when it was due.
+    std::fs::write(
+        &ev,
+        "{\"timer\":true,\"now_ms\":1700000005000,\"due_ms\":1700000004000}\n{\"timer\":true,\"now_ms\":1700000009000}\n",
+    )
+    .unwrap();
+    let out = invoke_json(
+        &dir.path().join("ticker.wasm"),
+        &dir.path().join("ticker.toml"),
+        &ev,
+        &[],
+    );
+    let meta: Vec<serde_json::Value> = out
+        .iter()
+        .map(|o| {
+            let hex = o["forwards"][0]["payload"].as_str().unwrap();
+            let bytes: Vec<u8> = (2..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            ciborium::from_reader(&bytes[..]).unwrap()
+        })
+        .collect();
+    assert_eq!(meta[0]["late_ms"], 1000);
+    assert_eq!(meta[0]["due_ms"], 1_700_000_004_000u64);
+    assert_eq!(meta[1]["late_ms"], 0, "no due_ms: due now");
 }

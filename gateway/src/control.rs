@@ -83,6 +83,7 @@ impl DeadLetter {
             Line {
                 timer: true,
                 now_ms: Some(self.received_ms),
+                due_ms: self.ts,
                 ..Line::default()
             }
         } else {

@@ -304,9 +304,10 @@ impl Dispatcher {
             received_ms,
             seq_text: &seq_text,
         };
-        self.recorder_sees(device, &p, received_ms);
         match self.process(&ctx, Root::Event(&p.topic, &p.payload)) {
             Some(ws) => {
+                // Recorded once kept: an event answered busy is recorded when it is resent.
+                self.recorder_sees(device, &p, received_ms);
                 *self.claimed(device) = p.seq;
                 self.submit(device, p.seq, ItemKind::Event(Box::new(ws)), Some(reply));
                 Submitted::Queued
@@ -337,9 +338,11 @@ impl Dispatcher {
             received_ms,
             seq_text: &seq_text,
         };
-        self.recorder_sees(device, &p, received_ms);
         match self.process(&ctx, Root::Event(&p.topic, &p.payload)) {
-            Some(ws) => self.submit(device, 0, ItemKind::Event(Box::new(ws)), None),
+            Some(ws) => {
+                self.recorder_sees(device, &p, received_ms);
+                self.submit(device, 0, ItemKind::Event(Box::new(ws)), None)
+            }
             None => Metrics::inc(&self.metrics.datagrams_dropped),
         }
     }
@@ -350,10 +353,11 @@ impl Dispatcher {
         for (h, due_ms, next_ms) in self.timers.take_due(now_ms) {
             let seq_text = format!("timer.{due_ms}");
             let device: Arc<str> = "".into();
+            // A timer's time is its due time (the ts of its forwards and dead letters).
             let ctx = Ctx {
                 device: &device,
                 seq: 0,
-                ts: None,
+                ts: Some(due_ms),
                 received_ms: now_ms,
                 seq_text: &seq_text,
             };

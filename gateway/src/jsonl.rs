@@ -1,7 +1,8 @@
 //! The JSON lines format of local test events, shared by `tidepool invoke` (which reads it),
 //! the `[record]` recording and `tidepool dead-letters export` (which write it). One line is
 //! an event, `{"topic": text, "payload": text}` or `"payload_b64"` for bytes that are not
-//! UTF-8, with optional `device`, `seq` and `ts`; or a timer tick, `{"timer": true, "now_ms": N}`.
+//! UTF-8, with optional `device`, `seq` and `ts`; or a timer tick, `{"timer": true, "now_ms": N}`
+//! with an optional `due_ms` (how late it is: `now_ms - due_ms`).
 //! Writers may add fields (`received_ms`, `handler`, `reason`); readers ignore them. Pure.
 
 use base64::Engine as _;
@@ -14,6 +15,8 @@ pub struct Line {
     pub timer: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub now_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,6 +49,8 @@ pub enum Input {
     },
     Timer {
         now_ms: Option<u64>,
+        /// When it fell due (default: `now_ms`, not late).
+        due_ms: Option<u64>,
     },
 }
 
@@ -88,7 +93,10 @@ impl Line {
     pub fn parse(text: &str) -> Result<Input, LineError> {
         let l: Line = serde_json::from_str(text).map_err(|e| LineError::Json(e.to_string()))?;
         if l.timer {
-            return Ok(Input::Timer { now_ms: l.now_ms });
+            return Ok(Input::Timer {
+                now_ms: l.now_ms,
+                due_ms: l.due_ms,
+            });
         }
         let topic = l.topic.ok_or(LineError::NoTopic)?;
         let payload = match (l.payload, l.payload_b64) {
@@ -157,7 +165,10 @@ mod tests {
         ));
         assert_eq!(
             Line::parse(r#"{"timer":true,"now_ms":5}"#),
-            Ok(Input::Timer { now_ms: Some(5) })
+            Ok(Input::Timer {
+                now_ms: Some(5),
+                due_ms: None
+            })
         );
     }
 }

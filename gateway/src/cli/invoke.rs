@@ -8,14 +8,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use tidepool::jsonl::{Input, Line};
 use tidepool::sandbox::{
     EventInfo, Handler, HostEnv, Manifest, Outcome, Runtime, StateSource, TimerInfo,
 };
 use tidepool::store::{keys, Store};
-
-use super::ConfigArgs;
 
 /// Run a handler locally on a file of events, the way the gateway would.
 ///
@@ -55,8 +53,10 @@ pub struct Args {
     /// Print one JSON object per event instead of text.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    config: ConfigArgs,
+    /// The gateway configuration whose box caps ([limits]) and payload limit apply (TOML).
+    /// Without it, the embedded defaults.
+    #[arg(long, short = 'c', value_name = "FILE", env = "TIDEPOOL_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 fn parse_set(s: &str) -> Result<(String, String), String> {
@@ -125,26 +125,51 @@ fn read_events(path: &PathBuf) -> anyhow::Result<Vec<Input>> {
         if line.trim().is_empty() {
             continue;
         }
-        let input =
-            Line::parse(&line).with_context(|| format!("{} line {}", path.display(), i + 1))?;
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let input = Line::parse(&line).with_context(at)?;
+        if let Input::Event { topic, .. } = &input {
+            tidepool::proto::topic::validate(topic)
+                .map_err(|e| anyhow::anyhow!("topic `{topic}`: {e}"))
+                .with_context(at)?;
+        }
         out.push(input);
     }
     Ok(out)
 }
 
-/// Shows bytes as text when they are printable UTF-8, as hex otherwise.
+/// The bytes as text, if they are printable UTF-8.
+fn printable(bytes: &[u8]) -> Option<&str> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .filter(|t| !t.chars().any(|c| c.is_control()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bytes as text when they are printable UTF-8, as `0x` hex otherwise (the JSON output).
+fn plain(bytes: &[u8]) -> String {
+    match printable(bytes) {
+        Some(t) => t.to_string(),
+        None => format!("0x{}", hex(bytes)),
+    }
+}
+
+/// Like [`plain`], with the hex too for short printable values (the 8 bytes of an f64 are
+/// often printable): the text output.
 fn show(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(t) if !t.chars().any(|c| c.is_control()) => t.to_string(),
-        _ => {
-            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            format!("0x{hex}")
-        }
+    match printable(bytes) {
+        Some(t) if !t.is_empty() && t.len() <= 16 => format!("{t} (0x{})", hex(bytes)),
+        _ => plain(bytes),
     }
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let cfg = a.config.load()?;
+    let cfg = match &a.config {
+        Some(p) => tidepool::config::Config::load(p)?,
+        None => tidepool::config::Config::defaults(),
+    };
     let manifest = Manifest::load(&a.manifest)?;
     manifest.check(&cfg.limits)?;
     let wasm =
@@ -199,9 +224,6 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 seq,
                 ts,
             } => {
-                if let Err(e) = tidepool::proto::topic::validate(topic) {
-                    bail!("{} line {n}: topic `{topic}`: {e}", a.events.display());
-                }
                 let device: Arc<str> = device.as_deref().unwrap_or("local").into();
                 let ev = EventInfo {
                     device: &device,
@@ -214,12 +236,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     emit_budget: cfg.limits.emits_per_event,
                     log_budget: cfg.limits.log_bytes_per_event,
                 };
-                (format!("{topic} {}", show(payload)), h.invoke(&ev))
+                (format!("{topic} {}", plain(payload)), h.invoke(&ev))
             }
-            Input::Timer { now_ms } => {
+            Input::Timer { now_ms, due_ms } => {
+                let now_ms = now_ms.unwrap_or(now);
                 let t = TimerInfo {
-                    now_ms: now_ms.unwrap_or(now),
-                    due_ms: now_ms.unwrap_or(now),
+                    now_ms,
+                    due_ms: due_ms.unwrap_or(now_ms).min(now_ms),
                     emit_budget: cfg.limits.emits_per_event,
                     log_budget: cfg.limits.log_bytes_per_event,
                 };
@@ -273,16 +296,16 @@ fn print_text(out: &mut impl Write, n: usize, label: &str, o: &Outcome) -> std::
                     "  forward {} {} {}",
                     class_name(f.class),
                     f.topic,
-                    show(&f.payload)
+                    plain(&f.payload)
                 )?;
             }
             for (t, p) in &e.emits {
-                writeln!(out, "  emit {t} {}", show(p))?;
+                writeln!(out, "  emit {t} {}", plain(p))?;
             }
             for (k, v) in &e.state {
                 match v {
-                    Some(v) => writeln!(out, "  state put {} = {}", show(k), show(v))?,
-                    None => writeln!(out, "  state delete {}", show(k))?,
+                    Some(v) => writeln!(out, "  state put {} = {}", plain(k), show(v))?,
+                    None => writeln!(out, "  state delete {}", plain(k))?,
                 }
             }
             writeln!(out, "  ok, fuel {}", o.fuel_used)
@@ -296,7 +319,7 @@ fn print_text(out: &mut impl Write, n: usize, label: &str, o: &Outcome) -> std::
 }
 
 fn to_json(n: usize, o: &Outcome) -> serde_json::Value {
-    let text = |b: &[u8]| show(b);
+    let text = plain;
     let (ok, error, forwards, emits, state) = match &o.result {
         Ok(e) => (
             true,

@@ -151,11 +151,12 @@ impl Invocation {
     }
 }
 
-/// wasmi's store limits, remembering a refused memory growth: `memory.grow` past
-/// `memory_pages` returns -1 inside the guest, and the invocation fails with `limit:memory_pages`.
+/// wasmi's store limits, remembering a refused growth: `memory.grow` past `memory_pages` (or
+/// `table.grow` past the table cap) returns -1 inside the guest, and the invocation fails with
+/// `limit:memory_pages` (`limit:table_elements`).
 pub struct Limiter {
     pub inner: StoreLimits,
-    pub refused: bool,
+    pub refused: Option<&'static str>,
 }
 
 impl ResourceLimiter for Limiter {
@@ -166,7 +167,9 @@ impl ResourceLimiter for Limiter {
         maximum: Option<usize>,
     ) -> Result<bool, LimiterError> {
         let ok = self.inner.memory_growing(current, desired, maximum)?;
-        self.refused |= !ok;
+        if !ok {
+            self.refused.get_or_insert("memory_pages");
+        }
         Ok(ok)
     }
 
@@ -176,7 +179,11 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> Result<bool, LimiterError> {
-        self.inner.table_growing(current, desired, maximum)
+        let ok = self.inner.table_growing(current, desired, maximum)?;
+        if !ok {
+            self.refused.get_or_insert("table_elements");
+        }
+        Ok(ok)
     }
 
     fn instances(&self) -> usize {
@@ -309,12 +316,16 @@ fn publication(
 ) -> Result<(Option<String>, Vec<u8>), wasmi::Error> {
     deny_in_init(c, call)?;
     let mem = memory(c, call)?;
+    // Too large: refused after checking the range, before copying (and paying for) it.
+    let len = mem.data(&*c).len();
+    if range(len, pp, pl, call)?.len() > c.data().env.max_payload_bytes {
+        range(len, tp, tl, call)?;
+        charge(c, 0)?;
+        return Ok((None, Vec::new()));
+    }
     let t = read(c, mem, tp, tl, call)?;
     let payload = read(c, mem, pp, pl, call)?;
     charge(c, t.len() + payload.len())?;
-    if payload.len() > c.data().env.max_payload_bytes {
-        return Ok((None, payload));
-    }
     Ok((topic_ok(&t), payload))
 }
 

@@ -135,7 +135,7 @@ fn reason(e: &wasmi::Error) -> String {
     match e.as_trap_code() {
         Some(TrapCode::OutOfFuel) => "limit:fuel".into(),
         Some(TrapCode::StackOverflow) => "limit:stack".into(),
-        Some(TrapCode::GrowthOperationLimited) => "limit:memory".into(),
+        Some(TrapCode::GrowthOperationLimited) => "limit:memory_pages".into(),
         Some(code) => format!("trap:{code}"),
         None => format!("error:{e}"),
     }
@@ -200,7 +200,7 @@ impl Handler {
                     .tables(1)
                     .table_elements(10_000)
                     .build(),
-                refused: false,
+                refused: None,
             },
             memory: None,
             name: self.name.clone(),
@@ -249,6 +249,8 @@ impl Handler {
                 }
             }
         }
+        // A growth refused during tp_init (which it survived) is not the first event's failure.
+        store.data_mut().limits.refused = None;
         let on_timer = instance.get_typed_func(&store, "tp_on_timer").ok();
         self.live = Some(Live {
             store,
@@ -375,8 +377,8 @@ impl Handler {
             &mut host.inv,
             Invocation::new(Mode::Event, Meta::None, 0, 0, 0),
         );
-        if std::mem::take(&mut host.limits.refused) {
-            inv.limit_hit.get_or_insert("memory_pages");
+        if let Some(limit) = host.limits.refused.take() {
+            inv.limit_hit.get_or_insert(limit);
         }
         let result = match result {
             Err((f, trapped)) => {
@@ -588,6 +590,19 @@ mod tests {
             Ok(Effects::default()),
             "a fresh instance serves the next event"
         );
+    }
+
+    #[test]
+    fn a_growth_refused_in_tp_init_does_not_fail_the_first_event() {
+        let mut h = load(
+            r#"(func (export "tp_init") (result i32)
+                (drop (memory.grow (i32.const 100)))
+                (i32.const 0))
+               (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) (i32.const 0))"#,
+            "memory_pages = 2",
+        )
+        .unwrap();
+        assert_eq!(h.invoke(&ev()).result, Ok(Effects::default()));
     }
 
     #[test]

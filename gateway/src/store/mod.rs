@@ -40,7 +40,7 @@ pub fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
 
 /// An event that could not be handled, with the reason (`tidepool dead-letters export`
 /// writes them as the JSON lines `tidepool invoke` reads). A failed timer call has an empty
-/// topic and `received_ms` = the time it ran.
+/// topic, `received_ms` = the time it ran and `ts` = the time it was due.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeadLetter {
     pub device: String,

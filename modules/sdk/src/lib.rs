@@ -77,7 +77,7 @@ pub enum Error {
     TooManyForwards,
     /// -4: more than `emits_per_event` emits, or the emit depth is exceeded.
     TooManyEmits,
-    /// -5: a bad argument, such as an empty topic.
+    /// -5: a bad argument, such as an empty or wildcard topic or an oversized payload.
     BadArgument,
     /// Any other negative code.
     Other(i32),
@@ -144,8 +144,10 @@ pub enum Class {
 
 /// Queues `payload` on `topic` for the uplink.
 ///
-/// Fails with [`Error::TooManyForwards`] past the manifest's `forwards_per_event` and with
-/// [`Error::BadArgument`] for an empty topic.
+/// Fails with [`Error::TooManyForwards`] past the manifest's `forwards_per_event` (which also
+/// fails the invocation), and with [`Error::BadArgument`] when `topic` is not a valid concrete
+/// topic (empty, a wildcard `+`/`#`, an empty level, over 256 bytes) or `payload` is larger than
+/// the gateway's `ingress.max_payload_bytes`; a bad argument alone does not fail the invocation.
 ///
 /// ```no_run
 /// use tidepool_sdk::{forward, Class};
@@ -163,7 +165,9 @@ pub fn forward(topic: &str, payload: &[u8], class: Class) -> Result<(), Error> {
 
 /// Publishes `payload` on `topic` on the local bus, for other handlers.
 ///
-/// Fails with [`Error::TooManyEmits`] past the manifest's `emits_per_event` or the emit depth.
+/// Fails with [`Error::TooManyEmits`] past the manifest's `emits_per_event`, the box's emit
+/// budget for one device event, or the emit depth (each also fails the invocation), and with
+/// [`Error::BadArgument`] for a topic or payload [`forward`] would refuse.
 ///
 /// ```no_run
 /// tidepool_sdk::emit("derived/a/avg", br#"{"v": 20.1}"#)?;

@@ -97,7 +97,8 @@ pub fn on_event(
     code
 }
 
-/// `tp_init`: runs `init`; 0 on `Ok`, 1 on `Err` (the gateway then refuses the handler).
+/// `tp_init`: runs `init`; 0 on `Ok`, 1 on `Err`. At load the gateway then refuses the
+/// handler; when an instance is rebuilt after a trap, the event that needed it fails instead.
 pub fn init(init: impl FnOnce() -> Result<(), Error>) -> i32 {
     match init() {
         Ok(()) => 0,

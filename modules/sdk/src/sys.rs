@@ -68,7 +68,7 @@ imports! {
     /// ```
     fn state_delete(key_ptr, key_len) -> i32;
     /// Queues a message for the uplink with class 0 urgent, 1 normal, 2 bulk; returns 0, -3 over
-    /// `forwards_per_event`, or -5 for a bad argument.
+    /// `forwards_per_event`, or -5 for a bad argument (class, topic, or a payload over the max).
     ///
     /// ```no_run
     /// let (topic, payload) = (b"alerts/a", b"hot");
@@ -78,7 +78,8 @@ imports! {
     /// };
     /// ```
     fn forward(topic_ptr, topic_len, payload_ptr, payload_len, class) -> i32;
-    /// Publishes an event back onto the local bus; returns 0, or -4 over `emits_per_event`.
+    /// Publishes an event back onto the local bus; returns 0, -4 over `emits_per_event` (or the
+    /// emit depth, or the box budget per device event), or -5 for a bad topic or payload.
     ///
     /// ```no_run
     /// let (topic, payload) = (b"derived/a", b"1");
