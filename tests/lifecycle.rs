@@ -353,3 +353,73 @@ fn invoke_runs_timer_ticks_and_tells_the_handler_how_late_they_are() {
     assert_eq!(meta[0]["due_ms"], 1_700_000_004_000u64);
     assert_eq!(meta[1]["late_ms"], 0, "no due_ms: due now");
 }
+
+#[tokio::test]
+async fn a_new_timer_keeps_its_first_due_time_across_a_quick_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(|_| 200).await;
+    let config = format!(
+        "[limits]\nmin_timer_ms = 100\n[uplink]\nurl = \"{}\"\n[outbox]\nlinger_ms = 50\n{}",
+        cloud.url,
+        wat_handler(dir.path(), "ticker", TICKER_WAT, "timer_ms = 2000")
+    );
+    let first_start = tidepool::clock::now_ms();
+    let mut gw = Gateway::start(&config);
+    gw.stop();
+    // Down for a moment, well within the period: a schedule set only at the first firing
+    // would restart from here, and a box rebooting more often than the period never fires.
+    std::thread::sleep(Duration::from_millis(500));
+    let restart = tidepool::clock::now_ms();
+    gw.restart();
+    let reqs = cloud
+        .wait_until(Duration::from_secs(5), |r| !ticks(r).is_empty())
+        .await;
+    let t = ticks(&reqs);
+    let due = t[0].1["due_ms"].as_u64().unwrap();
+    assert!(
+        due < restart + 2000 - 300,
+        "due {due}: set at the first start ({first_start}), not at the restart ({restart})"
+    );
+    assert!(due >= first_start + 2000);
+    gw.stop();
+}
+
+#[tokio::test]
+async fn the_dead_letter_store_keeps_the_newest_letters_within_its_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[store]\ndead_letter_max_bytes = 1000\n{}",
+        wat_handler(dir.path(), "failing", FAILING_WAT, "")
+    );
+    let gw = Gateway::start(&config);
+    let dev = gw.connect("d1").await;
+    let mut s = dev.open().await.unwrap();
+    for seq in 1..=20u64 {
+        s.send(&publish(seq, "devices/d1/t", format!("r{seq}").as_bytes()))
+            .await
+            .unwrap();
+        until_ack(&mut s, seq).await;
+    }
+    let run = cli(&["dead-letters", "export"], &gw.config);
+    assert!(run.ok, "{}", run.stderr);
+    let letters = run.json_lines();
+    // Each letter is over 100 bytes of CBOR: 1000 bytes hold a few, never all 20.
+    assert!(
+        (2..20).contains(&letters.len()),
+        "{} letters kept",
+        letters.len()
+    );
+    assert_eq!(letters.last().unwrap()["seq"], 20, "the newest is kept");
+    let seqs: Vec<u64> = letters.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "the oldest went: {seqs:?}"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&cli(&["status", "--json"], &gw.config).stdout).unwrap();
+    assert_eq!(
+        st["metrics"]["dead_letters_dropped"],
+        20 - letters.len() as u64,
+        "{st}"
+    );
+}

@@ -279,8 +279,13 @@ impl Config {
             topic::validate_pattern(p)
                 .map_err(|e| ConfigError::Invalid(format!("record.topics: {e}")))?;
         }
-        if self.record.files == 0 || self.record.max_file_bytes == 0 {
-            return bad("record.files and record.max_file_bytes must be at least 1".into());
+        if !(1..=100).contains(&self.record.files) || self.record.max_file_bytes == 0 {
+            return bad("record: need 1 <= files <= 100 and max_file_bytes >= 1".into());
+        }
+        if let Some(p) = self.record.topics.iter().find(|p| p.contains("{id}")) {
+            return bad(format!(
+                "record.topics: `{p}`: {{id}} means the publishing device only in acl.publish; use + here"
+            ));
         }
         if self.limits.min_timer_ms == 0 {
             return bad("limits.min_timer_ms must be at least 1".into());

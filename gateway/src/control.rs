@@ -1,8 +1,9 @@
 //! The local control socket, `<data-dir>/control.sock` (in the private data dir, so only the
 //! gateway's user can reach it): `tidepool status` and `tidepool dead-letters export` ask a
 //! running gateway through it, since the store is locked while the gateway runs. One request
-//! line (`status` or `dead-letters`), one answer (JSON, or JSON lines), then the socket closes.
-//! Idle, it costs no wake-ups.
+//! line (`status` or `dead-letters`), one answer (JSON, or JSON lines, streamed), then a last
+//! line `#ok` or `#error: <why>`, and the socket closes: an answer without it was cut short.
+//! The socket is made 0600. Idle, it costs no wake-ups.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,24 +37,42 @@ pub struct Control {
 
 impl Control {
     /// The `status` answer: the gateway, its handlers (quarantine included) and its counters.
-    pub fn status(&self) -> serde_json::Value {
-        let handlers = self
-            .dispatcher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .handler_status();
+    /// The handlers come from the dispatcher, which may be held up (a stalled disk blocks it):
+    /// after a second of trying they are reported as unknown, and the rest still answers.
+    pub async fn status(&self) -> serde_json::Value {
+        let mut handlers = None;
+        for _ in 0..100 {
+            match self.dispatcher.try_lock() {
+                Ok(d) => handlers = Some(d.handler_status()),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    handlers = Some(p.into_inner().handler_status())
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if handlers.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let handlers = handlers.map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    serde_json::json!({
+                        "name": h.name,
+                        "version": h.version,
+                        "quarantined": h.quarantined,
+                        "errors_in_row": h.errors_in_row,
+                        "timer_ms": h.timer_ms,
+                    })
+                })
+                .collect::<Vec<_>>()
+        });
         let pending = self.outbox.pending();
         serde_json::json!({
             "gateway": self.gateway,
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
-            "handlers": handlers.iter().map(|h| serde_json::json!({
-                "name": h.name,
-                "version": h.version,
-                "quarantined": h.quarantined,
-                "errors_in_row": h.errors_in_row,
-                "timer_ms": h.timer_ms,
-            })).collect::<Vec<_>>(),
+            "handlers": handlers,
             "outbox": {
                 "entries": pending.urgent + pending.normal + pending.bulk,
                 "bytes": self.outbox.used_bytes(),
@@ -64,7 +83,10 @@ impl Control {
 }
 
 /// Writes every dead letter, oldest first, as a JSON line; returns how many.
-pub fn export_dead_letters(store: &Store, out: &mut impl Write) -> Result<usize, StoreError> {
+pub fn export_dead_letters(
+    store: &Store,
+    out: &mut (impl Write + ?Sized),
+) -> Result<usize, StoreError> {
     let mut n = 0;
     for kv in store.tree.scan_prefix(crate::store::keys::DEAD) {
         let (_, v) = kv?;
@@ -103,14 +125,18 @@ impl DeadLetter {
     }
 }
 
-/// Binds the socket (replacing a stale one left by a crash).
+/// Binds the socket (replacing a stale one left by a crash; the store's lock, taken before,
+/// means no other gateway uses this data dir) and makes it 0600.
 pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     let path = socket_path(data_dir);
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    UnixListener::bind(&path)
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
 /// Answers requests until `stop`.
@@ -134,34 +160,80 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>, mut stop: watc
     }
 }
 
+/// The last line of every answer.
+const OK: &str = "#ok\n";
+
 async fn answer(stream: UnixStream, control: &Control) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(256)).read_line(&mut line).await?;
-    let body = match line.trim() {
+    match line.trim() {
         "status" => {
-            let mut v = serde_json::to_vec_pretty(&control.status()).unwrap_or_default();
-            v.push(b'\n');
-            v
+            let mut v = serde_json::to_vec_pretty(&control.status().await).unwrap_or_default();
+            v.extend_from_slice(b"\n");
+            v.extend_from_slice(OK.as_bytes());
+            write.write_all(&v).await?;
         }
         "dead-letters" => {
+            // Streamed in chunks from a blocking scan: the export never sits whole in memory.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
             let store = control.store.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut out = Vec::new();
-                export_dead_letters(&store, &mut out).map(|_| out)
-            })
-            .await
-            .map_err(std::io::Error::other)?
-            .map_err(std::io::Error::other)?
+            let scan = tokio::task::spawn_blocking(move || {
+                let mut out = ChunkWriter {
+                    buf: Vec::new(),
+                    tx,
+                };
+                let n = export_dead_letters(&store, &mut out)?;
+                out.flush()?;
+                Ok::<usize, StoreError>(n)
+            });
+            while let Some(chunk) = rx.recv().await {
+                write.write_all(&chunk).await?;
+            }
+            let trailer = match scan.await {
+                Ok(Ok(_)) => OK.to_string(),
+                Ok(Err(e)) => format!("#error: {e}\n"),
+                Err(e) => format!("#error: {e}\n"),
+            };
+            write.write_all(trailer.as_bytes()).await?;
         }
-        other => format!("error: unknown request `{other}` (status, dead-letters)\n").into_bytes(),
-    };
-    write.write_all(&body).await?;
+        other => {
+            let msg = format!("#error: unknown request `{other}` (status, dead-letters)\n");
+            write.write_all(msg.as_bytes()).await?;
+        }
+    }
     write.shutdown().await
 }
 
-/// Sends one request to a running gateway and returns its answer; `None` when no gateway
-/// listens on the data dir's socket.
+/// A `Write` that sends 64 KiB chunks into a channel (from a blocking thread).
+struct ChunkWriter {
+    buf: Vec<u8>,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= 64 * 1024 {
+            self.flush()?;
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::take(&mut self.buf);
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::other("the client went away"))
+    }
+}
+
+/// Sends one request to a running gateway and returns its answer (without the trailer);
+/// `None` when no gateway listens on the data dir's socket. An `#error` trailer, or none (the
+/// answer was cut short), is an error.
 pub fn request(data_dir: &Path, what: &str) -> std::io::Result<Option<Vec<u8>>> {
     use std::io::Read;
     let mut s = match std::os::unix::net::UnixStream::connect(socket_path(data_dir)) {
@@ -176,8 +248,49 @@ pub fn request(data_dir: &Path, what: &str) -> std::io::Result<Option<Vec<u8>>> 
         }
         Err(e) => return Err(e),
     };
+    // A gateway that stops answering (a stalled disk) must not hang the command.
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     s.write_all(format!("{what}\n").as_bytes())?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
-    Ok(Some(out))
+    strip_trailer(out).map(Some)
+}
+
+/// The answer without its last line, which must be `#ok`.
+fn strip_trailer(mut out: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let body_end = out[..out.len().saturating_sub(1)]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let last = String::from_utf8_lossy(&out[body_end..])
+        .trim_end()
+        .to_string();
+    if last == OK.trim_end() {
+        out.truncate(body_end);
+        return Ok(out);
+    }
+    match last.strip_prefix("#error: ") {
+        Some(why) => Err(std::io::Error::other(format!(
+            "the gateway answered: {why}"
+        ))),
+        None => Err(std::io::Error::other(
+            "the gateway's answer was cut short (no #ok at the end)",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_answer_ending_in_ok_is_whole() {
+        assert_eq!(strip_trailer(b"a\nb\n#ok\n".to_vec()).unwrap(), b"a\nb\n");
+        assert_eq!(strip_trailer(b"#ok\n".to_vec()).unwrap(), b"");
+        let err = strip_trailer(b"a\n#error: store: corrupt\n".to_vec()).unwrap_err();
+        assert!(err.to_string().contains("store: corrupt"), "{err}");
+        let err = strip_trailer(b"a\nb\n".to_vec()).unwrap_err();
+        assert!(err.to_string().contains("cut short"), "{err}");
+        assert!(strip_trailer(Vec::new()).is_err());
+    }
 }

@@ -15,9 +15,9 @@ use crate::metrics::Metrics;
 use crate::outbox::{entry_id, Admission, Entry, Outbox};
 use crate::proto::msg::{NackCode, Publish};
 use crate::proto::topic;
-use crate::record::Recorder;
+use crate::record::{Offer, RecordTap};
 use crate::router::Router;
-use crate::sandbox::{EventInfo, Handler, Outcome, StateSource, TimerInfo};
+use crate::sandbox::{EventInfo, Handler, Outcome, StateSource, TimerInfo, Verdict};
 use crate::store::commit::{Item, ItemKind, OutboxRecord, Reply, WriteSet};
 use crate::store::{fatal, keys, DeadLetter, Store};
 use crate::timers::Timers;
@@ -87,7 +87,7 @@ pub struct Dispatcher {
     log_used: Vec<usize>,
     quarantine_after: u32,
     timers: Timers,
-    recorder: Option<Recorder>,
+    recorder: Option<RecordTap>,
     claimed: HashMap<Arc<str>, u64>,
     store: Store,
     state: Arc<EventState>,
@@ -118,16 +118,22 @@ impl Dispatcher {
         let now = crate::clock::now_ms();
         let n_handlers = handlers.len();
         let mut timers = Timers::default();
+        // New (or reset) due times are written at once, so that restarts shorter than a
+        // period cannot keep a timer from ever firing.
+        let mut schedule = WriteSet::default();
         for (i, h) in handlers.iter().enumerate() {
             if let Some(period) = h.manifest.timer_ms {
                 let stored = match store.timer_due(h.name()) {
                     Ok(d) => d,
                     Err(e) => fatal("reading a timer", e),
                 };
-                timers.add(i, period, stored, now);
+                if let Some(due) = timers.add(i, period, stored, now) {
+                    let v = due.to_be_bytes().to_vec();
+                    schedule.state.push((keys::timer(h.name()), Some(v)));
+                }
             }
         }
-        Dispatcher {
+        let mut d = Dispatcher {
             gateway: cfg.gateway.id.as_str().into(),
             handlers,
             router,
@@ -153,11 +159,15 @@ impl Dispatcher {
             boot_nonce: fastrand::u64(..),
             metrics,
             route_buf: Vec::new(),
+        };
+        if !schedule.state.is_empty() {
+            d.submit(&"".into(), 0, ItemKind::Event(Box::new(schedule)), None);
         }
+        d
     }
 
     /// Records matching events from now on (`[record]`).
-    pub fn record_to(&mut self, recorder: Recorder) {
+    pub fn record_to(&mut self, recorder: RecordTap) {
         self.recorder = Some(recorder);
     }
 
@@ -172,12 +182,10 @@ impl Dispatcher {
             received_ms: Some(received_ms),
             ..Line::event(&p.topic, &p.payload)
         };
-        match r.write(&line) {
-            Ok(()) => Metrics::inc(&self.metrics.recorded),
-            Err(e) => {
-                tracing::error!("recording stopped: {e}");
-                self.recorder = None;
-            }
+        match r.offer(line) {
+            Offer::Queued => Metrics::inc(&self.metrics.recorded),
+            Offer::Full => Metrics::inc(&self.metrics.record_dropped),
+            Offer::Closed => self.recorder = None,
         }
     }
 
@@ -195,9 +203,13 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Stops submitting: the committer finishes what it has and exits.
+    /// Stops submitting (the committer finishes what it has and exits) and finishes the
+    /// recording.
     pub fn close(&mut self) {
         self.tx = None;
+        if let Some(r) = self.recorder.take() {
+            r.finish();
+        }
     }
 
     fn submit(&mut self, device: &Arc<str>, seq: u64, kind: ItemKind, reply: Option<&Reply>) {
@@ -376,6 +388,7 @@ impl Dispatcher {
                 }
                 // The outbox is full: this firing is skipped, the schedule moves on.
                 None => {
+                    Metrics::inc(&self.metrics.timers_skipped);
                     tracing::warn!(handler = name, "timer skipped: the outbox is full");
                     WriteSet {
                         state: vec![next],
@@ -442,18 +455,30 @@ impl Dispatcher {
             }
         }
         self.route_buf = route;
-        let Run { mut ws, deltas, .. } = run;
-        let written: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.state.lock().drain().collect();
+        let Run {
+            mut ws,
+            deltas,
+            verdicts,
+            ..
+        } = run;
+        let mut written: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.state.lock().drain().collect();
+        let undo = |handlers: &mut Vec<Handler>| {
+            for (h, d) in &deltas {
+                let used = &mut handlers[*h].state_used;
+                *used = used.saturating_add_signed(-d);
+            }
+        };
         match self.outbox.admit(&mut ws.outbox) {
+            // Nothing of the event is kept (it is answered busy): nothing counts either.
             Admission::Full => {
-                for (h, d) in deltas {
-                    let used = &mut self.handlers[h].state_used;
-                    *used = used.saturating_add_signed(-d);
-                }
+                undo(&mut self.handlers);
                 return None;
             }
             Admission::TooLarge(need) => {
-                // Busy would never clear: the event goes to the dead letters instead of its forwards.
+                // Busy would never clear. The event is kept as a dead letter alone: its forwards
+                // and state writes go (state that says "sent" with nothing sent would be a lie).
+                undo(&mut self.handlers);
+                written.clear();
                 ws.outbox.clear();
                 let reason =
                     format!("limit:outbox ({need} bytes of forwards exceed outbox.max_bytes)");
@@ -466,6 +491,8 @@ impl Dispatcher {
             Admission::DroppedBulk(n) => Metrics::add(&self.metrics.bulk_dropped, n as u64),
             Admission::Admitted => {}
         }
+        self.count(verdicts);
+        Metrics::add(&self.metrics.dead_letters, ws.dead.len() as u64);
         Metrics::add(&self.metrics.forwards, ws.outbox.len() as u64);
         self.tag += 1;
         ws.tag = self.tag;
@@ -474,6 +501,29 @@ impl Dispatcher {
             ws.state.push((k, v));
         }
         Some(ws)
+    }
+
+    /// Counts a kept tree's invocations: failures, timeouts, and the failures in a row that
+    /// quarantine a handler.
+    fn count(&mut self, verdicts: Vec<(usize, Verdict)>) {
+        for (h, v) in verdicts {
+            if v != Verdict::Ok {
+                Metrics::inc(&self.metrics.handler_errors);
+            }
+            if v == Verdict::Timeout {
+                Metrics::inc(&self.metrics.handler_timeouts);
+            }
+            let handler = &mut self.handlers[h];
+            if handler.record(v, self.quarantine_after) {
+                Metrics::inc(&self.metrics.handlers_quarantined);
+                tracing::error!(
+                    handler = handler.name(),
+                    failures = self.quarantine_after,
+                    "handler quarantined: it trapped or hit a limit {} times in a row; its events go to the dead letters until the gateway restarts",
+                    self.quarantine_after
+                );
+            }
+        }
     }
 
     /// One handler on one (device or emitted) event; a quarantined handler does not run.
@@ -507,24 +557,12 @@ impl Dispatcher {
     fn settle(&mut self, ctx: &Ctx<'_>, h: usize, at: At<'_>, outcome: Outcome, run: &mut Run) {
         self.log_used[h] += outcome.log_bytes;
         Metrics::add(&self.metrics.log_bytes_dropped, outcome.log_dropped as u64);
+        run.verdicts.push((h, outcome.verdict()));
         let handler = &mut self.handlers[h];
         let name = handler.name().to_string();
-        if handler.record(&outcome.result, self.quarantine_after) {
-            Metrics::inc(&self.metrics.handlers_quarantined);
-            tracing::error!(
-                handler = name,
-                failures = self.quarantine_after,
-                "handler quarantined: it failed {} times in a row; its events go to the dead letters until the gateway restarts",
-                self.quarantine_after
-            );
-        }
         let effects = match outcome.result {
             Ok(effects) => effects,
             Err(failure) => {
-                Metrics::inc(&self.metrics.handler_errors);
-                if failure.is_timeout() {
-                    Metrics::inc(&self.metrics.handler_timeouts);
-                }
                 tracing::warn!(
                     handler = name,
                     device = &**ctx.device,
@@ -563,6 +601,7 @@ impl Dispatcher {
         }
     }
 
+    /// Adds a dead letter to the tree's write set (counted once the tree is kept).
     fn dead_letter(
         &self,
         ctx: &Ctx<'_>,
@@ -572,7 +611,6 @@ impl Dispatcher {
         reason: String,
         ws: &mut WriteSet,
     ) {
-        Metrics::inc(&self.metrics.dead_letters);
         let d = DeadLetter {
             device: ctx.device.to_string(),
             seq: ctx.seq,
@@ -633,6 +671,8 @@ struct Run {
     /// (topic, payload, depth, origin): origin n is the n-th emit of the tree.
     queue: VecDeque<(String, Vec<u8>, u32, usize)>,
     emitted: usize,
+    /// Each invocation's verdict, counted (and toward quarantine) only if the tree is kept.
+    verdicts: Vec<(usize, Verdict)>,
 }
 
 fn record(
@@ -676,34 +716,37 @@ mod tests {
 
     impl Setup {
         fn new(wat: &str, manifest: &str) -> Setup {
+            Setup::with(Config::defaults(), &[(wat, manifest)])
+        }
+
+        /// A dispatcher on `cfg` with these handlers (WAT, manifest TOML), in this order.
+        fn with(cfg: Config, handlers: &[(&str, &str)]) -> Setup {
             let dir = tempfile::tempdir().unwrap();
-            let cfg = Config::defaults();
             let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
             let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
             let state = Arc::new(EventState::new(store.clone()));
             let env = HostEnv {
                 state: state.clone(),
-                log_bytes_per_event: 1024,
-                emit_depth: 4,
+                log_bytes_per_event: cfg.limits.log_bytes_per_event,
+                emit_depth: cfg.limits.emit_depth,
                 max_payload_bytes: 1024,
                 capture_logs: false,
             };
-            let manifest: Manifest = toml::from_str(manifest).unwrap();
-            let wasm = wat::parse_str(wat).unwrap();
-            let h = Handler::load(
-                &Runtime::default(),
-                &wasm,
-                manifest,
-                &Default::default(),
-                env,
-                0,
-            )
-            .unwrap();
-            let (tx, rx) = std::sync::mpsc::sync_channel(16);
+            let handlers = handlers
+                .iter()
+                .map(|(wat, manifest)| {
+                    let manifest: Manifest = toml::from_str(manifest).unwrap();
+                    let wasm = wat::parse_str(wat).unwrap();
+                    let rt = Runtime::default();
+                    Handler::load(&rt, &wasm, manifest, &Default::default(), env.clone(), 0)
+                        .unwrap()
+                })
+                .collect();
+            let (tx, rx) = std::sync::mpsc::sync_channel(64);
             let metrics = Arc::new(Metrics::default());
             let dispatcher = Dispatcher::new(
                 &cfg,
-                vec![h],
+                handlers,
                 store.clone(),
                 state,
                 outbox,
@@ -822,6 +865,74 @@ mod tests {
             ws.dead.len(),
             13,
             "the invocations that hit the budget are dead-lettered"
+        );
+    }
+
+    #[test]
+    fn the_log_cap_holds_for_a_device_event_and_everything_it_emits() {
+        // Logs 3000 bytes, then emits to a topic it subscribes to itself: 4 invocations.
+        let wat = r#"(module
+          (import "tidepool" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+          (import "tidepool" "log" (func $log (param i32 i32 i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 0) "devices/d/x")
+          (func (export "tp_alloc") (param i32) (result i32) (i32.const 4096))
+          (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+            (call $log (i32.const 4) (i32.const 100) (i32.const 3000))
+            (drop (call $emit (i32.const 0) (i32.const 11) (i32.const 0) (i32.const 0)))
+            (i32.const 0)))"#;
+        let mut cfg = Config::defaults();
+        cfg.limits.emits_per_event = 3;
+        let manifest = "name = \"chatty\"\nversion = 1\nsubscribe = [\"devices/#\"]\n[limits]\nemits_per_event = 1\n";
+        let t = Setup::with(cfg.clone(), &[(wat, manifest)]);
+        let (mut d, metrics) = (t.dispatcher, t.metrics);
+        let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
+        d.publish(&"d".into(), publish(1), 0, &reply);
+        let calls = metrics.handler_calls.load(Ordering::Relaxed);
+        assert_eq!(calls, 4, "the root and 3 emitted events");
+        // A cap per invocation would drop 4 x (3000 - 4096 clipped to 0) = nothing.
+        assert_eq!(
+            metrics.log_bytes_dropped.load(Ordering::Relaxed),
+            calls * 3000 - cfg.limits.log_bytes_per_event as u64
+        );
+    }
+
+    #[test]
+    fn an_event_answered_busy_counts_nothing_toward_quarantine() {
+        // One handler forwards 200 bytes; the other traps. The outbox holds two events' forwards.
+        let forwarder = r#"(module
+          (import "tidepool" "forward" (func $fwd (param i32 i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 0) "up/x")
+          (func (export "tp_alloc") (param i32) (result i32) (i32.const 4096))
+          (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+            (call $fwd (i32.const 0) (i32.const 4) (i32.const 100) (i32.const 200) (i32.const 1))))"#;
+        let trapper = r#"(module
+          (memory (export "memory") 1)
+          (func (export "tp_alloc") (param i32) (result i32) (i32.const 4096))
+          (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) unreachable))"#;
+        let mut cfg = Config::defaults();
+        cfg.outbox.max_bytes = 700;
+        cfg.limits.quarantine_after_errors = 3;
+        let m = |n: &str| format!("name = \"{n}\"\nversion = 1\nsubscribe = [\"devices/#\"]\n");
+        let (mf, mt) = (m("fwd"), m("trap"));
+        let t = Setup::with(cfg, &[(forwarder, &mf), (trapper, &mt)]);
+        let (mut d, metrics) = (t.dispatcher, t.metrics);
+        let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
+        let dev: Arc<str> = "d".into();
+        let kept: Vec<Submitted> = (1..=6)
+            .map(|s| d.publish(&dev, publish(s), 0, &reply))
+            .collect();
+        // Nothing commits here, so the outbox stays full after the first two events.
+        assert_eq!(kept[..2], [Submitted::Queued, Submitted::Queued]);
+        assert!(kept[2..].iter().all(|k| *k == Submitted::Busy), "{kept:?}");
+        assert_eq!(metrics.handler_errors.load(Ordering::Relaxed), 2);
+        assert_eq!(metrics.dead_letters.load(Ordering::Relaxed), 2);
+        assert_eq!(metrics.handlers_quarantined.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            d.handler_status()[1].errors_in_row,
+            2,
+            "busy events do not count"
         );
     }
 }

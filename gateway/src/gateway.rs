@@ -16,7 +16,7 @@ use crate::ingress::{self, Shared};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::pki::{self, PkiPaths};
-use crate::record::Recorder;
+use crate::record::RecordTap;
 use crate::sandbox::{Handler, HostEnv, Manifest, Runtime};
 use crate::store::commit::{self, AfterFlush, Group};
 use crate::store::Store;
@@ -196,7 +196,7 @@ pub async fn run(
             })?
     };
     let mut dispatcher = dispatcher;
-    if let Some(r) = Recorder::open(&cfg.record, &data).map_err(|source| StartError::DataDir {
+    if let Some(r) = RecordTap::start(&cfg.record, &data).map_err(|source| StartError::DataDir {
         path: data.join("record"),
         source,
     })? {

@@ -1,18 +1,84 @@
 //! The `[record]` recording: events whose topic matches a pattern are appended as JSON lines
 //! (see [`crate::jsonl`]) to `<data-dir>/record/events.jsonl`, rotated to `events.jsonl.1` ..
 //! `.N-1` at a size cap, so a field problem can be replayed on a laptop with `tidepool invoke`.
-//! Written without fsync: a recording is a debugging aid, never part of an event's durability.
+//! Written without fsync by a thread of its own, behind a bounded queue: a recording is a
+//! debugging aid, never part of an event's durability, and never slows the dispatcher (a full
+//! queue drops the line and counts it).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 
 use crate::config::RecordConfig;
 use crate::jsonl::Line;
 use crate::proto::topic;
 
-pub struct Recorder {
+/// Lines waiting for the writer thread.
+const QUEUE: usize = 1024;
+
+/// The dispatcher's side: which topics to record, and the queue to the writer thread.
+pub struct RecordTap {
     topics: Vec<String>,
+    tx: SyncSender<Line>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+/// What became of an offered line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// The writer is behind: the line is dropped.
+    Full,
+    /// The writer stopped (a write failed; it logged why).
+    Closed,
+}
+
+impl RecordTap {
+    /// Opens the recording and starts its writer thread; `None` when nothing is recorded.
+    pub fn start(cfg: &RecordConfig, data_dir: &Path) -> std::io::Result<Option<RecordTap>> {
+        let Some(mut rec) = Recorder::open(cfg, data_dir)? else {
+            return Ok(None);
+        };
+        let (tx, rx) = sync_channel::<Line>(QUEUE);
+        let writer = std::thread::Builder::new()
+            .name("recorder".into())
+            .spawn(move || {
+                for line in rx {
+                    if let Err(e) = rec.write(&line) {
+                        tracing::error!(dir = %rec.dir.display(), "recording stopped: {e}");
+                        return;
+                    }
+                }
+            })?;
+        Ok(Some(RecordTap {
+            topics: cfg.topics.clone(),
+            tx,
+            writer,
+        }))
+    }
+
+    pub fn wants(&self, t: &str) -> bool {
+        self.topics.iter().any(|p| topic::matches(p, t, None))
+    }
+
+    /// Closes the queue and waits until the writer has written what it holds.
+    pub fn finish(self) {
+        drop(self.tx);
+        let _ = self.writer.join();
+    }
+
+    pub fn offer(&self, line: Line) -> Offer {
+        match self.tx.try_send(line) {
+            Ok(()) => Offer::Queued,
+            Err(TrySendError::Full(_)) => Offer::Full,
+            Err(TrySendError::Disconnected(_)) => Offer::Closed,
+        }
+    }
+}
+
+/// The writer: appends lines and rotates the files.
+pub struct Recorder {
     dir: PathBuf,
     max_file_bytes: u64,
     files: u32,
@@ -30,17 +96,12 @@ impl Recorder {
         std::fs::create_dir_all(&dir)?;
         let (file, size) = open_current(&dir)?;
         Ok(Some(Recorder {
-            topics: cfg.topics.clone(),
             dir,
             max_file_bytes: cfg.max_file_bytes,
             files: cfg.files.max(1),
             file,
             size,
         }))
-    }
-
-    pub fn wants(&self, t: &str) -> bool {
-        self.topics.iter().any(|p| topic::matches(p, t, None))
     }
 
     /// Appends one event, rotating first if it would pass the size cap.
@@ -95,8 +156,10 @@ mod tests {
             max_file_bytes: 100,
             files: 2,
         };
+        let tap = RecordTap::start(&cfg, dir.path()).unwrap().unwrap();
+        assert!(tap.wants("devices/a/temp") && !tap.wants("devices/a/hum"));
+        tap.finish();
         let mut r = Recorder::open(&cfg, dir.path()).unwrap().unwrap();
-        assert!(r.wants("devices/a/temp") && !r.wants("devices/a/hum"));
         for i in 0..5 {
             r.write(&Line::event(
                 "devices/a/temp",

@@ -11,6 +11,16 @@ struct Slot {
     due_ms: u64,
 }
 
+impl Slot {
+    /// A due time more than a period ahead of `now` comes back to a period from now.
+    fn clamp(&mut self, now_ms: u64) -> bool {
+        let limit = now_ms.saturating_add(self.period_ms);
+        let changed = self.due_ms > limit;
+        self.due_ms = self.due_ms.min(limit);
+        changed
+    }
+}
+
 /// The timers of the loaded handlers.
 #[derive(Debug, Default, Clone)]
 pub struct Timers {
@@ -27,17 +37,23 @@ pub fn next_after(due_ms: u64, period_ms: u64, now_ms: u64) -> u64 {
 impl Timers {
     /// Adds `handler`'s timer. `stored` is the durable next due time, if any; a missing one,
     /// or one more than a period ahead (the clock went back), starts a full period from `now`.
-    pub fn add(&mut self, handler: usize, period_ms: u64, stored: Option<u64>, now_ms: u64) {
-        let fresh = now_ms.saturating_add(period_ms);
-        let due_ms = match stored {
-            Some(d) if d <= fresh => d,
-            _ => fresh,
-        };
-        self.slots.push(Slot {
+    /// Returns the due time to store when it is not the stored one.
+    pub fn add(
+        &mut self,
+        handler: usize,
+        period_ms: u64,
+        stored: Option<u64>,
+        now_ms: u64,
+    ) -> Option<u64> {
+        let mut slot = Slot {
             handler,
             period_ms,
-            due_ms,
-        });
+            due_ms: stored.unwrap_or(u64::MAX),
+        };
+        let changed = slot.clamp(now_ms);
+        let due = slot.due_ms;
+        self.slots.push(slot);
+        (changed || stored.is_none()).then_some(due)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -54,6 +70,8 @@ impl Timers {
     pub fn take_due(&mut self, now_ms: u64) -> Vec<(usize, u64, u64)> {
         let mut due = Vec::new();
         for s in &mut self.slots {
+            // The clock went back while running: at most a period from now, not the jump.
+            s.clamp(now_ms);
             if s.due_ms <= now_ms {
                 let next = next_after(s.due_ms, s.period_ms, now_ms);
                 due.push((s.handler, s.due_ms, next));
@@ -73,7 +91,7 @@ mod tests {
         let mut t = Timers::default();
         assert_eq!(t.next_due(), None, "no timer, no wake-up");
         // Due at 1_000, period 100; the box comes back at 1_550.
-        t.add(0, 100, Some(1_000), 1_550);
+        assert_eq!(t.add(0, 100, Some(1_000), 1_550), None);
         assert_eq!(t.take_due(1_550), vec![(0, 1_000, 1_600)]);
         assert_eq!(t.take_due(1_599), vec![]);
         assert_eq!(t.next_due(), Some(1_600));
@@ -83,13 +101,27 @@ mod tests {
     #[test]
     fn a_missing_or_future_due_time_starts_a_full_period_from_now() {
         let mut t = Timers::default();
-        t.add(0, 100, None, 5_000);
-        t.add(1, 100, Some(9_999_999), 5_000);
-        t.add(2, 100, Some(5_050), 5_000);
+        assert_eq!(
+            t.add(0, 100, None, 5_000),
+            Some(5_100),
+            "a new timer's due time is stored"
+        );
+        assert_eq!(t.add(1, 100, Some(9_999_999), 5_000), Some(5_100));
+        assert_eq!(t.add(2, 100, Some(5_050), 5_000), None, "already stored");
         assert_eq!(t.take_due(5_099), vec![(2, 5_050, 5_150)]);
         assert_eq!(
             t.take_due(5_100),
             vec![(0, 5_100, 5_200), (1, 5_100, 5_200)]
         );
+    }
+
+    #[test]
+    fn a_clock_set_back_while_running_delays_a_timer_by_at_most_a_period() {
+        let mut t = Timers::default();
+        t.add(0, 100, None, 1_000_000);
+        // The clock jumps back by 900 s: the timer is due a period from the new now.
+        assert_eq!(t.take_due(100_000), vec![]);
+        assert_eq!(t.next_due(), Some(100_100));
+        assert_eq!(t.take_due(100_100), vec![(0, 100_100, 100_200)]);
     }
 }

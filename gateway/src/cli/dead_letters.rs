@@ -32,18 +32,49 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
     let What::Export { config, out } = what;
     let cfg = config.load()?;
     let data = &cfg.gateway.data_dir;
-    let mut sink: Box<dyn Write> = match &out {
+    // To a file: written beside it and renamed at the end, so a failed export leaves the old file.
+    let tmp = out.as_ref().map(|p| {
+        let mut name = p.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        p.with_file_name(name)
+    });
+    let mut sink: Box<dyn Write> = match &tmp {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
         )),
         None => Box::new(std::io::stdout().lock()),
     };
-    let n = match tidepool::control::request(data, "dead-letters")
+    let exported = export(&cfg, data, &mut sink).and_then(|n| Ok(sink.flush().map(|_| n)?));
+    drop(sink);
+    let n = match (exported, &tmp, &out) {
+        (Ok(n), Some(tmp), Some(out)) => {
+            std::fs::rename(tmp, out).with_context(|| format!("writing {}", out.display()))?;
+            n
+        }
+        (Ok(n), _, _) => n,
+        (Err(e), tmp, _) => {
+            if let Some(tmp) = tmp {
+                let _ = std::fs::remove_file(tmp);
+            }
+            return Err(e);
+        }
+    };
+    eprintln!("{n} dead letters exported");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Through a running gateway's control socket, or from a stopped one's store.
+fn export(
+    cfg: &tidepool::config::Config,
+    data: &std::path::Path,
+    sink: &mut dyn Write,
+) -> anyhow::Result<usize> {
+    match tidepool::control::request(data, "dead-letters")
         .with_context(|| format!("asking the gateway in {}", data.display()))?
     {
         Some(lines) => {
             sink.write_all(&lines)?;
-            lines.iter().filter(|b| **b == b'\n').count()
+            Ok(lines.iter().filter(|b| **b == b'\n').count())
         }
         None => {
             let db = data.join("db");
@@ -54,10 +85,7 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
             );
             let store = tidepool::store::Store::open(&db, cfg.store.cache_capacity_bytes)
                 .with_context(|| format!("opening the store in {}", db.display()))?;
-            tidepool::control::export_dead_letters(&store, &mut sink)?
+            Ok(tidepool::control::export_dead_letters(&store, sink)?)
         }
-    };
-    sink.flush()?;
-    eprintln!("{n} dead letters exported");
-    Ok(ExitCode::SUCCESS)
+    }
 }

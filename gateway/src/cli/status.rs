@@ -26,7 +26,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("asking the gateway in {}", data.display()))?
     else {
         eprintln!(
-            "tidepool: no gateway is running on {} (no control socket); its last counters are in metrics.json there",
+            "tidepool: no control socket in {}: no gateway runs on this data dir (or it could not bind its socket; see its log). A stopped gateway's last counters are in metrics.json there.",
             data.display()
         );
         return Ok(ExitCode::from(3));
@@ -44,8 +44,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         v["version"].as_str().unwrap_or("?"),
         n(&v["uptime_s"])
     );
-    let handlers = v["handlers"].as_array().cloned().unwrap_or_default();
-    if handlers.is_empty() {
+    let handlers = match v["handlers"].as_array() {
+        Some(h) => h.clone(),
+        None => {
+            println!("handlers: unknown (the dispatcher did not answer within a second)");
+            Vec::new()
+        }
+    };
+    if v["handlers"].as_array().is_some_and(|h| h.is_empty()) {
         println!("handlers: none");
     }
     for h in handlers {

@@ -121,18 +121,29 @@ impl Invocation {
         }
     }
 
-    /// This invocation's last write of `key`: `Some(None)` when it deleted it.
-    fn written(&self, key: &[u8]) -> Option<Option<&[u8]>> {
+    /// Where this invocation wrote `key` (each key has one entry: a rewrite replaces it).
+    fn position(&self, key: &[u8]) -> Option<usize> {
         let state = &self.effects.state;
-        let i = if state.len() < INDEX_FROM {
-            state.iter().rposition(|(k, _)| k == key)?
+        if state.len() < INDEX_FROM {
+            state.iter().position(|(k, _)| k == key)
         } else {
-            *self.index.get(key)?
-        };
-        Some(state[i].1.as_deref())
+            self.index.get(key).copied()
+        }
     }
 
+    /// This invocation's last write of `key`: `Some(None)` when it deleted it.
+    fn written(&self, key: &[u8]) -> Option<Option<&[u8]>> {
+        self.position(key)
+            .map(|i| self.effects.state[i].1.as_deref())
+    }
+
+    /// Records a write; rewriting a key replaces its entry, so a loop of puts to one key
+    /// holds one value, not one per call.
     fn write(&mut self, key: Vec<u8>, val: Option<Vec<u8>>) {
+        if let Some(i) = self.position(&key) {
+            self.effects.state[i].1 = val;
+            return;
+        }
         let i = self.effects.state.len();
         if i + 1 >= INDEX_FROM {
             if self.index.is_empty() {
@@ -510,5 +521,10 @@ mod tests {
         assert_eq!(inv.written(&key(2)), Some(None), "a delete is seen as one");
         assert_eq!(inv.written(&key(3)), Some(Some(&[2, 3][..])));
         assert_eq!(inv.written(b"other"), None);
+        assert_eq!(
+            inv.effects.state.len(),
+            INDEX_FROM + 4,
+            "three rounds of writes to the same keys hold one entry per key"
+        );
     }
 }

@@ -11,7 +11,7 @@ use wasmi::{
 
 use super::abi::{self, Host, HostTrap, Invocation, Limiter, Mode};
 use super::manifest::Manifest;
-use super::{Effects, EventInfo, Failure, HostEnv, Meta, Outcome, TimerInfo};
+use super::{EventInfo, Failure, HostEnv, Meta, Outcome, TimerInfo, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -325,14 +325,14 @@ impl Handler {
     /// Counts an outcome toward quarantine: a success resets the count, a trap or a limit hit
     /// adds one, and a rejection (the handler returned non-zero: bad input, which one device
     /// could send 50 times) leaves it as it is. True when this failure quarantines the handler.
-    pub fn record(&mut self, result: &Result<Effects, Failure>, quarantine_after: u32) -> bool {
-        match result {
-            Ok(_) => {
+    pub fn record(&mut self, verdict: Verdict, quarantine_after: u32) -> bool {
+        match verdict {
+            Verdict::Ok => {
                 self.errors_in_row = 0;
                 return false;
             }
-            Err(f) if f.is_rejection() => return false,
-            Err(_) => {}
+            Verdict::Rejected => return false,
+            Verdict::Timeout | Verdict::Broken => {}
         }
         self.errors_in_row = self.errors_in_row.saturating_add(1);
         if quarantine_after > 0 && self.errors_in_row >= quarantine_after && !self.quarantined {

@@ -177,7 +177,28 @@ pub struct Outcome {
     pub logs: Vec<LogLine>,
 }
 
+/// How an invocation ended, for counting and quarantine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    /// The handler returned non-zero: it rejected the event.
+    Rejected,
+    /// It ran out of fuel.
+    Timeout,
+    /// Any other trap or limit hit.
+    Broken,
+}
+
 impl Outcome {
+    pub fn verdict(&self) -> Verdict {
+        match &self.result {
+            Ok(_) => Verdict::Ok,
+            Err(f) if f.is_rejection() => Verdict::Rejected,
+            Err(f) if f.is_timeout() => Verdict::Timeout,
+            Err(_) => Verdict::Broken,
+        }
+    }
+
     fn failed(f: Failure) -> Outcome {
         Outcome {
             result: Err(f),
