@@ -2,8 +2,11 @@
 //! in, run, collect the effects, apply the state writes to an in-memory map; no disk, no
 //! network) on one thread, for a trivial WAT handler, a hand-written WAT threshold handler,
 //! the SDK's threshold example, and the same threshold logic as a native Rust function, all
-//! measured in the same run on the same events (`{"v": 21.5}` from 8 devices). Then the load
-//! time and size of each example handler. `scripts/bench.sh` runs it; see docs/performance.md.
+//! measured in the same run on the same events (`{"v": 21.5}` from 8 devices). Then the
+//! dispatcher (routing, handlers, dead letters, admission; the commit's channel drained, no disk)
+//! with the SDK threshold handler alone and next to a hostile handler that burns its whole fuel
+//! on every event, quarantined after 50 failures or never. Then the load time and size of each
+//! example handler. `scripts/bench.sh` runs it; see docs/performance.md.
 //!
 //!   sandbox [--events N] [--modules DIR]
 
@@ -12,7 +15,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tidepool::config::Config;
+use tidepool::dispatch::{Dispatcher, EventState};
+use tidepool::metrics::Metrics;
+use tidepool::outbox::Outbox;
+use tidepool::proto::msg::Publish;
 use tidepool::sandbox::{EventInfo, Handler, HostEnv, Manifest, Runtime, StateSource};
+use tidepool::store::Store;
+
+/// Burns all of its fuel on every event (a hostile neighbour).
+const SPIN_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "tp_alloc") (param i32) (result i32) (i32.const 2048))
+  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) (loop $l (br $l)) (i32.const 0)))"#;
 
 /// Returns 0 at once: what the host side costs by itself.
 const TRIVIAL_WAT: &str = r#"(module
@@ -272,6 +287,32 @@ fn main() {
         );
     }
 
+    let sdk = std::fs::read(&sdk_wasm).expect("the SDK threshold handler");
+    let threshold = || (sdk.clone(), Manifest::load(&sdk_manifest).unwrap());
+    let spinner = || {
+        let m: Manifest = toml::from_str(
+            "name = \"spin\"\nversion = 1\nsubscribe = [\"devices/+/temp\"]\n[limits]\nfuel_per_event = 1000000\n",
+        )
+        .unwrap();
+        (wasm(SPIN_WAT), m)
+    };
+    println!(
+        "dispatcher, one thread, no disk: the threshold handler's events/s next to a hostile one:"
+    );
+    let alone = dispatch_rate(vec![threshold()], 50, events / 2);
+    let quarantined = dispatch_rate(vec![threshold(), spinner()], 50, events / 2);
+    let never = dispatch_rate(vec![threshold(), spinner()], 0, 2_000);
+    for (label, (rate, errors)) in [
+        ("threshold alone", alone),
+        ("+ spinner, quarantined after 50", quarantined),
+        ("+ spinner, never quarantined", never),
+    ] {
+        println!(
+            "  {label:<32} {rate:>10.0} events/s  {:>6.3}x alone  (spinner failures: {errors})",
+            rate / alone.0
+        );
+    }
+
     println!(
         "example handlers: load time (validate, compile eagerly, instantiate, tp_init) and size:"
     );
@@ -297,6 +338,62 @@ fn main() {
             load_ms(&bytes, &m)
         );
     }
+}
+
+/// Events per second through a real dispatcher over a real (idle) store, with `handlers` in
+/// this order; the commit channel is drained and dropped, so nothing reaches the disk. Returns
+/// the rate and the handler failures.
+fn dispatch_rate(
+    handlers: Vec<(Vec<u8>, Manifest)>,
+    quarantine_after: u32,
+    n: usize,
+) -> (f64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::defaults();
+    cfg.limits.quarantine_after_errors = quarantine_after;
+    let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
+    let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
+    let state = Arc::new(EventState::new(store.clone()));
+    let env = HostEnv {
+        state: state.clone(),
+        log_bytes_per_event: cfg.limits.log_bytes_per_event,
+        emit_depth: cfg.limits.emit_depth,
+        max_payload_bytes: cfg.ingress.max_payload_bytes,
+        capture_logs: false,
+    };
+    let rt = Runtime::default();
+    let handlers = handlers
+        .into_iter()
+        .map(|(w, m)| Handler::load(&rt, &w, m, &BTreeMap::new(), env.clone(), 0).unwrap())
+        .collect();
+    let (tx, rx) = std::sync::mpsc::sync_channel(4096);
+    let drain = std::thread::spawn(move || rx.into_iter().count());
+    let metrics = Arc::new(Metrics::default());
+    let mut d = Dispatcher::new(&cfg, handlers, store, state, outbox, tx, metrics.clone());
+    let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
+    let devices: Vec<Arc<str>> = (1..=8).map(|i| format!("dev-{i}").into()).collect();
+    let topics = topics();
+    let start = Instant::now();
+    for i in 0..n {
+        let p = Publish {
+            seq: (i / devices.len()) as u64 + 1,
+            topic: topics[i % devices.len()].clone(),
+            payload: bytes::Bytes::from_static(PAYLOAD),
+            ts: None,
+            id: None,
+            src: None,
+            class: None,
+        };
+        d.publish(&devices[i % devices.len()], p, 0, &reply);
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    d.close();
+    drop(d);
+    drain.join().unwrap();
+    let errors = metrics
+        .handler_errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    (rate, errors)
 }
 
 /// The median of 21 loads.
