@@ -133,14 +133,9 @@ fn topics() -> Vec<String> {
 
 const PAYLOAD: &[u8] = br#"{"v": 21.5}"#;
 
+/// The gateway's defaults.
 fn env(state: Arc<MemState>) -> HostEnv {
-    HostEnv {
-        state,
-        log_bytes_per_event: 4096,
-        emit_depth: 4,
-        max_payload_bytes: 32768,
-        capture_logs: false,
-    }
+    HostEnv::new(&Config::defaults(), state)
 }
 
 fn load(wasm: &[u8], manifest: Manifest, state: Arc<MemState>) -> Handler {
@@ -354,13 +349,7 @@ fn dispatch_rate(
     let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
     let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
     let state = Arc::new(EventState::new(store.clone()));
-    let env = HostEnv {
-        state: state.clone(),
-        log_bytes_per_event: cfg.limits.log_bytes_per_event,
-        emit_depth: cfg.limits.emit_depth,
-        max_payload_bytes: cfg.ingress.max_payload_bytes,
-        capture_logs: false,
-    };
+    let env = HostEnv::new(&cfg, state.clone());
     let rt = Runtime::default();
     let handlers = handlers
         .into_iter()

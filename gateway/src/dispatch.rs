@@ -726,11 +726,8 @@ mod tests {
             let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
             let state = Arc::new(EventState::new(store.clone()));
             let env = HostEnv {
-                state: state.clone(),
-                log_bytes_per_event: cfg.limits.log_bytes_per_event,
-                emit_depth: cfg.limits.emit_depth,
                 max_payload_bytes: 1024,
-                capture_logs: false,
+                ..HostEnv::new(&cfg, state.clone())
             };
             let handlers = handlers
                 .iter()

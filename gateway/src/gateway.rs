@@ -150,13 +150,7 @@ pub async fn run(
     let outbox = Arc::new(Outbox::load(&store, &cfg.outbox)?);
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(EventState::new(store.clone()));
-    let env = HostEnv {
-        state: state.clone(),
-        log_bytes_per_event: cfg.limits.log_bytes_per_event,
-        emit_depth: cfg.limits.emit_depth,
-        max_payload_bytes: cfg.ingress.max_payload_bytes,
-        capture_logs: false,
-    };
+    let env = HostEnv::new(&cfg, state.clone());
     let handlers = load_handlers(&cfg, &store, &env)?;
     if handlers.is_empty() {
         tracing::warn!(

@@ -193,11 +193,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         LocalState::Memory(_) => 0,
     };
     let env = HostEnv {
-        state: state.clone(),
-        log_bytes_per_event: cfg.limits.log_bytes_per_event,
-        emit_depth: cfg.limits.emit_depth,
-        max_payload_bytes: cfg.ingress.max_payload_bytes,
         capture_logs: true,
+        ..HostEnv::new(&cfg, state.clone())
     };
     let overrides: BTreeMap<String, String> = a.set.into_iter().collect();
     let name = manifest.name.clone();

@@ -222,3 +222,16 @@ pub struct HostEnv {
     /// Keep log lines in [`Outcome::logs`] (for `tidepool invoke`), besides tracing them.
     pub capture_logs: bool,
 }
+
+impl HostEnv {
+    /// The environment the box's config gives every handler, reading state from `state`.
+    pub fn new(cfg: &crate::config::Config, state: Arc<dyn StateSource>) -> HostEnv {
+        HostEnv {
+            state,
+            log_bytes_per_event: cfg.limits.log_bytes_per_event,
+            emit_depth: cfg.limits.emit_depth,
+            max_payload_bytes: cfg.ingress.max_payload_bytes,
+            capture_logs: false,
+        }
+    }
+}
