@@ -13,7 +13,9 @@ if ! rustup target list --installed | grep -x "$target" >/dev/null; then
 fi
 
 # Cargo reads .cargo/config.toml from the working directory, not the manifest's, so name it.
-cargo build --release --manifest-path modules/Cargo.toml --config modules/.cargo/config.toml "$@"
+# Always into modules/target (where the tests and the demo look), whatever CARGO_TARGET_DIR says.
+cargo build --release --manifest-path modules/Cargo.toml --config modules/.cargo/config.toml \
+    --target-dir modules/target "$@"
 
 # One module per example (modules/examples/NAME builds NAME.wasm); a missing one means an
 # example is not a workspace member or not a cdylib.
