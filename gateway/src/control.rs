@@ -15,7 +15,6 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::dispatch::Dispatcher;
-use crate::jsonl::Line;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::store::{DeadLetter, Store, StoreError};
@@ -96,33 +95,6 @@ pub fn export_dead_letters(
         n += 1;
     }
     Ok(n)
-}
-
-impl DeadLetter {
-    /// The letter as a line `tidepool invoke` can replay (a failed timer call as a timer tick).
-    pub fn to_line(&self) -> Line {
-        let base = if self.topic.is_empty() {
-            Line {
-                timer: true,
-                now_ms: Some(self.received_ms),
-                due_ms: self.ts,
-                ..Line::default()
-            }
-        } else {
-            Line {
-                device: Some(self.device.clone()).filter(|d| !d.is_empty()),
-                seq: Some(self.seq).filter(|s| *s > 0),
-                ts: self.ts,
-                received_ms: Some(self.received_ms),
-                ..Line::event(&self.topic, &self.payload)
-            }
-        };
-        Line {
-            handler: Some(self.handler.clone()).filter(|h| !h.is_empty()),
-            reason: Some(self.reason.clone()),
-            ..base
-        }
-    }
 }
 
 /// Binds the socket (replacing a stale one left by a crash; the store's lock, taken before,

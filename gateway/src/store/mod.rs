@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::jsonl::Line;
 use crate::sandbox::StateSource;
 pub use overlay::Overlay;
 
@@ -61,6 +62,33 @@ impl DeadLetter {
         let mut out = Vec::new();
         ciborium::into_writer(self, &mut out).expect("CBOR encoding into a Vec");
         out
+    }
+}
+
+impl DeadLetter {
+    /// The letter as a line `tidepool invoke` can replay (a failed timer call as a timer tick).
+    pub fn to_line(&self) -> Line {
+        let base = if self.topic.is_empty() {
+            Line {
+                timer: true,
+                now_ms: Some(self.received_ms),
+                due_ms: self.ts,
+                ..Line::default()
+            }
+        } else {
+            Line {
+                device: Some(self.device.clone()).filter(|d| !d.is_empty()),
+                seq: Some(self.seq).filter(|s| *s > 0),
+                ts: self.ts,
+                received_ms: Some(self.received_ms),
+                ..Line::event(&self.topic, &self.payload)
+            }
+        };
+        Line {
+            handler: Some(self.handler.clone()).filter(|h| !h.is_empty()),
+            reason: Some(self.reason.clone()),
+            ..base
+        }
     }
 }
 
