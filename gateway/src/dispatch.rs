@@ -17,7 +17,7 @@ use crate::proto::msg::{NackCode, Publish};
 use crate::proto::topic;
 use crate::record::{Offer, RecordTap};
 use crate::router::Router;
-use crate::sandbox::{EventInfo, Handler, Outcome, StateSource, TimerInfo, Verdict};
+use crate::sandbox::{EventInfo, FailureKind, Handler, Outcome, StateSource, TimerInfo};
 use crate::store::commit::{Item, ItemKind, OutboxRecord, Reply, WriteSet};
 use crate::store::{fatal, keys, DeadLetter, Store};
 use crate::timers::Timers;
@@ -128,8 +128,7 @@ impl Dispatcher {
                     Err(e) => fatal("reading a timer", e),
                 };
                 if let Some(due) = timers.add(i, period, stored, now) {
-                    let v = due.to_be_bytes().to_vec();
-                    schedule.state.push((keys::timer(h.name()), Some(v)));
+                    schedule.state.push(timer_write(h.name(), due));
                 }
             }
         }
@@ -380,7 +379,7 @@ impl Dispatcher {
                 log_budget: self.log_cap,
             };
             let name = self.handlers[h].name().to_string();
-            let next = (keys::timer(&name), Some(next_ms.to_be_bytes().to_vec()));
+            let next = timer_write(&name, next_ms);
             let ws = match self.process(&ctx, Root::Timer(h, info)) {
                 Some(mut ws) => {
                     ws.state.push(next);
@@ -505,12 +504,12 @@ impl Dispatcher {
 
     /// Counts a kept tree's invocations: failures, timeouts, and the failures in a row that
     /// quarantine a handler.
-    fn count(&mut self, verdicts: Vec<(usize, Verdict)>) {
+    fn count(&mut self, verdicts: Vec<(usize, Option<FailureKind>)>) {
         for (h, v) in verdicts {
-            if v != Verdict::Ok {
+            if v.is_some() {
                 Metrics::inc(&self.metrics.handler_errors);
             }
-            if v == Verdict::Timeout {
+            if v == Some(FailureKind::Timeout) {
                 Metrics::inc(&self.metrics.handler_timeouts);
             }
             let handler = &mut self.handlers[h];
@@ -557,7 +556,7 @@ impl Dispatcher {
     fn settle(&mut self, ctx: &Ctx<'_>, h: usize, at: At<'_>, outcome: Outcome, run: &mut Run) {
         self.log_used[h] += outcome.log_bytes;
         Metrics::add(&self.metrics.log_bytes_dropped, outcome.log_dropped as u64);
-        run.verdicts.push((h, outcome.verdict()));
+        run.verdicts.push((h, outcome.failure_kind()));
         let handler = &mut self.handlers[h];
         let name = handler.name().to_string();
         let effects = match outcome.result {
@@ -569,7 +568,14 @@ impl Dispatcher {
                     seq = ctx.seq,
                     "handler failed: {failure}"
                 );
-                self.dead_letter(ctx, &name, at.topic, at.payload, failure.0, &mut run.ws);
+                self.dead_letter(
+                    ctx,
+                    &name,
+                    at.topic,
+                    at.payload,
+                    failure.reason,
+                    &mut run.ws,
+                );
                 return;
             }
         };
@@ -671,8 +677,14 @@ struct Run {
     /// (topic, payload, depth, origin): origin n is the n-th emit of the tree.
     queue: VecDeque<(String, Vec<u8>, u32, usize)>,
     emitted: usize,
-    /// Each invocation's verdict, counted (and toward quarantine) only if the tree is kept.
-    verdicts: Vec<(usize, Verdict)>,
+    /// Each invocation's failure (`None`: it succeeded), counted (and toward quarantine) only
+    /// if the tree is kept.
+    verdicts: Vec<(usize, Option<FailureKind>)>,
+}
+
+/// The write that stores `handler`'s next due time.
+fn timer_write(handler: &str, due_ms: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+    (keys::timer(handler), Some(due_ms.to_be_bytes().to_vec()))
 }
 
 fn record(

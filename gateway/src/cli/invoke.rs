@@ -268,14 +268,6 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn class_name(c: tidepool::config::Class) -> &'static str {
-    match c {
-        tidepool::config::Class::Urgent => "urgent",
-        tidepool::config::Class::Normal => "normal",
-        tidepool::config::Class::Bulk => "bulk",
-    }
-}
-
 fn print_text(out: &mut impl Write, n: usize, label: &str, o: &Outcome) -> std::io::Result<()> {
     writeln!(out, "#{n} {label}")?;
     for l in &o.logs {
@@ -291,7 +283,7 @@ fn print_text(out: &mut impl Write, n: usize, label: &str, o: &Outcome) -> std::
                 writeln!(
                     out,
                     "  forward {} {} {}",
-                    class_name(f.class),
+                    f.class.as_str(),
                     f.topic,
                     plain(&f.payload)
                 )?;
@@ -324,7 +316,7 @@ fn to_json(n: usize, o: &Outcome) -> serde_json::Value {
             e.forwards
                 .iter()
                 .map(|f| {
-                    serde_json::json!({"topic": f.topic, "class": class_name(f.class), "payload": text(&f.payload)})
+                    serde_json::json!({"topic": f.topic, "class": f.class.as_str(), "payload": text(&f.payload)})
                 })
                 .collect(),
             e.emits
@@ -336,7 +328,7 @@ fn to_json(n: usize, o: &Outcome) -> serde_json::Value {
                 .map(|(k, v)| serde_json::json!({"key": text(k), "value": v.as_deref().map(text)}))
                 .collect(),
         ),
-        Err(f) => (false, Some(f.0.clone()), vec![], vec![], vec![]),
+        Err(f) => (false, Some(f.reason.clone()), vec![], vec![], vec![]),
     };
     serde_json::json!({
         "line": n,

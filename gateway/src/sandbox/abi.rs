@@ -327,15 +327,17 @@ fn publication(
 ) -> Result<(Option<String>, Vec<u8>), wasmi::Error> {
     deny_in_init(c, call)?;
     let mem = memory(c, call)?;
+    let data = mem.data(&*c);
+    let (tr, pr) = (
+        range(data.len(), tp, tl, call)?,
+        range(data.len(), pp, pl, call)?,
+    );
     // Too large: refused after checking the range, before copying (and paying for) it.
-    let len = mem.data(&*c).len();
-    if range(len, pp, pl, call)?.len() > c.data().env.max_payload_bytes {
-        range(len, tp, tl, call)?;
+    if pr.len() > c.data().env.max_payload_bytes {
         charge(c, 0)?;
         return Ok((None, Vec::new()));
     }
-    let t = read(c, mem, tp, tl, call)?;
-    let payload = read(c, mem, pp, pl, call)?;
+    let (t, payload) = (data[tr].to_vec(), data[pr].to_vec());
     charge(c, t.len() + payload.len())?;
     Ok((topic_ok(&t), payload))
 }

@@ -11,7 +11,7 @@ use wasmi::{
 
 use super::abi::{self, Host, HostTrap, Invocation, Limiter, Mode};
 use super::manifest::Manifest;
-use super::{EventInfo, Failure, HostEnv, Meta, Outcome, TimerInfo, Verdict};
+use super::{EventInfo, Failure, FailureKind, HostEnv, Meta, Outcome, TimerInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -127,17 +127,25 @@ fn check_abi(module: &Module) -> Result<(), String> {
     }
 }
 
-/// The dead-letter reason for an error out of a guest call.
-fn reason(e: &wasmi::Error) -> String {
+/// The failure for an error out of a guest call: its dead-letter reason, and whether it ran
+/// out of fuel (a timeout).
+fn failure(e: &wasmi::Error) -> Failure {
+    let timeout = |reason: &str| Failure {
+        kind: FailureKind::Timeout,
+        reason: reason.into(),
+    };
     if let Some(t) = e.downcast_ref::<HostTrap>() {
-        return t.to_string();
+        return match t {
+            HostTrap::Fuel => timeout(&t.to_string()),
+            _ => Failure::broken(t.to_string()),
+        };
     }
     match e.as_trap_code() {
-        Some(TrapCode::OutOfFuel) => "limit:fuel".into(),
-        Some(TrapCode::StackOverflow) => "limit:stack".into(),
-        Some(TrapCode::GrowthOperationLimited) => "limit:memory_pages".into(),
-        Some(code) => format!("trap:{code}"),
-        None => format!("error:{e}"),
+        Some(TrapCode::OutOfFuel) => timeout("limit:fuel"),
+        Some(TrapCode::StackOverflow) => Failure::broken("limit:stack"),
+        Some(TrapCode::GrowthOperationLimited) => Failure::broken("limit:memory_pages"),
+        Some(code) => Failure::broken(format!("trap:{code}")),
+        None => Failure::broken(format!("error:{e}")),
     }
 }
 
@@ -180,7 +188,7 @@ impl Handler {
         };
         h.instantiate().map_err(|f| LoadError::Invalid {
             name: h.manifest.name.clone(),
-            msg: f.0,
+            msg: f.reason,
         })?;
         Ok(h)
     }
@@ -214,7 +222,8 @@ impl Handler {
         host.inv.logs = Some(Vec::new());
         let mut store = Store::new(&self.runtime.engine, host);
         store.limiter(|h| &mut h.limits);
-        let fail = |what: &str, e: wasmi::Error| Failure(format!("{what}: {}", reason(&e)));
+        let fail =
+            |what: &str, e: wasmi::Error| Failure::broken(format!("{what}: {}", failure(&e)));
         store
             .set_fuel(limits.fuel_per_event)
             .map_err(|e| fail("fuel", e))?;
@@ -223,7 +232,7 @@ impl Handler {
             .linker
             .instantiate_and_start(&mut store, &self.module)
             .map_err(|e| match e.kind() {
-                wasmi::errors::ErrorKind::Instantiation(_) => Failure(format!(
+                wasmi::errors::ErrorKind::Instantiation(_) => Failure::broken(format!(
                     "instantiate: {e} (memory_pages is {})",
                     limits.memory_pages
                 )),
@@ -241,11 +250,11 @@ impl Handler {
                 Ok(0) => {}
                 Ok(code) => {
                     let said = init_logs(&mut store);
-                    return Err(Failure(format!("tp_init returned {code}{said}")));
+                    return Err(Failure::broken(format!("tp_init returned {code}{said}")));
                 }
                 Err(e) => {
                     let said = init_logs(&mut store);
-                    return Err(Failure(format!("{}{said}", fail("tp_init", e))));
+                    return Err(Failure::broken(format!("{}{said}", fail("tp_init", e))));
                 }
             }
         }
@@ -274,20 +283,20 @@ impl Handler {
         self.call(inv, |live| {
             let (tl, pl) = (ev.topic.len(), ev.payload.len());
             let total =
-                i32::try_from(tl + pl).map_err(|_| (Failure("event too large".into()), false))?;
+                i32::try_from(tl + pl).map_err(|_| (Failure::broken("event too large"), false))?;
             let ptr = live.alloc.call(&mut live.store, total).map_err(trapped)?;
             let start = ptr as u32 as usize;
             let mem = live
                 .store
                 .data()
                 .memory
-                .ok_or((Failure("no memory".into()), true))?;
+                .ok_or((Failure::broken("no memory"), true))?;
             let data = mem.data_mut(&mut live.store);
             let block = start
                 .checked_add(tl + pl)
                 .and_then(|end| data.get_mut(start..end))
                 .ok_or((
-                    Failure("trap:tp_alloc returned an out-of-bounds block".into()),
+                    Failure::broken("trap:tp_alloc returned an out-of-bounds block"),
                     true,
                 ))?;
             block[..tl].copy_from_slice(ev.topic.as_bytes());
@@ -307,7 +316,7 @@ impl Handler {
         self.call(inv, |live| {
             let f = live
                 .on_timer
-                .ok_or((Failure("no export `tp_on_timer`".into()), false))?;
+                .ok_or((Failure::broken("no export `tp_on_timer`"), false))?;
             f.call(&mut live.store, t.now_ms as i64).map_err(trapped)
         })
     }
@@ -325,14 +334,14 @@ impl Handler {
     /// Counts an outcome toward quarantine: a success resets the count, a trap or a limit hit
     /// adds one, and a rejection (the handler returned non-zero: bad input, which one device
     /// could send 50 times) leaves it as it is. True when this failure quarantines the handler.
-    pub fn record(&mut self, verdict: Verdict, quarantine_after: u32) -> bool {
-        match verdict {
-            Verdict::Ok => {
+    pub fn record(&mut self, failed: Option<FailureKind>, quarantine_after: u32) -> bool {
+        match failed {
+            None => {
                 self.errors_in_row = 0;
                 return false;
             }
-            Verdict::Rejected => return false,
-            Verdict::Timeout | Verdict::Broken => {}
+            Some(FailureKind::Rejected) => return false,
+            Some(FailureKind::Timeout | FailureKind::Broken) => {}
         }
         self.errors_in_row = self.errors_in_row.saturating_add(1);
         if quarantine_after > 0 && self.errors_in_row >= quarantine_after && !self.quarantined {
@@ -358,7 +367,7 @@ impl Handler {
         }
         let state_used = self.state_used;
         let Some(live) = self.live.as_mut() else {
-            return Outcome::failed(Failure("no instance".into()));
+            return Outcome::failed(Failure::broken("no instance"));
         };
         if self.env.capture_logs {
             inv.logs = Some(Vec::new());
@@ -387,18 +396,22 @@ impl Handler {
                 }
                 // The first limit hit names the failure, even when the guest went on and trapped.
                 match inv.limit_hit {
-                    Some(limit) => Err(Failure(format!("limit:{limit} (then {f})"))),
+                    Some(limit) => Err(Failure::broken(format!("limit:{limit} (then {f})"))),
                     // Ran too long: a timeout, with what it burned.
-                    None if f.is_timeout() => {
-                        Err(Failure(format!("{f} ({fuel_used} fuel burned)")))
-                    }
+                    None if f.kind == FailureKind::Timeout => Err(Failure {
+                        reason: format!("{f} ({fuel_used} fuel burned)"),
+                        ..f
+                    }),
                     None => Err(f),
                 }
             }
             Ok(code) => match (inv.limit_hit, code) {
-                (Some(limit), _) => Err(Failure(format!("limit:{limit}"))),
+                (Some(limit), _) => Err(Failure::broken(format!("limit:{limit}"))),
                 (None, 0) => Ok(inv.effects),
-                (None, code) => Err(Failure(format!("{}{code}", Failure::REJECTED))),
+                (None, code) => Err(Failure {
+                    kind: FailureKind::Rejected,
+                    reason: format!("handler returned {code}"),
+                }),
             },
         };
         Outcome {
@@ -423,7 +436,7 @@ fn init_logs(store: &mut Store<Host>) -> String {
 
 /// A guest call's error as a failure that dropped the instance.
 fn trapped(e: wasmi::Error) -> (Failure, bool) {
-    (Failure(reason(&e)), true)
+    (failure(&e), true)
 }
 
 #[cfg(test)]
@@ -553,7 +566,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             h.invoke(&ev()).result,
-            Err(Failure("limit:forwards_per_event".into()))
+            Err(Failure::broken("limit:forwards_per_event"))
         );
     }
 
@@ -571,7 +584,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             h.invoke(&ev()).result,
-            Err(Failure("trap:bad pointer or length in state_get".into()))
+            Err(Failure::broken("trap:bad pointer or length in state_get"))
         );
         let three = EventInfo {
             payload: b"xyz",
@@ -579,7 +592,7 @@ mod tests {
         };
         assert_eq!(
             h.invoke(&three).result,
-            Err(Failure("trap:bad pointer or length in event_meta".into()))
+            Err(Failure::broken("trap:bad pointer or length in event_meta"))
         );
         let one = EventInfo {
             payload: b"x",
@@ -617,12 +630,11 @@ mod tests {
         let out = h.invoke(&ev());
         assert_eq!(
             out.result,
-            Err(Failure(format!(
-                "limit:fuel ({} fuel burned)",
-                out.fuel_used
-            )))
+            Err(Failure {
+                kind: FailureKind::Timeout,
+                reason: format!("limit:fuel ({} fuel burned)", out.fuel_used)
+            })
         );
-        assert!(out.result.unwrap_err().is_timeout());
         assert!(out.fuel_used >= 9_990, "{}", out.fuel_used);
         // The meta map's length comes back as the (non-zero) return code.
         let one = EventInfo {
@@ -630,7 +642,11 @@ mod tests {
             ..ev()
         };
         let out = h.invoke(&one);
-        let Err(Failure(msg)) = out.result else {
+        let Err(Failure {
+            kind: FailureKind::Rejected,
+            reason: msg,
+        }) = out.result
+        else {
             panic!("expected the length as a non-zero return")
         };
         let len: usize = msg.trim_start_matches("handler returned ").parse().unwrap();

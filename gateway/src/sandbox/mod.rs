@@ -147,21 +147,29 @@ pub struct LogLine {
 
 /// A failed invocation: the event goes to the dead letters with this reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Failure(pub String);
+#[error("{reason}")]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub reason: String,
+}
+
+/// What kind of failure, for counting and quarantine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The handler returned non-zero: it rejected the event (bad input, as it judged it).
+    Rejected,
+    /// It ran out of fuel: it ran too long.
+    Timeout,
+    /// Any other trap or limit hit, or an instance that could not be made.
+    Broken,
+}
 
 impl Failure {
-    /// The reason's start when the handler itself returned non-zero.
-    pub const REJECTED: &'static str = "handler returned ";
-
-    /// The handler returned non-zero: it rejected the event (no trap, no limit hit).
-    pub fn is_rejection(&self) -> bool {
-        self.0.starts_with(Self::REJECTED)
-    }
-
-    /// The handler ran out of fuel: it ran too long (a timeout).
-    pub fn is_timeout(&self) -> bool {
-        self.0.starts_with("limit:fuel")
+    pub fn broken(reason: impl Into<String>) -> Failure {
+        Failure {
+            kind: FailureKind::Broken,
+            reason: reason.into(),
+        }
     }
 }
 
@@ -177,26 +185,10 @@ pub struct Outcome {
     pub logs: Vec<LogLine>,
 }
 
-/// How an invocation ended, for counting and quarantine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Ok,
-    /// The handler returned non-zero: it rejected the event.
-    Rejected,
-    /// It ran out of fuel.
-    Timeout,
-    /// Any other trap or limit hit.
-    Broken,
-}
-
 impl Outcome {
-    pub fn verdict(&self) -> Verdict {
-        match &self.result {
-            Ok(_) => Verdict::Ok,
-            Err(f) if f.is_rejection() => Verdict::Rejected,
-            Err(f) if f.is_timeout() => Verdict::Timeout,
-            Err(_) => Verdict::Broken,
-        }
+    /// `None` when the invocation succeeded.
+    pub fn failure_kind(&self) -> Option<FailureKind> {
+        self.result.as_ref().err().map(|f| f.kind)
     }
 
     fn failed(f: Failure) -> Outcome {
