@@ -9,7 +9,7 @@
 
 use alloc::string::String;
 
-use crate::sys;
+use crate::{sys, Cached, Error};
 
 /// The config value for `key`, or `None` if it is not set (or not UTF-8).
 ///
@@ -38,4 +38,37 @@ pub fn get(key: &str) -> Option<String> {
 /// ```
 pub fn get_f64(key: &str) -> Option<f64> {
     get(key)?.trim().parse().ok()
+}
+
+/// The handler's parsed config, parsed once per instance into `cell`: `parse` gets [`get`] and
+/// returns the config or a message, which is logged at error level and returned as
+/// [`Error::BadArgument`]. Call it from `init` too, so that a bad config fails the load.
+///
+/// ```no_run
+/// use tidepool_sdk::{config, Cached, Error};
+///
+/// struct Config { threshold: f64 }
+///
+/// fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Config, String> {
+///     let text = get("threshold").ok_or_else(|| String::from("config `threshold` is required"))?;
+///     let threshold = text.trim().parse().map_err(|_| String::from("`threshold` is not a number"))?;
+///     Ok(Config { threshold })
+/// }
+///
+/// static CONFIG: Cached<Config> = Cached::new();
+///
+/// fn init() -> Result<(), Error> {
+///     config::cached(&CONFIG, parse).map(drop)
+/// }
+/// ```
+pub fn cached<T>(
+    cell: &'static Cached<T>,
+    parse: impl FnOnce(fn(&str) -> Option<String>) -> Result<T, String>,
+) -> Result<&'static T, Error> {
+    cell.get_or_try_init(|| {
+        parse(get).map_err(|msg| {
+            crate::error!("{}", msg);
+            Error::BadArgument
+        })
+    })
 }

@@ -15,7 +15,7 @@ extern crate alloc;
 
 mod band;
 
-use tidepool_sdk::{config, error, forward, state, warn, Cached, Class, Error, Event};
+use tidepool_sdk::{config, forward, state, warn, Cached, Class, Error, Event};
 
 use crate::band::Config;
 
@@ -25,12 +25,7 @@ tidepool_sdk::handler!(on_event, init = init);
 
 /// The parsed config, read once per instance.
 fn config() -> Result<&'static Config, Error> {
-    CONFIG.get_or_try_init(|| {
-        Config::parse(config::get).map_err(|msg| {
-            error!("{}", msg);
-            Error::BadArgument
-        })
-    })
+    config::cached(&CONFIG, Config::parse)
 }
 
 fn init() -> Result<(), Error> {

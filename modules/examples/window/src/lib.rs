@@ -35,7 +35,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use tidepool_sdk::{config, error, forward_json, state, warn, Cached, Class, Error, Event, Timer};
+use tidepool_sdk::{config, forward_json, state, warn, Cached, Class, Error, Event, Timer};
 
 use crate::window::{Config, Window};
 
@@ -48,12 +48,7 @@ tidepool_sdk::handler!(on_event, init = init, timer = on_timer);
 
 /// The parsed config, read once per instance.
 fn config() -> Result<&'static Config, Error> {
-    CONFIG.get_or_try_init(|| {
-        Config::parse(config::get).map_err(|msg| {
-            error!("{}", msg);
-            Error::BadArgument
-        })
-    })
+    config::cached(&CONFIG, Config::parse)
 }
 
 fn init() -> Result<(), Error> {
