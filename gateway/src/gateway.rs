@@ -161,7 +161,7 @@ pub async fn run(
     // Bounds the events waiting for the committer (each slot is a few dozen bytes: the channel
     // allocates all of them up front, so this is idle memory too).
     let (tx, rx) = mpsc::sync_channel(COMMIT_BACKLOG);
-    let dispatcher = Dispatcher::new(
+    let mut dispatcher = Dispatcher::new(
         &cfg,
         handlers,
         store.clone(),
@@ -189,7 +189,6 @@ pub async fn run(
                 source,
             })?
     };
-    let mut dispatcher = dispatcher;
     if let Some(r) = RecordTap::start(&cfg.record, &data).map_err(|source| StartError::DataDir {
         path: data.join("record"),
         source,

@@ -45,15 +45,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         n(&v["uptime_s"])
     );
     let handlers = match v["handlers"].as_array() {
-        Some(h) => h.clone(),
         None => {
             println!("handlers: unknown (the dispatcher did not answer within a second)");
-            Vec::new()
+            &[][..]
         }
+        Some(h) if h.is_empty() => {
+            println!("handlers: none");
+            &[][..]
+        }
+        Some(h) => h.as_slice(),
     };
-    if v["handlers"].as_array().is_some_and(|h| h.is_empty()) {
-        println!("handlers: none");
-    }
     for h in handlers {
         let health = if h["quarantined"].as_bool() == Some(true) {
             format!(
