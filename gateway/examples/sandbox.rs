@@ -347,7 +347,7 @@ fn dispatch_rate(
     let mut cfg = Config::defaults();
     cfg.limits.quarantine_after_errors = quarantine_after;
     let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
-    let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
+    let outbox = Arc::new(Outbox::load(&store, &cfg.outbox, 0).unwrap().0);
     let state = Arc::new(EventState::new(store.clone()));
     let env = HostEnv::new(&cfg, state.clone());
     let rt = Runtime::default();

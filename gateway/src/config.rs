@@ -255,14 +255,8 @@ impl Config {
 
     fn validate(&mut self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.gateway.id.is_empty() {
-            self.gateway.id = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|s| s.trim().to_string())
-                .ok()
-                .filter(|s| topic::valid_device_id(s))
-                .unwrap_or_else(|| "tidepool".to_string());
-        }
-        if !topic::valid_device_id(&self.gateway.id) {
+        // Empty: derived from the box's own key at start (`pki::box_id`).
+        if !self.gateway.id.is_empty() && !topic::valid_device_id(&self.gateway.id) {
             return bad(format!(
                 "gateway.id `{}` must match [A-Za-z0-9._-]{{1,64}}",
                 self.gateway.id

@@ -241,7 +241,8 @@ impl Dispatcher {
         self.submit(device, 0, ItemKind::Welcome, Some(reply));
     }
 
-    /// Nacks a publish for good. A nacked seq advances the high-water mark.
+    /// Nacks a frame for good. A nacked publish (`acl`, `too_large`, `bad_topic`) advances the
+    /// high-water mark; a `bad_frame` is not a valid publish and moves nothing.
     pub fn nack(
         &mut self,
         device: &Arc<str>,
@@ -251,8 +252,10 @@ impl Dispatcher {
         reply: &Reply,
     ) {
         Metrics::inc(&self.metrics.nacks);
-        let c = self.claimed(device);
-        *c = (*c).max(seq);
+        if code.moves_mark() {
+            let c = self.claimed(device);
+            *c = (*c).max(seq);
+        }
         self.submit(device, seq, ItemKind::Nack { code, reason }, Some(reply));
     }
 
@@ -418,8 +421,7 @@ impl Dispatcher {
                     Metrics::inc(&self.metrics.unrouted);
                     if self.unrouted == Unrouted::Forward {
                         let id = entry_id(&self.gateway, ctx.device, ctx.seq_text, "", 0);
-                        let ts = ctx.ts.unwrap_or(ctx.received_ms);
-                        let r = record(id, ctx.device, topic, self.unrouted_class, ts, payload);
+                        let r = record(id, ctx, topic, self.unrouted_class, payload);
                         run.ws.outbox.push(r);
                     }
                 }
@@ -595,10 +597,9 @@ impl Dispatcher {
         } else {
             format!("{}.e{}", ctx.seq_text, at.origin)
         };
-        let ts = ctx.ts.unwrap_or(ctx.received_ms);
         for (i, f) in effects.forwards.into_iter().enumerate() {
             let id = entry_id(&self.gateway, ctx.device, &seq_part, &name, i);
-            let r = record(id, ctx.device, &f.topic, f.class, ts, &f.payload);
+            let r = record(id, ctx, &f.topic, f.class, &f.payload);
             run.ws.outbox.push(r);
         }
         for (et, ep) in effects.emits {
@@ -687,20 +688,16 @@ fn timer_write(handler: &str, due_ms: u64) -> (Vec<u8>, Option<Vec<u8>>) {
     (keys::timer(handler), Some(due_ms.to_be_bytes().to_vec()))
 }
 
-fn record(
-    id: String,
-    device: &str,
-    topic: &str,
-    class: Class,
-    ts: u64,
-    payload: &[u8],
-) -> OutboxRecord {
+/// An outbox entry for a forward of the event (or timer firing) in `ctx`: its time is the
+/// device's `ts`, else when it was received; it is queued at `received_ms`.
+fn record(id: String, ctx: &Ctx<'_>, topic: &str, class: Class, payload: &[u8]) -> OutboxRecord {
     let e = Entry {
         id,
-        device: device.to_string(),
+        device: ctx.device.to_string(),
         topic: topic.to_string(),
         class,
-        ts,
+        ts: ctx.ts.unwrap_or(ctx.received_ms),
+        queued_ms: ctx.received_ms,
         payload: payload.to_vec(),
     };
     OutboxRecord {
@@ -735,7 +732,7 @@ mod tests {
         fn with(cfg: Config, handlers: &[(&str, &str)]) -> Setup {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
-            let outbox = Arc::new(Outbox::load(&store, &cfg.outbox).unwrap());
+            let outbox = Arc::new(Outbox::load(&store, &cfg.outbox, 0).unwrap().0);
             let state = Arc::new(EventState::new(store.clone()));
             let env = HostEnv {
                 max_payload_bytes: 1024,

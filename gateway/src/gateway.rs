@@ -99,6 +99,7 @@ impl AfterFlush for Hooks {
     fn after_flush(&mut self, g: &Group) {
         self.outbox.add(&g.entries, Instant::now());
         Metrics::inc(&self.metrics.groups);
+        Metrics::inc(&self.metrics.store_syncs);
         Metrics::add(&self.metrics.dead_letters_dropped, g.dead_dropped);
         self.backlog.fetch_sub(g.items, Ordering::Relaxed);
     }
@@ -133,7 +134,7 @@ async fn run_timers(dispatcher: Arc<Mutex<Dispatcher>>, mut stop: watch::Receive
 
 /// Runs the gateway until `stop` turns true; returns the final metrics.
 pub async fn run(
-    cfg: Config,
+    mut cfg: Config,
     mut stop: watch::Receiver<bool>,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<serde_json::Value, StartError> {
@@ -145,10 +146,16 @@ pub async fn run(
     } else {
         tracing::info!(dir = %paths.dir.display(), "using the certificates in the data dir");
     }
+    if cfg.gateway.id.is_empty() {
+        cfg.gateway.id = pki::box_id(&data)?;
+    }
     let store = Store::open(&data.join("db"), cfg.store.cache_capacity_bytes)?;
     store.bound_dead_letters(cfg.store.dead_letter_max_bytes);
-    let outbox = Arc::new(Outbox::load(&store, &cfg.outbox)?);
+    let (outbox, corrupt) = Outbox::load(&store, &cfg.outbox, crate::clock::now_ms())?;
+    let outbox = Arc::new(outbox);
     let metrics = Arc::new(Metrics::default());
+    Metrics::add(&metrics.outbox_corrupt, corrupt);
+    Metrics::add(&metrics.dead_letters, corrupt);
     let state = Arc::new(EventState::new(store.clone()));
     let env = HostEnv::new(&cfg, state.clone());
     let handlers = load_handlers(&cfg, &store, &env)?;
@@ -294,7 +301,9 @@ pub async fn run(
             tracing::error!("uplink task: {e}");
         }
     }
-    let _ = store.db.flush();
+    if let Err(e) = store.sync() {
+        tracing::error!("making the store durable at shutdown: {e}");
+    }
     endpoint.wait_idle().await;
     let snapshot = metrics.snapshot();
     let path = data.join("metrics.json");

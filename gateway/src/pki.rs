@@ -78,7 +78,31 @@ fn write_file(path: &Path, data: &str, mode: u32) -> Result<(), PkiError> {
     f.write_all(data.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
+    fs::rename(&tmp, path).map_err(io(path))?;
+    // The rename is durable only once the directory is synced (a power cut could otherwise
+    // leave the box without the key it just made, and a new CA at the next start).
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+/// The default gateway id: `tp-` and the first 8 bytes (hex) of the SHA-256 of the box's own
+/// server public key. Unique per box (cloned boards share host names, not keys), stable while
+/// the data dir is kept.
+pub fn box_id(data_dir: &Path) -> Result<String, PkiError> {
+    let kp = PkiPaths::new(data_dir).key(SERVER);
+    let pem = fs::read_to_string(&kp).map_err(io(&kp))?;
+    let key = KeyPair::from_pem(&pem).map_err(|e| PkiError::Pem {
+        path: kp.clone(),
+        msg: e.to_string(),
+    })?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &key.public_key_der());
+    let hex: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(format!("tp-{hex}"))
 }
 
 fn random_serial() -> SerialNumber {

@@ -85,15 +85,26 @@ pub struct Gateway {
     pub addr: String,
     child: Option<Child>,
     pub stderr: Arc<Mutex<String>>,
+    /// Woken after each line the gateway logs.
+    logged: Arc<Notify>,
 }
 
 impl Gateway {
     /// Starts `tidepool run` with `extra` TOML appended to a test config (port 0, temp data dir).
     pub fn start(extra: &str) -> Gateway {
+        Gateway::start_as("id = \"gw-test\"\n", extra)
+    }
+
+    /// Like [`Gateway::start`], with no `gateway.id` (the default id).
+    pub fn start_without_id(extra: &str) -> Gateway {
+        Gateway::start_as("", extra)
+    }
+
+    fn start_as(id_line: &str, extra: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("tidepool.toml");
         let base = format!(
-            "[gateway]\nid = \"gw-test\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nlog = \"info,tidepool=debug\"\n",
+            "[gateway]\n{id_line}listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nlog = \"info,tidepool=debug\"\n",
             dir.path().join("data").display()
         );
         std::fs::write(&config, format!("{base}{extra}")).unwrap();
@@ -103,6 +114,7 @@ impl Gateway {
             addr: String::new(),
             child: None,
             stderr: Arc::default(),
+            logged: Arc::default(),
         };
         g.spawn();
         g
@@ -118,10 +130,11 @@ impl Gateway {
             .spawn()
             .expect("start tidepool");
         let stderr = child.stderr.take().unwrap();
-        let log = self.stderr.clone();
+        let (log, logged) = (self.stderr.clone(), self.logged.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 log.lock().unwrap().push_str(&(line + "\n"));
+                logged.notify_waiters();
             }
         });
         let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -173,6 +186,55 @@ impl Gateway {
         );
         let m = std::fs::read(self.data().join("metrics.json")).unwrap();
         serde_json::from_slice(&m).unwrap()
+    }
+
+    /// Waits until the gateway's log (since it started) has `count` lines containing `pat`.
+    pub async fn wait_log(&self, pat: &str, count: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.logged.notified();
+            if self
+                .stderr
+                .lock()
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(pat))
+                .count()
+                >= count
+            {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!(
+                    "no {count} log lines with {pat:?} within {timeout:?}:\n{}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+        }
+    }
+
+    /// Kills the gateway with SIGKILL (no drain, no flush) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Rewrites the config file: every line starting with `from` becomes `to`.
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let edited: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with(from) {
+                    to.to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        assert_ne!(text.lines().count(), 0);
+        std::fs::write(&self.config, edited.join("\n") + "\n").unwrap();
     }
 
     /// Stops the gateway if it runs, and starts it again on the same data dir.
@@ -228,6 +290,17 @@ pub async fn until_ack(s: &mut FrameStream, seq: u64) -> Vec<GatewayMsg> {
             return seen;
         }
     }
+}
+
+/// Ends the device's side of a stream and reads the gateway's answers until it ends its side
+/// too: after this, another stream of the device may publish.
+pub async fn end_stream(mut s: FrameStream) -> Vec<GatewayMsg> {
+    s.send.finish().unwrap();
+    let mut rest = Vec::new();
+    while let Some(m) = next_msg(&mut s).await {
+        rest.push(m);
+    }
+    rest
 }
 
 pub async fn next_msg(s: &mut FrameStream) -> Option<GatewayMsg> {
@@ -416,4 +489,47 @@ pub fn invoke(wasm: &Path, manifest: &Path, events: &Path, extra: &[&str]) -> Ru
             .arg(events)
             .args(extra),
     )
+}
+
+/// Four unrouted `normal` forwards from one device, sent to the cloud as one batch; waits
+/// until `done` holds for the cloud's requests, then stops the gateway and returns its metrics.
+pub async fn four_forwards_in_one_batch(
+    cloud: &Cloud,
+    topics: [&str; 4],
+    done: impl Fn(&[Request]) -> bool,
+) -> serde_json::Value {
+    let mut gw = Gateway::start(&format!(
+        "[router]\nunrouted = \"forward\"\nunrouted_class = \"normal\"\n[outbox]\nmax_batch_events = 4\nmax_delay_ms = 600000\nretry_base_ms = 50\nretry_max_ms = 200\n[uplink]\nurl = \"{}\"\n",
+        cloud.url
+    ));
+    let dev = gw.connect("dev-p").await;
+    let mut s = dev.open().await.unwrap();
+    for (i, t) in topics.iter().enumerate() {
+        s.push(&publish(i as u64 + 1, &format!("devices/dev-p/{t}"), b"{}"));
+    }
+    s.flush().await.unwrap();
+    until_ack(&mut s, 4).await;
+    cloud.wait_until(Duration::from_secs(10), done).await;
+    dev.close().await;
+    gw.stop()
+}
+
+/// The event ids of every request the cloud answered 200.
+pub fn delivered_ids(r: &[Request]) -> Vec<String> {
+    r.iter()
+        .filter(|r| r.status == 200)
+        .flat_map(|r| {
+            r.json()["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The number of events in a request's body.
+pub fn events_in(r: &Request) -> usize {
+    r.json()["events"].as_array().map_or(0, Vec::len)
 }

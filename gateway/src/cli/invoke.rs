@@ -260,7 +260,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
     }
     if let LocalState::Store(s) = &*state {
-        s.db.flush()?;
+        s.sync()?;
     }
     if !a.json {
         writeln!(out, "{} lines: {ok} ok, {failed} failed", ok + failed)?;

@@ -117,7 +117,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 ),
             }
         };
-        let first = hwm + 1;
+        let Some(first) = hwm.checked_add(1) else {
+            anyhow::bail!("the gateway's mark for this device is the largest seq there is ({hwm}): it can publish nothing more under this id");
+        };
         let started = Instant::now();
         let mut t = Tally::default();
         let mut sent = 0u64;
@@ -127,7 +129,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 tokio::time::sleep_until(due.into()).await;
             }
             s.push(&DeviceMsg::Publish(Publish {
-                seq: first + sent,
+                seq: first.saturating_add(sent),
                 topic: a.topic.clone(),
                 payload: Bytes::from(p),
                 ts: Some(tidepool::clock::now_ms()),

@@ -2,7 +2,7 @@
 //! answers out) and its datagrams. Superseding and shutdown stop the reading, let what was
 //! submitted settle and be answered, then close with the protocol's code.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use quinn::VarInt;
@@ -26,6 +26,33 @@ const MAX_UNANSWERED: usize = 8192;
 struct Unanswered {
     count: AtomicUsize,
     written: Notify,
+}
+
+/// Which stream of a connection may publish: one at a time, so that a device's seqs arrive in
+/// the order it sent them (a stream running ahead of another would make the other's lower seqs
+/// look like resends, acked and never run). 0 = none; streams hold a token from `next`.
+#[derive(Default)]
+struct PublishSlot {
+    holder: AtomicU64,
+    next: AtomicU64,
+}
+
+impl PublishSlot {
+    fn token(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+    /// Takes the slot for `token` unless another stream holds it.
+    fn take(&self, token: u64) -> bool {
+        self.holder
+            .compare_exchange(0, token, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            || self.holder.load(Ordering::Acquire) == token
+    }
+    fn release(&self, token: u64) {
+        let _ = self
+            .holder
+            .compare_exchange(token, 0, Ordering::AcqRel, Ordering::Acquire);
+    }
 }
 
 /// How long a closing connection waits for its streams to answer what they submitted.
@@ -75,6 +102,7 @@ pub(super) async fn run(
     // Stream tasks stop reading when `halt` turns true (superseded or shutting down).
     let (halt_tx, halt) = watch::channel(false);
     let mut streams = tokio::task::JoinSet::new();
+    let slot = Arc::new(PublishSlot::default());
     let datagrams = tokio::spawn(read_datagrams(
         conn.clone(),
         device.clone(),
@@ -86,7 +114,8 @@ pub(super) async fn run(
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let watch = (halt.clone(), superseded.clone());
-                    streams.spawn(stream(send, recv, device.clone(), shared.clone(), watch));
+                    let slot = (slot.clone(), slot.token());
+                    streams.spawn(stream(send, recv, device.clone(), shared.clone(), watch, slot));
                 }
                 Err(_) => break None,
             },
@@ -144,6 +173,7 @@ async fn stream(
     device: Arc<str>,
     shared: Arc<Shared>,
     (mut halt, superseded): (watch::Receiver<bool>, watch::Receiver<bool>),
+    (slot, token): (Arc<PublishSlot>, u64),
 ) {
     let (reply, answers) = unbounded_channel();
     let unanswered = Arc::new(Unanswered::default());
@@ -196,10 +226,9 @@ async fn stream(
             // Every frame submits exactly one item (a busy answer adds one more below).
             unanswered.count.fetch_add(1, Ordering::AcqRel);
             match msg::decode(&frame, true) {
-                Err(bad) => {
-                    prev_seq = prev_seq.max(bad.seq);
-                    d.nack(&device, bad.seq, NackCode::BadFrame, bad.reason, &reply);
-                }
+                // Not a valid publish: nacked with the seq it carried, and it moves nothing
+                // (neither this stream's order nor the device's mark).
+                Err(bad) => d.nack(&device, bad.seq, NackCode::BadFrame, bad.reason, &reply),
                 Ok(DeviceMsg::Hello) => d.hello(&device, &reply),
                 Ok(DeviceMsg::Publish(p)) if p.seq <= prev_seq => {
                     let reason = format!(
@@ -207,6 +236,17 @@ async fn stream(
                         p.seq
                     );
                     d.nack(&device, p.seq, NackCode::BadFrame, reason, &reply);
+                }
+                Ok(DeviceMsg::Publish(p)) if !slot.take(token) => {
+                    // Another stream of this device is publishing: this one is not kept, and
+                    // the device resends from this seq once that stream has ended.
+                    tracing::debug!(
+                        device = &*device,
+                        seq = p.seq,
+                        "busy: another stream of this device is publishing"
+                    );
+                    d.busy(&device, p.seq, &reply);
+                    break 'read;
                 }
                 Ok(DeviceMsg::Publish(p)) => {
                     let seq = p.seq;
@@ -220,6 +260,7 @@ async fn stream(
             }
         }
     }
+    slot.release(token);
     if let Some(c) = framing_lost {
         // The code goes to the device as STOP_SENDING on its side of the stream.
         let _ = recv.stop(code(c));

@@ -7,7 +7,7 @@ pub mod policy;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -27,6 +27,11 @@ pub struct Entry {
     pub class: Class,
     /// The event's time: the device's `ts`, else when the gateway received it (ms since epoch).
     pub ts: u64,
+    /// When the gateway queued it (its wall clock, ms since epoch): after a restart, the
+    /// entry's `max_delay`/`bulk_window` clock resumes from here instead of starting over.
+    /// 0 in entries written before this field existed (they count as queued at load).
+    #[serde(default)]
+    pub queued_ms: u64,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
@@ -73,6 +78,49 @@ struct Index {
     normal_bytes: u64,
 }
 
+impl Index {
+    fn insert(&mut self, e: &NewEntry, at: Instant) {
+        self.classes[slot(e.class)].insert(e.seq, Meta { bytes: e.bytes, at });
+        if e.class == Class::Normal {
+            self.normal_bytes += e.bytes;
+        }
+    }
+}
+
+/// Moves outbox entries that do not decode to the dead letters, durably: the start goes on
+/// and the bytes are kept for a person to look at (`tidepool dead-letters export`).
+fn dead_letter_corrupt(
+    store: &Store,
+    corrupt: &[(Vec<u8>, Vec<u8>)],
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut added = 0;
+    for (k, v) in corrupt {
+        let seq = keys::seq_of(k);
+        tracing::error!(key = ?k, bytes = v.len(), "an outbox entry does not decode; moved to the dead letters");
+        let d = crate::store::DeadLetter {
+            device: String::new(),
+            seq: 0,
+            topic: "tidepool/outbox/corrupt".into(),
+            payload: v.clone(),
+            handler: "outbox".into(),
+            reason: format!("outbox entry {seq:?} does not decode"),
+            received_ms: now_ms,
+            ts: None,
+        };
+        let bytes = d.encode();
+        added += bytes.len() as u64;
+        batch.remove(k.as_slice());
+        batch.insert(keys::dead(store.next_dead_id()), bytes);
+    }
+    for k in store.trim_dead_letters(added)? {
+        batch.remove(k);
+    }
+    store.tree.apply_batch(batch)?;
+    store.sync()
+}
+
 /// The outbox shared by the dispatcher (admission), the committer (new entries) and the uplink.
 pub struct Outbox {
     index: Mutex<Index>,
@@ -88,8 +136,15 @@ fn slot(c: Class) -> usize {
 }
 
 impl Outbox {
-    /// Rebuilds the index from the store (entries found at start count as arrived now).
-    pub fn load(store: &Store, cfg: &OutboxConfig) -> Result<Outbox, StoreError> {
+    /// Rebuilds the index from the store. An entry's age is `now_ms - queued_ms` (0 when the
+    /// clock went back), so its delay and bulk window keep running across restarts. An entry
+    /// that does not decode is moved to the dead letters (with its bytes) in one durable write;
+    /// the second value is how many were.
+    pub fn load(
+        store: &Store,
+        cfg: &OutboxConfig,
+        now_ms: u64,
+    ) -> Result<(Outbox, u64), StoreError> {
         let ob = Outbox {
             index: Mutex::new(Index::default()),
             used: AtomicU64::new(0),
@@ -97,22 +152,39 @@ impl Outbox {
             full_policy: cfg.full_policy,
             wake: Notify::new(),
         };
+        let now = Instant::now();
         let mut found = Vec::new();
+        let mut corrupt = Vec::new();
         for kv in store.tree.scan_prefix(keys::OUTBOX) {
             let (k, v) = kv?;
             let (Some(seq), Some(e)) = (keys::seq_of(&k), Entry::decode(&v)) else {
-                return Err(StoreError::Corrupt("o/".into()));
+                corrupt.push((k.to_vec(), v.to_vec()));
+                continue;
             };
-            found.push(NewEntry {
+            let age_ms = match e.queued_ms {
+                0 => 0,
+                q => now_ms.saturating_sub(q),
+            };
+            let at = now.checked_sub(Duration::from_millis(age_ms));
+            let entry = NewEntry {
                 seq,
                 class: e.class,
                 bytes: v.len() as u64,
-            });
+            };
+            found.push((entry, at.unwrap_or(now)));
+        }
+        if !corrupt.is_empty() {
+            dead_letter_corrupt(store, &corrupt, now_ms)?;
         }
         ob.used
-            .store(found.iter().map(|e| e.bytes).sum(), Ordering::Relaxed);
-        ob.add(&found, Instant::now());
-        Ok(ob)
+            .store(found.iter().map(|(e, _)| e.bytes).sum(), Ordering::Relaxed);
+        {
+            let mut ix = ob.lock();
+            for (e, at) in &found {
+                ix.insert(e, *at);
+            }
+        }
+        Ok((ob, corrupt.len() as u64))
     }
 
     /// Admission control for one event's forwards (before anything is written).
@@ -157,16 +229,7 @@ impl Outbox {
         }
         let mut ix = self.lock();
         for e in entries {
-            ix.classes[slot(e.class)].insert(
-                e.seq,
-                Meta {
-                    bytes: e.bytes,
-                    at: now,
-                },
-            );
-            if e.class == Class::Normal {
-                ix.normal_bytes += e.bytes;
-            }
+            ix.insert(e, now);
         }
         drop(ix);
         self.wake.notify_one();
@@ -317,6 +380,50 @@ mod tests {
     }
 
     #[test]
+    fn entries_loaded_at_start_keep_their_age_and_a_bad_one_is_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let hour = 3_600_000;
+        let now_ms = 10 * hour;
+        let entry = |class, queued_ms| Entry {
+            id: "gw:d:1::0".into(),
+            device: "d".into(),
+            topic: "t".into(),
+            class,
+            ts: 1,
+            queued_ms,
+            payload: vec![],
+        };
+        let puts = [
+            (1, entry(Class::Bulk, now_ms - 2 * hour).encode()),
+            (2, b"garbage".to_vec()),
+            (3, entry(Class::Normal, now_ms - 1000).encode()),
+            // Queued "in the future": the clock went back since. Counts as new, not negative.
+            (4, entry(Class::Normal, now_ms + hour).encode()),
+        ];
+        for (seq, v) in &puts {
+            store.tree.insert(keys::outbox(*seq), v.as_slice()).unwrap();
+        }
+        let before = Instant::now();
+        let (ob, corrupt) = Outbox::load(&store, &Config::defaults().outbox, now_ms).unwrap();
+        assert_eq!(corrupt, 1);
+        let p = ob.pending();
+        let bulk_age = before.saturating_duration_since(p.oldest_bulk.unwrap());
+        assert!(
+            bulk_age >= Duration::from_millis(2 * hour - 1000),
+            "{bulk_age:?}"
+        );
+        let normal_age = Instant::now().duration_since(p.oldest_normal.unwrap());
+        assert!(normal_age >= Duration::from_millis(1000), "{normal_age:?}");
+        assert!(normal_age < Duration::from_secs(60), "{normal_age:?}");
+        assert_eq!((p.bulk, p.normal), (1, 2));
+        assert!(store.tree.get(keys::outbox(2)).unwrap().is_none());
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].payload, b"garbage");
+    }
+
+    #[test]
     fn entries_round_trip() {
         let e = Entry {
             id: entry_id("gw", "d1", "5", "threshold", 0),
@@ -324,6 +431,7 @@ mod tests {
             topic: "devices/d1/temp".into(),
             class: Class::Urgent,
             ts: 9,
+            queued_ms: 0,
             payload: b"{}".to_vec(),
         };
         assert_eq!(e.id, "gw:d1:5:threshold:0");

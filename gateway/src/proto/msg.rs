@@ -136,6 +136,12 @@ impl NackCode {
         NackCode::BadFrame,
     ];
 
+    /// Whether a nack with this code settles a publish and so moves the device's high-water
+    /// mark. A `bad_frame` is not a valid publish: its seq (if it had one) moves nothing.
+    pub fn moves_mark(self) -> bool {
+        self != NackCode::BadFrame
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             NackCode::Acl => "acl",

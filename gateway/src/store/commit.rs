@@ -70,6 +70,18 @@ pub enum ItemKind {
     Busy { retry_after_ms: u64 },
 }
 
+impl ItemKind {
+    /// Whether this item, once durable, moves its device's high-water mark to its seq: a kept
+    /// event or a nacked publish does; a bad frame, a welcome or a busy answer does not.
+    pub fn moves_mark(&self) -> bool {
+        match self {
+            ItemKind::Event(_) | ItemKind::Resend => true,
+            ItemKind::Nack { code, .. } => code.moves_mark(),
+            ItemKind::Welcome | ItemKind::Busy { .. } => false,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Item {
     pub device: Arc<str>,
@@ -146,7 +158,7 @@ impl CommitQueue {
                 .hwm
                 .entry(item.device.clone())
                 .or_insert_with(|| durable_hwm(&item.device));
-            let advances = item.seq > *hwm;
+            let advances = item.seq > *hwm && item.kind.moves_mark();
             let settled = match item.kind {
                 ItemKind::Event(ws) => {
                     let ws = *ws;
@@ -190,11 +202,6 @@ impl CommitQueue {
                     retry_after_ms,
                 }),
             };
-            let advances = advances
-                && !matches!(
-                    settled,
-                    Some(Settled::Busy { .. }) | Some(Settled::Welcome { .. })
-                );
             if advances {
                 *hwm = item.seq;
                 if !touched.contains(&item.device) {
@@ -229,7 +236,7 @@ pub trait AfterFlush: Send {
 }
 
 /// The committer thread: gathers what arrived since the last flush, writes it as one batch,
-/// flushes, then releases the replies. Returns when every sender is gone (shutdown) or on the
+/// makes it durable ([`Store::sync`]: flush + fdatasync), then releases the replies. Returns when every sender is gone (shutdown) or on the
 /// first store error (the caller reports it and exits: no ack goes out after a failed write).
 pub fn run(
     store: &Store,
@@ -277,7 +284,7 @@ pub fn run(
             }
         }
         store.tree.apply_batch(batch)?;
-        store.db.flush()?;
+        store.sync()?;
         let mut group = q.flushed(group);
         group.dead_dropped = dead_dropped;
         for (keys, tag) in &group.overlay {
@@ -477,6 +484,27 @@ mod tests {
         }
         assert!(released > 500, "the schedule released {released} answers");
         assert!(submitted.iter().all(|s| *s > 100));
+    }
+
+    #[test]
+    fn a_bad_frame_nack_moves_no_mark_but_a_nacked_publish_does() {
+        let (tx, _rx) = unbounded_channel();
+        let mut q = CommitQueue::new(1, Arc::default());
+        let nack = |code| ItemKind::Nack {
+            code,
+            reason: "x".into(),
+        };
+        q.push(item("d", 1000, nack(NackCode::BadFrame), &tx));
+        q.push(item("d", u64::MAX, nack(NackCode::BadFrame), &tx));
+        q.push(item("d", 3, nack(NackCode::Acl), &tx));
+        let g = q.next_group(|_| 2).unwrap();
+        let marks: Vec<_> = g
+            .ops
+            .iter()
+            .filter(|(k, _)| k.starts_with(keys::HWM))
+            .collect();
+        assert_eq!(marks.len(), 1);
+        assert_eq!(marks[0].1.as_deref(), Some(&3u64.to_be_bytes()[..]));
     }
 
     #[test]

@@ -1,11 +1,25 @@
 //! The store: one sled tree with kind-prefixed keys (see [`keys`]), the overlay of pending
-//! writes, group commit, and the reads the rest of the gateway needs (high-water marks,
-//! handler state, outbox and dead letters).
+//! writes, group commit, what makes a write durable ([`Store::sync`]), and the reads the rest
+//! of the gateway needs (high-water marks, handler state, outbox and dead letters).
+//!
+//! Durability, checked in sled 0.34.7's source: `Db::flush` writes each log buffer with
+//! `pwrite` and then `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)` on its range
+//! (`pagecache/iobuf.rs`, the non-io_uring path); `sync_all` runs only when that call returns
+//! ENOSYS, or in the periodic flusher, which we turn off. `sync_file_range` neither empties
+//! the disk's write cache nor records a longer file, so a flushed group that extended the log
+//! can vanish at a power cut. Pages larger than about a quarter of a segment (~128 KiB) go to
+//! their own file under `blobs/`, written with `write_all` and never synced
+//! (`pagecache/blob_io.rs`); the `conf` file is written once, unsynced (`config.rs`). So
+//! [`Store::sync`] follows every flush with an `fdatasync` of the log and an `fsync` of each
+//! new blob file (and of `blobs/`), and [`Store::open`] syncs every file once.
 
 pub mod commit;
 pub mod keys;
 pub mod overlay;
 
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,6 +116,76 @@ pub struct Store {
     pub dead_ids: Arc<AtomicU64>,
     /// The dead-letter tree's size bound, shared by its two writers.
     dead_bound: Arc<Mutex<DeadBound>>,
+    durable: Arc<Durable>,
+}
+
+/// The files behind sled, synced after each flush (sled's flush is not an fsync).
+struct Durable {
+    dir: PathBuf,
+    /// The log, `<dir>/db`.
+    log: File,
+    /// Blob files already synced (rebuilt from each listing, so it stays as small as `blobs/`).
+    blobs: Mutex<HashSet<OsString>>,
+}
+
+impl Durable {
+    fn open(dir: &Path) -> std::io::Result<Durable> {
+        let d = Durable {
+            dir: dir.to_path_buf(),
+            log: File::open(dir.join("db"))?,
+            blobs: Mutex::default(),
+        };
+        // Once at open: every file sled made or left unsynced (conf, a snapshot), the
+        // directories holding them, and the data dir holding `db/`.
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_file() {
+                File::open(&path)?.sync_all()?;
+            }
+        }
+        d.sync_blobs()?;
+        sync_dir(dir)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        Ok(d)
+    }
+
+    /// fsyncs blob files not synced yet, then `blobs/` itself if any was new.
+    fn sync_blobs(&self) -> std::io::Result<()> {
+        let blob_dir = self.dir.join("blobs");
+        let listing = match std::fs::read_dir(&blob_dir) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut synced = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now = HashSet::with_capacity(synced.len());
+        let mut new = false;
+        for entry in listing {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                match File::open(entry.path()) {
+                    Ok(f) => f.sync_all()?,
+                    // Removed by sled's blob GC since the listing: nothing to sync.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new = true;
+            }
+            now.insert(name);
+        }
+        *synced = now;
+        if new {
+            sync_dir(&blob_dir)?;
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// Bytes the dead-letter tree holds, the oldest id still in it, and its cap.
@@ -160,6 +244,7 @@ impl Store {
             overlay: Arc::new(Overlay::default()),
             dead_ids: Arc::default(),
             dead_bound: Arc::default(),
+            durable: Arc::new(Durable::open(dir)?),
         };
         let next_dead = last_seq(&store, keys::DEAD)?.map_or(1, |s| s + 1);
         store.dead_ids = Arc::new(AtomicU64::new(next_dead));
@@ -177,6 +262,16 @@ impl Store {
         }
         store.dead_bound = Arc::new(Mutex::new(bound));
         Ok(store)
+    }
+
+    /// Makes everything written so far durable: sled's `flush`, then `fdatasync` of the log
+    /// and `fsync` of new blob files (see the module doc: the flush alone survives a crash of
+    /// the process, not a power cut). Safe to call from several threads.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.durable.log.sync_data()?;
+        self.durable.sync_blobs()?;
+        Ok(())
     }
 
     /// Caps the dead-letter tree at `max_bytes` (the oldest are dropped first).

@@ -141,6 +141,7 @@ mod tests {
             topic: "devices/d1/temp".into(),
             class: Class::Urgent,
             ts: 1700000000000,
+            queued_ms: 0,
             payload: b"{\"v\":31}".to_vec(),
         };
         let b = body("gw", "gw-1-1", &[e]);

@@ -1,0 +1,241 @@
+//! Delivery promises (docs/delivery.md), end to end against the real binary: what moves a
+//! device's high-water mark, one publishing stream per device, delivered entries that stay
+//! delivered across a kill -9, the gateway id, and a cloud that refuses everything.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tidepool::proto::msg::{GatewayMsg, NackCode};
+
+fn counter(gw_dir: &std::path::Path) -> String {
+    wat_handler(gw_dir, "counter", COUNTER_WAT, "")
+}
+
+/// The counter handler's count, read from the stopped gateway's store.
+fn count(gw: &Gateway) -> u64 {
+    read_state(&gw.data(), "counter", b"n")
+        .map(|v| u64::from_le_bytes(v.try_into().unwrap()))
+        .unwrap_or(0)
+}
+
+fn raw_frame(kv: &[(&str, ciborium::Value)]) -> Vec<u8> {
+    let m = kv
+        .iter()
+        .map(|(k, v)| (ciborium::Value::Text(k.to_string()), v.clone()))
+        .collect();
+    let mut body = Vec::new();
+    ciborium::into_writer(&ciborium::Value::Map(m), &mut body).unwrap();
+    let mut raw = Vec::new();
+    tidepool::proto::frame::encode(&body, &mut raw);
+    raw
+}
+
+fn nacks(seen: &[GatewayMsg]) -> Vec<(u64, NackCode)> {
+    seen.iter()
+        .filter_map(|m| match m {
+            GatewayMsg::Nack { seq, code, .. } => Some((*seq, *code)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_bad_frame_moves_no_mark_and_later_publishes_below_its_seq_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(&counter(dir.path()));
+    let dev = gw.connect("dev-b").await;
+    let mut s = dev.open().await.unwrap();
+    use ciborium::Value as V;
+    // Not a publish (an unknown type), with a seq far ahead.
+    s.send_raw(&raw_frame(&[
+        ("type", V::Text("ping".into())),
+        ("seq", V::Integer(1000.into())),
+    ]))
+    .await
+    .unwrap();
+    // A publish of the wrong shape (no payload) with the largest seq there is.
+    s.send_raw(&raw_frame(&[
+        ("type", V::Text("publish".into())),
+        ("seq", V::Integer(u64::MAX.into())),
+        ("topic", V::Text("devices/dev-b/t".into())),
+    ]))
+    .await
+    .unwrap();
+    s.send(&publish(1, "devices/dev-b/t", b"x")).await.unwrap();
+    let seen = until_ack(&mut s, 1).await;
+    assert_eq!(
+        nacks(&seen),
+        vec![(1000, NackCode::BadFrame), (u64::MAX, NackCode::BadFrame)],
+        "both bad frames are nacked with the seq they carried, and seq 1 is not: {seen:?}"
+    );
+    // On a new stream (after this one ended): the mark is 1, and seq 2 runs.
+    end_stream(s).await;
+    let mut s = dev.open().await.unwrap();
+    s.send(&tidepool::proto::msg::DeviceMsg::Hello)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_msg(&mut s).await,
+        Some(GatewayMsg::Welcome { hwm: 1, .. })
+    ));
+    s.send(&publish(2, "devices/dev-b/t", b"x")).await.unwrap();
+    let seen = until_ack(&mut s, 2).await;
+    assert!(nacks(&seen).is_empty(), "{seen:?}");
+    drop(s);
+    dev.conn.close(0u32.into(), b"");
+    gw.stop();
+    assert_eq!(count(&gw), 2, "both publishes ran once");
+    assert_eq!(
+        tidepool::store::Store::open(&gw.data().join("db"), 1 << 20)
+            .unwrap()
+            .hwm("dev-b")
+            .unwrap(),
+        2,
+        "the durable mark is the last publish, not a bad frame's seq"
+    );
+}
+
+#[tokio::test]
+async fn a_second_stream_may_not_publish_while_another_stream_of_the_device_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(&counter(dir.path()));
+    let dev = gw.connect("dev-2s").await;
+    let mut a = dev.open().await.unwrap();
+    a.send(&publish(1, "devices/dev-2s/t", b"x")).await.unwrap();
+    until_ack(&mut a, 1).await;
+    // Stream b runs ahead of stream a (a device sending on both at once). Were it to run,
+    // seq 2 on stream a would look like a resend and never run.
+    let mut b = dev.open().await.unwrap();
+    b.send(&publish(3, "devices/dev-2s/t", b"x")).await.unwrap();
+    assert_eq!(
+        next_msg(&mut b).await,
+        Some(GatewayMsg::Busy {
+            seq: 3,
+            retry_after_ms: 1000
+        }),
+        "a second publishing stream is told to come back later"
+    );
+    a.send(&publish(2, "devices/dev-2s/t", b"x")).await.unwrap();
+    let seen = until_ack(&mut a, 2).await;
+    assert!(nacks(&seen).is_empty(), "{seen:?}");
+    // Stream a ends; the device resends from seq 3 on a new stream.
+    end_stream(a).await;
+    let mut c = dev.open().await.unwrap();
+    c.send(&publish(3, "devices/dev-2s/t", b"x")).await.unwrap();
+    let seen = until_ack(&mut c, 3).await;
+    assert!(
+        !seen.iter().any(|m| matches!(m, GatewayMsg::Busy { .. })),
+        "{seen:?}"
+    );
+    dev.conn.close(0u32.into(), b"");
+    gw.stop();
+    assert_eq!(count(&gw), 3, "seqs 1, 2 and 3 each ran once");
+}
+
+#[tokio::test]
+async fn delivered_entries_are_not_posted_again_after_a_kill_on_an_idle_box() {
+    let cloud = Cloud::start(|_| 200).await;
+    let mut gw = Gateway::start(&format!(
+        "[uplink]\nurl = \"{}\"\n[outbox]\nlinger_ms = 50\n[router]\nunrouted = \"forward\"\nunrouted_class = \"urgent\"\n",
+        cloud.url
+    ));
+    let dev = gw.connect("dev-i").await;
+    let mut s = dev.open().await.unwrap();
+    s.send(&publish(1, "devices/dev-i/t", b"alarm"))
+        .await
+        .unwrap();
+    until_ack(&mut s, 1).await;
+    let posted = cloud
+        .wait_until(Duration::from_secs(10), |r| {
+            r.iter().any(|r| r.status == 200)
+        })
+        .await;
+    assert_eq!(posted.len(), 1);
+    // Delivered, and nothing else happens on the box. The removal must be durable without a
+    // later group to carry it: wait until the gateway says it settled, then kill -9.
+    gw.wait_log("delivered", 1, Duration::from_secs(10)).await;
+    gw.kill();
+    // Restarted without an uplink, the outbox shows what survived: nothing.
+    gw.edit_config("url =", "url = \"\"");
+    gw.restart();
+    let st = cli(&["status", "--json"], &gw.config);
+    assert!(st.ok, "{}", st.stderr);
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!(v["outbox"]["entries"], 0, "{v}");
+    assert_eq!(v["outbox"]["bytes"], 0, "{v}");
+    assert_eq!(cloud.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_cloud_that_refuses_everything_is_an_outage_and_nothing_is_dead_lettered() {
+    // A proxy answering 400 to everything for a while (it does not look at the events).
+    let cloud = Cloud::start(|n| if n < 4 { 400 } else { 200 }).await;
+    let m = four_forwards_in_one_batch(&cloud, ["a", "b", "c", "d"], |r| {
+        delivered_ids(r).len() >= 4
+    })
+    .await;
+    let reqs = cloud.requests();
+    let mut ids = delivered_ids(&reqs);
+    ids.sort();
+    assert_eq!(
+        ids,
+        (1..=4)
+            .map(|i| format!("gw-test:dev-p:{i}::0"))
+            .collect::<Vec<_>>(),
+        "every event delivered once: {:?}",
+        reqs.iter()
+            .map(|r| (r.status, events_in(r)))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(m["dead_letters"], 0, "{m}");
+    assert!(m["uplink_outages"].as_u64().unwrap() >= 1, "{m}");
+}
+
+#[tokio::test]
+async fn the_default_gateway_id_is_unique_per_box_and_stable_across_restarts() {
+    let id = |g: &Gateway| {
+        let st = cli(&["status", "--json"], &g.config);
+        assert!(st.ok, "{}", st.stderr);
+        let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+        v["gateway"].as_str().unwrap().to_string()
+    };
+    // Two boxes with the same host name (this machine's) and no configured id.
+    let mut a = Gateway::start_without_id("");
+    let b = Gateway::start_without_id("");
+    let (ida, idb) = (id(&a), id(&b));
+    assert_ne!(ida, idb, "cloned boxes must not share an id");
+    for i in [&ida, &idb] {
+        assert!(tidepool::proto::topic::valid_device_id(i), "{i}");
+    }
+    a.restart();
+    assert_eq!(id(&a), ida, "the id is stable");
+}
+
+#[tokio::test]
+async fn an_undecodable_outbox_entry_is_moved_to_the_dead_letters_and_the_gateway_starts() {
+    let mut gw = Gateway::start("");
+    gw.stop();
+    {
+        let store = tidepool::store::Store::open(&gw.data().join("db"), 1 << 20).unwrap();
+        store
+            .tree
+            .insert(tidepool::store::keys::outbox(7), &b"not an entry"[..])
+            .unwrap();
+        store.db.flush().unwrap();
+    }
+    gw.restart();
+    let m = gw.stop();
+    assert_eq!(m["outbox_corrupt"], 1, "{m}");
+    let store = tidepool::store::Store::open(&gw.data().join("db"), 1 << 20).unwrap();
+    assert!(store
+        .tree
+        .get(tidepool::store::keys::outbox(7))
+        .unwrap()
+        .is_none());
+    let letters = store.dead_letters().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].payload, b"not an entry");
+    assert!(letters[0].reason.contains("outbox entry"), "{letters:?}");
+}
