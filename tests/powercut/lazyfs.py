@@ -162,6 +162,11 @@ class LazyFS(object):
         return fi.fh if fi is not None else None
 
     # ---- power cut ---------------------------------------------------------
+    def init(self, path):
+        # Called by libfuse once the file system is mounted: tell whoever waits for it.
+        sys.stdout.write("lazyfs: mounted\n")
+        sys.stdout.flush()
+
     def reset(self):
         """live := exact copy of durable (run before mounting)."""
         os.makedirs(self.durable, exist_ok=True)

@@ -81,6 +81,7 @@ pub fn slow_counter_wat(spin: u32) -> String {
 /// A running gateway (the real binary) with its own data dir.
 pub struct Gateway {
     pub dir: tempfile::TempDir,
+    data_dir: PathBuf,
     pub config: PathBuf,
     pub addr: String,
     child: Option<Child>,
@@ -100,16 +101,27 @@ impl Gateway {
         Gateway::start_as("", extra)
     }
 
+    /// Like [`Gateway::start`], with the data dir at `data_dir` (the config stays in a temp dir).
+    pub fn start_in(data_dir: &Path, extra: &str) -> Gateway {
+        Gateway::start_at("id = \"gw-test\"\n", Some(data_dir), extra)
+    }
+
     fn start_as(id_line: &str, extra: &str) -> Gateway {
+        Gateway::start_at(id_line, None, extra)
+    }
+
+    fn start_at(id_line: &str, data_dir: Option<&Path>, extra: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("tidepool.toml");
+        let data_dir = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let base = format!(
             "[gateway]\n{id_line}listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nlog = \"info,tidepool=debug\"\n",
-            dir.path().join("data").display()
+            data_dir.display()
         );
         std::fs::write(&config, format!("{base}{extra}")).unwrap();
         let mut g = Gateway {
             dir,
+            data_dir,
             config,
             addr: String::new(),
             child: None,
@@ -152,7 +164,7 @@ impl Gateway {
     }
 
     pub fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir.clone()
     }
 
     /// Issues a device certificate; returns (cert, key, ca).
