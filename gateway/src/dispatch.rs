@@ -5,7 +5,6 @@
 //! synchronous and free of network I/O; the ingress calls it under one lock.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
@@ -18,7 +17,7 @@ use crate::proto::topic;
 use crate::record::{Offer, RecordTap};
 use crate::router::Router;
 use crate::sandbox::{EventInfo, FailureKind, Handler, Outcome, StateSource, TimerInfo};
-use crate::store::commit::{Item, ItemKind, OutboxRecord, Reply, WriteSet};
+use crate::store::commit::{Backlog, Item, ItemKind, OutboxRecord, Reply, WriteSet};
 use crate::store::{fatal, keys, DeadLetter, Store};
 use crate::timers::Timers;
 
@@ -94,7 +93,7 @@ pub struct Dispatcher {
     outbox: Arc<Outbox>,
     tx: Option<SyncSender<Item>>,
     /// Items submitted and not yet committed.
-    pub backlog: Arc<AtomicUsize>,
+    pub backlog: Arc<Backlog>,
     tag: u64,
     datagrams: u64,
     /// Random per start: datagram entry ids stay unique across restarts, even without a clock.
@@ -152,7 +151,7 @@ impl Dispatcher {
             state,
             outbox,
             tx: Some(tx),
-            backlog: Arc::new(AtomicUsize::new(0)),
+            backlog: Arc::new(Backlog::new(cfg.store.commit_queue_bytes)),
             tag: 0,
             datagrams: 0,
             boot_nonce: fastrand::u64(..),
@@ -212,7 +211,8 @@ impl Dispatcher {
     }
 
     fn submit(&mut self, device: &Arc<str>, seq: u64, kind: ItemKind, reply: Option<&Reply>) {
-        self.backlog.fetch_add(1, Ordering::Relaxed);
+        let bytes = kind.bytes();
+        self.backlog.enter(bytes);
         let item = Item {
             device: device.clone(),
             seq,
@@ -221,7 +221,7 @@ impl Dispatcher {
         };
         if self.tx.as_ref().is_none_or(|tx| tx.send(item).is_err()) {
             // The committer stopped: we are shutting down, and nothing more will be acked.
-            self.backlog.fetch_sub(1, Ordering::Relaxed);
+            self.backlog.leave(1, bytes);
         }
     }
 
@@ -339,7 +339,7 @@ impl Dispatcher {
         shed_backlog: usize,
     ) {
         Metrics::inc(&self.metrics.datagrams_in);
-        if self.backlog.load(Ordering::Relaxed) > shed_backlog || self.check(device, &p).is_err() {
+        if self.backlog.items() > shed_backlog || self.check(device, &p).is_err() {
             Metrics::inc(&self.metrics.datagrams_dropped);
             return;
         }
@@ -711,6 +711,7 @@ mod tests {
     use super::*;
     use crate::sandbox::{HostEnv, Manifest, Runtime};
     use bytes::Bytes;
+    use std::sync::atomic::Ordering;
 
     const COUNTER: &str = include_str!("../../tests/handlers/counter.wat");
 

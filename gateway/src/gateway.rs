@@ -3,7 +3,6 @@
 //! commit what is left, write the metrics).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use crate::outbox::Outbox;
 use crate::pki::{self, PkiPaths};
 use crate::record::RecordTap;
 use crate::sandbox::{Handler, HostEnv, Manifest, Runtime};
-use crate::store::commit::{self, AfterFlush, Group};
+use crate::store::commit::{self, AfterFlush, Backlog, Group};
 use crate::store::Store;
 use crate::uplink::{http::HttpSink, Uplink};
 
@@ -92,7 +91,7 @@ pub fn load_handlers(
 struct Hooks {
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
-    backlog: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
 }
 
 impl AfterFlush for Hooks {
@@ -101,7 +100,7 @@ impl AfterFlush for Hooks {
         Metrics::inc(&self.metrics.groups);
         Metrics::inc(&self.metrics.store_syncs);
         Metrics::add(&self.metrics.dead_letters_dropped, g.dead_dropped);
-        self.backlog.fetch_sub(g.items, Ordering::Relaxed);
+        self.backlog.leave(g.items, g.bytes);
     }
 }
 
@@ -184,10 +183,12 @@ pub async fn run(
     };
     let committer = {
         let store = store.clone();
+        let cfg_group_bytes = cfg.store.commit_queue_bytes / commit::GROUP_SHARE_OF_BACKLOG;
         std::thread::Builder::new()
             .name("committer".into())
             .spawn(move || {
-                if let Err(e) = commit::run(&store, rx, hooks) {
+                let max_group = cfg_group_bytes;
+                if let Err(e) = commit::run(&store, rx, max_group, hooks) {
                     crate::store::fatal("committing a group", e);
                 }
             })

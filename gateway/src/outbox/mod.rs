@@ -95,7 +95,7 @@ fn dead_letter_corrupt(
     now_ms: u64,
 ) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
-    let mut added = 0;
+    let mut letters = Vec::with_capacity(corrupt.len());
     for (k, v) in corrupt {
         let seq = keys::seq_of(k);
         tracing::error!(key = ?k, bytes = v.len(), "an outbox entry does not decode; moved to the dead letters");
@@ -109,14 +109,10 @@ fn dead_letter_corrupt(
             received_ms: now_ms,
             ts: None,
         };
-        let bytes = d.encode();
-        added += bytes.len() as u64;
+        letters.push(d.encode());
         batch.remove(k.as_slice());
-        batch.insert(keys::dead(store.next_dead_id()), bytes);
     }
-    for k in store.trim_dead_letters(added)? {
-        batch.remove(k);
-    }
+    store.dead_letter_into(&mut batch, letters)?;
     store.tree.apply_batch(batch)?;
     store.sync()
 }

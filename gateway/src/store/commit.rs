@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -71,6 +71,26 @@ pub enum ItemKind {
 }
 
 impl ItemKind {
+    /// Bytes this item holds while it waits for the committer (what it writes, plus a fixed
+    /// share for the item itself): what the [`Backlog`] bounds.
+    pub fn bytes(&self) -> u64 {
+        const ITEM: u64 = 64;
+        ITEM + match self {
+            ItemKind::Event(ws) => {
+                let state: usize = ws
+                    .state
+                    .iter()
+                    .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                    .sum();
+                let outbox: usize = ws.outbox.iter().map(|r| r.entry.len()).sum();
+                let dead: usize = ws.dead.iter().map(Vec::len).sum();
+                (state + outbox + dead) as u64
+            }
+            ItemKind::Nack { reason, .. } => reason.len() as u64,
+            ItemKind::Resend | ItemKind::Welcome | ItemKind::Busy { .. } => 0,
+        }
+    }
+
     /// Whether this item, once durable, moves its device's high-water mark to its seq: a kept
     /// event or a nacked publish does; a bad frame, a welcome or a busy answer does not.
     pub fn moves_mark(&self) -> bool {
@@ -109,9 +129,64 @@ pub struct Group {
     pub events: usize,
     /// Items in the group (events, nacks, resends, welcomes, busy answers).
     pub items: usize,
-    /// Bytes of new dead letters, and how many old ones the write dropped to stay under the cap.
-    pub dead_bytes: u64,
+    /// The new dead letters' keys and sizes, and how many letters the write dropped to stay
+    /// under the cap.
+    pub dead: Vec<(Vec<u8>, u64)>,
     pub dead_dropped: u64,
+    /// What the group's items hold ([`ItemKind::bytes`]), released from the [`Backlog`] once
+    /// the group is durable.
+    pub bytes: u64,
+}
+
+/// What was submitted to the committer and is not durable yet, bounded in bytes (the channel
+/// bounds the count): a handler writing large state or many dead letters cannot make the
+/// queue and the group hold more than `max_bytes`. Submitting blocks while the bound is
+/// reached (backpressure, as a full channel does), unless nothing is in flight.
+#[derive(Debug)]
+pub struct Backlog {
+    items: std::sync::atomic::AtomicUsize,
+    bytes: Mutex<u64>,
+    freed: Condvar,
+    max_bytes: u64,
+}
+
+impl Backlog {
+    pub fn new(max_bytes: u64) -> Self {
+        Backlog {
+            items: Default::default(),
+            bytes: Mutex::new(0),
+            freed: Condvar::new(),
+            max_bytes,
+        }
+    }
+
+    /// Waits until `bytes` more fit (or nothing is in flight), then counts one item of them.
+    pub fn enter(&self, bytes: u64) {
+        let mut used = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        while *used > 0 && used.saturating_add(bytes) > self.max_bytes {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += bytes;
+        self.items.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `items` items holding `bytes` left the backlog (committed, or never sent).
+    pub fn leave(&self, items: usize, bytes: u64) {
+        self.items.fetch_sub(items, Ordering::Relaxed);
+        let mut used = self.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        *used = used.saturating_sub(bytes);
+        self.freed.notify_all();
+    }
+
+    /// Items submitted and not yet durable.
+    pub fn items(&self) -> usize {
+        self.items.load(Ordering::Relaxed)
+    }
+
+    /// Bytes submitted and not yet durable.
+    pub fn bytes(&self) -> u64 {
+        *self.bytes.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The pure group-commit state machine.
@@ -121,6 +196,7 @@ pub struct CommitQueue {
     next_outbox: u64,
     dead_ids: Arc<AtomicU64>,
     pending: Vec<Item>,
+    pending_bytes: u64,
     in_flight: bool,
 }
 
@@ -131,16 +207,22 @@ impl CommitQueue {
             next_outbox,
             dead_ids,
             pending: Vec::new(),
+            pending_bytes: 0,
             in_flight: false,
         }
     }
 
     pub fn push(&mut self, item: Item) {
+        self.pending_bytes += item.kind.bytes();
         self.pending.push(item);
     }
 
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
     }
 
     /// The next group to write, unless one is in flight or nothing is pending.
@@ -150,7 +232,10 @@ impl CommitQueue {
             return None;
         }
         self.in_flight = true;
-        let mut g = Group::default();
+        let mut g = Group {
+            bytes: std::mem::take(&mut self.pending_bytes),
+            ..Group::default()
+        };
         let mut touched: Vec<Arc<str>> = Vec::new();
         for item in std::mem::take(&mut self.pending) {
             g.items += 1;
@@ -182,11 +267,9 @@ impl CommitQueue {
                         g.ops.push((keys::outbox(seq), Some(rec.entry)));
                     }
                     for d in ws.dead {
-                        g.dead_bytes += d.len() as u64;
-                        g.ops.push((
-                            keys::dead(self.dead_ids.fetch_add(1, Ordering::Relaxed)),
-                            Some(d),
-                        ));
+                        let key = keys::dead(self.dead_ids.fetch_add(1, Ordering::Relaxed));
+                        g.dead.push((key.clone(), d.len() as u64));
+                        g.ops.push((key, Some(d)));
                     }
                     (item.seq > 0).then_some(Settled::Ack(item.seq))
                 }
@@ -230,17 +313,23 @@ impl CommitQueue {
 /// Largest number of items in one group.
 const MAX_GROUP_ITEMS: usize = 16_384;
 
+/// A group takes at most this share of the backlog's byte bound (one item may exceed it).
+pub const GROUP_SHARE_OF_BACKLOG: u64 = 4;
+
 /// Hooks the driver calls after each durable group.
 pub trait AfterFlush: Send {
     fn after_flush(&mut self, group: &Group);
 }
 
 /// The committer thread: gathers what arrived since the last flush, writes it as one batch,
-/// makes it durable ([`Store::sync`]: flush + fdatasync), then releases the replies. Returns when every sender is gone (shutdown) or on the
-/// first store error (the caller reports it and exits: no ack goes out after a failed write).
+/// makes it durable ([`Store::sync`]: flush + fdatasync), then releases the replies. A group
+/// holds at most [`MAX_GROUP_ITEMS`] items and about `max_group_bytes`. Returns when every
+/// sender is gone (shutdown) or on the first store error (the caller reports it and exits: no
+/// ack goes out after a failed write).
 pub fn run(
     store: &Store,
     rx: Receiver<Item>,
+    max_group_bytes: u64,
     mut hooks: impl AfterFlush,
 ) -> Result<(), StoreError> {
     let next_outbox = last_seq(store, keys::OUTBOX)?.map_or(1, |s| s + 1);
@@ -251,7 +340,7 @@ pub fn run(
             Ok(item) => q.push(item),
             Err(_) => return Ok(()),
         }
-        while q.pending() < MAX_GROUP_ITEMS {
+        while q.pending() < MAX_GROUP_ITEMS && q.pending_bytes() < max_group_bytes {
             match rx.try_recv() {
                 Ok(item) => q.push(item),
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
@@ -277,8 +366,8 @@ pub fn run(
             }
         }
         let mut dead_dropped = 0;
-        if group.dead_bytes > 0 {
-            for k in store.trim_dead_letters(group.dead_bytes)? {
+        if !group.dead.is_empty() {
+            for k in store.trim_dead_letters(&group.dead)? {
                 batch.remove(k);
                 dead_dropped += 1;
             }
@@ -484,6 +573,69 @@ mod tests {
         }
         assert!(released > 500, "the schedule released {released} answers");
         assert!(submitted.iter().all(|s| *s > 100));
+    }
+
+    #[test]
+    fn the_backlog_holds_a_submitter_back_until_bytes_are_durable() {
+        let b = Arc::new(Backlog::new(1000));
+        b.enter(5000); // alone, an item larger than the bound still goes in
+        let (b2, done) = (
+            b.clone(),
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        );
+        let d2 = done.clone();
+        let t = std::thread::spawn(move || {
+            b2.enter(10);
+            d2.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "held back while 5000 bytes are in flight"
+        );
+        b.leave(1, 5000);
+        t.join().unwrap();
+        assert!(done.load(Ordering::SeqCst));
+        assert_eq!((b.items(), b.bytes()), (1, 10));
+    }
+
+    struct Groups(Arc<std::sync::Mutex<Vec<(usize, u64)>>>);
+    impl AfterFlush for Groups {
+        fn after_flush(&mut self, g: &Group) {
+            self.0.lock().unwrap().push((g.items, g.bytes));
+        }
+    }
+
+    #[test]
+    fn a_group_is_bounded_in_bytes_as_well_as_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(64);
+        let mib = 1 << 20;
+        // 20 events of 1 MiB state each, all queued before the committer starts.
+        for seq in 1..=20u64 {
+            let ws = WriteSet {
+                state: vec![(keys::state("h", &seq.to_be_bytes()), Some(vec![7; mib]))],
+                ..Default::default()
+            };
+            tx.send(Item {
+                device: "d".into(),
+                seq,
+                kind: ItemKind::Event(Box::new(ws)),
+                reply: None,
+            })
+            .unwrap();
+        }
+        drop(tx);
+        let groups = Arc::new(std::sync::Mutex::new(Vec::new()));
+        run(&store, rx, 4 * mib as u64, Groups(groups.clone())).unwrap();
+        let groups = groups.lock().unwrap();
+        assert_eq!(groups.iter().map(|g| g.0).sum::<usize>(), 20);
+        assert!(
+            groups.iter().all(|(_, bytes)| *bytes <= 5 * mib as u64),
+            "a group holds at most its bound plus one item: {groups:?}"
+        );
+        assert_eq!(store.hwm("d").unwrap(), 20);
     }
 
     #[test]

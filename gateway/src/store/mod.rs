@@ -282,12 +282,13 @@ impl Store {
             .max_bytes = max_bytes;
     }
 
-    /// Accounts for `added` bytes of new dead letters about to be written and returns the
-    /// removals of the oldest ones that keep the tree under its cap (add them to the same
-    /// atomic write). The new letters themselves are never removed.
-    pub fn trim_dead_letters(&self, added: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+    /// Accounts for new dead letters about to be written (`(key, bytes)`, oldest first) and
+    /// returns the removals that keep the tree under its cap (add them to the same atomic
+    /// write): the oldest letters in the tree first, then, when the new letters alone exceed
+    /// the cap, the oldest of them too.
+    pub fn trim_dead_letters(&self, new: &[(Vec<u8>, u64)]) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut b = self.dead_bound.lock().unwrap_or_else(|p| p.into_inner());
-        b.bytes += added;
+        b.bytes += new.iter().map(|(_, n)| n).sum::<u64>();
         let mut removals = Vec::new();
         if b.bytes <= b.max_bytes {
             return Ok(removals);
@@ -301,7 +302,36 @@ impl Store {
             b.oldest = keys::seq_of(&k).map_or(b.oldest, |s| s + 1);
             removals.push(k.to_vec());
         }
+        // Never written, so `oldest` stays: it tracks only what the tree holds.
+        for (k, n) in new {
+            if b.bytes <= b.max_bytes {
+                break;
+            }
+            b.bytes = b.bytes.saturating_sub(*n);
+            removals.push(k.clone());
+        }
         Ok(removals)
+    }
+
+    /// Adds encoded dead letters to `batch` under fresh ids, with the removals that keep the
+    /// tree under its cap; returns how many letters (old or new) the write drops.
+    pub fn dead_letter_into(
+        &self,
+        batch: &mut sled::Batch,
+        letters: Vec<Vec<u8>>,
+    ) -> Result<u64, StoreError> {
+        let new: Vec<(Vec<u8>, u64)> = letters
+            .iter()
+            .map(|l| (keys::dead(self.next_dead_id()), l.len() as u64))
+            .collect();
+        for ((k, _), v) in new.iter().zip(letters) {
+            batch.insert(k.as_slice(), v);
+        }
+        let removals = self.trim_dead_letters(&new)?;
+        for k in &removals {
+            batch.remove(k.as_slice());
+        }
+        Ok(removals.len() as u64)
     }
 
     /// A fresh dead-letter id.
@@ -398,21 +428,13 @@ mod tests {
         }
     }
 
-    /// Writes letters the way the committer does: trim first, in the same batch.
+    /// Writes letters the way every writer does: trim in the same batch.
     fn write(store: &Store, n: u64) -> usize {
         let mut batch = sled::Batch::default();
-        let mut added = 0;
-        for i in 0..n {
-            let bytes = letter(i).encode();
-            added += bytes.len() as u64;
-            batch.insert(keys::dead(store.next_dead_id()), bytes);
-        }
-        let removed = store.trim_dead_letters(added).unwrap();
-        for k in &removed {
-            batch.remove(k.as_slice());
-        }
+        let letters = (0..n).map(|i| letter(i).encode()).collect();
+        let removed = store.dead_letter_into(&mut batch, letters).unwrap();
         store.tree.apply_batch(batch).unwrap();
-        removed.len()
+        removed as usize
     }
 
     #[test]
@@ -437,5 +459,19 @@ mod tests {
             "the size is known again after a reopen"
         );
         assert_eq!(store.dead_letters().unwrap().len(), 10);
+    }
+
+    #[test]
+    fn new_letters_alone_over_the_cap_are_trimmed_within_their_own_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = letter(0).encode().len() as u64;
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        store.bound_dead_letters(10 * one);
+        assert_eq!(write(&store, 3), 0);
+        assert_eq!(write(&store, 15), 8, "3 old and 5 of the 15 new");
+        let left = store.dead_letters().unwrap();
+        assert_eq!(left.len(), 10);
+        assert_eq!(left[0].seq, 5, "the newest ten of the fifteen are kept");
+        assert_eq!(write(&store, 1), 1, "the size is still right");
     }
 }

@@ -200,27 +200,26 @@ impl<S: Sink> Uplink<S> {
             batch.remove(keys::outbox(*s));
         }
         if let Some(reason) = dead_reason {
-            let mut added = 0;
-            for e in &b.entries {
-                let d = DeadLetter {
-                    device: e.device.clone(),
-                    seq: 0,
-                    topic: e.topic.clone(),
-                    payload: e.payload.clone(),
-                    handler: "uplink".into(),
-                    reason: format!("uplink:{reason} (entry {})", e.id),
-                    received_ms: e.ts,
-                    ts: Some(e.ts),
-                };
-                let bytes = d.encode();
-                added += bytes.len() as u64;
-                batch.insert(keys::dead(self.store.next_dead_id()), bytes);
-                Metrics::inc(&self.metrics.dead_letters);
-            }
-            for k in self.store.trim_dead_letters(added)? {
-                batch.remove(k);
-                Metrics::inc(&self.metrics.dead_letters_dropped);
-            }
+            let letters: Vec<Vec<u8>> = b
+                .entries
+                .iter()
+                .map(|e| {
+                    DeadLetter {
+                        device: e.device.clone(),
+                        seq: 0,
+                        topic: e.topic.clone(),
+                        payload: e.payload.clone(),
+                        handler: "uplink".into(),
+                        reason: format!("uplink:{reason} (entry {})", e.id),
+                        received_ms: e.ts,
+                        ts: Some(e.ts),
+                    }
+                    .encode()
+                })
+                .collect();
+            Metrics::add(&self.metrics.dead_letters, letters.len() as u64);
+            let dropped = self.store.dead_letter_into(&mut batch, letters)?;
+            Metrics::add(&self.metrics.dead_letters_dropped, dropped);
         }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
