@@ -239,3 +239,124 @@ async fn an_undecodable_outbox_entry_is_moved_to_the_dead_letters_and_the_gatewa
     assert_eq!(letters[0].payload, b"not an entry");
     assert!(letters[0].reason.contains("outbox entry"), "{letters:?}");
 }
+
+/// Phases of the outage test's cloud (before them, nothing listens: connection refused).
+const UNAVAILABLE: u8 = 1;
+const UNAUTHORIZED: u8 = 2;
+const SLOW: u8 = 3;
+const UP: u8 = 4;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uplink_outage_backs_off_and_every_event_arrives_once_after_dedupe() {
+    use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    use std::sync::Arc;
+    // Connection refused: a port with nothing listening (bound later on the same port).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(&format!(
+        "{}[uplink]\nurl = \"http://127.0.0.1:{port}/ingest\"\ntimeout_ms = 300\n[outbox]\nmax_delay_ms = 20\nlinger_ms = 50\nretry_base_ms = 50\nretry_max_ms = 400\n",
+        wat_handler(dir.path(), "fwd", include_str!("handlers/forwarder.wat"), "")
+    ));
+    // Events keep arriving through every phase.
+    let dev = gw.connect("dev-o").await;
+    let acked = Arc::new(AtomicU64::new(0));
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let publisher = {
+        let (acked, running) = (acked.clone(), running.clone());
+        let mut s = dev.open().await.unwrap();
+        tokio::spawn(async move {
+            let mut seq = 0;
+            while running.load(Ordering::SeqCst) {
+                for _ in 0..5 {
+                    seq += 1;
+                    s.push(&publish(seq, "devices/dev-o/t", b"x"));
+                }
+                s.flush().await.unwrap();
+                until_ack(&mut s, seq).await;
+                acked.store(seq, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            end_stream(s).await;
+        })
+    };
+    let phase_for = Duration::from_millis(1500);
+
+    // Refused: the gateway backs off and stays near idle.
+    let cpu0 = gw.cpu_time();
+    tokio::time::sleep(phase_for).await;
+    let cpu_refused = gw.cpu_time() - cpu0;
+
+    let phase = Arc::new(AtomicU8::new(UNAVAILABLE));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let p = phase.clone();
+    let cloud = Cloud::serve(listener, move |_| match p.load(Ordering::SeqCst) {
+        UNAVAILABLE => (503, Duration::ZERO),
+        UNAUTHORIZED => (401, Duration::ZERO),
+        SLOW => (200, Duration::from_millis(1000)),
+        _ => (200, Duration::ZERO),
+    });
+    let count = |from: usize| cloud.requests().len() - from;
+    tokio::time::sleep(phase_for).await;
+    let tries_503 = count(0);
+    phase.store(UNAUTHORIZED, Ordering::SeqCst);
+    let n = count(0);
+    tokio::time::sleep(phase_for).await;
+    let tries_401 = count(n);
+    phase.store(SLOW, Ordering::SeqCst);
+    let n = count(0);
+    tokio::time::sleep(phase_for).await;
+    let tries_slow = count(n);
+    phase.store(UP, Ordering::SeqCst);
+    running.store(false, Ordering::SeqCst);
+    publisher.await.unwrap();
+    let last = acked.load(Ordering::SeqCst);
+    let expected: std::collections::BTreeSet<String> = (1..=last)
+        .map(|s| format!("gw-test:dev-o:{s}:fwd:0"))
+        .collect();
+    let reqs = cloud
+        .wait_until(Duration::from_secs(30), |r| {
+            delivered_ids(r)
+                .into_iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                == expected
+        })
+        .await;
+    let all = delivered_ids(&reqs);
+    let distinct: std::collections::BTreeSet<String> = all.iter().cloned().collect();
+    assert_eq!(
+        distinct, expected,
+        "every acked event arrives; after dedupe exactly once"
+    );
+    dev.conn.close(0u32.into(), b"");
+    let m = gw.stop();
+    eprintln!(
+        "outage: {last} events, cpu while refused {cpu_refused:?} of {phase_for:?}; tries: 503 {tries_503}, 401 {tries_401}, slow {tries_slow}; {} posted, {} distinct; metrics {m}",
+        all.len(),
+        distinct.len()
+    );
+    // Backoff from 50 ms doubling to 400 ms: a few tries a second at most, not a busy loop.
+    for (what, tries) in [("503", tries_503), ("401", tries_401), ("slow", tries_slow)] {
+        assert!(
+            (1..=12).contains(&tries),
+            "{what}: {tries} tries in {phase_for:?}"
+        );
+    }
+    assert!(
+        cpu_refused < phase_for / 5,
+        "the gateway used {cpu_refused:?} of CPU in {phase_for:?} of refused connections"
+    );
+    assert_eq!(m["dead_letters"], 0, "{m}");
+    assert!(
+        gw.stderr
+            .lock()
+            .unwrap()
+            .contains("uplink refused: HTTP 401"),
+        "401 raises an alarm"
+    );
+}

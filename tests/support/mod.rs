@@ -225,6 +225,22 @@ impl Gateway {
         }
     }
 
+    /// CPU time (user + system) the running gateway has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let pid = self.child.as_ref().expect("running").id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command name (which ends with the last ')'): utime and stime are
+        // the 12th and 13th, in clock ticks (100 a second on Linux).
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        Duration::from_millis((f[0] + f[1]) * 10)
+    }
+
     /// Kills the gateway with SIGKILL (no drain, no flush) and waits for it to be gone.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
@@ -368,10 +384,19 @@ impl Cloud {
     /// A cloud that answers by request content.
     pub async fn start_with(status: impl Fn(&Request) -> u16 + Send + Sync + 'static) -> Cloud {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Cloud::serve(listener, move |r| (status(r), Duration::ZERO))
+    }
+
+    /// A cloud on `listener` that answers each request with a status after a delay, both
+    /// chosen by the test (a request is recorded when it arrives, its status when answered).
+    pub fn serve(
+        listener: tokio::net::TcpListener,
+        answer: impl Fn(&Request) -> (u16, Duration) + Send + Sync + 'static,
+    ) -> Cloud {
         let url = format!("http://{}/ingest", listener.local_addr().unwrap());
         let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
         let arrived = Arc::new(Notify::new());
-        let status = Arc::new(status);
+        let status = Arc::new(answer);
         let (reqs, arr) = (requests.clone(), arrived.clone());
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
@@ -410,10 +435,11 @@ impl Cloud {
                             body,
                             status: 0,
                         };
-                        req.status = status(&req);
-                        let code = req.status;
+                        let (code, delay) = status(&req);
+                        req.status = code;
                         reqs.lock().unwrap().push(req);
                         arr.notify_waiters();
+                        tokio::time::sleep(delay).await;
                         let resp = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n");
                         if w.write_all(resp.as_bytes()).await.is_err() {
                             return;
