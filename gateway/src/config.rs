@@ -149,6 +149,7 @@ pub struct StoreConfig {
     pub cache_capacity_bytes: u64,
     pub dead_letter_max_bytes: u64,
     pub commit_queue_bytes: u64,
+    pub min_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

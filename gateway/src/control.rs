@@ -31,6 +31,7 @@ pub struct Control {
     pub dispatcher: Arc<Mutex<Dispatcher>>,
     pub metrics: Arc<Metrics>,
     pub outbox: Arc<Outbox>,
+    pub disk: Arc<crate::os::disk::DiskWatch>,
     pub store: Store,
 }
 
@@ -75,6 +76,10 @@ impl Control {
             "outbox": {
                 "entries": pending.urgent + pending.normal + pending.bulk,
                 "bytes": self.outbox.used_bytes(),
+            },
+            "disk": {
+                "free_bytes": self.disk.free_bytes(),
+                "low": self.disk.is_low(),
             },
             "metrics": self.metrics.snapshot(),
         })

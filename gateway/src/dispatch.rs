@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::{Class, Config, Unrouted};
 use crate::jsonl::Line;
 use crate::metrics::Metrics;
+use crate::os::disk::DiskWatch;
 use crate::outbox::{entry_id, Admission, Entry, Outbox};
 use crate::proto::msg::{NackCode, Publish};
 use crate::proto::topic;
@@ -87,6 +88,7 @@ pub struct Dispatcher {
     quarantine_after: u32,
     timers: Timers,
     recorder: Option<RecordTap>,
+    disk: Option<Arc<DiskWatch>>,
     claimed: HashMap<Arc<str>, u64>,
     store: Store,
     state: Arc<EventState>,
@@ -146,6 +148,7 @@ impl Dispatcher {
             quarantine_after: cfg.limits.quarantine_after_errors,
             timers,
             recorder: None,
+            disk: None,
             claimed: HashMap::new(),
             store,
             state,
@@ -162,6 +165,15 @@ impl Dispatcher {
             d.submit(&"".into(), 0, ItemKind::Event(Box::new(schedule)), None);
         }
         d
+    }
+
+    /// Answers `busy` (and skips timers) while `disk` is below its reserve.
+    pub fn watch_disk(&mut self, disk: Arc<DiskWatch>) {
+        self.disk = Some(disk);
+    }
+
+    fn disk_low(&self) -> bool {
+        self.disk.as_ref().is_some_and(|d| d.is_low())
     }
 
     /// Records matching events from now on (`[record]`).
@@ -310,6 +322,9 @@ impl Dispatcher {
             self.nack(device, p.seq, code, reason, reply);
             return Submitted::Queued;
         }
+        if self.disk_low() {
+            return Submitted::Busy;
+        }
         let seq_text = p.seq.to_string();
         let ctx = Ctx {
             device,
@@ -339,7 +354,8 @@ impl Dispatcher {
         shed_backlog: usize,
     ) {
         Metrics::inc(&self.metrics.datagrams_in);
-        if self.backlog.items() > shed_backlog || self.check(device, &p).is_err() {
+        if self.backlog.items() > shed_backlog || self.check(device, &p).is_err() || self.disk_low()
+        {
             Metrics::inc(&self.metrics.datagrams_dropped);
             return;
         }
@@ -383,15 +399,24 @@ impl Dispatcher {
             };
             let name = self.handlers[h].name().to_string();
             let next = timer_write(&name, next_ms);
-            let ws = match self.process(&ctx, Root::Timer(h, info)) {
+            let run = if self.disk_low() {
+                None
+            } else {
+                self.process(&ctx, Root::Timer(h, info))
+            };
+            let ws = match run {
                 Some(mut ws) => {
                     ws.state.push(next);
                     ws
                 }
-                // The outbox is full: this firing is skipped, the schedule moves on.
+                // The outbox is full (or the disk low): this firing is skipped, the schedule
+                // moves on.
                 None => {
                     Metrics::inc(&self.metrics.timers_skipped);
-                    tracing::warn!(handler = name, "timer skipped: the outbox is full");
+                    tracing::warn!(
+                        handler = name,
+                        "timer skipped: the outbox is full or the disk low"
+                    );
                     WriteSet {
                         state: vec![next],
                         ..WriteSet::default()

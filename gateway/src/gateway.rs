@@ -13,6 +13,7 @@ use crate::control::{self, Control};
 use crate::dispatch::{Dispatcher, EventState};
 use crate::ingress::{self, Shared};
 use crate::metrics::Metrics;
+use crate::os::disk::DiskWatch;
 use crate::outbox::Outbox;
 use crate::pki::{self, PkiPaths};
 use crate::record::RecordTap;
@@ -90,6 +91,7 @@ pub fn load_handlers(
 
 struct Hooks {
     outbox: Arc<Outbox>,
+    disk: Arc<DiskWatch>,
     metrics: Arc<Metrics>,
     backlog: Arc<Backlog>,
 }
@@ -101,6 +103,7 @@ impl AfterFlush for Hooks {
         Metrics::inc(&self.metrics.store_syncs);
         Metrics::add(&self.metrics.dead_letters_dropped, g.dead_dropped);
         self.backlog.leave(g.items, g.bytes);
+        self.disk.check();
     }
 }
 
@@ -176,8 +179,11 @@ pub async fn run(
         tx,
         metrics.clone(),
     );
+    let disk = Arc::new(DiskWatch::new(&data, cfg.store.min_free_bytes));
+    dispatcher.watch_disk(disk.clone());
     let hooks = Hooks {
         outbox: outbox.clone(),
+        disk: disk.clone(),
         metrics: metrics.clone(),
         backlog: dispatcher.backlog.clone(),
     };
@@ -217,6 +223,7 @@ pub async fn run(
         metrics: metrics.clone(),
         outbox: outbox.clone(),
         store: store.clone(),
+        disk,
     });
     // Without the socket the gateway still serves devices; only `status` and the live export
     // are unavailable (e.g. a data dir path longer than a socket path may be).

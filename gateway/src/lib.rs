@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod ingress;
 pub mod jsonl;
 pub mod metrics;
+pub mod os;
 pub mod outbox;
 pub mod pki;
 pub mod proto;

@@ -241,6 +241,12 @@ impl Gateway {
         Duration::from_millis((f[0] + f[1]) * 10)
     }
 
+    /// Waits for the gateway to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let mut child = self.child.take().expect("running");
+        child.wait().unwrap().code()
+    }
+
     /// Kills the gateway with SIGKILL (no drain, no flush) and waits for it to be gone.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
