@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Load test: N devices publishing 100-byte readings through the threshold handler, against
 # two baselines measured in the same run on the same disk:
-#   1. raw sled: batched inserts of one 100-byte value per event, one flush per 1000;
+#   1. raw sled: batched inserts of one 100-byte value per event, one flush + fdatasync per 1000
+#      (the same Store::sync the gateway pays per group);
 #   2. Mosquitto QoS 1 ingest of the same events with the same number of publishers
 #      (mosquitto_pub -q 1 -l, persistence on).
-# Then the ack latency at a fixed 20k events/s. The load generator runs on the same 2 cores.
+# Then the ack latency at a fixed 20k events/s, fsyncs per second and events per group, and what
+# the fdatasync costs at small group sizes. The load generator runs on the same 2 cores.
 # First, the sandbox path alone (no disk, one thread): trivial and threshold handlers in WAT and
 # with the SDK, against the same logic in native Rust, and the examples' load times and sizes.
 #
@@ -63,28 +65,40 @@ done
 
 
 total=$((devices * events))
+rate() { sed -n 's/.*events_per_s=\([0-9]*\).*/\1/p' <<<"$1"; }
 echo "== tidepool: $devices devices x $events events, window $window, threshold handler, ack after fsync"
 tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"
 tp=$("$loadgen" tidepool --gateway "localhost:$port" --certs "$work/certs" \
     --devices "$devices" --events-per-device "$events" --window "$window")
 echo "   $tp"
+syncs=$("$bin" status --json --config "$work/tidepool.toml" | python3 -c "import json,sys; m=json.load(sys.stdin)['metrics']; print(m['groups'], m['store_syncs'])")
+read -r groups store_syncs <<<"$syncs"
+tp_secs=$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' <<<"$tp")
+echo "   fsyncs (flush + fdatasync): $store_syncs, $(python3 -c "print(f'{$store_syncs / $tp_secs:.0f}/s, {$total / $groups:.1f} events per group commit')")"
 echo "== tidepool at a fixed 20k events/s for 5 s (latency)"
 lat=$("$loadgen" tidepool --gateway "localhost:$port" --certs "$work/certs" \
     --devices "$devices" --events-per-device $((100000 / devices)) --window 4096 --rate 20000)
 echo "   $lat"
 tp_stop_gateway
-echo "   groups (fsyncs): $(python3 -c "import json; print(json.load(open('$work/data/metrics.json'))['groups'])")"
 
-echo "== sled alone: $total inserts of 100 bytes, a flush per 1000"
+echo "== sled alone: $total inserts of 100 bytes, one Store::sync (flush + fdatasync) per 1000"
 sl=$("$loadgen" sled --dir "$work/sled" --events "$total" --batch 1000 --value-bytes 100)
 echo "   $sl"
 
-echo "== the commit's write shape (2 keys per event + 1 mark per group, a flush per group):"
+echo "== the commit's write shape (2 keys per event + 1 mark per group, a sync per group):"
 echo "   one-tree batch (what the gateway does) vs three-tree transaction, at group sizes 40 and 1000"
 for group in 40 1000; do
     for mode in batch txn; do
         echo "   group=$group $("$loadgen" sled-group --dir "$work/sled-$mode-$group" --events 60000 --group "$group" --mode "$mode")"
     done
+done
+echo "== what the fdatasync costs: the batch shape with sled's flush alone (not power-cut safe)"
+for group in 1 10 40; do
+    ev=$((group * 1500))
+    a=$("$loadgen" sled-group --dir "$work/fs-sync-$group" --events "$ev" --group "$group" --mode batch)
+    b=$("$loadgen" sled-group --dir "$work/fs-flush-$group" --events "$ev" --group "$group" --mode batch --flush-only)
+    echo "   group=$group  with fdatasync: $a"
+    echo "   group=$group  flush only:     $b   -> $(python3 -c "print(f'{$(rate "$a") / $(rate "$b"):.2f}x')")"
 done
 
 echo "== mosquitto: $devices publishers (mosquitto_pub -q 1 -l), $events messages each, persistence on"
@@ -115,7 +129,6 @@ mq_end=$(date +%s.%N)
 mq=$(python3 -c "print(f'mosquitto events=$total seconds={$mq_end - $mq_start:.3f} events_per_s={$total / ($mq_end - $mq_start):.0f}')")
 echo "   $mq"
 
-rate() { sed -n 's/.*events_per_s=\([0-9]*\).*/\1/p' <<<"$1"; }
 python3 - "$(rate "$tp")" "$(rate "$sl")" "$(rate "$mq")" "$lat" <<'PY'
 import sys
 tp, sl, mq = map(float, sys.argv[1:4])

@@ -204,7 +204,7 @@ async fn every_acked_event_survives_kill_9_under_load_exactly_once() {
     );
     let dups = delivered_ids(&reqs).len() - delivered.len();
     eprintln!(
-        "crash: {cycles} cycles, {total_acked} acked, {} kept, {} delivered, {dups} duplicate deliveries (deduped by id), 0 lost",
+        "crash: {cycles} cycles, {total_acked} acked, {} kept, {} delivered, 0 lost, {dups} posted twice, 0 duplicates after dedupe by id",
         expected.len(),
         delivered.len()
     );

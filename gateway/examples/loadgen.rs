@@ -65,6 +65,10 @@ enum Cmd {
         group: u64,
         #[arg(long, value_parser = ["batch", "txn"])]
         mode: String,
+        /// sled's flush alone, no fdatasync (what the gateway did before: not power-cut safe);
+        /// shows what the fsync costs at a given group size.
+        #[arg(long)]
+        flush_only: bool,
     },
 }
 
@@ -151,12 +155,11 @@ async fn device(
 }
 
 /// The store the sled baselines write to: the gateway's settings (no background flusher).
-fn open_sled(dir: &std::path::Path) -> sled::Result<sled::Db> {
-    sled::Config::new()
-        .path(dir)
-        .flush_every_ms(None)
-        .cache_capacity(4 << 20)
-        .open()
+/// The baselines open sled as the gateway does (`Store::open`: periodic flush off, 4 MiB cache)
+/// and make each write durable as it does (`Store::sync`: flush, then fdatasync of the log and
+/// fsync of new blobs), so the ratio compares the same durability.
+fn open_sled(dir: &std::path::Path) -> anyhow::Result<tidepool::store::Store> {
+    Ok(tidepool::store::Store::open(dir, 4 << 20)?)
 }
 
 fn report(label: &str, events: u64, start: Instant) {
@@ -213,8 +216,8 @@ fn main() -> anyhow::Result<()> {
             batch,
             value_bytes,
         } => {
-            let db = open_sled(&dir)?;
-            let tree = db.open_tree("bench")?;
+            let store = open_sled(&dir)?;
+            let tree = store.db.open_tree("bench")?;
             let value = vec![b'x'; value_bytes];
             let start = Instant::now();
             let mut i = 0u64;
@@ -225,7 +228,7 @@ fn main() -> anyhow::Result<()> {
                     i += 1;
                 }
                 tree.apply_batch(b)?;
-                db.flush()?;
+                store.sync()?;
             }
             report("sled", events, start);
             Ok(())
@@ -235,9 +238,11 @@ fn main() -> anyhow::Result<()> {
             events,
             group,
             mode,
+            flush_only,
         } => {
             use sled::Transactional;
-            let db = open_sled(&dir)?;
+            let store = open_sled(&dir)?;
+            let db = &store.db;
             let one = db.open_tree("one")?;
             let (state, outbox, marks) =
                 (db.open_tree("s")?, db.open_tree("o")?, db.open_tree("h")?);
@@ -272,10 +277,15 @@ fn main() -> anyhow::Result<()> {
                         });
                     r.map_err(|e| anyhow::anyhow!("transaction: {e:?}"))?;
                 }
-                db.flush()?;
+                if flush_only {
+                    db.flush()?;
+                } else {
+                    store.sync()?;
+                }
                 i += n;
             }
-            report(&format!("sled-{mode}"), events, start);
+            let label = if flush_only { "-flush-only" } else { "" };
+            report(&format!("sled-{mode}{label}"), events, start);
             Ok(())
         }
     }

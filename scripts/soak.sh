@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The long run of the delivery promises (docs/delivery.md): the kill -9 test for many more
+# cycles and the power-cut test (lazyfs) for many more cuts, on new seeds each run unless given.
+#
+#   scripts/soak.sh [--cycles N] [--cuts N] [--seed S]
+#
+# Defaults: 200 kill -9 cycles, 50 power cuts, seed = the current time. A failure prints the
+# seed; `scripts/soak.sh --seed S` replays the same schedule. Needs root (FUSE, like
+# scripts/test.sh, which installs fuse3, libfuse2 and fusepy).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+cycles=200 cuts=50 seed=$(date +%s)
+while [ $# -gt 0 ]; do
+    case $1 in
+        --cycles) cycles=$2; shift 2 ;;
+        --cuts) cuts=$2; shift 2 ;;
+        --seed) seed=$2; shift 2 ;;
+        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "soak.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+python3 -c 'import fuse' 2>/dev/null && command -v fusermount3 >/dev/null || {
+    echo "soak.sh: lazyfs needs fuse3, libfuse2 and fusepy: run scripts/test.sh once (it installs them)" >&2
+    exit 2
+}
+scripts/build-handlers.sh >/dev/null
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+started=$(date +%s)
+echo "== kill -9 under load: $cycles cycles, seed $seed"
+TIDEPOOL_CRASH_CYCLES=$cycles TIDEPOOL_CRASH_SEED=$seed \
+    cargo test -q --test crash -- --nocapture 2>&1 | tee "$out" | grep -E '^(crash|test result)|panicked|seed' || true
+grep -q '^crash: ' "$out" || { echo "soak.sh: the kill -9 run failed (seed $seed)" >&2; exit 1; }
+echo "== power cuts (lazyfs): $cuts cuts, seed $seed"
+TIDEPOOL_POWERCUT_CYCLES=$cuts TIDEPOOL_POWERCUT_SEED=$seed \
+    cargo test -q --test powercut -- --nocapture 2>&1 | tee "$out" | grep -E '^(powercut|test result)|panicked|cycle' || true
+grep -q '^powercut: ' "$out" || { echo "soak.sh: the power-cut run failed (seed $seed)" >&2; exit 1; }
+echo "soak passed in $(( $(date +%s) - started )) s"
