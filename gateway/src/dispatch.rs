@@ -354,7 +354,10 @@ impl Dispatcher {
         shed_backlog: usize,
     ) {
         Metrics::inc(&self.metrics.datagrams_in);
-        if self.backlog.items() > shed_backlog || self.check(device, &p).is_err() || self.disk_low()
+        if self.backlog.items() > shed_backlog
+            || self.backlog.is_nearly_full()
+            || self.check(device, &p).is_err()
+            || self.disk_low()
         {
             Metrics::inc(&self.metrics.datagrams_dropped);
             return;

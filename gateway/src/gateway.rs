@@ -153,11 +153,12 @@ pub async fn run(
     }
     let store = Store::open(&data.join("db"), cfg.store.cache_capacity_bytes)?;
     store.bound_dead_letters(cfg.store.dead_letter_max_bytes);
-    let (outbox, corrupt) = Outbox::load(&store, &cfg.outbox, crate::clock::now_ms())?;
+    let (outbox, loaded) = Outbox::load(&store, &cfg.outbox, crate::clock::now_ms())?;
     let outbox = Arc::new(outbox);
     let metrics = Arc::new(Metrics::default());
-    Metrics::add(&metrics.outbox_corrupt, corrupt);
-    Metrics::add(&metrics.dead_letters, corrupt);
+    Metrics::add(&metrics.outbox_corrupt, loaded.corrupt);
+    Metrics::add(&metrics.dead_letters, loaded.corrupt);
+    Metrics::add(&metrics.dead_letters_dropped, loaded.dead_dropped);
     let state = Arc::new(EventState::new(store.clone()));
     let env = HostEnv::new(&cfg, state.clone());
     let handlers = load_handlers(&cfg, &store, &env)?;
@@ -194,7 +195,7 @@ pub async fn run(
             .name("committer".into())
             .spawn(move || {
                 let max_group = cfg_group_bytes;
-                if let Err(e) = commit::run(&store, rx, max_group, hooks) {
+                if let Err(e) = commit::run(&store, rx, loaded.next_seq, max_group, hooks) {
                     crate::store::fatal("committing a group", e);
                 }
             })

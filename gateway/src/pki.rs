@@ -87,17 +87,22 @@ fn write_file(path: &Path, data: &str, mode: u32) -> Result<(), PkiError> {
         .map_err(io(dir))
 }
 
-/// The default gateway id: `tp-` and the first 8 bytes (hex) of the SHA-256 of the box's own
-/// server public key. Unique per box (cloned boards share host names, not keys), stable while
-/// the data dir is kept.
+/// The default gateway id: `tp-` and the first 8 bytes (hex) of the SHA-256 of the public key
+/// (SubjectPublicKeyInfo) in the box's own server certificate. Unique per box (cloned boards
+/// share host names, not keys), stable while the data dir is kept, whatever format the key
+/// file is in.
 pub fn box_id(data_dir: &Path) -> Result<String, PkiError> {
-    let kp = PkiPaths::new(data_dir).key(SERVER);
-    let pem = fs::read_to_string(&kp).map_err(io(&kp))?;
-    let key = KeyPair::from_pem(&pem).map_err(|e| PkiError::Pem {
-        path: kp.clone(),
-        msg: e.to_string(),
-    })?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, &key.public_key_der());
+    let cp = PkiPaths::new(data_dir).cert(SERVER);
+    let certs = read_certs(&cp)?;
+    let spki = certs
+        .first()
+        .and_then(|der| x509_parser::parse_x509_certificate(der.as_ref()).ok())
+        .map(|(_, c)| c.public_key().raw.to_vec())
+        .ok_or_else(|| PkiError::Pem {
+            path: cp.clone(),
+            msg: "no readable certificate".into(),
+        })?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &spki);
     let hex: String = digest.as_ref()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -549,6 +549,17 @@ pub async fn four_forwards_in_one_batch(
     topics: [&str; 4],
     done: impl Fn(&[Request]) -> bool,
 ) -> serde_json::Value {
+    four_forwards_then_one(cloud, topics, None, |_| true, done).await
+}
+
+/// Like [`four_forwards_in_one_batch`], and once `ready` holds, a fifth forward on `fifth`.
+pub async fn four_forwards_then_one(
+    cloud: &Cloud,
+    topics: [&str; 4],
+    fifth: Option<&str>,
+    ready: impl Fn(&[Request]) -> bool,
+    done: impl Fn(&[Request]) -> bool,
+) -> serde_json::Value {
     let mut gw = Gateway::start(&format!(
         "[router]\nunrouted = \"forward\"\nunrouted_class = \"normal\"\n[outbox]\nmax_batch_events = 4\nmax_delay_ms = 600000\nretry_base_ms = 50\nretry_max_ms = 200\n[uplink]\nurl = \"{}\"\n",
         cloud.url
@@ -560,6 +571,13 @@ pub async fn four_forwards_in_one_batch(
     }
     s.flush().await.unwrap();
     until_ack(&mut s, 4).await;
+    if let Some(t) = fifth {
+        cloud.wait_until(Duration::from_secs(10), ready).await;
+        s.send(&publish(5, &format!("devices/dev-p/{t}"), b"{}"))
+            .await
+            .unwrap();
+        until_ack(&mut s, 5).await;
+    }
     cloud.wait_until(Duration::from_secs(10), done).await;
     dev.close().await;
     gw.stop()

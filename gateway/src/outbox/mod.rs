@@ -93,7 +93,7 @@ fn dead_letter_corrupt(
     store: &Store,
     corrupt: &[(Vec<u8>, Vec<u8>)],
     now_ms: u64,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let mut batch = sled::Batch::default();
     let mut letters = Vec::with_capacity(corrupt.len());
     for (k, v) in corrupt {
@@ -112,9 +112,17 @@ fn dead_letter_corrupt(
         letters.push(d.encode());
         batch.remove(k.as_slice());
     }
-    store.dead_letter_into(&mut batch, letters)?;
-    store.tree.apply_batch(batch)?;
-    store.sync()
+    store.commit(batch, letters)
+}
+
+/// What [`Outbox::load`] found besides the entries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// The seq the next entry gets (above every `o/` key found, undecodable ones included).
+    pub next_seq: u64,
+    /// Entries that did not decode, now dead letters, and old letters dropped to make room.
+    pub corrupt: u64,
+    pub dead_dropped: u64,
 }
 
 /// The outbox shared by the dispatcher (admission), the committer (new entries) and the uplink.
@@ -134,13 +142,14 @@ fn slot(c: Class) -> usize {
 impl Outbox {
     /// Rebuilds the index from the store. An entry's age is `now_ms - queued_ms` (0 when the
     /// clock went back), so its delay and bulk window keep running across restarts. An entry
-    /// that does not decode is moved to the dead letters (with its bytes) in one durable write;
-    /// the second value is how many were.
+    /// that does not decode is moved to the dead letters (with its bytes) in one durable write.
+    /// Call before the committer and the uplink start: the next seq is read here.
     pub fn load(
         store: &Store,
         cfg: &OutboxConfig,
         now_ms: u64,
-    ) -> Result<(Outbox, u64), StoreError> {
+    ) -> Result<(Outbox, Loaded), StoreError> {
+        let next_seq = crate::store::last_seq(store, keys::OUTBOX)?.map_or(1, |s| s + 1);
         let ob = Outbox {
             index: Mutex::new(Index::default()),
             used: AtomicU64::new(0),
@@ -169,9 +178,11 @@ impl Outbox {
             };
             found.push((entry, at.unwrap_or(now)));
         }
-        if !corrupt.is_empty() {
-            dead_letter_corrupt(store, &corrupt, now_ms)?;
-        }
+        let dead_dropped = if corrupt.is_empty() {
+            0
+        } else {
+            dead_letter_corrupt(store, &corrupt, now_ms)?
+        };
         ob.used
             .store(found.iter().map(|(e, _)| e.bytes).sum(), Ordering::Relaxed);
         {
@@ -180,7 +191,12 @@ impl Outbox {
                 ix.insert(e, *at);
             }
         }
-        Ok((ob, corrupt.len() as u64))
+        let loaded = Loaded {
+            next_seq,
+            corrupt: corrupt.len() as u64,
+            dead_dropped,
+        };
+        Ok((ob, loaded))
     }
 
     /// Admission control for one event's forwards (before anything is written).
@@ -247,13 +263,17 @@ impl Outbox {
     }
 
     /// The next batch: urgent first, then normal, then bulk, each in outbox order, up to
-    /// `max_events` entries and `max_bytes` (at least one entry).
-    pub fn next_batch(&self, max_events: usize, max_bytes: usize) -> Vec<u64> {
+    /// `max_events` entries and `max_bytes` (at least one entry), leaving out `exclude` (the
+    /// uplink's entries set aside after a refusal; a few at most).
+    pub fn next_batch(&self, max_events: usize, max_bytes: usize, exclude: &[u64]) -> Vec<u64> {
         let ix = self.lock();
         let mut out = Vec::new();
         let mut bytes = 0u64;
         for class in &ix.classes {
             for (seq, m) in class {
+                if exclude.contains(seq) {
+                    continue;
+                }
                 if out.len() >= max_events
                     || (!out.is_empty() && bytes + m.bytes > max_bytes as u64)
                 {
@@ -366,9 +386,10 @@ mod tests {
             ],
             now,
         );
-        assert_eq!(ob.next_batch(10, 1000), vec![3, 2, 1]);
-        assert_eq!(ob.next_batch(2, 1000), vec![3, 2]);
-        assert_eq!(ob.next_batch(10, 15), vec![3]);
+        assert_eq!(ob.next_batch(10, 1000, &[]), vec![3, 2, 1]);
+        assert_eq!(ob.next_batch(2, 1000, &[]), vec![3, 2]);
+        assert_eq!(ob.next_batch(10, 15, &[]), vec![3]);
+        assert_eq!(ob.next_batch(10, 1000, &[2]), vec![3, 1]);
         assert_eq!(ob.pending().normal_bytes, 10);
         ob.remove(&[2]);
         assert_eq!(ob.pending().normal, 0);
@@ -401,8 +422,8 @@ mod tests {
             store.tree.insert(keys::outbox(*seq), v.as_slice()).unwrap();
         }
         let before = Instant::now();
-        let (ob, corrupt) = Outbox::load(&store, &Config::defaults().outbox, now_ms).unwrap();
-        assert_eq!(corrupt, 1);
+        let (ob, loaded) = Outbox::load(&store, &Config::defaults().outbox, now_ms).unwrap();
+        assert_eq!((loaded.corrupt, loaded.next_seq), (1, 5));
         let p = ob.pending();
         let bulk_age = before.saturating_duration_since(p.oldest_bulk.unwrap());
         assert!(

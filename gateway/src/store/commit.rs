@@ -6,13 +6,13 @@
 //! driver thread that moves the bytes to sled.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{keys, last_seq, Store, StoreError};
+use super::{keys, Store, StoreError};
 use crate::config::Class;
 use crate::proto::msg::NackCode;
 
@@ -129,9 +129,9 @@ pub struct Group {
     pub events: usize,
     /// Items in the group (events, nacks, resends, welcomes, busy answers).
     pub items: usize,
-    /// The new dead letters' keys and sizes, and how many letters the write dropped to stay
-    /// under the cap.
-    pub dead: Vec<(Vec<u8>, u64)>,
+    /// The new dead letters (encoded; [`Store::commit`] gives them ids), and how many letters
+    /// the write dropped to stay under the cap.
+    pub dead: Vec<Vec<u8>>,
     pub dead_dropped: u64,
     /// What the group's items hold ([`ItemKind::bytes`]), released from the [`Backlog`] once
     /// the group is durable.
@@ -183,6 +183,12 @@ impl Backlog {
         self.items.load(Ordering::Relaxed)
     }
 
+    /// Whether three quarters of the byte bound are taken (datagrams are shed from there, so
+    /// best-effort traffic never waits for room).
+    pub fn is_nearly_full(&self) -> bool {
+        self.bytes() >= self.max_bytes / 4 * 3
+    }
+
     /// Bytes submitted and not yet durable.
     pub fn bytes(&self) -> u64 {
         *self.bytes.lock().unwrap_or_else(|p| p.into_inner())
@@ -194,18 +200,16 @@ pub struct CommitQueue {
     /// High-water marks as written by the groups so far (durable once their flush returned).
     hwm: HashMap<Arc<str>, u64>,
     next_outbox: u64,
-    dead_ids: Arc<AtomicU64>,
     pending: Vec<Item>,
     pending_bytes: u64,
     in_flight: bool,
 }
 
 impl CommitQueue {
-    pub fn new(next_outbox: u64, dead_ids: Arc<AtomicU64>) -> Self {
+    pub fn new(next_outbox: u64) -> Self {
         CommitQueue {
             hwm: HashMap::new(),
             next_outbox,
-            dead_ids,
             pending: Vec::new(),
             pending_bytes: 0,
             in_flight: false,
@@ -266,11 +270,7 @@ impl CommitQueue {
                         });
                         g.ops.push((keys::outbox(seq), Some(rec.entry)));
                     }
-                    for d in ws.dead {
-                        let key = keys::dead(self.dead_ids.fetch_add(1, Ordering::Relaxed));
-                        g.dead.push((key.clone(), d.len() as u64));
-                        g.ops.push((key, Some(d)));
-                    }
+                    g.dead.extend(ws.dead);
                     (item.seq > 0).then_some(Settled::Ack(item.seq))
                 }
                 ItemKind::Nack { code, reason } => Some(Settled::Nack {
@@ -329,11 +329,11 @@ pub trait AfterFlush: Send {
 pub fn run(
     store: &Store,
     rx: Receiver<Item>,
+    next_outbox: u64,
     max_group_bytes: u64,
     mut hooks: impl AfterFlush,
 ) -> Result<(), StoreError> {
-    let next_outbox = last_seq(store, keys::OUTBOX)?.map_or(1, |s| s + 1);
-    let mut q = CommitQueue::new(next_outbox, store.dead_ids.clone());
+    let mut q = CommitQueue::new(next_outbox);
     let mut read_error = None;
     loop {
         match rx.recv() {
@@ -365,15 +365,8 @@ pub fn run(
                 None => batch.remove(k.as_slice()),
             }
         }
-        let mut dead_dropped = 0;
-        if !group.dead.is_empty() {
-            for k in store.trim_dead_letters(&group.dead)? {
-                batch.remove(k);
-                dead_dropped += 1;
-            }
-        }
-        store.tree.apply_batch(batch)?;
-        store.sync()?;
+        let mut group = group;
+        let dead_dropped = store.commit(batch, std::mem::take(&mut group.dead))?;
         let mut group = q.flushed(group);
         group.dead_dropped = dead_dropped;
         for (keys, tag) in &group.overlay {
@@ -467,7 +460,7 @@ mod tests {
     fn nothing_is_released_before_the_flush_that_covers_it() {
         let (tx, mut rx) = unbounded_channel();
         let mut disk = Disk::default();
-        let mut q = CommitQueue::new(1, Arc::default());
+        let mut q = CommitQueue::new(1);
         q.push(item("d", 1, event(&[("s/h\0k", "1")]), &tx));
         q.push(item("d", 2, event(&[]), &tx));
         let g1 = q.next_group(|_| 0).unwrap();
@@ -510,7 +503,7 @@ mod tests {
             .map(|_| unbounded_channel::<Settled>())
             .collect();
         let mut disk = Disk::default();
-        let mut q = CommitQueue::new(1, Arc::default());
+        let mut q = CommitQueue::new(1);
         let mut next = [1u64; 3];
         let mut submitted = [0u64; 3];
         let mut in_flight: Option<Group> = None;
@@ -628,7 +621,7 @@ mod tests {
         }
         drop(tx);
         let groups = Arc::new(std::sync::Mutex::new(Vec::new()));
-        run(&store, rx, 4 * mib as u64, Groups(groups.clone())).unwrap();
+        run(&store, rx, 1, 4 * mib as u64, Groups(groups.clone())).unwrap();
         let groups = groups.lock().unwrap();
         assert_eq!(groups.iter().map(|g| g.0).sum::<usize>(), 20);
         assert!(
@@ -641,7 +634,7 @@ mod tests {
     #[test]
     fn a_bad_frame_nack_moves_no_mark_but_a_nacked_publish_does() {
         let (tx, _rx) = unbounded_channel();
-        let mut q = CommitQueue::new(1, Arc::default());
+        let mut q = CommitQueue::new(1);
         let nack = |code| ItemKind::Nack {
             code,
             reason: "x".into(),
@@ -662,7 +655,7 @@ mod tests {
     #[test]
     fn a_group_is_one_write_with_one_hwm_per_device_and_welcome_reads_it() {
         let (tx, mut rx) = unbounded_channel();
-        let mut q = CommitQueue::new(10, Arc::default());
+        let mut q = CommitQueue::new(10);
         let mut ws = WriteSet::default();
         ws.outbox.push(OutboxRecord {
             class: Class::Urgent,

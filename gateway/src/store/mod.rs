@@ -21,7 +21,6 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -112,10 +111,10 @@ pub struct Store {
     pub db: sled::Db,
     pub tree: sled::Tree,
     pub overlay: Arc<Overlay>,
-    /// The next dead-letter id (shared by the committer and the uplink).
-    pub dead_ids: Arc<AtomicU64>,
-    /// The dead-letter tree's size bound, shared by its two writers.
-    dead_bound: Arc<Mutex<DeadBound>>,
+    /// Held for every write ([`Store::commit`]) and sync: one writer at a time, so a sync
+    /// never lists a blob file that another writer is still writing, and dead-letter ids are
+    /// taken and trimmed in order. Also holds the dead-letter tree's bound.
+    writer: Arc<Mutex<DeadBound>>,
     durable: Arc<Durable>,
 }
 
@@ -188,12 +187,58 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Bytes the dead-letter tree holds, the oldest id still in it, and its cap.
+/// Bytes the dead-letter tree holds, the oldest id still in it, the next id, and the cap.
 #[derive(Debug, Default)]
 struct DeadBound {
     bytes: u64,
     oldest: u64,
+    next_id: u64,
     max_bytes: u64,
+}
+
+impl DeadBound {
+    /// Adds `letters` to `batch` under fresh ids, with the removals that keep the tree under
+    /// its cap: the oldest letters in the tree first, then, when the new letters alone exceed
+    /// the cap, the oldest of them. Returns how many letters (old or new) the write drops.
+    fn add(
+        &mut self,
+        tree: &sled::Tree,
+        batch: &mut sled::Batch,
+        letters: Vec<Vec<u8>>,
+    ) -> Result<u64, StoreError> {
+        let mut new = Vec::with_capacity(letters.len());
+        for l in letters {
+            let key = keys::dead(self.next_id);
+            self.next_id += 1;
+            self.bytes += l.len() as u64;
+            new.push((key.clone(), l.len() as u64));
+            batch.insert(key, l);
+        }
+        let mut dropped = 0;
+        if self.bytes <= self.max_bytes {
+            return Ok(dropped);
+        }
+        for kv in tree.range(keys::dead(self.oldest)..keys::dead(u64::MAX)) {
+            if self.bytes <= self.max_bytes {
+                break;
+            }
+            let (k, v) = kv?;
+            self.bytes = self.bytes.saturating_sub(v.len() as u64);
+            self.oldest = keys::seq_of(&k).map_or(self.oldest, |s| s + 1);
+            batch.remove(k);
+            dropped += 1;
+        }
+        for (k, n) in new {
+            if self.bytes <= self.max_bytes {
+                break;
+            }
+            self.bytes = self.bytes.saturating_sub(n);
+            self.oldest = keys::seq_of(&k).map_or(self.oldest, |s| s + 1);
+            batch.remove(k);
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
 }
 
 impl Store {
@@ -242,15 +287,14 @@ impl Store {
             db,
             tree,
             overlay: Arc::new(Overlay::default()),
-            dead_ids: Arc::default(),
-            dead_bound: Arc::default(),
+            writer: Arc::default(),
             durable: Arc::new(Durable::open(dir)?),
         };
         let next_dead = last_seq(&store, keys::DEAD)?.map_or(1, |s| s + 1);
-        store.dead_ids = Arc::new(AtomicU64::new(next_dead));
         let mut bound = DeadBound {
             max_bytes: u64::MAX,
             oldest: next_dead,
+            next_id: next_dead,
             bytes: 0,
         };
         for kv in store.tree.scan_prefix(keys::DEAD) {
@@ -260,14 +304,38 @@ impl Store {
             }
             bound.bytes += v.len() as u64;
         }
-        store.dead_bound = Arc::new(Mutex::new(bound));
+        store.writer = Arc::new(Mutex::new(bound));
         Ok(store)
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, DeadBound> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The one way to write: `batch` plus new dead letters (fresh ids; the oldest letters
+    /// removed in the same write to keep the tree under its cap), applied atomically and made
+    /// durable ([`Store::sync`]), one writer at a time. Returns how many letters it dropped.
+    pub fn commit(&self, mut batch: sled::Batch, dead: Vec<Vec<u8>>) -> Result<u64, StoreError> {
+        let mut w = self.lock_writer();
+        let dropped = if dead.is_empty() {
+            0
+        } else {
+            w.add(&self.tree, &mut batch, dead)?
+        };
+        self.tree.apply_batch(batch)?;
+        self.sync_locked()?;
+        Ok(dropped)
     }
 
     /// Makes everything written so far durable: sled's `flush`, then `fdatasync` of the log
     /// and `fsync` of new blob files (see the module doc: the flush alone survives a crash of
-    /// the process, not a power cut). Safe to call from several threads.
+    /// the process, not a power cut).
     pub fn sync(&self) -> Result<(), StoreError> {
+        let _w = self.lock_writer();
+        self.sync_locked()
+    }
+
+    fn sync_locked(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         self.durable.log.sync_data()?;
         self.durable.sync_blobs()?;
@@ -276,67 +344,7 @@ impl Store {
 
     /// Caps the dead-letter tree at `max_bytes` (the oldest are dropped first).
     pub fn bound_dead_letters(&self, max_bytes: u64) {
-        self.dead_bound
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .max_bytes = max_bytes;
-    }
-
-    /// Accounts for new dead letters about to be written (`(key, bytes)`, oldest first) and
-    /// returns the removals that keep the tree under its cap (add them to the same atomic
-    /// write): the oldest letters in the tree first, then, when the new letters alone exceed
-    /// the cap, the oldest of them too.
-    pub fn trim_dead_letters(&self, new: &[(Vec<u8>, u64)]) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut b = self.dead_bound.lock().unwrap_or_else(|p| p.into_inner());
-        b.bytes += new.iter().map(|(_, n)| n).sum::<u64>();
-        let mut removals = Vec::new();
-        if b.bytes <= b.max_bytes {
-            return Ok(removals);
-        }
-        for kv in self.tree.range(keys::dead(b.oldest)..keys::dead(u64::MAX)) {
-            if b.bytes <= b.max_bytes {
-                break;
-            }
-            let (k, v) = kv?;
-            b.bytes = b.bytes.saturating_sub(v.len() as u64);
-            b.oldest = keys::seq_of(&k).map_or(b.oldest, |s| s + 1);
-            removals.push(k.to_vec());
-        }
-        // Never written, so `oldest` stays: it tracks only what the tree holds.
-        for (k, n) in new {
-            if b.bytes <= b.max_bytes {
-                break;
-            }
-            b.bytes = b.bytes.saturating_sub(*n);
-            removals.push(k.clone());
-        }
-        Ok(removals)
-    }
-
-    /// Adds encoded dead letters to `batch` under fresh ids, with the removals that keep the
-    /// tree under its cap; returns how many letters (old or new) the write drops.
-    pub fn dead_letter_into(
-        &self,
-        batch: &mut sled::Batch,
-        letters: Vec<Vec<u8>>,
-    ) -> Result<u64, StoreError> {
-        let new: Vec<(Vec<u8>, u64)> = letters
-            .iter()
-            .map(|l| (keys::dead(self.next_dead_id()), l.len() as u64))
-            .collect();
-        for ((k, _), v) in new.iter().zip(letters) {
-            batch.insert(k.as_slice(), v);
-        }
-        let removals = self.trim_dead_letters(&new)?;
-        for k in &removals {
-            batch.remove(k.as_slice());
-        }
-        Ok(removals.len() as u64)
-    }
-
-    /// A fresh dead-letter id.
-    pub fn next_dead_id(&self) -> u64 {
-        self.dead_ids.fetch_add(1, Ordering::Relaxed)
+        self.lock_writer().max_bytes = max_bytes;
     }
 
     /// The durable high-water mark of a device (0 when none).
@@ -428,13 +436,10 @@ mod tests {
         }
     }
 
-    /// Writes letters the way every writer does: trim in the same batch.
+    /// Writes letters the way every writer does.
     fn write(store: &Store, n: u64) -> usize {
-        let mut batch = sled::Batch::default();
         let letters = (0..n).map(|i| letter(i).encode()).collect();
-        let removed = store.dead_letter_into(&mut batch, letters).unwrap();
-        store.tree.apply_batch(batch).unwrap();
-        removed as usize
+        store.commit(sled::Batch::default(), letters).unwrap() as usize
     }
 
     #[test]
