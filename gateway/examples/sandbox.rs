@@ -355,10 +355,16 @@ fn dispatch_rate(
         .into_iter()
         .map(|(w, m)| Handler::load(&rt, &w, m, &BTreeMap::new(), env.clone(), 0).unwrap())
         .collect();
-    let (tx, rx) = std::sync::mpsc::sync_channel(4096);
-    let drain = std::thread::spawn(move || rx.into_iter().count());
+    let (tx, rx) = std::sync::mpsc::sync_channel::<tidepool::store::commit::Item>(4096);
     let metrics = Arc::new(Metrics::default());
     let mut d = Dispatcher::new(&cfg, handlers, store, state, outbox, tx, metrics.clone());
+    // The committer's part without the disk: take each item and free its bytes.
+    let backlog = d.backlog.clone();
+    let drain = std::thread::spawn(move || {
+        for item in rx {
+            backlog.leave(1, item.kind.bytes());
+        }
+    });
     let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
     let devices: Vec<Arc<str>> = (1..=8).map(|i| format!("dev-{i}").into()).collect();
     let topics = topics();
