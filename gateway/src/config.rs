@@ -177,6 +177,8 @@ pub struct OutboxConfig {
 #[serde(rename_all = "lowercase")]
 pub enum SinkKind {
     Http,
+    Mqtt,
+    Nats,
     None,
 }
 
@@ -186,6 +188,30 @@ pub struct UplinkConfig {
     pub sink: SinkKind,
     pub url: String,
     pub timeout_ms: u64,
+    pub mqtt: MqttConfig,
+    pub nats: NatsConfig,
+}
+
+/// `[uplink.nats]`: the NATS JetStream sink's settings (cargo feature `nats`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    pub subject: String,
+    pub stream: String,
+    pub stream_subjects: Vec<String>,
+    pub duplicate_window_s: u64,
+}
+
+/// `[uplink.mqtt]`: the MQTT sink's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub topic: String,
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+    pub ca_file: String,
+    pub keep_alive_s: u64,
 }
 
 /// A `[[handler]]` entry: a module, its manifest and per-box config overrides.
@@ -305,13 +331,28 @@ impl Config {
         if self.outbox.retry_base_ms == 0 || self.outbox.retry_max_ms < self.outbox.retry_base_ms {
             return bad("outbox: need 0 < retry_base_ms <= retry_max_ms".into());
         }
-        if self.uplink.sink == SinkKind::Http && !self.uplink.url.is_empty() {
-            let u = &self.uplink.url;
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
+        let u = &self.uplink.url;
+        if !u.is_empty() {
+            let schemes: &[&str] = match self.uplink.sink {
+                SinkKind::Http => &["http://", "https://"],
+                SinkKind::Mqtt => &["mqtt://", "mqtts://"],
+                SinkKind::Nats => &["nats://", "tls://"],
+                SinkKind::None => &[],
+            };
+            if !schemes.is_empty() && !schemes.iter().any(|p| u.starts_with(p)) {
                 return bad(format!(
-                    "uplink.url `{u}` must start with http:// or https://"
+                    "uplink.url `{u}` must start with {} for sink = \"{}\"",
+                    schemes.join(" or "),
+                    format!("{:?}", self.uplink.sink).to_lowercase()
                 ));
             }
+        }
+        if self.uplink.sink == SinkKind::Mqtt {
+            crate::uplink::template::Template::parse(
+                &self.uplink.mqtt.topic,
+                crate::uplink::mqtt::FORBIDDEN,
+            )
+            .map_err(|e| ConfigError::Invalid(format!("uplink.mqtt.topic: {e}")))?;
         }
         Ok(())
     }

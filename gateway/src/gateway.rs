@@ -20,7 +20,7 @@ use crate::record::RecordTap;
 use crate::sandbox::{Handler, HostEnv, Manifest, Runtime};
 use crate::store::commit::{self, AfterFlush, Backlog, Group};
 use crate::store::Store;
-use crate::uplink::{http::HttpSink, Uplink};
+use crate::uplink::{http::HttpSink, mqtt::MqttSink, Sink, Uplink};
 
 /// Events that may wait for the committer before the dispatcher blocks (backpressure).
 const COMMIT_BACKLOG: usize = 4096;
@@ -38,6 +38,13 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Tls(#[from] ingress::tls::TlsError),
+    #[error(transparent)]
+    Mqtt(#[from] crate::uplink::mqtt::MqttSetupError),
+    #[cfg(feature = "nats")]
+    #[error(transparent)]
+    Nats(#[from] crate::uplink::nats::NatsSetupError),
+    #[error("uplink.sink = \"nats\", but this build has no NATS sink: build with `cargo build --release --features nats`")]
+    NoNats,
     #[error("handler {path}: {msg}")]
     Handler { path: PathBuf, msg: String },
     #[error("listen on {addr}: {source}")]
@@ -132,6 +139,23 @@ async fn run_timers(dispatcher: Arc<Mutex<Dispatcher>>, mut stop: watch::Receive
         }
         next = lock().fire_timers(crate::clock::now_ms());
     }
+}
+
+/// Starts the uplink task with `sink`; a store error in it stops the process.
+fn spawn_uplink<S: Sink + 'static>(
+    cfg: &Config,
+    store: &Store,
+    outbox: &Arc<Outbox>,
+    metrics: &Arc<Metrics>,
+    sink: S,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let up = Uplink::new(cfg, store.clone(), outbox.clone(), metrics.clone(), sink);
+    tokio::spawn(async move {
+        if let Err(e) = up.run(stop).await {
+            crate::store::fatal("uplink store access", e);
+        }
+    })
 }
 
 /// Runs the gateway until `stop` turns true; returns the final metrics.
@@ -237,26 +261,58 @@ pub async fn run(
     };
 
     let (uplink_stop_tx, uplink_stop) = watch::channel(false);
-    let uplink = match (cfg.uplink.sink, cfg.uplink.url.is_empty()) {
-        (SinkKind::Http, false) => {
-            let sink = HttpSink::new(
-                cfg.uplink.url.clone(),
-                Duration::from_millis(cfg.uplink.timeout_ms),
-            );
-            let up = Uplink::new(&cfg, store.clone(), outbox.clone(), metrics.clone(), sink);
-            tracing::info!(url = %cfg.uplink.url, "uplink: HTTP");
-            Some(tokio::spawn(async move {
-                if let Err(e) = up.run(uplink_stop).await {
-                    crate::store::fatal("uplink store access", e);
-                }
-            }))
-        }
-        _ => {
+    let timeout = Duration::from_millis(cfg.uplink.timeout_ms);
+    let uplink = match (cfg.uplink.sink, cfg.uplink.url.as_str()) {
+        (SinkKind::None, _) | (_, "") => {
             tracing::warn!(
-                "no uplink configured (uplink.url is empty): forwards stay in the outbox"
+                "no uplink configured (uplink.url is empty or sink = \"none\"): forwards stay in the outbox"
             );
             None
         }
+        (SinkKind::Http, url) => {
+            let sink = HttpSink::new(cfg.gateway.id.clone(), url.to_string(), timeout);
+            tracing::info!(%url, "uplink: HTTP");
+            Some(spawn_uplink(
+                &cfg,
+                &store,
+                &outbox,
+                &metrics,
+                sink,
+                uplink_stop,
+            ))
+        }
+        (SinkKind::Mqtt, url) => {
+            let sink = MqttSink::new(&cfg.gateway.id, url, &cfg.uplink.mqtt, timeout)?;
+            tracing::info!(%url, topic = %cfg.uplink.mqtt.topic, "uplink: MQTT");
+            Some(spawn_uplink(
+                &cfg,
+                &store,
+                &outbox,
+                &metrics,
+                sink,
+                uplink_stop,
+            ))
+        }
+        #[cfg(feature = "nats")]
+        (SinkKind::Nats, url) => {
+            let sink = crate::uplink::nats::NatsSink::new(
+                &cfg.gateway.id,
+                url,
+                &cfg.uplink.nats,
+                timeout,
+            )?;
+            tracing::info!(%url, subject = %cfg.uplink.nats.subject, "uplink: NATS JetStream");
+            Some(spawn_uplink(
+                &cfg,
+                &store,
+                &outbox,
+                &metrics,
+                sink,
+                uplink_stop,
+            ))
+        }
+        #[cfg(not(feature = "nats"))]
+        (SinkKind::Nats, _) => return Err(StartError::NoNats),
     };
 
     let (server_cfg, roles) = ingress::tls::server_config(&paths, &cfg.ingress)?;

@@ -247,6 +247,24 @@ impl Gateway {
         child.wait().unwrap().code()
     }
 
+    /// Waits (polling `tidepool status`, bounded) until the running gateway's outbox is empty:
+    /// everything delivered and settled.
+    pub async fn wait_outbox_empty(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let st = cli(&["status", "--json"], &self.config);
+            let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap_or_default();
+            if v["outbox"]["entries"] == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the outbox did not empty within {timeout:?}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Kills the gateway with SIGKILL (no drain, no flush) and waits for it to be gone.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");

@@ -5,7 +5,11 @@
 //! and removes what the cloud accepted, durably, before it sends anything else.
 
 pub mod http;
+pub mod mqtt;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod plan;
+pub mod template;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,13 +23,13 @@ use crate::outbox::{Action, Entry, Outbox, WakePolicy};
 use crate::store::{keys, DeadLetter, Store, StoreError};
 use plan::{Plan, Step};
 
-/// A batch as it goes on the wire. Retries resend exactly these bytes.
+/// A batch: outbox entries and the id derived from them (the HTTP `Idempotency-Key`). The same
+/// entries always make the same batch, so a retry sends the same bytes.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub id: String,
     pub seqs: Vec<u64>,
     pub entries: Vec<Entry>,
-    pub body: Vec<u8>,
 }
 
 /// A batch's id (and `Idempotency-Key`), derived from the ids of its entries: the same entries
@@ -59,9 +63,18 @@ pub enum SendResult {
     Reject(String),
 }
 
-/// Where batches go.
+/// What a sink made of one attempt, and the bytes it put on the wire for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub result: SendResult,
+    pub bytes: u64,
+}
+
+/// Where batches go: one implementation per folder (`http/`, `mqtt/`). A sink delivers a
+/// batch whole or not at all (`Delivered` only when the far side took every entry); retry,
+/// backoff, splitting and dead letters are the uplink's, the same for every sink.
 pub trait Sink: Send {
-    fn send(&mut self, batch: &Batch) -> impl Future<Output = SendResult> + Send;
+    fn send(&mut self, batch: &Batch) -> impl Future<Output = Sent> + Send;
     /// Close the connection (the uplink goes back to sleep).
     fn close(&mut self);
 }
@@ -110,19 +123,13 @@ impl<S: Sink> Uplink<S> {
             entries.push(Entry::decode(&v).ok_or_else(|| StoreError::Corrupt("o/".into()))?);
         }
         let id = batch_id(&self.gateway, &entries);
-        let body = http::body(&self.gateway, &id, &entries);
-        Ok(Batch {
-            id,
-            seqs,
-            entries,
-            body,
-        })
+        Ok(Batch { id, seqs, entries })
     }
 
     /// Removes delivered entries (and writes dead letters for rejected ones) in one batch and
     /// makes it durable before anything else is sent: on an idle box no group commit follows
     /// to carry it, and a kill would post the same batch again at restart.
-    async fn settle(&self, b: &Batch, dead_reason: Option<&str>) -> Result<(), StoreError> {
+    async fn settle(&mut self, b: &Batch, dead_reason: Option<&str>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for s in &b.seqs {
             batch.remove(keys::outbox(*s));
@@ -191,11 +198,12 @@ impl<S: Sink> Uplink<S> {
                     if !self.policy.is_awake() && self.policy.failures() == 0 {
                         Metrics::inc(&self.metrics.uplink_wakeups);
                     }
-                    Metrics::add(&self.metrics.bytes_up, batch.body.len() as u64);
-                    let result = tokio::select! {
+                    let sent = tokio::select! {
                         r = self.sink.send(&batch) => r,
                         _ = stop.changed() => { plan.failed(batch.seqs); continue; }
                     };
+                    Metrics::add(&self.metrics.bytes_up, sent.bytes);
+                    let result = sent.result;
                     match result {
                         SendResult::Delivered => {
                             self.settle(&batch, None).await?;

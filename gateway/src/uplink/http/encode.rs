@@ -1,13 +1,11 @@
-//! The HTTP sink: the JSON body of the design's contract, the `Idempotency-Key`, and the
-//! status-code map. The body and the map are pure; [`HttpSink`] moves the bytes.
-
-use std::time::Duration;
+//! The HTTP sink's encoder (pure): the JSON body of the design's contract and the status-code
+//! map.
 
 use base64::Engine as _;
 use serde::Serialize;
 
-use super::{Batch, SendResult};
 use crate::outbox::Entry;
+use crate::uplink::SendResult;
 
 #[derive(Serialize)]
 struct Body<'a> {
@@ -65,66 +63,6 @@ pub fn classify(status: u16) -> SendResult {
             alarm: true,
             why: format!("unexpected HTTP {other}"),
         },
-    }
-}
-
-/// Posts batches to one URL. The connection pool lives only while the uplink is awake.
-pub struct HttpSink {
-    url: String,
-    timeout: Duration,
-    client: Option<reqwest::Client>,
-}
-
-impl HttpSink {
-    pub fn new(url: String, timeout: Duration) -> Self {
-        HttpSink {
-            url,
-            timeout,
-            client: None,
-        }
-    }
-}
-
-impl super::Sink for HttpSink {
-    async fn send(&mut self, batch: &Batch) -> SendResult {
-        if self.client.is_none() {
-            // No redirects: a POST turned into a GET by a 30x must not count as delivered.
-            let builder = reqwest::Client::builder()
-                .timeout(self.timeout)
-                .redirect(reqwest::redirect::Policy::none());
-            match builder.build() {
-                Ok(c) => self.client = Some(c),
-                Err(e) => {
-                    return SendResult::Retry {
-                        alarm: true,
-                        why: format!("HTTP client: {e}"),
-                    }
-                }
-            }
-        }
-        let Some(client) = &self.client else {
-            unreachable!("client set above")
-        };
-        let req = client
-            .post(&self.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header("Idempotency-Key", &batch.id)
-            .body(batch.body.clone());
-        match req.send().await {
-            Ok(resp) => classify(resp.status().as_u16()),
-            Err(e) => {
-                // The connection may be broken: start a fresh one next time.
-                self.client = None;
-                SendResult::Retry {
-                    alarm: false,
-                    why: format!("{e}"),
-                }
-            }
-        }
-    }
-
-    fn close(&mut self) {
-        self.client = None;
     }
 }
 

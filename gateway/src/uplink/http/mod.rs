@@ -1,0 +1,83 @@
+//! The HTTP sink: posts each batch as the design's JSON body with its `Idempotency-Key`
+//! ([`encode`] holds the body and the status map, pure); the connection pool lives only while
+//! the uplink is awake.
+
+pub mod encode;
+
+use std::time::Duration;
+
+use crate::uplink::{Batch, SendResult, Sent};
+pub use encode::{body, classify};
+
+/// Posts batches to one URL. The connection pool lives only while the uplink is awake.
+pub struct HttpSink {
+    gateway: String,
+    url: String,
+    timeout: Duration,
+    client: Option<reqwest::Client>,
+}
+
+impl HttpSink {
+    pub fn new(gateway: String, url: String, timeout: Duration) -> Self {
+        HttpSink {
+            gateway,
+            url,
+            timeout,
+            client: None,
+        }
+    }
+}
+
+impl crate::uplink::Sink for HttpSink {
+    async fn send(&mut self, batch: &Batch) -> Sent {
+        let body = body(&self.gateway, &batch.id, &batch.entries);
+        let bytes = body.len() as u64;
+        Sent {
+            result: self.post(batch, body).await,
+            bytes,
+        }
+    }
+
+    fn close(&mut self) {
+        self.client = None;
+    }
+}
+
+impl HttpSink {
+    async fn post(&mut self, batch: &Batch, body: Vec<u8>) -> SendResult {
+        if self.client.is_none() {
+            // No redirects: a POST turned into a GET by a 30x must not count as delivered.
+            let builder = reqwest::Client::builder()
+                .timeout(self.timeout)
+                .redirect(reqwest::redirect::Policy::none());
+            match builder.build() {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    return SendResult::Retry {
+                        alarm: true,
+                        why: format!("HTTP client: {e}"),
+                    }
+                }
+            }
+        }
+        let Some(client) = &self.client else {
+            unreachable!("client set above")
+        };
+        let req = client
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", &batch.id)
+            .body(body);
+        match req.send().await {
+            Ok(resp) => classify(resp.status().as_u16()),
+            Err(e) => {
+                // The connection may be broken: start a fresh one next time.
+                self.client = None;
+                SendResult::Retry {
+                    alarm: false,
+                    why: format!("{e}"),
+                }
+            }
+        }
+    }
+}
