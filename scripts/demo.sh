@@ -29,23 +29,7 @@ bin=$root/target/release/tidepool
 tp_workdir -t tidepool-demo.XXXXXX
 
 # The stand-in cloud: counts what it receives.
-cat >"$work/cloud.py" <<'PY'
-import http.server, json, sys
-class Cloud(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        with open(sys.argv[2], "a") as f:
-            f.write(json.dumps({"bytes": len(body), "events": json.loads(body)["events"]}) + "\n")
-        self.send_response(200); self.end_headers()
-    def log_message(self, *a): pass
-srv = http.server.HTTPServer(("127.0.0.1", 0), Cloud)
-print(srv.server_address[1], flush=True)
-srv.serve_forever()
-PY
-python3 "$work/cloud.py" "$work/port" "$work/cloud.jsonl" >"$work/cloud.port" &
-pids+=($!)
-for _ in $(seq 50); do [ -s "$work/cloud.port" ] && break; sleep 0.1; done
-cloud_port=$(head -1 "$work/cloud.port")
+tp_start_cloud
 
 # Embedded defaults, plus only what a demo must say: where the cloud is, and the handler.
 cat >"$work/tidepool.toml" <<TOML

@@ -45,3 +45,26 @@ tp_stop_gateway() {
     kill -TERM "$GW_PID"
     wait "$GW_PID" || true
 }
+
+# tp_start_cloud: a stand-in cloud on loopback that answers 200 and appends each batch to
+# $work/cloud.jsonl as {"bytes", "events"}; sets $cloud_port (its process is in $pids).
+tp_start_cloud() {
+    cat >"$work/cloud.py" <<'PY'
+import http.server, json, sys
+class Cloud(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with open(sys.argv[1], "a") as f:
+            f.write(json.dumps({"bytes": len(body), "events": json.loads(body)["events"]}) + "\n")
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cloud)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+PY
+    python3 "$work/cloud.py" "$work/cloud.jsonl" >"$work/cloud.port" &
+    pids+=($!)
+    for _ in $(seq 50); do [ -s "$work/cloud.port" ] && break; sleep 0.1; done
+    cloud_port=$(head -1 "$work/cloud.port")
+}
+

@@ -429,3 +429,49 @@ async fn a_backlog_of_100k_is_delivered_after_a_restart_urgent_first_oldest_firs
     );
     assert_eq!(order[0], (0, 3), "the oldest urgent event first");
 }
+
+#[tokio::test]
+async fn a_spent_daily_budget_holds_normal_forwards_and_lets_urgent_ones_through() {
+    let cloud = Cloud::start(|_| 200).await;
+    let dir = tempfile::tempdir().unwrap();
+    // One event's batch is about 200 bytes: two normal ones spend a 300-byte budget.
+    let mut gw = Gateway::start(&format!(
+        "{}[outbox]\nmax_delay_ms = 20\nlinger_ms = 50\n[uplink]\nurl = \"{}\"\nbudget_bytes_per_day = 300\n",
+        wat_handler(dir.path(), "cls", CLASSER_WAT, ""),
+        cloud.url
+    ));
+    let dev = gw.connect("dev-u").await;
+    let mut s = dev.open().await.unwrap();
+    let id = |seq: u64| format!("gw-test:dev-u:{seq}:cls:0");
+    for (seq, class) in [(1, b"1"), (2, b"1")] {
+        s.send(&publish(seq, "devices/dev-u/t", class))
+            .await
+            .unwrap();
+        until_ack(&mut s, seq).await;
+        cloud
+            .wait_until(Duration::from_secs(10), |r| {
+                delivered_ids(r).contains(&id(seq))
+            })
+            .await;
+    }
+    // Spent: a normal event waits, an urgent one after it goes.
+    s.send(&publish(3, "devices/dev-u/t", b"1")).await.unwrap();
+    s.send(&publish(4, "devices/dev-u/t", b"0")).await.unwrap();
+    until_ack(&mut s, 4).await;
+    let reqs = cloud
+        .wait_until(Duration::from_secs(10), |r| {
+            delivered_ids(r).contains(&id(4))
+        })
+        .await;
+    let ids = delivered_ids(&reqs);
+    assert!(ids.contains(&id(4)), "urgent goes: {ids:?}");
+    assert!(!ids.contains(&id(3)), "normal is held: {ids:?}");
+    gw.wait_log("uplink budget for today spent", 1, Duration::from_secs(5))
+        .await;
+    // The urgent one settles; the held one waits (and stays, for the rest of the day).
+    gw.wait_outbox_entries(1, Duration::from_secs(5)).await;
+    dev.close().await;
+    let m = gw.stop();
+    assert!(m["uplink_over_budget_bytes"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(m["events_sent"], 3, "{m}");
+}

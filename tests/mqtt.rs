@@ -7,7 +7,7 @@ mod support;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,83 +18,28 @@ use support::*;
 use tokio::sync::Notify;
 
 /// A Mosquitto broker on a loopback port, with persistence in its own dir.
-struct Broker {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut b = Broker {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        b.run();
-        b
-    }
-
-    fn run(&mut self) {
-        let conf = self.dir.path().join("mosquitto.conf");
+fn broker() -> Daemon {
+    Daemon::start(|port, dir| {
+        let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
-                self.port,
-                self.dir.path().display()
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+                dir.display()
             ),
         )
         .unwrap();
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is installed (scripts/test.sh installs it)");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        // Ready when it accepts connections (bounded).
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("mosquitto did not listen on {}", self.port);
-    }
-
-    /// Stops it (SIGTERM: it saves its sessions and queued messages) and waits.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
+        let mut cmd = Command::new(installed(
+            "mosquitto",
+            &["/usr/sbin/mosquitto", "/usr/bin/mosquitto"],
+        ));
+        cmd.arg("-c").arg(conf);
+        cmd
+    })
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+fn url(broker: &Daemon) -> String {
+    format!("mqtt://127.0.0.1:{}", broker.port)
 }
 
 /// Everything a subscriber to `filter` received; it subscribes again after each reconnect.
@@ -195,11 +140,11 @@ fn ids(got: &[Publish]) -> BTreeSet<String> {
     got.iter().filter_map(|p| props(p).remove("id")).collect()
 }
 
-fn config(broker: &Broker, dir: &Path) -> String {
+fn config(broker: &Daemon, dir: &Path) -> String {
     format!(
         "{}[uplink]\nsink = \"mqtt\"\nurl = \"{}\"\ntimeout_ms = 2000\n[uplink.mqtt]\ntopic = \"tp/{{gateway}}/{{class}}/{{topic}}\"\n[outbox]\nmax_delay_ms = 20\nlinger_ms = 200\nretry_base_ms = 50\nretry_max_ms = 400\n",
         wat_handler(dir, "fwd", include_str!("handlers/forwarder.wat"), ""),
-        broker.url()
+        url(broker)
     )
 }
 
@@ -211,7 +156,7 @@ fn expected(device: &str, last: u64) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_reach_the_broker_with_the_topic_template_and_their_id_and_class() {
-    let broker = Broker::start();
+    let broker = broker();
     let sub = Subscriber::start(broker.port, "tp/#").await;
     let dir = tempfile::tempdir().unwrap();
     let mut gw = Gateway::start(&config(&broker, dir.path()));
@@ -246,7 +191,7 @@ async fn forwards_reach_the_broker_with_the_topic_template_and_their_id_and_clas
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_stream_loses_nothing() {
-    let mut broker = Broker::start();
+    let mut broker = broker();
     let sub = Subscriber::start(broker.port, "tp/#").await;
     let dir = tempfile::tempdir().unwrap();
     // A first retry a second or more after a failure: time for the test's subscriber to be

@@ -188,6 +188,7 @@ pub struct UplinkConfig {
     pub sink: SinkKind,
     pub url: String,
     pub timeout_ms: u64,
+    pub budget_bytes_per_day: u64,
     pub mqtt: MqttConfig,
     pub nats: NatsConfig,
 }

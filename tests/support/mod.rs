@@ -250,16 +250,21 @@ impl Gateway {
     /// Waits (polling `tidepool status`, bounded) until the running gateway's outbox is empty:
     /// everything delivered and settled.
     pub async fn wait_outbox_empty(&self, timeout: Duration) {
+        self.wait_outbox_entries(0, timeout).await
+    }
+
+    /// Waits (polling `tidepool status`, bounded) until the outbox holds `n` entries.
+    pub async fn wait_outbox_entries(&self, n: u64, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let st = cli(&["status", "--json"], &self.config);
             let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap_or_default();
-            if v["outbox"]["entries"] == 0 {
+            if v["outbox"]["entries"] == n {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the outbox did not empty within {timeout:?}: {v}"
+                "the outbox did not come to {n} entries within {timeout:?}: {v}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -619,4 +624,91 @@ pub fn delivered_ids(r: &[Request]) -> Vec<String> {
 /// The number of events in a request's body.
 pub fn events_in(r: &Request) -> usize {
     r.events
+}
+
+/// Makes a [`Daemon`]'s command line from its port and dir.
+pub type DaemonCommand = Box<dyn Fn(u16, &Path) -> Command + Send>;
+
+/// A server the tests run (Mosquitto, nats-server) on a free loopback port with a dir of its
+/// own: `command(port, dir)` makes its command line; it is ready when it accepts TCP
+/// connections. Stopped with SIGTERM (`stop`), frozen and thawed (`signal`), killed on drop.
+pub struct Daemon {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    command: DaemonCommand,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start(command: impl Fn(u16, &Path) -> Command + Send + 'static) -> Daemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut d = Daemon {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            command: Box::new(command),
+            child: None,
+        };
+        d.run();
+        d
+    }
+
+    /// Starts it (again, on the same port and dir) and waits until it listens (bounded).
+    pub fn run(&mut self) {
+        let mut cmd = (self.command)(self.port, self.dir.path());
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{cmd:?} did not listen on {}", self.port);
+    }
+
+    /// Stops it with SIGTERM (a clean shutdown) and waits.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (`-STOP` freezes it, `-CONT` thaws it).
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The first of `paths` that exists (a server installed by `scripts/test.sh`).
+pub fn installed(name: &str, paths: &[&str]) -> PathBuf {
+    paths
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} is not installed (scripts/test.sh installs it)"))
 }

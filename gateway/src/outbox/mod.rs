@@ -264,12 +264,20 @@ impl Outbox {
 
     /// The next batch: urgent first, then normal, then bulk, each in outbox order, up to
     /// `max_events` entries and `max_bytes` (at least one entry), leaving out `exclude` (the
-    /// uplink's entries set aside after a refusal; a few at most).
-    pub fn next_batch(&self, max_events: usize, max_bytes: usize, exclude: &[u64]) -> Vec<u64> {
+    /// uplink's entries set aside after a refusal; a few at most); only urgent ones when
+    /// `urgent_only` (the uplink's budget is spent).
+    pub fn next_batch(
+        &self,
+        max_events: usize,
+        max_bytes: usize,
+        exclude: &[u64],
+        urgent_only: bool,
+    ) -> Vec<u64> {
         let ix = self.lock();
         let mut out = Vec::new();
         let mut bytes = 0u64;
-        for class in &ix.classes {
+        let classes = if urgent_only { 1 } else { ix.classes.len() };
+        for class in &ix.classes[..classes] {
             for (seq, m) in class {
                 if exclude.contains(seq) {
                     continue;
@@ -386,10 +394,11 @@ mod tests {
             ],
             now,
         );
-        assert_eq!(ob.next_batch(10, 1000, &[]), vec![3, 2, 1]);
-        assert_eq!(ob.next_batch(2, 1000, &[]), vec![3, 2]);
-        assert_eq!(ob.next_batch(10, 15, &[]), vec![3]);
-        assert_eq!(ob.next_batch(10, 1000, &[2]), vec![3, 1]);
+        assert_eq!(ob.next_batch(10, 1000, &[], false), vec![3, 2, 1]);
+        assert_eq!(ob.next_batch(2, 1000, &[], false), vec![3, 2]);
+        assert_eq!(ob.next_batch(10, 15, &[], false), vec![3]);
+        assert_eq!(ob.next_batch(10, 1000, &[2], false), vec![3, 1]);
+        assert_eq!(ob.next_batch(10, 1000, &[], true), vec![3]);
         assert_eq!(ob.pending().normal_bytes, 10);
         ob.remove(&[2]);
         assert_eq!(ob.pending().normal, 0);

@@ -17,6 +17,14 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Only urgent entries count (the uplink's budget holds the rest).
+    pub fn hold_all_but_urgent(&mut self) {
+        *self = Pending {
+            urgent: self.urgent,
+            ..Pending::default()
+        };
+    }
+
     pub fn total(&self) -> usize {
         self.urgent + self.normal + self.bulk
     }

@@ -4,6 +4,7 @@
 //! offending event ([`plan::Plan`] tells a refused event from a cloud that refuses everything),
 //! and removes what the cloud accepted, durably, before it sends anything else.
 
+pub mod budget;
 pub mod http;
 pub mod mqtt;
 #[cfg(feature = "nats")]
@@ -21,6 +22,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::outbox::{Action, Entry, Outbox, WakePolicy};
 use crate::store::{keys, DeadLetter, Store, StoreError};
+use budget::{Budget, Turn};
 use plan::{Plan, Step};
 
 /// A batch: outbox entries and the id derived from them (the HTTP `Idempotency-Key`). The same
@@ -88,6 +90,7 @@ pub struct Uplink<S: Sink> {
     pub policy: WakePolicy,
     pub max_batch_events: usize,
     pub max_batch_bytes: usize,
+    pub budget: Budget,
     pub sink: S,
 }
 
@@ -107,6 +110,7 @@ impl<S: Sink> Uplink<S> {
             policy: WakePolicy::new(&cfg.outbox),
             max_batch_events: cfg.outbox.max_batch_events,
             max_batch_bytes: cfg.outbox.max_batch_bytes,
+            budget: Budget::new(cfg.uplink.budget_bytes_per_day),
             sink,
         }
     }
@@ -168,17 +172,42 @@ impl<S: Sink> Uplink<S> {
     /// The uplink loop. Returns on `stop` or on a store error.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), StoreError> {
         let mut plan = Plan::default();
+        // When the uplink woke up (its first send after sleeping), for `uplink_awake_ms`.
+        let mut awake_since: Option<Instant> = None;
         loop {
             if *stop.borrow() {
                 self.sink.close();
+                if let Some(t) = awake_since.take() {
+                    Metrics::add(
+                        &self.metrics.uplink_awake_ms,
+                        t.elapsed().as_millis() as u64,
+                    );
+                }
                 return Ok(());
             }
             let now = Instant::now();
-            match self.policy.next(now, &self.outbox.pending()) {
+            let now_ms = crate::clock::now_ms();
+            let (held, turn) = self.budget.check(now_ms);
+            match turn {
+                Some(Turn::Held) => {
+                    let (spent, limit) = self.budget.today();
+                    tracing::warn!(spent, limit, "uplink budget for today spent: holding normal and bulk forwards until 00:00 UTC; urgent ones still go (counted as over budget)");
+                }
+                Some(Turn::Resumed) => tracing::info!(
+                    "a new UTC day: the uplink budget is reset, held forwards go again"
+                ),
+                None => {}
+            }
+            let mut pending = self.outbox.pending();
+            if held {
+                pending.hold_all_but_urgent();
+            }
+            match self.policy.next(now, &pending) {
                 Action::Send => {
                     let (max_events, max_bytes) = (self.max_batch_events, self.max_batch_bytes);
-                    let step =
-                        plan.next(|exclude| self.outbox.next_batch(max_events, max_bytes, exclude));
+                    let step = plan.next(|exclude| {
+                        self.outbox.next_batch(max_events, max_bytes, exclude, held)
+                    });
                     let seqs = match step {
                         Step::Send(seqs) => seqs,
                         Step::Idle => {
@@ -195,7 +224,8 @@ impl<S: Sink> Uplink<S> {
                         }
                     };
                     let batch = self.batch(seqs)?;
-                    if !self.policy.is_awake() && self.policy.failures() == 0 {
+                    if awake_since.is_none() {
+                        awake_since = Some(Instant::now());
                         Metrics::inc(&self.metrics.uplink_wakeups);
                     }
                     let sent = tokio::select! {
@@ -203,6 +233,8 @@ impl<S: Sink> Uplink<S> {
                         _ = stop.changed() => { plan.failed(batch.seqs); continue; }
                     };
                     Metrics::add(&self.metrics.bytes_up, sent.bytes);
+                    let over = self.budget.spend(crate::clock::now_ms(), sent.bytes);
+                    Metrics::add(&self.metrics.uplink_over_budget_bytes, over);
                     let result = sent.result;
                     match result {
                         SendResult::Delivered => {
@@ -241,9 +273,23 @@ impl<S: Sink> Uplink<S> {
                 }
                 Action::Close => {
                     self.sink.close();
+                    if let Some(t) = awake_since.take() {
+                        Metrics::add(
+                            &self.metrics.uplink_awake_ms,
+                            t.elapsed().as_millis() as u64,
+                        );
+                    }
                     tracing::debug!("uplink idle: connection closed");
                 }
                 Action::Wait(deadline) => {
+                    // Held by the budget: wake at the next UTC day at the latest.
+                    let deadline = if held {
+                        let next_day =
+                            now + std::time::Duration::from_millis(Budget::until_next_day(now_ms));
+                        Some(deadline.map_or(next_day, |d| d.min(next_day)))
+                    } else {
+                        deadline
+                    };
                     let sleep = async {
                         match deadline {
                             Some(t) => tokio::time::sleep_until(t.into()).await,
