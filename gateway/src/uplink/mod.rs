@@ -81,6 +81,13 @@ pub trait Sink: Send {
     fn close(&mut self);
 }
 
+/// The uplink closed its connection: counts the time it was awake.
+fn fell_asleep(metrics: &Metrics, awake_since: &mut Option<Instant>) {
+    if let Some(t) = awake_since.take() {
+        Metrics::add(&metrics.uplink_awake_ms, t.elapsed().as_millis() as u64);
+    }
+}
+
 /// Runs until `stop` turns true.
 pub struct Uplink<S: Sink> {
     pub store: Store,
@@ -177,12 +184,7 @@ impl<S: Sink> Uplink<S> {
         loop {
             if *stop.borrow() {
                 self.sink.close();
-                if let Some(t) = awake_since.take() {
-                    Metrics::add(
-                        &self.metrics.uplink_awake_ms,
-                        t.elapsed().as_millis() as u64,
-                    );
-                }
+                fell_asleep(&self.metrics, &mut awake_since);
                 return Ok(());
             }
             let now = Instant::now();
@@ -273,12 +275,7 @@ impl<S: Sink> Uplink<S> {
                 }
                 Action::Close => {
                     self.sink.close();
-                    if let Some(t) = awake_since.take() {
-                        Metrics::add(
-                            &self.metrics.uplink_awake_ms,
-                            t.elapsed().as_millis() as u64,
-                        );
-                    }
+                    fell_asleep(&self.metrics, &mut awake_since);
                     tracing::debug!("uplink idle: connection closed");
                 }
                 Action::Wait(deadline) => {
