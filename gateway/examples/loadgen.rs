@@ -40,6 +40,10 @@ enum Cmd {
         rate: f64,
         #[arg(long, default_value_t = 100)]
         payload_bytes: usize,
+        /// Readings follow a slow random walk per device (a real sensor: threshold crossings
+        /// are rare) instead of uniform noise in 20..32 (a crossing every few readings).
+        #[arg(long)]
+        walk: bool,
     },
     /// Raw sled batched inserts on the same disk.
     Sled {
@@ -79,6 +83,13 @@ fn payload(n: usize, v: f64) -> Vec<u8> {
     format!("{head}{}\"}}", "x".repeat(pad)).into_bytes()
 }
 
+/// What a simulated device's readings look like.
+#[derive(Clone, Copy)]
+struct Readings {
+    bytes: usize,
+    walk: bool,
+}
+
 async fn device(
     gateway: String,
     certs: PathBuf,
@@ -86,7 +97,7 @@ async fn device(
     events: u64,
     window: u64,
     rate: f64,
-    bytes: usize,
+    readings: Readings,
 ) -> anyhow::Result<Vec<Duration>> {
     let id = format!("dev-{i}");
     let dev = Device::connect(
@@ -111,16 +122,23 @@ async fn device(
     let mut acked = hwm;
     let start = Instant::now();
     let mut rng = fastrand::Rng::with_seed(i as u64);
+    // Levels from 24 to 31: a few devices sit near the threshold (30) and cross it now and then.
+    let mut level = 24.0 + rng.f64() * 7.0;
     let due = |seq: u64| start + Duration::from_secs_f64((seq - first) as f64 / rate);
     while acked < last {
         let now = Instant::now();
         let mut pushed = false;
         while next <= last && next - acked <= window && (rate <= 0.0 || due(next) <= now) {
-            let v = 20.0 + rng.f64() * 12.0;
+            let v = if readings.walk {
+                level = (level + (rng.f64() - 0.5) * 0.2).clamp(15.0, 35.0);
+                level
+            } else {
+                20.0 + rng.f64() * 12.0
+            };
             s.push(&DeviceMsg::Publish(Publish {
                 seq: next,
                 topic: topic.clone(),
-                payload: payload(bytes, v).into(),
+                payload: payload(readings.bytes, v).into(),
                 ts: None,
                 id: None,
                 src: None,
@@ -184,6 +202,7 @@ fn main() -> anyhow::Result<()> {
             window,
             rate,
             payload_bytes,
+            walk,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -192,7 +211,7 @@ fn main() -> anyhow::Result<()> {
                 let start = Instant::now();
                 let per_device_rate = rate / devices as f64;
                 let tasks: Vec<_> = (1..=devices)
-                    .map(|i| tokio::spawn(device(gateway.clone(), certs.clone(), i, events_per_device, window, per_device_rate, payload_bytes)))
+                    .map(|i| tokio::spawn(device(gateway.clone(), certs.clone(), i, events_per_device, window, per_device_rate, Readings { bytes: payload_bytes, walk })))
                     .collect();
                 let mut lat = Vec::new();
                 for t in tasks {
