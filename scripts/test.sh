@@ -10,13 +10,19 @@ echo "== test prerequisites: FUSE (the power-cut test's lazyfs), Mosquitto and n
 missing=()
 command -v fusermount3 >/dev/null || missing+=(fuse3)
 ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2' || missing+=(libfuse2)
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
 [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v nats-server >/dev/null || missing+=(nats-server)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-python3 -c 'import fuse' 2>/dev/null || python3 -m pip install -q fusepy
+if ! python3 -c 'import fuse' 2>/dev/null; then
+    # A distribution's Python may refuse pip (PEP 668) or lack it: then Debian's package.
+    python3 -m pip install -q fusepy 2>/dev/null \
+        || python3 -m pip install -q --break-system-packages fusepy 2>/dev/null \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-fusepy >/dev/null; }
+fi
 
 echo "== building the handlers (modules/, wasm32-unknown-unknown)"
 scripts/build-handlers.sh

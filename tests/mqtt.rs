@@ -1,7 +1,8 @@
 //! The MQTT sink against a real Mosquitto started on a loopback port (`scripts/test.sh`
 //! installs it): each forward arrives once per id with the topic template applied and `id`,
-//! `class` and `device` in MQTT 5 user properties; a broker restart in the middle of the
-//! stream loses nothing (a batch counts as delivered only once every PUBACK is in).
+//! `class` and `device` in MQTT 5 user properties; a broker frozen under a batch (no PUBACK)
+//! keeps its entries in the outbox, and a restart loses nothing (a batch counts as delivered
+//! only once every PUBACK is in).
 
 mod support;
 
@@ -216,7 +217,21 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     let want = expected("dev-r", last);
     sub.wait_for(Duration::from_secs(15), |got| got.is_superset(&want))
         .await;
-    // The broker goes down; events keep coming and wait in the outbox, the uplink failing.
+    // Frozen under a burst: the publishes are written, no PUBACK comes, and the entries stay
+    // in the outbox (a sink that counted a write as delivered would lose them here).
+    broker.signal("-STOP");
+    let last = burst(&mut s, 100);
+    s.flush().await.unwrap();
+    until_ack(&mut s, last).await;
+    gw.wait_log("no PUBACK", 1, Duration::from_secs(15)).await;
+    let st = cli(&["status", "--json"], &gw.config);
+    let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert!(
+        v["outbox"]["entries"].as_u64().unwrap() > 0,
+        "unacknowledged publishes stay in the outbox: {v}"
+    );
+    broker.signal("-CONT");
+    // Then down altogether; events keep coming and wait in the outbox, the uplink failing.
     broker.stop();
     let last = burst(&mut s, 200);
     s.flush().await.unwrap();

@@ -76,6 +76,11 @@ pub struct Sent {
 /// batch whole or not at all (`Delivered` only when the far side took every entry); retry,
 /// backoff, splitting and dead letters are the uplink's, the same for every sink.
 pub trait Sink: Send {
+    /// Whether a failed batch must be retried byte for byte (the HTTP contract's
+    /// `Idempotency-Key`). Sinks that dedupe by entry id instead let the uplink split a batch
+    /// that keeps failing, so one entry the far side never takes cannot hold the rest.
+    const RETRY_AS_IS: bool;
+
     fn send(&mut self, batch: &Batch) -> impl Future<Output = Sent> + Send;
     /// Close the connection (the uplink goes back to sleep).
     fn close(&mut self);
@@ -232,7 +237,7 @@ impl<S: Sink> Uplink<S> {
                     }
                     let sent = tokio::select! {
                         r = self.sink.send(&batch) => r,
-                        _ = stop.changed() => { plan.failed(batch.seqs); continue; }
+                        _ = stop.changed() => { plan.put_back(batch.seqs); continue; }
                     };
                     Metrics::add(&self.metrics.bytes_up, sent.bytes);
                     let over = self.budget.spend(crate::clock::now_ms(), sent.bytes);
@@ -255,7 +260,10 @@ impl<S: Sink> Uplink<S> {
                             } else {
                                 tracing::warn!(batch = %batch.id, "uplink failed: {why}; retrying in {wait:?}");
                             }
-                            plan.failed(batch.seqs);
+                            if plan.failed(batch.seqs.clone(), !S::RETRY_AS_IS).is_some() {
+                                tracing::error!(batch = %batch.id, "an event keeps failing while the cloud accepts others ({why}); dead-lettered");
+                                self.settle(&batch, Some(&why)).await?;
+                            }
                         }
                         SendResult::Split => {
                             if plan.too_large(batch.seqs.clone()).is_some() {

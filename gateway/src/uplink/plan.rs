@@ -2,7 +2,12 @@
 //! a refusal means. A part is a list of outbox seqs.
 //!
 //! - A part answered 5xx, 408, 429, 401/403/404 or not answered goes again, the same part
-//!   (the same bytes), after the backoff.
+//!   (the same bytes), after the backoff. For a sink that does not promise byte-identical
+//!   retries (MQTT, NATS: HTTP does), after [`FAILURES_BEFORE_SPLIT`] such failures in a
+//!   row it is judged like a refused part (split, singles set aside), so one entry the far side
+//!   can never take (a broker that drops the connection on its topic, a message over its size
+//!   limit) cannot hold every entry behind it for good. During a real outage that only moves
+//!   entries to the suspects: nothing is dead-lettered without proof.
 //! - A part answered 413 is split at once (halves to the front).
 //! - A part answered 400/422 is split, halves to the back, so both halves of a level are
 //!   tried before either is split again.
@@ -17,6 +22,9 @@ use std::collections::{HashMap, VecDeque};
 
 /// Outbox seqs sent as one batch.
 pub type Part = Vec<u64>;
+
+/// Failures of the same part in a row before it is split like a refused one.
+pub const FAILURES_BEFORE_SPLIT: u32 = 3;
 
 /// What the uplink does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +48,8 @@ pub struct Plan {
     accepts: u64,
     /// For each suspect: `accepts` when it was last refused.
     strikes: HashMap<u64, u64>,
+    /// Failures in a row of the part at the front (reset by any delivery).
+    failures: u32,
 }
 
 impl Plan {
@@ -80,13 +90,28 @@ impl Plan {
     /// The cloud accepted `part`.
     pub fn delivered(&mut self, part: &[u64]) {
         self.accepts += 1;
+        self.failures = 0;
         for s in part {
             self.strikes.remove(s);
         }
     }
 
-    /// The part failed in a way worth retrying as is (after the backoff).
-    pub fn failed(&mut self, part: Part) {
+    /// The part failed in a way worth retrying (after the backoff). With `may_split` (a sink
+    /// that does not promise byte-identical retries), after [`FAILURES_BEFORE_SPLIT`] in a row
+    /// it is judged like a refused part; else it goes again as is. Returns a part to
+    /// dead-letter, if any (only with proof, as for a refusal).
+    pub fn failed(&mut self, part: Part, may_split: bool) -> Option<Part> {
+        self.failures += 1;
+        if may_split && self.failures >= FAILURES_BEFORE_SPLIT {
+            self.failures = 0;
+            return self.refused(part);
+        }
+        self.queue.push_front(part);
+        None
+    }
+
+    /// Puts a part back untried (the uplink is stopping).
+    pub fn put_back(&mut self, part: Part) {
         self.queue.push_front(part);
     }
 
@@ -135,6 +160,7 @@ mod tests {
         Ok,
         Refused,
         TooLarge,
+        Failed,
     }
 
     /// Runs the plan against a cloud (`answer(part, step)`) over an outbox holding `pending`,
@@ -181,6 +207,9 @@ mod tests {
                     .inspect(|p| dead.extend(p.iter().copied())),
                 Answer::TooLarge => plan
                     .too_large(part)
+                    .inspect(|p| dead.extend(p.iter().copied())),
+                Answer::Failed => plan
+                    .failed(part, true)
                     .inspect(|p| dead.extend(p.iter().copied())),
             };
             if let Some(p) = gone {
@@ -240,6 +269,29 @@ mod tests {
                 "{events:?} with {bads:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_entry_that_always_breaks_the_connection_does_not_hold_the_others_for_good() {
+        // The far side drops the connection whenever entry 3 is in a part: without the split
+        // after repeated failures, 1..=8 and everything after them would wait forever.
+        let answer = |p: &Part, _| {
+            if p.contains(&3) {
+                Answer::Failed
+            } else {
+                Answer::Ok
+            }
+        };
+        let events: Vec<u64> = (1..=8).collect();
+        let (delivered, dead, _) = run(&events, 500, true, answer);
+        assert_eq!(dead, set(&[3]));
+        assert!(
+            delivered.is_superset(&set(&[1, 2, 4, 5, 6, 7, 8])),
+            "{delivered:?}"
+        );
+        // An outage (everything fails) dead-letters nothing.
+        let (delivered, dead, _) = run(&events, 500, true, |_, _| Answer::Failed);
+        assert!(delivered.is_empty() && dead.is_empty());
     }
 
     #[test]

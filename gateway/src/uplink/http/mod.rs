@@ -29,12 +29,16 @@ impl HttpSink {
 }
 
 impl crate::uplink::Sink for HttpSink {
+    const RETRY_AS_IS: bool = true;
+
     async fn send(&mut self, batch: &Batch) -> Sent {
         let body = body(&self.gateway, &batch.id, &batch.entries);
-        let bytes = body.len() as u64;
+        let len = body.len() as u64;
+        let (result, reached) = self.post(batch, body).await;
+        // Bytes count when the request reached the cloud (not when no connection was made).
         Sent {
-            result: self.post(batch, body).await,
-            bytes,
+            result,
+            bytes: if reached { len } else { 0 },
         }
     }
 
@@ -44,7 +48,8 @@ impl crate::uplink::Sink for HttpSink {
 }
 
 impl HttpSink {
-    async fn post(&mut self, batch: &Batch, body: Vec<u8>) -> SendResult {
+    /// Posts the body; the second value says whether a connection carried it.
+    async fn post(&mut self, batch: &Batch, body: Vec<u8>) -> (SendResult, bool) {
         if self.client.is_none() {
             // No redirects: a POST turned into a GET by a 30x must not count as delivered.
             let builder = reqwest::Client::builder()
@@ -53,10 +58,8 @@ impl HttpSink {
             match builder.build() {
                 Ok(c) => self.client = Some(c),
                 Err(e) => {
-                    return SendResult::Retry {
-                        alarm: true,
-                        why: format!("HTTP client: {e}"),
-                    }
+                    let why = format!("HTTP client: {e}");
+                    return (SendResult::Retry { alarm: true, why }, false);
                 }
             }
         }
@@ -69,14 +72,18 @@ impl HttpSink {
             .header("Idempotency-Key", &batch.id)
             .body(body);
         match req.send().await {
-            Ok(resp) => classify(resp.status().as_u16()),
+            Ok(resp) => (classify(resp.status().as_u16()), true),
             Err(e) => {
                 // The connection may be broken: start a fresh one next time.
                 self.client = None;
-                SendResult::Retry {
-                    alarm: false,
-                    why: format!("{e}"),
-                }
+                let reached = !e.is_connect();
+                (
+                    SendResult::Retry {
+                        alarm: false,
+                        why: format!("{e}"),
+                    },
+                    reached,
+                )
             }
         }
     }

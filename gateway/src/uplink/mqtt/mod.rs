@@ -74,6 +74,9 @@ impl MqttSink {
         };
         let mut options = MqttOptions::new(client_id, host, port);
         options.set_keep_alive(Duration::from_secs(cfg.keep_alive_s.max(5)));
+        // Without a cap rumqttc sizes its in-flight table for 65,535 publishes (~14 MB made on
+        // every connect); the broker's own receive maximum still applies below this.
+        options.set_outgoing_inflight_upper_limit(100);
         options.set_clean_start(true);
         if !cfg.username.is_empty() {
             options.set_credentials(cfg.username.clone(), cfg.password.clone());
@@ -93,11 +96,29 @@ impl MqttSink {
     }
 
     async fn publish_all(&mut self, batch: &Batch) -> (SendResult, u64) {
+        // A topic a broker refuses (by dropping the connection, as Mosquitto does for control
+        // characters) would fail the batch for good: refuse it here, so the uplink bisects to
+        // the entry and dead-letters it.
+        for e in &batch.entries {
+            let topic = self.topic.render(&self.gateway, e);
+            if topic.len() > 65_535 || topic.chars().any(|c| c.is_control()) {
+                return (
+                    SendResult::Reject(format!(
+                        "MQTT topic `{}` has control characters or is too long",
+                        topic.escape_debug()
+                    )),
+                    0,
+                );
+            }
+        }
         let capacity = batch.entries.len().max(1);
         let (client, eventloop) = self
             .conn
             .get_or_insert_with(|| AsyncClient::new(self.options.clone(), capacity + 16));
+        // Bytes count once a publish is written (`Outgoing::Publish`), in queue order.
         let mut bytes = 0u64;
+        let mut sizes: Vec<u64> = Vec::with_capacity(batch.entries.len());
+        let mut written = 0;
         let mut queued = 0;
         let mut unacked: HashSet<u16> = HashSet::new();
         let mut acked = 0;
@@ -125,8 +146,8 @@ impl MqttSink {
                     props,
                 ) {
                     Ok(()) => {
+                        sizes.push(len);
                         queued += 1;
-                        bytes += len;
                     }
                     Err(rumqttc::v5::ClientError::TryRequest(_)) => break,
                     Err(e) => return (retry(format!("MQTT client: {e}")), bytes),
@@ -151,6 +172,8 @@ impl MqttSink {
             match event {
                 Event::Outgoing(Outgoing::Publish(pkid)) => {
                     unacked.insert(pkid);
+                    bytes += sizes.get(written).copied().unwrap_or(0);
+                    written += 1;
                 }
                 Event::Incoming(Packet::PubAck(ack)) if unacked.remove(&ack.pkid) => {
                     acked += 1;
@@ -220,6 +243,8 @@ fn tls_config(ca_file: &str) -> Result<rustls::ClientConfig, MqttSetupError> {
 }
 
 impl Sink for MqttSink {
+    const RETRY_AS_IS: bool = false;
+
     async fn send(&mut self, batch: &Batch) -> Sent {
         let (result, bytes) = self.publish_all(batch).await;
         if result != SendResult::Delivered {

@@ -99,6 +99,20 @@ impl NatsSink {
                 }
             },
         };
+        // A subject the server can never take (whitespace, an empty token) would fail the batch
+        // for good: refuse it here, so the uplink bisects to the entry and dead-letters it.
+        for e in &batch.entries {
+            let subject = self.subject.render(&self.gateway, e);
+            if subject.chars().any(char::is_whitespace) || subject.split('.').any(str::is_empty) {
+                return (
+                    SendResult::Reject(format!(
+                        "NATS subject `{}` has whitespace or an empty token",
+                        subject.escape_debug()
+                    )),
+                    0,
+                );
+            }
+        }
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut bytes = 0u64;
         let mut acks = Vec::with_capacity(batch.entries.len());
@@ -112,7 +126,7 @@ impl NatsSink {
             let publish = js.publish_with_headers(subject, headers, e.payload.clone().into());
             match tokio::time::timeout_at(deadline, publish).await {
                 Ok(Ok(ack)) => acks.push(ack),
-                Ok(Err(err)) => return (retry(format!("NATS publish: {err}")), bytes),
+                Ok(Err(err)) => return (judge(&err), bytes),
                 Err(_) => return (retry("NATS publish timed out".into()), bytes),
             }
         }
@@ -121,16 +135,7 @@ impl NatsSink {
             match tokio::time::timeout_at(deadline, ack.into_future()).await {
                 // A duplicate is an entry the stream already holds: delivered too.
                 Ok(Ok(ack)) => duplicates += usize::from(ack.duplicate),
-                Ok(Err(err)) => {
-                    let why = format!("JetStream PubAck: {err}");
-                    let alarm = why.contains("no responders");
-                    let why = if alarm {
-                        format!("{why}: no stream takes these subjects (create one, or set uplink.nats.stream)")
-                    } else {
-                        why
-                    };
-                    return (SendResult::Retry { alarm, why }, bytes);
-                }
+                Ok(Err(err)) => return (judge(&err), bytes),
                 Err(_) => return (retry(format!("no PubAck within {:?}", self.timeout)), bytes),
             }
         }
@@ -141,11 +146,27 @@ impl NatsSink {
     }
 }
 
+/// What a publish or PubAck error means for the batch.
+fn judge(err: &jetstream::context::PublishError) -> SendResult {
+    use jetstream::context::PublishErrorKind as K;
+    match err.kind() {
+        K::StreamNotFound => SendResult::Retry {
+            alarm: true,
+            why: format!("JetStream: {err}: no stream takes these subjects (create one, or set uplink.nats.stream)"),
+        },
+        // Too large for the server: split, down to the entry, which is dead-lettered.
+        K::MaxPayloadExceeded => SendResult::Split,
+        _ => retry(format!("JetStream: {err}")),
+    }
+}
+
 fn retry(why: String) -> SendResult {
     SendResult::Retry { alarm: false, why }
 }
 
 impl Sink for NatsSink {
+    const RETRY_AS_IS: bool = false;
+
     async fn send(&mut self, batch: &Batch) -> Sent {
         let (result, bytes) = self.publish_all(batch).await;
         if result != SendResult::Delivered {
