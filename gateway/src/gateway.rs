@@ -141,21 +141,33 @@ async fn run_timers(dispatcher: Arc<Mutex<Dispatcher>>, mut stop: watch::Receive
     }
 }
 
-/// Starts the uplink task with `sink`; a store error in it stops the process.
-fn spawn_uplink<S: Sink + 'static>(
-    cfg: &Config,
-    store: &Store,
-    outbox: &Arc<Outbox>,
-    metrics: &Arc<Metrics>,
-    sink: S,
-    stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    let up = Uplink::new(cfg, store.clone(), outbox.clone(), metrics.clone(), sink);
-    tokio::spawn(async move {
-        if let Err(e) = up.run(stop).await {
-            crate::store::fatal("uplink store access", e);
-        }
-    })
+/// What every uplink task shares, whatever its sink.
+struct UplinkParts<'a> {
+    cfg: &'a Config,
+    store: &'a Store,
+    outbox: &'a Arc<Outbox>,
+    metrics: &'a Arc<Metrics>,
+}
+
+impl UplinkParts<'_> {
+    /// Starts the uplink task with `sink`; a store error in it stops the process.
+    fn spawn<S: Sink + 'static>(
+        &self,
+        sink: S,
+        stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (store, outbox, metrics) = (
+            self.store.clone(),
+            self.outbox.clone(),
+            self.metrics.clone(),
+        );
+        let up = Uplink::new(self.cfg, store, outbox, metrics, sink);
+        tokio::spawn(async move {
+            if let Err(e) = up.run(stop).await {
+                crate::store::fatal("uplink store access", e);
+            }
+        })
+    }
 }
 
 /// Runs the gateway until `stop` turns true; returns the final metrics.
@@ -262,6 +274,12 @@ pub async fn run(
 
     let (uplink_stop_tx, uplink_stop) = watch::channel(false);
     let timeout = Duration::from_millis(cfg.uplink.timeout_ms);
+    let parts = UplinkParts {
+        cfg: &cfg,
+        store: &store,
+        outbox: &outbox,
+        metrics: &metrics,
+    };
     let uplink = match (cfg.uplink.sink, cfg.uplink.url.as_str()) {
         (SinkKind::None, _) | (_, "") => {
             tracing::warn!(
@@ -272,26 +290,12 @@ pub async fn run(
         (SinkKind::Http, url) => {
             let sink = HttpSink::new(cfg.gateway.id.clone(), url.to_string(), timeout);
             tracing::info!(%url, "uplink: HTTP");
-            Some(spawn_uplink(
-                &cfg,
-                &store,
-                &outbox,
-                &metrics,
-                sink,
-                uplink_stop,
-            ))
+            Some(parts.spawn(sink, uplink_stop))
         }
         (SinkKind::Mqtt, url) => {
             let sink = MqttSink::new(&cfg.gateway.id, url, &cfg.uplink.mqtt, timeout)?;
             tracing::info!(%url, topic = %cfg.uplink.mqtt.topic, "uplink: MQTT");
-            Some(spawn_uplink(
-                &cfg,
-                &store,
-                &outbox,
-                &metrics,
-                sink,
-                uplink_stop,
-            ))
+            Some(parts.spawn(sink, uplink_stop))
         }
         #[cfg(feature = "nats")]
         (SinkKind::Nats, url) => {
@@ -302,14 +306,7 @@ pub async fn run(
                 timeout,
             )?;
             tracing::info!(%url, subject = %cfg.uplink.nats.subject, "uplink: NATS JetStream");
-            Some(spawn_uplink(
-                &cfg,
-                &store,
-                &outbox,
-                &metrics,
-                sink,
-                uplink_stop,
-            ))
+            Some(parts.spawn(sink, uplink_stop))
         }
         #[cfg(not(feature = "nats"))]
         (SinkKind::Nats, _) => return Err(StartError::NoNats),

@@ -65,6 +65,13 @@ pub enum SendResult {
     Reject(String),
 }
 
+impl SendResult {
+    /// A failure to retry later, with no alarm (no connection, a timeout, a broken link).
+    pub fn retry(why: String) -> SendResult {
+        SendResult::Retry { alarm: false, why }
+    }
+}
+
 /// What a sink made of one attempt, and the bytes it put on the wire for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {

@@ -150,7 +150,7 @@ impl MqttSink {
                         queued += 1;
                     }
                     Err(rumqttc::v5::ClientError::TryRequest(_)) => break,
-                    Err(e) => return (retry(format!("MQTT client: {e}")), bytes),
+                    Err(e) => return (SendResult::retry(format!("MQTT client: {e}")), bytes),
                 }
             }
             if acked == batch.entries.len() {
@@ -164,9 +164,9 @@ impl MqttSink {
                         batch.entries.len(),
                         self.timeout
                     );
-                    return (retry(why), bytes);
+                    return (SendResult::retry(why), bytes);
                 }
-                Ok(Err(e)) => return (retry(format!("MQTT: {e}")), bytes),
+                Ok(Err(e)) => return (SendResult::retry(format!("MQTT: {e}")), bytes),
                 Ok(Ok(ev)) => ev,
             };
             match event {
@@ -186,7 +186,7 @@ impl MqttSink {
                 }
                 Event::Incoming(Packet::Disconnect(d)) => {
                     return (
-                        retry(format!("the broker disconnected: {:?}", d.reason_code)),
+                        SendResult::retry(format!("the broker disconnected: {:?}", d.reason_code)),
                         bytes,
                     )
                 }
@@ -212,10 +212,6 @@ fn judge(reason: PubAckReason) -> Option<SendResult> {
             why: format!("MQTT PUBACK {other:?}"),
         }),
     }
-}
-
-fn retry(why: String) -> SendResult {
-    SendResult::Retry { alarm: false, why }
 }
 
 fn tls_config(ca_file: &str) -> Result<rustls::ClientConfig, MqttSetupError> {

@@ -90,10 +90,10 @@ impl NatsSink {
                     self.js = Some(js.clone());
                     js
                 }
-                Ok(Err(why)) => return (retry(why), 0),
+                Ok(Err(why)) => return (SendResult::retry(why), 0),
                 Err(_) => {
                     return (
-                        retry(format!("NATS: no connection within {:?}", self.timeout)),
+                        SendResult::retry(format!("NATS: no connection within {:?}", self.timeout)),
                         0,
                     )
                 }
@@ -127,7 +127,7 @@ impl NatsSink {
             match tokio::time::timeout_at(deadline, publish).await {
                 Ok(Ok(ack)) => acks.push(ack),
                 Ok(Err(err)) => return (judge(&err), bytes),
-                Err(_) => return (retry("NATS publish timed out".into()), bytes),
+                Err(_) => return (SendResult::retry("NATS publish timed out".into()), bytes),
             }
         }
         let mut duplicates = 0;
@@ -136,7 +136,12 @@ impl NatsSink {
                 // A duplicate is an entry the stream already holds: delivered too.
                 Ok(Ok(ack)) => duplicates += usize::from(ack.duplicate),
                 Ok(Err(err)) => return (judge(&err), bytes),
-                Err(_) => return (retry(format!("no PubAck within {:?}", self.timeout)), bytes),
+                Err(_) => {
+                    return (
+                        SendResult::retry(format!("no PubAck within {:?}", self.timeout)),
+                        bytes,
+                    )
+                }
             }
         }
         if duplicates > 0 {
@@ -156,12 +161,8 @@ fn judge(err: &jetstream::context::PublishError) -> SendResult {
         },
         // Too large for the server: split, down to the entry, which is dead-lettered.
         K::MaxPayloadExceeded => SendResult::Split,
-        _ => retry(format!("JetStream: {err}")),
+        _ => SendResult::retry(format!("JetStream: {err}")),
     }
-}
-
-fn retry(why: String) -> SendResult {
-    SendResult::Retry { alarm: false, why }
 }
 
 impl Sink for NatsSink {
