@@ -22,6 +22,8 @@ pub enum ClientError {
     Connection(#[from] quinn::ConnectionError),
     #[error("write: {0}")]
     Write(#[from] quinn::WriteError),
+    #[error("stream: {0}")]
+    Closed(#[from] quinn::ClosedStream),
     #[error("read: {0}")]
     Read(#[from] quinn::ReadError),
     #[error("bad frame from gateway: {0}")]
@@ -102,6 +104,16 @@ impl FrameStream {
     /// Queues a message (written by the next [`FrameStream::flush`]).
     pub fn push(&mut self, m: &DeviceMsg) {
         frame::encode(&msg::encode_device(m), &mut self.out);
+    }
+
+    /// Queues an encoded message (the CBOR body of one frame).
+    pub fn push_body(&mut self, body: &[u8]) {
+        frame::encode(body, &mut self.out);
+    }
+
+    /// Ends the sending side: the gateway settles what it read, then ends its side.
+    pub fn finish(&mut self) -> Result<(), ClientError> {
+        Ok(self.send.finish()?)
     }
 
     /// Writes everything queued.

@@ -78,6 +78,8 @@ pub struct IngressConfig {
 #[serde(deny_unknown_fields)]
 pub struct AclConfig {
     pub publish: Vec<String>,
+    /// Device ids that are lower Tidepool tiers: their `id`, `src` and `class` keys are kept.
+    pub tiers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -179,6 +181,7 @@ pub enum SinkKind {
     Http,
     Mqtt,
     Nats,
+    Tidepool,
     None,
 }
 
@@ -191,6 +194,18 @@ pub struct UplinkConfig {
     pub budget_bytes_per_day: u64,
     pub mqtt: MqttConfig,
     pub nats: NatsConfig,
+    pub tier: TierConfig,
+}
+
+/// `[uplink.tier]`: the Tidepool sink's settings (an upstream Tidepool, this gateway being a
+/// device there). Relative paths resolve against the config file's directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    pub topic: String,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// `[uplink.nats]`: the NATS JetStream sink's settings (cargo feature `nats`).
@@ -268,6 +283,12 @@ impl Config {
                 h.wasm = dir.join(&h.wasm);
                 h.manifest = dir.join(&h.manifest);
             }
+            let t = &mut cfg.uplink.tier;
+            for p in [&mut t.ca_file, &mut t.cert_file, &mut t.key_file] {
+                if !p.as_os_str().is_empty() {
+                    *p = dir.join(&*p);
+                }
+            }
         }
         cfg.validate()?;
         Ok(cfg)
@@ -338,6 +359,7 @@ impl Config {
                 SinkKind::Http => &["http://", "https://"],
                 SinkKind::Mqtt => &["mqtt://", "mqtts://"],
                 SinkKind::Nats => &["nats://", "tls://"],
+                SinkKind::Tidepool => &["tidepool://"],
                 SinkKind::None => &[],
             };
             if !schemes.is_empty() && !schemes.iter().any(|p| u.starts_with(p)) {
@@ -346,6 +368,25 @@ impl Config {
                     schemes.join(" or "),
                     format!("{:?}", self.uplink.sink).to_lowercase()
                 ));
+            }
+        }
+        for d in &self.acl.tiers {
+            if !topic::valid_device_id(d) {
+                return bad(format!(
+                    "acl.tiers: `{d}` is not a device id ([A-Za-z0-9._-]{{1,64}})"
+                ));
+            }
+        }
+        if self.uplink.sink == SinkKind::Tidepool {
+            crate::uplink::template::Template::parse(&self.uplink.tier.topic, &['+', '#'])
+                .map_err(|e| ConfigError::Invalid(format!("uplink.tier.topic: {e}")))?;
+            let t = &self.uplink.tier;
+            if !u.is_empty()
+                && [&t.ca_file, &t.cert_file, &t.key_file]
+                    .iter()
+                    .any(|p| p.as_os_str().is_empty())
+            {
+                return bad("sink = \"tidepool\" needs uplink.tier.ca_file, cert_file and key_file: on the upstream, `tidepool certs device <this gateway's id>` writes all three".into());
             }
         }
         if self.uplink.sink == SinkKind::Mqtt {
@@ -397,5 +438,29 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("bulk_window_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_tidepool_sink_needs_its_certificate_files_and_tiers_are_device_ids() {
+        let x = Path::new("/etc/tidepool/tidepool.toml");
+        let e = Config::from_toml_str(
+            "[uplink]\nsink = \"tidepool\"\nurl = \"tidepool://site:7700\"\n",
+            x,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("certs device"), "{e}");
+        let c = Config::from_toml_str(
+            "[uplink]\nsink = \"tidepool\"\nurl = \"tidepool://site:7700\"\n[uplink.tier]\nca_file = \"ca.crt\"\ncert_file = \"/k/edge.crt\"\nkey_file = \"edge.key\"\n",
+            x,
+        )
+        .unwrap();
+        assert_eq!(c.uplink.tier.ca_file, Path::new("/etc/tidepool/ca.crt"));
+        assert_eq!(c.uplink.tier.cert_file, Path::new("/k/edge.crt"));
+        assert!(Config::from_toml_str(
+            "[uplink]\nsink = \"tidepool\"\nurl = \"https://site\"\n",
+            x
+        )
+        .is_err());
+        assert!(Config::from_toml_str("[acl]\ntiers = [\"a b\"]\n", x).is_err());
     }
 }

@@ -76,6 +76,8 @@ pub struct Dispatcher {
     handlers: Vec<Handler>,
     router: Router,
     acl: Vec<String>,
+    /// Devices whose `id`, `src` and `class` keys are kept (lower Tidepool tiers).
+    tiers: Vec<String>,
     max_payload: usize,
     unrouted: Unrouted,
     unrouted_class: Class,
@@ -138,6 +140,7 @@ impl Dispatcher {
             handlers,
             router,
             acl: cfg.acl.publish.clone(),
+            tiers: cfg.acl.tiers.clone(),
             max_payload: cfg.ingress.max_payload_bytes,
             unrouted: cfg.router.unrouted,
             unrouted_class: cfg.router.unrouted_class,
@@ -291,6 +294,9 @@ impl Dispatcher {
                 format!("device `{device}` may not publish to `{}`", p.topic),
             ));
         }
+        if self.is_tier(device) {
+            relayed(p).map_err(|why| (NackCode::BadFrame, why))?;
+        }
         if p.payload.len() > self.max_payload {
             return Err((
                 NackCode::TooLarge,
@@ -302,6 +308,11 @@ impl Dispatcher {
             ));
         }
         Ok(())
+    }
+
+    /// Whether `device` is a lower tier whose `id`, `src` and `class` keys are kept.
+    fn is_tier(&self, device: &str) -> bool {
+        self.tiers.iter().any(|t| t == device)
     }
 
     /// One publish from a stream (seq already checked to rise on that stream).
@@ -326,12 +337,17 @@ impl Dispatcher {
             return Submitted::Busy;
         }
         let seq_text = p.seq.to_string();
+        let relay = match self.is_tier(device) {
+            true => relayed(&p).ok().flatten(),
+            false => None,
+        };
         let ctx = Ctx {
             device,
             seq: p.seq,
             ts: p.ts,
             received_ms,
             seq_text: &seq_text,
+            relay,
         };
         match self.process(&ctx, Root::Event(&p.topic, &p.payload)) {
             Some(ws) => {
@@ -370,6 +386,7 @@ impl Dispatcher {
             ts: p.ts,
             received_ms,
             seq_text: &seq_text,
+            relay: None,
         };
         match self.process(&ctx, Root::Event(&p.topic, &p.payload)) {
             Some(ws) => {
@@ -393,6 +410,7 @@ impl Dispatcher {
                 ts: Some(due_ms),
                 received_ms: now_ms,
                 seq_text: &seq_text,
+                relay: None,
             };
             let info = TimerInfo {
                 now_ms,
@@ -448,8 +466,15 @@ impl Dispatcher {
                 if route.is_empty() {
                     Metrics::inc(&self.metrics.unrouted);
                     if self.unrouted == Unrouted::Forward {
-                        let id = entry_id(&self.gateway, ctx.device, ctx.seq_text, "", 0);
-                        let r = record(id, ctx, topic, self.unrouted_class, payload);
+                        let r = match ctx.relay {
+                            // A lower tier's event goes on as the origin sent it: its id, its
+                            // device and its class.
+                            Some(o) => record(o.id.into(), o.src, ctx, topic, o.class, payload),
+                            None => {
+                                let id = entry_id(&self.gateway, ctx.device, ctx.seq_text, "", 0);
+                                record(id, ctx.device, ctx, topic, self.unrouted_class, payload)
+                            }
+                        };
                         run.ws.outbox.push(r);
                     }
                 }
@@ -627,7 +652,7 @@ impl Dispatcher {
         };
         for (i, f) in effects.forwards.into_iter().enumerate() {
             let id = entry_id(&self.gateway, ctx.device, &seq_part, &name, i);
-            let r = record(id, ctx, &f.topic, f.class, &f.payload);
+            let r = record(id, ctx.device, ctx, &f.topic, f.class, &f.payload);
             run.ws.outbox.push(r);
         }
         for (et, ep) in effects.emits {
@@ -670,6 +695,50 @@ struct Ctx<'a> {
     received_ms: u64,
     /// The seq part of outbox entry ids: the seq, a datagram id or `timer.<due_ms>`.
     seq_text: &'a str,
+    /// What a lower tier said about the event it relays (only from devices in `acl.tiers`).
+    relay: Option<Relayed<'a>>,
+}
+
+/// A relayed event's origin: its id, device and class, as the lower tier sent them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Relayed<'a> {
+    id: &'a str,
+    src: &'a str,
+    class: Class,
+}
+
+/// The longest origin id a tier may relay.
+const MAX_RELAYED_ID: usize = 512;
+
+/// A tier's publish's origin keys: `Ok(None)` when it has no `id` (an event of the tier's own),
+/// an error (nacked `bad_frame`) when they are malformed.
+fn relayed(p: &Publish) -> Result<Option<Relayed<'_>>, String> {
+    let Some(id) = p.id.as_deref() else {
+        return Ok(None);
+    };
+    if id.is_empty() || id.len() > MAX_RELAYED_ID || id.chars().any(char::is_control) {
+        return Err(format!(
+            "a tier's `id` must be 1 to {MAX_RELAYED_ID} bytes without control characters"
+        ));
+    }
+    let src = p.src.as_deref().unwrap_or_default();
+    if !topic::valid_device_id(src) {
+        return Err(format!(
+            "a tier's `src` must be the origin's device id ([A-Za-z0-9._-]{{1,64}}), not `{}`",
+            src.escape_debug()
+        ));
+    }
+    let class = match p.class.as_deref() {
+        Some("urgent") => Class::Urgent,
+        Some("normal") => Class::Normal,
+        Some("bulk") => Class::Bulk,
+        other => {
+            return Err(format!(
+                "a tier's `class` must be urgent, normal or bulk, not {other:?}"
+            ))
+        }
+    };
+    Ok(Some(Relayed { id, src, class }))
 }
 
 /// Where a tree starts: a device's event (topic, payload) or a handler's timer.
@@ -717,16 +786,25 @@ fn timer_write(handler: &str, due_ms: u64) -> (Vec<u8>, Option<Vec<u8>>) {
 }
 
 /// An outbox entry for a forward of the event (or timer firing) in `ctx`: its time is the
-/// device's `ts`, else when it was received; it is queued at `received_ms`.
-fn record(id: String, ctx: &Ctx<'_>, topic: &str, class: Class, payload: &[u8]) -> OutboxRecord {
+/// device's `ts`, else when it was received; it is queued at `received_ms`. `device` is the
+/// event's device (the origin's, for an event a lower tier relays).
+fn record(
+    id: String,
+    device: &str,
+    ctx: &Ctx<'_>,
+    topic: &str,
+    class: Class,
+    payload: &[u8],
+) -> OutboxRecord {
     let e = Entry {
         id,
-        device: ctx.device.to_string(),
+        device: device.to_string(),
         topic: topic.to_string(),
         class,
         ts: ctx.ts.unwrap_or(ctx.received_ms),
         queued_ms: ctx.received_ms,
         payload: payload.to_vec(),
+        tier_seq: None,
     };
     OutboxRecord {
         class,
@@ -969,5 +1047,44 @@ mod tests {
             2,
             "busy events do not count"
         );
+    }
+
+    #[test]
+    fn a_tiers_origin_keys_are_checked_before_they_are_kept() {
+        let with = |id: Option<&str>, src: Option<&str>, class: Option<&str>| Publish {
+            id: id.map(Into::into),
+            src: src.map(Into::into),
+            class: class.map(Into::into),
+            ..publish(1)
+        };
+        assert_eq!(
+            relayed(&publish(1)),
+            Ok(None),
+            "no id: the tier's own event"
+        );
+        let p = with(Some("edge:d1:7:h:0"), Some("d1"), Some("urgent"));
+        assert_eq!(
+            relayed(&p),
+            Ok(Some(Relayed {
+                id: "edge:d1:7:h:0",
+                src: "d1",
+                class: Class::Urgent
+            }))
+        );
+        for bad in [
+            with(Some(""), Some("d1"), Some("normal")),
+            with(Some("a\nb"), Some("d1"), Some("normal")),
+            with(
+                Some(&"i".repeat(MAX_RELAYED_ID + 1)),
+                Some("d1"),
+                Some("normal"),
+            ),
+            with(Some("x"), None, Some("normal")),
+            with(Some("x"), Some("a/b"), Some("normal")),
+            with(Some("x"), Some("d1"), None),
+            with(Some("x"), Some("d1"), Some("loud")),
+        ] {
+            assert!(relayed(&bad).is_err(), "{bad:?}");
+        }
     }
 }

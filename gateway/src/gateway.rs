@@ -40,6 +40,8 @@ pub enum StartError {
     Tls(#[from] ingress::tls::TlsError),
     #[error(transparent)]
     Mqtt(#[from] crate::uplink::mqtt::MqttSetupError),
+    #[error(transparent)]
+    Tier(#[from] crate::uplink::tier::TierSetupError),
     #[cfg(feature = "nats")]
     #[error(transparent)]
     Nats(#[from] crate::uplink::nats::NatsSetupError),
@@ -310,6 +312,18 @@ pub async fn run(
         }
         #[cfg(not(feature = "nats"))]
         (SinkKind::Nats, _) => return Err(StartError::NoNats),
+        (SinkKind::Tidepool, url) => {
+            let sink = crate::uplink::tier::TierSink::new(
+                &cfg.gateway.id,
+                url,
+                &cfg.uplink.tier,
+                timeout,
+                store.clone(),
+                &loaded.tier_seqs,
+            )?;
+            tracing::info!(%url, topic = %cfg.uplink.tier.topic, carried = loaded.tier_seqs.len(), "uplink: Tidepool tier");
+            Some(parts.spawn(sink, uplink_stop))
+        }
     };
 
     let (server_cfg, roles) = ingress::tls::server_config(&paths, &cfg.ingress)?;

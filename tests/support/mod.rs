@@ -65,7 +65,12 @@ pub const COUNTER_WAT: &str = include_str!("../handlers/counter.wat");
 
 /// Like [`COUNTER_WAT`], after burning fuel in a loop of `$spin` iterations (a slow handler).
 pub fn slow_counter_wat(spin: u32) -> String {
-    COUNTER_WAT.replace(
+    slowed(COUNTER_WAT, spin)
+}
+
+/// `wat` (the counter or the forwarder) after burning fuel in a loop of `spin` iterations.
+pub fn slowed(wat: &str, spin: u32) -> String {
+    wat.replace(
         "(i64.store (i32.const 16) (i64.const 0))",
         &format!(
             "(local $i i32) (local.set $i (i32.const {spin}))
@@ -94,6 +99,11 @@ impl Gateway {
     /// Starts `tidepool run` with `extra` TOML appended to a test config (port 0, temp data dir).
     pub fn start(extra: &str) -> Gateway {
         Gateway::start_as("id = \"gw-test\"\n", extra)
+    }
+
+    /// Like [`Gateway::start`], with `gateway.id = id`.
+    pub fn start_named(id: &str, extra: &str) -> Gateway {
+        Gateway::start_as(&format!("id = \"{id}\"\n"), extra)
     }
 
     /// Like [`Gateway::start`], with no `gateway.id` (the default id).

@@ -34,6 +34,11 @@ pub struct Entry {
     pub queued_ms: u64,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+    /// The Tidepool sink's tier seq, written into the entry (synced) before its first send and
+    /// kept for every resend, so the upstream sees one seq per entry, rising in send order
+    /// (`uplink/tier`). Absent for every other sink: their entries' bytes are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_seq: Option<u64>,
 }
 
 impl Entry {
@@ -116,13 +121,16 @@ fn dead_letter_corrupt(
 }
 
 /// What [`Outbox::load`] found besides the entries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Loaded {
     /// The seq the next entry gets (above every `o/` key found, undecodable ones included).
     pub next_seq: u64,
     /// Entries that did not decode, now dead letters, and old letters dropped to make room.
     pub corrupt: u64,
     pub dead_dropped: u64,
+    /// Entries that carry a tier seq (given by the Tidepool sink before the restart), as
+    /// (tier seq, outbox seq) in tier seq order: they go before any new entry.
+    pub tier_seqs: Vec<(u64, u64)>,
 }
 
 /// The outbox shared by the dispatcher (admission), the committer (new entries) and the uplink.
@@ -160,6 +168,7 @@ impl Outbox {
         let now = Instant::now();
         let mut found = Vec::new();
         let mut corrupt = Vec::new();
+        let mut tier_seqs = Vec::new();
         for kv in store.tree.scan_prefix(keys::OUTBOX) {
             let (k, v) = kv?;
             let (Some(seq), Some(e)) = (keys::seq_of(&k), Entry::decode(&v)) else {
@@ -171,6 +180,9 @@ impl Outbox {
                 q => now_ms.saturating_sub(q),
             };
             let at = now.checked_sub(Duration::from_millis(age_ms));
+            if let Some(t) = e.tier_seq {
+                tier_seqs.push((t, seq));
+            }
             let entry = NewEntry {
                 seq,
                 class: e.class,
@@ -191,10 +203,12 @@ impl Outbox {
                 ix.insert(e, *at);
             }
         }
+        tier_seqs.sort_unstable();
         let loaded = Loaded {
             next_seq,
             corrupt: corrupt.len() as u64,
             dead_dropped,
+            tier_seqs,
         };
         Ok((ob, loaded))
     }
@@ -419,6 +433,7 @@ mod tests {
             ts: 1,
             queued_ms,
             payload: vec![],
+            tier_seq: None,
         };
         let puts = [
             (1, entry(Class::Bulk, now_ms - 2 * hour).encode()),
@@ -459,6 +474,7 @@ mod tests {
             ts: 9,
             queued_ms: 0,
             payload: b"{}".to_vec(),
+            tier_seq: None,
         };
         assert_eq!(e.id, "gw:d1:5:threshold:0");
         assert_eq!(Entry::decode(&e.encode()), Some(e));

@@ -11,6 +11,7 @@ pub mod mqtt;
 pub mod nats;
 pub mod plan;
 pub mod template;
+pub mod tier;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -54,6 +55,9 @@ pub fn batch_id(gateway: &str, entries: &[Entry]) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendResult {
     Delivered,
+    /// The far side settled every entry: it took all but these (index in the batch, why),
+    /// which it refused for good (a sink with answers per entry: the Tidepool sink).
+    DeliveredExcept(Vec<(usize, String)>),
     /// Try the same batch again later; `alarm` when an operator must look (401/403/404).
     Retry {
         alarm: bool,
@@ -91,6 +95,16 @@ pub trait Sink: Send {
     fn send(&mut self, batch: &Batch) -> impl Future<Output = Sent> + Send;
     /// Close the connection (the uplink goes back to sleep).
     fn close(&mut self);
+    /// Outbox seqs that must be sent before anything else, in this order (asked once, at
+    /// start): the Tidepool sink's entries that were given a tier seq before a restart.
+    fn must_go_first(&mut self) -> Vec<u64> {
+        Vec::new()
+    }
+}
+
+/// Every entry of the batch, dead-lettered for `why`.
+fn all(b: &Batch, why: &str) -> Vec<(usize, String)> {
+    (0..b.entries.len()).map(|i| (i, why.to_string())).collect()
 }
 
 /// The uplink closed its connection: counts the time it was awake.
@@ -149,35 +163,33 @@ impl<S: Sink> Uplink<S> {
         Ok(Batch { id, seqs, entries })
     }
 
-    /// Removes delivered entries (and writes dead letters for rejected ones) in one batch and
-    /// makes it durable before anything else is sent: on an idle box no group commit follows
-    /// to carry it, and a kill would post the same batch again at restart.
-    async fn settle(&mut self, b: &Batch, dead_reason: Option<&str>) -> Result<(), StoreError> {
+    /// Removes the batch's entries (delivered, or dead-lettered: `dead` holds (index in the
+    /// batch, why) of each refused one) in one batch and makes it durable before anything
+    /// else is sent: on an idle box no group commit follows to carry it, and a kill would post
+    /// the same batch again at restart.
+    async fn settle(&mut self, b: &Batch, dead: &[(usize, String)]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for s in &b.seqs {
             batch.remove(keys::outbox(*s));
         }
-        let mut letters = Vec::new();
-        if let Some(reason) = dead_reason {
-            letters = b
-                .entries
-                .iter()
-                .map(|e| {
-                    DeadLetter {
-                        device: e.device.clone(),
-                        seq: 0,
-                        topic: e.topic.clone(),
-                        payload: e.payload.clone(),
-                        handler: "uplink".into(),
-                        reason: format!("uplink:{reason} (entry {})", e.id),
-                        received_ms: if e.queued_ms > 0 { e.queued_ms } else { e.ts },
-                        ts: Some(e.ts),
-                    }
-                    .encode()
-                })
-                .collect();
-            Metrics::add(&self.metrics.dead_letters, letters.len() as u64);
-        }
+        let letters: Vec<Vec<u8>> = dead
+            .iter()
+            .filter_map(|(i, why)| Some((b.entries.get(*i)?, why)))
+            .map(|(e, why)| {
+                DeadLetter {
+                    device: e.device.clone(),
+                    seq: 0,
+                    topic: e.topic.clone(),
+                    payload: e.payload.clone(),
+                    handler: "uplink".into(),
+                    reason: format!("uplink:{why} (entry {})", e.id),
+                    received_ms: if e.queued_ms > 0 { e.queued_ms } else { e.ts },
+                    ts: Some(e.ts),
+                }
+                .encode()
+            })
+            .collect();
+        Metrics::add(&self.metrics.dead_letters, letters.len() as u64);
         let store = self.store.clone();
         let dropped = tokio::task::spawn_blocking(move || store.commit(batch, letters))
             .await
@@ -191,6 +203,8 @@ impl<S: Sink> Uplink<S> {
     /// The uplink loop. Returns on `stop` or on a store error.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<(), StoreError> {
         let mut plan = Plan::default();
+        let first = self.sink.must_go_first();
+        plan.resume(first.chunks(self.max_batch_events).map(<[u64]>::to_vec));
         // When the uplink woke up (its first send after sleeping), for `uplink_awake_ms`.
         let mut awake_since: Option<Instant> = None;
         loop {
@@ -251,8 +265,22 @@ impl<S: Sink> Uplink<S> {
                     Metrics::add(&self.metrics.uplink_over_budget_bytes, over);
                     let result = sent.result;
                     match result {
+                        SendResult::DeliveredExcept(refused) => {
+                            for (i, why) in &refused {
+                                let id = batch.entries.get(*i).map_or("?", |e| e.id.as_str());
+                                tracing::error!(batch = %batch.id, entry = id, "the far side refused an event for good ({why}); dead-lettered");
+                            }
+                            self.settle(&batch, &refused).await?;
+                            plan.delivered(&batch.seqs);
+                            Metrics::inc(&self.metrics.batches_sent);
+                            Metrics::add(
+                                &self.metrics.events_sent,
+                                (batch.seqs.len() - refused.len()) as u64,
+                            );
+                            self.policy.on_delivered(Instant::now());
+                        }
                         SendResult::Delivered => {
-                            self.settle(&batch, None).await?;
+                            self.settle(&batch, &[]).await?;
                             plan.delivered(&batch.seqs);
                             Metrics::inc(&self.metrics.batches_sent);
                             Metrics::add(&self.metrics.events_sent, batch.seqs.len() as u64);
@@ -269,20 +297,20 @@ impl<S: Sink> Uplink<S> {
                             }
                             if plan.failed(batch.seqs.clone(), !S::RETRY_AS_IS).is_some() {
                                 tracing::error!(batch = %batch.id, "an event keeps failing while the cloud accepts others ({why}); dead-lettered");
-                                self.settle(&batch, Some(&why)).await?;
+                                self.settle(&batch, &all(&batch, &why)).await?;
                             }
                         }
                         SendResult::Split => {
                             if plan.too_large(batch.seqs.clone()).is_some() {
                                 tracing::error!(batch = %batch.id, "an event is too large for the cloud (HTTP 413, also after other events were accepted); dead-lettered");
-                                self.settle(&batch, Some("HTTP 413")).await?;
+                                self.settle(&batch, &all(&batch, "HTTP 413")).await?;
                                 self.policy.on_delivered(Instant::now());
                             }
                         }
                         SendResult::Reject(why) => {
                             if plan.refused(batch.seqs.clone()).is_some() {
                                 tracing::error!(batch = %batch.id, "the cloud rejected an event ({why}), also after accepting others; dead-lettered");
-                                self.settle(&batch, Some(&why)).await?;
+                                self.settle(&batch, &all(&batch, &why)).await?;
                                 self.policy.on_delivered(Instant::now());
                             }
                         }

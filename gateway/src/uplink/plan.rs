@@ -110,6 +110,11 @@ impl Plan {
         None
     }
 
+    /// Parts to send before anything else, in this order (at start).
+    pub fn resume(&mut self, parts: impl IntoIterator<Item = Part>) {
+        self.queue.extend(parts);
+    }
+
     /// Puts a part back untried (the uplink is stopping).
     pub fn put_back(&mut self, part: Part) {
         self.queue.push_front(part);

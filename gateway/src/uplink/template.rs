@@ -88,6 +88,7 @@ mod tests {
             ts: 0,
             queued_ms: 0,
             payload: vec![],
+            tier_seq: None,
         };
         const MQTT: &[char] = &['+', '#'];
         let t = Template::parse("tp/{gateway}/{class}/{topic}", MQTT).unwrap();

@@ -81,6 +81,7 @@ mod tests {
             ts: 1700000000000,
             queued_ms: 0,
             payload: b"{\"v\":31}".to_vec(),
+            tier_seq: None,
         };
         let b = body("gw", "gw-1-1", &[e]);
         assert_eq!(
