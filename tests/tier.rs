@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use support::*;
+use tidepool::proto::msg::{DeviceMsg, GatewayMsg, NackCode, Publish};
 
 /// Forwards every event as is, its class from the payload's first byte (`0` urgent, `1`
 /// normal, `2` bulk).
@@ -22,6 +23,10 @@ const BY_CLASS_WAT: &str = r#"(module
   (func (export "tp_on_event") (param $t i32) (param $tl i32) (param $p i32) (param $pl i32) (result i32)
     (call $fwd (local.get $t) (local.get $tl) (local.get $p) (local.get $pl)
       (i32.sub (i32.load8_u (local.get $p)) (i32.const 48)))))"#;
+
+/// A site that forwards what the edge relays and refuses payloads over 64 bytes.
+const SMALL_PAYLOADS: &str =
+    "[ingress]\nmax_payload_bytes = 64\n[router]\nunrouted = \"forward\"\n[acl]\ntiers = [\"edge\"]\n";
 
 const FAST: &str = "max_delay_ms = 20\nlinger_ms = 50\nretry_base_ms = 50\nretry_max_ms = 400\n";
 
@@ -39,6 +44,11 @@ fn site(cloud: &Cloud, extra: &str) -> Gateway {
 /// An edge gateway named `edge` whose uplink is `site`, with the class-by-payload handler.
 fn edge(site: &Gateway, batch: usize) -> Gateway {
     let (cert, key, ca) = site.device_certs("edge");
+    edge_with(site, [&cert, &key, &ca], batch)
+}
+
+/// Like [`edge`], with these certificate, key and CA files.
+fn edge_with(site: &Gateway, [cert, key, ca]: [&std::path::Path; 3], batch: usize) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let handler = wat_handler(dir.path(), "cls", BY_CLASS_WAT, "");
     let g = Gateway::start_named(
@@ -158,6 +168,14 @@ async fn an_edge_killed_mid_batch_resends_under_the_same_seqs_first() {
         .await;
     edge.kill();
     site.kill();
+    let mark = tidepool::store::Store::open(&site.data().join("db"), 1 << 20)
+        .unwrap()
+        .hwm("edge")
+        .unwrap();
+    assert!(
+        mark < 32,
+        "the site holds part of the second batch at most (seqs 17..=32): mark {mark}"
+    );
     site.restart();
     // The urgent events go in while the edge has no uplink, so they wait in the outbox with
     // the carried entries when it starts sending again.
@@ -249,17 +267,15 @@ async fn urgent_first_loses_no_normal_event_and_the_site_keeps_the_origin() {
     // A device that is not a tier cannot pass for another one: its keys are ignored.
     let dev = site.connect("d9").await;
     let mut s = dev.open().await.unwrap();
-    s.send(&tidepool::proto::msg::DeviceMsg::Publish(
-        tidepool::proto::msg::Publish {
-            seq: 1,
-            topic: "devices/d9/t".into(),
-            payload: b"x".to_vec().into(),
-            ts: None,
-            id: Some("edge:d1:1:cls:0".into()),
-            src: Some("d1".into()),
-            class: Some("urgent".into()),
-        },
-    ))
+    s.send(&DeviceMsg::Publish(Publish {
+        seq: 1,
+        topic: "devices/d9/t".into(),
+        payload: b"x".to_vec().into(),
+        ts: None,
+        id: Some("edge:d1:1:cls:0".into()),
+        src: Some("d1".into()),
+        class: Some("urgent".into()),
+    }))
     .await
     .unwrap();
     until_ack(&mut s, 1).await;
@@ -273,6 +289,56 @@ async fn urgent_first_loses_no_normal_event_and_the_site_keeps_the_origin() {
         events(&r)["site:d9:1::0"],
         ("d9".into(), "normal".into(), "x".into())
     );
+
+    // A tier cannot pass off one of the site's own ids as relayed.
+    let dev = site.connect("edge").await;
+    let mut s = dev.open().await.unwrap();
+    s.send(&DeviceMsg::Hello).await.unwrap();
+    let Some(GatewayMsg::Welcome { hwm, .. }) = next_msg(&mut s).await else {
+        panic!("no welcome");
+    };
+    s.send(&DeviceMsg::Publish(Publish {
+        seq: hwm + 1,
+        topic: "devices/edge/t".into(),
+        payload: b"y".to_vec().into(),
+        ts: None,
+        id: Some("site:d9:2::0".into()),
+        src: Some("d9".into()),
+        class: Some("urgent".into()),
+    }))
+    .await
+    .unwrap();
+    let answers = end_stream(s).await;
+    assert!(
+        matches!(&answers[..], [GatewayMsg::Nack { code: NackCode::BadFrame, reason, .. }] if reason.contains("own")),
+        "{answers:?}"
+    );
+}
+
+/// A certificate the site does not trust (issued by another gateway's CA) fails the
+/// handshake: the edge raises the alarm, names what to check, and keeps the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_refuses_the_certificate_raises_the_alarm() {
+    let cloud = Cloud::start(|_| 200).await;
+    let site = site(&cloud, "");
+    let stranger = Gateway::start("");
+    let (cert, key, _) = stranger.device_certs("edge");
+    let (_, _, ca) = site.device_certs("someone");
+    let edge = edge_with(&site, [&cert, &key, &ca], 16);
+    publish_all(&edge, &["1:a".to_string()]).await;
+    edge.wait_log(
+        "the upstream refuses this gateway",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let log = edge.stderr.lock().unwrap().clone();
+    let line = log
+        .lines()
+        .find(|l| l.contains("the upstream refuses this gateway"))
+        .unwrap();
+    assert!(line.contains("ERROR"), "{line}");
+    edge.wait_outbox_entries(1, Duration::from_secs(5)).await;
 }
 
 /// The certificate must name this gateway: the upstream knows it by that name.
@@ -305,18 +371,16 @@ fn a_certificate_for_another_name_is_refused_at_start() {
 }
 
 /// The site refuses one event for good (its payload is over the site's limit: `nack
-/// too_large`): the edge dead-letters that one with the site's reason and delivers the rest of
-/// its batch, in one settle.
+/// too_large`), the last of its batch, so no ack covers it: the batch is settled all the same,
+/// the edge dead-letters that one with the site's reason and delivers the rest, and what comes
+/// after goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_the_site_refuses_is_dead_lettered_at_the_edge_and_the_rest_goes_on() {
     let cloud = Cloud::start(|_| 200).await;
-    let site = site(
-        &cloud,
-        "[ingress]\nmax_payload_bytes = 64\n[router]\nunrouted = \"forward\"\n[acl]\ntiers = [\"edge\"]\n",
-    );
+    let site = site(&cloud, SMALL_PAYLOADS);
     let mut edge = edge(&site, 16);
     let big = format!("1:{}", "x".repeat(100));
-    let payloads = vec!["1:a".to_string(), big.clone(), "1:b".to_string()];
+    let payloads = vec!["1:a".to_string(), "1:b".to_string(), big.clone()];
     publish_all(&edge, &payloads).await;
     edge.wait_outbox_empty(Duration::from_secs(30)).await;
     let r = cloud
@@ -327,6 +391,7 @@ async fn an_event_the_site_refuses_is_dead_lettered_at_the_edge_and_the_rest_goe
     let m = edge.stop();
     assert_eq!(m["dead_letters"], 1, "{m}");
     assert_eq!(m["events_sent"], 2, "{m}");
+    assert_eq!(m["send_failures"], 0, "settled at the first attempt: {m}");
     let store = tidepool::store::Store::open(&edge.data().join("db"), 1 << 20).unwrap();
     let letters = store.dead_letters().unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
@@ -335,4 +400,66 @@ async fn an_event_the_site_refuses_is_dead_lettered_at_the_edge_and_the_rest_goe
         letters[0].reason.contains("upstream nack too_large"),
         "{letters:?}"
     );
+}
+
+/// A site limit that refuses everything sent (here, the one event there is) is not proof
+/// against the event: it stays in the outbox, the edge reports an outage and retries; once the
+/// site takes another event, the refused one is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_refusing_everything_is_an_outage_until_it_takes_something() {
+    let cloud = Cloud::start(|_| 200).await;
+    let site = site(&cloud, SMALL_PAYLOADS);
+    let mut edge = edge(&site, 16);
+    let big = format!("1:{}", "x".repeat(100));
+    publish_all(&edge, std::slice::from_ref(&big)).await;
+    edge.wait_log("refuses every event", 2, Duration::from_secs(30))
+        .await;
+    edge.wait_outbox_entries(1, Duration::from_secs(5)).await;
+
+    let dev = edge.connect("d1").await;
+    let mut s = dev.open().await.unwrap();
+    s.push(&publish(2, "devices/d1/t", b"1:small"));
+    s.flush().await.unwrap();
+    until_ack(&mut s, 2).await;
+    end_stream(s).await;
+    dev.close().await;
+    edge.wait_outbox_empty(Duration::from_secs(30)).await;
+    let m = edge.stop();
+    assert_eq!(m["dead_letters"], 1, "{m}");
+    let store = tidepool::store::Store::open(&edge.data().join("db"), 1 << 20).unwrap();
+    let letters = store.dead_letters().unwrap();
+    assert_eq!(letters[0].payload, big.as_bytes(), "{letters:?}");
+    let r = cloud
+        .wait_until(Duration::from_secs(30), |r| !events(r).is_empty())
+        .await;
+    let got: Vec<String> = events(&r).into_values().map(|(_, _, p)| p).collect();
+    assert_eq!(got, vec!["1:small".to_string()]);
+}
+
+/// A restarted edge with nothing in flight asks the site for its mark before its first batch:
+/// its own seqs start over at 0 in memory, and new entries numbered from there would be below
+/// the site's mark, acked as resends and never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_edge_asks_the_site_for_its_mark_first() {
+    let cloud = Cloud::start(|_| 200).await;
+    let site = site(
+        &cloud,
+        "[router]\nunrouted = \"forward\"\n[acl]\ntiers = [\"edge\"]\n",
+    );
+    let mut edge = edge(&site, 16);
+    publish_all(&edge, &["1:a".into(), "1:b".into(), "1:c".into()]).await;
+    edge.wait_outbox_empty(Duration::from_secs(30)).await;
+    edge.restart();
+    let dev = edge.connect("d1").await;
+    let mut s = dev.open().await.unwrap();
+    s.push(&publish(4, "devices/d1/t", b"1:d"));
+    s.flush().await.unwrap();
+    until_ack(&mut s, 4).await;
+    end_stream(s).await;
+    dev.close().await;
+    let r = cloud
+        .wait_until(Duration::from_secs(30), |r| events(r).len() >= 4)
+        .await;
+    let got: BTreeSet<String> = events(&r).into_values().map(|(_, _, p)| p).collect();
+    assert_eq!(got.len(), 4, "{got:?}");
 }

@@ -295,7 +295,20 @@ impl Dispatcher {
             ));
         }
         if self.is_tier(device) {
-            relayed(p).map_err(|why| (NackCode::BadFrame, why))?;
+            let r = relayed(p).map_err(|why| (NackCode::BadFrame, why))?;
+            // Ids this gateway makes are its own: a tier may not pass one off as relayed.
+            if let Some(r) = r.filter(|r| {
+                r.id.strip_prefix(&*self.gateway)
+                    .is_some_and(|rest| rest.starts_with(':'))
+            }) {
+                return Err((
+                    NackCode::BadFrame,
+                    format!(
+                        "a tier may not relay an id of this gateway's own (`{}`)",
+                        r.id
+                    ),
+                ));
+            }
         }
         if p.payload.len() > self.max_payload {
             return Err((
@@ -721,10 +734,11 @@ fn relayed(p: &Publish) -> Result<Option<Relayed<'_>>, String> {
             "a tier's `id` must be 1 to {MAX_RELAYED_ID} bytes without control characters"
         ));
     }
+    // Empty for a timer's forward (it has no device).
     let src = p.src.as_deref().unwrap_or_default();
-    if !topic::valid_device_id(src) {
+    if !src.is_empty() && !topic::valid_device_id(src) {
         return Err(format!(
-            "a tier's `src` must be the origin's device id ([A-Za-z0-9._-]{{1,64}}), not `{}`",
+            "a tier's `src` must be the origin's device id ([A-Za-z0-9._-]{{1,64}}) or empty, not `{}`",
             src.escape_debug()
         ));
     }
@@ -805,6 +819,7 @@ fn record(
         queued_ms: ctx.received_ms,
         payload: payload.to_vec(),
         tier_seq: None,
+        tier_nack: None,
     };
     OutboxRecord {
         class,
@@ -1079,7 +1094,6 @@ mod tests {
                 Some("d1"),
                 Some("normal"),
             ),
-            with(Some("x"), None, Some("normal")),
             with(Some("x"), Some("a/b"), Some("normal")),
             with(Some("x"), Some("d1"), None),
             with(Some("x"), Some("d1"), Some("loud")),

@@ -319,6 +319,7 @@ pub async fn run(
                 &cfg.uplink.tier,
                 timeout,
                 store.clone(),
+                metrics.clone(),
                 &loaded.tier_seqs,
             )?;
             tracing::info!(%url, topic = %cfg.uplink.tier.topic, carried = loaded.tier_seqs.len(), "uplink: Tidepool tier");

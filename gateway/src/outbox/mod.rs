@@ -39,6 +39,10 @@ pub struct Entry {
     /// (`uplink/tier`). Absent for every other sink: their entries' bytes are unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier_seq: Option<u64>,
+    /// The upstream's nack of this entry (Tidepool sink), written as it arrives: the
+    /// upstream's mark covers the seq from then on, so a retry must not count it as held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_nack: Option<String>,
 }
 
 impl Entry {
@@ -434,6 +438,7 @@ mod tests {
             queued_ms,
             payload: vec![],
             tier_seq: None,
+            tier_nack: None,
         };
         let puts = [
             (1, entry(Class::Bulk, now_ms - 2 * hour).encode()),
@@ -475,6 +480,7 @@ mod tests {
             queued_ms: 0,
             payload: b"{}".to_vec(),
             tier_seq: None,
+            tier_nack: None,
         };
         assert_eq!(e.id, "gw:d1:5:threshold:0");
         assert_eq!(Entry::decode(&e.encode()), Some(e));

@@ -89,6 +89,7 @@ mod tests {
             queued_ms: 0,
             payload: vec![],
             tier_seq: None,
+            tier_nack: None,
         };
         const MQTT: &[char] = &['+', '#'];
         let t = Template::parse("tp/{gateway}/{class}/{topic}", MQTT).unwrap();

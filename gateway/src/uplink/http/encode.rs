@@ -82,6 +82,7 @@ mod tests {
             queued_ms: 0,
             payload: b"{\"v\":31}".to_vec(),
             tier_seq: None,
+            tier_nack: None,
         };
         let b = body("gw", "gw-1-1", &[e]);
         assert_eq!(

@@ -12,22 +12,43 @@ use crate::proto::msg::GatewayMsg;
 
 /// The tier seq of each entry of a batch, in batch order: an entry keeps the seq it has; the
 /// others get the next seqs in batch order, above `floor` (the highest of the upstream's mark
-/// and every seq given before). Returns the seqs and how many were new.
-pub fn assign(current: &[Option<u64>], floor: u64) -> (Vec<u64>, usize) {
+/// and every seq given before). Returns the seqs and how many were new; `None` when the seq
+/// space above `floor` is used up (an upstream mark near 2^64).
+pub fn assign(current: &[Option<u64>], floor: u64) -> Option<(Vec<u64>, usize)> {
     let mut next = floor;
     let mut new = 0;
-    let seqs = current
-        .iter()
-        .map(|c| match c {
+    let mut seqs = Vec::with_capacity(current.len());
+    for c in current {
+        seqs.push(match c {
             Some(s) => *s,
             None => {
-                next += 1;
+                next = next.checked_add(1)?;
                 new += 1;
                 next
             }
-        })
-        .collect();
-    (seqs, new)
+        });
+    }
+    Some((seqs, new))
+}
+
+/// What a settled batch comes to, given the entries refused (nacked, or too large to send).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    /// The upstream took the others (or holds them from an earlier attempt).
+    DeliveredExcept(Vec<(usize, String)>),
+    /// Every entry was refused: nothing of the batch ran upstream. Not proof that these
+    /// events are bad (an ACL or limit changed upstream refuses everything): the uplink's plan
+    /// judges them as it judges a cloud's refusals, after their seqs are freed.
+    AllRefused(String),
+}
+
+pub fn verdict(entries: usize, refused: Vec<(usize, String)>) -> Verdict {
+    match refused.len() {
+        0 => Verdict::Delivered,
+        n if n >= entries => Verdict::AllRefused(refused[0].1.clone()),
+        _ => Verdict::DeliveredExcept(refused),
+    }
 }
 
 /// What one stream settled.
@@ -75,8 +96,8 @@ impl Exchange {
             .map(|i| self.sent[i].1)
     }
 
-    /// One answer from the upstream.
-    pub fn on(&mut self, msg: GatewayMsg) -> Result<(), Violation> {
+    /// One answer from the upstream; for a nack, the entry refused (batch index, why).
+    pub fn on(&mut self, msg: GatewayMsg) -> Result<Option<(usize, String)>, Violation> {
         match msg {
             GatewayMsg::Ack { seq } => self.acked = self.acked.max(seq),
             GatewayMsg::Nack { seq, code, reason } => {
@@ -85,8 +106,9 @@ impl Exchange {
                         "a nack for seq {seq}, which was not sent"
                     )));
                 };
-                self.refused
-                    .push((i, format!("upstream nack {}: {reason}", code.as_str())));
+                let why = format!("upstream nack {}: {reason}", code.as_str());
+                self.refused.push((i, why.clone()));
+                return Ok(Some((i, why)));
             }
             GatewayMsg::Busy {
                 seq,
@@ -96,19 +118,23 @@ impl Exchange {
                 return Err(Violation("a second welcome".into()));
             }
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// The upstream finished the stream: what it settled.
+    /// The upstream finished the stream: what it settled. A publish is answered by an ack at
+    /// or above its seq, or by its nack (no ack covers a nacked last publish).
     pub fn finish(mut self) -> Outcome {
-        let last = self.sent.last().map_or(0, |(s, _)| *s);
         if let Some((seq, after)) = self.busy {
             return Outcome::Unsettled(format!(
                 "the upstream is busy from seq {seq} (retry after {after} ms)"
             ));
         }
-        if self.acked < last {
-            let open = self.sent.iter().filter(|(s, _)| *s > self.acked).count();
+        let open = self
+            .sent
+            .iter()
+            .filter(|(s, i)| *s > self.acked && !self.refused.iter().any(|(r, _)| r == i))
+            .count();
+        if open > 0 {
             return Outcome::Unsettled(format!(
                 "the upstream ended the stream with {open} publishes unanswered"
             ));
@@ -128,9 +154,25 @@ mod tests {
 
     #[test]
     fn new_entries_get_seqs_above_the_floor_in_batch_order_and_old_ones_keep_theirs() {
-        assert_eq!(assign(&[None, None, None], 0), (vec![1, 2, 3], 3));
-        assert_eq!(assign(&[Some(4), Some(5), None], 7), (vec![4, 5, 8], 1));
-        assert_eq!(assign(&[Some(9)], 20), (vec![9], 0));
+        assert_eq!(assign(&[None, None, None], 0), Some((vec![1, 2, 3], 3)));
+        assert_eq!(
+            assign(&[Some(4), Some(5), None], 7),
+            Some((vec![4, 5, 8], 1))
+        );
+        assert_eq!(assign(&[Some(9)], 20), Some((vec![9], 0)));
+        assert_eq!(assign(&[None], u64::MAX), None, "no seq above 2^64-1");
+        assert_eq!(assign(&[Some(3)], u64::MAX), Some((vec![3], 0)));
+    }
+
+    #[test]
+    fn a_batch_refused_whole_is_not_proof_against_its_events() {
+        let r = |i: usize| (i, format!("nack {i}"));
+        assert_eq!(verdict(3, vec![]), Verdict::Delivered);
+        assert_eq!(verdict(3, vec![r(1)]), Verdict::DeliveredExcept(vec![r(1)]));
+        assert_eq!(
+            verdict(2, vec![r(0), r(1)]),
+            Verdict::AllRefused("nack 0".into())
+        );
     }
 
     /// The rule behind tier seqs, on a model of the upstream's resend check: outbox order is
@@ -155,7 +197,7 @@ mod tests {
             ran
         };
         let at_send = upstream_runs(&|_, highest| {
-            let (seqs, _) = assign(&[None], *highest);
+            let (seqs, _) = assign(&[None], *highest).unwrap();
             *highest = seqs[0];
             seqs[0]
         });
@@ -177,6 +219,23 @@ mod tests {
         let mut x = Exchange::new(vec![(7, 0), (8, 1), (9, 2)]);
         x.on(nack(8)).unwrap();
         x.on(GatewayMsg::Ack { seq: 9 }).unwrap();
+        assert_eq!(
+            x.finish(),
+            Outcome::Settled {
+                refused: vec![(1, "upstream nack acl: no".into())]
+            }
+        );
+    }
+
+    /// No ack covers a nacked last publish: the batch is settled all the same.
+    #[test]
+    fn a_nacked_last_publish_settles_the_stream() {
+        let mut x = Exchange::new(vec![(1, 0), (2, 1)]);
+        x.on(GatewayMsg::Ack { seq: 1 }).unwrap();
+        assert_eq!(
+            x.on(nack(2)).unwrap(),
+            Some((1, "upstream nack acl: no".into()))
+        );
         assert_eq!(
             x.finish(),
             Outcome::Settled {

@@ -1,9 +1,10 @@
 //! The Tidepool sink: forwards go to an upstream Tidepool over the device protocol, this
 //! gateway being a device there (its certificate issued by the upstream, named as this
 //! gateway's id). Each entry is one publish with the entry's `id`, `src` (its device) and
-//! `class`, on a topic from a template; a batch is one stream: `hello`, then the publishes
-//! the upstream does not hold yet, in tier seq order, then the end of the stream, and the
-//! upstream's answers until it ends its side.
+//! `class`, on a topic from a template; a batch is one stream: `hello` (for the first batch on
+//! a connection and for a batch whose entries carry seqs), then the publishes the upstream
+//! does not hold yet, in tier seq order, then the end of the stream, and the upstream's
+//! answers until it ends its side.
 //!
 //! Tier seqs ([`exchange`]): given at an entry's first send, written into the entry and
 //! synced before it goes, reused by every resend. The upstream's `welcome` says which seqs it
@@ -11,20 +12,30 @@
 //! a `busy` or an upstream restart sends only what is missing. Entries that carry a seq go
 //! before any new entry ([`Sink::must_go_first`] after a restart, the plan's as-is retry
 //! while running), so the seqs reach the upstream rising.
+//!
+//! A nack is written into its entry as it arrives (`tier_nack`): the upstream's mark now
+//! covers that seq, so a retry would otherwise count the entry as held. A nacked entry is
+//! never sent again under its seq. When every entry of a batch is refused, nothing of it ran
+//! upstream: the seqs are freed and the uplink's plan judges the entries as it judges a
+//! cloud's refusals (split, dead-lettered only with proof, else an outage).
 
 pub mod exchange;
 
-use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::{ClientError, Device};
 use crate::config::TierConfig;
+use crate::metrics::Metrics;
+use crate::outbox::Entry;
 use crate::proto::msg::{DeviceMsg, GatewayMsg, Publish};
-use crate::store::{keys, Store, StoreError};
+use crate::proto::CloseCode;
+use crate::store::keys;
+use crate::store::Store;
 use crate::uplink::template::Template;
 use crate::uplink::{Batch, SendResult, Sent, Sink};
-use exchange::{assign, Exchange, Outcome};
+use exchange::{assign, verdict, Exchange, Outcome, Verdict};
 
 /// Errors in the Tidepool sink's settings, found at start.
 #[derive(Debug, thiserror::Error)]
@@ -48,10 +59,10 @@ enum Failure {
     Protocol(#[from] exchange::Violation),
     #[error("the upstream did not answer hello with welcome")]
     NoWelcome,
-    #[error("writing the tier seqs: {0}")]
-    Store(#[from] StoreError),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    #[error("the upstream's mark for this gateway ({0}) leaves no seqs above it")]
+    SeqsUsedUp(u64),
 }
 
 /// Sends batches to one upstream Tidepool; connected only while the uplink is awake.
@@ -62,14 +73,16 @@ pub struct TierSink {
     topic: Template,
     timeout: Duration,
     store: Store,
+    metrics: Arc<Metrics>,
     conn: Option<Device>,
+    /// The upstream's `max_frame_bytes`, once a `welcome` came on this connection. From then
+    /// on `highest` is at or above the upstream's mark (this gateway is its only publisher as
+    /// this device), so a batch of new entries needs no `hello`.
+    welcomed: Option<u64>,
     /// The highest tier seq given so far (in the outbox or sent).
     highest: u64,
     /// Outbox seqs of the entries that carried a tier seq at start, in tier seq order.
     resume: Vec<u64>,
-    /// Nacks of entries not yet settled, by tier seq: a batch retried after a nack (the
-    /// stream broke later) reports them again though the upstream's mark now covers them.
-    nacked: BTreeMap<u64, String>,
 }
 
 impl TierSink {
@@ -79,6 +92,7 @@ impl TierSink {
         cfg: &TierConfig,
         timeout: Duration,
         store: Store,
+        metrics: Arc<Metrics>,
         tier_seqs: &[(u64, u64)],
     ) -> Result<TierSink, TierSetupError> {
         let rest = url
@@ -111,52 +125,81 @@ impl TierSink {
             topic,
             timeout,
             store,
+            metrics,
             conn: None,
+            welcomed: None,
             highest: tier_seqs.iter().map(|(t, _)| *t).max().unwrap_or(0),
             // Entries given a seq before the restart go first, in seq order.
             resume: tier_seqs.iter().map(|(_, s)| *s).collect(),
-            nacked: BTreeMap::new(),
         })
     }
 
-    /// Writes the new tier seqs into their entries and syncs, before any of them is sent.
-    async fn persist(&self, batch: &Batch, seqs: &[u64]) -> Result<(), StoreError> {
+    /// Rewrites the batch's entries that `change` changes (given each one's index), and
+    /// syncs. A store error stops the process, as everywhere.
+    async fn rewrite(&self, batch: &Batch, change: impl Fn(usize, &mut Entry) -> bool) {
         let mut writes = sled::Batch::default();
-        for ((o, e), t) in batch.seqs.iter().zip(&batch.entries).zip(seqs) {
-            if e.tier_seq.is_none() {
-                let mut e = e.clone();
-                e.tier_seq = Some(*t);
+        for (i, (o, e)) in batch.seqs.iter().zip(&batch.entries).enumerate() {
+            let mut e = e.clone();
+            if change(i, &mut e) {
                 writes.insert(keys::outbox(*o), e.encode());
             }
         }
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.commit(writes, Vec::new()))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
-        Ok(())
+        match tokio::task::spawn_blocking(move || store.commit(writes, Vec::new())).await {
+            Ok(Ok(_)) => Metrics::inc(&self.metrics.store_syncs),
+            Ok(Err(e)) => crate::store::fatal("writing tier seqs into the outbox", e),
+            Err(e) => crate::store::fatal("writing tier seqs into the outbox", e),
+        }
     }
 
     /// One attempt: connect if needed, `hello`, the publishes the upstream lacks, its answers.
     async fn attempt(&mut self, batch: &Batch, bytes: &mut u64) -> Result<Outcome, Failure> {
+        // A connection the upstream closed while the uplink lingered (a restart, its idle
+        // timeout): connect again now rather than fail this attempt and back off.
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|d| d.conn.close_reason().is_some())
+        {
+            self.conn = None;
+        }
         if self.conn.is_none() {
+            self.welcomed = None;
             let c = &self.config;
             let d = Device::connect(&self.upstream, &c.ca_file, &c.cert_file, &c.key_file).await?;
             self.conn = Some(d);
         }
         let conn = self.conn.as_ref().ok_or(Failure::NoWelcome)?;
         let mut stream = conn.open().await?;
-        stream.send(&DeviceMsg::Hello).await?;
-        let Some(GatewayMsg::Welcome {
-            hwm,
-            max_frame_bytes,
-        }) = stream.next().await?
-        else {
-            return Err(Failure::NoWelcome);
+        // Entries that carry a seq may be held upstream already: ask for the mark. So does
+        // the first batch on a connection (the mark may be above `highest` after a restart).
+        let carried = batch.entries.iter().any(|e| e.tier_seq.is_some());
+        let (hwm, max_frame_bytes) = match self.welcomed {
+            Some(max_frame_bytes) if !carried => (0, max_frame_bytes),
+            _ => {
+                stream.send(&DeviceMsg::Hello).await?;
+                let Some(GatewayMsg::Welcome {
+                    hwm,
+                    max_frame_bytes,
+                }) = stream.next().await?
+                else {
+                    return Err(Failure::NoWelcome);
+                };
+                self.welcomed = Some(max_frame_bytes);
+                (hwm, max_frame_bytes)
+            }
         };
         let current: Vec<Option<u64>> = batch.entries.iter().map(|e| e.tier_seq).collect();
-        let (seqs, new) = assign(&current, hwm.max(self.highest));
+        let floor = hwm.max(self.highest);
+        let (seqs, new) = assign(&current, floor).ok_or(Failure::SeqsUsedUp(floor))?;
         if new > 0 {
-            self.persist(batch, &seqs).await?;
+            // Durable before the first publish goes: a resend after any crash uses the same seq.
+            self.rewrite(batch, |i, e| {
+                let fresh = e.tier_seq.is_none();
+                e.tier_seq = Some(seqs[i]);
+                fresh
+            })
+            .await;
             self.highest = self.highest.max(seqs.iter().copied().max().unwrap_or(0));
         }
         let mut order: Vec<usize> = (0..seqs.len()).collect();
@@ -165,11 +208,13 @@ impl TierSink {
         let mut refused = Vec::new();
         for i in order {
             let (seq, e) = (seqs[i], &batch.entries[i]);
+            if let Some(why) = &e.tier_nack {
+                // Nacked in an earlier attempt: never sent again.
+                refused.push((i, why.clone()));
+                continue;
+            }
             if seq <= hwm {
-                // The upstream holds it (or nacked it, if this gateway saw the nack).
-                if let Some(why) = self.nacked.get(&seq) {
-                    refused.push((i, why.clone()));
-                }
+                // The upstream holds it (a nack would have been written into the entry).
                 continue;
             }
             let frame = crate::proto::msg::encode_device(&DeviceMsg::Publish(Publish {
@@ -195,8 +240,14 @@ impl TierSink {
             *bytes += frame.len() as u64 + 4;
             sent.push((seq, i));
         }
-        stream.flush().await?;
-        stream.finish()?;
+        match stream.flush().await {
+            // Fails only if the upstream stopped reading already; its answers still come.
+            Ok(()) => drop(stream.finish()),
+            // The upstream stopped reading (it answered busy, or refused the framing): it
+            // still sends the answers it owes, and they must be read.
+            Err(ClientError::Write(quinn::WriteError::Stopped(_))) => {}
+            Err(e) => return Err(e.into()),
+        }
         if let (Some(first), Some(last)) = (sent.first(), sent.last()) {
             tracing::debug!(
                 publishes = sent.len(),
@@ -208,18 +259,20 @@ impl TierSink {
         }
         let mut x = Exchange::new(sent);
         while let Some(m) = stream.next().await? {
-            if let GatewayMsg::Nack { seq, reason, code } = &m {
-                self.nacked
-                    .insert(*seq, format!("upstream nack {}: {reason}", code.as_str()));
+            if let Some((i, why)) = x.on(m)? {
+                // Written at once: the upstream's mark covers it now, and a retry after a
+                // broken connection must still know it was refused.
+                self.rewrite(batch, |j, e| {
+                    e.tier_seq = Some(seqs[j]);
+                    e.tier_nack = Some(why.clone());
+                    j == i
+                })
+                .await;
             }
-            x.on(m)?;
         }
         Ok(match x.finish() {
-            Outcome::Settled { refused: more } => {
-                for s in &seqs {
-                    self.nacked.remove(s);
-                }
-                refused.extend(more);
+            Outcome::Settled { refused: nacked } => {
+                refused.extend(nacked);
                 refused.sort();
                 refused.dedup_by_key(|(i, _)| *i);
                 Outcome::Settled { refused }
@@ -227,6 +280,35 @@ impl TierSink {
             o => o,
         })
     }
+}
+
+/// What an operator must fix, when a connection error says so: the TLS handshake failed on
+/// either side (this gateway refused the upstream's certificate, or the upstream refused this
+/// one: a QUIC CRYPTO_ERROR, which a client may see only at its first read or write), or the
+/// upstream closed the connection as `wrong_role` or `revoked`.
+fn needs_operator(e: &ClientError) -> Option<String> {
+    let c = match e {
+        ClientError::Tls(t) => return Some(format!("uplink.tier: {t}")),
+        ClientError::Connection(c)
+        | ClientError::Read(quinn::ReadError::ConnectionLost(c))
+        | ClientError::Write(quinn::WriteError::ConnectionLost(c)) => c,
+        _ => return None,
+    };
+    let crypto = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+    let refused = match c {
+        quinn::ConnectionError::TransportError(t) => crypto(t.code),
+        quinn::ConnectionError::ConnectionClosed(close) => crypto(close.error_code),
+        quinn::ConnectionError::ApplicationClosed(a) => [CloseCode::WrongRole, CloseCode::Revoked]
+            .iter()
+            .any(|code| u64::from(a.error_code) == *code as u64),
+        _ => false,
+    };
+    refused.then(|| {
+        format!(
+            "the upstream refuses this gateway ({c}): check uplink.tier's certificate (issued by \
+             the upstream for this gateway's id, not revoked) and ca_file (the upstream's ca.crt)"
+        )
+    })
 }
 
 /// The subject CN of the first certificate in `path`.
@@ -244,30 +326,47 @@ fn certificate_name(path: &Path) -> Result<String, TierSetupError> {
 
 impl Sink for TierSink {
     // The upstream dedupes by tier seq, and a seq is the entry's for good: the uplink retries
-    // a batch as is (never splits it), which also keeps entries that carry a seq ahead of new
-    // ones.
+    // a failed batch as is, which also keeps entries that carry a seq ahead of new ones. Only
+    // a batch refused whole (its seqs freed first) is split, as a refused one.
     const RETRY_AS_IS: bool = true;
 
     async fn send(&mut self, batch: &Batch) -> Sent {
         let mut bytes = 0;
-        let r = tokio::time::timeout(self.timeout, self.attempt(batch, &mut bytes)).await;
-        let result = match r {
+        let result = match tokio::time::timeout(self.timeout, self.attempt(batch, &mut bytes)).await
+        {
             Err(_) => Err(Failure::Timeout(self.timeout)),
             Ok(r) => r,
         };
         let result = match result {
-            Ok(Outcome::Settled { refused }) => {
-                if refused.is_empty() {
-                    SendResult::Delivered
-                } else {
-                    SendResult::DeliveredExcept(refused)
+            Ok(Outcome::Settled { refused }) => match verdict(batch.entries.len(), refused) {
+                Verdict::Delivered => SendResult::Delivered,
+                Verdict::DeliveredExcept(refused) => SendResult::DeliveredExcept(refused),
+                Verdict::AllRefused(why) => {
+                    // Nothing of it ran upstream: new seqs when it goes again, in any order.
+                    self.rewrite(batch, |_, e| {
+                        e.tier_seq = None;
+                        e.tier_nack = None;
+                        true
+                    })
+                    .await;
+                    SendResult::Reject(why)
+                }
+            },
+            Ok(Outcome::Unsettled(why)) => SendResult::retry(why),
+            Err(Failure::Client(e)) if needs_operator(&e).is_some() => {
+                self.conn = None;
+                SendResult::Retry {
+                    alarm: true,
+                    why: needs_operator(&e).unwrap_or_default(),
                 }
             }
-            Ok(Outcome::Unsettled(why)) => SendResult::retry(why),
-            Err(Failure::Client(ClientError::Tls(e))) => SendResult::Retry {
-                alarm: true,
-                why: format!("uplink.tier: {e}"),
-            },
+            Err(e @ (Failure::Protocol(_) | Failure::NoWelcome | Failure::SeqsUsedUp(_))) => {
+                self.conn = None;
+                SendResult::Retry {
+                    alarm: true,
+                    why: e.to_string(),
+                }
+            }
             Err(e) => {
                 // The connection may be broken: make a new one for the retry.
                 self.conn = None;
