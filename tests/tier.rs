@@ -33,9 +33,17 @@ const FAST: &str = "max_delay_ms = 20\nlinger_ms = 50\nretry_base_ms = 50\nretry
 /// A site gateway named `site` that posts to `cloud`; `extra` is more TOML. Its port is
 /// written into its config, so a restart listens where the edge sends.
 fn site(cloud: &Cloud, extra: &str) -> Gateway {
+    site_with(cloud, extra, "")
+}
+
+/// Like [`site`], with more `[outbox]` settings.
+fn site_with(cloud: &Cloud, extra: &str, outbox: &str) -> Gateway {
     let site = Gateway::start_named(
         "site",
-        &format!("{extra}[outbox]\n{FAST}[uplink]\nurl = \"{}\"\n", cloud.url),
+        &format!(
+            "{extra}[outbox]\n{FAST}{outbox}[uplink]\nurl = \"{}\"\n",
+            cloud.url
+        ),
     );
     site.edit_config("listen = ", &format!("listen = \"{}\"", site.addr));
     site
@@ -434,6 +442,58 @@ async fn a_site_refusing_everything_is_an_outage_until_it_takes_something() {
         .await;
     let got: Vec<String> = events(&r).into_values().map(|(_, _, p)| p).collect();
     assert_eq!(got, vec!["1:small".to_string()]);
+}
+
+/// The site nacks an event and then answers `busy` further on in the same batch (its outbox
+/// is tiny): the batch goes again, and the nacked event, now below the site's mark, is still
+/// known as refused (written into the entry when the nack came) and dead-lettered, not
+/// counted as held by the site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_before_a_busy_is_kept_for_the_retry() {
+    let cloud = Cloud::start(|_| 200).await;
+    let site = site_with(&cloud, SMALL_PAYLOADS, "max_bytes = 300\n");
+    let mut edge = edge(&site, 16);
+    let big = format!("1:{}", "x".repeat(100));
+    let mut payloads = vec!["1:a".to_string(), big.clone()];
+    payloads.extend((0..6).map(|i| format!("1:{i}")));
+    publish_all(&edge, &payloads).await;
+    edge.wait_outbox_empty(Duration::from_secs(30)).await;
+    let m = edge.stop();
+    assert!(
+        m["send_failures"].as_u64().unwrap() >= 1,
+        "the site answered busy: {m}"
+    );
+    assert_eq!(m["dead_letters"], 1, "{m}");
+    let store = tidepool::store::Store::open(&edge.data().join("db"), 1 << 20).unwrap();
+    let letters = store.dead_letters().unwrap();
+    assert_eq!(letters[0].payload, big.as_bytes(), "{letters:?}");
+    let r = cloud
+        .wait_until(Duration::from_secs(30), |r| events(r).len() >= 7)
+        .await;
+    assert_eq!(events(&r).len(), 7);
+}
+
+/// The site refuses the only event there is, then its limit is raised: the event was not
+/// proven bad, its seq was freed, and it reaches the cloud.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_refused_by_a_site_that_changes_its_mind_is_delivered() {
+    let cloud = Cloud::start(|_| 200).await;
+    let mut site = site(&cloud, SMALL_PAYLOADS);
+    let mut edge = edge(&site, 16);
+    let big = format!("1:{}", "x".repeat(100));
+    publish_all(&edge, std::slice::from_ref(&big)).await;
+    edge.wait_log("refuses every event", 1, Duration::from_secs(30))
+        .await;
+    site.stop();
+    site.edit_config("max_payload_bytes", "max_payload_bytes = 32768");
+    site.restart();
+    edge.wait_outbox_empty(Duration::from_secs(30)).await;
+    let r = cloud
+        .wait_until(Duration::from_secs(30), |r| !events(r).is_empty())
+        .await;
+    let got: Vec<String> = events(&r).into_values().map(|(_, _, p)| p).collect();
+    assert_eq!(got, vec![big]);
+    assert_eq!(edge.stop()["dead_letters"], 0);
 }
 
 /// A restarted edge with nothing in flight asks the site for its mark before its first batch:

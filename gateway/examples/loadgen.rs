@@ -44,6 +44,20 @@ enum Cmd {
         /// are rare) instead of uniform noise in 20..32 (a crossing every few readings).
         #[arg(long)]
         walk: bool,
+        /// Print `acked dev-I SEQ` as acks arrive (at most every 50 ms per device): what a
+        /// power-cut check holds the gateway to.
+        #[arg(long)]
+        progress: bool,
+    },
+    /// Print each device's durable high-water mark (`hello` → `welcome`) as `mark dev-I N`.
+    Marks {
+        #[arg(long)]
+        gateway: String,
+        /// Directory with ca.crt and dev-I.crt / dev-I.key for I in 1..=devices.
+        #[arg(long)]
+        certs: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        devices: usize,
     },
     /// Raw sled batched inserts on the same disk.
     Sled {
@@ -90,15 +104,29 @@ struct Readings {
     walk: bool,
 }
 
+/// How a simulated device publishes: how many events, how many in flight, at what rate
+/// (events/s, 0: as fast as acks allow), and whether it prints its acks as they come.
+#[derive(Clone, Copy)]
+struct Pace {
+    events: u64,
+    window: u64,
+    rate: f64,
+    progress: bool,
+}
+
 async fn device(
     gateway: String,
     certs: PathBuf,
     i: usize,
-    events: u64,
-    window: u64,
-    rate: f64,
+    pace: Pace,
     readings: Readings,
 ) -> anyhow::Result<Vec<Duration>> {
+    let Pace {
+        events,
+        window,
+        rate,
+        progress,
+    } = pace;
     let id = format!("dev-{i}");
     let dev = Device::connect(
         &gateway,
@@ -115,6 +143,7 @@ async fn device(
         }
     };
     let topic = format!("devices/{id}/temp");
+    let mut printed = Instant::now();
     let mut sent_at: VecDeque<(u64, Instant)> = VecDeque::new();
     let mut lat = Vec::with_capacity(events as usize);
     let (first, last) = (hwm + 1, hwm + events);
@@ -161,6 +190,10 @@ async fn device(
                         lat.push(now - t);
                     }
                     acked = acked.max(seq);
+                    if progress && printed.elapsed() >= Duration::from_millis(50) {
+                        println!("acked {id} {acked}");
+                        printed = Instant::now();
+                    }
                 }
                 Some(other) => anyhow::bail!("{id}: unexpected {other:?}"),
                 None => anyhow::bail!("{id}: stream closed"),
@@ -203,6 +236,7 @@ fn main() -> anyhow::Result<()> {
             rate,
             payload_bytes,
             walk,
+            progress,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -211,7 +245,7 @@ fn main() -> anyhow::Result<()> {
                 let start = Instant::now();
                 let per_device_rate = rate / devices as f64;
                 let tasks: Vec<_> = (1..=devices)
-                    .map(|i| tokio::spawn(device(gateway.clone(), certs.clone(), i, events_per_device, window, per_device_rate, Readings { bytes: payload_bytes, walk })))
+                    .map(|i| tokio::spawn(device(gateway.clone(), certs.clone(), i, Pace { events: events_per_device, window, rate: per_device_rate, progress }, Readings { bytes: payload_bytes, walk })))
                     .collect();
                 let mut lat = Vec::new();
                 for t in tasks {
@@ -226,6 +260,39 @@ fn main() -> anyhow::Result<()> {
                     pct(&lat, 0.50),
                     pct(&lat, 0.99)
                 );
+                anyhow::Ok(())
+            })
+        }
+        Cmd::Marks {
+            gateway,
+            certs,
+            devices,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                for i in 1..=devices {
+                    let id = format!("dev-{i}");
+                    let dev = Device::connect(
+                        &gateway,
+                        &certs.join("ca.crt"),
+                        &certs.join(format!("{id}.crt")),
+                        &certs.join(format!("{id}.key")),
+                    )
+                    .await?;
+                    let mut s = dev.open().await?;
+                    s.send(&DeviceMsg::Hello).await?;
+                    let hwm = loop {
+                        match s.next().await? {
+                            Some(GatewayMsg::Welcome { hwm, .. }) => break hwm,
+                            Some(_) => continue,
+                            None => anyhow::bail!("{id}: no welcome"),
+                        }
+                    };
+                    println!("mark {id} {hwm}");
+                    dev.close().await;
+                }
                 anyhow::Ok(())
             })
         }

@@ -1077,6 +1077,11 @@ mod tests {
             Ok(None),
             "no id: the tier's own event"
         );
+        // A timer's forward has no device.
+        for src in [None, Some("")] {
+            let timer = with(Some("edge::timer.5:h:0"), src, Some("normal"));
+            assert_eq!(relayed(&timer).map(|r| r.map(|r| r.src)), Ok(Some("")));
+        }
         let p = with(Some("edge:d1:7:h:0"), Some("d1"), Some("urgent"));
         assert_eq!(
             relayed(&p),

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::{ClientError, Device};
+use crate::client::{ClientError, Device, FrameStream};
 use crate::config::TierConfig;
 use crate::metrics::Metrics;
 use crate::outbox::Entry;
@@ -152,8 +152,10 @@ impl TierSink {
         }
     }
 
-    /// One attempt: connect if needed, `hello`, the publishes the upstream lacks, its answers.
-    async fn attempt(&mut self, batch: &Batch, bytes: &mut u64) -> Result<Outcome, Failure> {
+    /// Connects if needed, opens the batch's stream and, when needed, asks for the upstream's
+    /// mark: returns the stream, the mark (0 when not asked: every entry is new and `highest`
+    /// is at or above it) and the upstream's `max_frame_bytes`.
+    async fn open(&mut self, carried: bool) -> Result<(FrameStream, u64, u64), Failure> {
         // A connection the upstream closed while the uplink lingered (a restart, its idle
         // timeout): connect again now rather than fail this attempt and back off.
         if self
@@ -173,25 +175,38 @@ impl TierSink {
         let mut stream = conn.open().await?;
         // Entries that carry a seq may be held upstream already: ask for the mark. So does
         // the first batch on a connection (the mark may be above `highest` after a restart).
-        let carried = batch.entries.iter().any(|e| e.tier_seq.is_some());
-        let (hwm, max_frame_bytes) = match self.welcomed {
-            Some(max_frame_bytes) if !carried => (0, max_frame_bytes),
-            _ => {
-                stream.send(&DeviceMsg::Hello).await?;
-                let Some(GatewayMsg::Welcome {
-                    hwm,
-                    max_frame_bytes,
-                }) = stream.next().await?
-                else {
-                    return Err(Failure::NoWelcome);
-                };
-                self.welcomed = Some(max_frame_bytes);
-                (hwm, max_frame_bytes)
-            }
+        if let Some(max_frame_bytes) = self.welcomed.filter(|_| !carried) {
+            return Ok((stream, 0, max_frame_bytes));
+        }
+        stream.send(&DeviceMsg::Hello).await?;
+        let Some(GatewayMsg::Welcome {
+            hwm,
+            max_frame_bytes,
+        }) = stream.next().await?
+        else {
+            return Err(Failure::NoWelcome);
         };
+        self.highest = self.highest.max(hwm);
+        self.welcomed = Some(max_frame_bytes);
+        Ok((stream, hwm, max_frame_bytes))
+    }
+
+    /// One attempt. The network steps each have the timeout; the store writes do not (a
+    /// write cut off by a timeout would finish unseen). Nacks go into `nacks` as they arrive,
+    /// for the caller to write on every outcome.
+    async fn attempt(
+        &mut self,
+        batch: &Batch,
+        bytes: &mut u64,
+        nacks: &mut Vec<(usize, u64, String)>,
+    ) -> Result<Outcome, Failure> {
+        let carried = batch.entries.iter().any(|e| e.tier_seq.is_some());
+        let (mut stream, hwm, max_frame_bytes) = timed(self.timeout, self.open(carried)).await??;
         let current: Vec<Option<u64>> = batch.entries.iter().map(|e| e.tier_seq).collect();
         let floor = hwm.max(self.highest);
         let (seqs, new) = assign(&current, floor).ok_or(Failure::SeqsUsedUp(floor))?;
+        // Taken before any await: a later batch never reuses them, whatever happens here.
+        self.highest = self.highest.max(seqs.iter().copied().max().unwrap_or(0));
         if new > 0 {
             // Durable before the first publish goes: a resend after any crash uses the same seq.
             self.rewrite(batch, |i, e| {
@@ -200,7 +215,6 @@ impl TierSink {
                 fresh
             })
             .await;
-            self.highest = self.highest.max(seqs.iter().copied().max().unwrap_or(0));
         }
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| seqs[i]);
@@ -240,14 +254,6 @@ impl TierSink {
             *bytes += frame.len() as u64 + 4;
             sent.push((seq, i));
         }
-        match stream.flush().await {
-            // Fails only if the upstream stopped reading already; its answers still come.
-            Ok(()) => drop(stream.finish()),
-            // The upstream stopped reading (it answered busy, or refused the framing): it
-            // still sends the answers it owes, and they must be read.
-            Err(ClientError::Write(quinn::WriteError::Stopped(_))) => {}
-            Err(e) => return Err(e.into()),
-        }
         if let (Some(first), Some(last)) = (sent.first(), sent.last()) {
             tracing::debug!(
                 publishes = sent.len(),
@@ -257,20 +263,8 @@ impl TierSink {
                 "tier: publishes sent to the upstream"
             );
         }
-        let mut x = Exchange::new(sent);
-        while let Some(m) = stream.next().await? {
-            if let Some((i, why)) = x.on(m)? {
-                // Written at once: the upstream's mark covers it now, and a retry after a
-                // broken connection must still know it was refused.
-                self.rewrite(batch, |j, e| {
-                    e.tier_seq = Some(seqs[j]);
-                    e.tier_nack = Some(why.clone());
-                    j == i
-                })
-                .await;
-            }
-        }
-        Ok(match x.finish() {
+        let outcome = timed(self.timeout, talk(&mut stream, sent, &seqs, nacks)).await??;
+        Ok(match outcome {
             Outcome::Settled { refused: nacked } => {
                 refused.extend(nacked);
                 refused.sort();
@@ -280,6 +274,41 @@ impl TierSink {
             o => o,
         })
     }
+}
+
+/// `fut` within `limit`.
+async fn timed<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, Failure> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| Failure::Timeout(limit))
+}
+
+/// Writes the queued publishes, ends the stream and reads the upstream's answers to its end.
+/// Each nack goes into `nacks` (batch index, seq, why) as it arrives.
+async fn talk(
+    stream: &mut FrameStream,
+    sent: Vec<(u64, usize)>,
+    seqs: &[u64],
+    nacks: &mut Vec<(usize, u64, String)>,
+) -> Result<Outcome, Failure> {
+    match stream.flush().await {
+        // Fails only if the upstream stopped reading already; its answers still come.
+        Ok(()) => drop(stream.finish()),
+        // The upstream stopped reading (it answered busy, or refused the framing): it still
+        // sends the answers it owes, and they must be read.
+        Err(ClientError::Write(quinn::WriteError::Stopped(_))) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut x = Exchange::new(sent);
+    while let Some(m) = stream.next().await? {
+        if let Some((i, why)) = x.on(m)? {
+            nacks.push((i, seqs[i], why));
+        }
+    }
+    Ok(x.finish())
 }
 
 /// What an operator must fix, when a connection error says so: the TLS handshake failed on
@@ -332,11 +361,22 @@ impl Sink for TierSink {
 
     async fn send(&mut self, batch: &Batch) -> Sent {
         let mut bytes = 0;
-        let result = match tokio::time::timeout(self.timeout, self.attempt(batch, &mut bytes)).await
-        {
-            Err(_) => Err(Failure::Timeout(self.timeout)),
-            Ok(r) => r,
-        };
+        let mut nacks = Vec::new();
+        let result = self.attempt(batch, &mut bytes, &mut nacks).await;
+        if !nacks.is_empty() {
+            // Whatever came after them (the end, a timeout, a broken connection): the
+            // upstream's mark covers these seqs now, and a retry must know they were refused.
+            // Written at the end of the attempt, in one sync; a crash before it loses them.
+            self.rewrite(batch, |i, e| match nacks.iter().find(|(j, _, _)| *j == i) {
+                Some((_, seq, why)) => {
+                    e.tier_seq = Some(*seq);
+                    e.tier_nack = Some(why.clone());
+                    true
+                }
+                None => false,
+            })
+            .await;
+        }
         let result = match result {
             Ok(Outcome::Settled { refused }) => match verdict(batch.entries.len(), refused) {
                 Verdict::Delivered => SendResult::Delivered,
