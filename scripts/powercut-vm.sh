@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # A real power cut: the gateway runs in a qemu VM (emulated; TIDEPOOL_VM_KVM=1 for KVM) on an ext4 disk
-# image, 4 devices publishing to it from inside the VM; the VM is killed (SIGKILL to qemu: the
-# guest's page cache, its unsaved file sizes and its uncommitted ext4 journal are gone, as at a
-# power cut), then booted again to ask the gateway each device's durable high-water mark
-# (`hello` → `welcome`). Every ack the devices printed before the cut must be at or below the
-# mark, the store must open, and the next cycle publishes on the same disk.
+# image, 4 devices publishing to it from inside the VM (each event an outbox entry, no uplink);
+# the VM is killed (SIGKILL to qemu: the guest's page cache, its unsaved file sizes and its
+# uncommitted ext4 journal are gone, as at a power cut), then booted again to ask the gateway
+# each device's durable high-water mark (`hello` → `welcome`) and its outbox count. Every ack
+# the devices printed before the cut must be at or below the mark, the outbox must hold at
+# least the acked events and at most the marked ones, the store must open, and the next cycle
+# publishes on the same disk.
 #
 #   scripts/powercut-vm.sh [--cycles N] [--seed S] [--bin PATH]
 #
@@ -46,8 +48,10 @@ bin=${bin:-$root/target/release/tidepool}
 loadgen=$root/target/bench-fast/examples/loadgen
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/powercut-vm.XXXXXX")
-qpid=
-trap '[ -n "$qpid" ] && kill -9 "$qpid" 2>/dev/null; rm -rf "$work"' EXIT
+qpid= keep=
+# The VM logs are kept when a cycle fails (the path is printed).
+trap '[ -n "$qpid" ] && kill -9 "$qpid" 2>/dev/null; [ -n "$keep" ] || rm -rf "$work"' EXIT
+fail() { keep=1; echo "powercut-vm: $* (seed $seed; logs in $work)" >&2; exit 1; }
 
 # The initramfs: busybox, the two binaries and their libraries, the virtio modules, an init.
 r=$work/root
@@ -63,12 +67,17 @@ for m in virtio/virtio virtio/virtio_ring virtio/virtio_pci_legacy_dev virtio/vi
     virtio/virtio_pci block/virtio_blk; do
     cp "$modules/$m.ko" "$r/modules/"
 done
+# Every event becomes an outbox entry (no uplink: they stay): the check counts them too.
 cat >"$r/tp/tidepool.toml" <<'TOML'
 [gateway]
 id = "vm"
 listen = "127.0.0.1:7700"
 data_dir = "/data/gw"
 log = "warn"
+[router]
+unrouted = "forward"
+[outbox]
+max_bytes = 268435456
 TOML
 cat >"$r/init" <<'SH'
 #!/bin/busybox sh
@@ -82,7 +91,7 @@ mount -t ext4 /dev/vda /data || { echo "TP: the data disk does not mount"; power
 ip link set lo up
 mode=$(sed -n 's/.*tp=\([a-z]*\).*/\1/p' /proc/cmdline)
 /tp/tidepool run --config /tp/tidepool.toml >/tmp/ready 2>/dev/console &
-i=0; while ! grep -q listening /tmp/ready && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+i=0; while ! grep -q listening /tmp/ready && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
 grep -q listening /tmp/ready || { echo "TP: the gateway did not start"; poweroff -f; }
 if [ ! -f /data/certs/dev-4.key ]; then
     for d in 1 2 3 4; do /tp/tidepool certs device dev-$d --config /tp/tidepool.toml --out /data/certs >/dev/null; done
@@ -92,8 +101,9 @@ if [ "$mode" = load ]; then
     /tp/loadgen tidepool --gateway 127.0.0.1:7700 --certs /data/certs --devices 4 \
         --events-per-device 1000000 --window 64 --progress
 else
-    /tp/loadgen marks --gateway 127.0.0.1:7700 --certs /data/certs --devices 4
-    echo "TP: checked"
+    /tp/loadgen marks --gateway 127.0.0.1:7700 --certs /data/certs --devices 4 &&
+        echo "status $(/tp/tidepool status --json --config /tp/tidepool.toml | tr -d '\n')" &&
+        echo "TP: checked"
 fi
 poweroff -f
 SH
@@ -114,7 +124,7 @@ vm() { # vm MODE LOG: boots the VM in the background; sets $qpid
         -display none -monitor none -nic none -no-reboot -serial "file:$2" &
     qpid=$!
 }
-wait_for() { # wait_for PATTERN FILE SECONDS
+wait_for() { # wait_for SECONDS PATTERN FILE
     local i=0
     until grep -q "$2" "$3" 2>/dev/null; do
         i=$((i + 1))
@@ -128,31 +138,46 @@ lost=0
 echo "== $cycles power cuts, seed $seed (${accel[*]})"
 for c in $(seq 1 "$cycles"); do
     vm load "$work/load-$c.log"
-    wait_for 120 "^acked" "$work/load-$c.log" || { cat "$work/load-$c.log"; echo "cycle $c: no acks"; exit 1; }
+    wait_for 300 "^acked" "$work/load-$c.log" || fail "cycle $c: no acks"
     # Cut after 1 to 4 s of load.
     sleep "$((1 + RANDOM % 3)).$((RANDOM % 10))"
+    kill -0 "$qpid" 2>/dev/null || fail "cycle $c: the load VM stopped before the cut (a crash?)"
     kill -9 "$qpid"; wait "$qpid" 2>/dev/null || true; qpid=
     vm check "$work/check-$c.log"
-    wait "$qpid" || true; qpid=
-    grep -q "TP: checked" "$work/check-$c.log" || { cat "$work/check-$c.log"; echo "cycle $c: no marks after the cut"; exit 1; }
-    python3 - "$work/load-$c.log" "$work/check-$c.log" "$c" <<'PY' || lost=1
+    # The check VM powers itself off; one that hangs is killed after 5 minutes (and fails).
+    i=0; while kill -0 "$qpid" 2>/dev/null && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
+    kill -9 "$qpid" 2>/dev/null || true; wait "$qpid" 2>/dev/null || true; qpid=
+    grep -q "TP: checked" "$work/check-$c.log" ||
+        fail "cycle $c: the VM after the cut did not answer (the store did not open, or the gateway did not start)"
+    r=0
+    python3 - "$work/load-$c.log" "$work/check-$c.log" "$c" <<'PY' || r=$?
 import re, sys
-acked, marks = {}, {}
+import json
+acked, marks, entries = {}, {}, None
 for line in open(sys.argv[1], errors="replace"):
-    m = re.match(r"acked (\S+) (\d+)", line)
+    m = re.match(r"acked (\S+) (\d+)$", line.strip())
     if m: acked[m[1]] = max(acked.get(m[1], 0), int(m[2]))
 for line in open(sys.argv[2], errors="replace"):
-    m = re.match(r"mark (\S+) (\d+)", line)
+    m = re.match(r"mark (\S+) (\d+)$", line.strip())
     if m: marks[m[1]] = int(m[2])
-bad = {d: (a, marks.get(d)) for d, a in acked.items() if marks.get(d, 0) < a}
-total = sum(acked.values())
-print(f"cycle {sys.argv[3]}: acked up to {dict(sorted(acked.items()))}, marks after the cut {dict(sorted(marks.items()))}: "
-      + ("ok" if not bad else f"LOST acks (acked, mark): {bad}"))
-sys.exit(1 if bad else 0)
+    if line.startswith("status "):
+        entries = json.loads(line[7:])["outbox"]["entries"]
+c = sys.argv[3]
+missing = [d for d in acked if d not in marks]
+if missing or entries is None:
+    print(f"cycle {c}: no mark for {missing} or no outbox count after the cut: the check failed, not durability")
+    sys.exit(2)
+bad = {d: (a, marks[d]) for d, a in acked.items() if marks[d] < a}
+# One outbox entry per kept event (all devices, every cycle so far; no uplink drains them).
+low, high = sum(acked.values()), sum(marks.values())
+if not low <= entries <= high:
+    bad["outbox"] = (f"{entries} entries", f"acked {low}, marks {high}")
+print(f"cycle {c}: acked up to {dict(sorted(acked.items()))}, marks after the cut {dict(sorted(marks.items()))}, "
+      f"{entries} outbox entries: " + ("ok" if not bad else f"LOST acks (acked, after the cut): {bad}"))
+sys.exit(3 if bad else 0)
 PY
+    # 3: acks lost; anything else: the check itself failed.
+    if [ $r = 3 ]; then lost=1; elif [ $r != 0 ]; then fail "cycle $c: the check after the cut failed"; fi
 done
-if [ $lost = 1 ]; then
-    echo "powercut-vm: acked events lost (seed $seed)" >&2
-    exit 1
-fi
+if [ $lost = 1 ]; then fail "acked events lost"; fi
 echo "powercut-vm: $cycles cuts, no acked event lost"

@@ -42,7 +42,9 @@ TIDEPOOL_POWERCUT_CYCLES=$cuts TIDEPOOL_POWERCUT_SEED=$seed \
 grep -q '^powercut: ' "$out" || { echo "soak.sh: the power-cut run failed (seed $seed)" >&2; exit 1; }
 if [ "$vm_cuts" -gt 0 ]; then
     echo "== real power cuts (a VM killed under load): $vm_cuts cuts, seed $seed"
-    scripts/powercut-vm.sh --cycles "$vm_cuts" --seed "$seed" | grep -E '^(cycle|powercut-vm|==)' ||
+    scripts/powercut-vm.sh --cycles "$vm_cuts" --seed "$seed" 2>&1 | tee "$out" |
+        grep -E '^(cycle|powercut-vm|==)' || true
+    grep -q '^powercut-vm: .* no acked event lost' "$out" ||
         { echo "soak.sh: the VM power-cut run failed (seed $seed)" >&2; exit 1; }
 fi
 echo "soak passed in $(( $(date +%s) - started )) s"

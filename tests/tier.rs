@@ -16,13 +16,7 @@ use tidepool::proto::msg::{DeviceMsg, GatewayMsg, NackCode, Publish};
 
 /// Forwards every event as is, its class from the payload's first byte (`0` urgent, `1`
 /// normal, `2` bulk).
-const BY_CLASS_WAT: &str = r#"(module
-  (import "tidepool" "forward" (func $fwd (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
-  (func (export "tp_on_event") (param $t i32) (param $tl i32) (param $p i32) (param $pl i32) (result i32)
-    (call $fwd (local.get $t) (local.get $tl) (local.get $p) (local.get $pl)
-      (i32.sub (i32.load8_u (local.get $p)) (i32.const 48)))))"#;
+const BY_CLASS_WAT: &str = include_str!("handlers/classer.wat");
 
 /// A site that forwards what the edge relays and refuses payloads over 64 bytes.
 const SMALL_PAYLOADS: &str =
@@ -450,10 +444,25 @@ async fn a_site_refusing_everything_is_an_outage_until_it_takes_something() {
 /// counted as held by the site.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_before_a_busy_is_kept_for_the_retry() {
+    refused_then_busy(SMALL_PAYLOADS, 100).await;
+}
+
+/// The same with an event the edge refuses itself (its frame is over the site's
+/// `max_frame_bytes`): it carries a seq the site never saw, below the site's mark on the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_too_large_for_the_site_before_a_busy_is_kept_for_the_retry() {
+    let site = "[ingress]\nmax_frame_bytes = 200\n[router]\nunrouted = \"forward\"\n[acl]\ntiers = [\"edge\"]\n";
+    refused_then_busy(site, 300).await;
+}
+
+/// A small event, one of `big_len` bytes the site's settings refuse, six small ones, to a site
+/// whose outbox takes about two: the refused one ends in the edge's dead letters, the small
+/// ones reach the cloud.
+async fn refused_then_busy(site_extra: &str, big_len: usize) {
     let cloud = Cloud::start(|_| 200).await;
-    let site = site_with(&cloud, SMALL_PAYLOADS, "max_bytes = 300\n");
+    let site = site_with(&cloud, site_extra, "max_bytes = 300\n");
     let mut edge = edge(&site, 16);
-    let big = format!("1:{}", "x".repeat(100));
+    let big = format!("1:{}", "x".repeat(big_len));
     let mut payloads = vec!["1:a".to_string(), big.clone()];
     payloads.extend((0..6).map(|i| format!("1:{i}")));
     publish_all(&edge, &payloads).await;

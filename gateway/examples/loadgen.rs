@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use tidepool::client::Device;
+use tidepool::client::{Device, FrameStream};
 use tidepool::proto::msg::{DeviceMsg, GatewayMsg, Publish};
 
 #[derive(Parser)]
@@ -44,8 +44,8 @@ enum Cmd {
         /// are rare) instead of uniform noise in 20..32 (a crossing every few readings).
         #[arg(long)]
         walk: bool,
-        /// Print `acked dev-I SEQ` as acks arrive (at most every 50 ms per device): what a
-        /// power-cut check holds the gateway to.
+        /// Print `acked dev-I SEQ` for every ack as it arrives: what a power-cut check holds
+        /// the gateway to.
         #[arg(long)]
         progress: bool,
     },
@@ -104,6 +104,31 @@ struct Readings {
     walk: bool,
 }
 
+/// Connects as device `id` (its certificate in `certs`), opens a stream and asks for its
+/// durable high-water mark (`hello` → `welcome`).
+async fn hello(
+    gateway: &str,
+    certs: &std::path::Path,
+    id: &str,
+) -> anyhow::Result<(Device, FrameStream, u64)> {
+    let dev = Device::connect(
+        gateway,
+        &certs.join("ca.crt"),
+        &certs.join(format!("{id}.crt")),
+        &certs.join(format!("{id}.key")),
+    )
+    .await?;
+    let mut s = dev.open().await?;
+    s.send(&DeviceMsg::Hello).await?;
+    loop {
+        match s.next().await? {
+            Some(GatewayMsg::Welcome { hwm, .. }) => return Ok((dev, s, hwm)),
+            Some(_) => continue,
+            None => anyhow::bail!("{id}: the gateway ended the stream before its welcome"),
+        }
+    }
+}
+
 /// How a simulated device publishes: how many events, how many in flight, at what rate
 /// (events/s, 0: as fast as acks allow), and whether it prints its acks as they come.
 #[derive(Clone, Copy)]
@@ -128,22 +153,8 @@ async fn device(
         progress,
     } = pace;
     let id = format!("dev-{i}");
-    let dev = Device::connect(
-        &gateway,
-        &certs.join("ca.crt"),
-        &certs.join(format!("{id}.crt")),
-        &certs.join(format!("{id}.key")),
-    )
-    .await?;
-    let mut s = dev.open().await?;
-    s.send(&DeviceMsg::Hello).await?;
-    let hwm = loop {
-        if let Some(GatewayMsg::Welcome { hwm, .. }) = s.next().await? {
-            break hwm;
-        }
-    };
+    let (dev, mut s, hwm) = hello(&gateway, &certs, &id).await?;
     let topic = format!("devices/{id}/temp");
-    let mut printed = Instant::now();
     let mut sent_at: VecDeque<(u64, Instant)> = VecDeque::new();
     let mut lat = Vec::with_capacity(events as usize);
     let (first, last) = (hwm + 1, hwm + events);
@@ -190,9 +201,8 @@ async fn device(
                         lat.push(now - t);
                     }
                     acked = acked.max(seq);
-                    if progress && printed.elapsed() >= Duration::from_millis(50) {
+                    if progress {
                         println!("acked {id} {acked}");
-                        printed = Instant::now();
                     }
                 }
                 Some(other) => anyhow::bail!("{id}: unexpected {other:?}"),
@@ -274,22 +284,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(async {
                 for i in 1..=devices {
                     let id = format!("dev-{i}");
-                    let dev = Device::connect(
-                        &gateway,
-                        &certs.join("ca.crt"),
-                        &certs.join(format!("{id}.crt")),
-                        &certs.join(format!("{id}.key")),
-                    )
-                    .await?;
-                    let mut s = dev.open().await?;
-                    s.send(&DeviceMsg::Hello).await?;
-                    let hwm = loop {
-                        match s.next().await? {
-                            Some(GatewayMsg::Welcome { hwm, .. }) => break hwm,
-                            Some(_) => continue,
-                            None => anyhow::bail!("{id}: no welcome"),
-                        }
-                    };
+                    let (dev, _, hwm) = hello(&gateway, &certs, &id).await?;
                     println!("mark {id} {hwm}");
                     dev.close().await;
                 }

@@ -191,15 +191,9 @@ impl TierSink {
         Ok((stream, hwm, max_frame_bytes))
     }
 
-    /// One attempt. The network steps each have the timeout; the store writes do not (a
-    /// write cut off by a timeout would finish unseen). Nacks go into `nacks` as they arrive,
-    /// for the caller to write on every outcome.
-    async fn attempt(
-        &mut self,
-        batch: &Batch,
-        bytes: &mut u64,
-        nacks: &mut Vec<(usize, u64, String)>,
-    ) -> Result<Outcome, Failure> {
+    /// One attempt. The network steps have the timeout; the store writes do not (a write cut
+    /// off by a timeout would finish unseen). Each nack is written into its entry as it comes.
+    async fn attempt(&mut self, batch: &Batch, bytes: &mut u64) -> Result<Outcome, Failure> {
         let carried = batch.entries.iter().any(|e| e.tier_seq.is_some());
         let (mut stream, hwm, max_frame_bytes) = timed(self.timeout, self.open(carried)).await??;
         let current: Vec<Option<u64>> = batch.entries.iter().map(|e| e.tier_seq).collect();
@@ -207,19 +201,13 @@ impl TierSink {
         let (seqs, new) = assign(&current, floor).ok_or(Failure::SeqsUsedUp(floor))?;
         // Taken before any await: a later batch never reuses them, whatever happens here.
         self.highest = self.highest.max(seqs.iter().copied().max().unwrap_or(0));
-        if new > 0 {
-            // Durable before the first publish goes: a resend after any crash uses the same seq.
-            self.rewrite(batch, |i, e| {
-                let fresh = e.tier_seq.is_none();
-                e.tier_seq = Some(seqs[i]);
-                fresh
-            })
-            .await;
-        }
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| seqs[i]);
-        let mut sent = Vec::new();
+        let mut frames = Vec::new();
         let mut refused = Vec::new();
+        // Refused here (over the upstream's frame limit): written into the entry with its seq,
+        // or a retry would find the seq below the mark and count the entry as held.
+        let mut too_large = Vec::new();
         for i in order {
             let (seq, e) = (seqs[i], &batch.entries[i]);
             if let Some(why) = &e.tier_nack {
@@ -241,15 +229,31 @@ impl TierSink {
                 class: Some(e.class.as_str().into()),
             }));
             if frame.len() as u64 > max_frame_bytes {
-                refused.push((
-                    i,
-                    format!(
-                        "a frame of {} bytes is more than the upstream takes ({max_frame_bytes})",
-                        frame.len()
-                    ),
-                ));
+                let why = format!(
+                    "a frame of {} bytes is more than the upstream takes ({max_frame_bytes})",
+                    frame.len()
+                );
+                too_large.push((i, why.clone()));
+                refused.push((i, why));
                 continue;
             }
+            frames.push((seq, i, frame));
+        }
+        if new > 0 || !too_large.is_empty() {
+            // Durable before the first publish goes: a resend after any crash uses the same seq.
+            self.rewrite(batch, |i, e| {
+                let mut changed = e.tier_seq.is_none();
+                e.tier_seq = Some(seqs[i]);
+                if let Some((_, why)) = too_large.iter().find(|(j, _)| *j == i) {
+                    e.tier_nack = Some(why.clone());
+                    changed = true;
+                }
+                changed
+            })
+            .await;
+        }
+        let mut sent = Vec::with_capacity(frames.len());
+        for (seq, i, frame) in frames {
             stream.push_body(&frame);
             *bytes += frame.len() as u64 + 4;
             sent.push((seq, i));
@@ -263,8 +267,31 @@ impl TierSink {
                 "tier: publishes sent to the upstream"
             );
         }
-        let outcome = timed(self.timeout, talk(&mut stream, sent, &seqs, nacks)).await??;
-        Ok(match outcome {
+        // One deadline for the network; the store writes in between are not cut off by it.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match by(deadline, self.timeout, stream.flush()).await? {
+            // Fails only if the upstream stopped reading already; its answers still come.
+            Ok(()) => drop(stream.finish()),
+            // The upstream stopped reading (it answered busy, or refused the framing): it
+            // still sends the answers it owes, and they must be read.
+            Err(ClientError::Write(quinn::WriteError::Stopped(_))) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut x = Exchange::new(sent);
+        while let Some(m) = by(deadline, self.timeout, stream.next()).await?? {
+            if let Some((i, why)) = x.on(m)? {
+                // Written as it comes, before anything else is read: the upstream's mark
+                // covers this seq now, and a retry (after a broken connection, a timeout, a
+                // stop or a crash) must still know the entry was refused.
+                self.rewrite(batch, |j, e| {
+                    e.tier_seq = Some(seqs[j]);
+                    e.tier_nack = Some(why.clone());
+                    j == i
+                })
+                .await;
+            }
+        }
+        Ok(match x.finish() {
             Outcome::Settled { refused: nacked } => {
                 refused.extend(nacked);
                 refused.sort();
@@ -281,34 +308,18 @@ async fn timed<T>(
     limit: Duration,
     fut: impl std::future::Future<Output = T>,
 ) -> Result<T, Failure> {
-    tokio::time::timeout(limit, fut)
-        .await
-        .map_err(|_| Failure::Timeout(limit))
+    by(tokio::time::Instant::now() + limit, limit, fut).await
 }
 
-/// Writes the queued publishes, ends the stream and reads the upstream's answers to its end.
-/// Each nack goes into `nacks` (batch index, seq, why) as it arrives.
-async fn talk(
-    stream: &mut FrameStream,
-    sent: Vec<(u64, usize)>,
-    seqs: &[u64],
-    nacks: &mut Vec<(usize, u64, String)>,
-) -> Result<Outcome, Failure> {
-    match stream.flush().await {
-        // Fails only if the upstream stopped reading already; its answers still come.
-        Ok(()) => drop(stream.finish()),
-        // The upstream stopped reading (it answered busy, or refused the framing): it still
-        // sends the answers it owes, and they must be read.
-        Err(ClientError::Write(quinn::WriteError::Stopped(_))) => {}
-        Err(e) => return Err(e.into()),
-    }
-    let mut x = Exchange::new(sent);
-    while let Some(m) = stream.next().await? {
-        if let Some((i, why)) = x.on(m)? {
-            nacks.push((i, seqs[i], why));
-        }
-    }
-    Ok(x.finish())
+/// `fut` by `deadline` (`limit` names it in the error).
+async fn by<T>(
+    deadline: tokio::time::Instant,
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, Failure> {
+    tokio::time::timeout_at(deadline, fut)
+        .await
+        .map_err(|_| Failure::Timeout(limit))
 }
 
 /// What an operator must fix, when a connection error says so: the TLS handshake failed on
@@ -361,22 +372,7 @@ impl Sink for TierSink {
 
     async fn send(&mut self, batch: &Batch) -> Sent {
         let mut bytes = 0;
-        let mut nacks = Vec::new();
-        let result = self.attempt(batch, &mut bytes, &mut nacks).await;
-        if !nacks.is_empty() {
-            // Whatever came after them (the end, a timeout, a broken connection): the
-            // upstream's mark covers these seqs now, and a retry must know they were refused.
-            // Written at the end of the attempt, in one sync; a crash before it loses them.
-            self.rewrite(batch, |i, e| match nacks.iter().find(|(j, _, _)| *j == i) {
-                Some((_, seq, why)) => {
-                    e.tier_seq = Some(*seq);
-                    e.tier_nack = Some(why.clone());
-                    true
-                }
-                None => false,
-            })
-            .await;
-        }
+        let result = self.attempt(batch, &mut bytes).await;
         let result = match result {
             Ok(Outcome::Settled { refused }) => match verdict(batch.entries.len(), refused) {
                 Verdict::Delivered => SendResult::Delivered,
