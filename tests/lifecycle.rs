@@ -46,6 +46,85 @@ fn invoke_json(
     run.json_lines()
 }
 
+/// Publishes `payloads` from device `id` (above its mark) and waits for each ack.
+async fn publish_from(gw: &Gateway, id: &str, payloads: &[&str]) {
+    let dev = gw.connect(id).await;
+    let mut s = dev.open().await.unwrap();
+    s.send(&tidepool::proto::msg::DeviceMsg::Hello)
+        .await
+        .unwrap();
+    let Some(GatewayMsg::Welcome { hwm, .. }) = next_msg(&mut s).await else {
+        panic!("no welcome");
+    };
+    for (i, p) in payloads.iter().enumerate() {
+        let seq = hwm + i as u64 + 1;
+        s.send(&publish(seq, &format!("devices/{id}/t"), p.as_bytes()))
+            .await
+            .unwrap();
+        until_ack(&mut s, seq).await;
+    }
+    end_stream(s).await;
+    dev.close().await;
+}
+
+/// `tidepool status --json`: (the `failing` handler's entry, the counters).
+fn failing_status(gw: &Gateway) -> (serde_json::Value, serde_json::Value) {
+    let run = cli(&["status", "--json"], &gw.config);
+    assert!(run.ok, "{}", run.stderr);
+    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let failing = st["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "failing")
+        .unwrap()
+        .clone();
+    (failing, st["metrics"].clone())
+}
+
+/// A device whose events keep trapping a handler takes the handler away from itself only:
+/// another device's events still run it. When three devices have failed it, it is broken:
+/// quarantined for every device.
+#[tokio::test]
+async fn one_device_that_traps_a_handler_loses_it_alone_and_three_lose_it_for_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[limits]\nquarantine_after_errors = 2\nquarantine_devices = 3\n{}{}",
+        wat_handler(dir.path(), "failing", FAILING_WAT, ""),
+        wat_handler(dir.path(), "counter", COUNTER_WAT, "")
+    );
+    let gw = Gateway::start(&config);
+    // d1 traps it twice: quarantined for d1; d1's next event does not run it, d2's does.
+    publish_from(&gw, "d1", &["x", "x", "r"]).await;
+    publish_from(&gw, "d2", &["r"]).await;
+    let (failing, m) = failing_status(&gw);
+    assert_eq!(failing["quarantined_for"], serde_json::json!(["d1"]));
+    assert_eq!(failing["quarantined"], false);
+    assert_eq!(
+        m["handler_calls"],
+        2 + 2 + 1 + 2,
+        "d2's event ran the handler, d1's third did not: {m}"
+    );
+    // d2 and d3 trap it too: the third device quarantines it for all (d4 included).
+    publish_from(&gw, "d2", &["r", "x", "x"]).await;
+    publish_from(&gw, "d3", &["x", "x"]).await;
+    publish_from(&gw, "d4", &["r"]).await;
+    let (failing, m) = failing_status(&gw);
+    assert_eq!(failing["quarantined"], true, "{failing}");
+    assert_eq!(m["handler_device_quarantines"], 2, "{m}");
+    assert_eq!(m["handlers_quarantined"], 1, "{m}");
+    assert_eq!(
+        m["handler_calls"],
+        7 + 6 + 4 + 1,
+        "d4's event did not run it: {m}"
+    );
+    let text = cli(&["status"], &gw.config).stdout;
+    assert!(
+        text.contains("handler failing v1: QUARANTINED for every device"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_replay_locally() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,9 +155,16 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
         .find(|h| h["name"] == "failing")
         .unwrap()
         .clone();
-    assert_eq!(failing["quarantined"], true, "{st}");
+    // One device failed it: quarantined for that device (the only one here).
+    assert_eq!(failing["quarantined"], false, "{st}");
+    assert_eq!(
+        failing["quarantined_for"],
+        serde_json::json!(["d1"]),
+        "{st}"
+    );
     let m = &st["metrics"];
-    assert_eq!(m["handlers_quarantined"], 1, "{m}");
+    assert_eq!(m["handler_device_quarantines"], 1, "{m}");
+    assert_eq!(m["handlers_quarantined"], 0, "{m}");
     assert_eq!(
         m["handler_calls"],
         9 + 7,
@@ -112,7 +198,7 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
         .map(|l| l["reason"].as_str().unwrap())
         .collect();
     let trap = "trap:wasm `unreachable` instruction executed";
-    let q = "quarantined: 3 failures in a row";
+    let q = "quarantined for device `d1`: 3 failures in a row";
     assert_eq!(
         reasons,
         [&["handler returned 1"; 4][..], &[trap; 3], &[q; 2]].concat()

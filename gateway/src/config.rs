@@ -143,6 +143,7 @@ pub struct BoxLimits {
     pub log_bytes_per_event: usize,
     pub min_timer_ms: u64,
     pub quarantine_after_errors: u32,
+    pub quarantine_devices: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

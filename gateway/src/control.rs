@@ -61,6 +61,7 @@ impl Control {
                         "name": h.name,
                         "version": h.version,
                         "quarantined": h.quarantined,
+                        "quarantined_for": h.quarantined_for,
                         "errors_in_row": h.errors_in_row,
                         "timer_ms": h.timer_ms,
                     })

@@ -17,6 +17,7 @@ use crate::proto::msg::{NackCode, Publish};
 use crate::proto::topic;
 use crate::record::{Offer, RecordTap};
 use crate::router::Router;
+use crate::sandbox::quarantine::Change;
 use crate::sandbox::{EventInfo, FailureKind, Handler, Outcome, StateSource, TimerInfo};
 use crate::store::commit::{Backlog, Item, ItemKind, OutboxRecord, Reply, WriteSet};
 use crate::store::{fatal, keys, DeadLetter, Store};
@@ -67,7 +68,11 @@ pub struct HandlerStatus {
     pub name: String,
     pub version: u64,
     pub timer_ms: Option<u64>,
+    /// Quarantined for every device.
     pub quarantined: bool,
+    /// The devices it is quarantined for (`""`: its timer).
+    pub quarantined_for: Vec<String>,
+    /// The most failures in a row of any device.
     pub errors_in_row: u32,
 }
 
@@ -88,6 +93,7 @@ pub struct Dispatcher {
     log_cap: usize,
     log_used: Vec<usize>,
     quarantine_after: u32,
+    quarantine_devices: usize,
     timers: Timers,
     recorder: Option<RecordTap>,
     disk: Option<Arc<DiskWatch>>,
@@ -149,6 +155,7 @@ impl Dispatcher {
             log_cap: cfg.limits.log_bytes_per_event,
             log_used: vec![0; n_handlers],
             quarantine_after: cfg.limits.quarantine_after_errors,
+            quarantine_devices: cfg.limits.quarantine_devices,
             timers,
             recorder: None,
             disk: None,
@@ -210,8 +217,9 @@ impl Dispatcher {
                 name: h.name().to_string(),
                 version: h.manifest.version,
                 timer_ms: h.manifest.timer_ms,
-                quarantined: h.quarantined(),
-                errors_in_row: h.errors_in_row(),
+                quarantined: h.quarantine.all(),
+                quarantined_for: h.quarantine.devices().map(String::from).collect(),
+                errors_in_row: h.quarantine.worst_in_row(),
             })
             .collect()
     }
@@ -502,7 +510,7 @@ impl Dispatcher {
                 }
             }
             Root::Timer(h, info) => {
-                if !self.handlers[h].quarantined() {
+                if !self.handlers[h].quarantine.blocks("") {
                     let outcome = self.handlers[h].timer(&info);
                     Metrics::inc(&self.metrics.timer_calls);
                     self.settle(ctx, h, At::ROOT_TIMER, outcome, &mut run);
@@ -558,7 +566,7 @@ impl Dispatcher {
             Admission::DroppedBulk(n) => Metrics::add(&self.metrics.bulk_dropped, n as u64),
             Admission::Admitted => {}
         }
-        self.count(verdicts);
+        self.count(ctx.device, verdicts);
         Metrics::add(&self.metrics.dead_letters, ws.dead.len() as u64);
         Metrics::add(&self.metrics.forwards, ws.outbox.len() as u64);
         self.tag += 1;
@@ -570,9 +578,9 @@ impl Dispatcher {
         Some(ws)
     }
 
-    /// Counts a kept tree's invocations: failures, timeouts, and the failures in a row that
-    /// quarantine a handler.
-    fn count(&mut self, verdicts: Vec<(usize, Option<FailureKind>)>) {
+    /// Counts a kept tree's invocations (all for `device`'s event, or a timer's: `""`):
+    /// failures, timeouts, and the failures in a row that quarantine a handler.
+    fn count(&mut self, device: &str, verdicts: Vec<(usize, Option<FailureKind>)>) {
         for (h, v) in verdicts {
             if v.is_some() {
                 Metrics::inc(&self.metrics.handler_errors);
@@ -581,26 +589,47 @@ impl Dispatcher {
                 Metrics::inc(&self.metrics.handler_timeouts);
             }
             let handler = &mut self.handlers[h];
-            if handler.record(v, self.quarantine_after) {
-                Metrics::inc(&self.metrics.handlers_quarantined);
-                tracing::error!(
-                    handler = handler.name(),
-                    failures = self.quarantine_after,
-                    "handler quarantined: it trapped or hit a limit {} times in a row; its events go to the dead letters until the gateway restarts",
-                    self.quarantine_after
-                );
+            let (after, spread) = (self.quarantine_after, self.quarantine_devices);
+            match handler.quarantine.record(device, v, after, spread) {
+                None => {}
+                Some(Change::Device { device, n }) => {
+                    Metrics::inc(&self.metrics.handler_device_quarantines);
+                    tracing::error!(
+                        handler = handler.name(),
+                        device,
+                        devices = n,
+                        "handler quarantined for one device: its events trapped the handler or hit a limit {after} times in a row; that device's events go to the dead letters until the gateway restarts, the other devices keep the handler"
+                    );
+                }
+                Some(Change::All) => {
+                    Metrics::inc(&self.metrics.handlers_quarantined);
+                    tracing::error!(
+                        handler = handler.name(),
+                        devices = spread,
+                        "handler quarantined: {spread} devices failed it {after} times in a row each; its events go to the dead letters until the gateway restarts"
+                    );
+                }
             }
         }
     }
 
     /// One handler on one (device or emitted) event; a quarantined handler does not run.
     fn invoke(&mut self, ctx: &Ctx<'_>, h: usize, at: At<'_>, run: &mut Run) {
-        if self.handlers[h].quarantined() {
+        let q = &self.handlers[h].quarantine;
+        if q.blocks(ctx.device) {
             let name = self.handlers[h].name().to_string();
-            let reason = format!(
-                "quarantined: {} failures in a row",
-                self.handlers[h].errors_in_row()
-            );
+            let reason = if q.all() {
+                format!(
+                    "quarantined: {} devices failed it {} times in a row each",
+                    self.quarantine_devices, self.quarantine_after
+                )
+            } else {
+                format!(
+                    "quarantined for device `{}`: {} failures in a row",
+                    ctx.device,
+                    q.in_row(ctx.device)
+                )
+            };
             self.dead_letter(ctx, &name, at.topic, at.payload, reason, &mut run.ws);
             return;
         }

@@ -56,13 +56,30 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         Some(h) => h.as_slice(),
     };
     for h in handlers {
+        let only: Vec<&str> = h["quarantined_for"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|d| d.as_str()).collect())
+            .unwrap_or_default();
         let health = if h["quarantined"].as_bool() == Some(true) {
+            "QUARANTINED for every device (failures in a row from several devices)".to_string()
+        } else if !only.is_empty() {
+            let names: Vec<String> = only
+                .iter()
+                .map(|d| {
+                    if d.is_empty() {
+                        "its timer".into()
+                    } else {
+                        format!("`{d}`")
+                    }
+                })
+                .collect();
             format!(
-                "QUARANTINED after {} failures in a row",
+                "QUARANTINED for {} only; ok for the others ({} failures in a row at most)",
+                names.join(", "),
                 n(&h["errors_in_row"])
             )
         } else {
-            format!("ok ({} failures in a row)", n(&h["errors_in_row"]))
+            format!("ok ({} failures in a row at most)", n(&h["errors_in_row"]))
         };
         let timer = h["timer_ms"]
             .as_u64()

@@ -64,8 +64,8 @@ pub struct Handler {
     live: Option<Live>,
     /// Bytes of state the handler holds (committed or pending).
     pub state_used: u64,
-    errors_in_row: u32,
-    quarantined: bool,
+    /// Which devices it no longer runs for.
+    pub quarantine: super::quarantine::Quarantine,
 }
 
 fn check_abi(module: &Module) -> Result<(), String> {
@@ -183,8 +183,7 @@ impl Handler {
             env,
             live: None,
             state_used,
-            errors_in_row: 0,
-            quarantined: false,
+            quarantine: Default::default(),
         };
         h.instantiate().map_err(|f| LoadError::Invalid {
             name: h.manifest.name.clone(),
@@ -319,36 +318,6 @@ impl Handler {
                 .ok_or((Failure::broken("no export `tp_on_timer`"), false))?;
             f.call(&mut live.store, t.now_ms as i64).map_err(trapped)
         })
-    }
-
-    /// True once the handler failed `after` times in a row (0 never quarantines).
-    pub fn quarantined(&self) -> bool {
-        self.quarantined
-    }
-
-    /// Failures in a row so far.
-    pub fn errors_in_row(&self) -> u32 {
-        self.errors_in_row
-    }
-
-    /// Counts an outcome toward quarantine: a success resets the count, a trap or a limit hit
-    /// adds one, and a rejection (the handler returned non-zero: bad input, which one device
-    /// could send 50 times) leaves it as it is. True when this failure quarantines the handler.
-    pub fn record(&mut self, failed: Option<FailureKind>, quarantine_after: u32) -> bool {
-        match failed {
-            None => {
-                self.errors_in_row = 0;
-                return false;
-            }
-            Some(FailureKind::Rejected) => return false,
-            Some(FailureKind::Timeout | FailureKind::Broken) => {}
-        }
-        self.errors_in_row = self.errors_in_row.saturating_add(1);
-        if quarantine_after > 0 && self.errors_in_row >= quarantine_after && !self.quarantined {
-            self.quarantined = true;
-            return true;
-        }
-        false
     }
 
     /// The shared frame of an invocation: a live instance, fresh fuel, the guest call, and the

@@ -5,6 +5,7 @@
 mod abi;
 mod instance;
 pub mod manifest;
+pub mod quarantine;
 
 use std::sync::Arc;
 
