@@ -21,6 +21,14 @@ const FAILING_WAT: &str = r#"(module
     (if (i32.eq (i32.load8_u (local.get 2)) (i32.const 120)) (then unreachable))
     (i32.const 1)))"#;
 
+/// Traps on payloads starting with `x`; succeeds on any other.
+const TRAPPER_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+    (if (i32.eq (i32.load8_u (local.get 2)) (i32.const 120)) (then unreachable))
+    (i32.const 0)))"#;
+
 /// Forwards its `event_meta` map (CBOR) on `ticks` at every timer call.
 const TICKER_WAT: &str = r#"(module
   (import "tidepool" "forward" (func $forward (param i32 i32 i32 i32 i32) (result i32)))
@@ -123,6 +131,49 @@ async fn one_device_that_traps_a_handler_loses_it_alone_and_three_lose_it_for_al
         text.contains("handler failing v1: QUARANTINED for every device"),
         "{text}"
     );
+}
+
+/// `tidepool status --json`: the `trapper` handler's devices it is quarantined for.
+fn trapper_held(gw: &Gateway) -> serde_json::Value {
+    let run = cli(&["status", "--json"], &gw.config);
+    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    st["handlers"][0]["quarantined_for"].clone()
+}
+
+/// A quarantine survives a restart (before: a restart ran the handler again at once), and
+/// ends on probation: with a short hold, the next event runs it, and a success releases it.
+#[tokio::test]
+async fn a_quarantine_survives_a_restart_and_ends_on_probation() {
+    let dir = tempfile::tempdir().unwrap();
+    let trapper = wat_handler(dir.path(), "trapper", TRAPPER_WAT, "");
+    let mut gw = Gateway::start(&format!(
+        "[limits]\nquarantine_after_errors = 2\nquarantine_hold_ms = 3600000\n{trapper}"
+    ));
+    publish_from(&gw, "d1", &["x", "x"]).await;
+    assert_eq!(trapper_held(&gw), serde_json::json!(["d1"]));
+    gw.restart();
+    assert_eq!(
+        trapper_held(&gw),
+        serde_json::json!(["d1"]),
+        "held after the restart"
+    );
+    publish_from(&gw, "d1", &["ok"]).await;
+    let m = gw.stop();
+    assert_eq!(m["handler_calls"], 0, "d1's event did not run it: {m}");
+    assert_eq!(m["dead_letters"], 1, "{m}");
+
+    // Holds of 1 ms from now on (d1's stays as it was set): d2's next event after its
+    // quarantine is its probation, and it passes.
+    gw.edit_config("quarantine_hold_ms", "quarantine_hold_ms = 1");
+    gw.restart();
+    publish_from(&gw, "d2", &["x", "x"]).await;
+    assert_eq!(trapper_held(&gw), serde_json::json!(["d1", "d2"]));
+    publish_from(&gw, "d2", &["ok"]).await;
+    assert_eq!(trapper_held(&gw), serde_json::json!(["d1"]), "d2 released");
+    publish_from(&gw, "d2", &["ok"]).await;
+    let m = gw.stop();
+    assert_eq!(m["handler_calls"], 4, "{m}");
+    assert_eq!(m["dead_letters"], 2, "the two traps: {m}");
 }
 
 #[tokio::test]

@@ -144,6 +144,7 @@ pub struct BoxLimits {
     pub min_timer_ms: u64,
     pub quarantine_after_errors: u32,
     pub quarantine_devices: usize,
+    pub quarantine_hold_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -17,7 +17,7 @@ use crate::proto::msg::{NackCode, Publish};
 use crate::proto::topic;
 use crate::record::{Offer, RecordTap};
 use crate::router::Router;
-use crate::sandbox::quarantine::Change;
+use crate::sandbox::quarantine::{Change, Quarantine};
 use crate::sandbox::{EventInfo, FailureKind, Handler, Outcome, StateSource, TimerInfo};
 use crate::store::commit::{Backlog, Item, ItemKind, OutboxRecord, Reply, WriteSet};
 use crate::store::{fatal, keys, DeadLetter, Store};
@@ -94,6 +94,7 @@ pub struct Dispatcher {
     log_used: Vec<usize>,
     quarantine_after: u32,
     quarantine_devices: usize,
+    quarantine_hold_ms: u64,
     timers: Timers,
     recorder: Option<RecordTap>,
     disk: Option<Arc<DiskWatch>>,
@@ -130,6 +131,26 @@ impl Dispatcher {
         // New (or reset) due times are written at once, so that restarts shorter than a
         // period cannot keep a timer from ever firing.
         let mut schedule = WriteSet::default();
+        let mut handlers = handlers;
+        for h in &mut handlers {
+            // A quarantine outlives a restart (its probation still ends it).
+            match store.quarantine(h.name()) {
+                Ok(None) => {}
+                Ok(Some(v)) => match Quarantine::decode(&v) {
+                    Some(q) => {
+                        if q.all() || q.devices().next().is_some() {
+                            tracing::warn!(handler = h.name(), "handler still quarantined from before the restart (it runs again after its probation)");
+                        }
+                        h.quarantine = q;
+                    }
+                    None => tracing::warn!(
+                        handler = h.name(),
+                        "its stored quarantine does not decode: starting without one"
+                    ),
+                },
+                Err(e) => fatal("reading a quarantine", e),
+            }
+        }
         for (i, h) in handlers.iter().enumerate() {
             if let Some(period) = h.manifest.timer_ms {
                 let stored = match store.timer_due(h.name()) {
@@ -156,6 +177,7 @@ impl Dispatcher {
             log_used: vec![0; n_handlers],
             quarantine_after: cfg.limits.quarantine_after_errors,
             quarantine_devices: cfg.limits.quarantine_devices,
+            quarantine_hold_ms: cfg.limits.quarantine_hold_ms,
             timers,
             recorder: None,
             disk: None,
@@ -510,7 +532,7 @@ impl Dispatcher {
                 }
             }
             Root::Timer(h, info) => {
-                if !self.handlers[h].quarantine.blocks("") {
+                if !self.handlers[h].quarantine.blocks("", ctx.received_ms) {
                     let outcome = self.handlers[h].timer(&info);
                     Metrics::inc(&self.metrics.timer_calls);
                     self.settle(ctx, h, At::ROOT_TIMER, outcome, &mut run);
@@ -566,7 +588,7 @@ impl Dispatcher {
             Admission::DroppedBulk(n) => Metrics::add(&self.metrics.bulk_dropped, n as u64),
             Admission::Admitted => {}
         }
-        self.count(ctx.device, verdicts);
+        self.count(ctx.device, ctx.received_ms, verdicts, &mut ws);
         Metrics::add(&self.metrics.dead_letters, ws.dead.len() as u64);
         Metrics::add(&self.metrics.forwards, ws.outbox.len() as u64);
         self.tag += 1;
@@ -578,9 +600,21 @@ impl Dispatcher {
         Some(ws)
     }
 
-    /// Counts a kept tree's invocations (all for `device`'s event, or a timer's: `""`):
-    /// failures, timeouts, and the failures in a row that quarantine a handler.
-    fn count(&mut self, device: &str, verdicts: Vec<(usize, Option<FailureKind>)>) {
+    /// Counts a kept tree's invocations (all for `device`'s event, or a timer's: `""`, at
+    /// `now_ms`): failures, timeouts, and the quarantines they start, extend or end. Each
+    /// handler whose quarantine changed gets its new held set written with the tree.
+    fn count(
+        &mut self,
+        device: &str,
+        now_ms: u64,
+        verdicts: Vec<(usize, Option<FailureKind>)>,
+        ws: &mut WriteSet,
+    ) {
+        let settings = (
+            self.quarantine_after,
+            self.quarantine_devices,
+            self.quarantine_hold_ms,
+        );
         for (h, v) in verdicts {
             if v.is_some() {
                 Metrics::inc(&self.metrics.handler_errors);
@@ -589,34 +623,52 @@ impl Dispatcher {
                 Metrics::inc(&self.metrics.handler_timeouts);
             }
             let handler = &mut self.handlers[h];
-            let (after, spread) = (self.quarantine_after, self.quarantine_devices);
-            match handler.quarantine.record(device, v, after, spread) {
-                None => {}
-                Some(Change::Device { device, n }) => {
+            let Some(change) = handler.quarantine.record(device, v, now_ms, settings) else {
+                continue;
+            };
+            let name = handler.name().to_string();
+            let (after, spread) = (settings.0, settings.1);
+            match change {
+                Change::Device { device, n, .. } => {
                     Metrics::inc(&self.metrics.handler_device_quarantines);
                     tracing::error!(
-                        handler = handler.name(),
+                        handler = name,
                         device,
                         devices = n,
-                        "handler quarantined for one device: its events trapped the handler or hit a limit {after} times in a row; that device's events go to the dead letters until the gateway restarts, the other devices keep the handler"
+                        hold_ms = settings.2,
+                        "handler quarantined for one device: its events trapped the handler or hit a limit {after} times in a row; that device's events go to the dead letters until a probation succeeds, the other devices keep the handler"
                     );
                 }
-                Some(Change::All) => {
+                Change::All { .. } => {
                     Metrics::inc(&self.metrics.handlers_quarantined);
                     tracing::error!(
-                        handler = handler.name(),
+                        handler = name,
                         devices = spread,
-                        "handler quarantined: {spread} devices failed it {after} times in a row each; its events go to the dead letters until the gateway restarts"
+                        hold_ms = settings.2,
+                        "handler quarantined: {spread} devices failed it {after} times in a row each; its events go to the dead letters until a probation succeeds"
                     );
                 }
+                Change::Extended { device, until_ms } => tracing::warn!(
+                    handler = name,
+                    device,
+                    until_ms,
+                    "quarantined handler failed its probation: held again, twice as long"
+                ),
+                Change::Released { device } => tracing::info!(
+                    handler = name,
+                    device = device.as_deref().unwrap_or("every device"),
+                    "quarantined handler passed its probation: it runs again"
+                ),
             }
+            let q = handler.quarantine.encode();
+            ws.state.push((keys::quarantine(&name), Some(q)));
         }
     }
 
     /// One handler on one (device or emitted) event; a quarantined handler does not run.
     fn invoke(&mut self, ctx: &Ctx<'_>, h: usize, at: At<'_>, run: &mut Run) {
         let q = &self.handlers[h].quarantine;
-        if q.blocks(ctx.device) {
+        if q.blocks(ctx.device, ctx.received_ms) {
             let name = self.handlers[h].name().to_string();
             let reason = if q.all() {
                 format!(
@@ -624,11 +676,14 @@ impl Dispatcher {
                     self.quarantine_devices, self.quarantine_after
                 )
             } else {
-                format!(
-                    "quarantined for device `{}`: {} failures in a row",
-                    ctx.device,
-                    q.in_row(ctx.device)
-                )
+                match q.in_row(ctx.device) {
+                    // Held from before a restart: the count is not kept.
+                    0 => format!("quarantined for device `{}`", ctx.device),
+                    n => format!(
+                        "quarantined for device `{}`: {n} failures in a row",
+                        ctx.device
+                    ),
+                }
             };
             self.dead_letter(ctx, &name, at.topic, at.payload, reason, &mut run.ws);
             return;

@@ -1,45 +1,77 @@
-//! Quarantine (pure: no I/O, no clock): which devices a handler no longer runs for. Failures
-//! in a row are counted per device, so a device that keeps sending events that trap a handler
-//! takes the handler away from itself only; when the failures come from several devices, the
-//! handler is quarantined for all of them (it is broken, not its input). A timer's firings
-//! count as the device `""`. Until the gateway restarts.
+//! Quarantine (pure: no I/O, no clock read; wall time is passed in): which devices a handler
+//! no longer runs for. Failures in a row are counted per device, so a device that keeps
+//! sending events that trap a handler takes the handler away from itself only; when the
+//! failures come from several devices, the handler is quarantined for all of them (it is
+//! broken, not its input). A timer's firings count as the device `""`.
+//!
+//! A quarantine ends on probation: once its time is up, the next event is let through; a
+//! success releases the handler, a failure holds it again for twice as long (up to
+//! [`MAX_HOLD_MS`]). The held set survives a restart ([`Quarantine::encode`], kept in the
+//! store by the dispatcher); the counts of failures in a row do not.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
 
 use super::FailureKind;
+
+/// The longest a quarantine holds before its next probation.
+pub const MAX_HOLD_MS: u64 = 3_600_000;
 
 /// What one invocation's verdict changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// Quarantined for this device (the `n`-th device so far).
-    Device { device: String, n: usize },
-    /// Quarantined for every device.
-    All,
+    /// Quarantined for this device (the `n`-th device held so far), until `until_ms`.
+    Device {
+        device: String,
+        n: usize,
+        until_ms: u64,
+    },
+    /// Quarantined for every device, until `until_ms`.
+    All { until_ms: u64 },
+    /// The probation failed: held again, for longer.
+    Extended { device: String, until_ms: u64 },
+    /// The probation succeeded: it runs again (for `device`, or for all when `None`).
+    Released { device: Option<String> },
+}
+
+/// One hold: until when, and how long the next one lasts if the probation fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub until_ms: u64,
+    pub hold_ms: u64,
 }
 
 /// One handler's quarantine state.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quarantine {
     /// Failures in a row, per device that failed it last (a success removes the device).
+    #[serde(skip)]
     in_row: HashMap<Box<str>, u32>,
-    devices: BTreeSet<Box<str>>,
-    all: bool,
+    devices: BTreeMap<String, Hold>,
+    all: Option<Hold>,
 }
 
 impl Quarantine {
-    /// Whether the handler must not run for `device`.
-    pub fn blocks(&self, device: &str) -> bool {
-        self.all || self.devices.contains(device)
+    /// The hold that applies to `device`, if any (for all first).
+    fn hold(&self, device: &str) -> Option<&Hold> {
+        self.all.as_ref().or_else(|| self.devices.get(device))
+    }
+
+    /// Whether the handler must not run for `device` at `now_ms` (a hold whose time is up
+    /// lets the event through: its verdict ends or extends the hold).
+    pub fn blocks(&self, device: &str, now_ms: u64) -> bool {
+        self.hold(device).is_some_and(|h| now_ms < h.until_ms)
     }
 
     /// Quarantined for every device.
     pub fn all(&self) -> bool {
-        self.all
+        self.all.is_some()
     }
 
     /// The devices it is quarantined for (when not for all).
     pub fn devices(&self) -> impl Iterator<Item = &str> {
-        self.devices.iter().map(|d| &**d)
+        self.devices.keys().map(String::as_str)
     }
 
     /// The most failures in a row of any device.
@@ -52,17 +84,57 @@ impl Quarantine {
         self.in_row.get(device).copied().unwrap_or(0)
     }
 
-    /// Counts an invocation for `device`: a success clears its count, a trap or a limit hit
-    /// adds one, a rejection (the handler returned non-zero: bad input) leaves it. After
-    /// `after` failures in a row (0: never) the handler is quarantined for the device; once
-    /// `devices_for_all` devices are (0: never), for all.
+    /// Counts an invocation for `device` at `now_ms`. Held and on probation: a success
+    /// releases, a failure (a rejection too) holds again for twice as long. Otherwise a success
+    /// clears the device's count, a trap or a limit hit adds one, a rejection (the handler
+    /// returned non-zero: bad input) leaves it; after `after` failures in a row (0: never)
+    /// the handler is held for the device for `hold_ms`, and once `devices_for_all` devices
+    /// are held (0: never), for all.
     pub fn record(
         &mut self,
         device: &str,
         failed: Option<FailureKind>,
-        after: u32,
-        devices_for_all: usize,
+        now_ms: u64,
+        (after, devices_for_all, hold_ms): (u32, usize, u64),
     ) -> Option<Change> {
+        if self.hold(device).is_some() {
+            // Only a probation runs a held handler.
+            let for_all = self.all.is_some();
+            if failed.is_none() {
+                self.in_row.remove(device);
+                return Some(if for_all {
+                    self.all = None;
+                    self.devices.clear();
+                    Change::Released { device: None }
+                } else {
+                    self.devices.remove(device);
+                    Change::Released {
+                        device: Some(device.into()),
+                    }
+                });
+            }
+            let h = match (for_all, self.all.as_mut()) {
+                (true, Some(h)) => h,
+                _ => self.devices.get_mut(device)?,
+            };
+            if now_ms < h.until_ms {
+                // Another invocation of the same probation's tree: judged already.
+                return None;
+            }
+            h.hold_ms = h
+                .hold_ms
+                .saturating_mul(2)
+                .clamp(1, MAX_HOLD_MS.max(hold_ms));
+            h.until_ms = now_ms.saturating_add(h.hold_ms);
+            return Some(Change::Extended {
+                device: if for_all {
+                    String::new()
+                } else {
+                    device.into()
+                },
+                until_ms: h.until_ms,
+            });
+        }
         match failed {
             None => {
                 self.in_row.remove(device);
@@ -73,18 +145,37 @@ impl Quarantine {
         }
         let n = self.in_row.entry(device.into()).or_insert(0);
         *n = n.saturating_add(1);
-        if after == 0 || *n < after || self.blocks(device) {
+        if after == 0 || *n < after {
             return None;
         }
-        self.devices.insert(device.into());
+        let hold = Hold {
+            until_ms: now_ms.saturating_add(hold_ms),
+            hold_ms,
+        };
+        self.devices.insert(device.into(), hold);
         if devices_for_all > 0 && self.devices.len() >= devices_for_all {
-            self.all = true;
-            return Some(Change::All);
+            self.all = Some(hold);
+            return Some(Change::All {
+                until_ms: hold.until_ms,
+            });
         }
         Some(Change::Device {
             device: device.into(),
             n: self.devices.len(),
+            until_ms: hold.until_ms,
         })
+    }
+
+    /// The held set, for the store (CBOR).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        ciborium::into_writer(self, &mut out).expect("CBOR encoding into a Vec");
+        out
+    }
+
+    /// The held set written by [`Quarantine::encode`]; `None` if it does not decode.
+    pub fn decode(bytes: &[u8]) -> Option<Quarantine> {
+        ciborium::from_reader(bytes).ok()
     }
 }
 
@@ -93,21 +184,24 @@ mod tests {
     use super::*;
 
     const TRAP: Option<FailureKind> = Some(FailureKind::Broken);
+    /// After 3 failures in a row, for all at 3 devices, held 60 s.
+    const S: (u32, usize, u64) = (3, 3, 60_000);
 
     #[test]
     fn one_device_that_keeps_failing_a_handler_loses_it_alone() {
         let mut q = Quarantine::default();
-        assert_eq!(q.record("d1", TRAP, 3, 3), None);
-        assert_eq!(q.record("d1", TRAP, 3, 3), None);
+        assert_eq!(q.record("d1", TRAP, 0, S), None);
+        assert_eq!(q.record("d1", TRAP, 0, S), None);
         assert_eq!(
-            q.record("d1", TRAP, 3, 3),
+            q.record("d1", TRAP, 0, S),
             Some(Change::Device {
                 device: "d1".into(),
-                n: 1
+                n: 1,
+                until_ms: 60_000
             })
         );
-        assert!(q.blocks("d1"));
-        assert!(!q.blocks("d2"), "the other devices keep the handler");
+        assert!(q.blocks("d1", 0));
+        assert!(!q.blocks("d2", 0), "the other devices keep the handler");
         assert!(!q.all());
         assert_eq!(q.devices().collect::<Vec<_>>(), ["d1"]);
     }
@@ -115,40 +209,88 @@ mod tests {
     #[test]
     fn failures_from_several_devices_quarantine_it_for_all() {
         let mut q = Quarantine::default();
+        let s = (2, 3, 60_000);
         for d in ["d1", "d2"] {
-            q.record(d, TRAP, 2, 3);
+            q.record(d, TRAP, 0, s);
             assert!(matches!(
-                q.record(d, TRAP, 2, 3),
+                q.record(d, TRAP, 0, s),
                 Some(Change::Device { .. })
             ));
         }
-        q.record("", TRAP, 2, 3);
-        assert_eq!(q.record("", TRAP, 2, 3), Some(Change::All));
-        assert!(q.blocks("d9"));
+        q.record("", TRAP, 0, s);
+        assert_eq!(
+            q.record("", TRAP, 0, s),
+            Some(Change::All { until_ms: 60_000 })
+        );
+        assert!(q.blocks("d9", 0));
     }
 
     #[test]
     fn a_success_or_a_rejection_in_between_and_zero_settings() {
         let mut q = Quarantine::default();
-        q.record("d1", TRAP, 2, 3);
-        q.record("d1", None, 2, 3);
+        let s = (2, 3, 60_000);
+        q.record("d1", TRAP, 0, s);
+        q.record("d1", None, 0, s);
         assert_eq!(q.in_row("d1"), 0);
-        q.record("d1", TRAP, 2, 3);
-        q.record("d1", Some(FailureKind::Rejected), 2, 3);
+        q.record("d1", TRAP, 0, s);
+        q.record("d1", Some(FailureKind::Rejected), 0, s);
         assert_eq!(q.in_row("d1"), 1, "a rejection leaves the count");
         // Another device's failures do not count for this one.
-        q.record("d2", TRAP, 2, 3);
-        assert!(!q.blocks("d1") && !q.blocks("d2"));
+        q.record("d2", TRAP, 0, s);
+        assert!(!q.blocks("d1", 0) && !q.blocks("d2", 0));
         assert_eq!(q.worst_in_row(), 1);
         // 0: never quarantined; 0 devices: never for all.
         let mut never = Quarantine::default();
         for _ in 0..10 {
-            assert_eq!(never.record("d1", TRAP, 0, 3), None);
+            assert_eq!(never.record("d1", TRAP, 0, (0, 3, 1)), None);
         }
         let mut per_device = Quarantine::default();
         for d in ["a", "b", "c", "d"] {
-            per_device.record(d, TRAP, 1, 0);
+            per_device.record(d, TRAP, 0, (1, 0, 1));
         }
-        assert!(!per_device.all() && per_device.blocks("c"));
+        assert!(!per_device.all() && per_device.blocks("c", 0));
+    }
+
+    /// Probation: once the hold is up one event goes through; a failure holds it twice as
+    /// long (up to an hour), a success releases it.
+    #[test]
+    fn a_quarantine_ends_on_probation() {
+        let mut q = Quarantine::default();
+        let s = (1, 3, 60_000);
+        q.record("d1", TRAP, 0, s);
+        assert!(q.blocks("d1", 59_999));
+        assert!(!q.blocks("d1", 60_000), "the probation lets one through");
+        assert_eq!(
+            q.record("d1", TRAP, 60_000, s),
+            Some(Change::Extended {
+                device: "d1".into(),
+                until_ms: 180_000
+            })
+        );
+        assert!(q.blocks("d1", 179_999));
+        let mut t = 180_000;
+        for _ in 0..10 {
+            q.record("d1", TRAP, t, s);
+            t = q.devices.get("d1").unwrap().until_ms;
+        }
+        assert_eq!(q.devices.get("d1").unwrap().hold_ms, MAX_HOLD_MS);
+        assert_eq!(
+            q.record("d1", None, t, s),
+            Some(Change::Released {
+                device: Some("d1".into())
+            })
+        );
+        assert!(!q.blocks("d1", t) && q.devices().next().is_none());
+    }
+
+    #[test]
+    fn the_held_set_survives_encoding_and_the_counts_do_not() {
+        let mut q = Quarantine::default();
+        q.record("d1", TRAP, 5, (1, 3, 60_000));
+        q.record("d2", TRAP, 5, (2, 3, 60_000));
+        let back = Quarantine::decode(&q.encode()).unwrap();
+        assert!(back.blocks("d1", 6) && !back.blocks("d2", 6));
+        assert_eq!(back.in_row("d2"), 0);
+        assert_eq!(Quarantine::decode(b"nonsense"), None);
     }
 }

@@ -19,6 +19,7 @@ pub const STATE: &[u8] = b"s/";
 pub const OUTBOX: &[u8] = b"o/";
 pub const DEAD: &[u8] = b"d/";
 pub const TIMER: &[u8] = b"t/";
+pub const QUARANTINE: &[u8] = b"q/";
 
 fn join(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>());
@@ -44,6 +45,10 @@ pub fn state(handler: &str, key: &[u8]) -> Vec<u8> {
 
 pub fn timer(handler: &str) -> Vec<u8> {
     join(TIMER, &[handler.as_bytes()])
+}
+
+pub fn quarantine(handler: &str) -> Vec<u8> {
+    join(QUARANTINE, &[handler.as_bytes()])
 }
 
 pub fn outbox(seq: u64) -> Vec<u8> {

@@ -375,6 +375,14 @@ impl Store {
             .and_then(|v| keys::u64_value(&v)))
     }
 
+    /// A handler's stored quarantine (`sandbox::quarantine::Quarantine::encode`), if any.
+    pub fn quarantine(&self, handler: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .tree
+            .get(keys::quarantine(handler))?
+            .map(|v| v.to_vec()))
+    }
+
     /// A committed state value, ignoring the overlay.
     pub fn state_durable(&self, handler: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
