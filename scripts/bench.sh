@@ -71,8 +71,9 @@ tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"
 tp=$("$loadgen" tidepool --gateway "localhost:$port" --certs "$work/certs" \
     --devices "$devices" --events-per-device "$events" --window "$window")
 echo "   $tp"
-syncs=$("$bin" status --json --config "$work/tidepool.toml" | python3 -c "import json,sys; m=json.load(sys.stdin)['metrics']; print(m['groups'], m['store_syncs'])")
-read -r groups store_syncs <<<"$syncs"
+syncs=$("$bin" status --json --config "$work/tidepool.toml" | python3 -c "import json,sys; m=json.load(sys.stdin)['metrics']; print(m['groups'], m['store_syncs'], m.get('handler_cpu_refusals', 0))")
+read -r groups store_syncs cpu_refusals <<<"$syncs"
+echo "   threshold invocations refused over its CPU share (limits.cpu_percent): $cpu_refusals"
 tp_secs=$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' <<<"$tp")
 echo "   fsyncs (flush + fdatasync): $store_syncs, $(python3 -c "print(f'{$store_syncs / $tp_secs:.0f}/s, {$total / $groups:.1f} events per group commit')")"
 echo "== tidepool at a fixed 20k events/s for 5 s (latency)"

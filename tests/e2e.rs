@@ -129,12 +129,14 @@ async fn a_resent_event_is_acked_and_not_run_twice_even_while_the_original_is_in
     // A slow handler keeps the dispatcher busy with the first connection's burst, so the second
     // connection's resends queue up behind it and meet the burst's last group in flight.
     let slow = slow_counter_wat(50_000);
-    let mut gw = Gateway::start(&wat_handler(
+    // Slow on purpose, and not to be held to a CPU share.
+    let handler = wat_handler(
         dir.path(),
         "counter",
         &slow,
         "[limits]\nfuel_per_event = 5000000",
-    ));
+    );
+    let mut gw = Gateway::start(&format!("[limits]\ncpu_percent = 0\n{handler}"));
     // Same connection, later: seq ≤ hwm is acked and not run.
     let dev = gw.connect("dev-r").await;
     let mut s = dev.open().await.unwrap();

@@ -348,3 +348,67 @@ fn modules_that_break_the_abi_are_refused_at_load_with_the_reason() {
         "{err}"
     );
 }
+
+/// A handler that burns most of its fuel on every event and succeeds (legal, never failing,
+/// never quarantined), next to a counter on the same events. With its share of the wall clock
+/// at 10%, its invocations past the share are refused (`limit:cpu_share`), the counter runs on
+/// every event, and nothing is quarantined. Before the share, every one of them ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_over_its_cpu_share_is_refused_and_its_neighbour_runs() {
+    const N: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let hog = slowed(
+        r#"(module
+  (memory (export "memory") 1)
+  (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+    (i64.store (i32.const 16) (i64.const 0))
+    (i32.const 0)))"#,
+        200_000,
+    );
+    let config = format!(
+        "{}{}",
+        wat_handler(
+            dir.path(),
+            "hog",
+            &hog,
+            "[limits]\nfuel_per_event = 10000000\ncpu_percent = 10"
+        ),
+        wat_handler(dir.path(), "counter", COUNTER_WAT, "")
+    );
+    let mut gw = Gateway::start(&config);
+    let dev = gw.connect("d1").await;
+    let mut s = dev.open().await.unwrap();
+    for seq in 1..=N {
+        s.push(&publish(seq, "devices/d1/t", b"1"));
+    }
+    s.flush().await.unwrap();
+    until_ack(&mut s, N).await;
+    end_stream(s).await;
+    let st = status(&gw);
+    let hog = st["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "hog")
+        .unwrap()
+        .clone();
+    let refused = hog["cpu_refused"].as_u64().unwrap();
+    assert!(refused > 0, "the hog was held to its share: {hog}");
+    assert_eq!(hog["cpu_percent"], 10);
+    assert_eq!(hog["quarantined"], false);
+    assert_eq!(hog["quarantined_for"], serde_json::json!([]));
+    let letters = dead_letters(&gw);
+    assert_eq!(letters["hog"].len() as u64, refused);
+    assert!(letters["hog"]
+        .iter()
+        .all(|r| r.starts_with("limit:cpu_share")));
+    assert!(!letters.contains_key("counter"));
+    let m = gw.stop();
+    assert_eq!(m["handler_cpu_refusals"].as_u64(), Some(refused), "{m}");
+    assert_eq!(
+        read_state(&gw.data(), "counter", b"n"),
+        Some(N.to_le_bytes().to_vec()),
+        "the neighbour ran on every event"
+    );
+}

@@ -117,7 +117,8 @@ async fn a_site_killed_mid_stream_loses_nothing_and_runs_nothing_twice() {
         &slowed(include_str!("handlers/forwarder.wat"), 20_000),
         "subscribe = [\"devices/edge/#\"]",
     );
-    let mut site = site(&cloud, &counter);
+    // The site's handler is slow on purpose, not to be held to a CPU share.
+    let mut site = site(&cloud, &format!("[limits]\ncpu_percent = 0\n{counter}"));
     let edge = edge(&site, 16);
     let payloads: Vec<String> = (0..N).map(|i| format!("1:{i}")).collect();
     publish_all(&edge, &payloads).await;
@@ -160,7 +161,8 @@ async fn an_edge_killed_mid_batch_resends_under_the_same_seqs_first() {
         &slowed(include_str!("handlers/forwarder.wat"), 300_000),
         "subscribe = [\"devices/edge/#\"]\n[limits]\nfuel_per_event = 10000000",
     );
-    let mut site = site(&cloud, &counter);
+    // The site's handler is slow on purpose, not to be held to a CPU share.
+    let mut site = site(&cloud, &format!("[limits]\ncpu_percent = 0\n{counter}"));
     let mut edge = edge(&site, 16);
     let payloads: Vec<String> = (0..N).map(|i| format!("1:{i}")).collect();
     publish_all(&edge, &payloads).await;

@@ -29,6 +29,20 @@ const SPIN_WAT: &str = r#"(module
   (func (export "tp_alloc") (param i32) (result i32) (i32.const 2048))
   (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) (loop $l (br $l)) (i32.const 0)))"#;
 
+/// Burns most of its fuel on every event (100,000 turns of a loop, under the 1,000,000 fuel of
+/// its manifest), then succeeds: a legal hog, never failing, never quarantined.
+const HOG_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "tp_alloc") (param i32) (result i32) (i32.const 2048))
+  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+    (local $i i32)
+    (local.set $i (i32.const 100000))
+    (block $done (loop $l
+      (br_if $done (i32.eqz (local.get $i)))
+      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (br $l)))
+    (i32.const 0)))"#;
+
 /// Returns 0 at once: what the host side costs by itself.
 const TRIVIAL_WAT: &str = r#"(module
   (memory (export "memory") 1)
@@ -294,16 +308,34 @@ fn main() {
     println!(
         "dispatcher, one thread, no disk: the threshold handler's events/s next to a hostile one:"
     );
-    let alone = dispatch_rate(vec![threshold()], 50, events / 2);
-    let quarantined = dispatch_rate(vec![threshold(), spinner()], 50, events / 2);
-    let never = dispatch_rate(vec![threshold(), spinner()], 0, 2_000);
+    let hog = |share: &str| {
+        let m: Manifest = toml::from_str(&format!(
+            "name = \"hog\"\nversion = 1\nsubscribe = [\"devices/+/temp\"]\n[limits]\nfuel_per_event = 1000000\n{share}"
+        ))
+        .unwrap();
+        (wasm(HOG_WAT), m)
+    };
+    let alone = dispatch_rate(vec![threshold()], 50, 0, events / 2);
+    let quarantined = dispatch_rate(vec![threshold(), spinner()], 50, 0, events / 2);
+    let never = dispatch_rate(vec![threshold(), spinner()], 0, 0, 2_000);
+    // The threshold handler unlimited (the box's default); the hog asks for 25% in its
+    // manifest.
+    let hog_free = dispatch_rate(vec![threshold(), hog("")], 50, 0, 2_000);
+    let hog_held = dispatch_rate(
+        vec![threshold(), hog("cpu_percent = 25")],
+        50,
+        0,
+        4 * events,
+    );
     for (label, (rate, errors)) in [
         ("threshold alone", alone),
         ("+ spinner, quarantined after 50", quarantined),
         ("+ spinner, never quarantined", never),
+        ("+ hog (succeeds), no CPU share", hog_free),
+        ("+ hog, cpu_percent 25", hog_held),
     ] {
         println!(
-            "  {label:<32} {rate:>10.0} events/s  {:>6.3}x alone  (spinner failures: {errors})",
+            "  {label:<32} {rate:>10.0} events/s  {:>6.3}x alone  (its failures or refusals: {errors})",
             rate / alone.0
         );
     }
@@ -341,11 +373,13 @@ fn main() {
 fn dispatch_rate(
     handlers: Vec<(Vec<u8>, Manifest)>,
     quarantine_after: u32,
+    cpu_percent: u32,
     n: usize,
 ) -> (f64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::defaults();
     cfg.limits.quarantine_after_errors = quarantine_after;
+    cfg.limits.cpu_percent = cpu_percent;
     let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
     let outbox = Arc::new(Outbox::load(&store, &cfg.outbox, 0).unwrap().0);
     let state = Arc::new(EventState::new(store.clone()));
@@ -387,7 +421,10 @@ fn dispatch_rate(
     drain.join().unwrap();
     let errors = metrics
         .handler_errors
-        .load(std::sync::atomic::Ordering::Relaxed);
+        .load(std::sync::atomic::Ordering::Relaxed)
+        + metrics
+            .handler_cpu_refusals
+            .load(std::sync::atomic::Ordering::Relaxed);
     (rate, errors)
 }
 

@@ -145,6 +145,7 @@ pub struct BoxLimits {
     pub quarantine_after_errors: u32,
     pub quarantine_devices: usize,
     pub quarantine_hold_ms: u64,
+    pub cpu_percent: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

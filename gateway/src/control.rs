@@ -63,6 +63,8 @@ impl Control {
                         "quarantined": h.quarantined,
                         "quarantined_for": h.quarantined_for,
                         "errors_in_row": h.errors_in_row,
+                        "cpu_percent": h.cpu_percent,
+                        "cpu_refused": h.cpu_refused,
                         "timer_ms": h.timer_ms,
                     })
                 })

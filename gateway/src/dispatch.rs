@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::config::{Class, Config, Unrouted};
 use crate::jsonl::Line;
@@ -74,6 +75,9 @@ pub struct HandlerStatus {
     pub quarantined_for: Vec<String>,
     /// The most failures in a row of any device.
     pub errors_in_row: u32,
+    /// Its share of the wall clock, in percent (0: none), and invocations refused over it.
+    pub cpu_percent: u32,
+    pub cpu_refused: u64,
 }
 
 pub struct Dispatcher {
@@ -133,6 +137,12 @@ impl Dispatcher {
         let mut schedule = WriteSet::default();
         let mut handlers = handlers;
         for h in &mut handlers {
+            let percent = h
+                .manifest
+                .limits
+                .cpu_percent
+                .unwrap_or(cfg.limits.cpu_percent);
+            h.share = crate::sandbox::share::CpuShare::new(percent);
             // A quarantine outlives a restart (its probation still ends it).
             match store.quarantine(h.name()) {
                 Ok(None) => {}
@@ -242,6 +252,8 @@ impl Dispatcher {
                 quarantined: h.quarantine.all(),
                 quarantined_for: h.quarantine.devices().map(String::from).collect(),
                 errors_in_row: h.quarantine.worst_in_row(),
+                cpu_percent: h.share.percent(),
+                cpu_refused: h.share_refused,
             })
             .collect()
     }
@@ -645,7 +657,7 @@ impl Dispatcher {
                         handler = name,
                         devices = spread,
                         hold_ms = settings.2,
-                        "handler quarantined: {spread} devices failed it {after} times in a row each; its events go to the dead letters until a probation succeeds"
+                        "handler quarantined: {after} failures in a row from {spread} devices or more; its events go to the dead letters until a probation succeeds"
                     );
                 }
                 Change::Extended { device, until_ms } => tracing::warn!(
@@ -672,8 +684,8 @@ impl Dispatcher {
             let name = self.handlers[h].name().to_string();
             let reason = if q.all() {
                 format!(
-                    "quarantined: {} devices failed it {} times in a row each",
-                    self.quarantine_devices, self.quarantine_after
+                    "quarantined: {} failures in a row from {} devices or more",
+                    self.quarantine_after, self.quarantine_devices
                 )
             } else {
                 match q.in_row(ctx.device) {
@@ -699,7 +711,23 @@ impl Dispatcher {
             emit_budget: self.emit_budget.saturating_sub(run.emitted as u32),
             log_budget: self.log_cap.saturating_sub(self.log_used[h]),
         };
-        let outcome = self.handlers[h].invoke(&ev);
+        let started = Instant::now();
+        let handler = &mut self.handlers[h];
+        if !handler.share.admit(started) {
+            // Over its share of the wall clock: not run, and not a failure of its own (no
+            // quarantine); the clock refills it.
+            handler.share_refused += 1;
+            Metrics::inc(&self.metrics.handler_cpu_refusals);
+            let name = handler.name().to_string();
+            let reason = format!(
+                "limit:cpu_share (the handler ran more than {}% of the time)",
+                handler.share.percent()
+            );
+            self.dead_letter(ctx, &name, at.topic, at.payload, reason, &mut run.ws);
+            return;
+        }
+        let outcome = handler.invoke(&ev);
+        handler.share.spend(started.elapsed());
         Metrics::inc(&self.metrics.handler_calls);
         self.settle(ctx, h, at, outcome, run);
     }

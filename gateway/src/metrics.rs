@@ -37,6 +37,7 @@ counters! {
     dead_letters: "Dead letters written.",
     dead_letters_dropped: "Oldest dead letters dropped to keep the tree under store.dead_letter_max_bytes.",
     handlers_quarantined: "Handlers quarantined for every device (failures in a row from limits.quarantine_devices devices).",
+    handler_cpu_refusals: "Invocations refused because the handler was over its share of the wall clock (limits.cpu_percent).",
     handler_device_quarantines: "Handlers quarantined for one device (that device's events failed them quarantine_after_errors times in a row).",
     timer_calls: "Timer invocations (tp_on_timer).",
     log_bytes_dropped: "Handler log bytes dropped over limits.log_bytes_per_event.",

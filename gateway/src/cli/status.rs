@@ -81,6 +81,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         } else {
             format!("ok ({} failures in a row at most)", n(&h["errors_in_row"]))
         };
+        let health = match h["cpu_refused"].as_u64() {
+            Some(r) if r > 0 => format!(
+                "{health}; {r} invocations refused over its {}% CPU share",
+                n(&h["cpu_percent"])
+            ),
+            _ => health,
+        };
         let timer = h["timer_ms"]
             .as_u64()
             .map(|t| format!(", timer every {t} ms"))

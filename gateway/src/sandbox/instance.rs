@@ -66,6 +66,10 @@ pub struct Handler {
     pub state_used: u64,
     /// Which devices it no longer runs for.
     pub quarantine: super::quarantine::Quarantine,
+    /// Its share of the wall clock (set by the dispatcher from the manifest and the box).
+    pub share: super::share::CpuShare,
+    /// Invocations refused for being over its share.
+    pub share_refused: u64,
 }
 
 fn check_abi(module: &Module) -> Result<(), String> {
@@ -184,6 +188,8 @@ impl Handler {
             live: None,
             state_used,
             quarantine: Default::default(),
+            share: super::share::CpuShare::new(0),
+            share_refused: 0,
         };
         h.instantiate().map_err(|f| LoadError::Invalid {
             name: h.manifest.name.clone(),

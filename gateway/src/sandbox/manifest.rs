@@ -18,6 +18,8 @@ pub struct Limits {
     pub state_bytes: u64,
     pub forwards_per_event: u32,
     pub emits_per_event: u32,
+    /// Of the wall clock, in percent (`None`: the box's `limits.cpu_percent`).
+    pub cpu_percent: Option<u32>,
 }
 
 impl Default for Limits {
@@ -28,6 +30,7 @@ impl Default for Limits {
             state_bytes: 65536,
             forwards_per_event: 4,
             emits_per_event: 4,
+            cpu_percent: None,
         }
     }
 }
@@ -116,6 +119,18 @@ impl Manifest {
                 return bad(format!("limits.{name} = {want} exceeds the box cap {cap}"));
             }
         }
+        if let Some(p) = l.cpu_percent {
+            let cap = if caps.cpu_percent == 0 {
+                100
+            } else {
+                caps.cpu_percent
+            };
+            if p == 0 || p > cap {
+                return bad(format!(
+                    "limits.cpu_percent = {p}: must be 1 to {cap} (the box's limits.cpu_percent, 0 = none)"
+                ));
+            }
+        }
         if l.fuel_per_event == 0 || l.memory_pages == 0 {
             return bad("limits.fuel_per_event and limits.memory_pages must be at least 1".into());
         }
@@ -137,5 +152,24 @@ mod tests {
         m.limits.memory_pages = caps.memory_pages + 1;
         let err = m.check(&caps).unwrap_err().to_string();
         assert!(err.contains("memory_pages"), "{err}");
+    }
+
+    #[test]
+    fn a_cpu_share_is_at_most_the_boxs() {
+        let mut caps = Config::defaults().limits;
+        let mut m: Manifest = toml::from_str(
+            "name = \"t\"\nversion = 1\nsubscribe = [\"a/#\"]\n[limits]\ncpu_percent = 30\n",
+        )
+        .unwrap();
+        caps.cpu_percent = 0;
+        m.check(&caps).unwrap();
+        caps.cpu_percent = 25;
+        let err = m.check(&caps).unwrap_err().to_string();
+        assert!(err.contains("cpu_percent = 30"), "{err}");
+        m.limits.cpu_percent = Some(0);
+        assert!(m.check(&caps).is_err());
+        m.limits.cpu_percent = Some(101);
+        caps.cpu_percent = 0;
+        assert!(m.check(&caps).is_err());
     }
 }

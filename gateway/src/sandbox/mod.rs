@@ -6,6 +6,7 @@ mod abi;
 mod instance;
 pub mod manifest;
 pub mod quarantine;
+pub mod share;
 
 use std::sync::Arc;
 

@@ -1,8 +1,10 @@
 //! Quarantine (pure: no I/O, no clock read; wall time is passed in): which devices a handler
 //! no longer runs for. Failures in a row are counted per device, so a device that keeps
-//! sending events that trap a handler takes the handler away from itself only; when the
-//! failures come from several devices, the handler is quarantined for all of them (it is
-//! broken, not its input). A timer's firings count as the device `""`.
+//! sending events that trap a handler takes the handler away from itself only. Failures in a
+//! row are also counted over all devices: when a run of them, with no success anywhere in
+//! between, spans several devices, the handler is broken, not its input, and it is quarantined
+//! for every device (as quickly as one device's run would take it away from that device). A
+//! timer's firings count as the device `""`.
 //!
 //! A quarantine ends on probation: once its time is up, the next event is let through; a
 //! success releases the handler, a failure holds it again for twice as long (up to
@@ -48,6 +50,12 @@ pub struct Quarantine {
     /// Failures in a row, per device that failed it last (a success removes the device).
     #[serde(skip)]
     in_row: HashMap<Box<str>, u32>,
+    /// Failures in a row over all devices (any success ends the run), and the devices in the
+    /// run (as many as it takes to quarantine for all).
+    #[serde(skip)]
+    run: u32,
+    #[serde(skip)]
+    run_devices: Vec<Box<str>>,
     devices: BTreeMap<String, Hold>,
     all: Option<Hold>,
 }
@@ -85,11 +93,12 @@ impl Quarantine {
     }
 
     /// Counts an invocation for `device` at `now_ms`. Held and on probation: a success
-    /// releases, a failure (a rejection too) holds again for twice as long. Otherwise a success
-    /// clears the device's count, a trap or a limit hit adds one, a rejection (the handler
-    /// returned non-zero: bad input) leaves it; after `after` failures in a row (0: never)
-    /// the handler is held for the device for `hold_ms`, and once `devices_for_all` devices
-    /// are held (0: never), for all.
+    /// releases, a failure (a rejection too) holds it again for twice as long. Otherwise a
+    /// success clears the device's count and the run over all devices, a trap or a limit hit
+    /// adds one to both, a rejection (the handler returned non-zero: bad input) leaves them.
+    /// After `after` failures in a row (0: never) the handler is held for `hold_ms`: for every
+    /// device when the run spans `devices_for_all` devices (0: never), else for this device
+    /// once its own count is there.
     pub fn record(
         &mut self,
         device: &str,
@@ -102,6 +111,7 @@ impl Quarantine {
             let for_all = self.all.is_some();
             if failed.is_none() {
                 self.in_row.remove(device);
+                self.end_run();
                 return Some(if for_all {
                     self.all = None;
                     self.devices.clear();
@@ -138,6 +148,7 @@ impl Quarantine {
         match failed {
             None => {
                 self.in_row.remove(device);
+                self.end_run();
                 return None;
             }
             Some(FailureKind::Rejected) => return None,
@@ -145,25 +156,41 @@ impl Quarantine {
         }
         let n = self.in_row.entry(device.into()).or_insert(0);
         *n = n.saturating_add(1);
-        if after == 0 || *n < after {
+        let n = *n;
+        self.run = self.run.saturating_add(1);
+        if self.run_devices.len() < devices_for_all
+            && !self.run_devices.iter().any(|d| **d == *device)
+        {
+            self.run_devices.push(device.into());
+        }
+        if after == 0 {
             return None;
         }
         let hold = Hold {
             until_ms: now_ms.saturating_add(hold_ms),
             hold_ms,
         };
-        self.devices.insert(device.into(), hold);
-        if devices_for_all > 0 && self.devices.len() >= devices_for_all {
+        if devices_for_all > 0 && self.run >= after && self.run_devices.len() >= devices_for_all {
             self.all = Some(hold);
+            self.end_run();
             return Some(Change::All {
                 until_ms: hold.until_ms,
             });
         }
+        if n < after {
+            return None;
+        }
+        self.devices.insert(device.into(), hold);
         Some(Change::Device {
             device: device.into(),
             n: self.devices.len(),
             until_ms: hold.until_ms,
         })
+    }
+
+    fn end_run(&mut self) {
+        self.run = 0;
+        self.run_devices.clear();
     }
 
     /// The held set, for the store (CBOR).
@@ -186,6 +213,8 @@ mod tests {
     const TRAP: Option<FailureKind> = Some(FailureKind::Broken);
     /// After 3 failures in a row, for all at 3 devices, held 60 s.
     const S: (u32, usize, u64) = (3, 3, 60_000);
+    /// The defaults: 50 in a row, 3 devices, 60 s.
+    const S50: (u32, usize, u64) = (50, 3, 60_000);
 
     #[test]
     fn one_device_that_keeps_failing_a_handler_loses_it_alone() {
@@ -212,17 +241,47 @@ mod tests {
         let s = (2, 3, 60_000);
         for d in ["d1", "d2"] {
             q.record(d, TRAP, 0, s);
-            assert!(matches!(
-                q.record(d, TRAP, 0, s),
-                Some(Change::Device { .. })
-            ));
+            let c = q.record(d, TRAP, 0, s);
+            assert!(matches!(c, Some(Change::Device { .. })), "{c:?}");
         }
-        q.record("", TRAP, 0, s);
+        // The run of 5 failures now spans a third device.
         assert_eq!(
             q.record("", TRAP, 0, s),
             Some(Change::All { until_ms: 60_000 })
         );
         assert!(q.blocks("d9", 0));
+    }
+
+    /// A broken handler fed by many devices in turn goes for all after `after` failures, not
+    /// after `after` per device (1,000 devices would mean 50,000 failures).
+    #[test]
+    fn a_broken_handler_goes_as_quickly_with_many_devices() {
+        let mut q = Quarantine::default();
+        for i in 0..49 {
+            assert_eq!(
+                q.record(&format!("d{i}"), TRAP, 0, S50),
+                None,
+                "failure {i}"
+            );
+        }
+        let c = q.record("d49", TRAP, 0, S50);
+        assert!(matches!(c, Some(Change::All { .. })), "{c:?}");
+    }
+
+    /// Bad devices among good ones: a good device's success ends the run, so only the bad
+    /// devices lose the handler.
+    #[test]
+    fn bad_devices_among_good_ones_lose_it_alone() {
+        let mut q = Quarantine::default();
+        let s = (2, 2, 60_000);
+        for bad in ["b1", "b2", "b3"] {
+            q.record(bad, TRAP, 0, s);
+            q.record("good", None, 0, s);
+            let c = q.record(bad, TRAP, 0, s);
+            assert!(matches!(c, Some(Change::Device { .. })), "{c:?}");
+            q.record("good", None, 0, s);
+        }
+        assert!(!q.all() && !q.blocks("good", 0) && q.blocks("b3", 0));
     }
 
     #[test]
