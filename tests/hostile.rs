@@ -385,14 +385,7 @@ async fn a_handler_over_its_cpu_share_is_refused_and_its_neighbour_runs() {
     s.flush().await.unwrap();
     until_ack(&mut s, N).await;
     end_stream(s).await;
-    let st = status(&gw);
-    let hog = st["handlers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == "hog")
-        .unwrap()
-        .clone();
+    let (hog, _) = handler_status(&gw, "hog");
     let refused = hog["cpu_refused"].as_u64().unwrap();
     assert!(refused > 0, "the hog was held to its share: {hog}");
     assert_eq!(hog["cpu_percent"], 10);

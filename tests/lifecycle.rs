@@ -75,21 +75,6 @@ async fn publish_from(gw: &Gateway, id: &str, payloads: &[&str]) {
     dev.close().await;
 }
 
-/// `tidepool status --json`: (the `failing` handler's entry, the counters).
-fn failing_status(gw: &Gateway) -> (serde_json::Value, serde_json::Value) {
-    let run = cli(&["status", "--json"], &gw.config);
-    assert!(run.ok, "{}", run.stderr);
-    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    let failing = st["handlers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == "failing")
-        .unwrap()
-        .clone();
-    (failing, st["metrics"].clone())
-}
-
 /// A device whose events keep trapping a handler takes the handler away from itself only:
 /// another device's events still run it. When three devices have failed it, it is broken:
 /// quarantined for every device.
@@ -105,7 +90,7 @@ async fn one_device_that_traps_a_handler_loses_it_alone_and_three_lose_it_for_al
     // d1 traps it twice: quarantined for d1; d1's next event does not run it, d2's does.
     publish_from(&gw, "d1", &["x", "x", "r"]).await;
     publish_from(&gw, "d2", &["r"]).await;
-    let (failing, m) = failing_status(&gw);
+    let (failing, m) = handler_status(&gw, "failing");
     assert_eq!(failing["quarantined_for"], serde_json::json!(["d1"]));
     assert_eq!(failing["quarantined"], false);
     assert_eq!(
@@ -117,7 +102,7 @@ async fn one_device_that_traps_a_handler_loses_it_alone_and_three_lose_it_for_al
     publish_from(&gw, "d2", &["r", "x", "x"]).await;
     publish_from(&gw, "d3", &["x", "x"]).await;
     publish_from(&gw, "d4", &["r"]).await;
-    let (failing, m) = failing_status(&gw);
+    let (failing, m) = handler_status(&gw, "failing");
     assert_eq!(failing["quarantined"], true, "{failing}");
     assert_eq!(m["handler_device_quarantines"], 2, "{m}");
     assert_eq!(m["handlers_quarantined"], 1, "{m}");
@@ -133,11 +118,9 @@ async fn one_device_that_traps_a_handler_loses_it_alone_and_three_lose_it_for_al
     );
 }
 
-/// `tidepool status --json`: the `trapper` handler's devices it is quarantined for.
+/// The devices the `trapper` handler is quarantined for.
 fn trapper_held(gw: &Gateway) -> serde_json::Value {
-    let run = cli(&["status", "--json"], &gw.config);
-    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    st["handlers"][0]["quarantined_for"].clone()
+    handler_status(gw, "trapper").0["quarantined_for"].clone()
 }
 
 /// A quarantine survives a restart (before: a restart ran the handler again at once), and
@@ -196,24 +179,14 @@ async fn a_handler_failing_again_and_again_is_quarantined_and_its_dead_letters_r
             .unwrap();
         assert_eq!(until_ack(&mut s, seq).await, vec![GatewayMsg::Ack { seq }]);
     }
-    let run = cli(&["status", "--json"], &gw.config);
-    assert!(run.ok, "{}", run.stderr);
-    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    let failing = st["handlers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == "failing")
-        .unwrap()
-        .clone();
+    let (failing, m) = handler_status(&gw, "failing");
     // One device failed it: quarantined for that device (the only one here).
-    assert_eq!(failing["quarantined"], false, "{st}");
+    assert_eq!(failing["quarantined"], false, "{failing}");
     assert_eq!(
         failing["quarantined_for"],
         serde_json::json!(["d1"]),
-        "{st}"
+        "{failing}"
     );
-    let m = &st["metrics"];
     assert_eq!(m["handler_device_quarantines"], 1, "{m}");
     assert_eq!(m["handlers_quarantined"], 0, "{m}");
     assert_eq!(

@@ -377,6 +377,19 @@ pub async fn next_msg(s: &mut FrameStream) -> Option<GatewayMsg> {
         .expect("stream ok")
 }
 
+/// `tidepool status --json` of a running gateway: handler `name`'s entry and the counters.
+pub fn handler_status(gw: &Gateway, name: &str) -> (serde_json::Value, serde_json::Value) {
+    let run = cli(&["status", "--json"], &gw.config);
+    assert!(run.ok, "{}", run.stderr);
+    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let handler = st["handlers"]
+        .as_array()
+        .and_then(|hs| hs.iter().find(|h| h["name"] == name))
+        .unwrap_or_else(|| panic!("no handler `{name}` in {st}"))
+        .clone();
+    (handler, st["metrics"].clone())
+}
+
 /// Opens the gateway's store after it stopped and reads a handler's state value.
 pub fn read_state(data: &Path, handler: &str, key: &[u8]) -> Option<Vec<u8>> {
     let store = tidepool::store::Store::open(&data.join("db"), 1 << 20).unwrap();
