@@ -18,7 +18,7 @@ use crate::proto::msg::{NackCode, Publish};
 use crate::proto::topic;
 use crate::record::{Offer, RecordTap};
 use crate::router::Router;
-use crate::sandbox::quarantine::{Change, Quarantine};
+use crate::sandbox::quarantine::{self, Change, Quarantine};
 use crate::sandbox::{EventInfo, FailureKind, Handler, Outcome, StateSource, TimerInfo};
 use crate::store::commit::{Backlog, Item, ItemKind, OutboxRecord, Reply, WriteSet};
 use crate::store::{fatal, keys, DeadLetter, Store};
@@ -147,7 +147,13 @@ impl Dispatcher {
             match store.quarantine(h.name()) {
                 Ok(None) => {}
                 Ok(Some(v)) => match Quarantine::decode(&v) {
-                    Some(q) => {
+                    Some(q) if q.version != h.manifest.version => tracing::info!(
+                        handler = h.name(),
+                        held_for = q.version,
+                        "a new version of the handler: its quarantine is lifted"
+                    ),
+                    Some(mut q) => {
+                        q.clamp(now);
                         if q.all() || q.devices().next().is_some() {
                             tracing::warn!(handler = h.name(), "handler still quarantined from before the restart (it runs again after its probation)");
                         }
@@ -544,8 +550,19 @@ impl Dispatcher {
                 }
             }
             Root::Timer(h, info) => {
-                if !self.handlers[h].quarantine.blocks("", ctx.received_ms) {
-                    let outcome = self.handlers[h].timer(&info);
+                let handler = &mut self.handlers[h];
+                let started = Instant::now();
+                if handler.quarantine.blocks("", ctx.received_ms) {
+                } else if handler.share.is_on() && !handler.share.admit(started) {
+                    // Over its CPU share: this firing is skipped (the schedule moves on).
+                    handler.share_refused += 1;
+                    Metrics::inc(&self.metrics.handler_cpu_refusals);
+                    Metrics::inc(&self.metrics.timers_skipped);
+                } else {
+                    let outcome = handler.timer(&info);
+                    if handler.share.is_on() {
+                        handler.share.spend(started.elapsed());
+                    }
                     Metrics::inc(&self.metrics.timer_calls);
                     self.settle(ctx, h, At::ROOT_TIMER, outcome, &mut run);
                 }
@@ -600,7 +617,7 @@ impl Dispatcher {
             Admission::DroppedBulk(n) => Metrics::add(&self.metrics.bulk_dropped, n as u64),
             Admission::Admitted => {}
         }
-        self.count(ctx.device, ctx.received_ms, verdicts, &mut ws);
+        self.count(ctx.who(), ctx.received_ms, verdicts, &mut ws);
         Metrics::add(&self.metrics.dead_letters, ws.dead.len() as u64);
         Metrics::add(&self.metrics.forwards, ws.outbox.len() as u64);
         self.tag += 1;
@@ -627,14 +644,24 @@ impl Dispatcher {
             self.quarantine_devices,
             self.quarantine_hold_ms,
         );
-        for (h, v) in verdicts {
+        for (_, v) in &verdicts {
             if v.is_some() {
                 Metrics::inc(&self.metrics.handler_errors);
             }
-            if v == Some(FailureKind::Timeout) {
+            if *v == Some(FailureKind::Timeout) {
                 Metrics::inc(&self.metrics.handler_timeouts);
             }
+        }
+        // One verdict per handler per tree (a probation is judged once, a tree of emits
+        // counts as one failure in a row).
+        let mut ran: Vec<usize> = verdicts.iter().map(|(h, _)| *h).collect();
+        ran.sort_unstable();
+        ran.dedup();
+        for h in ran {
+            let v = quarantine::fold(verdicts.iter().filter(|(i, _)| *i == h).map(|(_, v)| *v));
+            let version = self.handlers[h].manifest.version;
             let handler = &mut self.handlers[h];
+            handler.quarantine.version = version;
             let Some(change) = handler.quarantine.record(device, v, now_ms, settings) else {
                 continue;
             };
@@ -680,7 +707,7 @@ impl Dispatcher {
     /// One handler on one (device or emitted) event; a quarantined handler does not run.
     fn invoke(&mut self, ctx: &Ctx<'_>, h: usize, at: At<'_>, run: &mut Run) {
         let q = &self.handlers[h].quarantine;
-        if q.blocks(ctx.device, ctx.received_ms) {
+        if q.blocks(ctx.who(), ctx.received_ms) {
             let name = self.handlers[h].name().to_string();
             let reason = if q.all() {
                 format!(
@@ -688,12 +715,12 @@ impl Dispatcher {
                     self.quarantine_after, self.quarantine_devices
                 )
             } else {
-                match q.in_row(ctx.device) {
+                match q.in_row(ctx.who()) {
                     // Held from before a restart: the count is not kept.
-                    0 => format!("quarantined for device `{}`", ctx.device),
+                    0 => format!("quarantined for device `{}`", ctx.who()),
                     n => format!(
                         "quarantined for device `{}`: {n} failures in a row",
-                        ctx.device
+                        ctx.who()
                     ),
                 }
             };
@@ -711,9 +738,10 @@ impl Dispatcher {
             emit_budget: self.emit_budget.saturating_sub(run.emitted as u32),
             log_budget: self.log_cap.saturating_sub(self.log_used[h]),
         };
-        let started = Instant::now();
         let handler = &mut self.handlers[h];
-        if !handler.share.admit(started) {
+        // Read the clock only for a handler with a share.
+        let started = handler.share.is_on().then(Instant::now);
+        if started.is_some_and(|t| !handler.share.admit(t)) {
             // Over its share of the wall clock: not run, and not a failure of its own (no
             // quarantine); the clock refills it.
             handler.share_refused += 1;
@@ -727,7 +755,9 @@ impl Dispatcher {
             return;
         }
         let outcome = handler.invoke(&ev);
-        handler.share.spend(started.elapsed());
+        if let Some(t) = started {
+            handler.share.spend(t.elapsed());
+        }
         Metrics::inc(&self.metrics.handler_calls);
         self.settle(ctx, h, at, outcome, run);
     }
@@ -822,6 +852,18 @@ struct Ctx<'a> {
     seq_text: &'a str,
     /// What a lower tier said about the event it relays (only from devices in `acl.tiers`).
     relay: Option<Relayed<'a>>,
+}
+
+impl Ctx<'_> {
+    /// Whom the event's failures count against for quarantine: its device, or for an event a
+    /// lower tier relays, the origin device (one bad sensor behind an edge must not take a
+    /// handler away from the whole edge).
+    fn who(&self) -> &str {
+        match self.relay {
+            Some(r) if !r.src.is_empty() => r.src,
+            _ => self.device,
+        }
+    }
 }
 
 /// A relayed event's origin: its id, device and class, as the lower tier sent them.

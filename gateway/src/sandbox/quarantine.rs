@@ -44,32 +44,53 @@ pub struct Hold {
     pub hold_ms: u64,
 }
 
+/// The most devices held one by one; past it the handler is held for every device (an input
+/// that traps it on so many devices is the handler's problem), which also bounds what is
+/// stored.
+pub const MAX_HELD_DEVICES: usize = 256;
+
+/// Devices whose failures in a row are counted at once; past it the counts start over
+/// (bounded memory against many failing identities).
+const MAX_COUNTED_DEVICES: usize = 4096;
+
 /// One handler's quarantine state.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quarantine {
+    /// The handler's version the holds are for (a new version starts without them).
+    #[serde(default)]
+    pub version: u64,
     /// Failures in a row, per device that failed it last (a success removes the device).
     #[serde(skip)]
     in_row: HashMap<Box<str>, u32>,
-    /// Failures in a row over all devices (any success ends the run), and the devices in the
-    /// run (as many as it takes to quarantine for all).
+    /// Failures in a row over the devices that are not held (any success ends the run), and
+    /// each one's part of it.
     #[serde(skip)]
-    run: u32,
-    #[serde(skip)]
-    run_devices: Vec<Box<str>>,
+    run: Vec<(Box<str>, u32)>,
     devices: BTreeMap<String, Hold>,
     all: Option<Hold>,
 }
 
-impl Quarantine {
-    /// The hold that applies to `device`, if any (for all first).
-    fn hold(&self, device: &str) -> Option<&Hold> {
-        self.all.as_ref().or_else(|| self.devices.get(device))
+/// What a tree's invocations of one handler come to: a failure if any failed (a trap or a
+/// limit), else a rejection if any rejected, else a success.
+pub fn fold(verdicts: impl IntoIterator<Item = Option<FailureKind>>) -> Option<FailureKind> {
+    let mut worst = None;
+    for v in verdicts {
+        match v {
+            Some(FailureKind::Timeout | FailureKind::Broken) => return v,
+            Some(FailureKind::Rejected) => worst = v,
+            None => {}
+        }
     }
+    worst
+}
 
-    /// Whether the handler must not run for `device` at `now_ms` (a hold whose time is up
-    /// lets the event through: its verdict ends or extends the hold).
+impl Quarantine {
+    /// Whether the handler must not run for `device` at `now_ms`: its own hold or the hold for
+    /// all, whichever is not up yet (a hold whose time is up lets the event through, and its
+    /// verdict ends or extends that hold).
     pub fn blocks(&self, device: &str, now_ms: u64) -> bool {
-        self.hold(device).is_some_and(|h| now_ms < h.until_ms)
+        let up = |h: Option<&Hold>| h.is_some_and(|h| now_ms < h.until_ms);
+        up(self.devices.get(device)) || up(self.all.as_ref())
     }
 
     /// Quarantined for every device.
@@ -77,7 +98,7 @@ impl Quarantine {
         self.all.is_some()
     }
 
-    /// The devices it is quarantined for (when not for all).
+    /// The devices it is quarantined for one by one.
     pub fn devices(&self) -> impl Iterator<Item = &str> {
         self.devices.keys().map(String::as_str)
     }
@@ -92,13 +113,23 @@ impl Quarantine {
         self.in_row.get(device).copied().unwrap_or(0)
     }
 
-    /// Counts an invocation for `device` at `now_ms`. Held and on probation: a success
-    /// releases, a failure (a rejection too) holds it again for twice as long. Otherwise a
-    /// success clears the device's count and the run over all devices, a trap or a limit hit
-    /// adds one to both, a rejection (the handler returned non-zero: bad input) leaves them.
-    /// After `after` failures in a row (0: never) the handler is held for `hold_ms`: for every
-    /// device when the run spans `devices_for_all` devices (0: never), else for this device
-    /// once its own count is there.
+    /// After a restart: no hold lasts longer from `now_ms` than it was set for (a clock that
+    /// was wrong when it was set, or is now, cannot hold a handler for years).
+    pub fn clamp(&mut self, now_ms: u64) {
+        for h in self.devices.values_mut().chain(self.all.as_mut()) {
+            h.until_ms = h.until_ms.min(now_ms.saturating_add(h.hold_ms));
+        }
+    }
+
+    /// Counts one event tree's verdict ([`fold`]) for `device` at `now_ms`.
+    ///
+    /// A held device whose hold is up, or any device when the hold for all is up, is on
+    /// probation: a success releases that hold, a failure holds it again for twice as long (up
+    /// to [`MAX_HOLD_MS`]), a rejection decides nothing. Otherwise a success clears the
+    /// device's count and the run, a trap or a limit hit adds one to both, a rejection leaves
+    /// them. After `after` failures in a row (0: never) the handler is held for `hold_ms`: for
+    /// every device when the run spans `devices_for_all` devices (0: never), else for this
+    /// device once its own count is there (and its failures leave the run).
     pub fn record(
         &mut self,
         device: &str,
@@ -106,62 +137,64 @@ impl Quarantine {
         now_ms: u64,
         (after, devices_for_all, hold_ms): (u32, usize, u64),
     ) -> Option<Change> {
-        if self.hold(device).is_some() {
-            // Only a probation runs a held handler.
-            let for_all = self.all.is_some();
-            if failed.is_none() {
-                self.in_row.remove(device);
-                self.end_run();
-                return Some(if for_all {
-                    self.all = None;
-                    self.devices.clear();
-                    Change::Released { device: None }
-                } else {
-                    self.devices.remove(device);
-                    Change::Released {
-                        device: Some(device.into()),
-                    }
-                });
-            }
-            let h = match (for_all, self.all.as_mut()) {
-                (true, Some(h)) => h,
-                _ => self.devices.get_mut(device)?,
+        let own = self.devices.contains_key(device);
+        if own || self.all.is_some() {
+            // Only a probation runs a held handler: of the device's own hold first.
+            return match failed {
+                Some(FailureKind::Rejected) => None,
+                None => {
+                    self.in_row.remove(device);
+                    self.run.clear();
+                    Some(if own {
+                        self.devices.remove(device);
+                        Change::Released {
+                            device: Some(device.into()),
+                        }
+                    } else {
+                        self.all = None;
+                        Change::Released { device: None }
+                    })
+                }
+                Some(_) => {
+                    let h = if own {
+                        self.devices.get_mut(device)?
+                    } else {
+                        self.all.as_mut()?
+                    };
+                    h.hold_ms = h
+                        .hold_ms
+                        .saturating_mul(2)
+                        .clamp(1, MAX_HOLD_MS.max(hold_ms));
+                    h.until_ms = now_ms.saturating_add(h.hold_ms);
+                    Some(Change::Extended {
+                        device: if own {
+                            device.into()
+                        } else {
+                            "(every device)".into()
+                        },
+                        until_ms: h.until_ms,
+                    })
+                }
             };
-            if now_ms < h.until_ms {
-                // Another invocation of the same probation's tree: judged already.
-                return None;
-            }
-            h.hold_ms = h
-                .hold_ms
-                .saturating_mul(2)
-                .clamp(1, MAX_HOLD_MS.max(hold_ms));
-            h.until_ms = now_ms.saturating_add(h.hold_ms);
-            return Some(Change::Extended {
-                device: if for_all {
-                    String::new()
-                } else {
-                    device.into()
-                },
-                until_ms: h.until_ms,
-            });
         }
         match failed {
             None => {
                 self.in_row.remove(device);
-                self.end_run();
+                self.run.clear();
                 return None;
             }
             Some(FailureKind::Rejected) => return None,
             Some(FailureKind::Timeout | FailureKind::Broken) => {}
         }
+        if self.in_row.len() >= MAX_COUNTED_DEVICES && !self.in_row.contains_key(device) {
+            self.in_row.clear();
+        }
         let n = self.in_row.entry(device.into()).or_insert(0);
         *n = n.saturating_add(1);
         let n = *n;
-        self.run = self.run.saturating_add(1);
-        if self.run_devices.len() < devices_for_all
-            && !self.run_devices.iter().any(|d| **d == *device)
-        {
-            self.run_devices.push(device.into());
+        match self.run.iter_mut().find(|(d, _)| **d == *device) {
+            Some((_, k)) => *k = k.saturating_add(1),
+            None => self.run.push((device.into(), 1)),
         }
         if after == 0 {
             return None;
@@ -170,9 +203,11 @@ impl Quarantine {
             until_ms: now_ms.saturating_add(hold_ms),
             hold_ms,
         };
-        if devices_for_all > 0 && self.run >= after && self.run_devices.len() >= devices_for_all {
+        let run: u32 = self.run.iter().map(|(_, k)| *k).sum();
+        let for_all = devices_for_all > 0 && run >= after && self.run.len() >= devices_for_all;
+        if for_all || (n >= after && self.devices.len() >= MAX_HELD_DEVICES) {
             self.all = Some(hold);
-            self.end_run();
+            self.run.clear();
             return Some(Change::All {
                 until_ms: hold.until_ms,
             });
@@ -181,16 +216,13 @@ impl Quarantine {
             return None;
         }
         self.devices.insert(device.into(), hold);
+        // Held now: its failures do not also count toward holding it for the others.
+        self.run.retain(|(d, _)| **d != *device);
         Some(Change::Device {
             device: device.into(),
             n: self.devices.len(),
             until_ms: hold.until_ms,
         })
-    }
-
-    fn end_run(&mut self) {
-        self.run = 0;
-        self.run_devices.clear();
     }
 
     /// The held set, for the store (CBOR).
@@ -244,9 +276,14 @@ mod tests {
             let c = q.record(d, TRAP, 0, s);
             assert!(matches!(c, Some(Change::Device { .. })), "{c:?}");
         }
-        // The run of 5 failures now spans a third device.
+        // d1 and d2 are held: their failures left the run, so a third device alone is not
+        // "several devices".
+        assert_eq!(q.record("", TRAP, 0, s), None);
+        assert!(!q.blocks("d9", 0));
+        // A run that spans three devices not held is (the timer's, d3's, d4's).
+        assert_eq!(q.record("d3", TRAP, 0, s), None);
         assert_eq!(
-            q.record("", TRAP, 0, s),
+            q.record("d4", TRAP, 0, s),
             Some(Change::All { until_ms: 60_000 })
         );
         assert!(q.blocks("d9", 0));
@@ -340,6 +377,68 @@ mod tests {
             })
         );
         assert!(!q.blocks("d1", t) && q.devices().next().is_none());
+    }
+
+    /// The review's attack: one device traps it 50 times (held), then two stray failures from
+    /// elsewhere must not take it from everyone; and a probation for all is judged by devices
+    /// not held themselves, a rejection decides nothing, a release keeps the devices' holds.
+    #[test]
+    fn a_held_device_cannot_help_take_the_handler_from_everyone() {
+        let mut q = Quarantine::default();
+        for _ in 0..50 {
+            q.record("bad", TRAP, 0, S50);
+        }
+        assert!(q.blocks("bad", 0) && !q.all());
+        assert_eq!(q.record("x", TRAP, 0, S50), None);
+        assert_eq!(q.record("", TRAP, 0, S50), None);
+        assert!(!q.all(), "two stray failures are not a broken handler");
+
+        let mut q = Quarantine::default();
+        let s = (2, 2, 1_000);
+        q.record("bad", TRAP, 0, (1, 2, 100_000));
+        q.record("a", TRAP, 0, s);
+        assert!(matches!(
+            q.record("b", TRAP, 0, s),
+            Some(Change::All { .. })
+        ));
+        // The hold for all is up at 1,000; `bad` is still held on its own.
+        assert!(q.blocks("bad", 1_000) && !q.blocks("a", 1_000));
+        assert_eq!(q.record("a", Some(FailureKind::Rejected), 1_000, s), None);
+        assert!(
+            !q.blocks("a", 1_000),
+            "a rejection leaves the probation open"
+        );
+        assert_eq!(
+            q.record("a", None, 1_000, s),
+            Some(Change::Released { device: None })
+        );
+        assert!(q.blocks("bad", 1_000), "its own hold stays");
+    }
+
+    #[test]
+    fn the_held_set_is_bounded_and_a_wrong_clock_cannot_hold_for_years() {
+        let mut q = Quarantine::default();
+        for i in 0..MAX_HELD_DEVICES {
+            let c = q.record(&format!("d{i}"), TRAP, 0, (1, 0, 60_000));
+            assert!(matches!(c, Some(Change::Device { .. })), "{c:?}");
+        }
+        let c = q.record("one-more", TRAP, 0, (1, 0, 60_000));
+        assert!(matches!(c, Some(Change::All { .. })), "{c:?}");
+        // Set with a clock 50 years ahead, read back at the real time: an hour at most.
+        let mut q = Quarantine::default();
+        q.record("d1", TRAP, 1_600_000_000_000_000, (1, 3, 60_000));
+        let mut back = Quarantine::decode(&q.encode()).unwrap();
+        back.clamp(1_000);
+        assert!(back.blocks("d1", 1_000) && !back.blocks("d1", 61_000));
+    }
+
+    #[test]
+    fn a_tree_comes_to_one_verdict() {
+        let r = Some(FailureKind::Rejected);
+        assert_eq!(fold([None, TRAP, None]), TRAP);
+        assert_eq!(fold([None, r]), r);
+        assert_eq!(fold([None, None]), None);
+        assert_eq!(fold([]), None);
     }
 
     #[test]

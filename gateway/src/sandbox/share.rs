@@ -26,7 +26,8 @@ impl CpuShare {
         }
     }
 
-    fn limited(&self) -> bool {
+    /// Whether it limits anything (1 to 99 percent).
+    pub fn is_on(&self) -> bool {
         (1..100).contains(&self.percent)
     }
 
@@ -37,7 +38,7 @@ impl CpuShare {
 
     /// Whether the handler may run now (its bucket, refilled for the time since, holds some).
     pub fn admit(&mut self, now: Instant) -> bool {
-        if !self.limited() {
+        if !self.is_on() {
             return true;
         }
         if let Some(at) = self.at {
@@ -51,7 +52,7 @@ impl CpuShare {
 
     /// Charges the time one invocation ran.
     pub fn spend(&mut self, ran: Duration) {
-        if self.limited() {
+        if self.is_on() {
             let floor = -Self::burst_ns(self.percent);
             self.balance_ns = (self.balance_ns - ran.as_nanos() as i128).max(floor);
         }
@@ -59,7 +60,7 @@ impl CpuShare {
 
     /// The share, in percent of the wall clock (0: none).
     pub fn percent(&self) -> u32 {
-        if self.limited() {
+        if self.is_on() {
             self.percent
         } else {
             0
