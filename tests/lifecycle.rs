@@ -76,8 +76,9 @@ async fn publish_from(gw: &Gateway, id: &str, payloads: &[&str]) {
 }
 
 /// A device whose events keep trapping a handler takes the handler away from itself only:
-/// another device's events still run it. When three devices have failed it, it is broken:
-/// quarantined for every device.
+/// another device's events still run it. When a run of failures with no success in between
+/// spans three devices that are not held themselves, it is broken: quarantined for every
+/// device.
 #[tokio::test]
 async fn one_device_that_traps_a_handler_loses_it_alone_and_three_lose_it_for_all() {
     let dir = tempfile::tempdir().unwrap();

@@ -43,6 +43,21 @@ fn site_with(cloud: &Cloud, extra: &str, outbox: &str) -> Gateway {
     site
 }
 
+/// A site that counts what it runs: `forwarder.wat` (state `n`, one per kept event) on the
+/// edge's events, slowed by `spin` turns of a loop (slow on purpose: not held to a CPU share).
+/// The dir holds the handler's files.
+fn counting_site(cloud: &Cloud, spin: u32) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = wat_handler(
+        dir.path(),
+        "fwd",
+        &slowed(include_str!("handlers/forwarder.wat"), spin),
+        "subscribe = [\"devices/edge/#\"]\n[limits]\nfuel_per_event = 10000000",
+    );
+    let site = site(cloud, &format!("[limits]\ncpu_percent = 0\n{counter}"));
+    (site, dir)
+}
+
 /// An edge gateway named `edge` whose uplink is `site`, with the class-by-payload handler.
 fn edge(site: &Gateway, batch: usize) -> Gateway {
     let (cert, key, ca) = site.device_certs("edge");
@@ -110,15 +125,7 @@ fn events(r: &[Request]) -> BTreeMap<String, (String, String, String)> {
 async fn a_site_killed_mid_stream_loses_nothing_and_runs_nothing_twice() {
     const N: usize = 400;
     let cloud = Cloud::start(|_| 200).await;
-    let dir = tempfile::tempdir().unwrap();
-    let counter = wat_handler(
-        dir.path(),
-        "fwd",
-        &slowed(include_str!("handlers/forwarder.wat"), 20_000),
-        "subscribe = [\"devices/edge/#\"]",
-    );
-    // The site's handler is slow on purpose, not to be held to a CPU share.
-    let mut site = site(&cloud, &format!("[limits]\ncpu_percent = 0\n{counter}"));
+    let (mut site, _dir) = counting_site(&cloud, 20_000);
     let edge = edge(&site, 16);
     let payloads: Vec<String> = (0..N).map(|i| format!("1:{i}")).collect();
     publish_all(&edge, &payloads).await;
@@ -147,22 +154,14 @@ async fn a_site_killed_mid_stream_loses_nothing_and_runs_nothing_twice() {
 
 /// The edge and the site are killed while a batch is in flight (its entries carry tier seqs,
 /// synced before the send; the site holds part of it at most), then the edge takes 4 urgent
-/// events with its uplink off. When it sends again, the entries that carry seqs go first, under the same seqs (a new
-/// seq would run them twice); then the urgent ones get new seqs (had they gone first, the
-/// carried seqs would be below the site's mark, taken as held, and lost).
+/// events with its uplink off. When it sends again, the entries that carry seqs go first, under
+/// the same seqs (a new seq would run them twice); then the urgent ones get new seqs (had they
+/// gone first, the carried seqs would be below the site's mark, taken as held, and lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_killed_mid_batch_resends_under_the_same_seqs_first() {
     const N: usize = 120;
     let cloud = Cloud::start(|_| 200).await;
-    let dir = tempfile::tempdir().unwrap();
-    let counter = wat_handler(
-        dir.path(),
-        "fwd",
-        &slowed(include_str!("handlers/forwarder.wat"), 300_000),
-        "subscribe = [\"devices/edge/#\"]\n[limits]\nfuel_per_event = 10000000",
-    );
-    // The site's handler is slow on purpose, not to be held to a CPU share.
-    let mut site = site(&cloud, &format!("[limits]\ncpu_percent = 0\n{counter}"));
+    let (mut site, _dir) = counting_site(&cloud, 300_000);
     let mut edge = edge(&site, 16);
     let payloads: Vec<String> = (0..N).map(|i| format!("1:{i}")).collect();
     publish_all(&edge, &payloads).await;

@@ -20,17 +20,24 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The gateway and the simulated devices' certificates.
+#[derive(clap::Args)]
+struct Fleet {
+    #[arg(long)]
+    gateway: String,
+    /// Directory with ca.crt and dev-I.crt / dev-I.key for I in 1..=devices.
+    #[arg(long)]
+    certs: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    devices: usize,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Publish through a running gateway.
     Tidepool {
-        #[arg(long)]
-        gateway: String,
-        /// Directory with ca.crt and dev-I.crt / dev-I.key for I in 1..=devices.
-        #[arg(long)]
-        certs: PathBuf,
-        #[arg(long, default_value_t = 8)]
-        devices: usize,
+        #[command(flatten)]
+        fleet: Fleet,
         #[arg(long, default_value_t = 20_000)]
         events_per_device: u64,
         #[arg(long, default_value_t = 512)]
@@ -51,13 +58,8 @@ enum Cmd {
     },
     /// Print each device's durable high-water mark (`hello` → `welcome`) as `mark dev-I N`.
     Marks {
-        #[arg(long)]
-        gateway: String,
-        /// Directory with ca.crt and dev-I.crt / dev-I.key for I in 1..=devices.
-        #[arg(long)]
-        certs: PathBuf,
-        #[arg(long, default_value_t = 8)]
-        devices: usize,
+        #[command(flatten)]
+        fleet: Fleet,
     },
     /// Raw sled batched inserts on the same disk.
     Sled {
@@ -238,9 +240,12 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Tidepool {
-            gateway,
-            certs,
-            devices,
+            fleet:
+                Fleet {
+                    gateway,
+                    certs,
+                    devices,
+                },
             events_per_device,
             window,
             rate,
@@ -274,9 +279,12 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Cmd::Marks {
-            gateway,
-            certs,
-            devices,
+            fleet:
+                Fleet {
+                    gateway,
+                    certs,
+                    devices,
+                },
         } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -550,21 +550,17 @@ impl Dispatcher {
                 }
             }
             Root::Timer(h, info) => {
-                let handler = &mut self.handlers[h];
-                let started = Instant::now();
-                if handler.quarantine.blocks("", ctx.received_ms) {
-                } else if handler.share.is_on() && !handler.share.admit(started) {
-                    // Over its CPU share: this firing is skipped (the schedule moves on).
-                    handler.share_refused += 1;
-                    Metrics::inc(&self.metrics.handler_cpu_refusals);
-                    Metrics::inc(&self.metrics.timers_skipped);
-                } else {
-                    let outcome = handler.timer(&info);
-                    if handler.share.is_on() {
-                        handler.share.spend(started.elapsed());
+                if !self.handlers[h].quarantine.blocks("", ctx.received_ms) {
+                    match self.share_start(h) {
+                        // Over its CPU share: this firing is skipped (the schedule moves on).
+                        Err(OverShare) => Metrics::inc(&self.metrics.timers_skipped),
+                        Ok(started) => {
+                            let outcome = self.handlers[h].timer(&info);
+                            self.share_end(h, started);
+                            Metrics::inc(&self.metrics.timer_calls);
+                            self.settle(ctx, h, At::ROOT_TIMER, outcome, &mut run);
+                        }
                     }
-                    Metrics::inc(&self.metrics.timer_calls);
-                    self.settle(ctx, h, At::ROOT_TIMER, outcome, &mut run);
                 }
             }
         }
@@ -738,14 +734,10 @@ impl Dispatcher {
             emit_budget: self.emit_budget.saturating_sub(run.emitted as u32),
             log_budget: self.log_cap.saturating_sub(self.log_used[h]),
         };
-        let handler = &mut self.handlers[h];
-        // Read the clock only for a handler with a share.
-        let started = handler.share.is_on().then(Instant::now);
-        if started.is_some_and(|t| !handler.share.admit(t)) {
+        let Ok(started) = self.share_start(h) else {
             // Over its share of the wall clock: not run, and not a failure of its own (no
             // quarantine); the clock refills it.
-            handler.share_refused += 1;
-            Metrics::inc(&self.metrics.handler_cpu_refusals);
+            let handler = &self.handlers[h];
             let name = handler.name().to_string();
             let reason = format!(
                 "limit:cpu_share (the handler ran more than {}% of the time)",
@@ -753,13 +745,34 @@ impl Dispatcher {
             );
             self.dead_letter(ctx, &name, at.topic, at.payload, reason, &mut run.ws);
             return;
-        }
-        let outcome = handler.invoke(&ev);
-        if let Some(t) = started {
-            handler.share.spend(t.elapsed());
-        }
+        };
+        let outcome = self.handlers[h].invoke(&ev);
+        self.share_end(h, started);
         Metrics::inc(&self.metrics.handler_calls);
         self.settle(ctx, h, at, outcome, run);
+    }
+
+    /// Handler `h`'s CPU share as a run starts: over it (a refusal, counted), or the clock
+    /// reading to charge the run from (`None` for a handler without a share: no clock read).
+    fn share_start(&mut self, h: usize) -> Result<Option<Instant>, OverShare> {
+        let handler = &mut self.handlers[h];
+        if !handler.share.is_on() {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        if handler.share.admit(now) {
+            return Ok(Some(now));
+        }
+        handler.share_refused += 1;
+        Metrics::inc(&self.metrics.handler_cpu_refusals);
+        Err(OverShare)
+    }
+
+    /// Charges handler `h`'s share for a run started at `started` ([`Self::share_start`]).
+    fn share_end(&mut self, h: usize, started: Option<Instant>) {
+        if let Some(t) = started {
+            self.handlers[h].share.spend(t.elapsed());
+        }
     }
 
     /// Takes one invocation's outcome into the write set: its effects, or a dead letter.
@@ -865,6 +878,9 @@ impl Ctx<'_> {
         }
     }
 }
+
+/// A handler over its CPU share: the run does not start.
+struct OverShare;
 
 /// A relayed event's origin: its id, device and class, as the lower tier sent them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
