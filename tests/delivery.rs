@@ -88,10 +88,7 @@ async fn a_bad_frame_moves_no_mark_and_later_publishes_below_its_seq_still_run()
     gw.stop();
     assert_eq!(count(&gw), 2, "both publishes ran once");
     assert_eq!(
-        tidepool::store::Store::open(&gw.data().join("db"), 1 << 20)
-            .unwrap()
-            .hwm("dev-b")
-            .unwrap(),
+        open_stopped(&gw.data()).hwm("dev-b").unwrap(),
         2,
         "the durable mark is the last publish, not a bad frame's seq"
     );
@@ -218,7 +215,7 @@ async fn an_undecodable_outbox_entry_is_moved_to_the_dead_letters_and_the_gatewa
     let mut gw = Gateway::start("");
     gw.stop();
     {
-        let store = tidepool::store::Store::open(&gw.data().join("db"), 1 << 20).unwrap();
+        let store = open_stopped(&gw.data());
         store
             .tree
             .insert(tidepool::store::keys::outbox(7), &b"not an entry"[..])
@@ -228,7 +225,7 @@ async fn an_undecodable_outbox_entry_is_moved_to_the_dead_letters_and_the_gatewa
     gw.restart();
     let m = gw.stop();
     assert_eq!(m["outbox_corrupt"], 1, "{m}");
-    let store = tidepool::store::Store::open(&gw.data().join("db"), 1 << 20).unwrap();
+    let store = open_stopped(&gw.data());
     assert!(store
         .tree
         .get(tidepool::store::keys::outbox(7))

@@ -171,10 +171,7 @@ async fn an_edge_killed_mid_batch_resends_under_the_same_seqs_first() {
         .await;
     edge.kill();
     site.kill();
-    let mark = tidepool::store::Store::open(&site.data().join("db"), 1 << 20)
-        .unwrap()
-        .hwm("edge")
-        .unwrap();
+    let mark = open_stopped(&site.data()).hwm("edge").unwrap();
     assert!(
         mark < 32,
         "the site holds part of the second batch at most (seqs 17..=32): mark {mark}"
@@ -395,7 +392,7 @@ async fn an_event_the_site_refuses_is_dead_lettered_at_the_edge_and_the_rest_goe
     assert_eq!(m["dead_letters"], 1, "{m}");
     assert_eq!(m["events_sent"], 2, "{m}");
     assert_eq!(m["send_failures"], 0, "settled at the first attempt: {m}");
-    let store = tidepool::store::Store::open(&edge.data().join("db"), 1 << 20).unwrap();
+    let store = open_stopped(&edge.data());
     let letters = store.dead_letters().unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].payload, big.as_bytes());
@@ -429,7 +426,7 @@ async fn a_site_refusing_everything_is_an_outage_until_it_takes_something() {
     edge.wait_outbox_empty(Duration::from_secs(30)).await;
     let m = edge.stop();
     assert_eq!(m["dead_letters"], 1, "{m}");
-    let store = tidepool::store::Store::open(&edge.data().join("db"), 1 << 20).unwrap();
+    let store = open_stopped(&edge.data());
     let letters = store.dead_letters().unwrap();
     assert_eq!(letters[0].payload, big.as_bytes(), "{letters:?}");
     let r = cloud
@@ -474,7 +471,7 @@ async fn refused_then_busy(site_extra: &str, big_len: usize) {
         "the site answered busy: {m}"
     );
     assert_eq!(m["dead_letters"], 1, "{m}");
-    let store = tidepool::store::Store::open(&edge.data().join("db"), 1 << 20).unwrap();
+    let store = open_stopped(&edge.data());
     let letters = store.dead_letters().unwrap();
     assert_eq!(letters[0].payload, big.as_bytes(), "{letters:?}");
     let r = cloud

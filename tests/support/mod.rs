@@ -392,8 +392,26 @@ pub fn handler_status(gw: &Gateway, name: &str) -> (serde_json::Value, serde_jso
 
 /// Opens the gateway's store after it stopped and reads a handler's state value.
 pub fn read_state(data: &Path, handler: &str, key: &[u8]) -> Option<Vec<u8>> {
-    let store = tidepool::store::Store::open(&data.join("db"), 1 << 20).unwrap();
-    store.state_durable(handler, key).unwrap()
+    open_stopped(data).state_durable(handler, key).unwrap()
+}
+
+/// Opens a stopped gateway's store. sled releases its file lock from a background thread
+/// after the previous `Db` (an earlier read here) is dropped, so a lock still held is
+/// retried for up to 5 s; any other error fails at once.
+pub fn open_stopped(data: &Path) -> tidepool::store::Store {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tidepool::store::Store::open(&data.join("db"), 1 << 20) {
+            Ok(store) => return store,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("the stopped gateway's store does not open: {e}"),
+        }
+    }
 }
 
 /// One request the cloud received.
