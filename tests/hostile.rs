@@ -7,6 +7,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use support::*;
 use tidepool::proto::msg::GatewayMsg;
@@ -404,4 +405,81 @@ async fn a_handler_over_its_cpu_share_is_refused_and_its_neighbour_runs() {
         Some(N.to_le_bytes().to_vec()),
         "the neighbour ran on every event"
     );
+}
+
+/// Iterations of the long handler's loop: about 8 fuel each, about a second a call in the
+/// debug build here (more on a slower machine, which only makes the test harder to pass without
+/// the fix).
+const LONG_SPIN: u32 = 25_000_000;
+
+/// A handler whose every call runs long, within its fuel (legal), then logs `tick`.
+fn long_wat() -> String {
+    format!(
+        r#"(module
+  (import "tidepool" "log" (func $log (param i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "tick")
+  (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+    (local $i i32) (local.set $i (i32.const {LONG_SPIN}))
+    (block $done (loop $spin
+      (br_if $done (i32.eqz (local.get $i)))
+      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (br $spin)))
+    (call $log (i32.const 2) (i32.const 0) (i32.const 4))
+    (i32.const 0)))"#
+    )
+}
+
+/// A client config for `id` that pings every 200 ms and gives up on a gateway silent for 2 s
+/// (QUIC stretches that to three probe timeouts, about 3 s on loopback).
+fn impatient(gw: &Gateway, id: &str) -> quinn::ClientConfig {
+    let (cert, key, ca) = gw.device_certs(id);
+    let mut config = tidepool::ingress::tls::client_config(&ca, &cert, &key).unwrap();
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(200)));
+    transport.max_idle_timeout(Some(Duration::from_secs(2).try_into().unwrap()));
+    config.transport_config(std::sync::Arc::new(transport));
+    config
+}
+
+#[tokio::test]
+async fn a_handler_running_long_does_not_stop_the_network() {
+    const CALLS: u64 = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let fuel = "[limits]\nfuel_per_event = 4000000000\n";
+    let long = wat_handler(
+        dir.path(),
+        "long",
+        &long_wat(),
+        &format!("subscribe = [\"devices/d1/#\"]\n{fuel}"),
+    );
+    // One tokio worker, as on a one-core box: a handler run on a runtime thread would leave
+    // QUIC unanswered for as long as it runs.
+    let gw = Gateway::start_with_env(&format!("{fuel}{long}"), &[("TOKIO_WORKER_THREADS", "1")]);
+    // d1 queues several long calls back to back.
+    let d1 = gw.connect("d1").await;
+    let mut s1 = d1.open().await.unwrap();
+    for seq in 1..=CALLS {
+        s1.push(&publish(seq, "devices/d1/x", b"1"));
+    }
+    s1.flush().await.unwrap();
+    gw.wait_log("tick", 1, Duration::from_secs(120)).await;
+    let started = std::time::Instant::now();
+    // While they run, d2 connects and publishes (to no handler): its handshake and its
+    // keep-alives are answered, and its ack comes once the calls before it are done.
+    let d2 = tidepool::client::Device::connect_with(&gw.addr, impatient(&gw, "d2"))
+        .await
+        .expect("the handshake completes while the handler runs");
+    let mut s2 = d2.open().await.unwrap();
+    s2.send(&publish(1, "devices/d2/x", b"1")).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(120), s2.next())
+        .await
+        .expect("an answer")
+        .expect("the connection stays up while the handler runs");
+    assert_eq!(answer, Some(GatewayMsg::Ack { seq: 1 }));
+    let ticks = gw.stderr.lock().unwrap().matches("tick").count();
+    eprintln!("d2 acked after {:?}, {ticks} calls done", started.elapsed());
+    assert!(ticks >= 3, "the long calls ran meanwhile ({ticks})");
+    until_ack(&mut s1, CALLS).await;
 }

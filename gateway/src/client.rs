@@ -60,8 +60,16 @@ impl Device {
         cert: &Path,
         key: &Path,
     ) -> Result<Device, ClientError> {
+        Device::connect_with(gateway, tls::client_config(ca, cert, key)?).await
+    }
+
+    /// Connects with a client config of the caller's (from [`tls::client_config`], with its
+    /// own transport settings, e.g. keep-alives).
+    pub async fn connect_with(
+        gateway: &str,
+        config: quinn::ClientConfig,
+    ) -> Result<Device, ClientError> {
         let (addr, name) = resolve(gateway).await?;
-        let config = tls::client_config(ca, cert, key)?;
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::]:0"
         } else {

@@ -72,6 +72,7 @@ pub struct IngressConfig {
     pub busy_retry_after_ms: u64,
     pub idle_timeout_ms: u64,
     pub datagram_shed_backlog: usize,
+    pub queue_bytes: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -317,6 +318,12 @@ impl Config {
         }
         if self.ingress.max_frame_bytes == 0 {
             return bad("ingress.max_frame_bytes must be at least 1".into());
+        }
+        if self.ingress.queue_bytes < 64 * 1024 {
+            return bad(format!(
+                "ingress.queue_bytes must be at least 65536 (one read of a stream), not {}",
+                self.ingress.queue_bytes
+            ));
         }
         for p in &self.acl.publish {
             topic::validate_pattern(p)

@@ -7,14 +7,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::dispatch::Dispatcher;
+use crate::dispatch::thread::Inbox;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::store::{DeadLetter, Store, StoreError};
@@ -28,7 +28,7 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 pub struct Control {
     pub gateway: String,
     pub started: Instant,
-    pub dispatcher: Arc<Mutex<Dispatcher>>,
+    pub inbox: Inbox,
     pub metrics: Arc<Metrics>,
     pub outbox: Arc<Outbox>,
     pub disk: Arc<crate::os::disk::DiskWatch>,
@@ -37,23 +37,14 @@ pub struct Control {
 
 impl Control {
     /// The `status` answer: the gateway, its handlers (quarantine included) and its counters.
-    /// The handlers come from the dispatcher, which may be held up (a stalled disk blocks it):
-    /// after a second of trying they are reported as unknown, and the rest still answers.
+    /// The handlers come from the dispatcher's thread, which may be held up (a long handler, a
+    /// stalled disk): after a second they are reported as unknown, and the rest still answers.
     pub async fn status(&self) -> serde_json::Value {
-        let mut handlers = None;
-        for _ in 0..100 {
-            match self.dispatcher.try_lock() {
-                Ok(d) => handlers = Some(d.handler_status()),
-                Err(std::sync::TryLockError::Poisoned(p)) => {
-                    handlers = Some(p.into_inner().handler_status())
-                }
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-            if handlers.is_some() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let wait = std::time::Duration::from_secs(1);
+        let handlers = match tokio::time::timeout(wait, self.inbox.status()).await {
+            Ok(Ok(hs)) => Some(hs),
+            Ok(Err(_)) | Err(_) => None,
+        };
         let handlers = handlers.map(|hs| {
             hs.iter()
                 .map(|h| {

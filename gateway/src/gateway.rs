@@ -1,16 +1,16 @@
-//! Wiring: opens the store, loads the handlers, starts the committer thread, the uplink and
-//! the QUIC endpoint, and on stop drains them in order (stop reading, settle, answer, close,
-//! commit what is left, write the metrics).
+//! Wiring: opens the store, loads the handlers, starts the committer and dispatcher threads,
+//! the uplink and the QUIC endpoint, and on stop drains them in order (stop reading, settle,
+//! answer, close, stop the dispatcher, commit what is left, write the metrics).
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::config::{Config, SinkKind};
 use crate::control::{self, Control};
-use crate::dispatch::{Dispatcher, EventState};
+use crate::dispatch::{thread, Dispatcher, EventState};
 use crate::ingress::{self, Shared};
 use crate::metrics::Metrics;
 use crate::os::disk::DiskWatch;
@@ -129,20 +129,6 @@ fn make_private_dir(path: &Path) -> Result<(), StartError> {
         .map_err(err)
 }
 
-/// Fires handler timers at their due times (wall clock) until `stop`.
-async fn run_timers(dispatcher: Arc<Mutex<Dispatcher>>, mut stop: watch::Receiver<bool>) {
-    let lock = || dispatcher.lock().unwrap_or_else(|p| p.into_inner());
-    let mut next = lock().next_timer();
-    while let Some(due) = next {
-        let wait = Duration::from_millis(due.saturating_sub(crate::clock::now_ms()));
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        next = lock().fire_timers(crate::clock::now_ms());
-    }
-}
-
 /// What every uplink task shares, whatever its sink.
 struct UplinkParts<'a> {
     cfg: &'a Config,
@@ -249,16 +235,19 @@ pub async fn run(
         tracing::info!(topics = ?cfg.record.topics, dir = %data.join("record").display(), "recording matching events");
         dispatcher.record_to(r);
     }
-    let has_timers = dispatcher.next_timer().is_some();
-    let dispatcher = Arc::new(Mutex::new(dispatcher));
+    // Timers fire on the dispatcher's thread: no handler with a timer, nothing wakes it.
+    let (inbox, dispatcher) =
+        thread::spawn(dispatcher, cfg.ingress.queue_bytes).map_err(|source| {
+            StartError::DataDir {
+                path: data.clone(),
+                source,
+            }
+        })?;
     let (side_stop_tx, side_stop) = watch::channel(false);
-    // No handler with a timer: no timer task, nothing wakes the process.
-    let timers =
-        has_timers.then(|| tokio::spawn(run_timers(dispatcher.clone(), side_stop.clone())));
     let control = Arc::new(Control {
         gateway: cfg.gateway.id.clone(),
         started: Instant::now(),
-        dispatcher: dispatcher.clone(),
+        inbox: inbox.clone(),
         metrics: metrics.clone(),
         outbox: outbox.clone(),
         store: store.clone(),
@@ -339,7 +328,7 @@ pub async fn run(
         source,
     })?;
     let shared = Arc::new(Shared::new(
-        dispatcher.clone(),
+        inbox.clone(),
         roles,
         cfg.ingress.clone(),
         metrics.clone(),
@@ -363,15 +352,17 @@ pub async fn run(
         b"shutting_down",
     );
     let _ = side_stop_tx.send(true);
-    if let Some(t) = timers {
-        let _ = t.await;
-    }
     if let Some(t) = control_task {
         let _ = t.await;
         let _ = std::fs::remove_file(control::socket_path(&data));
     }
-    dispatcher.lock().unwrap_or_else(|p| p.into_inner()).close();
-    let _ = tokio::task::spawn_blocking(move || committer.join()).await;
+    // The dispatcher takes what is queued, then closes: the committer finishes and exits.
+    inbox.stop();
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = dispatcher.join();
+        committer.join()
+    })
+    .await;
     let _ = uplink_stop_tx.send(true);
     if let Some(u) = uplink {
         if let Err(e) = u.await {

@@ -90,6 +90,8 @@ pub struct Gateway {
     pub config: PathBuf,
     pub addr: String,
     child: Option<Child>,
+    /// Environment variables the process starts with (restarts included).
+    env: Vec<(String, String)>,
     pub stderr: Arc<Mutex<String>>,
     /// Woken after each line the gateway logs.
     logged: Arc<Notify>,
@@ -113,14 +115,24 @@ impl Gateway {
 
     /// Like [`Gateway::start`], with the data dir at `data_dir` (the config stays in a temp dir).
     pub fn start_in(data_dir: &Path, extra: &str) -> Gateway {
-        Gateway::start_at("id = \"gw-test\"\n", Some(data_dir), extra)
+        Gateway::start_at("id = \"gw-test\"\n", Some(data_dir), extra, &[])
     }
 
     fn start_as(id_line: &str, extra: &str) -> Gateway {
-        Gateway::start_at(id_line, None, extra)
+        Gateway::start_at(id_line, None, extra, &[])
     }
 
-    fn start_at(id_line: &str, data_dir: Option<&Path>, extra: &str) -> Gateway {
+    /// Like [`Gateway::start`], with these environment variables set for the process.
+    pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Gateway {
+        Gateway::start_at("id = \"gw-test\"\n", None, extra, env)
+    }
+
+    fn start_at(
+        id_line: &str,
+        data_dir: Option<&Path>,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("tidepool.toml");
         let data_dir = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
@@ -135,6 +147,10 @@ impl Gateway {
             config,
             addr: String::new(),
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             stderr: Arc::default(),
             logged: Arc::default(),
         };
@@ -147,6 +163,7 @@ impl Gateway {
             .args(["run", "--config"])
             .arg(&self.config)
             .env_remove("RUST_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -11,7 +11,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::{watch, Notify};
 
 use super::Shared;
-use crate::dispatch::Submitted;
+use crate::dispatch::thread::{Batch, BatchEnd, Step};
 use crate::metrics::Metrics;
 use crate::proto::frame::FrameDecoder;
 use crate::proto::msg::{self, DeviceMsg, GatewayMsg, NackCode};
@@ -105,7 +105,7 @@ pub(super) async fn run(
     let slot = Arc::new(PublishSlot::default());
     let datagrams = tokio::spawn(read_datagrams(
         conn.clone(),
-        device.clone(),
+        (device.clone(), session),
         shared.clone(),
         superseded.clone(),
     ));
@@ -115,7 +115,8 @@ pub(super) async fn run(
                 Ok((send, recv)) => {
                     let watch = (halt.clone(), superseded.clone());
                     let slot = (slot.clone(), slot.token());
-                    streams.spawn(stream(send, recv, device.clone(), shared.clone(), watch, slot));
+                    let who = (device.clone(), session);
+                    streams.spawn(stream(send, recv, who, shared.clone(), watch, slot));
                 }
                 Err(_) => break None,
             },
@@ -145,7 +146,7 @@ pub(super) async fn run(
 
 async fn read_datagrams(
     conn: quinn::Connection,
-    device: Arc<str>,
+    (device, session): (Arc<str>, u64),
     shared: Arc<Shared>,
     superseded: watch::Receiver<bool>,
 ) {
@@ -155,14 +156,14 @@ async fn read_datagrams(
         }
         Metrics::add(&shared.metrics.bytes_in, d.len() as u64);
         let received = crate::clock::now_ms();
-        match msg::decode(&d, false) {
-            Ok(DeviceMsg::Publish(p)) => shared.lock_dispatcher().datagram(
-                &device,
-                p,
-                received,
-                shared.ingress.datagram_shed_backlog,
-            ),
-            _ => Metrics::inc(&shared.metrics.datagrams_dropped),
+        let kept = match msg::decode(&d, false) {
+            Ok(DeviceMsg::Publish(p)) => shared.inbox.datagram(session, &device, p, received),
+            _ => false,
+        };
+        if !kept {
+            // Not a publish, or no room left for frames: shed (the dispatcher counts the rest).
+            Metrics::inc(&shared.metrics.datagrams_in);
+            Metrics::inc(&shared.metrics.datagrams_dropped);
         }
     }
 }
@@ -170,7 +171,7 @@ async fn read_datagrams(
 async fn stream(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    device: Arc<str>,
+    (device, session): (Arc<str>, u64),
     shared: Arc<Shared>,
     (mut halt, superseded): (watch::Receiver<bool>, watch::Receiver<bool>),
     (slot, token): (Arc<PublishSlot>, u64),
@@ -205,38 +206,37 @@ async fn stream(
         };
         Metrics::add(&shared.metrics.bytes_in, chunk.bytes.len() as u64);
         decoder.extend(&chunk.bytes);
-        let received = crate::clock::now_ms();
-        let mut d = shared.lock_dispatcher();
-        // A newer session of this device registered (before it could submit anything): what
-        // this one still reads must not run, or it could claim seqs the new session is told
-        // are free. The device resends it on the new connection.
-        if *superseded.borrow() {
-            break 'read;
-        }
-        loop {
+        let received_ms = crate::clock::now_ms();
+        let (mut steps, mut bytes, mut last) = (Vec::new(), 0, false);
+        while !last {
             let frame = match decoder.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
+                    // What came before the broken frame is still taken and answered.
                     tracing::info!(device = &*device, "stream closed: {e}");
                     framing_lost = Some(e.close_code());
-                    break 'read;
+                    break;
                 }
             };
-            // Every frame submits exactly one item (a busy answer adds one more below).
-            unanswered.count.fetch_add(1, Ordering::AcqRel);
-            match msg::decode(&frame, true) {
+            bytes += frame.len();
+            steps.push(match msg::decode(&frame, true) {
                 // Not a valid publish: nacked with the seq it carried, and it moves nothing
                 // (neither this stream's order nor the device's mark).
-                Err(bad) => d.nack(&device, bad.seq, NackCode::BadFrame, bad.reason, &reply),
-                Ok(DeviceMsg::Hello) => d.hello(&device, &reply),
-                Ok(DeviceMsg::Publish(p)) if p.seq <= prev_seq => {
-                    let reason = format!(
+                Err(bad) => Step::Nack {
+                    seq: bad.seq,
+                    code: NackCode::BadFrame,
+                    reason: bad.reason,
+                },
+                Ok(DeviceMsg::Hello) => Step::Hello,
+                Ok(DeviceMsg::Publish(p)) if p.seq <= prev_seq => Step::Nack {
+                    seq: p.seq,
+                    code: NackCode::BadFrame,
+                    reason: format!(
                         "seq {} is not above the previous seq {prev_seq} on this stream",
                         p.seq
-                    );
-                    d.nack(&device, p.seq, NackCode::BadFrame, reason, &reply);
-                }
+                    ),
+                },
                 Ok(DeviceMsg::Publish(p)) if !slot.take(token) => {
                     // Another stream of this device is publishing: this one is not kept, and
                     // the device resends from this seq once that stream has ended.
@@ -245,19 +245,38 @@ async fn stream(
                         seq = p.seq,
                         "busy: another stream of this device is publishing"
                     );
-                    d.busy(&device, p.seq, &reply);
-                    break 'read;
+                    last = true;
+                    Step::Busy { seq: p.seq }
                 }
                 Ok(DeviceMsg::Publish(p)) => {
-                    let seq = p.seq;
-                    prev_seq = seq;
-                    if d.publish(&device, p, received, &reply) == Submitted::Busy {
-                        unanswered.count.fetch_add(1, Ordering::AcqRel);
-                        d.busy(&device, seq, &reply);
-                        break 'read;
-                    }
+                    prev_seq = p.seq;
+                    Step::Publish(p)
                 }
+            });
+        }
+        if !steps.is_empty() {
+            // Every step submits exactly one item (a busy answer may add one more).
+            unanswered.count.fetch_add(steps.len(), Ordering::AcqRel);
+            let batch = Batch {
+                session,
+                device: device.clone(),
+                steps,
+                received_ms,
+                reply: reply.clone(),
+            };
+            // Waits for room, then for the dispatcher; a newer session of this device makes it
+            // drop the batch unread (the device resends it on the new connection). Stopping to
+            // read while waiting for room is the backpressure.
+            let end = tokio::select! {
+                end = shared.inbox.dispatch(batch, bytes) => end,
+                _ = halt.changed() => break 'read,
+            };
+            if end != BatchEnd::Taken {
+                break 'read;
             }
+        }
+        if last || framing_lost.is_some() || *superseded.borrow() {
+            break 'read;
         }
     }
     slot.release(token);

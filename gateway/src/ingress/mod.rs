@@ -1,6 +1,7 @@
 //! The QUIC endpoint for devices: accepts connections (mutual TLS, role and device-id
 //! checks), keeps one live session per device, and runs one task per connection and per
-//! stream. It only moves bytes: decoding is in `proto`, decisions in the dispatcher.
+//! stream. It only moves bytes: decoding is in `proto`, decisions in the dispatcher, which it
+//! reaches only through the dispatcher thread's [`Inbox`] (never a lock).
 
 mod conn;
 pub mod tls;
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use crate::config::IngressConfig;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::thread::Inbox;
 use crate::metrics::Metrics;
 pub use tls::RoleCheck;
 
@@ -24,7 +25,7 @@ struct Session {
 
 /// What every connection task shares.
 pub struct Shared {
-    pub dispatcher: Arc<Mutex<Dispatcher>>,
+    pub inbox: Inbox,
     pub roles: RoleCheck,
     pub ingress: IngressConfig,
     pub metrics: Arc<Metrics>,
@@ -35,13 +36,13 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(
-        dispatcher: Arc<Mutex<Dispatcher>>,
+        inbox: Inbox,
         roles: RoleCheck,
         ingress: IngressConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
         Shared {
-            dispatcher,
+            inbox,
             roles,
             ingress,
             metrics,
@@ -51,22 +52,19 @@ impl Shared {
         }
     }
 
-    pub(crate) fn lock_dispatcher(&self) -> std::sync::MutexGuard<'_, Dispatcher> {
-        self.dispatcher.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Session>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a session for `device`, superseding the previous one.
+    /// Registers a session for `device`, superseding the previous one: the dispatcher takes
+    /// nothing of the old session from here on (told under the sessions lock, so it learns
+    /// concurrent sessions of one device in the order they registered).
     fn register(&self, device: &Arc<str>) -> (u64, watch::Receiver<bool>) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(false);
-        if let Some(old) = self
-            .sessions()
-            .insert(device.clone(), Session { id, superseded: tx })
-        {
+        let mut sessions = self.sessions();
+        self.inbox.connected(device, id);
+        if let Some(old) = sessions.insert(device.clone(), Session { id, superseded: tx }) {
             let _ = old.superseded.send(true);
         }
         (id, rx)
@@ -77,6 +75,7 @@ impl Shared {
         if s.get(device).is_some_and(|x| x.id == id) {
             s.remove(device);
         }
+        self.inbox.disconnected(device, id);
     }
 }
 

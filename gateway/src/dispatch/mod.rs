@@ -2,7 +2,9 @@
 //! publish against the high-water mark (resend), the topic rules and the ACL, runs the
 //! subscribed handlers (and what they emit) outside any store transaction, applies outbox
 //! admission, and submits the event's write set to the committer. Everything here is
-//! synchronous and free of network I/O; the ingress calls it under one lock.
+//! synchronous and free of network I/O; it runs on its own thread (`thread.rs`), which owns it.
+
+pub mod thread;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::SyncSender;
@@ -91,6 +93,8 @@ pub struct Dispatcher {
     unrouted: Unrouted,
     unrouted_class: Class,
     busy_retry_ms: u64,
+    /// Items waiting for the committer beyond which datagrams are shed.
+    datagram_shed_backlog: usize,
     /// Emits allowed for one device event's whole tree (the box's `emits_per_event` cap).
     emit_budget: u32,
     /// Log bytes each handler may write per device event, and what each wrote so far.
@@ -188,6 +192,7 @@ impl Dispatcher {
             unrouted: cfg.router.unrouted,
             unrouted_class: cfg.router.unrouted_class,
             busy_retry_ms: cfg.ingress.busy_retry_after_ms,
+            datagram_shed_backlog: cfg.ingress.datagram_shed_backlog,
             emit_budget: cfg.limits.emits_per_event,
             log_cap: cfg.limits.log_bytes_per_event,
             log_used: vec![0; n_handlers],
@@ -423,15 +428,9 @@ impl Dispatcher {
     }
 
     /// A best-effort telemetry datagram: no seq, no ack, shed first under load.
-    pub fn datagram(
-        &mut self,
-        device: &Arc<str>,
-        p: Publish,
-        received_ms: u64,
-        shed_backlog: usize,
-    ) {
+    pub fn datagram(&mut self, device: &Arc<str>, p: Publish, received_ms: u64) {
         Metrics::inc(&self.metrics.datagrams_in);
-        if self.backlog.items() > shed_backlog
+        if self.backlog.items() > self.datagram_shed_backlog
             || self.backlog.is_nearly_full()
             || self.check(device, &p).is_err()
             || self.disk_low()
@@ -1004,7 +1003,7 @@ mod tests {
     use bytes::Bytes;
     use std::sync::atomic::Ordering;
 
-    const COUNTER: &str = include_str!("../../tests/handlers/counter.wat");
+    const COUNTER: &str = include_str!("../../../tests/handlers/counter.wat");
 
     /// A dispatcher with one handler over a real sled store in a temp dir; nothing commits.
     struct Setup {

@@ -1,0 +1,277 @@
+//! The dispatcher's own thread. It owns the [`Dispatcher`] (`&mut`: "one event at a time, in
+//! commit order" needs no lock), takes what the ingress and the control socket send through an
+//! [`Inbox`], and fires the handlers' timers when they fall due (`recv_timeout` until the next
+//! due time). Nothing on the tokio runtime runs a handler or waits for the committer: a stream
+//! hands over the frames it decoded as one [`Batch`] and awaits its [`BatchEnd`]. The frames
+//! waiting for this thread are bounded in bytes (`ingress.queue_bytes`): when the room is
+//! taken, streams stop reading (QUIC's flow control then holds the devices back) and datagrams
+//! are shed.
+//!
+//! Supersede is a session number: the ingress announces each connection ([`Inbox::connected`])
+//! before it reads a frame, and a batch or datagram of any other session than the device's
+//! latest is dropped unread (the device resends it on its new connection), so a superseded
+//! session can never claim a seq the new one was told is free.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::{Dispatcher, HandlerStatus, Submitted};
+use crate::proto::msg::{NackCode, Publish};
+use crate::store::commit::Reply;
+
+/// One frame of a stream, decoded and checked for what only the stream knows (its seq order,
+/// its publishing slot).
+#[derive(Debug)]
+pub enum Step {
+    Hello,
+    Publish(Publish),
+    /// Refused before dispatch (not a valid publish, or a seq not above the stream's last).
+    Nack {
+        seq: u64,
+        code: NackCode,
+        reason: String,
+    },
+    /// Another stream of the device holds the publishing slot: answered busy; the stream stops.
+    Busy {
+        seq: u64,
+    },
+}
+
+/// How a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchEnd {
+    /// Every step was taken: read on.
+    Taken,
+    /// A step was answered busy and the steps after it were not taken: stop reading.
+    Busy,
+    /// Nothing was taken (the session was superseded, or the dispatcher stopped): stop reading.
+    Dropped,
+}
+
+/// The steps one read of a stream produced, in order, and where their answers go.
+pub struct Batch {
+    pub session: u64,
+    pub device: Arc<str>,
+    pub steps: Vec<Step>,
+    /// When the frames were read (wall clock, ms).
+    pub received_ms: u64,
+    pub reply: Reply,
+}
+
+enum Input {
+    Connected {
+        device: Arc<str>,
+        session: u64,
+    },
+    Disconnected {
+        device: Arc<str>,
+        session: u64,
+    },
+    Batch {
+        batch: Batch,
+        done: oneshot::Sender<BatchEnd>,
+        _room: OwnedSemaphorePermit,
+    },
+    Datagram {
+        session: u64,
+        device: Arc<str>,
+        publish: Publish,
+        received_ms: u64,
+        _room: OwnedSemaphorePermit,
+    },
+    Status(oneshot::Sender<Vec<HandlerStatus>>),
+    Stop,
+}
+
+/// The dispatcher thread has stopped (the gateway is shutting down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+/// The way into the dispatcher's thread; cheap to clone.
+#[derive(Clone)]
+pub struct Inbox {
+    tx: Sender<Input>,
+    room: Arc<Semaphore>,
+    capacity: u32,
+}
+
+impl Inbox {
+    /// A new session of `device` (ids rise): from now on only its frames are taken.
+    pub fn connected(&self, device: &Arc<str>, session: u64) {
+        let device = device.clone();
+        let _ = self.tx.send(Input::Connected { device, session });
+    }
+
+    /// The session ended (its streams are done): forgotten unless a newer one registered.
+    pub fn disconnected(&self, device: &Arc<str>, session: u64) {
+        let device = device.clone();
+        let _ = self.tx.send(Input::Disconnected { device, session });
+    }
+
+    /// Waits for room for `bytes` of frames (at most the whole room), then hands `batch` over;
+    /// the answer comes once every step was taken or refused.
+    pub async fn dispatch(&self, batch: Batch, bytes: usize) -> BatchEnd {
+        let Ok(room) = self
+            .room
+            .clone()
+            .acquire_many_owned(self.share(bytes))
+            .await
+        else {
+            return BatchEnd::Dropped;
+        };
+        let (done, end) = oneshot::channel();
+        let input = Input::Batch {
+            batch,
+            done,
+            _room: room,
+        };
+        if self.tx.send(input).is_err() {
+            return BatchEnd::Dropped;
+        }
+        end.await.unwrap_or(BatchEnd::Dropped)
+    }
+
+    /// Hands a datagram over if there is room for it now; `false`: shed.
+    pub fn datagram(&self, session: u64, device: &Arc<str>, p: Publish, received_ms: u64) -> bool {
+        let bytes = p.payload.len() + p.topic.len();
+        let Ok(room) = self.room.clone().try_acquire_many_owned(self.share(bytes)) else {
+            return false;
+        };
+        let input = Input::Datagram {
+            session,
+            device: device.clone(),
+            publish: p,
+            received_ms,
+            _room: room,
+        };
+        self.tx.send(input).is_ok()
+    }
+
+    /// Each handler's status, once the dispatcher gets to it (after what is queued before).
+    pub async fn status(&self) -> Result<Vec<HandlerStatus>, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Input::Status(tx)).map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Stops the thread once it has taken what is queued before this.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Input::Stop);
+    }
+
+    /// The permits `bytes` of frames take (never more than the whole room, or one read larger
+    /// than the room would wait forever).
+    fn share(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.capacity)
+    }
+}
+
+/// Starts the dispatcher's thread with `queue_bytes` of room for frames.
+pub fn spawn(
+    dispatcher: Dispatcher,
+    queue_bytes: u32,
+) -> std::io::Result<(Inbox, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel();
+    let capacity = queue_bytes.max(1);
+    let inbox = Inbox {
+        tx,
+        room: Arc::new(Semaphore::new(capacity as usize)),
+        capacity,
+    };
+    let thread = std::thread::Builder::new()
+        .name("dispatcher".into())
+        .spawn(move || run(dispatcher, rx))?;
+    Ok((inbox, thread))
+}
+
+/// The loop: timers when due, inputs in the order they were sent, until `Stop`; then the
+/// dispatcher closes (the committer finishes what it has and exits).
+fn run(mut d: Dispatcher, rx: Receiver<Input>) {
+    // Each device's latest session: only its frames are taken.
+    let mut sessions: HashMap<Arc<str>, u64> = HashMap::new();
+    loop {
+        let input = match d.next_timer() {
+            None => match rx.recv() {
+                Ok(i) => i,
+                Err(_) => break,
+            },
+            Some(due) => {
+                let now = crate::clock::now_ms();
+                let due = match due <= now {
+                    // Fires what is due, then takes at most one input before looking again:
+                    // timers that are always late cannot starve the devices, nor the reverse.
+                    true => d.fire_timers(now).unwrap_or(u64::MAX),
+                    false => due,
+                };
+                let wait = due.saturating_sub(crate::clock::now_ms());
+                match rx.recv_timeout(Duration::from_millis(wait)) {
+                    Ok(i) => i,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        };
+        match input {
+            Input::Connected { device, session } => {
+                sessions.insert(device, session);
+            }
+            Input::Disconnected { device, session } => {
+                if sessions.get(&device) == Some(&session) {
+                    sessions.remove(&device);
+                }
+            }
+            Input::Batch { batch, done, _room } => {
+                let end = match sessions.get(&batch.device) == Some(&batch.session) {
+                    true => take(&mut d, batch),
+                    false => BatchEnd::Dropped,
+                };
+                let _ = done.send(end);
+            }
+            Input::Datagram {
+                session,
+                device,
+                publish,
+                received_ms,
+                _room,
+            } => {
+                if sessions.get(&device) == Some(&session) {
+                    d.datagram(&device, publish, received_ms);
+                }
+            }
+            Input::Status(tx) => {
+                let _ = tx.send(d.handler_status());
+            }
+            Input::Stop => break,
+        }
+    }
+    d.close();
+}
+
+/// Takes a batch's steps in order; a busy answer ends it.
+fn take(d: &mut Dispatcher, b: Batch) -> BatchEnd {
+    let (device, reply) = (&b.device, &b.reply);
+    for step in b.steps {
+        match step {
+            Step::Hello => d.hello(device, reply),
+            Step::Nack { seq, code, reason } => d.nack(device, seq, code, reason, reply),
+            Step::Busy { seq } => {
+                d.busy(device, seq, reply);
+                return BatchEnd::Busy;
+            }
+            Step::Publish(p) => {
+                let seq = p.seq;
+                if d.publish(device, p, b.received_ms, reply) == Submitted::Busy {
+                    d.busy(device, seq, reply);
+                    return BatchEnd::Busy;
+                }
+            }
+        }
+    }
+    BatchEnd::Taken
+}
