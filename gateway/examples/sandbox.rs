@@ -382,16 +382,25 @@ fn dispatch_rate(
     cfg.limits.cpu_percent = cpu_percent;
     let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
     let outbox = Arc::new(Outbox::load(&store, &cfg.outbox, 0).unwrap().0);
-    let state = Arc::new(EventState::new(store.clone()));
+    let state = Arc::new(EventState::new(Arc::new(store.clone())));
     let env = HostEnv::new(&cfg, state.clone());
     let rt = Runtime::default();
     let handlers = handlers
         .into_iter()
         .map(|(w, m)| Handler::load(&rt, &w, m, &BTreeMap::new(), env.clone(), 0).unwrap())
         .collect();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<tidepool::store::commit::Item>(4096);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<tidepool::pipeline::Item>(4096);
     let metrics = Arc::new(Metrics::default());
-    let mut d = Dispatcher::new(&cfg, handlers, store, state, outbox, tx, metrics.clone());
+    let mut d = Dispatcher::new(
+        &cfg,
+        handlers,
+        Arc::new(store),
+        state,
+        outbox,
+        tx,
+        metrics.clone(),
+        tidepool::clock::now_ms(),
+    );
     // The committer's part without the disk: take each item and free its bytes.
     let backlog = d.backlog.clone();
     let drain = std::thread::spawn(move || {

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::pipeline::Class;
+
 use crate::proto::topic;
 
 /// The commented default configuration, the single source of every default.
@@ -88,40 +90,6 @@ pub struct AclConfig {
 pub enum Unrouted {
     Drop,
     Forward,
-}
-
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Class {
-    Urgent,
-    Normal,
-    Bulk,
-}
-
-impl Class {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Class::Urgent => "urgent",
-            Class::Normal => "normal",
-            Class::Bulk => "bulk",
-        }
-    }
-
-    /// The ABI's class number (0 urgent, 1 normal, 2 bulk).
-    pub fn from_abi(n: i32) -> Option<Class> {
-        match n {
-            0 => Some(Class::Urgent),
-            1 => Some(Class::Normal),
-            2 => Some(Class::Bulk),
-            _ => None,
-        }
-    }
-
-    pub fn as_abi(self) -> u8 {
-        self as u8
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

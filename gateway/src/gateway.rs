@@ -183,7 +183,7 @@ pub async fn run(
     Metrics::add(&metrics.outbox_corrupt, loaded.corrupt);
     Metrics::add(&metrics.dead_letters, loaded.corrupt);
     Metrics::add(&metrics.dead_letters_dropped, loaded.dead_dropped);
-    let state = Arc::new(EventState::new(store.clone()));
+    let state = Arc::new(EventState::new(Arc::new(store.clone())));
     let env = HostEnv::new(&cfg, state.clone());
     let handlers = load_handlers(&cfg, &store, &env)?;
     if handlers.is_empty() {
@@ -198,11 +198,12 @@ pub async fn run(
     let mut dispatcher = Dispatcher::new(
         &cfg,
         handlers,
-        store.clone(),
+        Arc::new(store.clone()),
         state,
         outbox.clone(),
         tx,
         metrics.clone(),
+        crate::clock::now_ms(),
     );
     let disk = Arc::new(DiskWatch::new(&data, cfg.store.min_free_bytes));
     dispatcher.watch_disk(disk.clone());

@@ -15,6 +15,7 @@ pub mod jsonl;
 pub mod metrics;
 pub mod os;
 pub mod outbox;
+pub mod pipeline;
 pub mod pki;
 pub mod proto;
 pub mod record;
@@ -23,3 +24,9 @@ pub mod sandbox;
 pub mod store;
 pub mod timers;
 pub mod uplink;
+
+#[cfg(test)]
+mod tidy;
+
+#[cfg(test)]
+mod sim;

@@ -11,19 +11,21 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::config::{Class, Config, Unrouted};
+use crate::config::{Config, Unrouted};
 use crate::jsonl::Line;
 use crate::metrics::Metrics;
 use crate::os::disk::DiskWatch;
 use crate::outbox::{entry_id, Admission, Entry, Outbox};
+use crate::pipeline::Class;
+use crate::pipeline::{Item, ItemKind, OutboxRecord, Reply, WriteSet};
 use crate::proto::msg::{NackCode, Publish};
 use crate::proto::topic;
 use crate::record::{Offer, RecordTap};
 use crate::router::Router;
 use crate::sandbox::quarantine::{self, Change, Quarantine};
 use crate::sandbox::{EventInfo, FailureKind, Handler, Outcome, StateSource, TimerInfo};
-use crate::store::commit::{Backlog, Item, ItemKind, OutboxRecord, Reply, WriteSet};
-use crate::store::{fatal, keys, DeadLetter, Store};
+use crate::store::commit::Backlog;
+use crate::store::{fatal, keys, DeadLetter, Overlay, StoreError};
 use crate::timers::Timers;
 
 /// What became of a publish.
@@ -35,15 +37,28 @@ pub enum Submitted {
     Busy,
 }
 
+/// What the dispatcher reads of what is durable (the store; the simulator's disk), and where
+/// it leaves the state writes of events submitted and not yet durable, which later events read.
+pub trait Durable: StateSource {
+    /// The durable high-water mark of `device` (0: none).
+    fn hwm(&self, device: &str) -> Result<u64, StoreError>;
+    /// The durable next due time of `handler`'s timer.
+    fn timer_due(&self, handler: &str) -> Result<Option<u64>, StoreError>;
+    /// `handler`'s stored quarantine ([`Quarantine::encode`]).
+    fn quarantine(&self, handler: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// State writes submitted and not yet durable; [`StateSource::get`] reads them first.
+    fn overlay(&self) -> &Overlay;
+}
+
 /// State reads for handlers: this event's own writes, then the overlay of pending groups,
-/// then sled.
+/// then what is durable.
 pub struct EventState {
-    store: Store,
+    store: Arc<dyn StateSource>,
     current: Mutex<HashMap<Vec<u8>, Option<Vec<u8>>>>,
 }
 
 impl EventState {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Arc<dyn StateSource>) -> Self {
         EventState {
             store,
             current: Mutex::default(),
@@ -61,7 +76,7 @@ impl StateSource for EventState {
         if let Some(v) = self.lock().get(&full) {
             return v.clone();
         }
-        StateSource::get(&self.store, handler, key)
+        self.store.get(handler, key)
     }
 }
 
@@ -107,7 +122,7 @@ pub struct Dispatcher {
     recorder: Option<RecordTap>,
     disk: Option<Arc<DiskWatch>>,
     claimed: HashMap<Arc<str>, u64>,
-    store: Store,
+    store: Arc<dyn Durable>,
     state: Arc<EventState>,
     outbox: Arc<Outbox>,
     tx: Option<SyncSender<Item>>,
@@ -126,14 +141,14 @@ impl Dispatcher {
     pub fn new(
         cfg: &Config,
         handlers: Vec<Handler>,
-        store: Store,
+        store: Arc<dyn Durable>,
         state: Arc<EventState>,
         outbox: Arc<Outbox>,
         tx: SyncSender<Item>,
         metrics: Arc<Metrics>,
+        now: u64,
     ) -> Self {
         let router = Router::new(handlers.iter().map(|h| h.manifest.subscribe.as_slice()));
-        let now = crate::clock::now_ms();
         let n_handlers = handlers.len();
         let mut timers = Timers::default();
         // New (or reset) due times are written at once, so that restarts shorter than a
@@ -618,7 +633,7 @@ impl Dispatcher {
         self.tag += 1;
         ws.tag = self.tag;
         for (k, v) in written {
-            self.store.overlay.put(k.clone(), v.clone(), ws.tag);
+            self.store.overlay().put(k.clone(), v.clone(), ws.tag);
             ws.state.push((k, v));
         }
         Some(ws)
@@ -1000,6 +1015,7 @@ fn record(
 mod tests {
     use super::*;
     use crate::sandbox::{HostEnv, Manifest, Runtime};
+    use crate::store::Store;
     use bytes::Bytes;
     use std::sync::atomic::Ordering;
 
@@ -1024,7 +1040,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(&dir.path().join("db"), 1 << 20).unwrap();
             let outbox = Arc::new(Outbox::load(&store, &cfg.outbox, 0).unwrap().0);
-            let state = Arc::new(EventState::new(store.clone()));
+            let state = Arc::new(EventState::new(Arc::new(store.clone())));
             let env = HostEnv {
                 max_payload_bytes: 1024,
                 ..HostEnv::new(&cfg, state.clone())
@@ -1044,11 +1060,12 @@ mod tests {
             let dispatcher = Dispatcher::new(
                 &cfg,
                 handlers,
-                store.clone(),
+                Arc::new(store.clone()),
                 state,
                 outbox,
                 tx,
                 metrics.clone(),
+                0,
             );
             Setup {
                 dispatcher,

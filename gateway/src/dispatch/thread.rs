@@ -2,10 +2,11 @@
 //! commit order" needs no lock), takes what the ingress and the control socket send through an
 //! [`Inbox`], and fires the handlers' timers when they fall due (`recv_timeout` until the next
 //! due time). Nothing on the tokio runtime runs a handler or waits for the committer: a stream
-//! hands over the frames it decoded as one [`Batch`] and awaits its [`BatchEnd`]. The frames
-//! waiting for this thread are bounded in bytes (`ingress.queue_bytes`): when the room is
-//! taken, streams stop reading (QUIC's flow control then holds the devices back) and datagrams
-//! are shed.
+//! hands over the frames of each read as one [`Batch`] and reads on; the frames waiting for
+//! this thread are bounded in bytes (`ingress.queue_bytes`): when the room is taken, streams
+//! stop reading (QUIC's flow control then holds the devices back) and datagrams are shed. A
+//! batch that ends in `busy` (or is dropped) halts its stream's [`Gate`]: the stream stops
+//! reading and its later batches are dropped unread.
 //!
 //! Supersede is a session number: the ingress announces each connection ([`Inbox::connected`])
 //! before it reads a frame, and a batch or datagram of any other session than the device's
@@ -13,15 +14,16 @@
 //! session can never claim a seq the new one was told is free.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{Dispatcher, HandlerStatus, Submitted};
+use crate::pipeline::Reply;
 use crate::proto::msg::{NackCode, Publish};
-use crate::store::commit::Reply;
 
 /// One frame of a stream, decoded and checked for what only the stream knows (its seq order,
 /// its publishing slot).
@@ -52,6 +54,33 @@ pub enum BatchEnd {
     Dropped,
 }
 
+/// What one stream's batches share with the dispatcher: halted once a batch of it ended in
+/// `busy` or was dropped. Later batches of the stream are then dropped unread, and the stream
+/// (woken) stops reading.
+#[derive(Debug, Default)]
+pub struct Gate {
+    halted: AtomicBool,
+    woken: Notify,
+}
+
+impl Gate {
+    pub fn is_halted(&self) -> bool {
+        self.halted.load(Ordering::Acquire)
+    }
+
+    fn halt(&self) {
+        self.halted.store(true, Ordering::Release);
+        self.woken.notify_one();
+    }
+
+    /// Waits until the gate is halted.
+    pub async fn halted(&self) {
+        while !self.is_halted() {
+            self.woken.notified().await;
+        }
+    }
+}
+
 /// The steps one read of a stream produced, in order, and where their answers go.
 pub struct Batch {
     pub session: u64,
@@ -60,6 +89,7 @@ pub struct Batch {
     /// When the frames were read (wall clock, ms).
     pub received_ms: u64,
     pub reply: Reply,
+    pub gate: Arc<Gate>,
 }
 
 enum Input {
@@ -73,7 +103,6 @@ enum Input {
     },
     Batch {
         batch: Batch,
-        done: oneshot::Sender<BatchEnd>,
         _room: OwnedSemaphorePermit,
     },
     Datagram {
@@ -112,27 +141,17 @@ impl Inbox {
         let _ = self.tx.send(Input::Disconnected { device, session });
     }
 
-    /// Waits for room for `bytes` of frames (at most the whole room), then hands `batch` over;
-    /// the answer comes once every step was taken or refused.
-    pub async fn dispatch(&self, batch: Batch, bytes: usize) -> BatchEnd {
-        let Ok(room) = self
+    /// Waits for room for `bytes` of frames (at most the whole room), then hands `batch` over
+    /// (its answers go to its reply; a busy answer or a drop halts its gate).
+    pub async fn dispatch(&self, batch: Batch, bytes: usize) -> Result<(), Stopped> {
+        let room = self
             .room
             .clone()
             .acquire_many_owned(self.share(bytes))
             .await
-        else {
-            return BatchEnd::Dropped;
-        };
-        let (done, end) = oneshot::channel();
-        let input = Input::Batch {
-            batch,
-            done,
-            _room: room,
-        };
-        if self.tx.send(input).is_err() {
-            return BatchEnd::Dropped;
-        }
-        end.await.unwrap_or(BatchEnd::Dropped)
+            .map_err(|_| Stopped)?;
+        let input = Input::Batch { batch, _room: room };
+        self.tx.send(input).map_err(|_| Stopped)
     }
 
     /// Hands a datagram over if there is room for it now; `false`: shed.
@@ -190,11 +209,49 @@ pub fn spawn(
     Ok((inbox, thread))
 }
 
+/// Each device's latest session: only its frames are taken.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    latest: HashMap<Arc<str>, u64>,
+}
+
+impl Sessions {
+    /// A new session of `device` supersedes the ones before.
+    pub fn connected(&mut self, device: Arc<str>, session: u64) {
+        self.latest.insert(device, session);
+    }
+
+    /// The session ended: forgotten unless a newer one registered.
+    pub fn disconnected(&mut self, device: &Arc<str>, session: u64) {
+        if self.latest.get(device) == Some(&session) {
+            self.latest.remove(device);
+        }
+    }
+
+    /// Whether input of `device` from `session` is taken.
+    pub fn is_latest(&self, device: &Arc<str>, session: u64) -> bool {
+        self.latest.get(device) == Some(&session)
+    }
+
+    /// Takes `batch` through `d` if its session is the device's latest and its stream was not
+    /// halted; drops it unread if not. A busy answer or a drop halts the stream's gate.
+    pub fn take(&self, d: &mut Dispatcher, batch: Batch) -> BatchEnd {
+        let gate = batch.gate.clone();
+        let end = match self.is_latest(&batch.device, batch.session) && !gate.is_halted() {
+            true => take(d, batch),
+            false => BatchEnd::Dropped,
+        };
+        if end != BatchEnd::Taken {
+            gate.halt();
+        }
+        end
+    }
+}
+
 /// The loop: timers when due, inputs in the order they were sent, until `Stop`; then the
 /// dispatcher closes (the committer finishes what it has and exits).
 fn run(mut d: Dispatcher, rx: Receiver<Input>) {
-    // Each device's latest session: only its frames are taken.
-    let mut sessions: HashMap<Arc<str>, u64> = HashMap::new();
+    let mut sessions = Sessions::default();
     loop {
         let input = match d.next_timer() {
             None => match rx.recv() {
@@ -218,20 +275,10 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>) {
             }
         };
         match input {
-            Input::Connected { device, session } => {
-                sessions.insert(device, session);
-            }
-            Input::Disconnected { device, session } => {
-                if sessions.get(&device) == Some(&session) {
-                    sessions.remove(&device);
-                }
-            }
-            Input::Batch { batch, done, _room } => {
-                let end = match sessions.get(&batch.device) == Some(&batch.session) {
-                    true => take(&mut d, batch),
-                    false => BatchEnd::Dropped,
-                };
-                let _ = done.send(end);
+            Input::Connected { device, session } => sessions.connected(device, session),
+            Input::Disconnected { device, session } => sessions.disconnected(&device, session),
+            Input::Batch { batch, _room } => {
+                sessions.take(&mut d, batch);
             }
             Input::Datagram {
                 session,
@@ -240,7 +287,7 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>) {
                 received_ms,
                 _room,
             } => {
-                if sessions.get(&device) == Some(&session) {
+                if sessions.is_latest(&device, session) {
                     d.datagram(&device, publish, received_ms);
                 }
             }

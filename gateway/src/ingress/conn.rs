@@ -11,12 +11,12 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::{watch, Notify};
 
 use super::Shared;
-use crate::dispatch::thread::{Batch, BatchEnd, Step};
+use crate::dispatch::thread::{Batch, Gate, Step};
 use crate::metrics::Metrics;
+use crate::pipeline::Settled;
 use crate::proto::frame::FrameDecoder;
 use crate::proto::msg::{self, DeviceMsg, GatewayMsg, NackCode};
 use crate::proto::{topic, CloseCode};
-use crate::store::commit::Settled;
 
 /// Items a stream may have submitted and not yet answered before it stops reading.
 const MAX_UNANSWERED: usize = 8192;
@@ -187,6 +187,7 @@ async fn stream(
     let mut decoder = FrameDecoder::new(shared.ingress.max_frame_bytes);
     let mut prev_seq = 0u64;
     let mut framing_lost = None;
+    let gate = Arc::new(Gate::default());
     'read: loop {
         // A device that does not read its answers stops being read (QUIC flow control then
         // stops it): the answers waiting for it stay bounded.
@@ -194,11 +195,14 @@ async fn stream(
             tokio::select! {
                 _ = unanswered.written.notified() => {}
                 _ = halt.changed() => break 'read,
+                _ = gate.halted() => break 'read,
             }
         }
         let chunk = tokio::select! {
             c = recv.read_chunk(64 * 1024, true) => c,
             _ = halt.changed() => break 'read,
+            // A batch ended in busy, or was dropped (superseded): nothing after it is kept.
+            _ = gate.halted() => break 'read,
         };
         let chunk = match chunk {
             Ok(Some(c)) => c,
@@ -263,15 +267,16 @@ async fn stream(
                 steps,
                 received_ms,
                 reply: reply.clone(),
+                gate: gate.clone(),
             };
-            // Waits for room, then for the dispatcher; a newer session of this device makes it
-            // drop the batch unread (the device resends it on the new connection). Stopping to
-            // read while waiting for room is the backpressure.
-            let end = tokio::select! {
-                end = shared.inbox.dispatch(batch, bytes) => end,
+            // Waits for room (not reading meanwhile is the backpressure), and reads on. A newer
+            // session of this device makes the dispatcher drop the batch unread (the device
+            // resends it on the new connection) and halt the gate.
+            let sent = tokio::select! {
+                sent = shared.inbox.dispatch(batch, bytes) => sent,
                 _ = halt.changed() => break 'read,
             };
-            if end != BatchEnd::Taken {
+            if sent.is_err() || gate.is_halted() {
                 break 'read;
             }
         }

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::config::{Class, FullPolicy, OutboxConfig};
-use crate::store::commit::{NewEntry, OutboxRecord};
+use crate::config::{FullPolicy, OutboxConfig};
+use crate::pipeline::Class;
+use crate::pipeline::OutboxRecord;
+use crate::store::commit::NewEntry;
 use crate::store::{keys, Store, StoreError};
 pub use policy::{Action, Pending, WakePolicy};
 
@@ -162,13 +164,7 @@ impl Outbox {
         now_ms: u64,
     ) -> Result<(Outbox, Loaded), StoreError> {
         let next_seq = crate::store::last_seq(store, keys::OUTBOX)?.map_or(1, |s| s + 1);
-        let ob = Outbox {
-            index: Mutex::new(Index::default()),
-            used: AtomicU64::new(0),
-            max_bytes: cfg.max_bytes,
-            full_policy: cfg.full_policy,
-            wake: Notify::new(),
-        };
+        let ob = Outbox::new(cfg);
         let now = Instant::now();
         let mut found = Vec::new();
         let mut corrupt = Vec::new();
@@ -199,14 +195,7 @@ impl Outbox {
         } else {
             dead_letter_corrupt(store, &corrupt, now_ms)?
         };
-        ob.used
-            .store(found.iter().map(|(e, _)| e.bytes).sum(), Ordering::Relaxed);
-        {
-            let mut ix = ob.lock();
-            for (e, at) in &found {
-                ix.insert(e, *at);
-            }
-        }
+        ob.restore(&found);
         tier_seqs.sort_unstable();
         let loaded = Loaded {
             next_seq,
@@ -215,6 +204,28 @@ impl Outbox {
             tier_seqs,
         };
         Ok((ob, loaded))
+    }
+
+    /// An empty outbox.
+    pub fn new(cfg: &OutboxConfig) -> Outbox {
+        Outbox {
+            index: Mutex::new(Index::default()),
+            used: AtomicU64::new(0),
+            max_bytes: cfg.max_bytes,
+            full_policy: cfg.full_policy,
+            wake: Notify::new(),
+        }
+    }
+
+    /// Entries found durable at start (each with when it was queued): indexed, and counted
+    /// against the budget.
+    pub fn restore(&self, found: &[(NewEntry, Instant)]) {
+        let bytes: u64 = found.iter().map(|(e, _)| e.bytes).sum();
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+        let mut ix = self.lock();
+        for (e, at) in found {
+            ix.insert(e, *at);
+        }
     }
 
     /// Admission control for one event's forwards (before anything is written).

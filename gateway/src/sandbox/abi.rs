@@ -12,7 +12,7 @@ use wasmi_core::LimiterError;
 
 use super::manifest::Limits;
 use super::{Effects, Forward, HostEnv, LogLine, Meta};
-use crate::config::Class;
+use crate::pipeline::Class;
 use crate::proto::topic;
 
 /// Fuel every host call costs on top of the bytes it copies.

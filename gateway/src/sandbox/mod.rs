@@ -14,7 +14,7 @@ pub use instance::{Handler, LoadError, Runtime};
 pub use manifest::Limits;
 pub use manifest::Manifest;
 
-use crate::config::Class;
+use crate::pipeline::Class;
 
 /// Reads committed-or-pending state for host calls (`state_get`).
 pub trait StateSource: Send + Sync {

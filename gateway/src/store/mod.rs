@@ -413,6 +413,21 @@ pub(crate) fn last_seq(store: &Store, prefix: &[u8]) -> Result<Option<u64>, Stor
         .and_then(|(k, _)| keys::seq_of(&k)))
 }
 
+impl crate::dispatch::Durable for Store {
+    fn hwm(&self, device: &str) -> Result<u64, StoreError> {
+        Store::hwm(self, device)
+    }
+    fn timer_due(&self, handler: &str) -> Result<Option<u64>, StoreError> {
+        Store::timer_due(self, handler)
+    }
+    fn quarantine(&self, handler: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Store::quarantine(self, handler)
+    }
+    fn overlay(&self) -> &Overlay {
+        &self.overlay
+    }
+}
+
 impl StateSource for Store {
     fn get(&self, handler: &str, key: &[u8]) -> Option<Vec<u8>> {
         let full = keys::state(handler, key);

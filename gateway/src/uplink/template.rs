@@ -76,7 +76,7 @@ impl Template {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Class;
+    use crate::pipeline::Class;
 
     #[test]
     fn placeholders_are_replaced_and_bad_templates_refused() {

@@ -69,7 +69,7 @@ pub fn classify(status: u16) -> SendResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Class;
+    use crate::pipeline::Class;
 
     #[test]
     fn body_has_the_exact_contract_shape() {

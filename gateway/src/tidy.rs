@@ -1,0 +1,140 @@
+//! The dependency rules of `docs/architecture.md`, checked on the source (in the way of
+//! rust-analyzer's tidy tests): which module may not name which. A rule broken here is a design
+//! change: change the map first.
+
+use std::path::{Path, PathBuf};
+
+/// (module: a folder or a file under `src/`, what its code may not name, why).
+const RULES: &[(&str, &[&str], &str)] = &[
+    (
+        "proto",
+        &["crate::", "tokio::", "quinn::", "sled::"],
+        "the wire protocol is pure: bytes in, messages out",
+    ),
+    (
+        "router.rs",
+        &["crate::store", "crate::sandbox", "tokio::", "sled::"],
+        "the router is pure",
+    ),
+    (
+        "timers.rs",
+        &["crate::", "tokio::", "sled::"],
+        "timers are pure",
+    ),
+    (
+        "jsonl.rs",
+        &["crate::", "tokio::", "sled::"],
+        "the JSON lines format is pure",
+    ),
+    (
+        "pipeline.rs",
+        &[
+            "crate::store",
+            "crate::dispatch",
+            "crate::ingress",
+            "crate::sandbox",
+            "sled::",
+        ],
+        "the pipeline's words belong to no stage",
+    ),
+    (
+        "sandbox",
+        &[
+            "crate::store",
+            "crate::dispatch",
+            "crate::ingress",
+            "crate::outbox",
+            "crate::uplink",
+            "sled::",
+            "tokio::",
+            "quinn::",
+        ],
+        "the sandbox runs one handler on data it is given: it knows nothing of sled or the network",
+    ),
+    (
+        "ingress",
+        &[
+            "crate::store",
+            "crate::sandbox",
+            "crate::outbox",
+            "crate::uplink",
+            "sled::",
+        ],
+        "the ingress moves bytes to and from the dispatcher's inbox; it knows nothing of the store",
+    ),
+    (
+        "dispatch",
+        &[
+            "crate::ingress",
+            "crate::uplink",
+            "crate::control",
+            "quinn::",
+            "sled::",
+        ],
+        "the dispatcher knows no socket and reaches sled only through the store",
+    ),
+    (
+        "uplink",
+        &["crate::dispatch", "crate::ingress", "crate::sandbox"],
+        "the uplink reads the outbox; it never runs a handler",
+    ),
+    (
+        "outbox",
+        &[
+            "crate::dispatch",
+            "crate::ingress",
+            "crate::sandbox",
+            "crate::uplink",
+        ],
+        "the outbox is below every stage that uses it",
+    ),
+];
+
+fn sources(at: &Path) -> Vec<PathBuf> {
+    if at.is_file() {
+        return vec![at.to_path_buf()];
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(at).unwrap().map(Result::unwrap) {
+        out.extend(sources(&e.path()));
+    }
+    out.retain(|p| p.extension().is_some_and(|x| x == "rs"));
+    out
+}
+
+/// The code of a file: comments and the tests module dropped (a doc link may name anything;
+/// a test may build what it needs).
+fn code(text: &str) -> String {
+    let end = text.find("#[cfg(test)]\nmod tests").unwrap_or(text.len());
+    text[..end]
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn each_module_names_only_what_the_map_allows() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut broken = Vec::new();
+    for (module, banned, why) in RULES {
+        let files = sources(&src.join(module));
+        assert!(!files.is_empty(), "no source for `{module}`");
+        for f in files {
+            let text = code(&std::fs::read_to_string(&f).unwrap());
+            for b in *banned {
+                // `crate::proto` inside proto/ is its own.
+                let own = format!("crate::{}", module.trim_end_matches(".rs"));
+                let hits = text.matches(b).count()
+                    - text.matches(&own).count() * (b == &"crate::") as usize;
+                if hits > 0 {
+                    broken.push(format!(
+                        "{} names `{b}`: {why}",
+                        f.strip_prefix(&src).unwrap().display()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}
