@@ -98,7 +98,7 @@ fn durable(gw: &Gateway) -> (HashMap<&'static str, u64>, u64, Vec<String>) {
         .unwrap()
         .map_or(0, |v| u64::from_le_bytes(v.try_into().unwrap()));
     let ids = store
-        .tree
+        .raw_tree()
         .scan_prefix(tidepool::store::keys::OUTBOX)
         .map(|kv| {
             let (_, v) = kv.unwrap();

@@ -217,17 +217,17 @@ async fn an_undecodable_outbox_entry_is_moved_to_the_dead_letters_and_the_gatewa
     {
         let store = open_stopped(&gw.data());
         store
-            .tree
+            .raw_tree()
             .insert(tidepool::store::keys::outbox(7), &b"not an entry"[..])
             .unwrap();
-        store.db.flush().unwrap();
+        store.raw_db().flush().unwrap();
     }
     gw.restart();
     let m = gw.stop();
     assert_eq!(m["outbox_corrupt"], 1, "{m}");
     let store = open_stopped(&gw.data());
     assert!(store
-        .tree
+        .raw_tree()
         .get(tidepool::store::keys::outbox(7))
         .unwrap()
         .is_none());

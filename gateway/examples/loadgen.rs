@@ -306,7 +306,7 @@ fn main() -> anyhow::Result<()> {
             value_bytes,
         } => {
             let store = open_sled(&dir)?;
-            let tree = store.db.open_tree("bench")?;
+            let tree = store.raw_db().open_tree("bench")?;
             let value = vec![b'x'; value_bytes];
             let start = Instant::now();
             let mut i = 0u64;
@@ -331,7 +331,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             use sled::Transactional;
             let store = open_sled(&dir)?;
-            let db = &store.db;
+            let db = store.raw_db();
             let one = db.open_tree("one")?;
             let (state, outbox, marks) =
                 (db.open_tree("s")?, db.open_tree("o")?, db.open_tree("h")?);

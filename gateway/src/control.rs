@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::dispatch::thread::Inbox;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::store::{DeadLetter, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// The socket's path in a data dir.
 pub fn socket_path(data_dir: &Path) -> PathBuf {
@@ -86,10 +86,8 @@ pub fn export_dead_letters(
     out: &mut (impl Write + ?Sized),
 ) -> Result<usize, StoreError> {
     let mut n = 0;
-    for kv in store.tree.scan_prefix(crate::store::keys::DEAD) {
-        let (_, v) = kv?;
-        let d: DeadLetter =
-            ciborium::from_reader(&*v).map_err(|_| StoreError::Corrupt("d/".into()))?;
+    for d in store.dead_letter_scan() {
+        let d = d?;
         writeln!(out, "{}", d.to_line().to_json())?;
         n += 1;
     }

@@ -48,7 +48,7 @@ impl Class {
 
 /// An outbox entry ready to be written.
 #[derive(Debug, Clone)]
-pub struct OutboxRecord {
+pub struct OutboxWrite {
     pub class: Class,
     /// The encoded [`crate::outbox::Entry`].
     pub entry: Vec<u8>,
@@ -59,7 +59,7 @@ pub struct OutboxRecord {
 pub struct WriteSet {
     /// Full store keys (see [`keys::state`]); `None` deletes.
     pub state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    pub outbox: Vec<OutboxRecord>,
+    pub outbox: Vec<OutboxWrite>,
     /// Encoded [`super::DeadLetter`]s.
     pub dead: Vec<Vec<u8>>,
     /// The overlay tag of these state writes.

@@ -3,7 +3,7 @@
 //! disk that knows what is synced, a fake cloud and a virtual clock, driven by a seeded random
 //! schedule of device sends, group writes, syncs, deliveries, reconnects, clock steps and
 //! crashes (at any point: a crash between a group's write and its sync loses the group; between
-//! a delivery and its settle, the cloud sees the entries again). After every step it checks the
+//! a delivery and its clear, the cloud sees the entries again). After every step it checks the
 //! invariants of `docs/delivery.md`:
 //!
 //! - no answer before its sync: an ack, nack or welcome reaches a device only once the disk's
@@ -249,7 +249,7 @@ struct Sim {
     now_ms: u64,
     /// Ids the cloud received, with how often.
     cloud: HashMap<String, u32>,
-    /// Ids the cloud may have twice: delivered, then a crash before the settle.
+    /// Ids the cloud may have twice: delivered, then a crash before the clear.
     redeliverable: BTreeSet<String>,
     steps: usize,
     crashes: usize,
@@ -481,7 +481,7 @@ impl Sim {
         disk.lock().unwrap().sync();
         let g = life.queue.flushed(g);
         for (keys, tag) in &g.overlay {
-            life.store.overlay.settle(keys.iter(), *tag);
+            life.store.overlay.forget_durable(keys.iter(), *tag);
         }
         life.outbox.add(&g.entries, Instant::now());
         life.dispatcher.backlog.leave(g.items, g.bytes);
@@ -490,9 +490,9 @@ impl Sim {
         }
     }
 
-    /// The fake cloud takes up to `n` synced entries; the settle (their removal) is synced,
+    /// The fake cloud takes up to `n` synced entries; the clear (their removal) is synced,
     /// unless the gateway crashes in between.
-    fn deliver(&mut self, n: usize, crash_before_settle: bool) {
+    fn deliver(&mut self, n: usize, crash_before_clear: bool) {
         let batch: Vec<(Vec<u8>, String)> = {
             let d = self.disk.lock().unwrap();
             d.synced
@@ -507,7 +507,7 @@ impl Sim {
         for (_, id) in &batch {
             *self.cloud.entry(id.clone()).or_default() += 1;
         }
-        if crash_before_settle {
+        if crash_before_clear {
             self.redeliverable
                 .extend(batch.iter().map(|(_, id)| id.clone()));
             self.crash();
@@ -664,7 +664,7 @@ impl Sim {
         for (id, n) in &self.cloud {
             assert!(
                 *n == 1 || self.redeliverable.contains(id),
-                "the cloud got {id} {n} times without a crash before its settle"
+                "the cloud got {id} {n} times without a crash before its clear"
             );
         }
     }

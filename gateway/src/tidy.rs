@@ -90,6 +90,26 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ),
 ];
 
+/// Outside `store/`, no code reaches under the store's typed operations.
+#[test]
+fn only_the_store_touches_sled() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut broken = Vec::new();
+    for f in sources(&src) {
+        let rel = f.strip_prefix(&src).unwrap();
+        if rel.starts_with("store") || rel == Path::new("tidy.rs") {
+            continue;
+        }
+        let text = code(&std::fs::read_to_string(&f).unwrap());
+        for b in ["sled::", "raw_tree(", "raw_db("] {
+            if text.contains(b) {
+                broken.push(format!("{} names `{b}`", rel.display()));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
+}
+
 fn sources(at: &Path) -> Vec<PathBuf> {
     if at.is_file() {
         return vec![at.to_path_buf()];

@@ -13,7 +13,7 @@ use tidepool::jsonl::{Input, Line};
 use tidepool::sandbox::{
     EventInfo, Handler, HostEnv, Manifest, Outcome, Runtime, StateSource, TimerInfo,
 };
-use tidepool::store::{keys, Store};
+use tidepool::store::Store;
 
 /// Run a handler locally on a file of events, the way the gateway would.
 ///
@@ -97,14 +97,7 @@ impl LocalState {
                 }
             }
             LocalState::Store(s) => {
-                let mut batch = sled::Batch::default();
-                for (k, v) in writes {
-                    match v {
-                        Some(v) => batch.insert(keys::state(handler, k), v.as_slice()),
-                        None => batch.remove(keys::state(handler, k)),
-                    }
-                }
-                s.tree.apply_batch(batch)?;
+                s.put_state(handler, writes)?;
             }
         }
         Ok(())

@@ -17,7 +17,7 @@ use crate::metrics::Metrics;
 use crate::os::disk::DiskWatch;
 use crate::outbox::{entry_id, Admission, Entry, Outbox};
 use crate::pipeline::Class;
-use crate::pipeline::{Item, ItemKind, OutboxRecord, Reply, WriteSet};
+use crate::pipeline::{Item, ItemKind, OutboxWrite, Reply, WriteSet};
 use crate::proto::msg::{NackCode, Publish};
 use crate::proto::topic;
 use crate::record::{Offer, RecordTap};
@@ -544,10 +544,19 @@ impl Dispatcher {
                         let r = match ctx.relay {
                             // A lower tier's event goes on as the origin sent it: its id, its
                             // device and its class.
-                            Some(o) => record(o.id.into(), o.src, ctx, topic, o.class, payload),
+                            Some(o) => {
+                                forward_entry(o.id.into(), o.src, ctx, topic, o.class, payload)
+                            }
                             None => {
                                 let id = entry_id(&self.gateway, ctx.device, ctx.seq_text, "", 0);
-                                record(id, ctx.device, ctx, topic, self.unrouted_class, payload)
+                                forward_entry(
+                                    id,
+                                    ctx.device,
+                                    ctx,
+                                    topic,
+                                    self.unrouted_class,
+                                    payload,
+                                )
                             }
                         };
                         run.ws.outbox.push(r);
@@ -572,7 +581,7 @@ impl Dispatcher {
                             let outcome = self.handlers[h].timer(&info);
                             self.share_end(h, started);
                             Metrics::inc(&self.metrics.timer_calls);
-                            self.settle(ctx, h, At::ROOT_TIMER, outcome, &mut run);
+                            self.apply_outcome(ctx, h, At::ROOT_TIMER, outcome, &mut run);
                         }
                     }
                 }
@@ -672,7 +681,7 @@ impl Dispatcher {
             let version = self.handlers[h].manifest.version;
             let handler = &mut self.handlers[h];
             handler.quarantine.version = version;
-            let Some(change) = handler.quarantine.record(device, v, now_ms, settings) else {
+            let Some(change) = handler.quarantine.observe(device, v, now_ms, settings) else {
                 continue;
             };
             let name = handler.name().to_string();
@@ -763,7 +772,7 @@ impl Dispatcher {
         let outcome = self.handlers[h].invoke(&ev);
         self.share_end(h, started);
         Metrics::inc(&self.metrics.handler_calls);
-        self.settle(ctx, h, at, outcome, run);
+        self.apply_outcome(ctx, h, at, outcome, run);
     }
 
     /// Handler `h`'s CPU share as a run starts: over it (a refusal, counted), or the clock
@@ -790,7 +799,14 @@ impl Dispatcher {
     }
 
     /// Takes one invocation's outcome into the write set: its effects, or a dead letter.
-    fn settle(&mut self, ctx: &Ctx<'_>, h: usize, at: At<'_>, outcome: Outcome, run: &mut Run) {
+    fn apply_outcome(
+        &mut self,
+        ctx: &Ctx<'_>,
+        h: usize,
+        at: At<'_>,
+        outcome: Outcome,
+        run: &mut Run,
+    ) {
         self.log_used[h] += outcome.log_bytes;
         Metrics::add(&self.metrics.log_bytes_dropped, outcome.log_dropped as u64);
         run.verdicts.push((h, outcome.failure_kind()));
@@ -834,7 +850,7 @@ impl Dispatcher {
         };
         for (i, f) in effects.forwards.into_iter().enumerate() {
             let id = entry_id(&self.gateway, ctx.device, &seq_part, &name, i);
-            let r = record(id, ctx.device, ctx, &f.topic, f.class, &f.payload);
+            let r = forward_entry(id, ctx.device, ctx, &f.topic, f.class, &f.payload);
             run.ws.outbox.push(r);
         }
         for (et, ep) in effects.emits {
@@ -986,14 +1002,14 @@ fn timer_write(handler: &str, due_ms: u64) -> (Vec<u8>, Option<Vec<u8>>) {
 /// An outbox entry for a forward of the event (or timer firing) in `ctx`: its time is the
 /// device's `ts`, else when it was received; it is queued at `received_ms`. `device` is the
 /// event's device (the origin's, for an event a lower tier relays).
-fn record(
+fn forward_entry(
     id: String,
     device: &str,
     ctx: &Ctx<'_>,
     topic: &str,
     class: Class,
     payload: &[u8],
-) -> OutboxRecord {
+) -> OutboxWrite {
     let e = Entry {
         id,
         device: device.to_string(),
@@ -1005,7 +1021,7 @@ fn record(
         tier_seq: None,
         tier_nack: None,
     };
-    OutboxRecord {
+    OutboxWrite {
         class,
         entry: e.encode(),
     }

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use crate::config::{FullPolicy, OutboxConfig};
 use crate::pipeline::Class;
-use crate::pipeline::OutboxRecord;
+use crate::pipeline::OutboxWrite;
 use crate::store::commit::NewEntry;
 use crate::store::{keys, Store, StoreError};
 pub use policy::{Action, Pending, WakePolicy};
@@ -105,7 +105,6 @@ fn dead_letter_corrupt(
     corrupt: &[(Vec<u8>, Vec<u8>)],
     now_ms: u64,
 ) -> Result<u64, StoreError> {
-    let mut batch = sled::Batch::default();
     let mut letters = Vec::with_capacity(corrupt.len());
     for (k, v) in corrupt {
         let seq = keys::seq_of(k);
@@ -121,9 +120,8 @@ fn dead_letter_corrupt(
             ts: None,
         };
         letters.push(d.encode());
-        batch.remove(k.as_slice());
     }
-    store.commit(batch, letters)
+    store.clear_outbox(corrupt.iter().map(|(k, _)| k.clone()), letters)
 }
 
 /// What [`Outbox::load`] found besides the entries.
@@ -169,7 +167,7 @@ impl Outbox {
         let mut found = Vec::new();
         let mut corrupt = Vec::new();
         let mut tier_seqs = Vec::new();
-        for kv in store.tree.scan_prefix(keys::OUTBOX) {
+        for kv in store.outbox_scan() {
             let (k, v) = kv?;
             let (Some(seq), Some(e)) = (keys::seq_of(&k), Entry::decode(&v)) else {
                 corrupt.push((k.to_vec(), v.to_vec()));
@@ -229,8 +227,8 @@ impl Outbox {
     }
 
     /// Admission control for one event's forwards (before anything is written).
-    pub fn admit(&self, records: &mut Vec<OutboxRecord>) -> Admission {
-        let size = |rs: &mut dyn Iterator<Item = &OutboxRecord>| {
+    pub fn admit(&self, records: &mut Vec<OutboxWrite>) -> Admission {
+        let size = |rs: &mut dyn Iterator<Item = &OutboxWrite>| {
             rs.map(|r| r.entry.len() as u64).sum::<u64>()
         };
         let need = size(&mut records.iter());
@@ -366,8 +364,8 @@ mod tests {
         }
     }
 
-    fn rec(class: Class, n: usize) -> OutboxRecord {
-        OutboxRecord {
+    fn rec(class: Class, n: usize) -> OutboxWrite {
+        OutboxWrite {
             class,
             entry: vec![0; n],
         }
@@ -459,7 +457,10 @@ mod tests {
             (4, entry(Class::Normal, now_ms + hour).encode()),
         ];
         for (seq, v) in &puts {
-            store.tree.insert(keys::outbox(*seq), v.as_slice()).unwrap();
+            store
+                .raw_tree()
+                .insert(keys::outbox(*seq), v.as_slice())
+                .unwrap();
         }
         let before = Instant::now();
         let (ob, loaded) = Outbox::load(&store, &Config::defaults().outbox, now_ms).unwrap();
@@ -474,7 +475,7 @@ mod tests {
         assert!(normal_age >= Duration::from_millis(1000), "{normal_age:?}");
         assert!(normal_age < Duration::from_secs(60), "{normal_age:?}");
         assert_eq!((p.bulk, p.normal), (1, 2));
-        assert!(store.tree.get(keys::outbox(2)).unwrap().is_none());
+        assert!(store.raw_tree().get(keys::outbox(2)).unwrap().is_none());
         let letters = store.dead_letters().unwrap();
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].payload, b"garbage");

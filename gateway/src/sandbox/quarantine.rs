@@ -130,7 +130,7 @@ impl Quarantine {
     /// them. After `after` failures in a row (0: never) the handler is held for `hold_ms`: for
     /// every device when the run spans `devices_for_all` devices (0: never), else for this
     /// device once its own count is there (and its failures leave the run).
-    pub fn record(
+    pub fn observe(
         &mut self,
         device: &str,
         failed: Option<FailureKind>,
@@ -251,10 +251,10 @@ mod tests {
     #[test]
     fn one_device_that_keeps_failing_a_handler_loses_it_alone() {
         let mut q = Quarantine::default();
-        assert_eq!(q.record("d1", TRAP, 0, S), None);
-        assert_eq!(q.record("d1", TRAP, 0, S), None);
+        assert_eq!(q.observe("d1", TRAP, 0, S), None);
+        assert_eq!(q.observe("d1", TRAP, 0, S), None);
         assert_eq!(
-            q.record("d1", TRAP, 0, S),
+            q.observe("d1", TRAP, 0, S),
             Some(Change::Device {
                 device: "d1".into(),
                 n: 1,
@@ -272,18 +272,18 @@ mod tests {
         let mut q = Quarantine::default();
         let s = (2, 3, 60_000);
         for d in ["d1", "d2"] {
-            q.record(d, TRAP, 0, s);
-            let c = q.record(d, TRAP, 0, s);
+            q.observe(d, TRAP, 0, s);
+            let c = q.observe(d, TRAP, 0, s);
             assert!(matches!(c, Some(Change::Device { .. })), "{c:?}");
         }
         // d1 and d2 are held: their failures left the run, so a third device alone is not
         // "several devices".
-        assert_eq!(q.record("", TRAP, 0, s), None);
+        assert_eq!(q.observe("", TRAP, 0, s), None);
         assert!(!q.blocks("d9", 0));
         // A run that spans three devices not held is (the timer's, d3's, d4's).
-        assert_eq!(q.record("d3", TRAP, 0, s), None);
+        assert_eq!(q.observe("d3", TRAP, 0, s), None);
         assert_eq!(
-            q.record("d4", TRAP, 0, s),
+            q.observe("d4", TRAP, 0, s),
             Some(Change::All { until_ms: 60_000 })
         );
         assert!(q.blocks("d9", 0));
@@ -296,12 +296,12 @@ mod tests {
         let mut q = Quarantine::default();
         for i in 0..49 {
             assert_eq!(
-                q.record(&format!("d{i}"), TRAP, 0, S50),
+                q.observe(&format!("d{i}"), TRAP, 0, S50),
                 None,
                 "failure {i}"
             );
         }
-        let c = q.record("d49", TRAP, 0, S50);
+        let c = q.observe("d49", TRAP, 0, S50);
         assert!(matches!(c, Some(Change::All { .. })), "{c:?}");
     }
 
@@ -312,11 +312,11 @@ mod tests {
         let mut q = Quarantine::default();
         let s = (2, 2, 60_000);
         for bad in ["b1", "b2", "b3"] {
-            q.record(bad, TRAP, 0, s);
-            q.record("good", None, 0, s);
-            let c = q.record(bad, TRAP, 0, s);
+            q.observe(bad, TRAP, 0, s);
+            q.observe("good", None, 0, s);
+            let c = q.observe(bad, TRAP, 0, s);
             assert!(matches!(c, Some(Change::Device { .. })), "{c:?}");
-            q.record("good", None, 0, s);
+            q.observe("good", None, 0, s);
         }
         assert!(!q.all() && !q.blocks("good", 0) && q.blocks("b3", 0));
     }
@@ -325,24 +325,24 @@ mod tests {
     fn a_success_or_a_rejection_in_between_and_zero_settings() {
         let mut q = Quarantine::default();
         let s = (2, 3, 60_000);
-        q.record("d1", TRAP, 0, s);
-        q.record("d1", None, 0, s);
+        q.observe("d1", TRAP, 0, s);
+        q.observe("d1", None, 0, s);
         assert_eq!(q.in_row("d1"), 0);
-        q.record("d1", TRAP, 0, s);
-        q.record("d1", Some(FailureKind::Rejected), 0, s);
+        q.observe("d1", TRAP, 0, s);
+        q.observe("d1", Some(FailureKind::Rejected), 0, s);
         assert_eq!(q.in_row("d1"), 1, "a rejection leaves the count");
         // Another device's failures do not count for this one.
-        q.record("d2", TRAP, 0, s);
+        q.observe("d2", TRAP, 0, s);
         assert!(!q.blocks("d1", 0) && !q.blocks("d2", 0));
         assert_eq!(q.worst_in_row(), 1);
         // 0: never quarantined; 0 devices: never for all.
         let mut never = Quarantine::default();
         for _ in 0..10 {
-            assert_eq!(never.record("d1", TRAP, 0, (0, 3, 1)), None);
+            assert_eq!(never.observe("d1", TRAP, 0, (0, 3, 1)), None);
         }
         let mut per_device = Quarantine::default();
         for d in ["a", "b", "c", "d"] {
-            per_device.record(d, TRAP, 0, (1, 0, 1));
+            per_device.observe(d, TRAP, 0, (1, 0, 1));
         }
         assert!(!per_device.all() && per_device.blocks("c", 0));
     }
@@ -353,11 +353,11 @@ mod tests {
     fn a_quarantine_ends_on_probation() {
         let mut q = Quarantine::default();
         let s = (1, 3, 60_000);
-        q.record("d1", TRAP, 0, s);
+        q.observe("d1", TRAP, 0, s);
         assert!(q.blocks("d1", 59_999));
         assert!(!q.blocks("d1", 60_000), "the probation lets one through");
         assert_eq!(
-            q.record("d1", TRAP, 60_000, s),
+            q.observe("d1", TRAP, 60_000, s),
             Some(Change::Extended {
                 device: "d1".into(),
                 until_ms: 180_000
@@ -366,12 +366,12 @@ mod tests {
         assert!(q.blocks("d1", 179_999));
         let mut t = 180_000;
         for _ in 0..10 {
-            q.record("d1", TRAP, t, s);
+            q.observe("d1", TRAP, t, s);
             t = q.devices.get("d1").unwrap().until_ms;
         }
         assert_eq!(q.devices.get("d1").unwrap().hold_ms, MAX_HOLD_MS);
         assert_eq!(
-            q.record("d1", None, t, s),
+            q.observe("d1", None, t, s),
             Some(Change::Released {
                 device: Some("d1".into())
             })
@@ -386,30 +386,30 @@ mod tests {
     fn a_held_device_cannot_help_take_the_handler_from_everyone() {
         let mut q = Quarantine::default();
         for _ in 0..50 {
-            q.record("bad", TRAP, 0, S50);
+            q.observe("bad", TRAP, 0, S50);
         }
         assert!(q.blocks("bad", 0) && !q.all());
-        assert_eq!(q.record("x", TRAP, 0, S50), None);
-        assert_eq!(q.record("", TRAP, 0, S50), None);
+        assert_eq!(q.observe("x", TRAP, 0, S50), None);
+        assert_eq!(q.observe("", TRAP, 0, S50), None);
         assert!(!q.all(), "two stray failures are not a broken handler");
 
         let mut q = Quarantine::default();
         let s = (2, 2, 1_000);
-        q.record("bad", TRAP, 0, (1, 2, 100_000));
-        q.record("a", TRAP, 0, s);
+        q.observe("bad", TRAP, 0, (1, 2, 100_000));
+        q.observe("a", TRAP, 0, s);
         assert!(matches!(
-            q.record("b", TRAP, 0, s),
+            q.observe("b", TRAP, 0, s),
             Some(Change::All { .. })
         ));
         // The hold for all is up at 1,000; `bad` is still held on its own.
         assert!(q.blocks("bad", 1_000) && !q.blocks("a", 1_000));
-        assert_eq!(q.record("a", Some(FailureKind::Rejected), 1_000, s), None);
+        assert_eq!(q.observe("a", Some(FailureKind::Rejected), 1_000, s), None);
         assert!(
             !q.blocks("a", 1_000),
             "a rejection leaves the probation open"
         );
         assert_eq!(
-            q.record("a", None, 1_000, s),
+            q.observe("a", None, 1_000, s),
             Some(Change::Released { device: None })
         );
         assert!(q.blocks("bad", 1_000), "its own hold stays");
@@ -419,14 +419,14 @@ mod tests {
     fn the_held_set_is_bounded_and_a_wrong_clock_cannot_hold_for_years() {
         let mut q = Quarantine::default();
         for i in 0..MAX_HELD_DEVICES {
-            let c = q.record(&format!("d{i}"), TRAP, 0, (1, 0, 60_000));
+            let c = q.observe(&format!("d{i}"), TRAP, 0, (1, 0, 60_000));
             assert!(matches!(c, Some(Change::Device { .. })), "{c:?}");
         }
-        let c = q.record("one-more", TRAP, 0, (1, 0, 60_000));
+        let c = q.observe("one-more", TRAP, 0, (1, 0, 60_000));
         assert!(matches!(c, Some(Change::All { .. })), "{c:?}");
         // Set with a clock 50 years ahead, read back at the real time: an hour at most.
         let mut q = Quarantine::default();
-        q.record("d1", TRAP, 1_600_000_000_000_000, (1, 3, 60_000));
+        q.observe("d1", TRAP, 1_600_000_000_000_000, (1, 3, 60_000));
         let mut back = Quarantine::decode(&q.encode()).unwrap();
         back.clamp(1_000);
         assert!(back.blocks("d1", 1_000) && !back.blocks("d1", 61_000));
@@ -444,8 +444,8 @@ mod tests {
     #[test]
     fn the_held_set_survives_encoding_and_the_counts_do_not() {
         let mut q = Quarantine::default();
-        q.record("d1", TRAP, 5, (1, 3, 60_000));
-        q.record("d2", TRAP, 5, (2, 3, 60_000));
+        q.observe("d1", TRAP, 5, (1, 3, 60_000));
+        q.observe("d2", TRAP, 5, (2, 3, 60_000));
         let back = Quarantine::decode(&q.encode()).unwrap();
         assert!(back.blocks("d1", 6) && !back.blocks("d2", 6));
         assert_eq!(back.in_row("d2"), 0);

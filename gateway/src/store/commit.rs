@@ -273,7 +273,7 @@ pub fn run(
         let mut group = q.flushed(group);
         group.dead_dropped = dead_dropped;
         for (keys, tag) in &group.overlay {
-            store.overlay.settle(keys.iter(), *tag);
+            store.overlay.forget_durable(keys.iter(), *tag);
         }
         hooks.after_flush(&group);
         for (reply, settled) in group.replies {
@@ -286,7 +286,7 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::{OutboxRecord, WriteSet};
+    use crate::pipeline::{OutboxWrite, WriteSet};
     use crate::proto::msg::NackCode;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -562,7 +562,7 @@ mod tests {
         let (tx, mut rx) = unbounded_channel();
         let mut q = CommitQueue::new(10);
         let mut ws = WriteSet::default();
-        ws.outbox.push(OutboxRecord {
+        ws.outbox.push(OutboxWrite {
             class: Class::Urgent,
             entry: b"e".to_vec(),
         });

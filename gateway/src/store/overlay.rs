@@ -24,7 +24,7 @@ impl Overlay {
     }
 
     /// Drops the writes of item `tag` that are now durable.
-    pub fn settle<'a>(&self, keys: impl Iterator<Item = &'a Vec<u8>>, tag: u64) {
+    pub fn forget_durable<'a>(&self, keys: impl Iterator<Item = &'a Vec<u8>>, tag: u64) {
         let mut m = self.lock();
         for k in keys {
             if m.get(k).is_some_and(|(_, t)| *t == tag) {
@@ -56,9 +56,9 @@ mod tests {
         let o = Overlay::default();
         o.put(b"k".to_vec(), Some(b"1".to_vec()), 1);
         o.put(b"k".to_vec(), Some(b"2".to_vec()), 2);
-        o.settle([b"k".to_vec()].iter(), 1);
+        o.forget_durable([b"k".to_vec()].iter(), 1);
         assert_eq!(o.get(b"k"), Some(Some(b"2".to_vec())));
-        o.settle([b"k".to_vec()].iter(), 2);
+        o.forget_durable([b"k".to_vec()].iter(), 2);
         assert_eq!(o.get(b"k"), None);
         assert!(o.is_empty());
     }

@@ -154,8 +154,7 @@ impl<S: Sink> Uplink<S> {
         for s in &seqs {
             let v = self
                 .store
-                .tree
-                .get(keys::outbox(*s))?
+                .outbox_entry(*s)?
                 .ok_or_else(|| StoreError::Corrupt("o/ (missing)".into()))?;
             entries.push(Entry::decode(&v).ok_or_else(|| StoreError::Corrupt("o/".into()))?);
         }
@@ -167,11 +166,8 @@ impl<S: Sink> Uplink<S> {
     /// batch, why) of each refused one) in one batch and makes it durable before anything
     /// else is sent: on an idle box no group commit follows to carry it, and a kill would post
     /// the same batch again at restart.
-    async fn settle(&mut self, b: &Batch, dead: &[(usize, String)]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for s in &b.seqs {
-            batch.remove(keys::outbox(*s));
-        }
+    async fn clear_sent(&mut self, b: &Batch, dead: &[(usize, String)]) -> Result<(), StoreError> {
+        let keys: Vec<Vec<u8>> = b.seqs.iter().map(|s| keys::outbox(*s)).collect();
         let letters: Vec<Vec<u8>> = dead
             .iter()
             .filter_map(|(i, why)| Some((b.entries.get(*i)?, why)))
@@ -191,7 +187,7 @@ impl<S: Sink> Uplink<S> {
             .collect();
         Metrics::add(&self.metrics.dead_letters, letters.len() as u64);
         let store = self.store.clone();
-        let dropped = tokio::task::spawn_blocking(move || store.commit(batch, letters))
+        let dropped = tokio::task::spawn_blocking(move || store.clear_outbox(keys, letters))
             .await
             .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
         Metrics::add(&self.metrics.dead_letters_dropped, dropped);
@@ -270,7 +266,7 @@ impl<S: Sink> Uplink<S> {
                                 let id = batch.entries.get(*i).map_or("?", |e| e.id.as_str());
                                 tracing::error!(batch = %batch.id, entry = id, "the far side refused an event for good ({why}); dead-lettered");
                             }
-                            self.settle(&batch, &refused).await?;
+                            self.clear_sent(&batch, &refused).await?;
                             plan.delivered(&batch.seqs);
                             Metrics::inc(&self.metrics.batches_sent);
                             Metrics::add(
@@ -280,7 +276,7 @@ impl<S: Sink> Uplink<S> {
                             self.policy.on_delivered(Instant::now());
                         }
                         SendResult::Delivered => {
-                            self.settle(&batch, &[]).await?;
+                            self.clear_sent(&batch, &[]).await?;
                             plan.delivered(&batch.seqs);
                             Metrics::inc(&self.metrics.batches_sent);
                             Metrics::add(&self.metrics.events_sent, batch.seqs.len() as u64);
@@ -297,20 +293,20 @@ impl<S: Sink> Uplink<S> {
                             }
                             if plan.failed(batch.seqs.clone(), !S::RETRY_AS_IS).is_some() {
                                 tracing::error!(batch = %batch.id, "an event keeps failing while the cloud accepts others ({why}); dead-lettered");
-                                self.settle(&batch, &all(&batch, &why)).await?;
+                                self.clear_sent(&batch, &all(&batch, &why)).await?;
                             }
                         }
                         SendResult::Split => {
                             if plan.too_large(batch.seqs.clone()).is_some() {
                                 tracing::error!(batch = %batch.id, "an event is too large for the cloud (HTTP 413, also after other events were accepted); dead-lettered");
-                                self.settle(&batch, &all(&batch, "HTTP 413")).await?;
+                                self.clear_sent(&batch, &all(&batch, "HTTP 413")).await?;
                                 self.policy.on_delivered(Instant::now());
                             }
                         }
                         SendResult::Reject(why) => {
                             if plan.refused(batch.seqs.clone()).is_some() {
                                 tracing::error!(batch = %batch.id, "the cloud rejected an event ({why}), also after accepting others; dead-lettered");
-                                self.settle(&batch, &all(&batch, &why)).await?;
+                                self.clear_sent(&batch, &all(&batch, &why)).await?;
                                 self.policy.on_delivered(Instant::now());
                             }
                         }

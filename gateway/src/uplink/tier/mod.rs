@@ -31,7 +31,6 @@ use crate::metrics::Metrics;
 use crate::outbox::Entry;
 use crate::proto::msg::{DeviceMsg, GatewayMsg, Publish};
 use crate::proto::CloseCode;
-use crate::store::keys;
 use crate::store::Store;
 use crate::uplink::template::Template;
 use crate::uplink::{Batch, SendResult, Sent, Sink};
@@ -137,15 +136,15 @@ impl TierSink {
     /// Rewrites the batch's entries that `change` changes (given each one's index), and
     /// syncs. A store error stops the process, as everywhere.
     async fn rewrite(&self, batch: &Batch, change: impl Fn(usize, &mut Entry) -> bool) {
-        let mut writes = sled::Batch::default();
+        let mut writes = Vec::new();
         for (i, (o, e)) in batch.seqs.iter().zip(&batch.entries).enumerate() {
             let mut e = e.clone();
             if change(i, &mut e) {
-                writes.insert(keys::outbox(*o), e.encode());
+                writes.push((*o, e.encode()));
             }
         }
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.commit(writes, Vec::new())).await {
+        match tokio::task::spawn_blocking(move || store.rewrite_outbox(writes)).await {
             Ok(Ok(_)) => Metrics::inc(&self.metrics.store_syncs),
             Ok(Err(e)) => crate::store::fatal("writing tier seqs into the outbox", e),
             Err(e) => crate::store::fatal("writing tier seqs into the outbox", e),
