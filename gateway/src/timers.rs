@@ -65,6 +65,11 @@ impl Timers {
         self.slots.iter().map(|s| s.due_ms).min()
     }
 
+    /// The shortest period of any timer.
+    pub fn shortest_period(&self) -> Option<u64> {
+        self.slots.iter().map(|s| s.period_ms).min()
+    }
+
     /// The timers due at `now`, as `(handler, due_ms, next_due_ms)`, each rescheduled to its
     /// next due time.
     pub fn take_due(&mut self, now_ms: u64) -> Vec<(usize, u64, u64)> {

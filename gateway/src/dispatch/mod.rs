@@ -122,6 +122,8 @@ pub struct Dispatcher {
     recorder: Option<RecordTap>,
     disk: Option<Arc<DiskWatch>>,
     claimed: HashMap<Arc<str>, u64>,
+    /// Devices answered busy at a seq they have not resent yet (see [`Dispatcher::publish`]).
+    busy_floor: HashMap<Arc<str>, u64>,
     store: Arc<dyn Durable>,
     state: Arc<EventState>,
     outbox: Arc<Outbox>,
@@ -218,6 +220,7 @@ impl Dispatcher {
             recorder: None,
             disk: None,
             claimed: HashMap::new(),
+            busy_floor: HashMap::new(),
             store,
             state,
             outbox,
@@ -410,11 +413,22 @@ impl Dispatcher {
             self.submit(device, p.seq, ItemKind::Resend, Some(reply));
             return Submitted::Queued;
         }
+        // After a busy answer at seq s, nothing above s is kept (nor nacked: a nack moves the
+        // mark too) until the device resends from s: a later seq from another stream would
+        // otherwise be acked, and its ack would cover the seqs that were not kept.
+        match self.busy_floor.get(device) {
+            Some(&floor) if p.seq > floor => return Submitted::Busy,
+            Some(_) => {
+                self.busy_floor.remove(device);
+            }
+            None => {}
+        }
         if let Err((code, reason)) = self.check(device, &p) {
             self.nack(device, p.seq, code, reason, reply);
             return Submitted::Queued;
         }
         if self.disk_low() {
+            self.busy_floor.insert(device.clone(), p.seq);
             return Submitted::Busy;
         }
         let seq_text = p.seq.to_string();
@@ -438,13 +452,15 @@ impl Dispatcher {
                 self.submit(device, p.seq, ItemKind::Event(Box::new(ws)), Some(reply));
                 Submitted::Queued
             }
-            None => Submitted::Busy,
+            None => {
+                self.busy_floor.insert(device.clone(), p.seq);
+                Submitted::Busy
+            }
         }
     }
 
     /// A best-effort telemetry datagram: no seq, no ack, shed first under load.
     pub fn datagram(&mut self, device: &Arc<str>, p: Publish, received_ms: u64) {
-        Metrics::inc(&self.metrics.datagrams_in);
         if self.backlog.items() > self.datagram_shed_backlog
             || self.backlog.is_nearly_full()
             || self.check(device, &p).is_err()
@@ -527,6 +543,18 @@ impl Dispatcher {
     /// The next due time of any timer (`None`: no handler has a timer).
     pub fn next_timer(&self) -> Option<u64> {
         self.timers.next_due()
+    }
+
+    /// The shortest timer period: the longest a timer loop may sleep without a look at the
+    /// clock (which may have been set back).
+    pub fn shortest_timer_period(&self) -> Option<u64> {
+        self.timers.shortest_period()
+    }
+
+    /// A datagram dropped before it reached [`Dispatcher::datagram`] (its session superseded,
+    /// or the gateway stopping).
+    pub fn datagram_dropped(&self) {
+        Metrics::inc(&self.metrics.datagrams_dropped);
     }
 
     /// Runs the event (or timer) through the handlers and what they emit. `None` when the
@@ -1264,6 +1292,44 @@ mod tests {
             2,
             "busy events do not count"
         );
+    }
+
+    #[test]
+    fn after_a_busy_answer_no_later_seq_is_kept_until_the_device_resends_from_it() {
+        // Forwards each event's payload; the outbox holds one 600-byte forward.
+        let echo = r#"(module
+          (import "tidepool" "forward" (func $fwd (param i32 i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 0) "up/x")
+          (func (export "tp_alloc") (param i32) (result i32) (i32.const 4096))
+          (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+            (call $fwd (i32.const 0) (i32.const 4) (local.get 2) (local.get 3) (i32.const 1))))"#;
+        let mut cfg = Config::defaults();
+        cfg.outbox.max_bytes = 1000;
+        let manifest = "name = \"echo\"\nversion = 1\nsubscribe = [\"devices/#\"]\n";
+        let t = Setup::with(cfg, &[(echo, manifest)]);
+        let mut d = t.dispatcher;
+        let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
+        let dev: Arc<str> = "d".into();
+        let sized = |seq, n| Publish {
+            payload: Bytes::from(vec![b'x'; n]),
+            ..publish(seq)
+        };
+        assert_eq!(d.publish(&dev, sized(1, 600), 0, &reply), Submitted::Queued);
+        assert_eq!(d.publish(&dev, sized(2, 600), 0, &reply), Submitted::Busy);
+        // Seq 3 would fit, and came on another stream before the device read the busy: kept,
+        // its ack would cover seq 2, which never ran.
+        assert_eq!(d.publish(&dev, sized(3, 10), 0, &reply), Submitted::Busy);
+        // Nor nacked (a nack moves the mark as well).
+        let refused = Publish {
+            topic: "elsewhere/x".into(),
+            ..publish(4)
+        };
+        assert_eq!(d.publish(&dev, refused, 0, &reply), Submitted::Busy);
+        // The device resends from 2: judged again (still no room), and a smaller 2 is kept.
+        assert_eq!(d.publish(&dev, sized(2, 600), 0, &reply), Submitted::Busy);
+        assert_eq!(d.publish(&dev, sized(2, 10), 0, &reply), Submitted::Queued);
+        assert_eq!(d.publish(&dev, sized(3, 10), 0, &reply), Submitted::Queued);
     }
 
     #[test]

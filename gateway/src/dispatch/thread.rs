@@ -73,7 +73,7 @@ impl Gate {
         self.woken.notify_one();
     }
 
-    /// Waits until the gate is halted.
+    /// Waits until the gate is halted (one waiter: the stream's reader).
     pub async fn halted(&self) {
         while !self.is_halted() {
             self.woken.notified().await;
@@ -116,6 +116,11 @@ enum Input {
     Stop,
 }
 
+/// What one step holds in memory besides its frame's bytes (the step itself, a nack's reason,
+/// allocation slack): charged against the room with each frame, so that a flood of tiny
+/// frames is bounded in memory too, not only in bytes read.
+pub const STEP_BYTES: usize = std::mem::size_of::<Step>() + 64;
+
 /// The dispatcher thread has stopped (the gateway is shutting down).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stopped;
@@ -156,7 +161,7 @@ impl Inbox {
 
     /// Hands a datagram over if there is room for it now; `false`: shed.
     pub fn datagram(&self, session: u64, device: &Arc<str>, p: Publish, received_ms: u64) -> bool {
-        let bytes = p.payload.len() + p.topic.len();
+        let bytes = p.payload.len() + p.topic.len() + STEP_BYTES;
         let Ok(room) = self.room.clone().try_acquire_many_owned(self.share(bytes)) else {
             return false;
         };
@@ -266,10 +271,16 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>) {
                     true => d.fire_timers(now).unwrap_or(u64::MAX),
                     false => due,
                 };
-                let wait = due.saturating_sub(crate::clock::now_ms());
+                // Never longer than a period: a clock set back meanwhile is seen (and the
+                // due times brought back within a period of it) in time.
+                let longest = d.shortest_timer_period().unwrap_or(u64::MAX);
+                let wait = due.saturating_sub(crate::clock::now_ms()).min(longest);
                 match rx.recv_timeout(Duration::from_millis(wait)) {
                     Ok(i) => i,
-                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Timeout) => {
+                        d.fire_timers(crate::clock::now_ms());
+                        continue;
+                    }
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
@@ -286,11 +297,10 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>) {
                 publish,
                 received_ms,
                 _room,
-            } => {
-                if sessions.is_latest(&device, session) {
-                    d.datagram(&device, publish, received_ms);
-                }
-            }
+            } => match sessions.is_latest(&device, session) {
+                true => d.datagram(&device, publish, received_ms),
+                false => d.datagram_dropped(),
+            },
             Input::Status(tx) => {
                 let _ = tx.send(d.handler_status());
             }

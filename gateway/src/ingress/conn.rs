@@ -11,7 +11,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::{watch, Notify};
 
 use super::Shared;
-use crate::dispatch::thread::{Batch, Gate, Step};
+use crate::dispatch::thread::{Batch, Gate, Step, STEP_BYTES};
 use crate::metrics::Metrics;
 use crate::pipeline::Settled;
 use crate::proto::frame::FrameDecoder;
@@ -127,6 +127,9 @@ pub(super) async fn run(
     };
     let _ = halt_tx.send(true);
     datagrams.abort();
+    // What this session handed over and the dispatcher has not taken yet is dropped unread
+    // (the device resends it): a stop does not wait for a full inbox's worth of handlers.
+    shared.inbox.disconnected(&device, session);
     // Settle: every stream answers what it submitted before we close (bounded: a device that
     // stops reading its answers must not hold the connection forever).
     let settle = async { while streams.join_next().await.is_some() {} };
@@ -155,6 +158,7 @@ async fn read_datagrams(
             return;
         }
         Metrics::add(&shared.metrics.bytes_in, d.len() as u64);
+        Metrics::inc(&shared.metrics.datagrams_in);
         let received = crate::clock::now_ms();
         let kept = match msg::decode(&d, false) {
             Ok(DeviceMsg::Publish(p)) => shared.inbox.datagram(session, &device, p, received),
@@ -162,7 +166,6 @@ async fn read_datagrams(
         };
         if !kept {
             // Not a publish, or no room left for frames: shed (the dispatcher counts the rest).
-            Metrics::inc(&shared.metrics.datagrams_in);
             Metrics::inc(&shared.metrics.datagrams_dropped);
         }
     }
@@ -188,6 +191,7 @@ async fn stream(
     let mut prev_seq = 0u64;
     let mut framing_lost = None;
     let gate = Arc::new(Gate::default());
+    let mut read_and_dropped = false;
     'read: loop {
         // A device that does not read its answers stops being read (QUIC flow control then
         // stops it): the answers waiting for it stay bounded.
@@ -223,7 +227,7 @@ async fn stream(
                     break;
                 }
             };
-            bytes += frame.len();
+            bytes += frame.len() + 4 + STEP_BYTES;
             steps.push(match msg::decode(&frame, true) {
                 // Not a valid publish: nacked with the seq it carried, and it moves nothing
                 // (neither this stream's order nor the device's mark).
@@ -259,7 +263,7 @@ async fn stream(
             });
         }
         if !steps.is_empty() {
-            // Every step submits exactly one item (a busy answer may add one more).
+            // Every step taken submits exactly one item (none is taken after a busy answer).
             unanswered.count.fetch_add(steps.len(), Ordering::AcqRel);
             let batch = Batch {
                 session,
@@ -274,7 +278,13 @@ async fn stream(
             // resends it on the new connection) and halt the gate.
             let sent = tokio::select! {
                 sent = shared.inbox.dispatch(batch, bytes) => sent,
-                _ = halt.changed() => break 'read,
+                _ = halt.changed() => {
+                    // Read and not handed over: this stream keeps the publishing slot, so
+                    // that no other stream's later seqs are kept (their acks would cover
+                    // these, which never ran).
+                    read_and_dropped = true;
+                    break 'read;
+                }
             };
             if sent.is_err() || gate.is_halted() {
                 break 'read;
@@ -284,7 +294,9 @@ async fn stream(
             break 'read;
         }
     }
-    slot.release(token);
+    if !read_and_dropped {
+        slot.release(token);
+    }
     if let Some(c) = framing_lost {
         // The code goes to the device as STOP_SENDING on its side of the stream.
         let _ = recv.stop(code(c));
@@ -306,47 +318,11 @@ async fn write_answers(
     unanswered: Arc<Unanswered>,
 ) -> Option<quinn::SendStream> {
     let mut buf = Vec::with_capacity(256);
-    let mut busy = false;
     while let Some(first) = answers.recv().await {
         buf.clear();
-        let mut ack: Option<u64> = None;
-        let mut next = Some(first);
         let mut answered = 0;
-        while let Some(s) = next {
-            answered += 1;
-            let msg = match s {
-                Settled::Ack(seq) => {
-                    ack = Some(ack.map_or(seq, |a| a.max(seq)));
-                    None
-                }
-                Settled::Nack { seq, code, reason } => Some(GatewayMsg::Nack { seq, code, reason }),
-                Settled::Welcome { hwm } => Some(GatewayMsg::Welcome {
-                    hwm,
-                    max_frame_bytes,
-                }),
-                Settled::Busy {
-                    seq,
-                    retry_after_ms,
-                } => {
-                    busy = true;
-                    Some(GatewayMsg::Busy {
-                        seq,
-                        retry_after_ms,
-                    })
-                }
-            };
-            if let Some(m) = msg {
-                // An ack never overtakes a nack, welcome or busy that was settled after it.
-                if let Some(a) = ack.take() {
-                    GatewayMsg::Ack { seq: a }.encode_frame(&mut buf);
-                }
-                m.encode_frame(&mut buf);
-            }
-            next = answers.try_recv().ok();
-        }
-        if let Some(a) = ack {
-            GatewayMsg::Ack { seq: a }.encode_frame(&mut buf);
-        }
+        let ready = std::iter::once(first).chain(std::iter::from_fn(|| answers.try_recv().ok()));
+        let busy = encode_answers(ready.inspect(|_| answered += 1), max_frame_bytes, &mut buf);
         if send.write_all(&buf).await.is_err() {
             return None;
         }
@@ -358,4 +334,135 @@ async fn write_answers(
         }
     }
     Some(send)
+}
+
+/// Encodes settled answers, in order, into `buf`: consecutive acks become one cumulative ack,
+/// and an ack never overtakes a nack, welcome or busy settled after it. Returns whether a
+/// busy answer was among them (nothing after it is written).
+fn encode_answers(
+    settled: impl Iterator<Item = Settled>,
+    max_frame_bytes: u64,
+    buf: &mut Vec<u8>,
+) -> bool {
+    let mut ack: Option<u64> = None;
+    for s in settled {
+        let (msg, busy) = match s {
+            Settled::Ack(seq) => {
+                ack = Some(ack.map_or(seq, |a| a.max(seq)));
+                continue;
+            }
+            Settled::Nack { seq, code, reason } => (GatewayMsg::Nack { seq, code, reason }, false),
+            Settled::Welcome { hwm } => (
+                GatewayMsg::Welcome {
+                    hwm,
+                    max_frame_bytes,
+                },
+                false,
+            ),
+            Settled::Busy {
+                seq,
+                retry_after_ms,
+            } => (
+                GatewayMsg::Busy {
+                    seq,
+                    retry_after_ms,
+                },
+                true,
+            ),
+        };
+        if let Some(a) = ack.take() {
+            GatewayMsg::Ack { seq: a }.encode_frame(buf);
+        }
+        msg.encode_frame(buf);
+        if busy {
+            return true;
+        }
+    }
+    if let Some(a) = ack {
+        GatewayMsg::Ack { seq: a }.encode_frame(buf);
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::FrameDecoder;
+    use crate::proto::msg::decode_gateway;
+
+    fn written(settled: Vec<Settled>) -> (Vec<GatewayMsg>, bool) {
+        let mut buf = Vec::new();
+        let busy = encode_answers(settled.into_iter(), 1000, &mut buf);
+        let mut d = FrameDecoder::new(1 << 20);
+        d.extend(&buf);
+        let mut out = Vec::new();
+        while let Some(f) = d.next_frame().unwrap() {
+            out.extend(decode_gateway(&f).unwrap());
+        }
+        (out, busy)
+    }
+
+    fn nack(seq: u64) -> Settled {
+        Settled::Nack {
+            seq,
+            code: NackCode::Acl,
+            reason: "no".into(),
+        }
+    }
+
+    #[test]
+    fn acks_coalesce_but_never_overtake_what_was_settled_after_them() {
+        let (out, busy) = written(vec![
+            Settled::Ack(1),
+            Settled::Ack(2),
+            nack(3),
+            Settled::Ack(4),
+            Settled::Welcome { hwm: 4 },
+            Settled::Ack(5),
+            Settled::Ack(6),
+        ]);
+        assert!(!busy);
+        assert_eq!(
+            out,
+            vec![
+                GatewayMsg::Ack { seq: 2 },
+                GatewayMsg::Nack {
+                    seq: 3,
+                    code: NackCode::Acl,
+                    reason: "no".into()
+                },
+                GatewayMsg::Ack { seq: 4 },
+                GatewayMsg::Welcome {
+                    hwm: 4,
+                    max_frame_bytes: 1000
+                },
+                GatewayMsg::Ack { seq: 6 },
+            ]
+        );
+    }
+
+    #[test]
+    fn nothing_is_written_after_a_busy_answer() {
+        let busy_at_3 = Settled::Busy {
+            seq: 3,
+            retry_after_ms: 100,
+        };
+        let (out, busy) = written(vec![
+            Settled::Ack(1),
+            Settled::Ack(2),
+            busy_at_3,
+            Settled::Ack(9),
+        ]);
+        assert!(busy);
+        assert_eq!(
+            out,
+            vec![
+                GatewayMsg::Ack { seq: 2 },
+                GatewayMsg::Busy {
+                    seq: 3,
+                    retry_after_ms: 100
+                }
+            ]
+        );
+    }
 }
