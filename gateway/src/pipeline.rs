@@ -33,10 +33,11 @@ impl Class {
 
     /// The ABI's class number (0 urgent, 1 normal, 2 bulk).
     pub fn from_abi(n: i32) -> Option<Class> {
+        use tidepool_abi::class::{BULK, NORMAL, URGENT};
         match n {
-            0 => Some(Class::Urgent),
-            1 => Some(Class::Normal),
-            2 => Some(Class::Bulk),
+            URGENT => Some(Class::Urgent),
+            NORMAL => Some(Class::Normal),
+            BULK => Some(Class::Bulk),
             _ => None,
         }
     }

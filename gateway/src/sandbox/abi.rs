@@ -19,29 +19,26 @@ use crate::proto::topic;
 pub const HOST_CALL_FUEL: u64 = 20;
 
 /// The import module name.
-pub const MODULE: &str = "tidepool";
+pub const MODULE: &str = tidepool_abi::MODULE;
 
-/// The ABI's imports: name, params, results.
-pub const IMPORTS: &[(&str, &[ValType], &[ValType])] = {
-    use ValType::{I32, I64};
-    &[
-        ("state_get", &[I32, I32, I32, I32], &[I32]),
-        ("state_put", &[I32, I32, I32, I32], &[I32]),
-        ("state_delete", &[I32, I32], &[I32]),
-        ("forward", &[I32, I32, I32, I32, I32], &[I32]),
-        ("emit", &[I32, I32, I32, I32], &[I32]),
-        ("log", &[I32, I32, I32], &[]),
-        ("now_ms", &[], &[I64]),
-        ("config_get", &[I32, I32, I32, I32], &[I32]),
-        ("event_meta", &[I32, I32], &[I32]),
-    ]
+pub use tidepool_abi::code::{
+    BAD_ARGUMENT, NOT_FOUND, OVER_EMITS, OVER_FORWARDS, OVER_STATE_QUOTA,
 };
+use tidepool_abi::import;
 
-pub const NOT_FOUND: i32 = -1;
-pub const OVER_STATE_QUOTA: i32 = -2;
-pub const OVER_FORWARDS: i32 = -3;
-pub const OVER_EMITS: i32 = -4;
-pub const BAD_ARGUMENT: i32 = -5;
+/// The ABI's value type as wasmi's.
+pub fn val_type(t: tidepool_abi::Ty) -> ValType {
+    match t {
+        tidepool_abi::Ty::I32 => ValType::I32,
+        tidepool_abi::Ty::I64 => ValType::I64,
+    }
+}
+
+/// A function's signature as wasmi's value types.
+pub fn signature(f: &tidepool_abi::Func) -> (Vec<ValType>, Vec<ValType>) {
+    let types = |ts: &[tidepool_abi::Ty]| ts.iter().copied().map(val_type).collect();
+    (types(f.params), types(f.results))
+}
 
 /// Why a host call stopped the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,7 +347,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     };
     add(l.func_wrap(
         MODULE,
-        "state_get",
+        import::STATE_GET,
         |mut c: Caller<'_, Host>, kp: i32, kl: i32, op: i32, oc: i32| {
             let mem = memory(&c, "state_get")?;
             let key = read(&c, mem, kp, kl, "state_get")?;
@@ -360,7 +357,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     ));
     add(l.func_wrap(
         MODULE,
-        "state_put",
+        import::STATE_PUT,
         |mut c: Caller<'_, Host>, kp: i32, kl: i32, vp: i32, vl: i32| {
             deny_in_init(&c, "state_put")?;
             let mem = memory(&c, "state_put")?;
@@ -384,7 +381,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     ));
     add(l.func_wrap(
         MODULE,
-        "state_delete",
+        import::STATE_DELETE,
         |mut c: Caller<'_, Host>, kp: i32, kl: i32| {
             deny_in_init(&c, "state_delete")?;
             let mem = memory(&c, "state_delete")?;
@@ -400,7 +397,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     ));
     add(l.func_wrap(
         MODULE,
-        "forward",
+        import::FORWARD,
         |mut c: Caller<'_, Host>, tp: i32, tl: i32, pp: i32, pl: i32, class: i32| {
             let (topic, payload) = publication(&mut c, tp, tl, pp, pl, "forward")?;
             let (Some(class), Some(topic)) = (Class::from_abi(class), topic) else {
@@ -420,7 +417,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     ));
     add(l.func_wrap(
         MODULE,
-        "emit",
+        import::EMIT,
         |mut c: Caller<'_, Host>, tp: i32, tl: i32, pp: i32, pl: i32| {
             let (topic, payload) = publication(&mut c, tp, tl, pp, pl, "emit")?;
             let Some(topic) = topic else {
@@ -440,7 +437,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     ));
     add(l.func_wrap(
         MODULE,
-        "log",
+        import::LOG,
         |mut c: Caller<'_, Host>, level: i32, p: i32, len: i32| {
             let mem = memory(&c, "log")?;
             let data = mem.data(&c);
@@ -457,15 +454,17 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             if take == 0 {
                 return Ok(());
             }
-            let level = level.clamp(0, 4) as u8;
+            use tidepool_abi::level::{DEBUG, ERROR, INFO, TRACE, WARN};
+            let level = level.clamp(ERROR, TRACE);
             let name = &*h.name;
             match level {
-                0 => tracing::error!(handler = name, "{text}"),
-                1 => tracing::warn!(handler = name, "{text}"),
-                2 => tracing::info!(handler = name, "{text}"),
-                3 => tracing::debug!(handler = name, "{text}"),
+                ERROR => tracing::error!(handler = name, "{text}"),
+                WARN => tracing::warn!(handler = name, "{text}"),
+                INFO => tracing::info!(handler = name, "{text}"),
+                DEBUG => tracing::debug!(handler = name, "{text}"),
                 _ => tracing::trace!(handler = name, "{text}"),
             }
+            let level = level as u8;
             if let Some(lines) = h.inv.logs.as_mut() {
                 lines.push(LogLine { level, text });
             }
@@ -474,7 +473,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     ));
     add(l.func_wrap(
         MODULE,
-        "now_ms",
+        import::NOW_MS,
         |mut c: Caller<'_, Host>| -> Result<i64, wasmi::Error> {
             charge(&mut c, 0)?;
             Ok(crate::clock::now_ms() as i64)
@@ -482,7 +481,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     ));
     add(l.func_wrap(
         MODULE,
-        "config_get",
+        import::CONFIG_GET,
         |mut c: Caller<'_, Host>, kp: i32, kl: i32, op: i32, oc: i32| {
             let mem = memory(&c, "config_get")?;
             let key = read(&c, mem, kp, kl, "config_get")?;
@@ -495,7 +494,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
     ));
     add(l.func_wrap(
         MODULE,
-        "event_meta",
+        import::EVENT_META,
         |mut c: Caller<'_, Host>, op: i32, oc: i32| {
             let mem = memory(&c, "event_meta")?;
             let meta = c.data().inv.meta.encode();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use wasmi::{
     CompilationMode, Engine, ExternType, Linker, Module, Store, StoreLimitsBuilder, TrapCode,
-    TypedFunc, ValType,
+    TypedFunc,
 };
 
 use super::abi::{self, Host, HostTrap, Invocation, Limiter, Mode};
@@ -80,10 +80,10 @@ fn check_abi(module: &Module) -> Result<(), String> {
                 "import `{m}`.`{n}` is not part of the Tidepool ABI (only module `tidepool` is provided; WASI is not available)"
             ));
         }
-        let Some(&(_, params, results)) = abi::IMPORTS.iter().find(|(name, _, _)| *name == n)
-        else {
+        let Some(func) = tidepool_abi::import(n) else {
             return Err(format!("import `tidepool`.`{n}` does not exist in the ABI"));
         };
+        let (params, results) = abi::signature(func);
         match imp.ty().func() {
             Some(f) if f.params() == params && f.results() == results => {}
             _ => {
@@ -102,14 +102,9 @@ fn check_abi(module: &Module) -> Result<(), String> {
                 _ => None,
             })
     };
-    use ValType::{I32, I64};
-    let required: [(&str, &[ValType], &[ValType], bool); 4] = [
-        ("tp_alloc", &[I32], &[I32], true),
-        ("tp_on_event", &[I32, I32, I32, I32], &[I32], true),
-        ("tp_init", &[], &[I32], false),
-        ("tp_on_timer", &[I64], &[I32], false),
-    ];
-    for (name, params, results, needed) in required {
+    for (export, needed) in tidepool_abi::EXPORTS {
+        let (name, needed) = (export.name, *needed);
+        let (params, results) = abi::signature(export);
         match func(name) {
             None if needed => return Err(format!("missing export `{name}`")),
             None => {}
@@ -123,7 +118,7 @@ fn check_abi(module: &Module) -> Result<(), String> {
     }
     match module
         .exports()
-        .find(|e| e.name() == "memory")
+        .find(|e| e.name() == tidepool_abi::export::MEMORY)
         .map(|e| matches!(e.ty(), ExternType::Memory(_)))
     {
         Some(true) => Ok(()),
@@ -170,7 +165,9 @@ impl Handler {
         let module = Module::new(&runtime.engine, wasm)
             .map_err(|e| invalid(format!("not a valid module: {e}")))?;
         check_abi(&module).map_err(invalid)?;
-        let has_timer = module.exports().any(|e| e.name() == "tp_on_timer");
+        let has_timer = module
+            .exports()
+            .any(|e| e.name() == tidepool_abi::export::ON_TIMER);
         if manifest.timer_ms.is_some() && !has_timer {
             return Err(invalid(
                 "the manifest sets timer_ms but the module exports no `tp_on_timer`".into(),
@@ -243,14 +240,14 @@ impl Handler {
                 )),
                 _ => fail("instantiate", e),
             })?;
-        store.data_mut().memory = instance.get_memory(&store, "memory");
+        store.data_mut().memory = instance.get_memory(&store, tidepool_abi::export::MEMORY);
         let alloc = instance
-            .get_typed_func(&store, "tp_alloc")
+            .get_typed_func(&store, tidepool_abi::export::ALLOC)
             .map_err(|e| fail("tp_alloc", e))?;
         let on_event = instance
-            .get_typed_func(&store, "tp_on_event")
+            .get_typed_func(&store, tidepool_abi::export::ON_EVENT)
             .map_err(|e| fail("tp_on_event", e))?;
-        if let Ok(init) = instance.get_typed_func::<(), i32>(&store, "tp_init") {
+        if let Ok(init) = instance.get_typed_func::<(), i32>(&store, tidepool_abi::export::INIT) {
             match init.call(&mut store, ()) {
                 Ok(0) => {}
                 Ok(code) => {
@@ -265,7 +262,9 @@ impl Handler {
         }
         // A growth refused during tp_init (which it survived) is not the first event's failure.
         store.data_mut().limits.refused = None;
-        let on_timer = instance.get_typed_func(&store, "tp_on_timer").ok();
+        let on_timer = instance
+            .get_typed_func(&store, tidepool_abi::export::ON_TIMER)
+            .ok();
         self.live = Some(Live {
             store,
             alloc,

@@ -90,12 +90,13 @@ impl Error {
     /// assert_eq!(tidepool_sdk::Error::from_code(-7), tidepool_sdk::Error::Other(-7));
     /// ```
     pub fn from_code(code: i32) -> Self {
+        use tidepool_abi::code::*;
         match code {
-            -1 => Self::NotFound,
-            -2 => Self::OverQuota,
-            -3 => Self::TooManyForwards,
-            -4 => Self::TooManyEmits,
-            -5 => Self::BadArgument,
+            NOT_FOUND => Self::NotFound,
+            OVER_STATE_QUOTA => Self::OverQuota,
+            OVER_FORWARDS => Self::TooManyForwards,
+            OVER_EMITS => Self::TooManyEmits,
+            BAD_ARGUMENT => Self::BadArgument,
             other => Self::Other(other),
         }
     }
@@ -106,12 +107,13 @@ impl Error {
     /// assert_eq!(tidepool_sdk::Error::NotFound.code(), -1);
     /// ```
     pub fn code(self) -> i32 {
+        use tidepool_abi::code::*;
         match self {
-            Self::NotFound => -1,
-            Self::OverQuota => -2,
-            Self::TooManyForwards => -3,
-            Self::TooManyEmits => -4,
-            Self::BadArgument => -5,
+            Self::NotFound => NOT_FOUND,
+            Self::OverQuota => OVER_STATE_QUOTA,
+            Self::TooManyForwards => OVER_FORWARDS,
+            Self::TooManyEmits => OVER_EMITS,
+            Self::BadArgument => BAD_ARGUMENT,
             Self::Other(code) => code,
         }
     }
@@ -135,11 +137,11 @@ impl Error {
 #[repr(i32)]
 pub enum Class {
     /// Sent as soon as possible; may wake the uplink.
-    Urgent = 0,
+    Urgent = tidepool_abi::class::URGENT,
     /// Sent with the next regular batch.
-    Normal = 1,
+    Normal = tidepool_abi::class::NORMAL,
     /// Sent when the link is idle and cheap.
-    Bulk = 2,
+    Bulk = tidepool_abi::class::BULK,
 }
 
 /// Queues `payload` on `topic` for the uplink.

@@ -14,15 +14,15 @@ use crate::sys;
 #[repr(i32)]
 pub enum Level {
     /// Something failed.
-    Error = 0,
+    Error = tidepool_abi::level::ERROR,
     /// Something looks wrong.
-    Warn = 1,
+    Warn = tidepool_abi::level::WARN,
     /// Routine information.
-    Info = 2,
+    Info = tidepool_abi::level::INFO,
     /// Detail for debugging.
-    Debug = 3,
+    Debug = tidepool_abi::level::DEBUG,
     /// Very fine detail.
-    Trace = 4,
+    Trace = tidepool_abi::level::TRACE,
 }
 
 /// Writes `msg` to the gateway's log at `level`.

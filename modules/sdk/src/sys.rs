@@ -22,6 +22,13 @@ macro_rules! imports {
             $($(#[$doc])* pub fn $name($($arg: i32),*) $(-> $ret)?;)*
         }
 
+        /// What this module declares, as (name, parameter count, result): checked against
+        /// [`tidepool_abi::IMPORTS`] by a test.
+        #[cfg(test)]
+        pub(crate) const DECLARED: &[(&str, usize, &str)] = &[
+            $((stringify!($name), <[&str]>::len(&[$(stringify!($arg)),*]), stringify!($($ret)?)),)*
+        ];
+
         $(
             $(#[$doc])*
             ///
@@ -219,6 +226,26 @@ mod tests {
         assert_eq!(got.map(|v| v.len()), Some(300));
         let mut codes = [200, -1].into_iter();
         assert_eq!(read_buffer(|_| codes.next().unwrap()), None);
+    }
+
+    #[test]
+    fn the_declared_imports_are_the_abis() {
+        use tidepool_abi::Ty;
+        let abi: Vec<(&str, usize, &str)> = tidepool_abi::IMPORTS
+            .iter()
+            .map(|f| {
+                // Every parameter is an i32 (offsets, lengths, codes).
+                assert!(f.params.iter().all(|t| *t == Ty::I32), "{}", f.name);
+                let ret = match f.results {
+                    [] => "",
+                    [Ty::I32] => "i32",
+                    [Ty::I64] => "i64",
+                    _ => panic!("{}: one result at most", f.name),
+                };
+                (f.name, f.params.len(), ret)
+            })
+            .collect();
+        assert_eq!(super::DECLARED, &abi[..]);
     }
 
     #[test]
