@@ -342,3 +342,6 @@ impl<S: Sink> Uplink<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
