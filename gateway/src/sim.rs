@@ -155,6 +155,8 @@ impl Durable for SimStore {
 struct Device {
     id: Arc<str>,
     session: u64,
+    /// The session before this one (0: none).
+    previous: u64,
     /// The next seq to send, the highest acked, the highest sent on this session.
     next: u64,
     acked: u64,
@@ -174,6 +176,7 @@ impl Device {
         Device {
             id: id.into(),
             session,
+            previous: 0,
             next: 1,
             acked: 0,
             hello: true,
@@ -190,6 +193,7 @@ impl Device {
     fn reconnect(&mut self, session: u64, hello: bool) {
         let (reply, answers) = unbounded_channel();
         (self.reply, self.answers) = (reply, answers);
+        self.previous = self.session;
         self.session = session;
         self.gate = Arc::default();
         self.hello = hello;
@@ -368,7 +372,9 @@ impl Sim {
         let hello = self.rng.bool();
         self.devices[i].reconnect(session, hello);
         let id = self.devices[i].id.clone();
-        self.life().sessions.connected(id, session);
+        let life = self.life();
+        life.dispatcher.session_started(&id);
+        life.sessions.connected(id, session);
         if hello {
             self.send_hello(i);
         }
@@ -423,11 +429,11 @@ impl Sim {
     /// A superseded session's read arrives late: dropped unread, nothing claimed.
     fn stale_send(&mut self, i: usize) {
         let d = &self.devices[i];
-        if d.session < 2 {
+        if d.previous == 0 {
             return;
         }
         let batch = Batch {
-            session: d.session - 1,
+            session: d.previous,
             device: d.id.clone(),
             steps: vec![Step::Publish(d.publish(d.next.min(EVENTS_PER_DEVICE)))],
             received_ms: self.now_ms,
@@ -493,15 +499,21 @@ impl Sim {
     /// The fake cloud takes up to `n` synced entries; the clear (their removal) is synced,
     /// unless the gateway crashes in between.
     fn deliver(&mut self, n: usize, crash_before_clear: bool) {
+        // The committer writes and syncs a group under the store's writer lock: no other
+        // write (the uplink's clear) comes between the two.
+        if self.life().written.is_some() {
+            return;
+        }
+        // As the uplink: a batch from the outbox's index (synced entries only), read from disk.
+        let seqs = self.life().outbox.next_batch(n, usize::MAX, &[], false);
         let batch: Vec<(Vec<u8>, String)> = {
             let d = self.disk.lock().unwrap();
-            d.synced
-                .range(keys::OUTBOX.to_vec()..)
-                .take_while(|(k, _)| k.starts_with(keys::OUTBOX))
-                // The uplink sends only what is synced and still in the outbox.
-                .filter(|(k, _)| d.get(k).is_some())
-                .take(n)
-                .map(|(k, v)| (k.clone(), Entry::decode(v).expect("decodes").id))
+            seqs.iter()
+                .map(|s| {
+                    let k = keys::outbox(*s);
+                    let v = d.synced.get(&k).expect("an indexed entry is synced");
+                    (k, Entry::decode(v).expect("decodes").id)
+                })
                 .collect()
         };
         for (_, id) in &batch {
@@ -591,10 +603,12 @@ impl Sim {
                 let n = self.rng.usize(1..=8);
                 self.deliver(n, false)
             }
-            87..=91 => {
+            87..=90 => {
                 let ms = self.rng.u64(1..=700);
                 self.tick(ms)
             }
+            // The wall clock is set back (timers keep firing, once per due time).
+            91 => self.now_ms -= self.rng.u64(1..=3_000),
             92..=94 => self.reconnect(i),
             95..=96 => self.stale_send(i),
             97 => {
@@ -629,7 +643,7 @@ impl Sim {
             .range(keys::OUTBOX.to_vec()..)
             .take_while(|(k, _)| k.starts_with(keys::OUTBOX))
         {
-            let _ = k;
+            assert!(keys::seq_of(k).is_some(), "an outbox key without a seq");
             *ids.entry(Entry::decode(v).expect("decodes").id)
                 .or_default() += 1;
         }
@@ -703,6 +717,14 @@ impl Sim {
                 d.id
             );
         }
+        let d = self.disk.lock().unwrap();
+        let left = d
+            .synced
+            .range(keys::OUTBOX.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(keys::OUTBOX))
+            .count();
+        assert_eq!(left, 0, "forwards never delivered");
+        drop(d);
         let ticks = self
             .cloud
             .keys()

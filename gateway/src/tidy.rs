@@ -101,7 +101,7 @@ fn only_the_store_touches_sled() {
             continue;
         }
         let text = code(&std::fs::read_to_string(&f).unwrap());
-        for b in ["sled::", "raw_tree(", "raw_db("] {
+        for b in ["sled::", "use sled", "raw_tree(", "raw_db("] {
             if text.contains(b) {
                 broken.push(format!("{} names `{b}`", rel.display()));
             }
@@ -123,14 +123,72 @@ fn sources(at: &Path) -> Vec<PathBuf> {
 }
 
 /// The code of a file: comments and the tests module dropped (a doc link may name anything;
-/// a test may build what it needs).
+/// a test may build what it needs), and grouped paths spelled out (`crate::{a::X, b}` becomes
+/// `crate::a::X, crate::b`), so a grouped import is checked like a plain one.
 fn code(text: &str) -> String {
-    let end = text.find("#[cfg(test)]\nmod tests").unwrap_or(text.len());
-    text[..end]
+    let end = text.find("#[cfg(test)]\nmod tests {").unwrap_or(text.len());
+    let text: String = text[..end]
         .lines()
         .filter(|l| !l.trim_start().starts_with("//"))
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n");
+    expand_groups(&text)
+}
+
+/// `p::{a, b::{c, d}}` as `p::a, p::b::c, p::b::d` (one level of text at a time, outside in).
+fn expand_groups(text: &str) -> String {
+    let mut out = text.to_string();
+    while let Some(open) = out.find("::{") {
+        let start = out[..open]
+            .rfind(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+            .map_or(0, |i| i + 1);
+        let prefix = out[start..open].to_string();
+        let (mut depth, mut close) = (0, None);
+        for (i, c) in out[open + 2..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        close = Some(open + 2 + i);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some(close) = close else { break };
+        let inner = &out[open + 3..close];
+        let (mut parts, mut depth, mut from) = (Vec::new(), 0, 0);
+        for (i, c) in inner.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(&inner[from..i]);
+                    from = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&inner[from..]);
+        let spelled: Vec<String> = parts
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| format!("{prefix}::{p}"))
+            .collect();
+        out.replace_range(start..=close, &spelled.join(", "));
+    }
+    out
+}
+
+#[test]
+fn grouped_paths_are_spelled_out() {
+    assert_eq!(
+        expand_groups("use crate::{store::{Store, keys}, proto::msg};"),
+        "use crate::store::Store, crate::store::keys, crate::proto::msg;"
+    );
 }
 
 #[test]

@@ -23,7 +23,7 @@ use crate::proto::topic;
 use crate::record::{Offer, RecordTap};
 use crate::router::Router;
 use crate::sandbox::quarantine::{self, Change, Quarantine};
-use crate::sandbox::{EventInfo, FailureKind, Handler, Outcome, StateSource, TimerInfo};
+use crate::sandbox::{EventInfo, FailureKind, Handler, Limit, Outcome, StateSource, TimerInfo};
 use crate::store::commit::Backlog;
 use crate::store::{fatal, keys, DeadLetter, Overlay, StoreError};
 use crate::timers::Timers;
@@ -345,9 +345,22 @@ impl Dispatcher {
         self.submit(device, seq, ItemKind::Nack { code, reason }, Some(reply));
     }
 
+    /// A new session of `device`: its busy floor is forgotten (the device starts over from
+    /// its last ack, and what the old session handed over is dropped unread).
+    pub fn session_started(&mut self, device: &Arc<str>) {
+        self.busy_floor.remove(device);
+    }
+
     /// Answers `busy` for `seq` once everything before it is settled.
+    /// A busy answer also sets the device's busy floor at `seq` (see [`Dispatcher::publish`]),
+    /// whatever the cause: a full outbox, a low disk, or another stream holding the
+    /// publishing slot.
     pub fn busy(&mut self, device: &Arc<str>, seq: u64, reply: &Reply) {
         Metrics::inc(&self.metrics.busy);
+        if seq > *self.claimed(device) {
+            let floor = self.busy_floor.entry(device.clone()).or_insert(seq);
+            *floor = (*floor).min(seq);
+        }
         let retry_after_ms = self.busy_retry_ms;
         self.submit(device, seq, ItemKind::Busy { retry_after_ms }, Some(reply));
     }
@@ -414,21 +427,21 @@ impl Dispatcher {
             return Submitted::Queued;
         }
         // After a busy answer at seq s, nothing above s is kept (nor nacked: a nack moves the
-        // mark too) until the device resends from s: a later seq from another stream would
-        // otherwise be acked, and its ack would cover the seqs that were not kept.
+        // mark too) until the device resends s itself: a later seq from another stream would
+        // otherwise be acked, and its ack would cover the seqs that were not kept. Seqs below
+        // s go on as usual (they may still be on their way from the stream that held the slot).
         match self.busy_floor.get(device) {
             Some(&floor) if p.seq > floor => return Submitted::Busy,
-            Some(_) => {
+            Some(&floor) if p.seq == floor => {
                 self.busy_floor.remove(device);
             }
-            None => {}
+            _ => {}
         }
         if let Err((code, reason)) = self.check(device, &p) {
             self.nack(device, p.seq, code, reason, reply);
             return Submitted::Queued;
         }
         if self.disk_low() {
-            self.busy_floor.insert(device.clone(), p.seq);
             return Submitted::Busy;
         }
         let seq_text = p.seq.to_string();
@@ -452,10 +465,7 @@ impl Dispatcher {
                 self.submit(device, p.seq, ItemKind::Event(Box::new(ws)), Some(reply));
                 Submitted::Queued
             }
-            None => {
-                self.busy_floor.insert(device.clone(), p.seq);
-                Submitted::Busy
-            }
+            None => Submitted::Busy,
         }
     }
 
@@ -653,8 +663,10 @@ impl Dispatcher {
                 undo(&mut self.handlers);
                 written.clear();
                 ws.outbox.clear();
-                let reason =
-                    format!("limit:outbox ({need} bytes of forwards exceed outbox.max_bytes)");
+                let reason = format!(
+                    "{} ({need} bytes of forwards exceed outbox.max_bytes)",
+                    Limit::Outbox
+                );
                 let (topic, payload) = match root {
                     Root::Event(t, p) => (t, p),
                     Root::Timer(..) => ("", &[][..]),
@@ -791,7 +803,8 @@ impl Dispatcher {
             let handler = &self.handlers[h];
             let name = handler.name().to_string();
             let reason = format!(
-                "limit:cpu_share (the handler ran more than {}% of the time)",
+                "{} (the handler ran more than {}% of the time)",
+                Limit::CpuShare,
                 handler.share.percent()
             );
             self.dead_letter(ctx, &name, at.topic, at.payload, reason, &mut run.ws);
@@ -1296,7 +1309,7 @@ mod tests {
 
     #[test]
     fn after_a_busy_answer_no_later_seq_is_kept_until_the_device_resends_from_it() {
-        // Forwards each event's payload; the outbox holds one 600-byte forward.
+        // Forwards each event's payload; the outbox holds one 900-byte forward and a few small ones.
         let echo = r#"(module
           (import "tidepool" "forward" (func $fwd (param i32 i32 i32 i32 i32) (result i32)))
           (memory (export "memory") 1)
@@ -1305,7 +1318,7 @@ mod tests {
           (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
             (call $fwd (i32.const 0) (i32.const 4) (local.get 2) (local.get 3) (i32.const 1))))"#;
         let mut cfg = Config::defaults();
-        cfg.outbox.max_bytes = 1000;
+        cfg.outbox.max_bytes = 1600;
         let manifest = "name = \"echo\"\nversion = 1\nsubscribe = [\"devices/#\"]\n";
         let t = Setup::with(cfg, &[(echo, manifest)]);
         let mut d = t.dispatcher;
@@ -1315,21 +1328,37 @@ mod tests {
             payload: Bytes::from(vec![b'x'; n]),
             ..publish(seq)
         };
-        assert_eq!(d.publish(&dev, sized(1, 600), 0, &reply), Submitted::Queued);
-        assert_eq!(d.publish(&dev, sized(2, 600), 0, &reply), Submitted::Busy);
+        // As the dispatcher thread takes a step: a busy publish is answered busy.
+        let step = |d: &mut Dispatcher, p: Publish| {
+            let seq = p.seq;
+            let r = d.publish(&dev, p, 0, &reply);
+            if r == Submitted::Busy {
+                d.busy(&dev, seq, &reply);
+            }
+            r
+        };
+        assert_eq!(step(&mut d, sized(1, 900)), Submitted::Queued);
+        assert_eq!(step(&mut d, sized(2, 900)), Submitted::Busy);
         // Seq 3 would fit, and came on another stream before the device read the busy: kept,
         // its ack would cover seq 2, which never ran.
-        assert_eq!(d.publish(&dev, sized(3, 10), 0, &reply), Submitted::Busy);
+        assert_eq!(step(&mut d, sized(3, 1)), Submitted::Busy);
         // Nor nacked (a nack moves the mark as well).
         let refused = Publish {
             topic: "elsewhere/x".into(),
             ..publish(4)
         };
-        assert_eq!(d.publish(&dev, refused, 0, &reply), Submitted::Busy);
+        assert_eq!(step(&mut d, refused), Submitted::Busy);
         // The device resends from 2: judged again (still no room), and a smaller 2 is kept.
-        assert_eq!(d.publish(&dev, sized(2, 600), 0, &reply), Submitted::Busy);
-        assert_eq!(d.publish(&dev, sized(2, 10), 0, &reply), Submitted::Queued);
-        assert_eq!(d.publish(&dev, sized(3, 10), 0, &reply), Submitted::Queued);
+        assert_eq!(step(&mut d, sized(2, 900)), Submitted::Busy);
+        assert_eq!(step(&mut d, sized(2, 1)), Submitted::Queued);
+        assert_eq!(step(&mut d, sized(3, 1)), Submitted::Queued);
+        // A busy for a taken publishing slot sets the floor too, and a lower seq (from the
+        // stream that held the slot) neither clears it nor is held back by it.
+        d.busy(&dev, 6, &reply);
+        assert_eq!(step(&mut d, sized(4, 1)), Submitted::Queued);
+        assert_eq!(step(&mut d, sized(9, 1)), Submitted::Busy);
+        assert_eq!(step(&mut d, sized(6, 1)), Submitted::Queued);
+        assert_eq!(step(&mut d, sized(7, 1)), Submitted::Queued);
     }
 
     #[test]

@@ -286,7 +286,10 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>) {
             }
         };
         match input {
-            Input::Connected { device, session } => sessions.connected(device, session),
+            Input::Connected { device, session } => {
+                d.session_started(&device);
+                sessions.connected(device, session)
+            }
             Input::Disconnected { device, session } => sessions.disconnected(&device, session),
             Input::Batch { batch, _room } => {
                 sessions.take(&mut d, batch);

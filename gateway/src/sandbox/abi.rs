@@ -11,7 +11,7 @@ use wasmi::{Caller, Linker, Memory, ResourceLimiter, StoreLimits, ValType};
 use wasmi_core::LimiterError;
 
 use super::manifest::Limits;
-use super::{Effects, Forward, HostEnv, LogLine, Meta};
+use super::{Effects, Forward, HostEnv, Limit, LogLine, Meta};
 use crate::pipeline::Class;
 use crate::proto::topic;
 
@@ -55,7 +55,7 @@ impl std::fmt::Display for HostTrap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             HostTrap::BadPointer(call) => write!(f, "trap:bad pointer or length in {call}"),
-            HostTrap::Fuel => write!(f, "limit:fuel"),
+            HostTrap::Fuel => write!(f, "{}", Limit::Fuel),
             HostTrap::NotInInit(call) => write!(f, "trap:{call} is not allowed in tp_init"),
         }
     }
@@ -87,7 +87,7 @@ pub struct Invocation {
     /// `effects.state` (few writes are found by a scan, with no copy of the key).
     index: HashMap<Vec<u8>, usize>,
     /// The first limit the handler hit; it fails the invocation.
-    pub limit_hit: Option<&'static str>,
+    pub limit_hit: Option<Limit>,
     /// Log bytes this invocation may still write (what is left of the handler's per-event cap).
     pub log_budget: usize,
     pub log_bytes: usize,
@@ -153,7 +153,7 @@ impl Invocation {
         self.effects.state.push((key, val));
     }
 
-    fn hit(&mut self, limit: &'static str, code: i32) -> i32 {
+    fn hit(&mut self, limit: Limit, code: i32) -> i32 {
         self.limit_hit.get_or_insert(limit);
         code
     }
@@ -164,7 +164,7 @@ impl Invocation {
 /// `limit:memory_pages` (`limit:table_elements`).
 pub struct Limiter {
     pub inner: StoreLimits,
-    pub refused: Option<&'static str>,
+    pub refused: Option<Limit>,
 }
 
 impl ResourceLimiter for Limiter {
@@ -176,7 +176,7 @@ impl ResourceLimiter for Limiter {
     ) -> Result<bool, LimiterError> {
         let ok = self.inner.memory_growing(current, desired, maximum)?;
         if !ok {
-            self.refused.get_or_insert("memory_pages");
+            self.refused.get_or_insert(Limit::MemoryPages);
         }
         Ok(ok)
     }
@@ -189,7 +189,7 @@ impl ResourceLimiter for Limiter {
     ) -> Result<bool, LimiterError> {
         let ok = self.inner.table_growing(current, desired, maximum)?;
         if !ok {
-            self.refused.get_or_insert("table_elements");
+            self.refused.get_or_insert(Limit::TableElements);
         }
         Ok(ok)
     }
@@ -372,7 +372,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             let delta = (key.len() + val.len()) as i64 - old;
             let after = h.state_used as i64 + h.inv.effects.state_delta + delta;
             if after > h.manifest_limits.state_bytes as i64 {
-                return Ok(h.inv.hit("state_bytes", OVER_STATE_QUOTA));
+                return Ok(h.inv.hit(Limit::StateBytes, OVER_STATE_QUOTA));
             }
             h.inv.effects.state_delta += delta;
             h.inv.write(key, Some(val));
@@ -405,7 +405,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             };
             let h = c.data_mut();
             if h.inv.effects.forwards.len() >= h.manifest_limits.forwards_per_event as usize {
-                return Ok(h.inv.hit("forwards_per_event", OVER_FORWARDS));
+                return Ok(h.inv.hit(Limit::ForwardsPerEvent, OVER_FORWARDS));
             }
             h.inv.effects.forwards.push(Forward {
                 topic,
@@ -425,11 +425,11 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             };
             let h = c.data_mut();
             if h.inv.depth >= h.env.emit_depth {
-                return Ok(h.inv.hit("emit_depth", OVER_EMITS));
+                return Ok(h.inv.hit(Limit::EmitDepth, OVER_EMITS));
             }
             let allowed = h.manifest_limits.emits_per_event.min(h.inv.emit_budget);
             if h.inv.effects.emits.len() >= allowed as usize {
-                return Ok(h.inv.hit("emits_per_event", OVER_EMITS));
+                return Ok(h.inv.hit(Limit::EmitsPerEvent, OVER_EMITS));
             }
             h.inv.effects.emits.push((topic, payload));
             Ok(0)

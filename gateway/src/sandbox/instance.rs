@@ -11,7 +11,7 @@ use wasmi::{
 
 use super::abi::{self, Host, HostTrap, Invocation, Limiter, Mode};
 use super::manifest::Manifest;
-use super::{EventInfo, Failure, FailureKind, HostEnv, Meta, Outcome, TimerInfo};
+use super::{EventInfo, Failure, FailureKind, HostEnv, Limit, Meta, Outcome, TimerInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -129,20 +129,16 @@ fn check_abi(module: &Module) -> Result<(), String> {
 /// The failure for an error out of a guest call: its dead-letter reason, and whether it ran
 /// out of fuel (a timeout).
 fn failure(e: &wasmi::Error) -> Failure {
-    let timeout = |reason: &str| Failure {
-        kind: FailureKind::Timeout,
-        reason: reason.into(),
-    };
     if let Some(t) = e.downcast_ref::<HostTrap>() {
         return match t {
-            HostTrap::Fuel => timeout(&t.to_string()),
+            HostTrap::Fuel => Failure::limit(Limit::Fuel, None),
             _ => Failure::broken(t.to_string()),
         };
     }
     match e.as_trap_code() {
-        Some(TrapCode::OutOfFuel) => timeout("limit:fuel"),
-        Some(TrapCode::StackOverflow) => Failure::broken("limit:stack"),
-        Some(TrapCode::GrowthOperationLimited) => Failure::broken("limit:memory_pages"),
+        Some(TrapCode::OutOfFuel) => Failure::limit(Limit::Fuel, None),
+        Some(TrapCode::StackOverflow) => Failure::limit(Limit::Stack, None),
+        Some(TrapCode::GrowthOperationLimited) => Failure::limit(Limit::MemoryPages, None),
         Some(code) => Failure::broken(format!("trap:{code}")),
         None => Failure::broken(format!("error:{e}")),
     }
@@ -370,7 +366,10 @@ impl Handler {
                 }
                 // The first limit hit names the failure, even when the guest went on and trapped.
                 match inv.limit_hit {
-                    Some(limit) => Err(Failure::broken(format!("limit:{limit} (then {f})"))),
+                    Some(limit) => Err(Failure {
+                        kind: FailureKind::Broken,
+                        reason: format!("{limit} (then {f})"),
+                    }),
                     // Ran too long: a timeout, with what it burned.
                     None if f.kind == FailureKind::Timeout => Err(Failure {
                         reason: format!("{f} ({fuel_used} fuel burned)"),
@@ -380,7 +379,10 @@ impl Handler {
                 }
             }
             Ok(code) => match (inv.limit_hit, code) {
-                (Some(limit), _) => Err(Failure::broken(format!("limit:{limit}"))),
+                (Some(limit), _) => Err(Failure {
+                    kind: FailureKind::Broken,
+                    reason: limit.to_string(),
+                }),
                 (None, 0) => Ok(inv.effects),
                 (None, code) => Err(Failure {
                     kind: FailureKind::Rejected,
@@ -455,6 +457,54 @@ mod tests {
             env,
             0,
         )
+    }
+
+    /// A module that imports every function of the ABI's table, with the table's signature:
+    /// the linker's closures (written by hand) must match it, or instantiation fails.
+    #[test]
+    fn the_linker_provides_every_import_of_the_abi_table_with_its_signature() {
+        let ty = |t: &tidepool_abi::Ty| match t {
+            tidepool_abi::Ty::I32 => "i32",
+            tidepool_abi::Ty::I64 => "i64",
+        };
+        let imports: String = tidepool_abi::IMPORTS
+            .iter()
+            .map(|f| {
+                let params: Vec<&str> = f.params.iter().map(ty).collect();
+                let results: Vec<&str> = f.results.iter().map(ty).collect();
+                format!(
+                    "(import \"tidepool\" \"{}\" (func (param {}) (result {})))\n",
+                    f.name,
+                    params.join(" "),
+                    results.join(" ")
+                )
+            })
+            .collect();
+        let wat = format!(
+            r#"(module {imports}
+              (memory (export "memory") 1)
+              (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+              (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) (i32.const 0)))"#
+        );
+        let manifest: Manifest =
+            toml::from_str("name = \"t\"\nversion = 1\nsubscribe = [\"#\"]\n").unwrap();
+        let env = HostEnv {
+            state: Arc::new(NoState),
+            log_bytes_per_event: 100,
+            emit_depth: 2,
+            max_payload_bytes: 1024,
+            capture_logs: false,
+        };
+        let wasm = wat::parse_str(&wat).unwrap();
+        let loaded = Handler::load(
+            &Runtime::default(),
+            &wasm,
+            manifest,
+            &BTreeMap::new(),
+            env,
+            0,
+        );
+        assert!(loaded.is_ok(), "{:?}", loaded.err());
     }
 
     fn ev() -> EventInfo<'static> {

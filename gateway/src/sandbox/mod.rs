@@ -147,6 +147,48 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// A limit an invocation (or the dispatcher on its behalf) can hit. Printed `limit:<name>`:
+/// the start of a dead letter's reason, which operators and scripts match on, so the names are
+/// the config keys they come from and never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Fuel,
+    Stack,
+    MemoryPages,
+    TableElements,
+    StateBytes,
+    ForwardsPerEvent,
+    EmitsPerEvent,
+    EmitDepth,
+    /// Over the handler's share of the wall clock: refused without running.
+    CpuShare,
+    /// Forwards larger than the whole outbox.
+    Outbox,
+}
+
+impl Limit {
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Fuel => "fuel",
+            Limit::Stack => "stack",
+            Limit::MemoryPages => "memory_pages",
+            Limit::TableElements => "table_elements",
+            Limit::StateBytes => "state_bytes",
+            Limit::ForwardsPerEvent => "forwards_per_event",
+            Limit::EmitsPerEvent => "emits_per_event",
+            Limit::EmitDepth => "emit_depth",
+            Limit::CpuShare => "cpu_share",
+            Limit::Outbox => "outbox",
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "limit:{}", self.name())
+    }
+}
+
 /// A failed invocation: the event goes to the dead letters with this reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
@@ -167,6 +209,19 @@ pub enum FailureKind {
 }
 
 impl Failure {
+    /// A limit hit (`limit:<name>`, then `detail` in parentheses when there is one).
+    pub fn limit(limit: Limit, detail: Option<String>) -> Failure {
+        let kind = match limit {
+            Limit::Fuel => FailureKind::Timeout,
+            _ => FailureKind::Broken,
+        };
+        let reason = match detail {
+            Some(d) => format!("{limit} ({d})"),
+            None => limit.to_string(),
+        };
+        Failure { kind, reason }
+    }
+
     pub fn broken(reason: impl Into<String>) -> Failure {
         Failure {
             kind: FailureKind::Broken,

@@ -362,6 +362,9 @@ impl Store {
         handler: &str,
         writes: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
         let mut batch = sled::Batch::default();
         for (k, v) in writes {
             match v {

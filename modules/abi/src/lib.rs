@@ -186,6 +186,9 @@ pub mod level {
     pub const TRACE: i32 = 4;
 }
 
+// `log` clamps a level into ERROR..=TRACE.
+const _: () = assert!(level::ERROR < level::TRACE);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,5 +200,8 @@ mod tests {
             assert!(IMPORTS[..i].iter().all(|g| g.name != f.name));
         }
         assert_eq!(import("fd_write"), None);
+        for (i, (f, _)) in EXPORTS.iter().enumerate() {
+            assert!(EXPORTS[..i].iter().all(|(g, _)| g.name != f.name));
+        }
     }
 }
