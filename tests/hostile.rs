@@ -356,6 +356,21 @@ fn modules_that_break_the_abi_are_refused_at_load_with_the_reason() {
 /// every event, and nothing is quarantined. Before the share, every one of them ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_over_its_cpu_share_is_refused_and_its_neighbour_runs() {
+    hog_next_to_a_neighbour("cpu_percent = 10", 10, "ran more than 10% of the time").await;
+}
+
+/// The same with no share asked for: the box's default, the fair share, holds while the
+/// device's events wait behind the hog and both handlers run (a third of the clock each).
+/// Before it (share off by default) every one of the hog's calls ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_hog_gets_a_fair_share_once_handlers_contend() {
+    hog_next_to_a_neighbour("", 0, "its fair share").await;
+}
+
+/// A hog (legal and slow) and a counter on the same 200 events, the hog's manifest limits plus
+/// `hog_limits`: the hog is refused part of the time, its refusals are dead letters that name
+/// the share, it is not quarantined for them, and the counter runs on every event.
+async fn hog_next_to_a_neighbour(hog_limits: &str, percent: u64, reason: &str) {
     const N: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
     let hog = slowed(
@@ -373,7 +388,7 @@ async fn a_handler_over_its_cpu_share_is_refused_and_its_neighbour_runs() {
             dir.path(),
             "hog",
             &hog,
-            "[limits]\nfuel_per_event = 10000000\ncpu_percent = 10"
+            &format!("[limits]\nfuel_per_event = 10000000\n{hog_limits}")
         ),
         wat_handler(dir.path(), "counter", COUNTER_WAT, "")
     );
@@ -389,14 +404,18 @@ async fn a_handler_over_its_cpu_share_is_refused_and_its_neighbour_runs() {
     let (hog, _) = handler_status(&gw, "hog");
     let refused = hog["cpu_refused"].as_u64().unwrap();
     assert!(refused > 0, "the hog was held to its share: {hog}");
-    assert_eq!(hog["cpu_percent"], 10);
+    assert_eq!(hog["cpu_percent"], percent);
     assert_eq!(hog["quarantined"], false);
     assert_eq!(hog["quarantined_for"], serde_json::json!([]));
     let letters = dead_letters(&gw);
     assert_eq!(letters["hog"].len() as u64, refused);
-    assert!(letters["hog"]
-        .iter()
-        .all(|r| r.starts_with("limit:cpu_share")));
+    assert!(
+        letters["hog"]
+            .iter()
+            .all(|r| r.starts_with("limit:cpu_share") && r.contains(reason)),
+        "{:?}",
+        &letters["hog"][..1]
+    );
     assert!(!letters.contains_key("counter"));
     let m = gw.stop();
     assert_eq!(m["handler_cpu_refusals"].as_u64(), Some(refused), "{m}");

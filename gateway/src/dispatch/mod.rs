@@ -23,6 +23,7 @@ use crate::proto::topic;
 use crate::record::{Offer, RecordTap};
 use crate::router::Router;
 use crate::sandbox::quarantine::{self, Change, Quarantine};
+use crate::sandbox::share::Policy;
 use crate::sandbox::{EventInfo, FailureKind, Handler, Limit, Outcome, StateSource, TimerInfo};
 use crate::store::commit::Backlog;
 use crate::store::{fatal, keys, DeadLetter, Overlay, StoreError};
@@ -122,6 +123,9 @@ pub struct Dispatcher {
     recorder: Option<RecordTap>,
     disk: Option<Arc<DiskWatch>>,
     claimed: HashMap<Arc<str>, u64>,
+    /// Whether work waits behind what runs now (more steps of the batch, other batches, a late
+    /// timer): with two handlers or more active, it makes the fair CPU share hold.
+    work_waiting: bool,
     /// Devices answered busy at a seq they have not resent yet (see [`Dispatcher::publish`]).
     busy_floor: HashMap<Arc<str>, u64>,
     store: Arc<dyn Durable>,
@@ -221,6 +225,7 @@ impl Dispatcher {
             disk: None,
             claimed: HashMap::new(),
             busy_floor: HashMap::new(),
+            work_waiting: false,
             store,
             state,
             outbox,
@@ -343,6 +348,12 @@ impl Dispatcher {
             *c = (*c).max(seq);
         }
         self.submit(device, seq, ItemKind::Nack { code, reason }, Some(reply));
+    }
+
+    /// Whether work is waiting behind what runs next (the dispatcher thread tells; see
+    /// `sandbox/share.rs`).
+    pub fn set_work_waiting(&mut self, waiting: bool) {
+        self.work_waiting = waiting;
     }
 
     /// A new session of `device`: its busy floor is forgotten (the device starts over from
@@ -802,11 +813,16 @@ impl Dispatcher {
             // quarantine); the clock refills it.
             let handler = &self.handlers[h];
             let name = handler.name().to_string();
-            let reason = format!(
-                "{} (the handler ran more than {}% of the time)",
-                Limit::CpuShare,
-                handler.share.percent()
-            );
+            let reason = match handler.share.percent() {
+                0 => format!(
+                    "{} (the handler ran more than its fair share of the time while other handlers had work waiting)",
+                    Limit::CpuShare
+                ),
+                p => format!(
+                    "{} (the handler ran more than {p}% of the time)",
+                    Limit::CpuShare
+                ),
+            };
             self.dead_letter(ctx, &name, at.topic, at.payload, reason, &mut run.ws);
             return;
         };
@@ -817,14 +833,22 @@ impl Dispatcher {
     }
 
     /// Handler `h`'s CPU share as a run starts: over it (a refusal, counted), or the clock
-    /// reading to charge the run from (`None` for a handler without a share: no clock read).
+    /// reading to charge the run from (`None` for a handler whose share is off: no clock read).
     fn share_start(&mut self, h: usize) -> Result<Option<Instant>, OverShare> {
-        let handler = &mut self.handlers[h];
-        if !handler.share.is_on() {
+        if self.handlers[h].share.policy() == Policy::Off {
             return Ok(None);
         }
         let now = Instant::now();
-        if handler.share.admit(now) {
+        // Handlers that ran within the last second, this one included.
+        let active = 1 + self
+            .handlers
+            .iter()
+            .enumerate()
+            .filter(|(i, o)| *i != h && o.share.is_active(now))
+            .count();
+        let waiting = self.work_waiting;
+        let handler = &mut self.handlers[h];
+        if handler.share.admit(now, active, waiting) {
             return Ok(Some(now));
         }
         handler.share_refused += 1;
@@ -835,6 +859,7 @@ impl Dispatcher {
     /// Charges handler `h`'s share for a run started at `started` ([`Self::share_start`]).
     fn share_end(&mut self, h: usize, started: Option<Instant>) {
         if let Some(t) = started {
+            // (Charged only when a share was in effect at the start.)
             self.handlers[h].share.spend(t.elapsed());
         }
     }

@@ -208,9 +208,10 @@ pub fn spawn(
         room: Arc::new(Semaphore::new(capacity as usize)),
         capacity,
     };
+    let room = inbox.room.clone();
     let thread = std::thread::Builder::new()
         .name("dispatcher".into())
-        .spawn(move || run(dispatcher, rx))?;
+        .spawn(move || run(dispatcher, rx, room, capacity))?;
     Ok((inbox, thread))
 }
 
@@ -240,10 +241,11 @@ impl Sessions {
 
     /// Takes `batch` through `d` if its session is the device's latest and its stream was not
     /// halted; drops it unread if not. A busy answer or a drop halts the stream's gate.
-    pub fn take(&self, d: &mut Dispatcher, batch: Batch) -> BatchEnd {
+    /// `queued`: whether other input waits behind this batch (for the fair CPU share).
+    pub fn take(&self, d: &mut Dispatcher, batch: Batch, queued: bool) -> BatchEnd {
         let gate = batch.gate.clone();
         let end = match self.is_latest(&batch.device, batch.session) && !gate.is_halted() {
-            true => take(d, batch),
+            true => take(d, batch, queued),
             false => BatchEnd::Dropped,
         };
         if end != BatchEnd::Taken {
@@ -255,8 +257,10 @@ impl Sessions {
 
 /// The loop: timers when due, inputs in the order they were sent, until `Stop`; then the
 /// dispatcher closes (the committer finishes what it has and exits).
-fn run(mut d: Dispatcher, rx: Receiver<Input>) {
+fn run(mut d: Dispatcher, rx: Receiver<Input>, room: Arc<Semaphore>, capacity: u32) {
     let mut sessions = Sessions::default();
+    // Frames handed over and not taken yet, beyond `held` permits of the input in hand.
+    let queued = |held: usize| room.available_permits() + held < capacity as usize;
     loop {
         let input = match d.next_timer() {
             None => match rx.recv() {
@@ -268,7 +272,10 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>) {
                 let due = match due <= now {
                     // Fires what is due, then takes at most one input before looking again:
                     // timers that are always late cannot starve the devices, nor the reverse.
-                    true => d.fire_timers(now).unwrap_or(u64::MAX),
+                    true => {
+                        d.set_work_waiting(queued(0));
+                        d.fire_timers(now).unwrap_or(u64::MAX)
+                    }
                     false => due,
                 };
                 // Never longer than a period: a clock set back meanwhile is seen (and the
@@ -278,6 +285,7 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>) {
                 match rx.recv_timeout(Duration::from_millis(wait)) {
                     Ok(i) => i,
                     Err(RecvTimeoutError::Timeout) => {
+                        d.set_work_waiting(queued(0));
                         d.fire_timers(crate::clock::now_ms());
                         continue;
                     }
@@ -292,7 +300,7 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>) {
             }
             Input::Disconnected { device, session } => sessions.disconnected(&device, session),
             Input::Batch { batch, _room } => {
-                sessions.take(&mut d, batch);
+                sessions.take(&mut d, batch, queued(_room.num_permits()));
             }
             Input::Datagram {
                 session,
@@ -300,10 +308,13 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>) {
                 publish,
                 received_ms,
                 _room,
-            } => match sessions.is_latest(&device, session) {
-                true => d.datagram(&device, publish, received_ms),
-                false => d.datagram_dropped(),
-            },
+            } => {
+                d.set_work_waiting(queued(_room.num_permits()));
+                match sessions.is_latest(&device, session) {
+                    true => d.datagram(&device, publish, received_ms),
+                    false => d.datagram_dropped(),
+                }
+            }
             Input::Status(tx) => {
                 let _ = tx.send(d.handler_status());
             }
@@ -314,9 +325,11 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>) {
 }
 
 /// Takes a batch's steps in order; a busy answer ends it.
-fn take(d: &mut Dispatcher, b: Batch) -> BatchEnd {
+fn take(d: &mut Dispatcher, b: Batch, queued: bool) -> BatchEnd {
     let (device, reply) = (&b.device, &b.reply);
-    for step in b.steps {
+    let n = b.steps.len();
+    for (i, step) in b.steps.into_iter().enumerate() {
+        d.set_work_waiting(queued || i + 1 < n);
         match step {
             Step::Hello => d.hello(device, reply),
             Step::Nack { seq, code, reason } => d.nack(device, seq, code, reason, reply),

@@ -120,14 +120,14 @@ impl Manifest {
             }
         }
         if let Some(p) = l.cpu_percent {
-            let cap = if caps.cpu_percent == 0 {
-                100
-            } else {
-                caps.cpu_percent
+            // A manifest may only ask for a fixed share below the box's (0 fair, 100 off).
+            let cap = match caps.cpu_percent {
+                c @ 1..=99 => c,
+                _ => 99,
             };
             if p == 0 || p > cap {
                 return bad(format!(
-                    "limits.cpu_percent = {p}: must be 1 to {cap} (the box's limits.cpu_percent, 0 = none)"
+                    "limits.cpu_percent = {p}: must be 1 to {cap} (a fixed share, at most the box's limits.cpu_percent)"
                 ));
             }
         }

@@ -1,69 +1,123 @@
-//! A handler's CPU share (pure: the time is passed in): a token bucket of run time, refilled
-//! at `percent` of the wall clock, holding at most one second's worth. Every invocation spends
-//! the time it ran; while the bucket is empty the handler's invocations are refused
-//! (`limit:cpu_share`) without running. So a handler that legitimately burns its whole fuel on
-//! every event, and never fails, still leaves the rest of the dispatcher's time to the others.
+//! A handler's CPU share (pure: the time and the load are passed in): a token bucket of run
+//! time, refilled at a share of the wall clock, holding at most one second's worth. Every
+//! invocation spends the time it ran; while the bucket is empty the handler's invocations are
+//! refused (`limit:cpu_share`) without running. So a handler that legitimately burns its whole
+//! fuel on every event, and never fails, still leaves the dispatcher's time to the others.
+//!
+//! The share is one of:
+//! - **fair** (`cpu_percent = 0`, the default): nothing is limited unless there is contention,
+//!   that is, work is waiting for the dispatcher *and* at least two handlers ran in the last
+//!   second; then each gets `100 / (n + 1)` percent (n handlers, one share kept for the
+//!   gateway's own work: reading, committing, dead letters). A box's only handler, or a box
+//!   that keeps up, is never held back;
+//! - **fixed** (1 to 99 percent): always, contention or not;
+//! - **off** (100 or more).
 
 use std::time::{Duration, Instant};
+
+/// How recently a handler must have run to count as contending.
+pub const ACTIVE: Duration = Duration::from_secs(1);
+
+/// What limits a handler's run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Fair,
+    Fixed(u32),
+    Off,
+}
 
 /// One handler's bucket.
 #[derive(Debug, Clone)]
 pub struct CpuShare {
-    /// Of the wall clock, in percent (0 or 100 and above: no limit).
-    percent: u32,
+    policy: Policy,
     /// Run time still allowed, in ns (negative after an invocation that overdrew it).
     balance_ns: i128,
     /// When the balance was last refilled.
     at: Option<Instant>,
+    /// The share in effect at the last admission (`None`: none, the run is not charged).
+    charging: Option<u32>,
+    /// When it last ran (or was refused): whether it contends.
+    last: Option<Instant>,
 }
 
 impl CpuShare {
+    /// From `cpu_percent`: 0 fair, 1 to 99 fixed, 100 and above off.
     pub fn new(percent: u32) -> CpuShare {
+        let policy = match percent {
+            0 => Policy::Fair,
+            p if p < 100 => Policy::Fixed(p),
+            _ => Policy::Off,
+        };
         CpuShare {
-            percent,
-            balance_ns: Self::burst_ns(percent),
+            policy,
+            balance_ns: 0,
             at: None,
+            charging: None,
+            last: None,
         }
     }
 
-    /// Whether it limits anything (1 to 99 percent).
-    pub fn is_on(&self) -> bool {
-        (1..100).contains(&self.percent)
+    pub fn policy(&self) -> Policy {
+        self.policy
     }
 
-    /// One second's worth of the share.
+    /// Whether it ran within [`ACTIVE`] of `now`.
+    pub fn is_active(&self, now: Instant) -> bool {
+        self.last
+            .is_some_and(|t| now.saturating_duration_since(t) < ACTIVE)
+    }
+
+    /// The share in effect (percent), given how many handlers are active (this one included)
+    /// and whether work is waiting for the dispatcher.
+    pub fn in_effect(&self, active: usize, waiting: bool) -> Option<u32> {
+        match self.policy {
+            Policy::Fixed(p) => Some(p),
+            Policy::Fair if waiting && active >= 2 => Some(100 / (active as u32 + 1)),
+            Policy::Fair | Policy::Off => None,
+        }
+    }
+
+    /// One second's worth of `percent`.
     fn burst_ns(percent: u32) -> i128 {
         i128::from(percent) * 10_000_000
     }
 
-    /// Whether the handler may run now (its bucket, refilled for the time since, holds some).
-    pub fn admit(&mut self, now: Instant) -> bool {
-        if !self.is_on() {
+    /// Whether the handler may run now. `active` counts the handlers that ran within
+    /// [`ACTIVE`] (this one included); `waiting`, whether work is waiting for the dispatcher.
+    pub fn admit(&mut self, now: Instant, active: usize, waiting: bool) -> bool {
+        self.last = Some(now);
+        let Some(percent) = self.in_effect(active, waiting) else {
+            // Not limited now (and not charged); the bucket keeps refilling with the clock, so
+            // a contention that comes and goes does not hand out a fresh burst each time.
+            self.charging = None;
             return true;
+        };
+        match self.at {
+            Some(at) => {
+                let elapsed = now.saturating_duration_since(at).as_nanos() as i128;
+                self.balance_ns += elapsed * i128::from(percent) / 100;
+            }
+            None => self.balance_ns = Self::burst_ns(percent),
         }
-        if let Some(at) = self.at {
-            let elapsed = now.saturating_duration_since(at).as_nanos() as i128;
-            self.balance_ns = (self.balance_ns + elapsed * i128::from(self.percent) / 100)
-                .min(Self::burst_ns(self.percent));
-        }
+        self.balance_ns = self.balance_ns.min(Self::burst_ns(percent));
         self.at = Some(now);
+        self.charging = Some(percent);
         self.balance_ns > 0
     }
 
-    /// Charges the time one invocation ran.
+    /// Charges the time one admitted invocation ran (nothing when no share was in effect).
     pub fn spend(&mut self, ran: Duration) {
-        if self.is_on() {
-            let floor = -Self::burst_ns(self.percent);
+        if let Some(percent) = self.charging {
+            let floor = -Self::burst_ns(percent);
             self.balance_ns = (self.balance_ns - ran.as_nanos() as i128).max(floor);
         }
     }
 
-    /// The share, in percent of the wall clock (0: none).
+    /// The fixed share, in percent of the wall clock (0: fair or off).
     pub fn percent(&self) -> u32 {
-        if self.is_on() {
-            self.percent
-        } else {
-            0
+        match self.policy {
+            Policy::Fixed(p) => p,
+            _ => 0,
         }
     }
 }
@@ -79,41 +133,64 @@ mod tests {
         let t0 = Instant::now();
         let mut s = CpuShare::new(50);
         // A burst of one second's worth (500 ms of running), then refusals.
-        assert!(s.admit(t0));
+        assert!(s.admit(t0, 1, false));
         s.spend(400 * MS);
-        assert!(s.admit(t0));
+        assert!(s.admit(t0, 1, false));
         s.spend(200 * MS);
-        assert!(!s.admit(t0), "overdrawn by 100 ms");
+        assert!(!s.admit(t0, 1, false), "overdrawn by 100 ms");
         // 200 ms of wall time refill 100 ms: back to zero, still refused.
-        assert!(!s.admit(t0 + 200 * MS));
-        assert!(s.admit(t0 + 202 * MS));
+        assert!(!s.admit(t0 + 200 * MS, 1, false));
+        assert!(s.admit(t0 + 202 * MS, 1, false));
         // A long quiet spell refills at most the burst.
-        assert!(s.admit(t0 + 100_000 * MS));
+        assert!(s.admit(t0 + 100_000 * MS, 1, false));
         s.spend(499 * MS);
-        assert!(s.admit(t0 + 100_000 * MS));
+        assert!(s.admit(t0 + 100_000 * MS, 1, false));
         s.spend(2 * MS);
-        assert!(!s.admit(t0 + 100_000 * MS));
+        assert!(!s.admit(t0 + 100_000 * MS, 1, false));
     }
 
     #[test]
     fn a_long_run_costs_at_most_a_second_of_debt() {
         let t0 = Instant::now();
         let mut s = CpuShare::new(10);
-        assert!(s.admit(t0));
+        assert!(s.admit(t0, 1, false));
         s.spend(Duration::from_secs(60));
         // Debt floor: 100 ms; refilled at 10%: 1 s of wall time gives it back.
-        assert!(!s.admit(t0 + 999 * MS));
-        assert!(s.admit(t0 + 1_001 * MS));
+        assert!(!s.admit(t0 + 999 * MS, 1, false));
+        assert!(s.admit(t0 + 1_001 * MS, 1, false));
     }
 
     #[test]
-    fn no_share_means_no_limit() {
+    fn off_means_no_limit() {
         let t0 = Instant::now();
-        for p in [0, 100, 250] {
+        for p in [100, 250] {
             let mut s = CpuShare::new(p);
             s.spend(Duration::from_secs(3600));
-            assert!(s.admit(t0));
-            assert_eq!(s.percent(), 0);
+            assert!(s.admit(t0, 5, true));
+            assert_eq!((s.percent(), s.policy()), (0, Policy::Off));
         }
+    }
+
+    #[test]
+    fn a_fair_share_holds_only_under_contention() {
+        let t0 = Instant::now();
+        let mut s = CpuShare::new(0);
+        // Alone, or with nothing waiting: never held back, never charged.
+        for (active, waiting) in [(1, true), (3, false)] {
+            assert!(s.admit(t0, active, waiting));
+            s.spend(Duration::from_secs(60));
+        }
+        assert!(s.admit(t0, 1, true));
+        // Two handlers and work waiting: a third of the clock each (one share for the
+        // gateway), from a full bucket of 330 ms.
+        assert_eq!(s.in_effect(2, true), Some(33));
+        assert!(s.admit(t0, 2, true));
+        s.spend(300 * MS);
+        assert!(s.admit(t0, 2, true));
+        s.spend(40 * MS);
+        assert!(!s.admit(t0, 2, true), "over its third");
+        // The contention ends: it runs again at once.
+        assert!(s.admit(t0, 1, true));
+        assert!(s.is_active(t0 + 999 * MS) && !s.is_active(t0 + ACTIVE));
     }
 }
