@@ -39,19 +39,7 @@ run() {
     bin=$1
     local dir
     dir=$(mktemp -d "$work/run.XXXXXX")
-    cat >"$dir/tidepool.toml" <<TOML
-[gateway]
-id = "bench"
-listen = "127.0.0.1:0"
-data_dir = "$dir/data"
-log = "warn"
-[outbox]
-max_bytes = 268435456
-TOML
-    tp_threshold_handler >>"$dir/tidepool.toml"
-    for i in $(seq 1 "$devices"); do
-        "$bin" certs device "dev-$i" --config "$dir/tidepool.toml" --out "$dir/certs" >/dev/null
-    done
+    tp_bench_gateway "$dir" "$devices"
     tp_start_gateway "$dir/tidepool.toml" "$dir/gateway.log"
     local tp lat
     tp=$("$loadgen" tidepool --gateway "localhost:$port" --certs "$dir/certs" \

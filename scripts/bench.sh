@@ -49,19 +49,7 @@ cargo build --release --quiet -p tidepool
 
 tp_workdir -p "${BENCH_DIR:-$root/target}" bench.XXXXXX
 
-cat >"$work/tidepool.toml" <<TOML
-[gateway]
-id = "bench"
-listen = "127.0.0.1:0"
-data_dir = "$work/data"
-log = "warn"
-[outbox]
-max_bytes = 268435456
-TOML
-tp_threshold_handler >>"$work/tidepool.toml"
-for i in $(seq 1 "$devices"); do
-    "$bin" certs device "dev-$i" --config "$work/tidepool.toml" --out "$work/certs" >/dev/null
-done
+tp_bench_gateway "$work" "$devices"
 
 
 total=$((devices * events))

@@ -68,3 +68,20 @@ PY
     cloud_port=$(head -1 "$work/cloud.port")
 }
 
+# The load test's gateway in DIR: DIR/tidepool.toml (port 0, the threshold handler, a large
+# outbox, data in DIR/data) and certificates for dev-1..dev-N in DIR/certs, issued by $bin.
+tp_bench_gateway() {
+    cat >"$1/tidepool.toml" <<TOML
+[gateway]
+id = "bench"
+listen = "127.0.0.1:0"
+data_dir = "$1/data"
+log = "warn"
+[outbox]
+max_bytes = 268435456
+TOML
+    tp_threshold_handler >>"$1/tidepool.toml"
+    for i in $(seq 1 "$2"); do
+        "$bin" certs device "dev-$i" --config "$1/tidepool.toml" --out "$1/certs" >/dev/null
+    done
+}

@@ -380,7 +380,7 @@ async fn hog_next_to_a_neighbour(hog_limits: &str, percent: u64, reason: &str) {
   (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
     (i64.store (i32.const 16) (i64.const 0))
     (i32.const 0)))"#,
-        200_000,
+        400_000,
     );
     let config = format!(
         "{}{}",

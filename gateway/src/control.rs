@@ -55,6 +55,7 @@ impl Control {
                         "quarantined_for": h.quarantined_for,
                         "errors_in_row": h.errors_in_row,
                         "cpu_percent": h.cpu_percent,
+                        "cpu_share": h.cpu_share,
                         "cpu_refused": h.cpu_refused,
                         "timer_ms": h.timer_ms,
                     })

@@ -82,10 +82,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             format!("ok ({} failures in a row at most)", n(&h["errors_in_row"]))
         };
         let health = match h["cpu_refused"].as_u64() {
-            Some(r) if r > 0 => format!(
-                "{health}; {r} invocations refused over its {}% CPU share",
-                n(&h["cpu_percent"])
-            ),
+            Some(r) if r > 0 => {
+                let share = match (h["cpu_share"].as_str(), n(&h["cpu_percent"])) {
+                    (Some("fair"), 0) => "fair".to_string(),
+                    (Some("fair"), p) => format!("{p}% or fair"),
+                    (_, p) => format!("{p}%"),
+                };
+                format!("{health}; {r} invocations refused over its {share} CPU share")
+            }
             _ => health,
         };
         let timer = h["timer_ms"]

@@ -93,8 +93,10 @@ pub struct HandlerStatus {
     pub quarantined_for: Vec<String>,
     /// The most failures in a row of any device.
     pub errors_in_row: u32,
-    /// Its share of the wall clock, in percent (0: none), and invocations refused over it.
+    /// Its fixed share (or cap) of the wall clock, in percent (0: none), how it is shared
+    /// (`fair`, `fixed`, `off`), and invocations refused over it.
     pub cpu_percent: u32,
+    pub cpu_share: &'static str,
     pub cpu_refused: u64,
 }
 
@@ -162,12 +164,10 @@ impl Dispatcher {
         let mut schedule = WriteSet::default();
         let mut handlers = handlers;
         for h in &mut handlers {
-            let percent = h
-                .manifest
-                .limits
-                .cpu_percent
-                .unwrap_or(cfg.limits.cpu_percent);
-            h.share = crate::sandbox::share::CpuShare::new(percent);
+            h.share = crate::sandbox::share::CpuShare::new(
+                cfg.limits.cpu_percent,
+                h.manifest.limits.cpu_percent,
+            );
             // A quarantine outlives a restart (its probation still ends it).
             match store.quarantine(h.name()) {
                 Ok(None) => {}
@@ -287,6 +287,7 @@ impl Dispatcher {
                 quarantined_for: h.quarantine.devices().map(String::from).collect(),
                 errors_in_row: h.quarantine.worst_in_row(),
                 cpu_percent: h.share.percent(),
+                cpu_share: h.share.kind(),
                 cpu_refused: h.share_refused,
             })
             .collect()
@@ -813,12 +814,16 @@ impl Dispatcher {
             // quarantine); the clock refills it.
             let handler = &self.handlers[h];
             let name = handler.name().to_string();
-            let reason = match handler.share.percent() {
-                0 => format!(
-                    "{} (the handler ran more than its fair share of the time while other handlers had work waiting)",
+            let reason = match (handler.share.kind(), handler.share.percent()) {
+                ("fair", 0) => format!(
+                    "{} (the handler ran more than its fair share of the time while input was waiting and other handlers ran)",
                     Limit::CpuShare
                 ),
-                p => format!(
+                ("fair", p) => format!(
+                    "{} (the handler ran more than {p}% of the time, or its fair share)",
+                    Limit::CpuShare
+                ),
+                (_, p) => format!(
                     "{} (the handler ran more than {p}% of the time)",
                     Limit::CpuShare
                 ),

@@ -327,9 +327,10 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>, room: Arc<Semaphore>, capacity: u
 /// Takes a batch's steps in order; a busy answer ends it.
 fn take(d: &mut Dispatcher, b: Batch, queued: bool) -> BatchEnd {
     let (device, reply) = (&b.device, &b.reply);
-    let n = b.steps.len();
-    for (i, step) in b.steps.into_iter().enumerate() {
-        d.set_work_waiting(queued || i + 1 < n);
+    // Contention is other input queued (more frames of this read are not: a box that keeps
+    // up reads several at a time).
+    d.set_work_waiting(queued);
+    for step in b.steps {
         match step {
             Step::Hello => d.hello(device, reply),
             Step::Nack { seq, code, reason } => d.nack(device, seq, code, reason, reply),

@@ -181,7 +181,7 @@ impl Handler {
             live: None,
             state_used,
             quarantine: Default::default(),
-            share: super::share::CpuShare::new(0),
+            share: super::share::CpuShare::new(100, None),
             share_refused: 0,
         };
         h.instantiate().map_err(|f| LoadError::Invalid {
@@ -427,6 +427,17 @@ mod tests {
         }
     }
 
+    /// The host side of the tests' handlers: state from [`NoState`], small caps.
+    fn env() -> HostEnv {
+        HostEnv {
+            state: Arc::new(NoState),
+            log_bytes_per_event: 100,
+            emit_depth: 2,
+            max_payload_bytes: 1024,
+            capture_logs: false,
+        }
+    }
+
     fn load(body: &str, limits: &str) -> Result<Handler, LoadError> {
         let wat = format!(
             r#"(module
@@ -442,13 +453,7 @@ mod tests {
             "name = \"t\"\nversion = 1\nsubscribe = [\"#\"]\n[limits]\n{limits}\n"
         ))
         .unwrap();
-        let env = HostEnv {
-            state: Arc::new(NoState),
-            log_bytes_per_event: 100,
-            emit_depth: 2,
-            max_payload_bytes: 1024,
-            capture_logs: false,
-        };
+        let env = env();
         Handler::load(
             &Runtime::default(),
             &wat::parse_str(&wat).unwrap(),
@@ -488,13 +493,7 @@ mod tests {
         );
         let manifest: Manifest =
             toml::from_str("name = \"t\"\nversion = 1\nsubscribe = [\"#\"]\n").unwrap();
-        let env = HostEnv {
-            state: Arc::new(NoState),
-            log_bytes_per_event: 100,
-            emit_depth: 2,
-            max_payload_bytes: 1024,
-            capture_logs: false,
-        };
+        let env = env();
         let wasm = wat::parse_str(&wat).unwrap();
         let loaded = Handler::load(
             &Runtime::default(),
@@ -530,13 +529,7 @@ mod tests {
         .unwrap();
         let m: Manifest =
             toml::from_str("name = \"w\"\nversion = 1\nsubscribe = [\"#\"]\n").unwrap();
-        let env = HostEnv {
-            state: Arc::new(NoState),
-            log_bytes_per_event: 100,
-            emit_depth: 2,
-            max_payload_bytes: 1024,
-            capture_logs: false,
-        };
+        let env = env();
         let err = Handler::load(&Runtime::default(), &wasm, m, &BTreeMap::new(), env, 0)
             .err()
             .unwrap()

@@ -120,14 +120,15 @@ impl Manifest {
             }
         }
         if let Some(p) = l.cpu_percent {
-            // A manifest may only ask for a fixed share below the box's (0 fair, 100 off).
+            // A manifest only lowers its own share: 1 to the box's fixed share, or to 100 (100:
+            // nothing asked) when the box's is fair (0) or off (100).
             let cap = match caps.cpu_percent {
                 c @ 1..=99 => c,
-                _ => 99,
+                _ => 100,
             };
             if p == 0 || p > cap {
                 return bad(format!(
-                    "limits.cpu_percent = {p}: must be 1 to {cap} (a fixed share, at most the box's limits.cpu_percent)"
+                    "limits.cpu_percent = {p}: must be 1 to {cap} (a share of its own, at most the box's limits.cpu_percent)"
                 ));
             }
         }

@@ -4,14 +4,17 @@
 //! refused (`limit:cpu_share`) without running. So a handler that legitimately burns its whole
 //! fuel on every event, and never fails, still leaves the dispatcher's time to the others.
 //!
-//! The share is one of:
-//! - **fair** (`cpu_percent = 0`, the default): nothing is limited unless there is contention,
-//!   that is, work is waiting for the dispatcher *and* at least two handlers ran in the last
-//!   second; then each gets `100 / (n + 1)` percent (n handlers, one share kept for the
-//!   gateway's own work: reading, committing, dead letters). A box's only handler, or a box
-//!   that keeps up, is never held back;
+//! The box's `limits.cpu_percent` is one of:
+//! - **fair** (0, the default): nothing is limited unless there is contention, that is, other
+//!   input is queued for the dispatcher *and* at least two handlers ran (or asked to) in the
+//!   last second; then each gets `100 / (n + 1)` percent, at least 1 (n handlers, one share
+//!   kept for the gateway's own work: reading, committing, dead letters). A box's only
+//!   handler, or a box that keeps up, is never held back;
 //! - **fixed** (1 to 99 percent): always, contention or not;
 //! - **off** (100 or more).
+//!
+//! A manifest's `cpu_percent` (1 to 99) only lowers its own share: a fixed cap that always
+//! holds, and under a fair box the fair share holds on top of it. 100 asks for nothing.
 
 use std::time::{Duration, Instant};
 
@@ -21,7 +24,8 @@ pub const ACTIVE: Duration = Duration::from_secs(1);
 /// What limits a handler's run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
-    Fair,
+    /// The fair share under contention, and the handler's own fixed cap (if any) always.
+    Fair(Option<u32>),
     Fixed(u32),
     Off,
 }
@@ -41,11 +45,14 @@ pub struct CpuShare {
 }
 
 impl CpuShare {
-    /// From `cpu_percent`: 0 fair, 1 to 99 fixed, 100 and above off.
-    pub fn new(percent: u32) -> CpuShare {
-        let policy = match percent {
-            0 => Policy::Fair,
-            p if p < 100 => Policy::Fixed(p),
+    /// From the box's `cpu_percent` (0 fair, 1 to 99 fixed, 100 and above off) and the
+    /// manifest's (a cap of its own, 1 to 99; `None` or 100 and above: none).
+    pub fn new(box_percent: u32, manifest: Option<u32>) -> CpuShare {
+        let own = manifest.filter(|p| (1..100).contains(p));
+        let policy = match (box_percent, own) {
+            (0, own) => Policy::Fair(own),
+            (b, Some(p)) => Policy::Fixed(if b < 100 { p.min(b) } else { p }),
+            (b, None) if b < 100 => Policy::Fixed(b),
             _ => Policy::Off,
         };
         CpuShare {
@@ -72,8 +79,12 @@ impl CpuShare {
     pub fn in_effect(&self, active: usize, waiting: bool) -> Option<u32> {
         match self.policy {
             Policy::Fixed(p) => Some(p),
-            Policy::Fair if waiting && active >= 2 => Some(100 / (active as u32 + 1)),
-            Policy::Fair | Policy::Off => None,
+            Policy::Fair(own) if waiting && active >= 2 => {
+                let fair = (100 / (active.min(99) as u32 + 1)).max(1);
+                Some(own.map_or(fair, |p| p.min(fair)))
+            }
+            Policy::Fair(own) => own,
+            Policy::Off => None,
         }
     }
 
@@ -113,11 +124,20 @@ impl CpuShare {
         }
     }
 
-    /// The fixed share, in percent of the wall clock (0: fair or off).
+    /// The fixed share (or cap), in percent of the wall clock (0: none).
     pub fn percent(&self) -> u32 {
         match self.policy {
-            Policy::Fixed(p) => p,
+            Policy::Fixed(p) | Policy::Fair(Some(p)) => p,
             _ => 0,
+        }
+    }
+
+    /// How it is shared, for `status`: `fair`, `fixed` or `off`.
+    pub fn kind(&self) -> &'static str {
+        match self.policy {
+            Policy::Fair(_) => "fair",
+            Policy::Fixed(_) => "fixed",
+            Policy::Off => "off",
         }
     }
 }
@@ -131,7 +151,7 @@ mod tests {
     #[test]
     fn a_handler_over_its_share_is_refused_until_the_clock_refills_it() {
         let t0 = Instant::now();
-        let mut s = CpuShare::new(50);
+        let mut s = CpuShare::new(50, None);
         // A burst of one second's worth (500 ms of running), then refusals.
         assert!(s.admit(t0, 1, false));
         s.spend(400 * MS);
@@ -152,7 +172,7 @@ mod tests {
     #[test]
     fn a_long_run_costs_at_most_a_second_of_debt() {
         let t0 = Instant::now();
-        let mut s = CpuShare::new(10);
+        let mut s = CpuShare::new(10, None);
         assert!(s.admit(t0, 1, false));
         s.spend(Duration::from_secs(60));
         // Debt floor: 100 ms; refilled at 10%: 1 s of wall time gives it back.
@@ -164,7 +184,7 @@ mod tests {
     fn off_means_no_limit() {
         let t0 = Instant::now();
         for p in [100, 250] {
-            let mut s = CpuShare::new(p);
+            let mut s = CpuShare::new(p, Some(100));
             s.spend(Duration::from_secs(3600));
             assert!(s.admit(t0, 5, true));
             assert_eq!((s.percent(), s.policy()), (0, Policy::Off));
@@ -174,7 +194,7 @@ mod tests {
     #[test]
     fn a_fair_share_holds_only_under_contention() {
         let t0 = Instant::now();
-        let mut s = CpuShare::new(0);
+        let mut s = CpuShare::new(0, None);
         // Alone, or with nothing waiting: never held back, never charged.
         for (active, waiting) in [(1, true), (3, false)] {
             assert!(s.admit(t0, active, waiting));
@@ -192,5 +212,29 @@ mod tests {
         // The contention ends: it runs again at once.
         assert!(s.admit(t0, 1, true));
         assert!(s.is_active(t0 + 999 * MS) && !s.is_active(t0 + ACTIVE));
+    }
+
+    #[test]
+    fn a_manifest_only_lowers_its_own_share() {
+        // Under a fair box: its cap always, and the fair share on top when it is lower.
+        let s = CpuShare::new(0, Some(99));
+        assert_eq!(s.in_effect(1, false), Some(99));
+        assert_eq!(
+            s.in_effect(2, true),
+            Some(33),
+            "99 does not opt out of fairness"
+        );
+        assert_eq!(CpuShare::new(0, Some(10)).in_effect(2, true), Some(10));
+        // 100 asks for nothing; under a fixed box, the lower of the two.
+        assert_eq!(CpuShare::new(0, Some(100)).policy(), Policy::Fair(None));
+        assert_eq!(CpuShare::new(25, Some(40)).policy(), Policy::Fixed(25));
+        assert_eq!(CpuShare::new(25, Some(10)).policy(), Policy::Fixed(10));
+        assert_eq!(CpuShare::new(100, Some(10)).policy(), Policy::Fixed(10));
+    }
+
+    #[test]
+    fn a_fair_share_never_rounds_down_to_nothing() {
+        assert_eq!(CpuShare::new(0, None).in_effect(150, true), Some(1));
+        assert_eq!(CpuShare::new(0, None).in_effect(99, true), Some(1));
     }
 }
