@@ -103,14 +103,16 @@ enum Input {
     },
     Batch {
         batch: Batch,
-        _room: OwnedSemaphorePermit,
+        /// Its share of the room, given back when the input is dropped (after it was taken).
+        room: OwnedSemaphorePermit,
     },
     Datagram {
         session: u64,
         device: Arc<str>,
         publish: Publish,
         received_ms: u64,
-        _room: OwnedSemaphorePermit,
+        /// Its share of the room, given back when the input is dropped (after it was taken).
+        room: OwnedSemaphorePermit,
     },
     Status(oneshot::Sender<Vec<HandlerStatus>>),
     Stop,
@@ -155,7 +157,7 @@ impl Inbox {
             .acquire_many_owned(self.share(bytes))
             .await
             .map_err(|_| Stopped)?;
-        let input = Input::Batch { batch, _room: room };
+        let input = Input::Batch { batch, room };
         self.tx.send(input).map_err(|_| Stopped)
     }
 
@@ -170,7 +172,7 @@ impl Inbox {
             device: device.clone(),
             publish: p,
             received_ms,
-            _room: room,
+            room,
         };
         self.tx.send(input).is_ok()
     }
@@ -257,10 +259,10 @@ impl Sessions {
 
 /// The loop: timers when due, inputs in the order they were sent, until `Stop`; then the
 /// dispatcher closes (the committer finishes what it has and exits).
-fn run(mut d: Dispatcher, rx: Receiver<Input>, room: Arc<Semaphore>, capacity: u32) {
+fn run(mut d: Dispatcher, rx: Receiver<Input>, inbox_room: Arc<Semaphore>, capacity: u32) {
     let mut sessions = Sessions::default();
     // Frames handed over and not taken yet, beyond `held` permits of the input in hand.
-    let queued = |held: usize| room.available_permits() + held < capacity as usize;
+    let queued = |held: usize| inbox_room.available_permits() + held < capacity as usize;
     loop {
         let input = match d.next_timer() {
             None => match rx.recv() {
@@ -299,17 +301,17 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>, room: Arc<Semaphore>, capacity: u
                 sessions.connected(device, session)
             }
             Input::Disconnected { device, session } => sessions.disconnected(&device, session),
-            Input::Batch { batch, _room } => {
-                sessions.take(&mut d, batch, queued(_room.num_permits()));
+            Input::Batch { batch, room } => {
+                sessions.take(&mut d, batch, queued(room.num_permits()));
             }
             Input::Datagram {
                 session,
                 device,
                 publish,
                 received_ms,
-                _room,
+                room,
             } => {
-                d.set_work_waiting(queued(_room.num_permits()));
+                d.set_work_waiting(queued(room.num_permits()));
                 match sessions.is_latest(&device, session) {
                     true => d.datagram(&device, publish, received_ms),
                     false => d.datagram_dropped(),
