@@ -27,7 +27,7 @@ use crate::sandbox::share::Policy;
 use crate::sandbox::{EventInfo, FailureKind, Handler, Limit, Outcome, StateSource, TimerInfo};
 use crate::store::commit::Backlog;
 use crate::store::{fatal, keys, DeadLetter, Overlay, StoreError};
-use crate::timers::Timers;
+use crate::timers::{Due, Firing, Timers};
 
 /// What became of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +43,8 @@ pub enum Submitted {
 pub trait Durable: StateSource {
     /// The durable high-water mark of `device` (0: none).
     fn hwm(&self, device: &str) -> Result<u64, StoreError>;
-    /// The durable next due time of `handler`'s timer.
-    fn timer_due(&self, handler: &str) -> Result<Option<u64>, StoreError>;
+    /// The durable next due time of `handler`'s timer, and its epoch.
+    fn timer_due(&self, handler: &str) -> Result<Option<Due>, StoreError>;
     /// `handler`'s stored quarantine ([`Quarantine::encode`]).
     fn quarantine(&self, handler: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// State writes submitted and not yet durable; [`StateSource::get`] reads them first.
@@ -199,7 +199,9 @@ impl Dispatcher {
                     Err(e) => fatal("reading a timer", e),
                 };
                 if let Some(due) = timers.add(i, period, stored, now) {
-                    schedule.state.push(timer_write(h.name(), due));
+                    schedule
+                        .state
+                        .push(timer_write(h.name(), due.due_ms, due.epoch));
                 }
             }
         }
@@ -513,8 +515,18 @@ impl Dispatcher {
     /// Fires the timers due at `now_ms` (each in its own write set, which also moves its
     /// durable next due time) and returns the next due time, if any timer exists.
     pub fn fire_timers(&mut self, now_ms: u64) -> Option<u64> {
-        for (h, due_ms, next_ms) in self.timers.take_due(now_ms) {
-            let seq_text = format!("timer.{due_ms}");
+        for Firing {
+            handler: h,
+            due: Due { due_ms, epoch },
+            next_ms,
+        } in self.timers.take_due(now_ms)
+        {
+            // A firing's name: its due time, and its epoch once the clock was set back (a
+            // due time may then come again; see `timers.rs`).
+            let seq_text = match epoch {
+                0 => format!("timer.{due_ms}"),
+                e => format!("timer.{e}.{due_ms}"),
+            };
             let device: Arc<str> = "".into();
             // A timer's time is its due time (the ts of its forwards and dead letters).
             let ctx = Ctx {
@@ -532,7 +544,7 @@ impl Dispatcher {
                 log_budget: self.log_cap,
             };
             let name = self.handlers[h].name().to_string();
-            let next = timer_write(&name, next_ms);
+            let next = timer_write(&name, next_ms, epoch);
             let run = if self.disk_low() {
                 None
             } else {
@@ -1065,9 +1077,9 @@ struct Run {
     verdicts: Vec<(usize, Option<FailureKind>)>,
 }
 
-/// The write that stores `handler`'s next due time.
-fn timer_write(handler: &str, due_ms: u64) -> (Vec<u8>, Option<Vec<u8>>) {
-    (keys::timer(handler), Some(due_ms.to_be_bytes().to_vec()))
+/// The write that stores `handler`'s next due time (and its schedule's epoch).
+fn timer_write(handler: &str, due_ms: u64, epoch: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+    (keys::timer(handler), Some(keys::timer_value(due_ms, epoch)))
 }
 
 /// An outbox entry for a forward of the event (or timer firing) in `ctx`: its time is the

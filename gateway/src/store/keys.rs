@@ -69,6 +69,24 @@ pub fn u64_value(v: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(v.try_into().ok()?))
 }
 
+/// A timer's stored next due time: u64 BE, then its epoch (u64 BE) when not 0.
+pub fn timer_value(due_ms: u64, epoch: u64) -> Vec<u8> {
+    let mut v = due_ms.to_be_bytes().to_vec();
+    if epoch > 0 {
+        v.extend_from_slice(&epoch.to_be_bytes());
+    }
+    v
+}
+
+/// A [`timer_value`] read back: (due, epoch).
+pub fn read_timer_value(v: &[u8]) -> Option<(u64, u64)> {
+    match v.len() {
+        8 => Some((u64_value(v)?, 0)),
+        16 => Some((u64_value(&v[..8])?, u64_value(&v[8..])?)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -450,12 +450,13 @@ impl Store {
         Ok(total)
     }
 
-    /// The durable next due time of `handler`'s timer.
-    pub fn timer_due(&self, handler: &str) -> Result<Option<u64>, StoreError> {
+    /// The durable next due time of `handler`'s timer, and its epoch.
+    pub fn timer_due(&self, handler: &str) -> Result<Option<crate::timers::Due>, StoreError> {
         Ok(self
             .tree
             .get(keys::timer(handler))?
-            .and_then(|v| keys::u64_value(&v)))
+            .and_then(|v| keys::read_timer_value(&v))
+            .map(|(due_ms, epoch)| crate::timers::Due { due_ms, epoch }))
     }
 
     /// A handler's stored quarantine (`sandbox::quarantine::Quarantine::encode`), if any.
@@ -494,7 +495,7 @@ impl crate::dispatch::Durable for Store {
     fn hwm(&self, device: &str) -> Result<u64, StoreError> {
         Store::hwm(self, device)
     }
-    fn timer_due(&self, handler: &str) -> Result<Option<u64>, StoreError> {
+    fn timer_due(&self, handler: &str) -> Result<Option<crate::timers::Due>, StoreError> {
         Store::timer_due(self, handler)
     }
     fn quarantine(&self, handler: &str) -> Result<Option<Vec<u8>>, StoreError> {
