@@ -125,8 +125,10 @@ pub struct Dispatcher {
     recorder: Option<RecordTap>,
     disk: Option<Arc<DiskWatch>>,
     claimed: HashMap<Arc<str>, u64>,
-    /// Whether work waits behind what runs now (more steps of the batch, other batches, a late
-    /// timer): with two handlers or more active, it makes the fair CPU share hold.
+    /// The empty device of a timer's tree, as stored formats name it.
+    no_device: Arc<str>,
+    /// Whether other input is queued behind what runs now (the dispatcher thread tells): with
+    /// two handlers or more active, it makes the fair CPU share hold.
     work_waiting: bool,
     /// Devices answered busy at a seq they have not resent yet (see [`Dispatcher::publish`]).
     busy_floor: HashMap<Arc<str>, u64>,
@@ -226,6 +228,7 @@ impl Dispatcher {
             recorder: None,
             disk: None,
             claimed: HashMap::new(),
+            no_device: "".into(),
             busy_floor: HashMap::new(),
             work_waiting: false,
             store,
@@ -464,8 +467,7 @@ impl Dispatcher {
             false => None,
         };
         let ctx = Ctx {
-            device,
-            seq: p.seq,
+            origin: Origin::Publish { device, seq: p.seq },
             ts: p.ts,
             received_ms,
             seq_text: &seq_text,
@@ -496,8 +498,7 @@ impl Dispatcher {
         self.datagrams += 1;
         let seq_text = format!("dg{:016x}.{}", self.boot_nonce, self.datagrams);
         let ctx = Ctx {
-            device,
-            seq: 0,
+            origin: Origin::Datagram { device },
             ts: p.ts,
             received_ms,
             seq_text: &seq_text,
@@ -527,11 +528,12 @@ impl Dispatcher {
                 0 => format!("timer.{due_ms}"),
                 e => format!("timer.{e}.{due_ms}"),
             };
-            let device: Arc<str> = "".into();
+            let no_device = self.no_device.clone();
             // A timer's time is its due time (the ts of its forwards and dead letters).
             let ctx = Ctx {
-                device: &device,
-                seq: 0,
+                origin: Origin::Timer {
+                    no_device: &no_device,
+                },
                 ts: Some(due_ms),
                 received_ms: now_ms,
                 seq_text: &seq_text,
@@ -569,7 +571,7 @@ impl Dispatcher {
                     }
                 }
             };
-            self.submit(&device, 0, ItemKind::Event(Box::new(ws)), None);
+            self.submit(&no_device, 0, ItemKind::Event(Box::new(ws)), None);
         }
         self.timers.next_due()
     }
@@ -610,10 +612,10 @@ impl Dispatcher {
                                 forward_entry(o.id.into(), o.src, ctx, topic, o.class, payload)
                             }
                             None => {
-                                let id = entry_id(&self.gateway, ctx.device, ctx.seq_text, "", 0);
+                                let id = entry_id(&self.gateway, ctx.device(), ctx.seq_text, "", 0);
                                 forward_entry(
                                     id,
-                                    ctx.device,
+                                    ctx.device(),
                                     ctx,
                                     topic,
                                     self.unrouted_class,
@@ -635,7 +637,10 @@ impl Dispatcher {
                 }
             }
             Root::Timer(h, info) => {
-                if !self.handlers[h].quarantine.blocks("", ctx.received_ms) {
+                if !self.handlers[h]
+                    .quarantine
+                    .blocks(ctx.who(), ctx.received_ms)
+                {
                     match self.share_start(h) {
                         // Over its CPU share: this firing is skipped (the schedule moves on).
                         Err(OverShare) => Metrics::inc(&self.metrics.timers_skipped),
@@ -811,8 +816,8 @@ impl Dispatcher {
             return;
         }
         let ev = EventInfo {
-            device: ctx.device,
-            seq: ctx.seq,
+            device: ctx.origin.device_arc(),
+            seq: ctx.origin.seq(),
             ts: ctx.ts,
             received_ms: ctx.received_ms,
             topic: at.topic,
@@ -900,8 +905,8 @@ impl Dispatcher {
             Err(failure) => {
                 tracing::warn!(
                     handler = name,
-                    device = &**ctx.device,
-                    seq = ctx.seq,
+                    device = ctx.device(),
+                    seq = ctx.origin.seq(),
                     "handler failed: {failure}"
                 );
                 self.dead_letter(
@@ -932,8 +937,8 @@ impl Dispatcher {
             format!("{}.e{}", ctx.seq_text, at.origin)
         };
         for (i, f) in effects.forwards.into_iter().enumerate() {
-            let id = entry_id(&self.gateway, ctx.device, &seq_part, &name, i);
-            let r = forward_entry(id, ctx.device, ctx, &f.topic, f.class, &f.payload);
+            let id = entry_id(&self.gateway, ctx.device(), &seq_part, &name, i);
+            let r = forward_entry(id, ctx.device(), ctx, &f.topic, f.class, &f.payload);
             run.ws.outbox.push(r);
         }
         for (et, ep) in effects.emits {
@@ -953,8 +958,8 @@ impl Dispatcher {
         ws: &mut WriteSet,
     ) {
         let d = DeadLetter {
-            device: ctx.device.to_string(),
-            seq: ctx.seq,
+            device: ctx.device().to_string(),
+            seq: ctx.origin.seq(),
             topic: topic.to_string(),
             payload: payload.to_vec(),
             handler: handler.to_string(),
@@ -968,10 +973,7 @@ impl Dispatcher {
 
 /// The device event (or timer firing) a tree of invocations belongs to.
 struct Ctx<'a> {
-    /// Empty for a timer.
-    device: &'a Arc<str>,
-    /// 0 for datagrams and timers.
-    seq: u64,
+    origin: Origin<'a>,
     ts: Option<u64>,
     received_ms: u64,
     /// The seq part of outbox entry ids: the seq, a datagram id or `timer.<due_ms>`.
@@ -980,14 +982,48 @@ struct Ctx<'a> {
     relay: Option<Relayed<'a>>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// The device as entry ids, entries and dead letters name it (`""` for a timer).
+    fn device(&self) -> &'a str {
+        self.origin.device_arc()
+    }
+
     /// Whom the event's failures count against for quarantine: its device, or for an event a
     /// lower tier relays, the origin device (one bad sensor behind an edge must not take a
-    /// handler away from the whole edge).
-    fn who(&self) -> &str {
+    /// handler away from the whole edge); a timer's firings count as the device `""`.
+    fn who(&self) -> &'a str {
         match self.relay {
             Some(r) if !r.src.is_empty() => r.src,
-            _ => self.device,
+            _ => self.device(),
+        }
+    }
+}
+
+/// Where a tree of invocations starts.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// A device's publish, with its seq.
+    Publish { device: &'a Arc<str>, seq: u64 },
+    /// A device's datagram: no seq.
+    Datagram { device: &'a Arc<str> },
+    /// A handler's timer firing: no device (`no_device`, empty, stands in where the stored
+    /// formats and the handler's event info need one).
+    Timer { no_device: &'a Arc<str> },
+}
+
+impl<'a> Origin<'a> {
+    fn device_arc(&self) -> &'a Arc<str> {
+        match *self {
+            Origin::Publish { device, .. } | Origin::Datagram { device } => device,
+            Origin::Timer { no_device } => no_device,
+        }
+    }
+
+    /// The seq as dead letters and handlers see it (0: none, a datagram's or a timer's).
+    fn seq(&self) -> u64 {
+        match *self {
+            Origin::Publish { seq, .. } => seq,
+            Origin::Datagram { .. } | Origin::Timer { .. } => 0,
         }
     }
 }
