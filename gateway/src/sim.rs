@@ -34,7 +34,7 @@ use crate::outbox::{Entry, Outbox};
 use crate::pipeline::{Item, Settled};
 use crate::proto::msg::Publish;
 use crate::sandbox::{Handler, HostEnv, Manifest, Runtime, StateSource};
-use crate::store::commit::{CommitQueue, Group, NewEntry};
+use crate::store::commit::{self, AfterFlush, Backlog, CommitQueue, Group, NewEntry};
 use crate::store::{keys, Overlay, StoreError};
 
 /// Seeds CI runs (each a few thousand steps).
@@ -228,6 +228,19 @@ impl Device {
     /// Kept events (not refused) at or below `mark`.
     fn kept_through(&self, mark: u64) -> u64 {
         (1..=mark).filter(|s| !self.refused(*s)).count() as u64
+    }
+}
+
+/// The gateway's after-sync hooks that matter here: the outbox index and the backlog.
+struct Hooks {
+    outbox: Arc<Outbox>,
+    backlog: Arc<Backlog>,
+}
+
+impl AfterFlush for Hooks {
+    fn after_flush(&mut self, g: &Group) {
+        self.outbox.add(&g.entries, Instant::now());
+        self.backlog.leave(g.items, g.bytes);
     }
 }
 
@@ -487,14 +500,11 @@ impl Sim {
         };
         disk.lock().unwrap().sync();
         let g = life.queue.flushed(g);
-        for (keys, tag) in &g.overlay {
-            life.store.overlay.forget_durable(keys.iter(), *tag);
-        }
-        life.outbox.add(&g.entries, Instant::now());
-        life.dispatcher.backlog.leave(g.items, g.bytes);
-        for (reply, settled) in g.replies {
-            let _ = reply.send(settled);
-        }
+        let mut hooks = Hooks {
+            outbox: life.outbox.clone(),
+            backlog: life.dispatcher.backlog.clone(),
+        };
+        commit::release(g, &life.store.overlay, &mut hooks);
     }
 
     /// The fake cloud takes up to `n` synced entries; the clear (their removal) is synced,

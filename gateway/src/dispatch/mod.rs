@@ -861,14 +861,20 @@ impl Dispatcher {
             return Ok(None);
         }
         let now = Instant::now();
-        // Handlers that ran within the last second, this one included.
-        let active = 1 + self
-            .handlers
-            .iter()
-            .enumerate()
-            .filter(|(i, o)| *i != h && o.share.is_active(now))
-            .count();
+        // Handlers that ran within the last second, this one included: counted only when input
+        // is queued, the one case where the fair share looks at them.
         let waiting = self.work_waiting;
+        let active = match waiting {
+            true => {
+                1 + self
+                    .handlers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, o)| *i != h && o.share.is_active(now))
+                    .count()
+            }
+            false => 1,
+        };
         let handler = &mut self.handlers[h];
         if handler.share.admit(now, active, waiting) {
             return Ok(Some(now));

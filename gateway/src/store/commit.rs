@@ -272,14 +272,20 @@ pub fn run(
         let dead_dropped = store.commit(batch, std::mem::take(&mut group.dead))?;
         let mut group = q.flushed(group);
         group.dead_dropped = dead_dropped;
-        for (keys, tag) in &group.overlay {
-            store.overlay.forget_durable(keys.iter(), *tag);
-        }
-        hooks.after_flush(&group);
-        for (reply, settled) in group.replies {
-            // A connection that went away no longer needs its answer.
-            let _ = reply.send(settled);
-        }
+        release(group, &store.overlay, &mut hooks);
+    }
+}
+
+/// What follows a group's sync (the committer's, and the simulator's): its state writes leave
+/// the overlay, the hooks see it (the outbox index, the backlog), then its answers go out.
+pub fn release(group: Group, overlay: &super::Overlay, hooks: &mut impl AfterFlush) {
+    for (keys, tag) in &group.overlay {
+        overlay.forget_durable(keys.iter(), *tag);
+    }
+    hooks.after_flush(&group);
+    for (reply, settled) in group.replies {
+        // A connection that went away no longer needs its answer.
+        let _ = reply.send(settled);
     }
 }
 
