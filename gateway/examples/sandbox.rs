@@ -403,7 +403,8 @@ fn dispatch_rate(
         tx,
         metrics.clone(),
         tidepool::clock::now_ms(),
-    );
+    )
+    .expect("the store is readable");
     // The committer's part without the disk: take each item and free its bytes.
     let backlog = d.backlog.clone();
     let drain = std::thread::spawn(move || {
@@ -427,7 +428,8 @@ fn dispatch_rate(
             src: None,
             class: None,
         };
-        d.publish(&devices[i % devices.len()], p, 0, &reply);
+        d.publish(&devices[i % devices.len()], p, 0, &reply)
+            .expect("the store is readable");
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
     d.close();

@@ -204,7 +204,8 @@ pub async fn run(
         tx,
         metrics.clone(),
         crate::clock::now_ms(),
-    );
+    )
+    .unwrap_or_else(|f| crate::store::fatal("starting the dispatcher", f));
     let disk = Arc::new(DiskWatch::new(&data, cfg.store.min_free_bytes));
     dispatcher.watch_disk(disk.clone());
     let hooks = Hooks {

@@ -74,6 +74,19 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "the dispatcher knows no socket and reaches sled only through the store",
     ),
     (
+        "dispatch/tree.rs",
+        &[
+            "crate::store::commit",
+            "crate::outbox::Outbox",
+            "crate::outbox::Admission",
+            "super::Durable",
+            "super::Dispatcher",
+            "crate::clock",
+            "SyncSender",
+        ],
+        "the event tree returns what it grew as data: admission, submission and durable reads are the sequencer's",
+    ),
+    (
         "uplink",
         &["crate::dispatch", "crate::ingress", "crate::sandbox"],
         "the uplink reads the outbox; it never runs a handler",

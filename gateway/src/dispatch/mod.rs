@@ -1,33 +1,37 @@
-//! The dispatcher: one event at a time, in the order the committer will see them. It checks a
-//! publish against the high-water mark (resend), the topic rules and the ACL, runs the
-//! subscribed handlers (and what they emit) outside any store transaction, applies outbox
-//! admission, and submits the event's write set to the committer. Everything here is
-//! synchronous and free of network I/O; it runs on its own thread (`thread.rs`), which owns it.
+//! The sequencer: one event at a time, in the order the committer will see them. It checks a
+//! publish against the high-water mark (resend) and the busy floor, the topic rules and the
+//! ACL, has the event tree (`tree.rs`) run the handlers, applies outbox admission, leaves the
+//! kept tree's state writes in the overlay and submits its write set to the committer.
+//! Everything here is synchronous and free of network I/O; it runs on its own thread
+//! (`thread.rs`), which owns it. The wall clock comes in as arguments (`now`,
+//! `received_ms`); a store that cannot be read comes back as a [`Fault`], and only the
+//! thread stops the process.
 
 pub mod thread;
+mod tree;
 
-use std::collections::{HashMap, VecDeque};
+pub use tree::EventState;
+
+use std::collections::HashMap;
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
-use crate::config::{Config, Unrouted};
+use crate::config::Config;
 use crate::jsonl::Line;
 use crate::metrics::Metrics;
 use crate::os::disk::DiskWatch;
-use crate::outbox::{entry_id, Admission, Entry, Outbox};
+use crate::outbox::{Admission, Outbox};
 use crate::pipeline::Class;
-use crate::pipeline::{Item, ItemKind, OutboxWrite, Reply, WriteSet};
+use crate::pipeline::{Item, ItemKind, Reply, WriteSet};
 use crate::proto::msg::{NackCode, Publish};
 use crate::proto::topic;
 use crate::record::{Offer, RecordTap};
-use crate::router::Router;
-use crate::sandbox::quarantine::{self, Change, Quarantine};
-use crate::sandbox::share::Policy;
-use crate::sandbox::{EventInfo, FailureKind, Handler, Limit, Outcome, StateSource, TimerInfo};
+use crate::sandbox::quarantine::Quarantine;
+use crate::sandbox::{Handler, Limit, StateSource};
 use crate::store::commit::Backlog;
-use crate::store::{fatal, keys, DeadLetter, Overlay, StoreError};
+use crate::store::{keys, Overlay, StoreError};
 use crate::timers::{Due, Firing, Timers};
+use tree::{dead_letter, Ctx, Grown, Origin, Root, Tree};
 
 /// What became of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +40,22 @@ pub enum Submitted {
     Queued,
     /// Not kept: answer `busy` and stop reading the stream.
     Busy,
+}
+
+/// The store could not be read where the next answer depends on it: the dispatcher cannot go
+/// on, and its driver stops the gateway so that the supervisor restarts it.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct Fault {
+    what: &'static str,
+    #[source]
+    source: StoreError,
+}
+
+impl Fault {
+    fn reading(what: &'static str) -> impl FnOnce(StoreError) -> Fault {
+        move |source| Fault { what, source }
+    }
 }
 
 /// What the dispatcher reads of what is durable (the store; the simulator's disk), and where
@@ -49,36 +69,6 @@ pub trait Durable: StateSource {
     fn quarantine(&self, handler: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// State writes submitted and not yet durable; [`StateSource::get`] reads them first.
     fn overlay(&self) -> &Overlay;
-}
-
-/// State reads for handlers: this event's own writes, then the overlay of pending groups,
-/// then what is durable.
-pub struct EventState {
-    store: Arc<dyn StateSource>,
-    current: Mutex<HashMap<Vec<u8>, Option<Vec<u8>>>>,
-}
-
-impl EventState {
-    pub fn new(store: Arc<dyn StateSource>) -> Self {
-        EventState {
-            store,
-            current: Mutex::default(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Option<Vec<u8>>>> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl StateSource for EventState {
-    fn get(&self, handler: &str, key: &[u8]) -> Option<Vec<u8>> {
-        let full = keys::state(handler, key);
-        if let Some(v) = self.lock().get(&full) {
-            return v.clone();
-        }
-        self.store.get(handler, key)
-    }
 }
 
 /// A handler as `tidepool status` shows it.
@@ -102,38 +92,23 @@ pub struct HandlerStatus {
 
 pub struct Dispatcher {
     gateway: Arc<str>,
-    handlers: Vec<Handler>,
-    router: Router,
+    tree: Tree,
     acl: Vec<String>,
     /// Devices whose `id`, `src` and `class` keys are kept (lower Tidepool tiers).
     tiers: Vec<String>,
     max_payload: usize,
-    unrouted: Unrouted,
-    unrouted_class: Class,
     busy_retry_ms: u64,
     /// Items waiting for the committer beyond which datagrams are shed.
     datagram_shed_backlog: usize,
-    /// Emits allowed for one device event's whole tree (the box's `emits_per_event` cap).
-    emit_budget: u32,
-    /// Log bytes each handler may write per device event, and what each wrote so far.
-    log_cap: usize,
-    log_used: Vec<usize>,
-    quarantine_after: u32,
-    quarantine_devices: usize,
-    quarantine_hold_ms: u64,
     timers: Timers,
     recorder: Option<RecordTap>,
     disk: Option<Arc<DiskWatch>>,
     claimed: HashMap<Arc<str>, u64>,
     /// The empty device of a timer's tree, as stored formats name it.
     no_device: Arc<str>,
-    /// Whether other input is queued behind what runs now (the dispatcher thread tells): with
-    /// two handlers or more active, it makes the fair CPU share hold.
-    work_waiting: bool,
     /// Devices answered busy at a seq they have not resent yet (see [`Dispatcher::publish`]).
     busy_floor: HashMap<Arc<str>, u64>,
     store: Arc<dyn Durable>,
-    state: Arc<EventState>,
     outbox: Arc<Outbox>,
     tx: Option<SyncSender<Item>>,
     /// Items submitted and not yet committed.
@@ -143,10 +118,11 @@ pub struct Dispatcher {
     /// Random per start: datagram entry ids stay unique across restarts, even without a clock.
     boot_nonce: u64,
     metrics: Arc<Metrics>,
-    route_buf: Vec<usize>,
 }
 
 impl Dispatcher {
+    /// A dispatcher over `handlers` at wall time `now` (ms): it reads their stored
+    /// quarantines and timers, and submits the due times it sets at once.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &Config,
@@ -157,9 +133,7 @@ impl Dispatcher {
         tx: SyncSender<Item>,
         metrics: Arc<Metrics>,
         now: u64,
-    ) -> Self {
-        let router = Router::new(handlers.iter().map(|h| h.manifest.subscribe.as_slice()));
-        let n_handlers = handlers.len();
+    ) -> Result<Self, Fault> {
         let mut timers = Timers::default();
         // New (or reset) due times are written at once, so that restarts shorter than a
         // period cannot keep a timer from ever firing.
@@ -171,35 +145,34 @@ impl Dispatcher {
                 h.manifest.limits.cpu_percent,
             );
             // A quarantine outlives a restart (its probation still ends it).
-            match store.quarantine(h.name()) {
-                Ok(None) => {}
-                Ok(Some(v)) => match Quarantine::decode(&v) {
-                    Some(q) if q.version != h.manifest.version => tracing::info!(
-                        handler = h.name(),
-                        held_for = q.version,
-                        "a new version of the handler: its quarantine is lifted"
-                    ),
-                    Some(mut q) => {
-                        q.clamp(now);
-                        if q.all() || q.devices().next().is_some() {
-                            tracing::warn!(handler = h.name(), "handler still quarantined from before the restart (it runs again after its probation)");
-                        }
-                        h.quarantine = q;
+            let stored = store
+                .quarantine(h.name())
+                .map_err(Fault::reading("reading a quarantine"))?;
+            let Some(v) = stored else { continue };
+            match Quarantine::decode(&v) {
+                Some(q) if q.version != h.manifest.version => tracing::info!(
+                    handler = h.name(),
+                    held_for = q.version,
+                    "a new version of the handler: its quarantine is lifted"
+                ),
+                Some(mut q) => {
+                    q.clamp(now);
+                    if q.all() || q.devices().next().is_some() {
+                        tracing::warn!(handler = h.name(), "handler still quarantined from before the restart (it runs again after its probation)");
                     }
-                    None => tracing::warn!(
-                        handler = h.name(),
-                        "its stored quarantine does not decode: starting without one"
-                    ),
-                },
-                Err(e) => fatal("reading a quarantine", e),
+                    h.quarantine = q;
+                }
+                None => tracing::warn!(
+                    handler = h.name(),
+                    "its stored quarantine does not decode: starting without one"
+                ),
             }
         }
         for (i, h) in handlers.iter().enumerate() {
             if let Some(period) = h.manifest.timer_ms {
-                let stored = match store.timer_due(h.name()) {
-                    Ok(d) => d,
-                    Err(e) => fatal("reading a timer", e),
-                };
+                let stored = store
+                    .timer_due(h.name())
+                    .map_err(Fault::reading("reading a timer"))?;
                 if let Some(due) = timers.add(i, period, stored, now) {
                     schedule
                         .state
@@ -209,30 +182,19 @@ impl Dispatcher {
         }
         let mut d = Dispatcher {
             gateway: cfg.gateway.id.as_str().into(),
-            handlers,
-            router,
+            tree: Tree::new(cfg, handlers, state, metrics.clone()),
             acl: cfg.acl.publish.clone(),
             tiers: cfg.acl.tiers.clone(),
             max_payload: cfg.ingress.max_payload_bytes,
-            unrouted: cfg.router.unrouted,
-            unrouted_class: cfg.router.unrouted_class,
             busy_retry_ms: cfg.ingress.busy_retry_after_ms,
             datagram_shed_backlog: cfg.ingress.datagram_shed_backlog,
-            emit_budget: cfg.limits.emits_per_event,
-            log_cap: cfg.limits.log_bytes_per_event,
-            log_used: vec![0; n_handlers],
-            quarantine_after: cfg.limits.quarantine_after_errors,
-            quarantine_devices: cfg.limits.quarantine_devices,
-            quarantine_hold_ms: cfg.limits.quarantine_hold_ms,
             timers,
             recorder: None,
             disk: None,
             claimed: HashMap::new(),
             no_device: "".into(),
             busy_floor: HashMap::new(),
-            work_waiting: false,
             store,
-            state,
             outbox,
             tx: Some(tx),
             backlog: Arc::new(Backlog::new(cfg.store.commit_queue_bytes)),
@@ -240,12 +202,11 @@ impl Dispatcher {
             datagrams: 0,
             boot_nonce: fastrand::u64(..),
             metrics,
-            route_buf: Vec::new(),
         };
         if !schedule.state.is_empty() {
             d.submit(&"".into(), 0, ItemKind::Event(Box::new(schedule)), None);
         }
-        d
+        Ok(d)
     }
 
     /// Answers `busy` (and skips timers) while `disk` is below its reserve.
@@ -282,7 +243,8 @@ impl Dispatcher {
 
     /// Each handler's name, version, timer and health.
     pub fn handler_status(&self) -> Vec<HandlerStatus> {
-        self.handlers
+        self.tree
+            .handlers
             .iter()
             .map(|h| HandlerStatus {
                 name: h.name().to_string(),
@@ -323,14 +285,18 @@ impl Dispatcher {
     }
 
     /// The highest seq of `device` that is durable or on its way to the committer.
-    fn claimed(&mut self, device: &Arc<str>) -> &mut u64 {
-        let store = &self.store;
-        self.claimed
-            .entry(device.clone())
-            .or_insert_with(|| match store.hwm(device) {
-                Ok(h) => h,
-                Err(e) => fatal("reading a high-water mark", e),
-            })
+    fn claimed(&mut self, device: &Arc<str>) -> Result<&mut u64, Fault> {
+        use std::collections::hash_map::Entry;
+        match self.claimed.entry(device.clone()) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => {
+                let hwm = self
+                    .store
+                    .hwm(device)
+                    .map_err(Fault::reading("reading a high-water mark"))?;
+                Ok(e.insert(hwm))
+            }
+        }
     }
 
     /// Answers a `hello` with the durable high-water mark, after what precedes it is durable.
@@ -347,19 +313,20 @@ impl Dispatcher {
         code: NackCode,
         reason: String,
         reply: &Reply,
-    ) {
+    ) -> Result<(), Fault> {
         Metrics::inc(&self.metrics.nacks);
         if code.moves_mark() {
-            let c = self.claimed(device);
+            let c = self.claimed(device)?;
             *c = (*c).max(seq);
         }
         self.submit(device, seq, ItemKind::Nack { code, reason }, Some(reply));
+        Ok(())
     }
 
     /// Whether work is waiting behind what runs next (the dispatcher thread tells; see
     /// `sandbox/share.rs`).
     pub fn set_work_waiting(&mut self, waiting: bool) {
-        self.work_waiting = waiting;
+        self.tree.set_work_waiting(waiting);
     }
 
     /// A new session of `device`: its busy floor is forgotten (the device starts over from
@@ -372,14 +339,15 @@ impl Dispatcher {
     /// A busy answer also sets the device's busy floor at `seq` (see [`Dispatcher::publish`]),
     /// whatever the cause: a full outbox, a low disk, or another stream holding the
     /// publishing slot.
-    pub fn busy(&mut self, device: &Arc<str>, seq: u64, reply: &Reply) {
+    pub fn busy(&mut self, device: &Arc<str>, seq: u64, reply: &Reply) -> Result<(), Fault> {
         Metrics::inc(&self.metrics.busy);
-        if seq > *self.claimed(device) {
+        if seq > *self.claimed(device)? {
             let floor = self.busy_floor.entry(device.clone()).or_insert(seq);
             *floor = (*floor).min(seq);
         }
         let retry_after_ms = self.busy_retry_ms;
         self.submit(device, seq, ItemKind::Busy { retry_after_ms }, Some(reply));
+        Ok(())
     }
 
     /// Checks topic rules and the ACL: `Err((code, reason))` to nack.
@@ -436,30 +404,30 @@ impl Dispatcher {
         p: Publish,
         received_ms: u64,
         reply: &Reply,
-    ) -> Submitted {
+    ) -> Result<Submitted, Fault> {
         Metrics::inc(&self.metrics.events_in);
-        if p.seq <= *self.claimed(device) {
+        if p.seq <= *self.claimed(device)? {
             Metrics::inc(&self.metrics.resends);
             self.submit(device, p.seq, ItemKind::Resend, Some(reply));
-            return Submitted::Queued;
+            return Ok(Submitted::Queued);
         }
         // After a busy answer at seq s, nothing above s is kept (nor nacked: a nack moves the
         // mark too) until the device resends s itself: a later seq from another stream would
         // otherwise be acked, and its ack would cover the seqs that were not kept. Seqs below
         // s go on as usual (they may still be on their way from the stream that held the slot).
         match self.busy_floor.get(device) {
-            Some(&floor) if p.seq > floor => return Submitted::Busy,
+            Some(&floor) if p.seq > floor => return Ok(Submitted::Busy),
             Some(&floor) if p.seq == floor => {
                 self.busy_floor.remove(device);
             }
             _ => {}
         }
         if let Err((code, reason)) = self.check(device, &p) {
-            self.nack(device, p.seq, code, reason, reply);
-            return Submitted::Queued;
+            self.nack(device, p.seq, code, reason, reply)?;
+            return Ok(Submitted::Queued);
         }
         if self.disk_low() {
-            return Submitted::Busy;
+            return Ok(Submitted::Busy);
         }
         let seq_text = p.seq.to_string();
         let relay = match self.is_tier(device) {
@@ -477,11 +445,11 @@ impl Dispatcher {
             Some(ws) => {
                 // Recorded once kept: an event answered busy is recorded when it is resent.
                 self.recorder_sees(device, &p, received_ms);
-                *self.claimed(device) = p.seq;
+                *self.claimed(device)? = p.seq;
                 self.submit(device, p.seq, ItemKind::Event(Box::new(ws)), Some(reply));
-                Submitted::Queued
+                Ok(Submitted::Queued)
             }
-            None => Submitted::Busy,
+            None => Ok(Submitted::Busy),
         }
     }
 
@@ -539,13 +507,8 @@ impl Dispatcher {
                 seq_text: &seq_text,
                 relay: None,
             };
-            let info = TimerInfo {
-                now_ms,
-                due_ms,
-                emit_budget: self.emit_budget,
-                log_budget: self.log_cap,
-            };
-            let name = self.handlers[h].name().to_string();
+            let info = self.tree.timer_info(now_ms, due_ms);
+            let name = self.tree.handlers[h].name().to_string();
             let next = timer_write(&name, next_ms, epoch);
             let run = if self.disk_low() {
                 None
@@ -593,103 +556,27 @@ impl Dispatcher {
         Metrics::inc(&self.metrics.datagrams_dropped);
     }
 
-    /// Runs the event (or timer) through the handlers and what they emit. `None` when the
-    /// outbox cannot take its forwards: nothing of it is kept.
+    /// Grows the event's (or timer's) tree and applies outbox admission. `None` when the
+    /// outbox cannot take its forwards: nothing of it is kept. A kept tree is counted toward
+    /// quarantine, its state writes go into the overlay under a new tag, and its write set is
+    /// returned for the committer.
     fn process(&mut self, ctx: &Ctx<'_>, root: Root<'_>) -> Option<WriteSet> {
-        let mut run = Run::default();
-        self.log_used.iter_mut().for_each(|u| *u = 0);
-        let mut route = std::mem::take(&mut self.route_buf);
-        match root {
-            Root::Event(topic, payload) => {
-                self.router.route(topic, &mut route);
-                if route.is_empty() {
-                    Metrics::inc(&self.metrics.unrouted);
-                    if self.unrouted == Unrouted::Forward {
-                        let r = match ctx.relay {
-                            // A lower tier's event goes on as the origin sent it: its id, its
-                            // device and its class.
-                            Some(o) => {
-                                forward_entry(o.id.into(), o.src, ctx, topic, o.class, payload)
-                            }
-                            None => {
-                                let id = entry_id(&self.gateway, ctx.device(), ctx.seq_text, "", 0);
-                                forward_entry(
-                                    id,
-                                    ctx.device(),
-                                    ctx,
-                                    topic,
-                                    self.unrouted_class,
-                                    payload,
-                                )
-                            }
-                        };
-                        run.ws.outbox.push(r);
-                    }
-                }
-                let at = At {
-                    topic,
-                    payload,
-                    depth: 0,
-                    origin: 0,
-                };
-                for &h in &route {
-                    self.invoke(ctx, h, at, &mut run);
-                }
-            }
-            Root::Timer(h, info) => {
-                if !self.handlers[h]
-                    .quarantine
-                    .blocks(ctx.who(), ctx.received_ms)
-                {
-                    match self.share_start(h) {
-                        // Over its CPU share: this firing is skipped (the schedule moves on).
-                        Err(OverShare) => Metrics::inc(&self.metrics.timers_skipped),
-                        Ok(started) => {
-                            let outcome = self.handlers[h].timer(&info);
-                            self.share_end(h, started);
-                            Metrics::inc(&self.metrics.timer_calls);
-                            self.apply_outcome(ctx, h, At::ROOT_TIMER, outcome, &mut run);
-                        }
-                    }
-                }
-            }
-        }
-        while let Some((t, payload, depth, origin)) = run.queue.pop_front() {
-            self.router.route(&t, &mut route);
-            let at = At {
-                topic: &t,
-                payload: &payload,
-                depth,
-                origin,
-            };
-            for &h in &route {
-                self.invoke(ctx, h, at, &mut run);
-            }
-        }
-        self.route_buf = route;
-        let Run {
+        let Grown {
             mut ws,
+            mut written,
             deltas,
             verdicts,
-            ..
-        } = run;
-        let mut written: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.state.lock().drain().collect();
-        let undo = |handlers: &mut Vec<Handler>| {
-            for (h, d) in &deltas {
-                let used = &mut handlers[*h].state_used;
-                *used = used.saturating_add_signed(-d);
-            }
-        };
+        } = self.tree.grow(ctx, root);
         match self.outbox.admit(&mut ws.outbox) {
             // Nothing of the event is kept (it is answered busy): nothing counts either.
             Admission::Full => {
-                undo(&mut self.handlers);
+                self.tree.undo(&deltas);
                 return None;
             }
             Admission::TooLarge(need) => {
                 // Busy would never clear. The event is kept as a dead letter alone: its forwards
                 // and state writes go (state that says "sent" with nothing sent would be a lie).
-                undo(&mut self.handlers);
+                self.tree.undo(&deltas);
                 written.clear();
                 ws.outbox.clear();
                 let reason = format!(
@@ -700,12 +587,13 @@ impl Dispatcher {
                     Root::Event(t, p) => (t, p),
                     Root::Timer(..) => ("", &[][..]),
                 };
-                self.dead_letter(ctx, "", topic, payload, reason, &mut ws);
+                ws.dead.push(dead_letter(ctx, "", topic, payload, reason));
             }
             Admission::DroppedBulk(n) => Metrics::add(&self.metrics.bulk_dropped, n as u64),
             Admission::Admitted => {}
         }
-        self.count(ctx.who(), ctx.received_ms, verdicts, &mut ws);
+        self.tree
+            .count(ctx.who(), ctx.received_ms, verdicts, &mut ws);
         Metrics::add(&self.metrics.dead_letters, ws.dead.len() as u64);
         Metrics::add(&self.metrics.forwards, ws.outbox.len() as u64);
         self.tag += 1;
@@ -716,326 +604,7 @@ impl Dispatcher {
         }
         Some(ws)
     }
-
-    /// Counts a kept tree's invocations (all for `device`'s event, or a timer's: `""`, at
-    /// `now_ms`): failures, timeouts, and the quarantines they start, extend or end. Each
-    /// handler whose quarantine changed gets its new held set written with the tree.
-    fn count(
-        &mut self,
-        device: &str,
-        now_ms: u64,
-        verdicts: Vec<(usize, Option<FailureKind>)>,
-        ws: &mut WriteSet,
-    ) {
-        let settings = (
-            self.quarantine_after,
-            self.quarantine_devices,
-            self.quarantine_hold_ms,
-        );
-        for (_, v) in &verdicts {
-            if v.is_some() {
-                Metrics::inc(&self.metrics.handler_errors);
-            }
-            if *v == Some(FailureKind::Timeout) {
-                Metrics::inc(&self.metrics.handler_timeouts);
-            }
-        }
-        // One verdict per handler per tree (a probation is judged once, a tree of emits
-        // counts as one failure in a row).
-        let mut ran: Vec<usize> = verdicts.iter().map(|(h, _)| *h).collect();
-        ran.sort_unstable();
-        ran.dedup();
-        for h in ran {
-            let v = quarantine::fold(verdicts.iter().filter(|(i, _)| *i == h).map(|(_, v)| *v));
-            let version = self.handlers[h].manifest.version;
-            let handler = &mut self.handlers[h];
-            handler.quarantine.version = version;
-            let Some(change) = handler.quarantine.observe(device, v, now_ms, settings) else {
-                continue;
-            };
-            let name = handler.name().to_string();
-            let (after, spread) = (settings.0, settings.1);
-            match change {
-                Change::Device { device, n, .. } => {
-                    Metrics::inc(&self.metrics.handler_device_quarantines);
-                    tracing::error!(
-                        handler = name,
-                        device,
-                        devices = n,
-                        hold_ms = settings.2,
-                        "handler quarantined for one device: its events trapped the handler or hit a limit {after} times in a row; that device's events go to the dead letters until a probation succeeds, the other devices keep the handler"
-                    );
-                }
-                Change::All { .. } => {
-                    Metrics::inc(&self.metrics.handlers_quarantined);
-                    tracing::error!(
-                        handler = name,
-                        devices = spread,
-                        hold_ms = settings.2,
-                        "handler quarantined: {after} failures in a row from {spread} devices or more; its events go to the dead letters until a probation succeeds"
-                    );
-                }
-                Change::Extended { device, until_ms } => tracing::warn!(
-                    handler = name,
-                    device,
-                    until_ms,
-                    "quarantined handler failed its probation: held again, twice as long"
-                ),
-                Change::Released { device } => tracing::info!(
-                    handler = name,
-                    device = device.as_deref().unwrap_or("every device"),
-                    "quarantined handler passed its probation: it runs again"
-                ),
-            }
-            let q = handler.quarantine.encode();
-            ws.state.push((keys::quarantine(&name), Some(q)));
-        }
-    }
-
-    /// One handler on one (device or emitted) event; a quarantined handler does not run.
-    fn invoke(&mut self, ctx: &Ctx<'_>, h: usize, at: At<'_>, run: &mut Run) {
-        let q = &self.handlers[h].quarantine;
-        if q.blocks(ctx.who(), ctx.received_ms) {
-            let name = self.handlers[h].name().to_string();
-            let reason = if q.all() {
-                format!(
-                    "quarantined: {} failures in a row from {} devices or more",
-                    self.quarantine_after, self.quarantine_devices
-                )
-            } else {
-                match q.in_row(ctx.who()) {
-                    // Held from before a restart: the count is not kept.
-                    0 => format!("quarantined for device `{}`", ctx.who()),
-                    n => format!(
-                        "quarantined for device `{}`: {n} failures in a row",
-                        ctx.who()
-                    ),
-                }
-            };
-            self.dead_letter(ctx, &name, at.topic, at.payload, reason, &mut run.ws);
-            return;
-        }
-        let ev = EventInfo {
-            device: ctx.origin.device_arc(),
-            seq: ctx.origin.seq(),
-            ts: ctx.ts,
-            received_ms: ctx.received_ms,
-            topic: at.topic,
-            payload: at.payload,
-            depth: at.depth,
-            emit_budget: self.emit_budget.saturating_sub(run.emitted as u32),
-            log_budget: self.log_cap.saturating_sub(self.log_used[h]),
-        };
-        let Ok(started) = self.share_start(h) else {
-            // Over its share of the wall clock: not run, and not a failure of its own (no
-            // quarantine); the clock refills it.
-            let handler = &self.handlers[h];
-            let name = handler.name().to_string();
-            let reason = match (handler.share.kind(), handler.share.percent()) {
-                ("fair", 0) => format!(
-                    "{} (the handler ran more than its fair share of the time while input was waiting and other handlers ran)",
-                    Limit::CpuShare
-                ),
-                ("fair", p) => format!(
-                    "{} (the handler ran more than {p}% of the time, or its fair share)",
-                    Limit::CpuShare
-                ),
-                (_, p) => format!(
-                    "{} (the handler ran more than {p}% of the time)",
-                    Limit::CpuShare
-                ),
-            };
-            self.dead_letter(ctx, &name, at.topic, at.payload, reason, &mut run.ws);
-            return;
-        };
-        let outcome = self.handlers[h].invoke(&ev);
-        self.share_end(h, started);
-        Metrics::inc(&self.metrics.handler_calls);
-        self.apply_outcome(ctx, h, at, outcome, run);
-    }
-
-    /// Handler `h`'s CPU share as a run starts: over it (a refusal, counted), or the clock
-    /// reading to charge the run from (`None` for a handler whose share is off: no clock read).
-    fn share_start(&mut self, h: usize) -> Result<Option<Instant>, OverShare> {
-        if self.handlers[h].share.policy() == Policy::Off {
-            return Ok(None);
-        }
-        let now = Instant::now();
-        // Handlers that ran within the last second, this one included: counted only when input
-        // is queued, the one case where the fair share looks at them.
-        let waiting = self.work_waiting;
-        let active = match waiting {
-            true => {
-                1 + self
-                    .handlers
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, o)| *i != h && o.share.is_active(now))
-                    .count()
-            }
-            false => 1,
-        };
-        let handler = &mut self.handlers[h];
-        if handler.share.admit(now, active, waiting) {
-            return Ok(Some(now));
-        }
-        handler.share_refused += 1;
-        Metrics::inc(&self.metrics.handler_cpu_refusals);
-        Err(OverShare)
-    }
-
-    /// Charges handler `h`'s share for a run started at `started` ([`Self::share_start`]).
-    fn share_end(&mut self, h: usize, started: Option<Instant>) {
-        if let Some(t) = started {
-            // (Charged only when a share was in effect at the start.)
-            self.handlers[h].share.spend(t.elapsed());
-        }
-    }
-
-    /// Takes one invocation's outcome into the write set: its effects, or a dead letter.
-    fn apply_outcome(
-        &mut self,
-        ctx: &Ctx<'_>,
-        h: usize,
-        at: At<'_>,
-        outcome: Outcome,
-        run: &mut Run,
-    ) {
-        self.log_used[h] += outcome.log_bytes;
-        Metrics::add(&self.metrics.log_bytes_dropped, outcome.log_dropped as u64);
-        run.verdicts.push((h, outcome.failure_kind()));
-        let handler = &mut self.handlers[h];
-        let name = handler.name().to_string();
-        let effects = match outcome.result {
-            Ok(effects) => effects,
-            Err(failure) => {
-                tracing::warn!(
-                    handler = name,
-                    device = ctx.device(),
-                    seq = ctx.origin.seq(),
-                    "handler failed: {failure}"
-                );
-                self.dead_letter(
-                    ctx,
-                    &name,
-                    at.topic,
-                    at.payload,
-                    failure.reason,
-                    &mut run.ws,
-                );
-                return;
-            }
-        };
-        let mut cur = self.state.lock();
-        for (k, v) in effects.state {
-            cur.insert(keys::state(&name, &k), v);
-        }
-        drop(cur);
-        // Counted at once: a later invocation of this handler in the same event checks its
-        // quota against it. Undone if the event is not kept.
-        handler.state_used = handler
-            .state_used
-            .saturating_add_signed(effects.state_delta);
-        run.deltas.push((h, effects.state_delta));
-        let seq_part = if at.origin == 0 {
-            ctx.seq_text.to_string()
-        } else {
-            format!("{}.e{}", ctx.seq_text, at.origin)
-        };
-        for (i, f) in effects.forwards.into_iter().enumerate() {
-            let id = entry_id(&self.gateway, ctx.device(), &seq_part, &name, i);
-            let r = forward_entry(id, ctx.device(), ctx, &f.topic, f.class, &f.payload);
-            run.ws.outbox.push(r);
-        }
-        for (et, ep) in effects.emits {
-            run.emitted += 1;
-            run.queue.push_back((et, ep, at.depth + 1, run.emitted));
-        }
-    }
-
-    /// Adds a dead letter to the tree's write set (counted once the tree is kept).
-    fn dead_letter(
-        &self,
-        ctx: &Ctx<'_>,
-        handler: &str,
-        topic: &str,
-        payload: &[u8],
-        reason: String,
-        ws: &mut WriteSet,
-    ) {
-        let d = DeadLetter {
-            device: ctx.device().to_string(),
-            seq: ctx.origin.seq(),
-            topic: topic.to_string(),
-            payload: payload.to_vec(),
-            handler: handler.to_string(),
-            reason,
-            received_ms: ctx.received_ms,
-            ts: ctx.ts,
-        };
-        ws.dead.push(d.encode());
-    }
 }
-
-/// The device event (or timer firing) a tree of invocations belongs to.
-struct Ctx<'a> {
-    origin: Origin<'a>,
-    ts: Option<u64>,
-    received_ms: u64,
-    /// The seq part of outbox entry ids: the seq, a datagram id or `timer.<due_ms>`.
-    seq_text: &'a str,
-    /// What a lower tier said about the event it relays (only from devices in `acl.tiers`).
-    relay: Option<Relayed<'a>>,
-}
-
-impl<'a> Ctx<'a> {
-    /// The device as entry ids, entries and dead letters name it (`""` for a timer).
-    fn device(&self) -> &'a str {
-        self.origin.device_arc()
-    }
-
-    /// Whom the event's failures count against for quarantine: its device, or for an event a
-    /// lower tier relays, the origin device (one bad sensor behind an edge must not take a
-    /// handler away from the whole edge); a timer's firings count as the device `""`.
-    fn who(&self) -> &'a str {
-        match self.relay {
-            Some(r) if !r.src.is_empty() => r.src,
-            _ => self.device(),
-        }
-    }
-}
-
-/// Where a tree of invocations starts.
-#[derive(Clone, Copy)]
-enum Origin<'a> {
-    /// A device's publish, with its seq.
-    Publish { device: &'a Arc<str>, seq: u64 },
-    /// A device's datagram: no seq.
-    Datagram { device: &'a Arc<str> },
-    /// A handler's timer firing: no device (`no_device`, empty, stands in where the stored
-    /// formats and the handler's event info need one).
-    Timer { no_device: &'a Arc<str> },
-}
-
-impl<'a> Origin<'a> {
-    fn device_arc(&self) -> &'a Arc<str> {
-        match *self {
-            Origin::Publish { device, .. } | Origin::Datagram { device } => device,
-            Origin::Timer { no_device } => no_device,
-        }
-    }
-
-    /// The seq as dead letters and handlers see it (0: none, a datagram's or a timer's).
-    fn seq(&self) -> u64 {
-        match *self {
-            Origin::Publish { seq, .. } => seq,
-            Origin::Datagram { .. } | Origin::Timer { .. } => 0,
-        }
-    }
-}
-
-/// A handler over its CPU share: the run does not start.
-struct OverShare;
 
 /// A relayed event's origin: its id, device and class, as the lower tier sent them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1080,76 +649,9 @@ fn relayed(p: &Publish) -> Result<Option<Relayed<'_>>, String> {
     Ok(Some(Relayed { id, src, class }))
 }
 
-/// Where a tree starts: a device's event (topic, payload) or a handler's timer.
-#[derive(Clone, Copy)]
-enum Root<'a> {
-    Event(&'a str, &'a [u8]),
-    Timer(usize, TimerInfo),
-}
-
-/// One invocation's place in its tree: the (device or emitted) event and where it came from.
-#[derive(Clone, Copy)]
-struct At<'a> {
-    topic: &'a str,
-    payload: &'a [u8],
-    depth: u32,
-    /// 0 for the root, n for the tree's n-th emit.
-    origin: usize,
-}
-
-impl At<'_> {
-    const ROOT_TIMER: At<'static> = At {
-        topic: "",
-        payload: &[],
-        depth: 0,
-        origin: 0,
-    };
-}
-
-/// One tree's progress: its write set, state deltas to undo, and emitted events to run.
-#[derive(Default)]
-struct Run {
-    ws: WriteSet,
-    deltas: Vec<(usize, i64)>,
-    /// (topic, payload, depth, origin): origin n is the n-th emit of the tree.
-    queue: VecDeque<(String, Vec<u8>, u32, usize)>,
-    emitted: usize,
-    /// Each invocation's failure (`None`: it succeeded), counted (and toward quarantine) only
-    /// if the tree is kept.
-    verdicts: Vec<(usize, Option<FailureKind>)>,
-}
-
 /// The write that stores `handler`'s next due time (and its schedule's epoch).
 fn timer_write(handler: &str, due_ms: u64, epoch: u64) -> (Vec<u8>, Option<Vec<u8>>) {
     (keys::timer(handler), Some(keys::timer_value(due_ms, epoch)))
-}
-
-/// An outbox entry for a forward of the event (or timer firing) in `ctx`: its time is the
-/// device's `ts`, else when it was received; it is queued at `received_ms`. `device` is the
-/// event's device (the origin's, for an event a lower tier relays).
-fn forward_entry(
-    id: String,
-    device: &str,
-    ctx: &Ctx<'_>,
-    topic: &str,
-    class: Class,
-    payload: &[u8],
-) -> OutboxWrite {
-    let e = Entry {
-        id,
-        device: device.to_string(),
-        topic: topic.to_string(),
-        class,
-        ts: ctx.ts.unwrap_or(ctx.received_ms),
-        queued_ms: ctx.received_ms,
-        payload: payload.to_vec(),
-        tier_seq: None,
-        tier_nack: None,
-    };
-    OutboxWrite {
-        class,
-        entry: e.encode(),
-    }
 }
 
 #[cfg(test)]
@@ -1207,7 +709,8 @@ mod tests {
                 tx,
                 metrics.clone(),
                 0,
-            );
+            )
+            .unwrap();
             Setup {
                 dispatcher,
                 rx,
@@ -1240,11 +743,23 @@ mod tests {
         let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
         let dev: Arc<str> = "d".into();
         // Nothing is committed in this test: every item stays "in flight".
-        assert_eq!(d.publish(&dev, publish(1), 0, &reply), Submitted::Queued);
-        assert_eq!(d.publish(&dev, publish(2), 0, &reply), Submitted::Queued);
+        assert_eq!(
+            d.publish(&dev, publish(1), 0, &reply).unwrap(),
+            Submitted::Queued
+        );
+        assert_eq!(
+            d.publish(&dev, publish(2), 0, &reply).unwrap(),
+            Submitted::Queued
+        );
         // The same seqs again, as from a new connection, while the originals are in flight.
-        assert_eq!(d.publish(&dev, publish(2), 0, &reply), Submitted::Queued);
-        assert_eq!(d.publish(&dev, publish(1), 0, &reply), Submitted::Queued);
+        assert_eq!(
+            d.publish(&dev, publish(2), 0, &reply).unwrap(),
+            Submitted::Queued
+        );
+        assert_eq!(
+            d.publish(&dev, publish(1), 0, &reply).unwrap(),
+            Submitted::Queued
+        );
         assert_eq!(
             metrics.handler_calls.load(Ordering::Relaxed),
             2,
@@ -1302,7 +817,7 @@ mod tests {
         let cfg = Config::defaults();
         let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
         assert_eq!(
-            d.publish(&"d".into(), publish(1), 0, &reply),
+            d.publish(&"d".into(), publish(1), 0, &reply).unwrap(),
             Submitted::Queued
         );
         // The box allows 16 emits per device event in all: the root and 16 emitted events run;
@@ -1342,7 +857,7 @@ mod tests {
         let t = Setup::with(cfg.clone(), &[(wat, manifest)]);
         let (mut d, metrics) = (t.dispatcher, t.metrics);
         let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
-        d.publish(&"d".into(), publish(1), 0, &reply);
+        d.publish(&"d".into(), publish(1), 0, &reply).unwrap();
         let calls = metrics.handler_calls.load(Ordering::Relaxed);
         assert_eq!(calls, 4, "the root and 3 emitted events");
         // A cap per invocation would drop 4 x (3000 - 4096 clipped to 0) = nothing.
@@ -1376,7 +891,7 @@ mod tests {
         let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
         let dev: Arc<str> = "d".into();
         let kept: Vec<Submitted> = (1..=6)
-            .map(|s| d.publish(&dev, publish(s), 0, &reply))
+            .map(|s| d.publish(&dev, publish(s), 0, &reply).unwrap())
             .collect();
         // Nothing commits here, so the outbox stays full after the first two events.
         assert_eq!(kept[..2], [Submitted::Queued, Submitted::Queued]);
@@ -1415,9 +930,9 @@ mod tests {
         // As the dispatcher thread takes a step: a busy publish is answered busy.
         let step = |d: &mut Dispatcher, p: Publish| {
             let seq = p.seq;
-            let r = d.publish(&dev, p, 0, &reply);
+            let r = d.publish(&dev, p, 0, &reply).unwrap();
             if r == Submitted::Busy {
-                d.busy(&dev, seq, &reply);
+                d.busy(&dev, seq, &reply).unwrap();
             }
             r
         };
@@ -1438,7 +953,7 @@ mod tests {
         assert_eq!(step(&mut d, sized(3, 1)), Submitted::Queued);
         // A busy for a taken publishing slot sets the floor too, and a lower seq (from the
         // stream that held the slot) neither clears it nor is held back by it.
-        d.busy(&dev, 6, &reply);
+        d.busy(&dev, 6, &reply).unwrap();
         assert_eq!(step(&mut d, sized(4, 1)), Submitted::Queued);
         assert_eq!(step(&mut d, sized(9, 1)), Submitted::Busy);
         assert_eq!(step(&mut d, sized(6, 1)), Submitted::Queued);

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::{Dispatcher, HandlerStatus, Submitted};
+use super::{Dispatcher, Fault, HandlerStatus, Submitted};
 use crate::pipeline::Reply;
 use crate::proto::msg::{NackCode, Publish};
 
@@ -244,16 +244,16 @@ impl Sessions {
     /// Takes `batch` through `d` if its session is the device's latest and its stream was not
     /// halted; drops it unread if not. A busy answer or a drop halts the stream's gate.
     /// `queued`: whether other input waits behind this batch (for the fair CPU share).
-    pub fn take(&self, d: &mut Dispatcher, batch: Batch, queued: bool) -> BatchEnd {
+    pub fn take(&self, d: &mut Dispatcher, batch: Batch, queued: bool) -> Result<BatchEnd, Fault> {
         let gate = batch.gate.clone();
         let end = match self.is_latest(&batch.device, batch.session) && !gate.is_halted() {
-            true => take(d, batch, queued),
+            true => take(d, batch, queued)?,
             false => BatchEnd::Dropped,
         };
         if end != BatchEnd::Taken {
             gate.halt();
         }
-        end
+        Ok(end)
     }
 }
 
@@ -302,7 +302,9 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>, inbox_room: Arc<Semaphore>, capac
             }
             Input::Disconnected { device, session } => sessions.disconnected(&device, session),
             Input::Batch { batch, room } => {
-                sessions.take(&mut d, batch, queued(room.num_permits()));
+                if let Err(f) = sessions.take(&mut d, batch, queued(room.num_permits())) {
+                    crate::store::fatal("the dispatcher", f);
+                }
             }
             Input::Datagram {
                 session,
@@ -327,7 +329,7 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>, inbox_room: Arc<Semaphore>, capac
 }
 
 /// Takes a batch's steps in order; a busy answer ends it.
-fn take(d: &mut Dispatcher, b: Batch, queued: bool) -> BatchEnd {
+fn take(d: &mut Dispatcher, b: Batch, queued: bool) -> Result<BatchEnd, Fault> {
     let (device, reply) = (&b.device, &b.reply);
     // Contention is other input queued (more frames of this read are not: a box that keeps
     // up reads several at a time).
@@ -335,19 +337,19 @@ fn take(d: &mut Dispatcher, b: Batch, queued: bool) -> BatchEnd {
     for step in b.steps {
         match step {
             Step::Hello => d.hello(device, reply),
-            Step::Nack { seq, code, reason } => d.nack(device, seq, code, reason, reply),
+            Step::Nack { seq, code, reason } => d.nack(device, seq, code, reason, reply)?,
             Step::Busy { seq } => {
-                d.busy(device, seq, reply);
-                return BatchEnd::Busy;
+                d.busy(device, seq, reply)?;
+                return Ok(BatchEnd::Busy);
             }
             Step::Publish(p) => {
                 let seq = p.seq;
-                if d.publish(device, p, b.received_ms, reply) == Submitted::Busy {
-                    d.busy(device, seq, reply);
-                    return BatchEnd::Busy;
+                if d.publish(device, p, b.received_ms, reply)? == Submitted::Busy {
+                    d.busy(device, seq, reply)?;
+                    return Ok(BatchEnd::Busy);
                 }
             }
         }
     }
-    BatchEnd::Taken
+    Ok(BatchEnd::Taken)
 }

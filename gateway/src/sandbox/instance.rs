@@ -13,10 +13,44 @@ use super::abi::{self, Host, HostTrap, Invocation, Limiter, Mode};
 use super::manifest::Manifest;
 use super::{EventInfo, Failure, FailureKind, HostEnv, Limit, Meta, Outcome, TimerInfo};
 
+/// Why a handler was not loaded (nothing of it runs).
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("handler `{name}`: {msg}")]
-    Invalid { name: String, msg: String },
+    #[error("handler `{name}`: not a valid module: {source}")]
+    NotWasm {
+        name: String,
+        #[source]
+        source: wasmi::Error,
+    },
+    #[error("handler `{name}`: {mismatch}")]
+    Abi { name: String, mismatch: AbiMismatch },
+    #[error(
+        "handler `{name}`: the manifest sets timer_ms but the module exports no `tp_on_timer`"
+    )]
+    NoTimerExport { name: String },
+    /// Its first instance could not be made: `tp_init` trapped, failed or hit a limit.
+    #[error("handler `{name}`: {reason}")]
+    Init { name: String, reason: String },
+}
+
+/// How a module departs from the Tidepool ABI (`modules/abi`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AbiMismatch {
+    #[error("import `{module}`.`{name}` is not part of the Tidepool ABI (only module `tidepool` is provided; WASI is not available)")]
+    ForeignImport { module: String, name: String },
+    #[error("import `tidepool`.`{0}` does not exist in the ABI")]
+    UnknownImport(String),
+    #[error("import `tidepool`.`{name}` has the wrong type; expected {expected}")]
+    ImportType { name: String, expected: String },
+    #[error("missing export `{0}`")]
+    MissingExport(&'static str),
+    #[error("export `{name}` must be a function {expected}")]
+    ExportType {
+        name: &'static str,
+        expected: String,
+    },
+    #[error("missing export `memory` (a memory)")]
+    NoMemory,
 }
 
 /// A wasmi engine configured for handlers: fuel, eager compilation, strict parse limits,
@@ -72,24 +106,26 @@ pub struct Handler {
     pub share_refused: u64,
 }
 
-fn check_abi(module: &Module) -> Result<(), String> {
+fn check_abi(module: &Module) -> Result<(), AbiMismatch> {
     for imp in module.imports() {
         let (m, n) = (imp.module(), imp.name());
         if m != abi::MODULE {
-            return Err(format!(
-                "import `{m}`.`{n}` is not part of the Tidepool ABI (only module `tidepool` is provided; WASI is not available)"
-            ));
+            return Err(AbiMismatch::ForeignImport {
+                module: m.to_string(),
+                name: n.to_string(),
+            });
         }
         let Some(func) = tidepool_abi::import(n) else {
-            return Err(format!("import `tidepool`.`{n}` does not exist in the ABI"));
+            return Err(AbiMismatch::UnknownImport(n.to_string()));
         };
         let (params, results) = abi::signature(func);
         match imp.ty().func() {
             Some(f) if f.params() == params && f.results() == results => {}
             _ => {
-                return Err(format!(
-                "import `tidepool`.`{n}` has the wrong type; expected {params:?} -> {results:?}"
-            ))
+                return Err(AbiMismatch::ImportType {
+                    name: n.to_string(),
+                    expected: format!("{params:?} -> {results:?}"),
+                })
             }
         }
     }
@@ -106,13 +142,14 @@ fn check_abi(module: &Module) -> Result<(), String> {
         let (name, needed) = (export.name, *needed);
         let (params, results) = abi::signature(export);
         match func(name) {
-            None if needed => return Err(format!("missing export `{name}`")),
+            None if needed => return Err(AbiMismatch::MissingExport(name)),
             None => {}
             Some(Some((p, r))) if p == params && r == results => {}
             Some(_) => {
-                return Err(format!(
-                    "export `{name}` must be a function {params:?} -> {results:?}"
-                ))
+                return Err(AbiMismatch::ExportType {
+                    name,
+                    expected: format!("{params:?} -> {results:?}"),
+                })
             }
         }
     }
@@ -122,7 +159,7 @@ fn check_abi(module: &Module) -> Result<(), String> {
         .map(|e| matches!(e.ty(), ExternType::Memory(_)))
     {
         Some(true) => Ok(()),
-        _ => Err("missing export `memory` (a memory)".into()),
+        _ => Err(AbiMismatch::NoMemory),
     }
 }
 
@@ -154,20 +191,20 @@ impl Handler {
         env: HostEnv,
         state_used: u64,
     ) -> Result<Handler, LoadError> {
-        let invalid = |msg: String| LoadError::Invalid {
-            name: manifest.name.clone(),
-            msg,
-        };
-        let module = Module::new(&runtime.engine, wasm)
-            .map_err(|e| invalid(format!("not a valid module: {e}")))?;
-        check_abi(&module).map_err(invalid)?;
+        let name = || manifest.name.clone();
+        let module = Module::new(&runtime.engine, wasm).map_err(|source| LoadError::NotWasm {
+            name: name(),
+            source,
+        })?;
+        check_abi(&module).map_err(|mismatch| LoadError::Abi {
+            name: name(),
+            mismatch,
+        })?;
         let has_timer = module
             .exports()
             .any(|e| e.name() == tidepool_abi::export::ON_TIMER);
         if manifest.timer_ms.is_some() && !has_timer {
-            return Err(invalid(
-                "the manifest sets timer_ms but the module exports no `tp_on_timer`".into(),
-            ));
+            return Err(LoadError::NoTimerExport { name: name() });
         }
         let mut config = manifest.config.clone();
         config.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -184,9 +221,9 @@ impl Handler {
             share: super::share::CpuShare::new(100, None),
             share_refused: 0,
         };
-        h.instantiate().map_err(|f| LoadError::Invalid {
+        h.instantiate().map_err(|f| LoadError::Init {
             name: h.manifest.name.clone(),
-            msg: f.reason,
+            reason: f.reason,
         })?;
         Ok(h)
     }
@@ -532,14 +569,31 @@ mod tests {
         let env = env();
         let err = Handler::load(&Runtime::default(), &wasm, m, &BTreeMap::new(), env, 0)
             .err()
-            .unwrap()
-            .to_string();
+            .unwrap();
+        assert!(
+            matches!(
+                &err,
+                LoadError::Abi { mismatch: AbiMismatch::ForeignImport { module, name }, .. }
+                    if module == "wasi_snapshot_preview1" && name == "fd_write"
+            ),
+            "{err:?}"
+        );
+        let err = err.to_string();
         assert!(
             err.contains("wasi_snapshot_preview1") && err.contains("fd_write"),
             "{err}"
         );
-        let err = load("", "").err().unwrap().to_string();
-        assert!(err.contains("tp_on_event"), "{err}");
+        let err = load("", "").err().unwrap();
+        assert!(
+            matches!(
+                err,
+                LoadError::Abi {
+                    mismatch: AbiMismatch::MissingExport("tp_on_event"),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
