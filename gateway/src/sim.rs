@@ -9,8 +9,12 @@
 //! - no answer before its sync: an ack, nack or welcome reaches a device only once the disk's
 //!   synced mark covers it;
 //! - each event is applied exactly once, whole: a device's durable count (the handler's state)
-//!   equals its kept events at or below its durable mark, and each has exactly one forward
-//!   (in the outbox or delivered), nothing of an unacked event half-applied;
+//!   plus its dead letters equals its kept events at or below its durable mark, and each
+//!   counted event has exactly one forward (in the outbox or delivered), nothing of an unacked
+//!   event half-applied;
+//! - quarantine is per device: one device's events trap the handler; only that device gets
+//!   dead letters (trapped, or held by its quarantine until a probation succeeds), and after
+//!   a crash the handler holds what the disk says it holds;
 //! - only synced entries reach the cloud, and every one of them does, exactly once after
 //!   dedupe by id;
 //! - a timer fires once per due time, across crashes (no id twice among the forwards);
@@ -37,9 +41,10 @@ use crate::metrics::Metrics;
 use crate::outbox::{Entry, Outbox};
 use crate::pipeline::{Item, Settled};
 use crate::proto::msg::Publish;
+use crate::sandbox::quarantine::Quarantine;
 use crate::sandbox::{Handler, HostEnv, Manifest, Runtime, StateSource};
 use crate::store::commit::{self, AfterFlush, Backlog, CommitQueue, Group, NewEntry};
-use crate::store::{keys, Overlay, StoreError};
+use crate::store::{keys, DeadLetter, Overlay, StoreError};
 use crate::uplink::plan::{self, Plan};
 
 /// Seeds CI runs (each a few thousand steps).
@@ -54,7 +59,7 @@ const GATEWAY: &str = "sim";
 const START_MS: u64 = 1_700_000_000_000;
 
 /// Counts each device's events (state key = the payload, the device id), forwards each to
-/// `up`; its timer forwards `tick`.
+/// `up`; its timer forwards `tick`. A payload that starts with `!` traps it.
 const HANDLER: &str = r#"(module
   (import "tidepool" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
   (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
@@ -64,6 +69,7 @@ const HANDLER: &str = r#"(module
   (data (i32.const 8) "tick")
   (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
   (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+    (if (i32.eq (i32.load8_u (local.get 2)) (i32.const 33)) (then unreachable))
     (i64.store (i32.const 16) (i64.const 0))
     (drop (call $get (local.get 2) (local.get 3) (i32.const 16) (i32.const 8)))
     (i64.store (i32.const 16) (i64.add (i64.load (i32.const 16)) (i64.const 1)))
@@ -224,12 +230,21 @@ impl Device {
         Publish {
             seq,
             topic,
-            payload: Bytes::copy_from_slice(self.id.as_bytes()),
+            payload: match self.traps(seq) {
+                true => Bytes::from(format!("!{}", self.id)),
+                false => Bytes::copy_from_slice(self.id.as_bytes()),
+            },
             ts: None,
             id: None,
             src: None,
             class: None,
         }
+    }
+
+    /// Whether this event traps the handler: most of the last device's (which gets the
+    /// handler quarantined for itself alone, held and released on probation).
+    fn traps(&self, seq: u64) -> bool {
+        self.id.ends_with(&(DEVICES - 1).to_string()) && seq % 4 != 0
     }
 
     /// Kept events (not refused) at or below `mark`.
@@ -297,6 +312,8 @@ struct Sim {
     cloud: HashMap<String, u32>,
     /// Ids the cloud may have twice: delivered, then a crash before the clear or a lost answer.
     redeliverable: BTreeSet<String>,
+    /// The last synced dead letter counted, and each device's count so far.
+    letters_seen: std::cell::RefCell<(Option<Vec<u8>>, HashMap<String, u64>)>,
     /// Ids the uplink dead-lettered (the cloud refused them).
     dead_up: BTreeSet<String>,
     /// Parts the fake cloud did not answer, per id in them.
@@ -318,11 +335,15 @@ impl Sim {
         cfg.gateway.id = GATEWAY.into();
         // Small enough that admission says busy now and then.
         cfg.outbox.max_bytes = 6_000;
+        // Quarantines start, hold, end on probation and outlive crashes within a run.
+        cfg.limits.quarantine_after_errors = 3;
+        cfg.limits.quarantine_hold_ms = 2_000;
         let mut rng = fastrand::Rng::with_seed(seed);
         let may_split = rng.bool();
         let mut sim = Sim {
             rng,
             dead_up: BTreeSet::new(),
+            letters_seen: Default::default(),
             timeouts: HashMap::new(),
             accepts: 0,
             refused_alone: HashMap::new(),
@@ -409,6 +430,21 @@ impl Sim {
             self.now_ms,
         )
         .expect(READABLE);
+        // A quarantine outlives the restart: the handler holds what the disk says it holds.
+        let stored: BTreeSet<String> = {
+            let disk = self.disk.lock().unwrap();
+            disk.synced
+                .get(&keys::quarantine("sim"))
+                .and_then(|v| Quarantine::decode(v))
+                .map(|q| q.devices().map(String::from).collect())
+                .unwrap_or_default()
+        };
+        let held: BTreeSet<String> = dispatcher.handler_status()[0]
+            .quarantined_for
+            .iter()
+            .cloned()
+            .collect();
+        assert_eq!(held, stored, "a quarantine did not outlive the restart");
         self.life = Some(Life {
             dispatcher,
             rx,
@@ -810,6 +846,27 @@ impl Sim {
         for id in self.cloud.keys().chain(&self.dead_up) {
             ids.entry(id.clone()).or_default();
         }
+        // Each device's synced dead letters (its trapped and quarantined events), counted on
+        // from the last one seen (synced letters are never removed here).
+        let mut seen = self.letters_seen.borrow_mut();
+        let from = match &seen.0 {
+            Some(k) => std::ops::Bound::Excluded(k.clone()),
+            None => std::ops::Bound::Included(keys::DEAD.to_vec()),
+        };
+        let new: Vec<(Vec<u8>, String)> = disk
+            .synced
+            .range((from, std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(keys::DEAD))
+            .map(|(k, v)| {
+                let l = DeadLetter::decode(v).expect("dead letters decode");
+                (k.clone(), l.device)
+            })
+            .collect();
+        for (k, device) in new {
+            *seen.1.entry(device).or_default() += 1;
+            seen.0 = Some(k);
+        }
+        let dead_letters = &seen.1;
         for d in &self.devices {
             let mark = disk.synced_u64(&keys::hwm(&d.id));
             let kept = d.kept_through(mark);
@@ -819,19 +876,32 @@ impl Sim {
                 .map_or(0, |v| {
                     u64::from_le_bytes(v[..8].try_into().unwrap_or_default())
                 });
+            let dead = dead_letters.get(&*d.id).copied().unwrap_or(0);
             assert_eq!(
-                count, kept,
-                "{}: the handler's synced count is not its kept events through mark {mark}",
+                count + dead,
+                kept,
+                "{}: the handler's synced count ({count}) and dead letters ({dead}) are not its kept events through mark {mark}",
+                d.id
+            );
+            assert!(
+                dead == 0 || d.traps(1),
+                "{}: {dead} dead letters, from a device whose events never trap",
                 d.id
             );
             let prefix = format!("{GATEWAY}:{}:", d.id);
             let forwards = ids.keys().filter(|id| id.starts_with(&prefix)).count() as u64;
             assert_eq!(
-                forwards, kept,
-                "{}: forwards (outbox and cloud) are not one per kept event through mark {mark}",
+                forwards, count,
+                "{}: forwards (outbox and cloud) are not one per counted event through mark {mark}",
                 d.id
             );
         }
+        assert!(
+            dead_letters
+                .keys()
+                .all(|d| self.devices.iter().any(|x| *x.id == **d)),
+            "dead letters of a timer or an unknown device: {dead_letters:?}"
+        );
         for (id, n) in &self.cloud {
             assert!(
                 *n == 1 || self.redeliverable.contains(id),
@@ -902,13 +972,23 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64) -> (usize, usize, usize) {
+/// (steps, crashes, forwards the uplink dead-lettered, events held by a quarantine).
+fn run_seed(seed: u64) -> (usize, usize, usize, usize) {
     let mut sim = Sim::new(seed);
     for _ in 0..STEPS {
         sim.step();
     }
     sim.finish();
-    (sim.steps, sim.crashes, sim.dead_up.len())
+    let held = {
+        let d = sim.disk.lock().unwrap();
+        d.synced
+            .range(keys::DEAD.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(keys::DEAD))
+            .filter_map(|(_, v)| DeadLetter::decode(v))
+            .filter(|l| l.reason.starts_with("quarantined"))
+            .count()
+    };
+    (sim.steps, sim.crashes, sim.dead_up.len(), held)
 }
 
 #[test]
@@ -925,14 +1005,15 @@ fn seeded_schedules_of_sends_syncs_deliveries_and_crashes_keep_every_invariant()
         }
     };
     let started = Instant::now();
-    let (mut steps, mut crashes, mut dead) = (0, 0, 0);
+    let (mut steps, mut crashes, mut dead, mut held) = (0, 0, 0, 0);
     for seed in seeds.iter().copied() {
         let r = std::panic::catch_unwind(|| run_seed(seed));
         match r {
-            Ok((s, c, d)) => {
+            Ok((s, c, d, h)) => {
                 steps += s;
                 crashes += c;
                 dead += d;
+                held += h;
             }
             Err(e) => {
                 eprintln!("simulation failed: replay with TIDEPOOL_SIM_SEED={seed}");
@@ -941,7 +1022,7 @@ fn seeded_schedules_of_sends_syncs_deliveries_and_crashes_keep_every_invariant()
         }
     }
     eprintln!(
-        "simulated {} seeds: {steps} steps, {crashes} crashes, {dead} refused forwards dead-lettered, {:.0} steps/s",
+        "simulated {} seeds: {steps} steps, {crashes} crashes, {dead} refused forwards dead-lettered, {held} events held by a quarantine, {:.0} steps/s",
         seeds.len(),
         steps as f64 / started.elapsed().as_secs_f64()
     );

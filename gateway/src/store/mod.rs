@@ -76,6 +76,11 @@ impl DeadLetter {
         ciborium::into_writer(self, &mut out).expect("CBOR encoding into a Vec");
         out
     }
+
+    /// A stored letter ([`DeadLetter::encode`]); `None` when it does not decode.
+    pub fn decode(bytes: &[u8]) -> Option<DeadLetter> {
+        ciborium::from_reader(bytes).ok()
+    }
 }
 
 impl DeadLetter {
@@ -392,7 +397,7 @@ impl Store {
     pub fn dead_letter_scan(&self) -> impl Iterator<Item = Result<DeadLetter, StoreError>> + '_ {
         self.tree.scan_prefix(keys::DEAD).map(|kv| {
             let (_, v) = kv?;
-            ciborium::from_reader(&*v).map_err(|_| StoreError::Corrupt("d/".into()))
+            DeadLetter::decode(&v).ok_or_else(|| StoreError::Corrupt("d/".into()))
         })
     }
 
