@@ -291,6 +291,9 @@ enum Answer {
     TooLarge,
 }
 
+/// The last synced dead letter counted (its key), and each device's dead letters so far.
+type LettersSeen = (Option<Vec<u8>>, HashMap<String, u64>);
+
 /// Whether the fake cloud refuses this entry for good (400), whatever the part.
 fn poison(id: &str) -> bool {
     id.bytes()
@@ -313,7 +316,7 @@ struct Sim {
     /// Ids the cloud may have twice: delivered, then a crash before the clear or a lost answer.
     redeliverable: BTreeSet<String>,
     /// The last synced dead letter counted, and each device's count so far.
-    letters_seen: std::cell::RefCell<(Option<Vec<u8>>, HashMap<String, u64>)>,
+    letters_seen: std::cell::RefCell<LettersSeen>,
     /// Ids the uplink dead-lettered (the cloud refused them).
     dead_up: BTreeSet<String>,
     /// Parts the fake cloud did not answer, per id in them.
