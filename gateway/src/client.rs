@@ -69,15 +69,24 @@ impl Device {
         gateway: &str,
         config: quinn::ClientConfig,
     ) -> Result<Device, ClientError> {
+        Device::connect_from(gateway, config, None).await
+    }
+
+    /// As [`Device::connect_with`], from a local address of the caller's (`None`: any).
+    pub async fn connect_from(
+        gateway: &str,
+        config: quinn::ClientConfig,
+        bind: Option<SocketAddr>,
+    ) -> Result<Device, ClientError> {
         let (addr, name) = resolve(gateway).await?;
-        let bind: SocketAddr = if addr.is_ipv6() {
+        let any: SocketAddr = if addr.is_ipv6() {
             "[::]:0"
         } else {
             "0.0.0.0:0"
         }
         .parse()
         .expect("literal address");
-        let mut endpoint = Endpoint::client(bind)?;
+        let mut endpoint = Endpoint::client(bind.unwrap_or(any))?;
         endpoint.set_default_client_config(config);
         let conn = endpoint.connect(addr, &name)?.await?;
         Ok(Device { endpoint, conn })

@@ -70,6 +70,9 @@ pub struct IngressConfig {
     pub max_frame_bytes: u32,
     pub max_payload_bytes: usize,
     pub max_connections: usize,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_address: u32,
+    pub handshake_timeout_ms: u64,
     pub max_streams_per_connection: u32,
     pub busy_retry_after_ms: u64,
     pub idle_timeout_ms: u64,
@@ -284,8 +287,35 @@ impl Config {
                 self.gateway.id
             ));
         }
-        if self.ingress.max_frame_bytes == 0 {
-            return bad("ingress.max_frame_bytes must be at least 1".into());
+        let i = &self.ingress;
+        for (name, v, lo, hi) in [
+            ("max_frame_bytes", u64::from(i.max_frame_bytes), 1, 16 << 20),
+            ("max_payload_bytes", i.max_payload_bytes as u64, 1, 16 << 20),
+            ("max_connections", i.max_connections as u64, 1, 1_000_000),
+            ("max_handshakes", i.max_handshakes as u64, 1, 100_000),
+            (
+                "max_handshakes_per_address",
+                u64::from(i.max_handshakes_per_address),
+                1,
+                100_000,
+            ),
+            ("handshake_timeout_ms", i.handshake_timeout_ms, 100, 120_000),
+            (
+                "max_streams_per_connection",
+                u64::from(i.max_streams_per_connection),
+                1,
+                1024,
+            ),
+            ("busy_retry_after_ms", i.busy_retry_after_ms, 0, 3_600_000),
+            // 0 would disable the idle timeout: a silent peer would hold its connection
+            // for good.
+            ("idle_timeout_ms", i.idle_timeout_ms, 1_000, 3_600_000),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return bad(format!(
+                    "ingress.{name} = {v} is out of range: it must be {lo} to {hi}"
+                ));
+            }
         }
         if self.ingress.queue_bytes < 64 * 1024 {
             return bad(format!(
@@ -416,6 +446,29 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("bulk_window_ms"), "{err}");
+    }
+
+    /// 0 would have disabled the idle timeout (a silent peer holding its connection for good);
+    /// each ingress value has bounds, and the error says which key and what range.
+    #[test]
+    fn ingress_values_out_of_their_range_are_refused_with_the_range() {
+        for (key, v) in [
+            ("idle_timeout_ms", "0"),
+            ("handshake_timeout_ms", "0"),
+            ("max_connections", "0"),
+            ("max_handshakes", "0"),
+            ("max_handshakes_per_address", "0"),
+            ("max_frame_bytes", "4294967295"),
+            ("max_streams_per_connection", "0"),
+        ] {
+            let err = Config::from_toml_str(&format!("[ingress]\n{key} = {v}\n"), Path::new("x"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("ingress.{key} = {v} is out of range")),
+                "{key}: {err}"
+            );
+        }
     }
 
     #[test]

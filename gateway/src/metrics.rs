@@ -24,6 +24,9 @@ macro_rules! counters {
 
 counters! {
     connections: "Device connections accepted.",
+    connections_refused: "Connection attempts refused: ingress.max_connections devices connected, ingress.max_handshakes handshakes in flight, or ingress.max_handshakes_per_address from one address.",
+    handshake_retries: "Connection attempts answered with a QUIC Retry (address validation, once a quarter of ingress.max_handshakes is in use).",
+    handshakes_timed_out: "Handshakes given up after ingress.handshake_timeout_ms.",
     events_in: "Publishes received on streams (resends included).",
     bytes_in: "Bytes of frames and datagrams received from devices.",
     resends: "Publishes at or below the high-water mark, acked again without running.",
@@ -67,5 +70,10 @@ impl Metrics {
 
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds one and returns the new count.
+    pub fn bump(counter: &AtomicU64) -> u64 {
+        counter.fetch_add(1, Ordering::Relaxed) + 1
     }
 }

@@ -83,6 +83,30 @@ pub fn slowed(wat: &str, spin: u32) -> String {
     )
 }
 
+/// Iterations of the long handler's loop: about 8 fuel each, about a second a call in the
+/// debug build here (more on a slower machine, which only makes the test harder to pass without
+/// the fix).
+pub const LONG_SPIN: u32 = 25_000_000;
+
+/// A handler whose every call runs long, within its fuel (legal), then logs `tick`.
+pub fn long_wat() -> String {
+    format!(
+        r#"(module
+  (import "tidepool" "log" (func $log (param i32 i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "tick")
+  (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+    (local $i i32) (local.set $i (i32.const {LONG_SPIN}))
+    (block $done (loop $spin
+      (br_if $done (i32.eqz (local.get $i)))
+      (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+      (br $spin)))
+    (call $log (i32.const 2) (i32.const 0) (i32.const 4))
+    (i32.const 0)))"#
+    )
+}
+
 /// A running gateway (the real binary) with its own data dir.
 pub struct Gateway {
     pub dir: tempfile::TempDir,

@@ -4,13 +4,14 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use quinn::VarInt;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::{watch, Notify};
 
-use super::Shared;
+use super::{DeviceSlot, HandshakeSlot, Shared};
 use crate::dispatch::thread::{Batch, Gate, Step, STEP_BYTES};
 use crate::metrics::Metrics;
 use crate::pipeline::Settled;
@@ -64,14 +65,22 @@ fn code(c: CloseCode) -> VarInt {
 
 pub(super) async fn run(
     incoming: quinn::Incoming,
+    handshake: HandshakeSlot,
     shared: &Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    let timeout = Duration::from_millis(shared.ingress.handshake_timeout_ms);
+    // Dropping the handshake on timeout drops the connection: quinn closes it.
+    let conn = match tokio::time::timeout(timeout, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::info!(%remote, "handshake refused: {e}");
+            return;
+        }
+        Err(_) => {
+            Metrics::inc(&shared.metrics.handshakes_timed_out);
+            tracing::debug!(%remote, "handshake given up after {timeout:?}");
             return;
         }
     };
@@ -95,6 +104,9 @@ pub(super) async fn run(
         return;
     };
     let device: Arc<str> = device.into();
+    drop(handshake);
+    // Counted from here, and no longer once superseded.
+    let mut counted = Some(DeviceSlot::take(shared));
     Metrics::inc(&shared.metrics.connections);
     let (session, mut superseded) = shared.register(&device);
     tracing::debug!(%remote, device = &*device, "device connected");
@@ -120,7 +132,10 @@ pub(super) async fn run(
                 }
                 Err(_) => break None,
             },
-            _ = superseded.changed() => break Some(CloseCode::Superseded),
+            _ = superseded.changed() => {
+                counted = None;
+                break Some(CloseCode::Superseded);
+            }
             _ = stop.changed() => break Some(CloseCode::ShuttingDown),
         }
         while streams.try_join_next().is_some() {}
@@ -145,6 +160,7 @@ pub(super) async fn run(
         conn.close(code(c), c.reason());
     }
     shared.unregister(&device, session);
+    drop(counted);
 }
 
 async fn read_datagrams(

@@ -3,12 +3,16 @@
 //! stream. It only moves bytes: decoding is in `proto`, decisions in the dispatcher, which it
 //! reaches only through the dispatcher thread's [`Inbox`] (never a lock).
 
+pub mod admit;
 mod conn;
 pub mod tls;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use admit::{Decision, Handshakes};
 
 use tokio::sync::watch;
 
@@ -31,7 +35,39 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     sessions: Mutex<HashMap<Arc<str>, Session>>,
     next_session: AtomicU64,
-    live: AtomicUsize,
+    /// Device connections past the role check and not superseded (`max_connections`).
+    devices: AtomicUsize,
+    /// Handshakes in flight (`max_handshakes`, per address).
+    handshakes: Mutex<Handshakes>,
+}
+
+/// A handshake's slot, given back when dropped (the handshake ended, whichever way).
+pub(crate) struct HandshakeSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.shared.handshakes().done(self.ip);
+    }
+}
+
+/// A device connection counted against `max_connections` until dropped (when it ends, or
+/// at once when it is superseded: it settles apart).
+pub(crate) struct DeviceSlot(Arc<Shared>);
+
+impl DeviceSlot {
+    fn take(shared: &Arc<Shared>) -> DeviceSlot {
+        shared.devices.fetch_add(1, Ordering::Relaxed);
+        DeviceSlot(shared.clone())
+    }
+}
+
+impl Drop for DeviceSlot {
+    fn drop(&mut self) {
+        self.0.devices.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -44,12 +80,63 @@ impl Shared {
         Shared {
             inbox,
             roles,
+            handshakes: Mutex::new(Handshakes::new(
+                ingress.max_handshakes,
+                ingress.max_handshakes_per_address,
+            )),
             ingress,
             metrics,
             sessions: Mutex::default(),
             next_session: AtomicU64::new(1),
-            live: AtomicUsize::new(0),
+            devices: AtomicUsize::new(0),
         }
+    }
+
+    fn handshakes(&self) -> std::sync::MutexGuard<'_, Handshakes> {
+        self.handshakes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decides on a connection attempt (see `admit.rs`): a handshake slot, or the attempt
+    /// answered (a Retry or a refusal) and gone.
+    fn admit(
+        self: &Arc<Self>,
+        incoming: quinn::Incoming,
+    ) -> Option<(quinn::Incoming, HandshakeSlot)> {
+        let remote = incoming.remote_address();
+        let decision = self.handshakes().decide(
+            remote.ip(),
+            incoming.remote_address_validated(),
+            self.devices.load(Ordering::Relaxed),
+            self.ingress.max_connections,
+        );
+        match decision {
+            Decision::Accept => {
+                tracing::debug!(%remote, "handshake started");
+                let slot = HandshakeSlot {
+                    shared: self.clone(),
+                    ip: remote.ip(),
+                };
+                return Some((incoming, slot));
+            }
+            Decision::Retry => {
+                Metrics::inc(&self.metrics.handshake_retries);
+                tracing::debug!(%remote, "handshake retried: the address must prove itself");
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+            }
+            Decision::Refuse(why) => {
+                let n = Metrics::bump(&self.metrics.connections_refused);
+                // Logged at 1, 2, 4, 8, … refusals: a flood of attempts cannot flood the log.
+                if n.is_power_of_two() {
+                    tracing::warn!(%remote, refused = n, "connection refused: {} reached", why.setting());
+                } else {
+                    tracing::debug!(%remote, "connection refused: {} reached", why.setting());
+                }
+                incoming.refuse();
+            }
+        }
+        None
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Session>> {
@@ -92,17 +179,11 @@ pub async fn serve(
             _ = stop.changed() => None,
         };
         let Some(incoming) = incoming else { break };
-        if shared.live.load(Ordering::Relaxed) >= shared.ingress.max_connections {
-            tracing::warn!(remote = %incoming.remote_address(), "connection refused: max_connections reached");
-            incoming.refuse();
+        let Some((incoming, slot)) = shared.admit(incoming) else {
             continue;
-        }
-        shared.live.fetch_add(1, Ordering::Relaxed);
+        };
         let (shared, stop) = (shared.clone(), stop.clone());
-        tasks.spawn(async move {
-            conn::run(incoming, &shared, stop).await;
-            shared.live.fetch_sub(1, Ordering::Relaxed);
-        });
+        tasks.spawn(async move { conn::run(incoming, slot, &shared, stop).await });
         // Reap finished connection tasks so the set does not grow.
         while tasks.try_join_next().is_some() {}
     }
