@@ -44,6 +44,9 @@ data_dir = "$work/data"
 log = "warn"
 [ingress]
 max_connections = $((devices + 64))
+# Every simulated device connects at once from 127.0.0.1: lift the per-address handshake share.
+max_handshakes = $((devices + 64))
+max_handshakes_per_address = $((devices + 64))
 [uplink]
 url = "http://127.0.0.1:$cloud_port/ingest"
 $(tp_threshold_handler)

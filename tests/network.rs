@@ -5,23 +5,38 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::*;
 use tidepool::proto::msg::GatewayMsg;
 
+/// Who stalls the handshakes: what a relay passes back to its client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stall {
+    /// Nothing comes back: a peer that sends an Initial from a forged address.
+    Spoofed,
+    /// A Retry comes back and is answered (the address is proved), the rest does not: a peer
+    /// with a real address that goes silent.
+    Silent,
+}
+
+/// Whether a QUIC datagram is a Retry (long header, type 3).
+fn is_retry(p: &[u8]) -> bool {
+    p.first().is_some_and(|b| b & 0xf0 == 0xf0)
+}
+
 /// Starts `n` handshakes with the gateway that never finish, from the local addresses in
-/// `from` (in turn): each client's first datagram reaches the gateway through a relay socket
-/// on that address, and nothing after it (either way), as from a peer that sends an Initial
-/// and goes silent, or spoofs its source. The first datagrams go out at about 10 a
-/// millisecond (a burst would overflow the gateway's socket buffer). Returns what must stay
-/// alive meanwhile.
+/// `from` (in turn), each through a relay socket on that address: what the client sends goes
+/// to the gateway, and what comes back is dropped (but a Retry, for [`Stall::Silent`]). The
+/// attempts go out at about 10 a millisecond (a burst would overflow the gateway's socket
+/// buffer). Returns what must stay alive meanwhile.
 async fn stalled_handshakes(
     gw: &Gateway,
     from: &[&str],
     n: usize,
-) -> (quinn::Endpoint, Vec<Arc<tokio::net::UdpSocket>>) {
+    stall: Stall,
+) -> (quinn::Endpoint, Vec<tokio::task::JoinHandle<()>>) {
     let target: SocketAddr = gw.addr.parse().unwrap();
     let (cert, key, ca) = gw.device_certs("stalled");
     let config = tidepool::ingress::tls::client_config(&ca, &cert, &key).unwrap();
@@ -29,11 +44,9 @@ async fn stalled_handshakes(
     client.set_default_client_config(config);
     let mut relays = Vec::new();
     for i in 0..n {
-        let relay = Arc::new(
-            tokio::net::UdpSocket::bind((from[i % from.len()], 0))
-                .await
-                .unwrap(),
-        );
+        let relay = tokio::net::UdpSocket::bind((from[i % from.len()], 0))
+            .await
+            .unwrap();
         let connecting = client
             .connect(relay.local_addr().unwrap(), "localhost")
             .unwrap();
@@ -41,10 +54,18 @@ async fn stalled_handshakes(
             let _ = connecting.await;
         });
         let mut buf = vec![0u8; 2048];
-        let (len, _) = relay.recv_from(&mut buf).await.unwrap();
+        let (len, peer) = relay.recv_from(&mut buf).await.unwrap();
         relay.send_to(&buf[..len], target).await.unwrap();
-        // Everything after the first datagram is dropped (unread): the handshake stalls.
-        relays.push(relay);
+        relays.push(tokio::spawn(async move {
+            while let Ok((len, at)) = relay.recv_from(&mut buf).await {
+                let p = &buf[..len];
+                let _ = match at == target {
+                    true if stall == Stall::Silent && is_retry(p) => relay.send_to(p, peer).await,
+                    true => continue,
+                    false => relay.send_to(p, target).await,
+                };
+            }
+        }));
         if i % 10 == 9 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -52,10 +73,15 @@ async fn stalled_handshakes(
     (client, relays)
 }
 
-/// Connects `id` from `bind`, publishes one event and returns once it is acked.
-async fn connect_and_publish(gw: &Gateway, id: &str, bind: &str) -> Result<(), String> {
-    let (cert, key, ca) = gw.device_certs(id);
-    let config = tidepool::ingress::tls::client_config(&ca, &cert, &key).unwrap();
+/// Connects `id` (with its certificate, key and CA, issued beforehand) from `bind`, publishes
+/// one event and returns once it is acked.
+async fn connect_and_publish(
+    gw: &Gateway,
+    id: &str,
+    bind: &str,
+    (cert, key, ca): (&Path, &Path, &Path),
+) -> Result<(), String> {
+    let config = tidepool::ingress::tls::client_config(ca, cert, key).unwrap();
     let d = tidepool::client::Device::connect_from(&gw.addr, config, Some(bind.parse().unwrap()))
         .await
         .map_err(|e| e.to_string())?;
@@ -71,23 +97,25 @@ async fn connect_and_publish(gw: &Gateway, id: &str, bind: &str) -> Result<(), S
 
 /// The finding: 8 Initials that were never answered held `max_connections = 8` for the whole
 /// 60 s idle timeout, and every device was refused. Now handshakes have their own budget, an
-/// unproved address gets a Retry once a quarter of it is in use (the relay drops it: a spoofer
-/// holds nothing), and devices are counted after their certificate is checked.
+/// unproved address gets a Retry once a quarter of it is in use or when it already has a
+/// handshake in flight (a spoofer never answers it: it holds nothing more), and devices are
+/// counted after their certificate is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_stalled_handshakes_do_not_lock_the_devices_out() {
     let gw = Gateway::start("[ingress]\nmax_connections = 8\n");
     let from: Vec<String> = (2..102).map(|i| format!("127.0.0.{i}")).collect();
     let from: Vec<&str> = from.iter().map(String::as_str).collect();
-    let _stalled = stalled_handshakes(&gw, &from, 1000).await;
-    // A quarter of `max_handshakes` (256) stall before the rest get a Retry.
+    let _stalled = stalled_handshakes(&gw, &from, 1000, Stall::Spoofed).await;
+    // A quarter of `max_handshakes` (256) stall, one per address, before the rest get a Retry.
     gw.wait_log("handshake started", 64, Duration::from_secs(30))
         .await;
+    let ids: Vec<String> = (0..8).map(|i| format!("d{i}")).collect();
+    let certs: Vec<_> = ids.iter().map(|id| gw.device_certs(id)).collect();
     let started = Instant::now();
-    for i in 0..8 {
-        let id = format!("d{i}");
+    for (id, (c, k, ca)) in ids.iter().zip(&certs) {
         tokio::time::timeout(
             Duration::from_secs(20),
-            connect_and_publish(&gw, &id, "127.0.0.1:0"),
+            connect_and_publish(&gw, id, "127.0.0.1:0", (c, k, ca)),
         )
         .await
         .expect("a device connects and is acked while the handshakes stall")
@@ -106,21 +134,23 @@ async fn a_thousand_stalled_handshakes_do_not_lock_the_devices_out() {
     assert!(m["handshake_retries"].as_u64().unwrap() > 0, "{m}");
 }
 
-/// A handshake that stalls is given up after `handshake_timeout_ms`, not held for the idle
-/// timeout: a device behind the same address gets in once the stalled ones are gone.
+/// A peer with a real address (a neighbour behind the same NAT) that goes silent holds its
+/// address's share of handshakes only until `handshake_timeout_ms`, not for the idle timeout:
+/// a device behind that address is refused at first, then gets in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_handshake_is_given_up_after_its_timeout() {
     let gw = Gateway::start(
-        "[ingress]\nmax_handshakes_per_address = 2\nhandshake_timeout_ms = 500\nidle_timeout_ms = 60000\n",
+        "[ingress]\nmax_handshakes_per_address = 2\nhandshake_timeout_ms = 1500\nidle_timeout_ms = 60000\n",
     );
-    let _stalled = stalled_handshakes(&gw, &["127.0.0.3"], 2).await;
+    let (cert, key, ca) = gw.device_certs("behind-nat");
+    let _stalled = stalled_handshakes(&gw, &["127.0.0.3"], 2, Stall::Silent).await;
     gw.wait_log("handshake started", 2, Duration::from_secs(10))
         .await;
     // The address's two slots are held: the device is refused at first, then gets in.
     let started = Instant::now();
     let mut refused = 0;
     loop {
-        match connect_and_publish(&gw, "behind-nat", "127.0.0.3:0").await {
+        match connect_and_publish(&gw, "behind-nat", "127.0.0.3:0", (&cert, &key, &ca)).await {
             Ok(()) => break,
             Err(e) => {
                 refused += 1;
@@ -157,6 +187,7 @@ async fn a_superseded_connection_no_longer_counts_while_it_settles() {
         &format!("subscribe = [\"devices/d1/#\"]\n{fuel}"),
     );
     let gw = Gateway::start(&format!("[ingress]\nmax_connections = 2\n{fuel}{long}"));
+    let (c2, k2, ca2) = gw.device_certs("d2");
     let d1 = gw.connect("d1").await;
     let mut s1 = d1.open().await.unwrap();
     for seq in 1..=CALLS {
@@ -177,7 +208,7 @@ async fn a_superseded_connection_no_longer_counts_while_it_settles() {
     let before = ticks();
     tokio::time::timeout(
         Duration::from_secs(20),
-        connect_and_publish(&gw, "d2", "127.0.0.1:0"),
+        connect_and_publish(&gw, "d2", "127.0.0.1:0", (&c2, &k2, &ca2)),
     )
     .await
     .expect("d2 gets an answer")

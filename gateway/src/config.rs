@@ -112,6 +112,7 @@ pub struct BoxLimits {
     pub forwards_per_event: u32,
     pub emits_per_event: u32,
     pub emit_depth: u32,
+    pub state_writes_per_event: u32,
     pub log_bytes_per_event: usize,
     pub min_timer_ms: u64,
     pub quarantine_after_errors: u32,

@@ -4,10 +4,13 @@
 //! connections:
 //!
 //! - at most `max_handshakes` in flight; past it an attempt is refused (a stateless answer);
-//! - once a quarter of that budget is in use, an attempt from an address that has not proved
-//!   it receives our packets gets a QUIC Retry (stateless too): a spoofed address never comes
-//!   back, so it never holds a slot;
-//! - at most `max_handshakes_per_address` in flight from one IPv4 address or one IPv6 /64;
+//! - an attempt from an address that has not proved it receives our packets gets a QUIC Retry
+//!   (stateless too) once a quarter of that budget is in use, or when its address already has
+//!   a handshake in flight: a spoofed address never comes back, so a spoofer holds at most one
+//!   slot per address it forges (and only while the budget is mostly free), and cannot fill
+//!   the share of an address it does not own;
+//! - at most `max_handshakes_per_address` in flight from one IPv4 address or one IPv6 /64,
+//!   counting proved attempts (and the one unproved attempt an idle address may start);
 //! - each handshake has `handshake_timeout_ms` (enforced by the connection task, `conn.rs`).
 //!
 //! Device connections are counted only once the handshake and the role check passed, against
@@ -86,14 +89,15 @@ impl Handshakes {
         if self.in_flight >= self.max {
             return Decision::Refuse(Refusal::Handshakes);
         }
-        if !validated && self.in_flight >= self.retry_from() {
+        let k = key(ip);
+        let here = self.per_address.get(&k).copied().unwrap_or(0);
+        if !validated && (here > 0 || self.in_flight >= self.retry_from()) {
             return Decision::Retry;
         }
-        let n = self.per_address.entry(key(ip)).or_default();
-        if *n >= self.max_per_address {
+        if here >= self.max_per_address {
             return Decision::Refuse(Refusal::Address);
         }
-        *n += 1;
+        *self.per_address.entry(k).or_default() += 1;
         self.in_flight += 1;
         Decision::Accept
     }
@@ -163,13 +167,32 @@ mod tests {
         let mut h = Handshakes::new(8, 8);
         // Below a quarter in use: accepted without a Retry (no extra round trip).
         assert_eq!(h.decide(ip("10.0.0.1"), false, 0, 100), Decision::Accept);
-        assert_eq!(h.decide(ip("10.0.0.1"), false, 0, 100), Decision::Accept);
+        assert_eq!(h.decide(ip("10.0.0.2"), false, 0, 100), Decision::Accept);
         for _ in 0..100 {
             assert_eq!(h.decide(ip("10.0.0.9"), false, 0, 100), Decision::Retry);
         }
         assert_eq!(h.in_flight(), 2);
         // The same address, proved: accepted.
         assert_eq!(h.decide(ip("10.0.0.9"), true, 0, 100), Decision::Accept);
+    }
+
+    /// Forged attempts from a victim's address (a site's NAT, an IPv6 /64) cannot use up its
+    /// share: only the first unproved one holds a slot, the rest get a Retry, and the victim,
+    /// which answers the Retry, gets in.
+    #[test]
+    fn a_spoofer_cannot_fill_the_share_of_an_address_it_does_not_own() {
+        let mut h = Handshakes::new(256, 2);
+        assert_eq!(h.decide(ip("192.0.2.7"), false, 0, 100), Decision::Accept);
+        for _ in 0..1000 {
+            assert_eq!(h.decide(ip("192.0.2.7"), false, 0, 100), Decision::Retry);
+        }
+        assert_eq!(h.decide(ip("192.0.2.7"), true, 0, 100), Decision::Accept);
+        // Proved attempts of its own are what the per-address cap holds back.
+        assert_eq!(
+            h.decide(ip("192.0.2.7"), true, 0, 100),
+            Decision::Refuse(Refusal::Address)
+        );
+        assert_eq!(h.in_flight(), 2);
     }
 
     #[test]

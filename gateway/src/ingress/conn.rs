@@ -71,8 +71,13 @@ pub(super) async fn run(
 ) {
     let remote = incoming.remote_address();
     let timeout = Duration::from_millis(shared.ingress.handshake_timeout_ms);
-    // Dropping the handshake on timeout drops the connection: quinn closes it.
-    let conn = match tokio::time::timeout(timeout, incoming).await {
+    // Dropping the handshake (on timeout, or when the gateway stops) drops the connection:
+    // quinn closes it.
+    let handshake_done = tokio::select! {
+        r = tokio::time::timeout(timeout, incoming) => r,
+        _ = stop.changed() => return,
+    };
+    let conn = match handshake_done {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::info!(%remote, "handshake refused: {e}");

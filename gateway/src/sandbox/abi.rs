@@ -153,6 +153,14 @@ impl Invocation {
         self.effects.state.push((key, val));
     }
 
+    /// Whether `key` may be written with at most `cap` distinct keys written per invocation
+    /// (a key written before is free: its entry is replaced). A put and a delete of fresh
+    /// keys leave a tombstone each while the quota returns to 0: without this cap one event
+    /// could hold the host's memory without bound.
+    fn may_write(&self, key: &[u8], cap: u32) -> bool {
+        self.effects.state.len() < cap as usize || self.position(key).is_some()
+    }
+
     fn hit(&mut self, limit: Limit, code: i32) -> i32 {
         self.limit_hit.get_or_insert(limit);
         code
@@ -250,22 +258,27 @@ fn memory(caller: &Caller<'_, Host>, call: &'static str) -> Result<Memory, wasmi
     caller.data().memory.ok_or(trap(HostTrap::BadPointer(call)))
 }
 
-/// Copies a guest range out, checking it.
+/// Copies a guest range out, checking it and paying for its bytes first (the host does no
+/// work the guest has not paid for).
 fn read(
-    caller: &Caller<'_, Host>,
+    caller: &mut Caller<'_, Host>,
     mem: Memory,
     ptr: i32,
     len: i32,
     call: &'static str,
 ) -> Result<Vec<u8>, wasmi::Error> {
-    let data = mem.data(caller);
-    let r = range(data.len(), ptr, len, call)?;
-    Ok(data[r].to_vec())
+    let r = range(mem.data(&*caller).len(), ptr, len, call)?;
+    pay(caller, r.len() as u64)?;
+    Ok(mem.data(&*caller)[r].to_vec())
 }
 
 /// Takes `HOST_CALL_FUEL + bytes` from the guest's fuel, or traps.
 fn charge(caller: &mut Caller<'_, Host>, bytes: usize) -> Result<(), wasmi::Error> {
-    let cost = HOST_CALL_FUEL.saturating_add(bytes as u64);
+    pay(caller, HOST_CALL_FUEL.saturating_add(bytes as u64))
+}
+
+/// Takes `cost` from the guest's fuel, or traps (with no fuel left).
+fn pay(caller: &mut Caller<'_, Host>, cost: u64) -> Result<(), wasmi::Error> {
     let left = caller.get_fuel()?;
     if left < cost {
         caller.set_fuel(0)?;
@@ -282,23 +295,24 @@ fn deny_in_init(caller: &Caller<'_, Host>, call: &'static str) -> Result<(), was
 }
 
 /// Shared shape of `state_get`, `config_get` and `event_meta`: check the out range, write the
-/// value only if it fits, return its full length (or -1).
+/// value only if it fits, return its full length (or -1). The value's whole length is paid
+/// for, written or not: the host read and copied all of it (a loop of length queries on a
+/// large value is not free).
 fn answer(
     caller: &mut Caller<'_, Host>,
     mem: Memory,
     value: Option<Vec<u8>>,
     out_ptr: i32,
     out_cap: i32,
-    in_bytes: usize,
     call: &'static str,
 ) -> Result<i32, wasmi::Error> {
     let out = range(mem.data(&*caller).len(), out_ptr, out_cap, call)?;
     let Some(v) = value else {
-        charge(caller, in_bytes)?;
+        charge(caller, 0)?;
         return Ok(NOT_FOUND);
     };
     let fits = v.len() <= out.len();
-    charge(caller, in_bytes + if fits { v.len() } else { 0 })?;
+    charge(caller, v.len())?;
     if fits {
         mem.data_mut(&mut *caller)[out.start..out.start + v.len()].copy_from_slice(&v);
     }
@@ -330,12 +344,14 @@ fn publication(
         range(data.len(), pp, pl, call)?,
     );
     // Too large: refused after checking the range, before copying (and paying for) it.
-    if pr.len() > c.data().env.max_payload_bytes {
+    if pr.len() > c.data().env.max_payload_bytes || tr.len() > topic::MAX_TOPIC_BYTES {
         charge(c, 0)?;
         return Ok((None, Vec::new()));
     }
+    // Paid for before it is copied.
+    charge(c, tr.len() + pr.len())?;
+    let data = mem.data(&*c);
     let (t, payload) = (data[tr].to_vec(), data[pr].to_vec());
-    charge(c, t.len() + payload.len())?;
     Ok((topic_ok(&t), payload))
 }
 
@@ -350,9 +366,9 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
         import::STATE_GET,
         |mut c: Caller<'_, Host>, kp: i32, kl: i32, op: i32, oc: i32| {
             let mem = memory(&c, "state_get")?;
-            let key = read(&c, mem, kp, kl, "state_get")?;
+            let key = read(&mut c, mem, kp, kl, "state_get")?;
             let value = c.data().current(&key);
-            answer(&mut c, mem, value, op, oc, key.len(), "state_get")
+            answer(&mut c, mem, value, op, oc, "state_get")
         },
     ));
     add(l.func_wrap(
@@ -361,10 +377,13 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
         |mut c: Caller<'_, Host>, kp: i32, kl: i32, vp: i32, vl: i32| {
             deny_in_init(&c, "state_put")?;
             let mem = memory(&c, "state_put")?;
-            let key = read(&c, mem, kp, kl, "state_put")?;
-            let val = read(&c, mem, vp, vl, "state_put")?;
-            charge(&mut c, key.len() + val.len())?;
+            let key = read(&mut c, mem, kp, kl, "state_put")?;
+            let val = read(&mut c, mem, vp, vl, "state_put")?;
+            charge(&mut c, 0)?;
             let h = c.data_mut();
+            if !h.inv.may_write(&key, h.env.state_writes) {
+                return Ok(h.inv.hit(Limit::StateWrites, OVER_STATE_QUOTA));
+            }
             let old = h
                 .current(&key)
                 .map(|v| (key.len() + v.len()) as i64)
@@ -385,10 +404,13 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
         |mut c: Caller<'_, Host>, kp: i32, kl: i32| {
             deny_in_init(&c, "state_delete")?;
             let mem = memory(&c, "state_delete")?;
-            let key = read(&c, mem, kp, kl, "state_delete")?;
-            charge(&mut c, key.len())?;
+            let key = read(&mut c, mem, kp, kl, "state_delete")?;
+            charge(&mut c, 0)?;
             let h = c.data_mut();
             if let Some(old) = h.current(&key) {
+                if !h.inv.may_write(&key, h.env.state_writes) {
+                    return Ok(h.inv.hit(Limit::StateWrites, OVER_STATE_QUOTA));
+                }
                 h.inv.effects.state_delta -= (key.len() + old.len()) as i64;
                 h.inv.write(key, None);
             }
@@ -484,12 +506,12 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
         import::CONFIG_GET,
         |mut c: Caller<'_, Host>, kp: i32, kl: i32, op: i32, oc: i32| {
             let mem = memory(&c, "config_get")?;
-            let key = read(&c, mem, kp, kl, "config_get")?;
+            let key = read(&mut c, mem, kp, kl, "config_get")?;
             let value = std::str::from_utf8(&key)
                 .ok()
                 .and_then(|k| c.data().config.get(k))
                 .map(|v| v.as_bytes().to_vec());
-            answer(&mut c, mem, value, op, oc, key.len(), "config_get")
+            answer(&mut c, mem, value, op, oc, "config_get")
         },
     ));
     add(l.func_wrap(
@@ -498,7 +520,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
         |mut c: Caller<'_, Host>, op: i32, oc: i32| {
             let mem = memory(&c, "event_meta")?;
             let meta = c.data().inv.meta.encode();
-            answer(&mut c, mem, Some(meta), op, oc, 0, "event_meta")
+            answer(&mut c, mem, Some(meta), op, oc, "event_meta")
         },
     ));
     l

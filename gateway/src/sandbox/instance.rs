@@ -470,6 +470,7 @@ mod tests {
             state: Arc::new(NoState),
             log_bytes_per_event: 100,
             emit_depth: 2,
+            state_writes: 8,
             max_payload_bytes: 1024,
             capture_logs: false,
         }
@@ -615,6 +616,90 @@ mod tests {
         let out = h.invoke(&ev());
         assert_eq!(out.result, Ok(Effects::default()));
         assert!(out.fuel_used > 2 * abi::HOST_CALL_FUEL);
+    }
+
+    /// The finding: `state_get(k, out, 0)` on a large value copied the whole value on every
+    /// call and charged only for what it wrote (nothing): ~8 s per event at the box caps, and
+    /// never a failure. The host's work is paid for now: 1,000 length queries on a 1,000-byte
+    /// value cost over a million fuel, past this handler's 500,000.
+    #[test]
+    fn a_loop_of_length_queries_on_a_large_value_pays_for_the_value_each_time() {
+        let mut h = Handler::load(
+            &Runtime::default(),
+            &wat::parse_str(
+                r#"(module
+              (import "tidepool" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
+              (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
+              (memory (export "memory") 1)
+              (data (i32.const 0) "k")
+              (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+              (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+                (local $i i32)
+                (drop (call $put (i32.const 0) (i32.const 1) (i32.const 100) (i32.const 1000)))
+                (local.set $i (i32.const 1000))
+                (block $done (loop $again
+                  (br_if $done (i32.eqz (local.get $i)))
+                  (drop (call $get (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 0)))
+                  (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+                  (br $again)))
+                (i32.const 0)))"#,
+            )
+            .unwrap(),
+            toml::from_str(
+                "name = \"q\"\nversion = 1\nsubscribe = [\"#\"]\n[limits]\nfuel_per_event = 500000\n",
+            )
+            .unwrap(),
+            &BTreeMap::new(),
+            env(),
+            0,
+        )
+        .unwrap();
+        let out = h.invoke(&ev());
+        assert_eq!(
+            out.failure_kind(),
+            Some(FailureKind::Timeout),
+            "{:?}",
+            out.result.as_ref().err()
+        );
+    }
+
+    /// The finding: a put then a delete of fresh keys leaves a tombstone each while the quota
+    /// returns to 0 (135k pairs took the gateway from 9 MB to 122 MB). Distinct keys written
+    /// per invocation are capped (8 in these tests): the ninth put returns -2 and fails it.
+    #[test]
+    fn put_and_delete_of_fresh_keys_stops_at_the_write_cap() {
+        let mut h = Handler::load(
+            &Runtime::default(),
+            &wat::parse_str(
+                r#"(module
+              (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
+              (import "tidepool" "state_delete" (func $del (param i32 i32) (result i32)))
+              (memory (export "memory") 1)
+              (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+              (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+                (local $i i32)
+                (block $done (loop $again
+                  (br_if $done (i32.eq (local.get $i) (i32.const 100)))
+                  (i32.store (i32.const 300) (local.get $i))
+                  (if (i32.ne (call $put (i32.const 300) (i32.const 4) (i32.const 0) (i32.const 1)) (i32.const 0))
+                    (then (return (i32.add (i32.const 1000) (local.get $i)))))
+                  (drop (call $del (i32.const 300) (i32.const 4)))
+                  (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                  (br $again)))
+                (i32.const 0)))"#,
+            )
+            .unwrap(),
+            toml::from_str("name = \"w\"\nversion = 1\nsubscribe = [\"#\"]\n").unwrap(),
+            &BTreeMap::new(),
+            env(),
+            0,
+        )
+        .unwrap();
+        let out = h.invoke(&ev());
+        assert_eq!(
+            out.result,
+            Err(Failure::broken("limit:state_writes_per_event"))
+        );
     }
 
     #[test]

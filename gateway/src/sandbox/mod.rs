@@ -160,6 +160,8 @@ pub enum Limit {
     ForwardsPerEvent,
     EmitsPerEvent,
     EmitDepth,
+    /// More distinct state keys written in one invocation than `limits.state_writes_per_event`.
+    StateWrites,
     /// Over the handler's share of the wall clock: refused without running.
     CpuShare,
     /// Forwards larger than the whole outbox.
@@ -177,6 +179,7 @@ impl Limit {
             Limit::ForwardsPerEvent => "forwards_per_event",
             Limit::EmitsPerEvent => "emits_per_event",
             Limit::EmitDepth => "emit_depth",
+            Limit::StateWrites => "state_writes_per_event",
             Limit::CpuShare => "cpu_share",
             Limit::Outbox => "outbox",
         }
@@ -266,6 +269,8 @@ pub struct HostEnv {
     /// Log bytes a handler may write per device event (and in `tp_init`).
     pub log_bytes_per_event: usize,
     pub emit_depth: u32,
+    /// Distinct state keys one invocation may write (`limits.state_writes_per_event`).
+    pub state_writes: u32,
     /// Largest payload a handler may forward or emit (`ingress.max_payload_bytes`).
     pub max_payload_bytes: usize,
     /// Keep log lines in [`Outcome::logs`] (for `tidepool invoke`), besides tracing them.
@@ -279,6 +284,7 @@ impl HostEnv {
             state,
             log_bytes_per_event: cfg.limits.log_bytes_per_event,
             emit_depth: cfg.limits.emit_depth,
+            state_writes: cfg.limits.state_writes_per_event,
             max_payload_bytes: cfg.ingress.max_payload_bytes,
             capture_logs: false,
         }

@@ -56,7 +56,8 @@ pub const IMPORTS: &[Func] = &[
         params: &[I32, I32, I32, I32],
         results: &[I32],
     },
-    // (key_ptr, key_len) -> OK
+    // (key_ptr, key_len) -> OK or OVER_STATE_QUOTA (past the distinct keys one invocation may
+    // write: `limits.state_writes_per_event`)
     Func {
         name: import::STATE_DELETE,
         params: &[I32, I32],
@@ -160,7 +161,8 @@ pub mod code {
     pub const OK: i32 = 0;
     /// `state_get`, `config_get`: the key is not set.
     pub const NOT_FOUND: i32 = -1;
-    /// `state_put`: the handler's state would exceed its quota.
+    /// `state_put`: the handler's state would exceed its quota; `state_put`, `state_delete`: past
+    /// the distinct keys one invocation may write.
     pub const OVER_STATE_QUOTA: i32 = -2;
     /// `forward`: past `forwards_per_event`.
     pub const OVER_FORWARDS: i32 = -3;

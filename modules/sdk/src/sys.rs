@@ -66,7 +66,8 @@ imports! {
     /// };
     /// ```
     fn state_put(key_ptr, key_len, val_ptr, val_len) -> i32;
-    /// Removes a state key (a missing key is fine); returns 0.
+    /// Removes a state key (a missing key is fine); returns 0, or -2 past the distinct keys one
+    /// invocation may write (the invocation then fails: `limit:state_writes_per_event`).
     ///
     /// ```no_run
     /// let key = b"count";
