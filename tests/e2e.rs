@@ -685,3 +685,74 @@ async fn connect_without_client_cert(
         .await?;
     Ok(tidepool::client::Device { endpoint, conn })
 }
+
+/// Every file under `dir` with a group or other permission bit, but certificates (public).
+fn not_private(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+        let p = e.path();
+        let mode = std::fs::symlink_metadata(&p).unwrap().permissions().mode();
+        let public = p.extension().is_some_and(|x| x == "crt");
+        if mode & 0o077 != 0 && !public {
+            out.push(format!("{} {:o}", p.display(), mode & 0o777));
+        }
+        if p.is_dir() {
+            out.extend(not_private(&p));
+        }
+    }
+    out
+}
+
+/// The finding: `certs device` run before `run` made the data dir with the shell's umask
+/// (0755), and sled's files were 0644: the store was world-readable. Whatever the umask, the
+/// data dir and everything in it but the certificates are the owner's alone.
+#[tokio::test]
+async fn the_data_dir_is_private_when_certs_device_runs_first() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("tidepool.toml");
+    std::fs::write(
+        &cfg,
+        format!("[gateway]\ndata_dir = \"{}\"\n", data.display()),
+    )
+    .unwrap();
+    let out = dir.path().join("certs");
+    let r = Run::of_with_umask(
+        std::process::Command::new(BIN)
+            .args(["certs", "device", "d1", "--out"])
+            .arg(&out)
+            .arg("--config")
+            .arg(&cfg),
+        0o022,
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let mut gw = Gateway::start_in(&data, "");
+    let d = gw.connect("d2").await;
+    let mut s = d.open().await.unwrap();
+    s.send(&publish(1, "devices/d2/x", b"1")).await.unwrap();
+    until_ack(&mut s, 1).await;
+    gw.stop();
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the data dir is {:o}", mode & 0o777);
+    let open = not_private(&data);
+    assert!(open.is_empty(), "readable by others: {open:?}");
+    let key = std::fs::metadata(out.join("d1.key")).unwrap().permissions();
+    assert_eq!(key.mode() & 0o777, 0o600);
+}
+
+/// The finding: the control socket had no read timeout: a local client that connects and says
+/// nothing held its task for good. It is closed after 5 s now.
+#[tokio::test]
+async fn a_silent_control_client_is_closed() {
+    use std::io::Read;
+    let gw = Gateway::start("");
+    let mut s = std::os::unix::net::UnixStream::connect(gw.data().join("control.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).expect("closed, not timed out on our side");
+    assert_eq!(n, 0);
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

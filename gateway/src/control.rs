@@ -133,10 +133,30 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>, mut stop: watc
 /// The last line of every answer.
 const OK: &str = "#ok\n";
 
+/// How long a client of the control socket has to send its request line.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn answer(stream: UnixStream, control: &Control) -> std::io::Result<()> {
+    // The socket is 0600, so only our user (and root) can connect; the peer's credentials are
+    // checked too, in case the mode was changed or the directory is shared.
+    let peer = stream.peer_cred()?.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if peer != me && peer != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("refused a client of uid {peer} (only uid {me} or root)"),
+        ));
+    }
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(256)).read_line(&mut line).await?;
+    let mut reader = BufReader::new(read.take(256));
+    let request = reader.read_line(&mut line);
+    // A client that connects and says nothing does not hold a task for good.
+    tokio::time::timeout(REQUEST_TIMEOUT, request)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no request line within 5 s")
+        })??;
     match line.trim() {
         "status" => {
             let mut v = serde_json::to_vec_pretty(&control.status().await).unwrap_or_default();

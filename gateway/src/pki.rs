@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -26,8 +25,10 @@ pub enum PkiError {
     Rcgen(#[from] rcgen::Error),
     #[error("{path}: not a usable PEM file: {msg}")]
     Pem { path: PathBuf, msg: String },
-    #[error("device id `{0}` must match [A-Za-z0-9._-]{{1,64}}")]
+    #[error("device id `{0}` must match [A-Za-z0-9._-]{{1,64}} and not be `.` or `..`")]
     BadId(String),
+    #[error("device id `{0}` is reserved: `{0}.crt` would overwrite the CA certificate written beside it; choose another id")]
+    ReservedId(String),
     #[error("no PKI in {0}: start the gateway once (`tidepool run`) to create it")]
     Missing(PathBuf),
 }
@@ -68,13 +69,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 /// Writes a whole file atomically (temp file, then rename), so readers never see half of it.
 fn write_file(path: &Path, data: &str, mode: u32) -> Result<(), PkiError> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
+    // Never through a link planted at the temp name (it could catch a private key).
+    let mut f = crate::os::files::create_fresh(&tmp, mode).map_err(io(&tmp))?;
     f.write_all(data.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(io(&tmp))?;
@@ -198,6 +194,10 @@ pub fn issue_device(data_dir: &Path, id: &str, out: &Path) -> Result<[PathBuf; 3
     if !valid_device_id(id) {
         return Err(PkiError::BadId(id.to_string()));
     }
+    // `<out>/ca.crt` is the server CA the device trusts: a device named `ca` would overwrite it.
+    if id == "ca" {
+        return Err(PkiError::ReservedId(id.to_string()));
+    }
     let paths = PkiPaths::new(data_dir);
     let ca = load_ca(&paths, DEVICE_CA)?;
     let (crt, key) = issue_leaf(&ca, id, vec![], ExtendedKeyUsagePurpose::ClientAuth)?;
@@ -243,13 +243,12 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
 /// The subject common name of a DER certificate.
 pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()?
-        .as_str()
-        .ok()?
-        .to_string();
+    let mut cns = cert.subject().iter_common_name();
+    let cn = cns.next()?.as_str().ok()?.to_string();
+    // Two CNs name no one: which one a peer reads would decide who the device is.
+    if cns.next().is_some() {
+        return None;
+    }
     Some(cn)
 }
 
@@ -276,5 +275,53 @@ mod tests {
             issue_device(dir.path(), "bad id", &out),
             Err(PkiError::BadId(_))
         ));
+    }
+
+    /// The findings: `certs device ca` overwrote `ca.crt`; `..` was accepted.
+    #[test]
+    fn ids_that_would_overwrite_a_file_or_climb_a_path_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        ensure(dir.path(), &[]).unwrap();
+        let out = dir.path().join("out");
+        for id in [".", ".."] {
+            assert!(matches!(
+                issue_device(dir.path(), id, &out),
+                Err(PkiError::BadId(_))
+            ));
+        }
+        assert!(matches!(
+            issue_device(dir.path(), "ca", &out),
+            Err(PkiError::ReservedId(_))
+        ));
+        assert!(!out.join("ca.crt").exists());
+    }
+
+    /// The finding: the temp file was opened without exclusive create, so a link planted at
+    /// its name in a writable `--out` received the private key.
+    #[test]
+    fn a_link_planted_at_the_temp_name_does_not_receive_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        ensure(dir.path(), &[]).unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let stolen = dir.path().join("stolen");
+        let tmp = out.join(format!("dev-1.tmp{}", std::process::id()));
+        std::os::unix::fs::symlink(&stolen, &tmp).unwrap();
+        let files = issue_device(dir.path(), "dev-1", &out).unwrap();
+        assert!(!stolen.exists(), "the key went through the planted link");
+        read_key(&files[1]).unwrap();
+    }
+
+    /// The finding: a certificate with two CNs authenticated as the first.
+    #[test]
+    fn a_certificate_with_two_common_names_names_no_one() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "dev-1");
+        // The CN's OID again, as a second attribute.
+        p.distinguished_name
+            .push(DnType::CustomDnType(vec![2, 5, 4, 3]), "dev-2");
+        let cert = p.self_signed(&key).unwrap();
+        assert_eq!(common_name(cert.der()), None);
     }
 }

@@ -608,6 +608,19 @@ pub struct Run {
 }
 
 impl Run {
+    /// Runs `cmd` with the shell umask `umask` (the command's own, set before it starts).
+    pub fn of_with_umask(cmd: &mut Command, umask: u32) -> Run {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: umask is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(umask as _));
+                Ok(())
+            });
+        }
+        Run::of(cmd)
+    }
+
     fn of(cmd: &mut Command) -> Run {
         let out = cmd.output().expect("run tidepool");
         Run {

@@ -40,7 +40,9 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
     });
     let mut sink: Box<dyn Write> = match &tmp {
         Some(p) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            // Private (payloads may be), and never through a link planted at the temp name.
+            tidepool::os::files::create_fresh(p, 0o600)
+                .with_context(|| format!("creating {}", p.display()))?,
         )),
         None => Box::new(std::io::stdout().lock()),
     };

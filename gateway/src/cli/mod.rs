@@ -75,6 +75,8 @@ impl ConfigArgs {
 
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Whatever the shell's umask: the data dir, the store and exports are the owner's alone.
+    tidepool::os::files::private_by_default();
     let result = match cli.command {
         Command::Run(a) => run::run(a),
         Command::Certs { what } => certs::run(what),

@@ -61,7 +61,8 @@ impl FrameDecoder {
         }
         let total = 4 + len as usize;
         if self.buf.len() < total {
-            self.buf.reserve(total - self.buf.len());
+            // Nothing is reserved for the declared length: memory grows with the bytes that
+            // arrive (which QUIC flow control bounds), not with what a peer claims it will send.
             return Ok(None);
         }
         self.buf.advance(4);
@@ -83,6 +84,16 @@ pub fn encode(body: &[u8], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The finding: the decoder reserved the declared length (up to `max_frame_bytes`) as
+    /// soon as the prefix was in: four bytes per stream held the whole maximum.
+    #[test]
+    fn a_declared_length_reserves_nothing_before_the_bytes_arrive() {
+        let mut d = FrameDecoder::new(16 << 20);
+        d.extend(&(16u32 << 20).to_be_bytes());
+        assert_eq!(d.next_frame(), Ok(None));
+        assert!(d.buf.capacity() < 64 * 1024, "{}", d.buf.capacity());
+    }
 
     #[test]
     fn splits_frames_across_arbitrary_chunks() {

@@ -13,8 +13,12 @@ pub enum TopicError {
     TooLong,
     #[error("topic contains a wildcard or NUL")]
     Wildcard,
+    #[error("topic contains a control character")]
+    Control,
     #[error("topic has an empty level")]
     EmptyLevel,
+    #[error("topic has a `.` or `..` level")]
+    DotLevel,
 }
 
 /// Checks a concrete topic that a device or a handler publishes to.
@@ -28,8 +32,18 @@ pub fn validate(topic: &str) -> Result<(), TopicError> {
     if topic.contains(['+', '#', '\0']) {
         return Err(TopicError::Wildcard);
     }
-    if topic.split('/').any(str::is_empty) {
+    // A topic ends up in logs, journals, terminals and other brokers: no escapes, no forged
+    // lines.
+    if topic.chars().any(char::is_control) {
+        return Err(TopicError::Control);
+    }
+    let mut levels = topic.split('/');
+    if levels.clone().any(str::is_empty) {
         return Err(TopicError::EmptyLevel);
+    }
+    // Downstream a topic may become a path (a file, a URL, a NATS subject): it must not climb.
+    if levels.any(|l| l == "." || l == "..") {
+        return Err(TopicError::DotLevel);
     }
     Ok(())
 }
@@ -76,9 +90,12 @@ pub fn validate_pattern(pattern: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A device id: `[A-Za-z0-9._-]{1,64}`.
+/// A device id: `[A-Za-z0-9._-]{1,64}`, and not `.` or `..` (a topic level, a file or a
+/// path segment downstream must not climb).
 pub fn valid_device_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
+        && id != "."
+        && id != ".."
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -116,6 +133,13 @@ mod tests {
         assert_eq!(validate("a/+/b"), Err(TopicError::Wildcard));
         assert_eq!(validate("a//b"), Err(TopicError::EmptyLevel));
         assert_eq!(validate(&"a".repeat(257)), Err(TopicError::TooLong));
+        for t in ["a/b\nc", "a/\u{1b}[2J", "a/\u{7f}", "a/\u{85}x", "a\r"] {
+            assert_eq!(validate(t), Err(TopicError::Control), "{t:?}");
+        }
+        for t in ["devices/../x", "./a", "a/.", "a/../.."] {
+            assert_eq!(validate(t), Err(TopicError::DotLevel), "{t:?}");
+        }
+        assert!(validate("a/.b/c..d/...").is_ok());
     }
 
     #[test]
@@ -124,5 +148,8 @@ mod tests {
         assert!(!valid_device_id(""));
         assert!(!valid_device_id(&"a".repeat(65)));
         assert!(!valid_device_id("dev 1"));
+        assert!(!valid_device_id("."));
+        assert!(!valid_device_id(".."));
+        assert!(valid_device_id("..."));
     }
 }

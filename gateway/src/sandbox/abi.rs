@@ -319,6 +319,20 @@ fn answer(
     Ok(i32::try_from(v.len()).unwrap_or(i32::MAX))
 }
 
+/// A handler's log text with control characters escaped (`\n`, `\u{1b}`): a line a handler
+/// writes cannot forge journal lines or drive the terminal `tidepool invoke` prints to.
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 fn topic_ok(t: &[u8]) -> Option<String> {
     let t = std::str::from_utf8(t).ok()?;
     topic::validate(t).ok()?;
@@ -467,7 +481,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             let h = c.data();
             let room = h.inv.log_budget.saturating_sub(h.inv.log_bytes);
             let take = r.len().min(room);
-            let text = String::from_utf8_lossy(&data[r.start..r.start + take]).into_owned();
+            let text = printable(&String::from_utf8_lossy(&data[r.start..r.start + take]));
             let dropped = r.len() - take;
             charge(&mut c, take)?;
             let h = c.data_mut();
@@ -529,6 +543,17 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The finding: control characters passed in handler log lines (forged journal lines,
+    /// terminal escapes in `invoke`).
+    #[test]
+    fn control_characters_in_log_text_are_escaped() {
+        assert_eq!(printable("plain text ünïcode"), "plain text ünïcode");
+        assert_eq!(
+            printable("a\nFAKE tidepool: ok\u{1b}[2J\r\u{85}"),
+            "a\\nFAKE tidepool: ok\\u{1b}[2J\\r\\u{85}"
+        );
+    }
 
     #[test]
     fn read_your_writes_sees_the_last_write_of_a_key_below_and_above_the_index_threshold() {

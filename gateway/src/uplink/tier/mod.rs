@@ -360,7 +360,8 @@ fn certificate_name(path: &Path) -> Result<String, TierSetupError> {
     let first = certs
         .first()
         .ok_or_else(|| err("no certificate in it".into()))?;
-    crate::pki::common_name(first).ok_or_else(|| err("the certificate has no CN".into()))
+    crate::pki::common_name(first)
+        .ok_or_else(|| err("the certificate has no CN, or more than one".into()))
 }
 
 impl Sink for TierSink {
