@@ -219,3 +219,59 @@ async fn a_superseded_connection_no_longer_counts_while_it_settles() {
     );
     drop(s1);
 }
+
+/// The close code a device's connection ended with (`None`: not an application close).
+async fn close_code(d: &tidepool::client::Device) -> Option<u64> {
+    let end = tokio::time::timeout(Duration::from_secs(10), d.conn.closed())
+        .await
+        .expect("the gateway closes the connection");
+    match end {
+        quinn::ConnectionError::ApplicationClosed(c) => Some(c.error_code.into_inner()),
+        _ => None,
+    }
+}
+
+/// The finding: device certificates could not be revoked. A device on `acl.revoked` (by id,
+/// or by certificate serial as `certs device` prints it) is closed with `revoked` (code 6) at
+/// connect; a reload (SIGHUP) closes a connected device newly on the list at once; a new
+/// certificate for a device revoked by serial gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_devices_are_closed_with_code_6_at_connect_and_at_a_reload() {
+    let gw = Gateway::start("[acl]\nrevoked = [\"d1\"]\n");
+    let d1 = gw.connect("d1").await;
+    assert_eq!(close_code(&d1).await, Some(6));
+    // d2 is in and publishing.
+    let d2 = gw.connect("d2").await;
+    let mut s2 = d2.open().await.unwrap();
+    s2.send(&publish(1, "devices/d2/x", b"1")).await.unwrap();
+    until_ack(&mut s2, 1).await;
+    // d3's certificate, by serial, and d2 by id: reloaded.
+    let (c3, k3, ca3) = gw.device_certs("d3");
+    let der = tidepool::pki::read_certs(&c3).unwrap().remove(0);
+    let serial = tidepool::pki::serial_hex(&der).unwrap();
+    gw.edit_config(
+        "revoked = ",
+        &format!("revoked = [\"d1\", \"d2\", \"serial:{serial}\"]"),
+    );
+    gw.signal("-HUP");
+    assert_eq!(
+        close_code(&d2).await,
+        Some(6),
+        "d2 was not closed at the reload"
+    );
+    gw.wait_log("reloaded acl.revoked", 1, Duration::from_secs(10))
+        .await;
+    let config = tidepool::ingress::tls::client_config(&ca3, &c3, &k3).unwrap();
+    let d3 = tidepool::client::Device::connect_with(&gw.addr, config)
+        .await
+        .unwrap();
+    assert_eq!(close_code(&d3).await, Some(6));
+    // A new certificate for d3 (another serial) gets in.
+    let (c3b, k3b, ca3b) = gw.device_certs("d3");
+    connect_and_publish(&gw, "d3", "127.0.0.1:0", (&c3b, &k3b, &ca3b))
+        .await
+        .expect("d3's new certificate is not revoked");
+    let mut gw = gw;
+    let m = gw.stop();
+    assert_eq!(m["connections_revoked"], 3, "{m}");
+}

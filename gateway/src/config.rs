@@ -84,6 +84,8 @@ pub struct IngressConfig {
 #[serde(deny_unknown_fields)]
 pub struct AclConfig {
     pub publish: Vec<String>,
+    /// Denied devices: ids, and certificate serials as `serial:<hex>` (reloaded on SIGHUP).
+    pub revoked: Vec<String>,
     /// Device ids that are lower Tidepool tiers: their `id`, `src` and `class` keys are kept.
     pub tiers: Vec<String>,
 }
@@ -379,6 +381,7 @@ impl Config {
                 ));
             }
         }
+        crate::pki::Revoked::parse(&self.acl.revoked).map_err(ConfigError::Invalid)?;
         for d in &self.acl.tiers {
             if !topic::valid_device_id(d) {
                 return bad(format!(

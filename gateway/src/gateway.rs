@@ -162,6 +162,7 @@ impl UplinkParts<'_> {
 pub async fn run(
     mut cfg: Config,
     mut stop: watch::Receiver<bool>,
+    mut reloads: tokio::sync::mpsc::UnboundedReceiver<Config>,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<serde_json::Value, StartError> {
     let data = cfg.gateway.data_dir.clone();
@@ -329,12 +330,29 @@ pub async fn run(
         addr: listen,
         source,
     })?;
+    // Validated with the config: a bad entry never reaches here.
+    let revoked = pki::Revoked::parse(&cfg.acl.revoked).unwrap_or_default();
     let shared = Arc::new(Shared::new(
         inbox.clone(),
         roles,
         cfg.ingress.clone(),
+        revoked,
         metrics.clone(),
     ));
+    // A reload (SIGHUP) puts the new config's deny-list in force; nothing else is reloaded.
+    let reloading = shared.clone();
+    tokio::spawn(async move {
+        while let Some(new) = reloads.recv().await {
+            let revoked = pki::Revoked::parse(&new.acl.revoked).unwrap_or_default();
+            let entries = revoked.len();
+            let closed = reloading.revoke(revoked);
+            tracing::info!(
+                entries,
+                closed,
+                "reloaded acl.revoked (the only setting a reload changes; restart for the rest)"
+            );
+        }
+    });
     let (conn_stop_tx, conn_stop) = watch::channel(false);
     let server = tokio::spawn(ingress::serve(endpoint.clone(), shared, conn_stop));
     tracing::info!(%local, gateway = %cfg.gateway.id, data_dir = %data.display(), "listening");

@@ -27,6 +27,7 @@ counters! {
     connections_refused: "Connection attempts refused: ingress.max_connections devices connected, ingress.max_handshakes handshakes in flight, or ingress.max_handshakes_per_address from one address.",
     handshake_retries: "Connection attempts answered with a QUIC Retry (address validation, once a quarter of ingress.max_handshakes is in use).",
     handshakes_timed_out: "Handshakes given up after ingress.handshake_timeout_ms.",
+    connections_revoked: "Connections closed with `revoked` (code 6): at connect, or at a reload of acl.revoked.",
     events_in: "Publishes received on streams (resends included).",
     bytes_in: "Bytes of frames and datagrams received from devices.",
     resends: "Publishes at or below the high-water mark, acked again without running.",

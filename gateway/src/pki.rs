@@ -1,6 +1,11 @@
 //! Certificates: the device CA, the operator CA, the server CA and the gateway's server
 //! certificate, generated on first start under `<data-dir>/pki/`, and device certificates
 //! issued from the device CA. All keys are ECDSA P-256.
+//!
+//! Every certificate is valid from 1970-01-01 (rcgen's default, 1975, would make a box or a
+//! device whose clock has not been set since boot, with no real-time clock, refuse it); a
+//! device certificate expires after the days it was issued for (`certs device --days`,
+//! [`DEVICE_DAYS`] by default). Revocation is a deny-list in the config (`acl.revoked`).
 
 use std::fs;
 use std::io::Write;
@@ -114,6 +119,7 @@ fn random_serial() -> SerialNumber {
 fn new_ca(cn: &str) -> Result<(String, KeyPair), PkiError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.not_before = valid_from();
     p.distinguished_name.push(DnType::CommonName, cn);
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -139,14 +145,29 @@ fn load_ca(paths: &PkiPaths, name: &str) -> Result<(Certificate, KeyPair), PkiEr
     Ok((params.self_signed(&key)?, key))
 }
 
+/// Days a device certificate is valid by default (ten years: there is no renewal flow yet; a
+/// stolen device is revoked with `acl.revoked`).
+pub const DEVICE_DAYS: u32 = 3650;
+
+/// The start of every certificate's validity: the Unix epoch, which a clock that was never
+/// set still reads past.
+fn valid_from() -> time::OffsetDateTime {
+    time::OffsetDateTime::UNIX_EPOCH
+}
+
 fn issue_leaf(
     ca: &(Certificate, KeyPair),
     cn: &str,
     sans: Vec<String>,
     eku: ExtendedKeyUsagePurpose,
+    days: Option<u32>,
 ) -> Result<(String, String), PkiError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut p = CertificateParams::new(sans)?;
+    p.not_before = valid_from();
+    if let Some(days) = days {
+        p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days.into());
+    }
     p.distinguished_name.push(DnType::CommonName, cn);
     p.extended_key_usages = vec![eku];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -181,6 +202,7 @@ pub fn ensure(data_dir: &Path, server_names: &[String]) -> Result<bool, PkiError
             "tidepool gateway",
             sans,
             ExtendedKeyUsagePurpose::ServerAuth,
+            None,
         )?;
         write_file(&paths.key(SERVER), &key, 0o600)?;
         write_file(&paths.cert(SERVER), &crt, 0o644)?;
@@ -191,6 +213,17 @@ pub fn ensure(data_dir: &Path, server_names: &[String]) -> Result<bool, PkiError
 
 /// Issues a device certificate: writes `ID.crt`, `ID.key` and the gateway's `ca.crt` to `out`.
 pub fn issue_device(data_dir: &Path, id: &str, out: &Path) -> Result<[PathBuf; 3], PkiError> {
+    issue_device_for(data_dir, id, out, DEVICE_DAYS)
+}
+
+/// Issues a device certificate valid for `days` (from the Unix epoch, so a box with no clock
+/// accepts it, until now + `days`); writes `<out>/<id>.crt`, `<out>/<id>.key` and `<out>/ca.crt`.
+pub fn issue_device_for(
+    data_dir: &Path,
+    id: &str,
+    out: &Path,
+    days: u32,
+) -> Result<[PathBuf; 3], PkiError> {
     if !valid_device_id(id) {
         return Err(PkiError::BadId(id.to_string()));
     }
@@ -200,7 +233,13 @@ pub fn issue_device(data_dir: &Path, id: &str, out: &Path) -> Result<[PathBuf; 3
     }
     let paths = PkiPaths::new(data_dir);
     let ca = load_ca(&paths, DEVICE_CA)?;
-    let (crt, key) = issue_leaf(&ca, id, vec![], ExtendedKeyUsagePurpose::ClientAuth)?;
+    let (crt, key) = issue_leaf(
+        &ca,
+        id,
+        vec![],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        Some(days),
+    )?;
     fs::create_dir_all(out).map_err(io(out))?;
     let files = [
         out.join(format!("{id}.crt")),
@@ -252,6 +291,80 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     Some(cn)
 }
 
+/// A certificate's serial as `acl.revoked` names it: lowercase hex, no leading zeros.
+pub fn serial_hex(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(normalize_serial(&hex(cert.raw_serial())))
+}
+
+/// `0A:1b:00` or `00a1b` as `a1b00`/`a1b`: lowercase hex digits without separators and
+/// leading zeros (`0` for zero).
+pub fn normalize_serial(s: &str) -> String {
+    let digits: String = s
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    match digits.trim_start_matches('0') {
+        "" => "0".into(),
+        d => d.to_string(),
+    }
+}
+
+/// The deny-list (`acl.revoked`): device ids, and certificate serials as `serial:<hex>`. A
+/// device whose id or certificate serial is on it is closed with `revoked` (code 6), at
+/// connect and, after a reload, at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revoked {
+    ids: std::collections::HashSet<String>,
+    serials: std::collections::HashSet<String>,
+}
+
+impl Revoked {
+    /// Parses `acl.revoked`; an entry that is neither a device id nor `serial:<hex>` is an
+    /// error naming it.
+    pub fn parse(entries: &[String]) -> Result<Revoked, String> {
+        let mut r = Revoked::default();
+        for e in entries {
+            match e.strip_prefix("serial:") {
+                Some(s)
+                    if s.chars().any(|c| c.is_ascii_hexdigit())
+                        && s.chars().all(|c| c.is_ascii_hexdigit() || c == ':') =>
+                {
+                    r.serials.insert(normalize_serial(s));
+                }
+                Some(_) => return Err(format!("acl.revoked: `{e}` is not serial:<hex digits>")),
+                None if valid_device_id(e) => {
+                    r.ids.insert(e.clone());
+                }
+                None => {
+                    return Err(format!(
+                        "acl.revoked: `{e}` is neither a device id nor serial:<hex>"
+                    ))
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// Whether the device `id` with the certificate serial `serial` ([`serial_hex`]) is denied.
+    pub fn denies(&self, id: &str, serial: &str) -> bool {
+        self.ids.contains(id) || self.serials.contains(serial)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len() + self.serials.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,7 +390,38 @@ mod tests {
         ));
     }
 
-    /// The findings: `certs device ca` overwrote `ca.crt`; `..` was accepted.
+    /// The findings: device certificates never expired (rcgen's 1975–4096), and a box whose
+    /// clock reads 1970 refused every device (not before 1975).
+    #[test]
+    fn a_device_certificate_is_valid_from_the_epoch_for_its_days() {
+        let dir = tempfile::tempdir().unwrap();
+        ensure(dir.path(), &[]).unwrap();
+        let files = issue_device_for(dir.path(), "d1", &dir.path().join("out"), 30).unwrap();
+        for f in [&files[0], &files[2]] {
+            let der = read_certs(f).unwrap().remove(0);
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            assert_eq!(cert.validity().not_before.timestamp(), 0, "{}", f.display());
+        }
+        let der = read_certs(&files[0]).unwrap().remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let left = cert.validity().not_after.timestamp() - crate::clock::now_ms() as i64 / 1000;
+        assert!((29 * 86_400..=30 * 86_400).contains(&left), "{left} s left");
+        assert!(serial_hex(&der).is_some_and(|s| s != "0"));
+    }
+
+    #[test]
+    fn the_deny_list_takes_ids_and_serials_and_names_a_bad_entry() {
+        let r = Revoked::parse(&["d1".into(), "serial:00:0A:bc".into()]).unwrap();
+        assert!(r.denies("d1", "1"));
+        assert!(r.denies("d2", "abc"));
+        assert!(!r.denies("d2", "abd"));
+        for bad in ["a b", "serial:", "serial:xyz", ".."] {
+            let e = Revoked::parse(&[bad.to_string()]).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    /// The finding: `certs device ca` overwrote `ca.crt`; `..` was accepted.
     #[test]
     fn ids_that_would_overwrite_a_file_or_climb_a_path_are_refused() {
         let dir = tempfile::tempdir().unwrap();

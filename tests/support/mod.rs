@@ -232,6 +232,16 @@ impl Gateway {
             .expect("device connects")
     }
 
+    /// Sends a signal (`-HUP`, …) to the running gateway.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
     /// Stops with SIGTERM (graceful) and returns the metrics it wrote.
     pub fn stop(&mut self) -> serde_json::Value {
         let mut child = self.child.take().expect("running");

@@ -64,7 +64,29 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             }
             let _ = stop_tx.send(true);
         });
-        tidepool::gateway::run(cfg, stop, |addr| {
+        // SIGHUP: read the config file again; a config that does not load is logged and the
+        // one in force stays.
+        let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
+        let source = a.config.clone();
+        tokio::spawn(async move {
+            let kind = tokio::signal::unix::SignalKind::hangup();
+            let mut hup = match tokio::signal::unix::signal(kind) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot watch SIGHUP ({e}): no reloads");
+                    return;
+                }
+            };
+            while hup.recv().await.is_some() {
+                match source.load() {
+                    Ok(cfg) => {
+                        let _ = reload_tx.send(cfg);
+                    }
+                    Err(e) => tracing::error!("reload refused, the config in force stays: {e:#}"),
+                }
+            }
+        });
+        tidepool::gateway::run(cfg, stop, reloads, |addr| {
             // A machine-readable ready line on stdout (logs go to stderr).
             println!("tidepool listening on {addr}");
         })

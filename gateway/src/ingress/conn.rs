@@ -11,7 +11,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tokio::sync::{watch, Notify};
 
-use super::{DeviceSlot, HandshakeSlot, Shared};
+use super::{HandshakeSlot, Shared};
 use crate::dispatch::thread::{Batch, Gate, Step, STEP_BYTES};
 use crate::metrics::Metrics;
 use crate::pipeline::Settled;
@@ -109,11 +109,21 @@ pub(super) async fn run(
         return;
     };
     let device: Arc<str> = device.into();
+    let serial = chain
+        .first()
+        .and_then(|c| crate::pki::serial_hex(c))
+        .unwrap_or_default();
+    if shared.revoked().denies(&device, &serial) {
+        Metrics::inc(&shared.metrics.connections_revoked);
+        tracing::info!(%remote, device = &*device, serial, "closing: the device is revoked (acl.revoked)");
+        conn.close(code(CloseCode::Revoked), CloseCode::Revoked.reason());
+        return;
+    }
     drop(handshake);
-    // Counted from here, and no longer once superseded.
-    let mut counted = Some(DeviceSlot::take(shared));
+    // Counted (max_connections) from `register`, by the session itself: a superseded or
+    // revoked session leaves the map, and the count, at once.
     Metrics::inc(&shared.metrics.connections);
-    let (session, mut superseded) = shared.register(&device);
+    let (session, mut ended) = shared.register(&device, serial);
     tracing::debug!(%remote, device = &*device, "device connected");
 
     // Stream tasks stop reading when `halt` turns true (superseded or shutting down).
@@ -124,22 +134,22 @@ pub(super) async fn run(
         conn.clone(),
         (device.clone(), session),
         shared.clone(),
-        superseded.clone(),
+        ended.clone(),
     ));
     let reason = loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    let watch = (halt.clone(), superseded.clone());
+                    let watch = (halt.clone(), ended.clone());
                     let slot = (slot.clone(), slot.token());
                     let who = (device.clone(), session);
                     streams.spawn(stream(send, recv, who, shared.clone(), watch, slot));
                 }
                 Err(_) => break None,
             },
-            _ = superseded.changed() => {
-                counted = None;
-                break Some(CloseCode::Superseded);
+            _ = ended.changed() => {
+                // Superseded or revoked (already out of the count): settle, then close.
+                break Some((*ended.borrow()).unwrap_or(CloseCode::Superseded));
             }
             _ = stop.changed() => break Some(CloseCode::ShuttingDown),
         }
@@ -165,17 +175,16 @@ pub(super) async fn run(
         conn.close(code(c), c.reason());
     }
     shared.unregister(&device, session);
-    drop(counted);
 }
 
 async fn read_datagrams(
     conn: quinn::Connection,
     (device, session): (Arc<str>, u64),
     shared: Arc<Shared>,
-    superseded: watch::Receiver<bool>,
+    ended: watch::Receiver<Option<CloseCode>>,
 ) {
     while let Ok(d) = conn.read_datagram().await {
-        if *superseded.borrow() {
+        if ended.borrow().is_some() {
             return;
         }
         Metrics::add(&shared.metrics.bytes_in, d.len() as u64);
@@ -197,7 +206,7 @@ async fn stream(
     mut recv: quinn::RecvStream,
     (device, session): (Arc<str>, u64),
     shared: Arc<Shared>,
-    (mut halt, superseded): (watch::Receiver<bool>, watch::Receiver<bool>),
+    (mut halt, ended): (watch::Receiver<bool>, watch::Receiver<Option<CloseCode>>),
     (slot, token): (Arc<PublishSlot>, u64),
 ) {
     let (reply, answers) = unbounded_channel();
@@ -311,7 +320,7 @@ async fn stream(
                 break 'read;
             }
         }
-        if last || framing_lost.is_some() || *superseded.borrow() {
+        if last || framing_lost.is_some() || ended.borrow().is_some() {
             break 'read;
         }
     }

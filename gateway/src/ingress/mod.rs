@@ -10,7 +10,7 @@ pub mod tls;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use admit::{Decision, Handshakes};
 
@@ -19,12 +19,19 @@ use tokio::sync::watch;
 use crate::config::IngressConfig;
 use crate::dispatch::thread::Inbox;
 use crate::metrics::Metrics;
+use crate::pki::Revoked;
+use crate::proto::CloseCode;
 pub use tls::RoleCheck;
 
-/// A live session: its id and the switch that tells it it was superseded.
+/// A live session: its id, its certificate's serial, and the switch that ends it from outside
+/// (superseded, or revoked), with the close code.
 struct Session {
     id: u64,
-    superseded: watch::Sender<bool>,
+    serial: String,
+    ended: watch::Sender<Option<CloseCode>>,
+    /// Its place in `max_connections`: given back the moment the session leaves the map
+    /// (superseded, revoked or ended), not when its connection has settled.
+    _counted: DeviceSlot,
 }
 
 /// What every connection task shares.
@@ -36,9 +43,11 @@ pub struct Shared {
     sessions: Mutex<HashMap<Arc<str>, Session>>,
     next_session: AtomicU64,
     /// Device connections past the role check and not superseded (`max_connections`).
-    devices: AtomicUsize,
+    devices: Arc<AtomicUsize>,
     /// Handshakes in flight (`max_handshakes`, per address).
     handshakes: Mutex<Handshakes>,
+    /// The deny-list (`acl.revoked`), replaced whole on a reload.
+    revoked: RwLock<Arc<Revoked>>,
 }
 
 /// A handshake's slot, given back when dropped (the handshake ended, whichever way).
@@ -53,20 +62,19 @@ impl Drop for HandshakeSlot {
     }
 }
 
-/// A device connection counted against `max_connections` until dropped (when it ends, or
-/// at once when it is superseded: it settles apart).
-pub(crate) struct DeviceSlot(Arc<Shared>);
+/// A device session counted against `max_connections` until dropped.
+struct DeviceSlot(Arc<AtomicUsize>);
 
 impl DeviceSlot {
-    fn take(shared: &Arc<Shared>) -> DeviceSlot {
-        shared.devices.fetch_add(1, Ordering::Relaxed);
-        DeviceSlot(shared.clone())
+    fn take(devices: &Arc<AtomicUsize>) -> DeviceSlot {
+        devices.fetch_add(1, Ordering::Relaxed);
+        DeviceSlot(devices.clone())
     }
 }
 
 impl Drop for DeviceSlot {
     fn drop(&mut self) {
-        self.0.devices.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -75,11 +83,13 @@ impl Shared {
         inbox: Inbox,
         roles: RoleCheck,
         ingress: IngressConfig,
+        revoked: Revoked,
         metrics: Arc<Metrics>,
     ) -> Self {
         Shared {
             inbox,
             roles,
+            revoked: RwLock::new(Arc::new(revoked)),
             handshakes: Mutex::new(Handshakes::new(
                 ingress.max_handshakes,
                 ingress.max_handshakes_per_address,
@@ -88,8 +98,36 @@ impl Shared {
             metrics,
             sessions: Mutex::default(),
             next_session: AtomicU64::new(1),
-            devices: AtomicUsize::new(0),
+            devices: Arc::default(),
         }
+    }
+
+    /// The deny-list in force.
+    fn revoked(&self) -> Arc<Revoked> {
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `revoked` in force: later connections are checked against it, and the live
+    /// sessions it denies are ended with `revoked` (code 6) at once. Returns how many.
+    pub fn revoke(&self, revoked: Revoked) -> usize {
+        let mut sessions = self.sessions();
+        let before = sessions.len();
+        // A revoked session leaves the map (and `max_connections`) at once; its connection
+        // settles and closes with `revoked`.
+        sessions.retain(|device, s| {
+            let denied = revoked.denies(device, &s.serial);
+            if denied {
+                let _ = s.ended.send(Some(CloseCode::Revoked));
+            }
+            !denied
+        });
+        let closed = before - sessions.len();
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(revoked);
+        Metrics::add(&self.metrics.connections_revoked, closed as u64);
+        closed
     }
 
     fn handshakes(&self) -> std::sync::MutexGuard<'_, Handshakes> {
@@ -146,13 +184,23 @@ impl Shared {
     /// Registers a session for `device`, superseding the previous one: the dispatcher takes
     /// nothing of the old session from here on (told under the sessions lock, so it learns
     /// concurrent sessions of one device in the order they registered).
-    fn register(&self, device: &Arc<str>) -> (u64, watch::Receiver<bool>) {
+    fn register(
+        &self,
+        device: &Arc<str>,
+        serial: String,
+    ) -> (u64, watch::Receiver<Option<CloseCode>>) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(None);
         let mut sessions = self.sessions();
         self.inbox.connected(device, id);
-        if let Some(old) = sessions.insert(device.clone(), Session { id, superseded: tx }) {
-            let _ = old.superseded.send(true);
+        let new = Session {
+            id,
+            serial,
+            ended: tx,
+            _counted: DeviceSlot::take(&self.devices),
+        };
+        if let Some(old) = sessions.insert(device.clone(), new) {
+            let _ = old.ended.send(Some(CloseCode::Superseded));
         }
         (id, rx)
     }

@@ -13,7 +13,7 @@ pub enum TopicError {
     TooLong,
     #[error("topic contains a wildcard or NUL")]
     Wildcard,
-    #[error("topic contains a control character")]
+    #[error("topic contains a control or invisible formatting character")]
     Control,
     #[error("topic has an empty level")]
     EmptyLevel,
@@ -33,8 +33,8 @@ pub fn validate(topic: &str) -> Result<(), TopicError> {
         return Err(TopicError::Wildcard);
     }
     // A topic ends up in logs, journals, terminals and other brokers: no escapes, no forged
-    // lines.
-    if topic.chars().any(char::is_control) {
+    // lines, no text that reads other than it is.
+    if topic.chars().any(hides_text) {
         return Err(TopicError::Control);
     }
     let mut levels = topic.split('/');
@@ -90,6 +90,21 @@ pub fn validate_pattern(pattern: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `c` can forge or hide text where it is printed: a control character (C0, DEL, C1)
+/// or an invisible formatting one (bidi overrides and isolates, zero-width characters, line
+/// and paragraph separators, the BOM, soft hyphen, interlinear annotations).
+pub fn hides_text(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{ad}' | '\u{61c}' | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}')
+}
+
 /// A device id: `[A-Za-z0-9._-]{1,64}`, and not `.` or `..` (a topic level, a file or a
 /// path segment downstream must not climb).
 pub fn valid_device_id(id: &str) -> bool {
@@ -133,7 +148,15 @@ mod tests {
         assert_eq!(validate("a/+/b"), Err(TopicError::Wildcard));
         assert_eq!(validate("a//b"), Err(TopicError::EmptyLevel));
         assert_eq!(validate(&"a".repeat(257)), Err(TopicError::TooLong));
-        for t in ["a/b\nc", "a/\u{1b}[2J", "a/\u{7f}", "a/\u{85}x", "a\r"] {
+        for t in [
+            "a/b\nc",
+            "a/\u{1b}[2J",
+            "a/\u{7f}",
+            "a/\u{85}x",
+            "a\r",
+            "a/\u{202e}x",
+            "a/\u{200b}",
+        ] {
             assert_eq!(validate(t), Err(TopicError::Control), "{t:?}");
         }
         for t in ["devices/../x", "./a", "a/.", "a/../.."] {

@@ -322,11 +322,11 @@ fn answer(
 /// A handler's log text with control characters escaped (`\n`, `\u{1b}`): a line a handler
 /// writes cannot forge journal lines or drive the terminal `tidepool invoke` prints to.
 fn printable(text: &str) -> String {
-    if !text.chars().any(char::is_control) {
+    if !text.chars().any(topic::hides_text) {
         return text.to_string();
     }
     text.chars()
-        .map(|c| match c.is_control() {
+        .map(|c| match topic::hides_text(c) {
             true => c.escape_default().to_string(),
             false => c.to_string(),
         })
@@ -395,13 +395,16 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             let val = read(&mut c, mem, vp, vl, "state_put")?;
             charge(&mut c, 0)?;
             let h = c.data_mut();
+            // Refused before the old value is read: a loop of refused writes costs the host
+            // nothing it is not paid for.
             if !h.inv.may_write(&key, h.env.state_writes) {
                 return Ok(h.inv.hit(Limit::StateWrites, OVER_STATE_QUOTA));
             }
-            let old = h
-                .current(&key)
-                .map(|v| (key.len() + v.len()) as i64)
-                .unwrap_or(0);
+            let old = h.current(&key).map(|v| v.len());
+            // The old value was read (and copied): paid for, by its length.
+            pay(&mut c, old.unwrap_or(0) as u64)?;
+            let h = c.data_mut();
+            let old = old.map(|v| (key.len() + v) as i64).unwrap_or(0);
             let delta = (key.len() + val.len()) as i64 - old;
             let after = h.state_used as i64 + h.inv.effects.state_delta + delta;
             if after > h.manifest_limits.state_bytes as i64 {
@@ -421,13 +424,19 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             let key = read(&mut c, mem, kp, kl, "state_delete")?;
             charge(&mut c, 0)?;
             let h = c.data_mut();
-            if let Some(old) = h.current(&key) {
-                if !h.inv.may_write(&key, h.env.state_writes) {
-                    return Ok(h.inv.hit(Limit::StateWrites, OVER_STATE_QUOTA));
-                }
-                h.inv.effects.state_delta -= (key.len() + old.len()) as i64;
-                h.inv.write(key, None);
+            // Refused before the old value is read (a delete of a missing key would write
+            // nothing, but telling needs the read).
+            if !h.inv.may_write(&key, h.env.state_writes) {
+                return Ok(h.inv.hit(Limit::StateWrites, OVER_STATE_QUOTA));
             }
+            let Some(old) = h.current(&key).map(|v| v.len()) else {
+                return Ok(0);
+            };
+            // The old value was read (and copied): paid for, by its length.
+            pay(&mut c, old as u64)?;
+            let h = c.data_mut();
+            h.inv.effects.state_delta -= (key.len() + old) as i64;
+            h.inv.write(key, None);
             Ok(0)
         },
     ));
@@ -552,6 +561,11 @@ mod tests {
         assert_eq!(
             printable("a\nFAKE tidepool: ok\u{1b}[2J\r\u{85}"),
             "a\\nFAKE tidepool: ok\\u{1b}[2J\\r\\u{85}"
+        );
+        // Bidi overrides, zero-width and line separators reorder or hide text in a terminal.
+        assert_eq!(
+            printable("ok\u{202e}evil\u{200b}\u{2028}"),
+            "ok\\u{202e}evil\\u{200b}\\u{2028}"
         );
     }
 

@@ -702,6 +702,63 @@ mod tests {
         );
     }
 
+    /// Found in review: past the write cap, `state_delete` of a stored key still read (and
+    /// copied) the whole value, unpaid, on every call. Refused writes read nothing now, and a
+    /// read old value is paid for.
+    #[test]
+    fn writes_past_the_cap_do_not_read_the_old_value() {
+        struct Counting(std::sync::atomic::AtomicUsize);
+        impl StateSource for Counting {
+            fn get(&self, _: &str, key: &[u8]) -> Option<Vec<u8>> {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (key == b"k").then(|| vec![7u8; 1000])
+            }
+        }
+        let reads = Arc::new(Counting(Default::default()));
+        let mut h = Handler::load(
+            &Runtime::default(),
+            &wat::parse_str(
+                r#"(module
+              (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
+              (import "tidepool" "state_delete" (func $del (param i32 i32) (result i32)))
+              (memory (export "memory") 1)
+              (data (i32.const 0) "k")
+              (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+              (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+                (local $i i32)
+                (block $done (loop $again
+                  (br_if $done (i32.eq (local.get $i) (i32.const 8)))
+                  (i32.store (i32.const 300) (i32.add (local.get $i) (i32.const 1000)))
+                  (drop (call $put (i32.const 300) (i32.const 4) (i32.const 0) (i32.const 1)))
+                  (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                  (br $again)))
+                (local.set $i (i32.const 0))
+                (block $done (loop $again
+                  (br_if $done (i32.eq (local.get $i) (i32.const 1000)))
+                  (drop (call $del (i32.const 0) (i32.const 1)))
+                  (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                  (br $again)))
+                (i32.const 0)))"#,
+            )
+            .unwrap(),
+            toml::from_str("name = \"w\"\nversion = 1\nsubscribe = [\"#\"]\n").unwrap(),
+            &BTreeMap::new(),
+            HostEnv {
+                state: reads.clone(),
+                ..env()
+            },
+            0,
+        )
+        .unwrap();
+        let out = h.invoke(&ev());
+        assert_eq!(
+            out.result,
+            Err(Failure::broken("limit:state_writes_per_event"))
+        );
+        // The 8 puts read their (missing) old values; none of the 1,000 refused deletes did.
+        assert_eq!(reads.0.load(std::sync::atomic::Ordering::Relaxed), 8);
+    }
+
     #[test]
     fn bad_arguments_and_limits_return_their_codes_and_a_limit_fails_the_invocation() {
         let mut h = load(

@@ -33,7 +33,8 @@ pub fn get(key: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
-/// Stores `val` under `key`; fails with [`Error::OverQuota`] past the manifest's `state_bytes`.
+/// Stores `val` under `key`; fails with [`Error::OverQuota`] past the manifest's `state_bytes`
+/// or past the distinct keys one invocation may write (`limits.state_writes_per_event`).
 ///
 /// ```no_run
 /// tidepool_sdk::state::put(b"count", &7u32.to_le_bytes())?;
@@ -46,14 +47,17 @@ pub fn put(key: &[u8], val: &[u8]) -> Result<(), Error> {
     Error::check(unsafe { sys::state_put(key_ptr, key_len, val_ptr, val_len) })
 }
 
-/// Removes `key`; removing a key that is not set is not an error.
+/// Removes `key`; removing a key that is not set is not an error. Past the distinct keys one
+/// invocation may write (`limits.state_writes_per_event`) nothing is removed and the
+/// invocation fails (`limit:state_writes_per_event`), whatever the handler returns.
 ///
 /// ```no_run
 /// tidepool_sdk::state::delete(b"count");
 /// ```
 pub fn delete(key: &[u8]) {
     let (key_ptr, key_len) = sys::raw(key);
-    // SAFETY: `key` is a live borrowed slice; the host only reads it. It always returns 0.
+    // SAFETY: `key` is a live borrowed slice; the host only reads it. Its -2 (past the write
+    // cap) fails the invocation on the host's side: nothing to return here.
     unsafe { sys::state_delete(key_ptr, key_len) };
 }
 

@@ -56,7 +56,8 @@ imports! {
     /// };
     /// ```
     fn state_get(key_ptr, key_len, out_ptr, out_cap) -> i32;
-    /// Sets a state key; returns 0, or -2 when the handler's state quota would be exceeded.
+    /// Sets a state key; returns 0, or -2 when the handler's state quota would be exceeded or
+    /// the invocation wrote `limits.state_writes_per_event` distinct keys already.
     ///
     /// ```no_run
     /// let (key, val) = (b"count", 7u64.to_le_bytes());
@@ -133,22 +134,60 @@ imports! {
     fn event_meta(out_ptr, out_cap) -> i32;
 }
 
+/// The longest value a call returned so far, up to [`HINT_MAX`]: later calls read into a
+/// buffer that large at once. The host charges fuel for a value's full length on every call
+/// (written or not), so a handler that keeps a large value pays for one read, not two.
+static HINT: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// The largest first buffer [`with_buffer`] allocates from the hint.
+const HINT_MAX: usize = 64 * 1024;
+
+fn remember(hint: &core::sync::atomic::AtomicUsize, len: usize) {
+    use core::sync::atomic::Ordering::Relaxed;
+    let len = len.min(HINT_MAX);
+    if len > hint.load(Relaxed) {
+        hint.store(len, Relaxed);
+    }
+}
+
 /// Calls a host function that fills `out` and returns the full length (or a negative code),
 /// and passes the bytes (`None` for a negative code) to `f`: first into a 128-byte stack
-/// buffer, so a missing key or a short value allocates nothing, then, when the value is longer,
-/// once more into a heap buffer of the exact size.
+/// buffer, so a missing key or a short value allocates nothing (or, once a longer value was
+/// seen, into a heap buffer that long), then, when the value is longer, once more into a heap
+/// buffer of the exact size.
 pub(crate) fn with_buffer<R>(
+    call: impl FnMut(&mut [u8]) -> i32,
+    f: impl FnOnce(Option<&[u8]>) -> R,
+) -> R {
+    with_buffer_hinted(&HINT, call, f)
+}
+
+/// [`with_buffer`] with the longest-value hint in `hints`.
+fn with_buffer_hinted<R>(
+    hints: &core::sync::atomic::AtomicUsize,
     mut call: impl FnMut(&mut [u8]) -> i32,
     f: impl FnOnce(Option<&[u8]>) -> R,
 ) -> R {
-    let mut first = [0u8; 128];
-    let Ok(mut len) = usize::try_from(call(&mut first)) else {
-        return f(None);
-    };
-    if len <= first.len() {
-        return f(Some(&first[..len]));
-    }
+    let hint = hints.load(core::sync::atomic::Ordering::Relaxed);
     let mut buf = alloc::vec::Vec::new();
+    let mut len;
+    if hint > 128 {
+        buf.resize(hint, 0);
+        let Ok(n) = usize::try_from(call(&mut buf)) else {
+            return f(None);
+        };
+        len = n;
+    } else {
+        let mut first = [0u8; 128];
+        let Ok(n) = usize::try_from(call(&mut first)) else {
+            return f(None);
+        };
+        if n <= first.len() {
+            return f(Some(&first[..n]));
+        }
+        len = n;
+    }
+    remember(hints, len);
     while len > buf.len() {
         buf.resize(len, 0);
         let Ok(n) = usize::try_from(call(&mut buf)) else {
@@ -162,6 +201,14 @@ pub(crate) fn with_buffer<R>(
 /// [`with_buffer`] into an owned `Vec`.
 pub(crate) fn read_buffer(call: impl FnMut(&mut [u8]) -> i32) -> Option<alloc::vec::Vec<u8>> {
     with_buffer(call, |bytes| bytes.map(<[u8]>::to_vec))
+}
+
+#[cfg(test)]
+fn read_hinted(
+    hints: &core::sync::atomic::AtomicUsize,
+    call: impl FnMut(&mut [u8]) -> i32,
+) -> Option<alloc::vec::Vec<u8>> {
+    with_buffer_hinted(hints, call, |bytes| bytes.map(<[u8]>::to_vec))
 }
 
 /// `bytes` as `str` if they are UTF-8. Checks for ASCII first: in the interpreter that costs
@@ -182,8 +229,35 @@ pub(crate) fn raw(bytes: &[u8]) -> (i32, i32) {
 
 #[cfg(test)]
 mod tests {
-    use super::{read_buffer, utf8, with_buffer};
+    use super::{read_hinted, utf8, with_buffer_hinted};
     use alloc::vec::Vec;
+    use core::sync::atomic::AtomicUsize;
+
+    /// Each test its own hint (the process-wide one is shared by tests running at once).
+    fn read_buffer(call: impl FnMut(&mut [u8]) -> i32) -> Option<Vec<u8>> {
+        read_hinted(&AtomicUsize::new(0), call)
+    }
+
+    fn with_buffer<R>(call: impl FnMut(&mut [u8]) -> i32, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+        with_buffer_hinted(&AtomicUsize::new(0), call, f)
+    }
+
+    /// Once a long value was read, the next read of it is one call (the host charges fuel
+    /// for the full length on every call).
+    #[test]
+    fn a_long_value_seen_once_is_read_in_one_call_after() {
+        let hint = AtomicUsize::new(0);
+        let long: Vec<u8> = (0..=255).cycle().take(1000).collect();
+        let mut calls = 0;
+        let mut inner = host(&long);
+        let mut counted = |out: &mut [u8]| {
+            calls += 1;
+            inner(out)
+        };
+        assert_eq!(read_hinted(&hint, &mut counted).as_deref(), Some(&long[..]));
+        assert_eq!(read_hinted(&hint, &mut counted).as_deref(), Some(&long[..]));
+        assert_eq!(calls, 3);
+    }
 
     /// A host call that holds `value` and, like the host, writes it only if it fits.
     fn host(value: &[u8]) -> impl FnMut(&mut [u8]) -> i32 + '_ {
