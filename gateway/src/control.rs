@@ -133,6 +133,19 @@ pub async fn serve(listener: UnixListener, control: Arc<Control>, mut stop: watc
 /// The last line of every answer.
 const OK: &str = "#ok\n";
 
+/// Writes `bytes` to a client, which has [`WRITE_TIMEOUT`] to take them: a client that asks
+/// and never reads does not hold the task (and the export's scan) for good.
+async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, write.write_all(bytes))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")
+        })?
+}
+
+/// How long a client has to take each chunk of an answer.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How long a client of the control socket has to send its request line.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -162,7 +175,7 @@ async fn answer(stream: UnixStream, control: &Control) -> std::io::Result<()> {
             let mut v = serde_json::to_vec_pretty(&control.status().await).unwrap_or_default();
             v.extend_from_slice(b"\n");
             v.extend_from_slice(OK.as_bytes());
-            write.write_all(&v).await?;
+            send(&mut write, &v).await?;
         }
         "dead-letters" => {
             // Streamed in chunks from a blocking scan: the export never sits whole in memory.
@@ -178,18 +191,18 @@ async fn answer(stream: UnixStream, control: &Control) -> std::io::Result<()> {
                 Ok::<usize, StoreError>(n)
             });
             while let Some(chunk) = rx.recv().await {
-                write.write_all(&chunk).await?;
+                send(&mut write, &chunk).await?;
             }
             let trailer = match scan.await {
                 Ok(Ok(_)) => OK.to_string(),
                 Ok(Err(e)) => format!("#error: {e}\n"),
                 Err(e) => format!("#error: {e}\n"),
             };
-            write.write_all(trailer.as_bytes()).await?;
+            send(&mut write, trailer.as_bytes()).await?;
         }
         other => {
             let msg = format!("#error: unknown request `{other}` (status, dead-letters)\n");
-            write.write_all(msg.as_bytes()).await?;
+            send(&mut write, msg.as_bytes()).await?;
         }
     }
     write.shutdown().await

@@ -228,7 +228,8 @@ pub fn issue_device_for(
         return Err(PkiError::BadId(id.to_string()));
     }
     // `<out>/ca.crt` is the server CA the device trusts: a device named `ca` would overwrite it.
-    if id == "ca" {
+    // (Whatever the case: a FAT or exFAT stick that carries the files folds it.)
+    if id.eq_ignore_ascii_case("ca") {
         return Err(PkiError::ReservedId(id.to_string()));
     }
     let paths = PkiPaths::new(data_dir);
@@ -435,6 +436,10 @@ mod tests {
         }
         assert!(matches!(
             issue_device(dir.path(), "ca", &out),
+            Err(PkiError::ReservedId(_))
+        ));
+        assert!(matches!(
+            issue_device(dir.path(), "CA", &out),
             Err(PkiError::ReservedId(_))
         ));
         assert!(!out.join("ca.crt").exists());
