@@ -73,6 +73,29 @@ pub fn matches(pattern: &str, topic: &str, device: Option<&str>) -> bool {
     }
 }
 
+/// Whether `topic` lies in another device's part of the ACL: it matches `pattern` with its
+/// `{id}` level read as any one level, and that level is not `device`. An event a handler
+/// emits there would pass for that device's own (a handler subscribed to `devices/+/temp`
+/// reads the device from the topic). Patterns without `{id}` name no device.
+pub fn names_other_device(pattern: &str, topic: &str, device: &str) -> bool {
+    let mut pat = pattern.split('/');
+    let mut top = topic.split('/');
+    let mut other = false;
+    loop {
+        match (pat.next(), top.next()) {
+            (Some("#"), _) => return other,
+            (Some(p), Some(t)) => match p {
+                "+" => {}
+                "{id}" => other |= t != device,
+                _ if p == t => {}
+                _ => return false,
+            },
+            (None, None) => return other,
+            _ => return false,
+        }
+    }
+}
+
 /// Checks a subscription or ACL pattern: `#` only as the last level, wildcards only as whole levels.
 pub fn validate_pattern(pattern: &str) -> Result<(), String> {
     if pattern.is_empty() {
@@ -139,6 +162,17 @@ mod tests {
         // A device named like a wildcard cannot widen its ACL: ids cannot contain '+' or '#'.
         assert!(!valid_device_id("+"));
         assert!(!valid_device_id("a/b"));
+    }
+
+    #[test]
+    fn another_devices_part_of_the_acl() {
+        let acl = "devices/{id}/#";
+        assert!(names_other_device(acl, "devices/d2/temp", "d1"));
+        assert!(!names_other_device(acl, "devices/d1/temp", "d1"));
+        assert!(!names_other_device(acl, "alarms/d2", "d1"));
+        assert!(!names_other_device("shared/#", "shared/x", "d1"));
+        // A timer's tree has no device: every device's part is another's.
+        assert!(names_other_device(acl, "devices/d1/x", ""));
     }
 
     #[test]

@@ -469,6 +469,19 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
                 return Ok(BAD_ARGUMENT);
             };
             let h = c.data_mut();
+            // Not in another device's part of the ACL: the emitted event would pass for that
+            // device's (a timer's tree has no device, so no device's part is its own).
+            let device = match &h.inv.meta {
+                Meta::Event { device, .. } => &**device,
+                _ => "",
+            };
+            if h.env
+                .acl
+                .iter()
+                .any(|p| topic::names_other_device(p, &topic, device))
+            {
+                return Ok(BAD_ARGUMENT);
+            }
             if h.inv.depth >= h.env.emit_depth {
                 return Ok(h.inv.hit(Limit::EmitDepth, OVER_EMITS));
             }

@@ -470,6 +470,7 @@ mod tests {
             state: Arc::new(NoState),
             log_bytes_per_event: 100,
             emit_depth: 2,
+            acl: vec!["devices/{id}/#".to_string()].into(),
             state_writes: 8,
             max_payload_bytes: 1024,
             capture_logs: false,
@@ -757,6 +758,48 @@ mod tests {
         );
         // The 8 puts read their (missing) old values; none of the 1,000 refused deletes did.
         assert_eq!(reads.0.load(std::sync::atomic::Ordering::Relaxed), 8);
+    }
+
+    /// The finding: `emit` ignored the ACL, so a handler could inject `devices/other/…` events
+    /// that other handlers took for that device's. An emit into another device's part of the
+    /// ACL is a bad argument (-5); its own part and topics outside the ACL are fine.
+    #[test]
+    fn an_emit_into_another_devices_part_of_the_acl_is_refused() {
+        let mut h = Handler::load(
+            &Runtime::default(),
+            &wat::parse_str(
+                r#"(module
+              (import "tidepool" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+              (memory (export "memory") 1)
+              (data (i32.const 0) "devices/d2/temp")
+              (data (i32.const 32) "devices/d1/temp")
+              (data (i32.const 64) "alarms/d2")
+              (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+              (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32)
+                (if (i32.ne (call $emit (i32.const 0) (i32.const 15) (i32.const 0) (i32.const 0)) (i32.const -5))
+                  (then (return (i32.const 1))))
+                (if (i32.ne (call $emit (i32.const 32) (i32.const 15) (i32.const 0) (i32.const 0)) (i32.const 0))
+                  (then (return (i32.const 2))))
+                (if (i32.ne (call $emit (i32.const 64) (i32.const 9) (i32.const 0) (i32.const 0)) (i32.const 0))
+                  (then (return (i32.const 3))))
+                (i32.const 0)))"#,
+            )
+            .unwrap(),
+            toml::from_str("name = \"e\"\nversion = 1\nsubscribe = [\"#\"]\n").unwrap(),
+            &BTreeMap::new(),
+            env(),
+            0,
+        )
+        .unwrap();
+        let out = h.invoke(&ev());
+        let emits: Vec<String> = out
+            .result
+            .expect("the guest saw -5, 0, 0")
+            .emits
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        assert_eq!(emits, ["devices/d1/temp", "alarms/d2"]);
     }
 
     #[test]

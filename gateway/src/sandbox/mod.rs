@@ -269,6 +269,8 @@ pub struct HostEnv {
     /// Log bytes a handler may write per device event (and in `tp_init`).
     pub log_bytes_per_event: usize,
     pub emit_depth: u32,
+    /// The publish ACL (`acl.publish`): an emit may not land in another device's part of it.
+    pub acl: Arc<[String]>,
     /// Distinct state keys one invocation may write (`limits.state_writes_per_event`).
     pub state_writes: u32,
     /// Largest payload a handler may forward or emit (`ingress.max_payload_bytes`).
@@ -284,6 +286,7 @@ impl HostEnv {
             state,
             log_bytes_per_event: cfg.limits.log_bytes_per_event,
             emit_depth: cfg.limits.emit_depth,
+            acl: cfg.acl.publish.clone().into(),
             state_writes: cfg.limits.state_writes_per_event,
             max_payload_bytes: cfg.ingress.max_payload_bytes,
             capture_logs: false,
