@@ -6,6 +6,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -274,4 +275,58 @@ async fn revoked_devices_are_closed_with_code_6_at_connect_and_at_a_reload() {
     let mut gw = gw;
     let m = gw.stop();
     assert_eq!(m["connections_revoked"], 3, "{m}");
+}
+
+/// One device flooding (3,000 events queued at once for a slow handler) does not make
+/// another wait behind its whole queue: the dispatcher takes devices in turns, 16 steps of a
+/// batch at a time, and a connection holds at most a quarter of the inbox. Before, the other
+/// device's event waited behind everything the flood had queued (FIFO).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_delays_another_by_a_turn_not_by_its_queue() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const FLOOD: u64 = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let slow = wat_handler(
+        dir.path(),
+        "slow",
+        &slow_counter_wat(20_000),
+        "subscribe = [\"devices/flood/#\"]\n",
+    );
+    let gw = Gateway::start(&slow);
+    let flood = gw.connect("flood").await;
+    let (c, k, ca) = gw.device_certs("calm");
+    let mut s = flood.open().await.unwrap();
+    for seq in 1..=FLOOD {
+        s.push(&publish(seq, "devices/flood/x", b"1"));
+    }
+    s.flush().await.unwrap();
+    // The flood's acks, as they come (an ack covers every seq up to it).
+    let acked = Arc::new(AtomicU64::new(0));
+    let first = Arc::new(tokio::sync::Notify::new());
+    let (seen, started) = (acked.clone(), first.clone());
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(m)) = s.next().await {
+            if let GatewayMsg::Ack { seq } = m {
+                seen.store(seq, Ordering::Release);
+                started.notify_one();
+                if seq == FLOOD {
+                    break;
+                }
+            }
+        }
+    });
+    // Once the flood is being worked through, the calm device publishes one event.
+    first.notified().await;
+    let before = acked.load(Ordering::Acquire);
+    connect_and_publish(&gw, "calm", "127.0.0.1:0", (&c, &k, &ca))
+        .await
+        .unwrap();
+    let after = acked.load(Ordering::Acquire);
+    eprintln!("while the calm device waited for its ack, {} flood events were acked (of {FLOOD}, {before} before)", after - before);
+    assert!(
+        after - before <= 8 * 16,
+        "the calm device waited behind {} flood events",
+        after - before
+    );
+    reader.await.unwrap();
 }

@@ -9,6 +9,7 @@
 
 pub mod thread;
 mod tree;
+mod turns;
 
 pub use tree::EventState;
 

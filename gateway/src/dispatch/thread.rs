@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
+use super::turns::{Turns, TURN_STEPS};
 use super::{Dispatcher, Fault, HandlerStatus, Submitted};
 use crate::pipeline::Reply;
 use crate::proto::msg::{NackCode, Publish};
@@ -104,7 +105,7 @@ enum Input {
     Batch {
         batch: Batch,
         /// Its share of the room, given back when the input is dropped (after it was taken).
-        room: OwnedSemaphorePermit,
+        room: Room,
     },
     Datagram {
         session: u64,
@@ -112,10 +113,23 @@ enum Input {
         publish: Publish,
         received_ms: u64,
         /// Its share of the room, given back when the input is dropped (after it was taken).
-        room: OwnedSemaphorePermit,
+        room: Room,
     },
     Status(oneshot::Sender<Vec<HandlerStatus>>),
     Stop,
+}
+
+/// An input's room: its permits of the whole inbox, and of its connection's share of it.
+struct Room {
+    inbox: OwnedSemaphorePermit,
+    _connection: OwnedSemaphorePermit,
+}
+
+impl Room {
+    /// Permits of the whole inbox it holds.
+    fn held(&self) -> usize {
+        self.inbox.num_permits()
+    }
 }
 
 /// What one step holds in memory besides its frame's bytes (the step itself, a nack's reason,
@@ -148,24 +162,67 @@ impl Inbox {
         let _ = self.tx.send(Input::Disconnected { device, session });
     }
 
-    /// Waits for room for `bytes` of frames (at most the whole room), then hands `batch` over
-    /// (its answers go to its reply; a busy answer or a drop halts its gate).
-    pub async fn dispatch(&self, batch: Batch, bytes: usize) -> Result<(), Stopped> {
-        let room = self
+    /// The room one connection may hold at once: a quarter of the inbox (at least one read of
+    /// a stream), so that one device flooding leaves room for the others.
+    pub fn connection_share(&self) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(self.connection_capacity() as usize))
+    }
+
+    fn connection_capacity(&self) -> u32 {
+        (self.capacity / 4).max(64 * 1024).min(self.capacity)
+    }
+
+    /// Waits for room for `bytes` of frames (at most the whole room) in the connection's
+    /// share (`connection`, from [`Inbox::connection_share`]) and in the inbox, then hands
+    /// `batch` over (its answers go to its reply; a busy answer or a drop halts its gate).
+    pub async fn dispatch(
+        &self,
+        batch: Batch,
+        bytes: usize,
+        connection: &Arc<Semaphore>,
+    ) -> Result<(), Stopped> {
+        let own = connection
+            .clone()
+            .acquire_many_owned(self.share(bytes).min(self.connection_capacity()))
+            .await
+            .map_err(|_| Stopped)?;
+        let inbox = self
             .room
             .clone()
             .acquire_many_owned(self.share(bytes))
             .await
             .map_err(|_| Stopped)?;
+        let room = Room {
+            inbox,
+            _connection: own,
+        };
         let input = Input::Batch { batch, room };
         self.tx.send(input).map_err(|_| Stopped)
     }
 
-    /// Hands a datagram over if there is room for it now; `false`: shed.
-    pub fn datagram(&self, session: u64, device: &Arc<str>, p: Publish, received_ms: u64) -> bool {
+    /// Hands a datagram over if there is room for it now, in the connection's share and in
+    /// the inbox; `false`: shed.
+    pub fn datagram(
+        &self,
+        (session, connection): (u64, &Arc<Semaphore>),
+        device: &Arc<str>,
+        p: Publish,
+        received_ms: u64,
+    ) -> bool {
         let bytes = p.payload.len() + p.topic.len() + STEP_BYTES;
-        let Ok(room) = self.room.clone().try_acquire_many_owned(self.share(bytes)) else {
+        let share = self.share(bytes);
+        let Ok(own) = connection
+            .clone()
+            .try_acquire_many_owned(share.min(self.connection_capacity()))
+        else {
             return false;
+        };
+        let Ok(inbox) = self.room.clone().try_acquire_many_owned(share) else {
+            return false;
+        };
+        let room = Room {
+            inbox,
+            _connection: own,
         };
         let input = Input::Datagram {
             session,
@@ -241,6 +298,32 @@ impl Sessions {
         self.latest.get(device) == Some(&session)
     }
 
+    /// Takes at most `max` steps of `batch` (as [`Sessions::take`]); returns the rest when
+    /// they were all taken and more are left.
+    pub fn take_some(
+        &self,
+        d: &mut Dispatcher,
+        mut batch: Batch,
+        queued: bool,
+        max: usize,
+    ) -> Result<Option<Batch>, Fault> {
+        let rest = match batch.steps.len() > max {
+            true => Some(Batch {
+                session: batch.session,
+                device: batch.device.clone(),
+                steps: batch.steps.split_off(max),
+                received_ms: batch.received_ms,
+                reply: batch.reply.clone(),
+                gate: batch.gate.clone(),
+            }),
+            false => None,
+        };
+        Ok(match self.take(d, batch, queued)? {
+            BatchEnd::Taken => rest,
+            BatchEnd::Busy | BatchEnd::Dropped => None,
+        })
+    }
+
     /// Takes `batch` through `d` if its session is the device's latest and its stream was not
     /// halted; drops it unread if not. A busy answer or a drop halts the stream's gate.
     /// `queued`: whether other input waits behind this batch (for the fair CPU share).
@@ -257,75 +340,153 @@ impl Sessions {
     }
 }
 
-/// The loop: timers when due, inputs in the order they were sent, until `Stop`; then the
+/// Input waiting for its device's turn.
+enum Work {
+    Batch {
+        batch: Batch,
+        room: Room,
+    },
+    Datagram {
+        session: u64,
+        publish: Publish,
+        received_ms: u64,
+        room: Room,
+    },
+}
+
+/// The loop: timers when due; each device's input in the order it was sent, devices taking
+/// turns ([`Turns`]), until `Stop` (and what was queued before it is taken); then the
 /// dispatcher closes (the committer finishes what it has and exits).
 fn run(mut d: Dispatcher, rx: Receiver<Input>, inbox_room: Arc<Semaphore>, capacity: u32) {
     let mut sessions = Sessions::default();
+    let mut turns: Turns<Work> = Turns::default();
+    let mut stopping = false;
     // Frames handed over and not taken yet, beyond `held` permits of the input in hand.
     let queued = |held: usize| inbox_room.available_permits() + held < capacity as usize;
     loop {
-        let input = match d.next_timer() {
-            None => match rx.recv() {
-                Ok(i) => i,
-                Err(_) => break,
-            },
-            Some(due) => {
-                let now = crate::clock::now_ms();
-                let due = match due <= now {
-                    // Fires what is due, then takes at most one input before looking again:
-                    // timers that are always late cannot starve the devices, nor the reverse.
-                    true => {
-                        d.set_work_waiting(queued(0));
-                        d.fire_timers(now).unwrap_or(u64::MAX)
-                    }
-                    false => due,
-                };
-                // Never longer than a period: a clock set back meanwhile is seen (and the
-                // due times brought back within a period of it) in time.
-                let longest = d.shortest_timer_period().unwrap_or(u64::MAX);
-                let wait = due.saturating_sub(crate::clock::now_ms()).min(longest);
-                match rx.recv_timeout(Duration::from_millis(wait)) {
-                    Ok(i) => i,
-                    Err(RecvTimeoutError::Timeout) => {
-                        d.set_work_waiting(queued(0));
-                        d.fire_timers(crate::clock::now_ms());
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
+        // Waits (firing timers meanwhile) only when no device has input queued.
+        if turns.is_empty() {
+            if stopping {
+                break;
+            }
+            match wait(&mut d, &rx, &queued) {
+                Some(input) => stopping |= accept(&mut d, &mut sessions, &mut turns, input),
+                None => break,
+            }
+        }
+        // Then takes whatever else was sent, without waiting.
+        loop {
+            match rx.try_recv() {
+                Ok(input) => stopping |= accept(&mut d, &mut sessions, &mut turns, input),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    stopping = true;
+                    break;
                 }
             }
+        }
+        // Timers that are due, then one turn: timers that are always late cannot starve the
+        // devices, nor the reverse.
+        let now = crate::clock::now_ms();
+        if d.next_timer().is_some_and(|due| due <= now) {
+            d.set_work_waiting(queued(0));
+            d.fire_timers(now);
+        }
+        let Some((device, work)) = turns.next() else {
+            continue;
         };
-        match input {
-            Input::Connected { device, session } => {
-                d.session_started(&device);
-                sessions.connected(device, session)
-            }
-            Input::Disconnected { device, session } => sessions.disconnected(&device, session),
-            Input::Batch { batch, room } => {
-                if let Err(f) = sessions.take(&mut d, batch, queued(room.num_permits())) {
-                    crate::store::fatal("the dispatcher", f);
+        match work {
+            Work::Batch { batch, room } => {
+                let held = room.held();
+                match sessions.take_some(&mut d, batch, queued(held), TURN_STEPS) {
+                    Ok(Some(rest)) => turns.put_back(&device, Work::Batch { batch: rest, room }),
+                    Ok(None) => {}
+                    Err(f) => crate::store::fatal("the dispatcher", f),
                 }
             }
-            Input::Datagram {
+            Work::Datagram {
                 session,
-                device,
                 publish,
                 received_ms,
                 room,
             } => {
-                d.set_work_waiting(queued(room.num_permits()));
+                d.set_work_waiting(queued(room.held()));
                 match sessions.is_latest(&device, session) {
                     true => d.datagram(&device, publish, received_ms),
                     false => d.datagram_dropped(),
                 }
             }
-            Input::Status(tx) => {
-                let _ = tx.send(d.handler_status());
-            }
-            Input::Stop => break,
         }
     }
     d.close();
+}
+
+/// Waits for the next input, firing timers when they fall due; `None` when every sender is
+/// gone.
+fn wait(d: &mut Dispatcher, rx: &Receiver<Input>, queued: &dyn Fn(usize) -> bool) -> Option<Input> {
+    loop {
+        let Some(due) = d.next_timer() else {
+            return rx.recv().ok();
+        };
+        let now = crate::clock::now_ms();
+        let due = match due <= now {
+            true => {
+                d.set_work_waiting(queued(0));
+                d.fire_timers(now).unwrap_or(u64::MAX)
+            }
+            false => due,
+        };
+        // Never longer than a period: a clock set back meanwhile is seen (and the due times
+        // brought back within a period of it) in time.
+        let longest = d.shortest_timer_period().unwrap_or(u64::MAX);
+        let wait = due.saturating_sub(crate::clock::now_ms()).min(longest);
+        match rx.recv_timeout(Duration::from_millis(wait)) {
+            Ok(i) => return Some(i),
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
+
+/// Takes one input in: sessions change at once, status is answered at once, frames wait for
+/// their device's turn. Returns whether it was `Stop`.
+fn accept(
+    d: &mut Dispatcher,
+    sessions: &mut Sessions,
+    turns: &mut Turns<Work>,
+    input: Input,
+) -> bool {
+    match input {
+        Input::Connected { device, session } => {
+            d.session_started(&device);
+            sessions.connected(device, session)
+        }
+        Input::Disconnected { device, session } => sessions.disconnected(&device, session),
+        Input::Batch { batch, room } => {
+            let device = batch.device.clone();
+            turns.push(&device, Work::Batch { batch, room });
+        }
+        Input::Datagram {
+            session,
+            device,
+            publish,
+            received_ms,
+            room,
+        } => turns.push(
+            &device,
+            Work::Datagram {
+                session,
+                publish,
+                received_ms,
+                room,
+            },
+        ),
+        Input::Status(tx) => {
+            let _ = tx.send(d.handler_status());
+        }
+        Input::Stop => return true,
+    }
+    false
 }
 
 /// Takes a batch's steps in order; a busy answer ends it.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use quinn::VarInt;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use super::{HandshakeSlot, Shared};
 use crate::dispatch::thread::{Batch, Gate, Step, STEP_BYTES};
@@ -130,9 +130,12 @@ pub(super) async fn run(
     let (halt_tx, halt) = watch::channel(false);
     let mut streams = tokio::task::JoinSet::new();
     let slot = Arc::new(PublishSlot::default());
+    // This connection's share of the dispatcher's inbox: one device flooding leaves room for
+    // the others (and the dispatcher takes devices in turns).
+    let share = shared.inbox.connection_share();
     let datagrams = tokio::spawn(read_datagrams(
         conn.clone(),
-        (device.clone(), session),
+        (device.clone(), session, share.clone()),
         shared.clone(),
         ended.clone(),
     ));
@@ -142,7 +145,7 @@ pub(super) async fn run(
                 Ok((send, recv)) => {
                     let watch = (halt.clone(), ended.clone());
                     let slot = (slot.clone(), slot.token());
-                    let who = (device.clone(), session);
+                    let who = (device.clone(), session, share.clone());
                     streams.spawn(stream(send, recv, who, shared.clone(), watch, slot));
                 }
                 Err(_) => break None,
@@ -179,7 +182,7 @@ pub(super) async fn run(
 
 async fn read_datagrams(
     conn: quinn::Connection,
-    (device, session): (Arc<str>, u64),
+    (device, session, share): (Arc<str>, u64, Arc<Semaphore>),
     shared: Arc<Shared>,
     ended: watch::Receiver<Option<CloseCode>>,
 ) {
@@ -191,7 +194,11 @@ async fn read_datagrams(
         Metrics::inc(&shared.metrics.datagrams_in);
         let received = crate::clock::now_ms();
         let kept = match msg::decode(&d, false) {
-            Ok(DeviceMsg::Publish(p)) => shared.inbox.datagram(session, &device, p, received),
+            Ok(DeviceMsg::Publish(p)) => {
+                shared
+                    .inbox
+                    .datagram((session, &share), &device, p, received)
+            }
             _ => false,
         };
         if !kept {
@@ -204,7 +211,7 @@ async fn read_datagrams(
 async fn stream(
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    (device, session): (Arc<str>, u64),
+    (device, session, share): (Arc<str>, u64, Arc<Semaphore>),
     shared: Arc<Shared>,
     (mut halt, ended): (watch::Receiver<bool>, watch::Receiver<Option<CloseCode>>),
     (slot, token): (Arc<PublishSlot>, u64),
@@ -307,7 +314,7 @@ async fn stream(
             // session of this device makes the dispatcher drop the batch unread (the device
             // resends it on the new connection) and halt the gate.
             let sent = tokio::select! {
-                sent = shared.inbox.dispatch(batch, bytes) => sent,
+                sent = shared.inbox.dispatch(batch, bytes, &share) => sent,
                 _ = halt.changed() => {
                     // Read and not handed over: this stream keeps the publishing slot, so
                     // that no other stream's later seqs are kept (their acks would cover
