@@ -294,7 +294,10 @@ async fn a_flooding_device_delays_another_by_a_turn_not_by_its_queue() {
     );
     let gw = Gateway::start(&slow);
     let flood = gw.connect("flood").await;
-    let (c, k, ca) = gw.device_certs("calm");
+    // The calm device is connected before: what is measured is its event's wait, not its
+    // handshake.
+    let calm = gw.connect("calm").await;
+    let mut calm_stream = calm.open().await.unwrap();
     let mut s = flood.open().await.unwrap();
     for seq in 1..=FLOOD {
         s.push(&publish(seq, "devices/flood/x", b"1"));
@@ -318,13 +321,17 @@ async fn a_flooding_device_delays_another_by_a_turn_not_by_its_queue() {
     // Once the flood is being worked through, the calm device publishes one event.
     first.notified().await;
     let before = acked.load(Ordering::Acquire);
-    connect_and_publish(&gw, "calm", "127.0.0.1:0", (&c, &k, &ca))
+    calm_stream
+        .send(&publish(1, "devices/calm/x", b"1"))
         .await
         .unwrap();
+    until_ack(&mut calm_stream, 1).await;
     let after = acked.load(Ordering::Acquire);
     eprintln!("while the calm device waited for its ack, {} flood events were acked (of {FLOOD}, {before} before)", after - before);
+    // Its turn comes after at most one flood turn (16 steps); its ack after the group it is
+    // in is synced, while the flood goes on: a few turns. Before, it waited behind hundreds.
     assert!(
-        after - before <= 8 * 16,
+        after - before <= 12 * 16,
         "the calm device waited behind {} flood events",
         after - before
     );

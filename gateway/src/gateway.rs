@@ -49,6 +49,8 @@ pub enum StartError {
     NoNats,
     #[error("handler {path}: {msg}")]
     Handler { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Revoked(String),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -330,8 +332,8 @@ pub async fn run(
         addr: listen,
         source,
     })?;
-    // Validated with the config: a bad entry never reaches here.
-    let revoked = pki::Revoked::parse(&cfg.acl.revoked).unwrap_or_default();
+    // Validated with the config; were it not, the start fails rather than run with no list.
+    let revoked = pki::Revoked::parse(&cfg.acl.revoked).map_err(StartError::Revoked)?;
     let shared = Arc::new(Shared::new(
         inbox.clone(),
         roles,
@@ -343,7 +345,13 @@ pub async fn run(
     let reloading = shared.clone();
     tokio::spawn(async move {
         while let Some(new) = reloads.recv().await {
-            let revoked = pki::Revoked::parse(&new.acl.revoked).unwrap_or_default();
+            let revoked = match pki::Revoked::parse(&new.acl.revoked) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("reload refused, the deny-list in force stays: {e}");
+                    continue;
+                }
+            };
             let entries = revoked.len();
             let closed = reloading.revoke(revoked);
             tracing::info!(

@@ -32,6 +32,8 @@ pub enum PkiError {
     Pem { path: PathBuf, msg: String },
     #[error("device id `{0}` must match [A-Za-z0-9._-]{{1,64}} and not be `.` or `..`")]
     BadId(String),
+    #[error("the clock reads {0} (before 2025): a certificate's expiry counts from now, so set the clock first (a device certificate issued now would have expired long ago once it is right)")]
+    ClockUnset(String),
     #[error("device id `{0}` is reserved: `{0}.crt` would overwrite the CA certificate written beside it; choose another id")]
     ReservedId(String),
     #[error("no PKI in {0}: start the gateway once (`tidepool run`) to create it")]
@@ -145,6 +147,9 @@ fn load_ca(paths: &PkiPaths, name: &str) -> Result<(Certificate, KeyPair), PkiEr
     Ok((params.self_signed(&key)?, key))
 }
 
+/// 2025-01-01: a clock before it was never set (issuing refuses to count an expiry from it).
+const CLOCK_FLOOR_S: i64 = 1_735_689_600;
+
 /// Days a device certificate is valid by default (ten years: there is no renewal flow yet; a
 /// stolen device is revoked with `acl.revoked`).
 pub const DEVICE_DAYS: u32 = 3650;
@@ -226,6 +231,11 @@ pub fn issue_device_for(
 ) -> Result<[PathBuf; 3], PkiError> {
     if !valid_device_id(id) {
         return Err(PkiError::BadId(id.to_string()));
+    }
+    // The expiry counts from now: a clock that was never set would issue a dead certificate.
+    let now = time::OffsetDateTime::now_utc();
+    if now.unix_timestamp() < CLOCK_FLOOR_S {
+        return Err(PkiError::ClockUnset(now.date().to_string()));
     }
     // `<out>/ca.crt` is the server CA the device trusts: a device named `ca` would overwrite it.
     // (Whatever the case: a FAT or exFAT stick that carries the files folds it.)

@@ -44,6 +44,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // SIGHUP is watched from the start (its default action would end the process): a
+        // reload right after a start must not stop the gateway.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let (stop_tx, stop) = watch::channel(false);
         tokio::spawn(async move {
             let mut term =
@@ -69,8 +72,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         let (reload_tx, reloads) = tokio::sync::mpsc::unbounded_channel();
         let source = a.config.clone();
         tokio::spawn(async move {
-            let kind = tokio::signal::unix::SignalKind::hangup();
-            let mut hup = match tokio::signal::unix::signal(kind) {
+            let mut hup = match hup {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!("cannot watch SIGHUP ({e}): no reloads");

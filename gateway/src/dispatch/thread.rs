@@ -168,6 +168,11 @@ impl Inbox {
         Arc::new(Semaphore::new(self.connection_capacity() as usize))
     }
 
+    /// The most bytes (frames and their steps) one batch may be charged: a connection's share.
+    pub fn connection_bytes(&self) -> usize {
+        self.connection_capacity() as usize
+    }
+
     fn connection_capacity(&self) -> u32 {
         (self.capacity / 4).max(64 * 1024).min(self.capacity)
     }
@@ -234,7 +239,7 @@ impl Inbox {
         self.tx.send(input).is_ok()
     }
 
-    /// Each handler's status, once the dispatcher gets to it (after what is queued before).
+    /// Each handler's status, as soon as the dispatcher thread is between two turns.
     pub async fn status(&self) -> Result<Vec<HandlerStatus>, Stopped> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Input::Status(tx)).map_err(|_| Stopped)?;

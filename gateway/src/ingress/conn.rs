@@ -113,17 +113,16 @@ pub(super) async fn run(
         .first()
         .and_then(|c| crate::pki::serial_hex(c))
         .unwrap_or_default();
-    if shared.revoked().denies(&device, &serial) {
+    drop(handshake);
+    // Counted (max_connections) from `register`, by the session itself: a superseded or
+    // revoked session leaves the map, and the count, at once.
+    let Some((session, mut ended)) = shared.register(&device, serial.clone()) else {
         Metrics::inc(&shared.metrics.connections_revoked);
         tracing::info!(%remote, device = &*device, serial, "closing: the device is revoked (acl.revoked)");
         conn.close(code(CloseCode::Revoked), CloseCode::Revoked.reason());
         return;
-    }
-    drop(handshake);
-    // Counted (max_connections) from `register`, by the session itself: a superseded or
-    // revoked session leaves the map, and the count, at once.
+    };
     Metrics::inc(&shared.metrics.connections);
-    let (session, mut ended) = shared.register(&device, serial);
     tracing::debug!(%remote, device = &*device, "device connected");
 
     // Stream tasks stop reading when `halt` turns true (superseded or shutting down).
@@ -229,6 +228,8 @@ async fn stream(
     let mut framing_lost = None;
     let gate = Arc::new(Gate::default());
     let mut read_and_dropped = false;
+    let batch_bytes = shared.inbox.connection_bytes();
+    let mut buffered = false;
     'read: loop {
         // A device that does not read its answers stops being read (QUIC flow control then
         // stops it): the answers waiting for it stay bounded.
@@ -239,21 +240,30 @@ async fn stream(
                 _ = gate.halted() => break 'read,
             }
         }
-        let chunk = tokio::select! {
-            c = recv.read_chunk(64 * 1024, true) => c,
-            _ = halt.changed() => break 'read,
-            // A batch ended in busy, or was dropped (superseded): nothing after it is kept.
-            _ = gate.halted() => break 'read,
-        };
-        let chunk = match chunk {
-            Ok(Some(c)) => c,
-            Ok(None) | Err(_) => break 'read,
-        };
-        Metrics::add(&shared.metrics.bytes_in, chunk.bytes.len() as u64);
-        decoder.extend(&chunk.bytes);
+        // Frames left from the last read (its batch was full) are handed over before reading on.
+        if !std::mem::take(&mut buffered) {
+            let chunk = tokio::select! {
+                c = recv.read_chunk(64 * 1024, true) => c,
+                _ = halt.changed() => break 'read,
+                // A batch ended in busy, or was dropped (superseded): nothing after it is kept.
+                _ = gate.halted() => break 'read,
+            };
+            let chunk = match chunk {
+                Ok(Some(c)) => c,
+                Ok(None) | Err(_) => break 'read,
+            };
+            Metrics::add(&shared.metrics.bytes_in, chunk.bytes.len() as u64);
+            decoder.extend(&chunk.bytes);
+        }
         let received_ms = crate::clock::now_ms();
         let (mut steps, mut bytes, mut last) = (Vec::new(), 0, false);
         while !last {
+            // A batch holds at most the connection's share of the inbox (many tiny frames are
+            // charged STEP_BYTES each): the rest waits for the next batch.
+            if bytes >= batch_bytes {
+                buffered = true;
+                break;
+            }
             let frame = match decoder.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,

@@ -102,14 +102,6 @@ impl Shared {
         }
     }
 
-    /// The deny-list in force.
-    fn revoked(&self) -> Arc<Revoked> {
-        self.revoked
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
     /// Puts `revoked` in force: later connections are checked against it, and the live
     /// sessions it denies are ended with `revoked` (code 6) at once. Returns how many.
     pub fn revoke(&self, revoked: Revoked) -> usize {
@@ -117,14 +109,18 @@ impl Shared {
         let before = sessions.len();
         // A revoked session leaves the map (and `max_connections`) at once; its connection
         // settles and closes with `revoked`.
+        // The dispatcher drops what it has not taken of theirs yet.
         sessions.retain(|device, s| {
             let denied = revoked.denies(device, &s.serial);
             if denied {
                 let _ = s.ended.send(Some(CloseCode::Revoked));
+                self.inbox.disconnected(device, s.id);
             }
             !denied
         });
         let closed = before - sessions.len();
+        // Swapped under the sessions lock, which `register` checks the list under: no session
+        // registers between the sweep above and the new list.
         *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(revoked);
         Metrics::add(&self.metrics.connections_revoked, closed as u64);
         closed
@@ -184,14 +180,25 @@ impl Shared {
     /// Registers a session for `device`, superseding the previous one: the dispatcher takes
     /// nothing of the old session from here on (told under the sessions lock, so it learns
     /// concurrent sessions of one device in the order they registered).
+    /// Registers a session for `device` with the certificate serial `serial`, superseding the
+    /// previous one; `None` when the deny-list in force denies it (checked under the sessions
+    /// lock, which a reload holds while it swaps the list).
     fn register(
         &self,
         device: &Arc<str>,
         serial: String,
-    ) -> (u64, watch::Receiver<Option<CloseCode>>) {
+    ) -> Option<(u64, watch::Receiver<Option<CloseCode>>)> {
+        let mut sessions = self.sessions();
+        let denied = self
+            .revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .denies(device, &serial);
+        if denied {
+            return None;
+        }
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
-        let mut sessions = self.sessions();
         self.inbox.connected(device, id);
         let new = Session {
             id,
@@ -202,7 +209,7 @@ impl Shared {
         if let Some(old) = sessions.insert(device.clone(), new) {
             let _ = old.ended.send(Some(CloseCode::Superseded));
         }
-        (id, rx)
+        Some((id, rx))
     }
 
     fn unregister(&self, device: &Arc<str>, id: u64) {
