@@ -17,11 +17,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::turns::{Turns, TURN_STEPS};
+use super::turns::{Turns, TURN_STEPS, TURN_TIME};
 use super::{Dispatcher, Fault, HandlerStatus, Submitted};
 use crate::pipeline::Reply;
 use crate::proto::msg::{NackCode, Publish};
@@ -303,39 +303,34 @@ impl Sessions {
         self.latest.get(device) == Some(&session)
     }
 
-    /// Takes at most `max` steps of `batch` (as [`Sessions::take`]); returns the rest when
-    /// they were all taken and more are left.
-    pub fn take_some(
+    /// Takes `batch` through `d` if its session is the device's latest and its stream was not
+    /// halted; drops it unread if not. A busy answer or a drop halts the stream's gate.
+    /// `queued`: whether other input waits behind this batch (for the fair CPU share).
+    pub fn take(
         &self,
         d: &mut Dispatcher,
         mut batch: Batch,
         queued: bool,
-        max: usize,
-    ) -> Result<Option<Batch>, Fault> {
-        let rest = match batch.steps.len() > max {
-            true => Some(Batch {
-                session: batch.session,
-                device: batch.device.clone(),
-                steps: batch.steps.split_off(max),
-                received_ms: batch.received_ms,
-                reply: batch.reply.clone(),
-                gate: batch.gate.clone(),
-            }),
-            false => None,
-        };
-        Ok(match self.take(d, batch, queued)? {
-            BatchEnd::Taken => rest,
-            BatchEnd::Busy | BatchEnd::Dropped => None,
-        })
+    ) -> Result<BatchEnd, Fault> {
+        let mut steps = std::mem::take(&mut batch.steps).into_iter();
+        self.take_some(d, &batch, &mut steps, queued, None)
     }
 
-    /// Takes `batch` through `d` if its session is the device's latest and its stream was not
-    /// halted; drops it unread if not. A busy answer or a drop halts the stream's gate.
-    /// `queued`: whether other input waits behind this batch (for the fair CPU share).
-    pub fn take(&self, d: &mut Dispatcher, batch: Batch, queued: bool) -> Result<BatchEnd, Fault> {
-        let gate = batch.gate.clone();
+    /// Takes the `steps` left of `batch` (as [`Sessions::take`]) until `turn` (a step count
+    /// and a deadline) is over; the steps not taken stay in the iterator (none are copied: a
+    /// long batch costs one pass however many turns it takes). `Taken` with steps left: its
+    /// device's next turn goes on with them.
+    pub fn take_some(
+        &self,
+        d: &mut Dispatcher,
+        batch: &Batch,
+        steps: &mut std::vec::IntoIter<Step>,
+        queued: bool,
+        turn: Option<(usize, Instant)>,
+    ) -> Result<BatchEnd, Fault> {
+        let gate = &batch.gate;
         let end = match self.is_latest(&batch.device, batch.session) && !gate.is_halted() {
-            true => take(d, batch, queued)?,
+            true => take(d, batch, steps, queued, turn)?,
             false => BatchEnd::Dropped,
         };
         if end != BatchEnd::Taken {
@@ -348,7 +343,9 @@ impl Sessions {
 /// Input waiting for its device's turn.
 enum Work {
     Batch {
+        /// The batch (its steps moved out into `steps`).
         batch: Batch,
+        steps: std::vec::IntoIter<Step>,
         room: Room,
     },
     Datagram {
@@ -401,11 +398,19 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>, inbox_room: Arc<Semaphore>, capac
             continue;
         };
         match work {
-            Work::Batch { batch, room } => {
+            Work::Batch {
+                batch,
+                mut steps,
+                room,
+            } => {
                 let held = room.held();
-                match sessions.take_some(&mut d, batch, queued(held), TURN_STEPS) {
-                    Ok(Some(rest)) => turns.put_back(&device, Work::Batch { batch: rest, room }),
-                    Ok(None) => {}
+                let turn = (TURN_STEPS, Instant::now() + TURN_TIME);
+                match sessions.take_some(&mut d, &batch, &mut steps, queued(held), Some(turn)) {
+                    Ok(BatchEnd::Taken) if !steps.as_slice().is_empty() => {
+                        let rest = Work::Batch { batch, steps, room };
+                        turns.put_back(&device, rest);
+                    }
+                    Ok(_) => {}
                     Err(f) => crate::store::fatal("the dispatcher", f),
                 }
             }
@@ -467,9 +472,10 @@ fn accept(
             sessions.connected(device, session)
         }
         Input::Disconnected { device, session } => sessions.disconnected(&device, session),
-        Input::Batch { batch, room } => {
+        Input::Batch { mut batch, room } => {
             let device = batch.device.clone();
-            turns.push(&device, Work::Batch { batch, room });
+            let steps = std::mem::take(&mut batch.steps).into_iter();
+            turns.push(&device, Work::Batch { batch, steps, room });
         }
         Input::Datagram {
             session,
@@ -495,12 +501,19 @@ fn accept(
 }
 
 /// Takes a batch's steps in order; a busy answer ends it.
-fn take(d: &mut Dispatcher, b: Batch, queued: bool) -> Result<BatchEnd, Fault> {
+fn take(
+    d: &mut Dispatcher,
+    b: &Batch,
+    steps: &mut std::vec::IntoIter<Step>,
+    queued: bool,
+    turn: Option<(usize, Instant)>,
+) -> Result<BatchEnd, Fault> {
     let (device, reply) = (&b.device, &b.reply);
     // Contention is other input queued (more frames of this read are not: a box that keeps
     // up reads several at a time).
     d.set_work_waiting(queued);
-    for step in b.steps {
+    for (i, step) in steps.by_ref().enumerate() {
+        let taken = i + 1;
         match step {
             Step::Hello => d.hello(device, reply),
             Step::Nack { seq, code, reason } => d.nack(device, seq, code, reason, reply)?,
@@ -515,6 +528,10 @@ fn take(d: &mut Dispatcher, b: Batch, queued: bool) -> Result<BatchEnd, Fault> {
                     return Ok(BatchEnd::Busy);
                 }
             }
+        }
+        // The turn is over: the rest waits for the device's next one.
+        if turn.is_some_and(|(most, until)| taken >= most || Instant::now() >= until) {
+            break;
         }
     }
     Ok(BatchEnd::Taken)

@@ -1,15 +1,21 @@
 //! Whose input the dispatcher thread takes next (pure: no I/O, no clock). Each device's input
 //! waits in a queue of its own, in the order it was sent, and devices take turns: one item
-//! each, and a batch of many frames is taken [`TURN_STEPS`] steps at a time (its rest goes back
-//! to the front of its device's queue). One device flooding the inbox then delays another by
-//! one turn, not by everything it queued. Order within a device is kept: its events are
-//! taken, and committed, in the order it sent them.
+//! each, and a batch of many frames is taken a turn at a time, at most [`TURN_STEPS`] steps
+//! and about [`TURN_TIME`] (the thread reads the clock; its rest goes back to the front of its
+//! device's queue). One device flooding the inbox then delays another by a turn, not by
+//! everything it queued. Order within a device is kept: its events are taken, and committed,
+//! in the order it sent them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 /// The most steps of one batch taken in one turn.
-pub const TURN_STEPS: usize = 16;
+pub const TURN_STEPS: usize = 256;
+
+/// How long a turn lasts at most (then the step under way ends it): a device waits about this
+/// long per other device with input, whatever its handlers cost. Long enough that fast
+/// handlers take whole reads in one turn (each turn costs a look at the clock per step).
+pub const TURN_TIME: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Items queued per device, and the devices with items in the order of their next turn.
 #[derive(Debug)]
