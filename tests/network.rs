@@ -278,9 +278,9 @@ async fn revoked_devices_are_closed_with_code_6_at_connect_and_at_a_reload() {
 }
 
 /// One device flooding (3,000 events queued at once for a slow handler) does not make
-/// another wait behind its whole queue: the dispatcher takes devices in turns, 16 steps of a
-/// batch at a time, and a connection holds at most a quarter of the inbox. Before, the other
-/// device's event waited behind everything the flood had queued (FIFO).
+/// another wait behind its whole queue: the dispatcher takes devices in turns (a batch at most
+/// 256 steps or 1 ms a turn), and a connection holds at most a quarter of the inbox. Before,
+/// the other device's event waited behind everything the flood had queued (FIFO).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_device_delays_another_by_a_turn_not_by_its_queue() {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -328,7 +328,7 @@ async fn a_flooding_device_delays_another_by_a_turn_not_by_its_queue() {
     until_ack(&mut calm_stream, 1).await;
     let after = acked.load(Ordering::Acquire);
     eprintln!("while the calm device waited for its ack, {} flood events were acked (of {FLOOD}, {before} before)", after - before);
-    // Its turn comes after at most one flood turn (16 steps); its ack after the group it is
+    // Its turn comes after at most one flood turn (1 ms); its ack after the group it is
     // in is synced, while the flood goes on: a few turns. Before, it waited behind hundreds.
     assert!(
         after - before <= 12 * 16,
