@@ -442,16 +442,10 @@ fn impatient(gw: &Gateway, id: &str) -> quinn::ClientConfig {
 async fn a_handler_running_long_does_not_stop_the_network() {
     const CALLS: u64 = 8;
     let dir = tempfile::tempdir().unwrap();
-    let fuel = "[limits]\nfuel_per_event = 4000000000\n";
-    let long = wat_handler(
-        dir.path(),
-        "long",
-        &long_wat(),
-        &format!("subscribe = [\"devices/d1/#\"]\n{fuel}"),
-    );
+    let long = long_handler_for_d1(dir.path());
     // One tokio worker, as on a one-core box: a handler run on a runtime thread would leave
     // QUIC unanswered for as long as it runs.
-    let gw = Gateway::start_with_env(&format!("{fuel}{long}"), &[("TOKIO_WORKER_THREADS", "1")]);
+    let gw = Gateway::start_with_env(&long, &[("TOKIO_WORKER_THREADS", "1")]);
     // d1 queues several long calls back to back.
     let d1 = gw.connect("d1").await;
     let mut s1 = d1.open().await.unwrap();

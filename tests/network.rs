@@ -180,14 +180,8 @@ async fn a_stalled_handshake_is_given_up_after_its_timeout() {
 async fn a_superseded_connection_no_longer_counts_while_it_settles() {
     const CALLS: u64 = 4;
     let dir = tempfile::tempdir().unwrap();
-    let fuel = "[limits]\nfuel_per_event = 4000000000\n";
-    let long = wat_handler(
-        dir.path(),
-        "long",
-        &long_wat(),
-        &format!("subscribe = [\"devices/d1/#\"]\n{fuel}"),
-    );
-    let gw = Gateway::start(&format!("[ingress]\nmax_connections = 2\n{fuel}{long}"));
+    let long = long_handler_for_d1(dir.path());
+    let gw = Gateway::start(&format!("[ingress]\nmax_connections = 2\n{long}"));
     let (c2, k2, ca2) = gw.device_certs("d2");
     let d1 = gw.connect("d1").await;
     let mut s1 = d1.open().await.unwrap();

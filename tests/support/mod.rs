@@ -88,6 +88,19 @@ pub fn slowed(wat: &str, spin: u32) -> String {
 /// the fix).
 pub const LONG_SPIN: u32 = 25_000_000;
 
+/// The config of [`long_wat`] as `long`, for device `d1`'s events, with the fuel it needs (box
+/// cap and manifest), its files in `dir`.
+pub fn long_handler_for_d1(dir: &Path) -> String {
+    let fuel = "[limits]\nfuel_per_event = 4000000000\n";
+    let long = wat_handler(
+        dir,
+        "long",
+        &long_wat(),
+        &format!("subscribe = [\"devices/d1/#\"]\n{fuel}"),
+    );
+    format!("{fuel}{long}")
+}
+
 /// A handler whose every call runs long, within its fuel (legal), then logs `tick`.
 pub fn long_wat() -> String {
     format!(
@@ -244,13 +257,8 @@ impl Gateway {
 
     /// Stops with SIGTERM (graceful) and returns the metrics it wrote.
     pub fn stop(&mut self) -> serde_json::Value {
+        self.signal("-TERM");
         let mut child = self.child.take().expect("running");
-        let pid = child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
         let status = child.wait().unwrap();
         assert!(
             status.success(),

@@ -464,6 +464,21 @@ mod tests {
         }
     }
 
+    /// A handler from a whole module in WAT and its manifest (TOML), on `env`.
+    fn module(wat: &str, manifest: &str, env: HostEnv) -> Handler {
+        let manifest = toml::from_str(manifest).unwrap();
+        let wasm = wat::parse_str(wat).unwrap();
+        Handler::load(
+            &Runtime::default(),
+            &wasm,
+            manifest,
+            &BTreeMap::new(),
+            env,
+            0,
+        )
+        .unwrap()
+    }
+
     /// The host side of the tests' handlers: state from [`NoState`], small caps.
     fn env() -> HostEnv {
         HostEnv {
@@ -625,10 +640,8 @@ mod tests {
     /// value cost over a million fuel, past this handler's 500,000.
     #[test]
     fn a_loop_of_length_queries_on_a_large_value_pays_for_the_value_each_time() {
-        let mut h = Handler::load(
-            &Runtime::default(),
-            &wat::parse_str(
-                r#"(module
+        let mut h = module(
+            r#"(module
               (import "tidepool" "state_get" (func $get (param i32 i32 i32 i32) (result i32)))
               (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
               (memory (export "memory") 1)
@@ -644,17 +657,9 @@ mod tests {
                   (local.set $i (i32.sub (local.get $i) (i32.const 1)))
                   (br $again)))
                 (i32.const 0)))"#,
-            )
-            .unwrap(),
-            toml::from_str(
-                "name = \"q\"\nversion = 1\nsubscribe = [\"#\"]\n[limits]\nfuel_per_event = 500000\n",
-            )
-            .unwrap(),
-            &BTreeMap::new(),
+            "name = \"q\"\nversion = 1\nsubscribe = [\"#\"]\n[limits]\nfuel_per_event = 500000\n",
             env(),
-            0,
-        )
-        .unwrap();
+        );
         let out = h.invoke(&ev());
         assert_eq!(
             out.failure_kind(),
@@ -669,10 +674,8 @@ mod tests {
     /// per invocation are capped (8 in these tests): the ninth put returns -2 and fails it.
     #[test]
     fn put_and_delete_of_fresh_keys_stops_at_the_write_cap() {
-        let mut h = Handler::load(
-            &Runtime::default(),
-            &wat::parse_str(
-                r#"(module
+        let mut h = module(
+            r#"(module
               (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
               (import "tidepool" "state_delete" (func $del (param i32 i32) (result i32)))
               (memory (export "memory") 1)
@@ -688,14 +691,9 @@ mod tests {
                   (local.set $i (i32.add (local.get $i) (i32.const 1)))
                   (br $again)))
                 (i32.const 0)))"#,
-            )
-            .unwrap(),
-            toml::from_str("name = \"w\"\nversion = 1\nsubscribe = [\"#\"]\n").unwrap(),
-            &BTreeMap::new(),
+            "name = \"w\"\nversion = 1\nsubscribe = [\"#\"]\n",
             env(),
-            0,
-        )
-        .unwrap();
+        );
         let out = h.invoke(&ev());
         assert_eq!(
             out.result,
@@ -716,10 +714,8 @@ mod tests {
             }
         }
         let reads = Arc::new(Counting(Default::default()));
-        let mut h = Handler::load(
-            &Runtime::default(),
-            &wat::parse_str(
-                r#"(module
+        let mut h = module(
+            r#"(module
               (import "tidepool" "state_put" (func $put (param i32 i32 i32 i32) (result i32)))
               (import "tidepool" "state_delete" (func $del (param i32 i32) (result i32)))
               (memory (export "memory") 1)
@@ -740,17 +736,12 @@ mod tests {
                   (local.set $i (i32.add (local.get $i) (i32.const 1)))
                   (br $again)))
                 (i32.const 0)))"#,
-            )
-            .unwrap(),
-            toml::from_str("name = \"w\"\nversion = 1\nsubscribe = [\"#\"]\n").unwrap(),
-            &BTreeMap::new(),
+            "name = \"w\"\nversion = 1\nsubscribe = [\"#\"]\n",
             HostEnv {
                 state: reads.clone(),
                 ..env()
             },
-            0,
-        )
-        .unwrap();
+        );
         let out = h.invoke(&ev());
         assert_eq!(
             out.result,
@@ -765,10 +756,8 @@ mod tests {
     /// ACL is a bad argument (-5); its own part and topics outside the ACL are fine.
     #[test]
     fn an_emit_into_another_devices_part_of_the_acl_is_refused() {
-        let mut h = Handler::load(
-            &Runtime::default(),
-            &wat::parse_str(
-                r#"(module
+        let mut h = module(
+            r#"(module
               (import "tidepool" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
               (memory (export "memory") 1)
               (data (i32.const 0) "devices/d2/temp")
@@ -783,14 +772,9 @@ mod tests {
                 (if (i32.ne (call $emit (i32.const 64) (i32.const 9) (i32.const 0) (i32.const 0)) (i32.const 0))
                   (then (return (i32.const 3))))
                 (i32.const 0)))"#,
-            )
-            .unwrap(),
-            toml::from_str("name = \"e\"\nversion = 1\nsubscribe = [\"#\"]\n").unwrap(),
-            &BTreeMap::new(),
+            "name = \"e\"\nversion = 1\nsubscribe = [\"#\"]\n",
             env(),
-            0,
-        )
-        .unwrap();
+        );
         let out = h.invoke(&ev());
         let emits: Vec<String> = out
             .result
