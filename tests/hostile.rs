@@ -447,13 +447,7 @@ async fn a_handler_running_long_does_not_stop_the_network() {
     // QUIC unanswered for as long as it runs.
     let gw = Gateway::start_with_env(&long, &[("TOKIO_WORKER_THREADS", "1")]);
     // d1 queues several long calls back to back.
-    let d1 = gw.connect("d1").await;
-    let mut s1 = d1.open().await.unwrap();
-    for seq in 1..=CALLS {
-        s1.push(&publish(seq, "devices/d1/x", b"1"));
-    }
-    s1.flush().await.unwrap();
-    gw.wait_log("tick", 1, Duration::from_secs(120)).await;
+    let (_d1, mut s1) = queue_long_calls(&gw, CALLS).await;
     let started = std::time::Instant::now();
     // While they run, d2 connects and publishes (to no handler): its handshake and its
     // keep-alives are answered, and its ack comes once the calls before it are done.

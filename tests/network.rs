@@ -183,13 +183,7 @@ async fn a_superseded_connection_no_longer_counts_while_it_settles() {
     let long = long_handler_for_d1(dir.path());
     let gw = Gateway::start(&format!("[ingress]\nmax_connections = 2\n{long}"));
     let (c2, k2, ca2) = gw.device_certs("d2");
-    let d1 = gw.connect("d1").await;
-    let mut s1 = d1.open().await.unwrap();
-    for seq in 1..=CALLS {
-        s1.push(&publish(seq, "devices/d1/x", b"1"));
-    }
-    s1.flush().await.unwrap();
-    gw.wait_log("tick", 1, Duration::from_secs(120)).await;
+    let (_d1_first, s1) = queue_long_calls(&gw, CALLS).await;
     // d1 again: the old connection is superseded and settles (its calls still run).
     let _d1 = gw.connect("d1").await;
     let ticks = || {

@@ -101,6 +101,20 @@ pub fn long_handler_for_d1(dir: &Path) -> String {
     format!("{fuel}{long}")
 }
 
+/// Device `d1` queues `calls` events for [`long_handler_for_d1`] back to back on one stream;
+/// returns once the first call has run (logged `tick`), with the device and its stream (keep
+/// both alive while the calls run).
+pub async fn queue_long_calls(gw: &Gateway, calls: u64) -> (Device, FrameStream) {
+    let d1 = gw.connect("d1").await;
+    let mut s1 = d1.open().await.unwrap();
+    for seq in 1..=calls {
+        s1.push(&publish(seq, "devices/d1/x", b"1"));
+    }
+    s1.flush().await.unwrap();
+    gw.wait_log("tick", 1, Duration::from_secs(120)).await;
+    (d1, s1)
+}
+
 /// A handler whose every call runs long, within its fuel (legal), then logs `tick`.
 pub fn long_wat() -> String {
     format!(
