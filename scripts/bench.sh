@@ -68,6 +68,30 @@ echo "== tidepool at a fixed 20k events/s for 5 s (latency)"
 lat=$("$loadgen" tidepool --gateway "localhost:$port" --certs "$work/certs" \
     --devices "$devices" --events-per-device $((100000 / devices)) --window 4096 --rate 20000)
 echo "   $lat"
+
+# One hostile device floods (as fast as answers come, straight back after each busy) next to 4
+# devices publishing 2,000 events/s in all; their p99 ack against the same 4 alone, with the
+# per-device limit off (as above) and at its default (ingress.device_events_per_s).
+flood() {
+    "$loadgen" tidepool --gateway "localhost:$port" --certs "$work/certs" --devices $((4 + $1)) \
+        --flooders "$1" --events-per-device 2500 --window 64 --rate 2000
+}
+p99() { sed -n 's/.*p99_ms=\([0-9.]*\).*/\1/p' <<<"$1"; }
+if [ "$devices" -ge 5 ]; then
+    for limit in off default; do
+        if [ $limit = default ]; then
+            tp_stop_gateway
+            sed -i '/^device_events_per_s = 0$/d' "$work/tidepool.toml"
+            tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"
+        fi
+        alone=$(flood 0)
+        flooded=$(flood 1)
+        echo "== 4 devices at 2,000 events/s, per-device limit $limit"
+        echo "   alone:                 $alone"
+        echo "   next to a flooding one: $flooded"
+        echo "   p99 next to the flood / alone: $(python3 -c "print(f'{$(p99 "$flooded") / $(p99 "$alone"):.2f}x')") (target <= 2x with the limit)"
+    done
+fi
 tp_stop_gateway
 
 echo "== sled alone: $total inserts of 100 bytes, one Store::sync (flush + fdatasync) per 1000"

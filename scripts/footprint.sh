@@ -30,6 +30,9 @@ id = "footprint"
 listen = "127.0.0.1:0"
 data_dir = "$work/data"
 log = "warn"
+[ingress]
+# A load run measures the box, not the per-device limit.
+device_events_per_s = 0
 [uplink]
 url = "http://127.0.0.1:9/ingest"
 TOML

@@ -366,9 +366,9 @@ const CLASSER_WAT: &str = include_str!("handlers/classer.wat");
 async fn a_backlog_of_100k_is_delivered_after_a_restart_urgent_first_oldest_first() {
     const EVENTS: u64 = 100_000;
     let dir = tempfile::tempdir().unwrap();
-    // No uplink while the backlog builds up.
+    // No uplink while the backlog builds up; one device sends it as fast as it can.
     let mut gw = Gateway::start(&format!(
-        "{}[outbox]\nmax_bytes = 67108864\nmax_delay_ms = 50\nbulk_window_ms = 3600000\n[uplink]\nurl = \"\"\n",
+        "{}[ingress]\ndevice_events_per_s = 0\n[outbox]\nmax_bytes = 67108864\nmax_delay_ms = 50\nbulk_window_ms = 3600000\n[uplink]\nurl = \"\"\n",
         wat_handler(dir.path(), "cls", CLASSER_WAT, "")
     ));
     let dev = gw.connect("dev-k").await;

@@ -280,7 +280,8 @@ async fn a_flooding_device_delays_another_by_a_turn_not_by_its_queue() {
         &slow_counter_wat(20_000),
         "subscribe = [\"devices/flood/#\"]\n",
     );
-    let gw = Gateway::start(&slow);
+    // What is tested is the turns, not the rate limit (see the next test).
+    let gw = Gateway::start(&format!("[ingress]\ndevice_events_per_s = 0\n{slow}"));
     let flood = gw.connect("flood").await;
     // The calm device is connected before: what is measured is its event's wait, not its
     // handshake.
@@ -333,24 +334,12 @@ async fn a_flooding_device_delays_another_by_a_turn_not_by_its_queue() {
 async fn an_expired_device_certificate_is_refused() {
     let gw = Gateway::start("");
     let (c, k, server_ca) = gw.device_certs("valid");
-    let pki = gw.data().join("pki");
-    let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
-    let ca_key = rcgen::KeyPair::from_pem(&read("device-ca.key")).unwrap();
-    let ca = rcgen::CertificateParams::from_ca_cert_pem(&read("device-ca.crt"))
-        .unwrap()
-        .self_signed(&ca_key)
-        .unwrap();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(rcgen::DnType::CommonName, "old");
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (old_crt, old_key) = (dir.path().join("old.crt"), dir.path().join("old.key"));
-    std::fs::write(&old_crt, cert.pem()).unwrap();
-    std::fs::write(&old_key, key.serialize_pem()).unwrap();
+    let (old_crt, old_key, _) = gw.odd_device_cert(dir.path(), "old", |p| {
+        p.distinguished_name.push(rcgen::DnType::CommonName, "old");
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
     let config = tidepool::ingress::tls::client_config(&server_ca, &old_crt, &old_key).unwrap();
     let refused = match tidepool::client::Device::connect_with(&gw.addr, config).await {
         Err(_) => true,
@@ -373,4 +362,140 @@ async fn an_expired_device_certificate_is_refused() {
         m["connections"], 1,
         "only the valid device was registered: {m}"
     );
+}
+
+/// A device publishing past its rate (`ingress.device_events_per_s`, `device_burst`) is
+/// answered `busy` with the time until it may go on, and keeps no more than its burst plus its
+/// rate for the time it flooded; the devices beside it, within their own rate, are never
+/// answered busy and every event of theirs is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_past_its_rate_is_answered_busy_and_its_neighbours_are_not() {
+    const RATE: u64 = 200;
+    const BURST: u64 = 100;
+    let gw = Gateway::start(&format!(
+        "[ingress]\ndevice_events_per_s = {RATE}\ndevice_burst = {BURST}\n[router]\nunrouted = \"drop\"\n"
+    ));
+    let flood = gw.connect("flood").await;
+    let calm: Vec<_> = calm_devices(&gw).await;
+    let start = Instant::now();
+    let (mut next, mut busy, mut retry_after) = (1u64, 0u32, Vec::new());
+    // Floods for a second and a half: a window of 500 at a time, from the first seq not kept,
+    // on a new stream after each busy answer (as the protocol asks), waiting as it is told.
+    while start.elapsed() < Duration::from_millis(1500) {
+        let mut s = flood.open().await.unwrap();
+        let last = next + 499;
+        for seq in next..=last {
+            s.push(&publish(seq, "devices/flood/x", b"1"));
+        }
+        s.flush().await.unwrap();
+        while next <= last {
+            match next_msg(&mut s).await {
+                Some(GatewayMsg::Ack { seq }) => next = next.max(seq + 1),
+                Some(GatewayMsg::Busy {
+                    seq,
+                    retry_after_ms,
+                }) => {
+                    busy += 1;
+                    retry_after.push(retry_after_ms);
+                    next = seq;
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms)).await;
+                    break;
+                }
+                Some(other) => panic!("unexpected {other:?}"),
+                None => break,
+            }
+        }
+    }
+    let kept = next - 1;
+    let allowed = BURST + (RATE as f64 * start.elapsed().as_secs_f64()).ceil() as u64;
+    eprintln!("flood: {kept} kept in {:?} ({allowed} allowed), {busy} busy answers, retry_after_ms {retry_after:?}", start.elapsed());
+    assert!(busy > 0, "the flooding device was never answered busy");
+    assert!(
+        kept <= allowed,
+        "kept {kept}, past its burst and rate ({allowed})"
+    );
+    assert!(
+        retry_after.iter().all(|&ms| (1..=1000).contains(&ms)),
+        "busy answers say when to come back: {retry_after:?}"
+    );
+    // The neighbours, each sending a burst within its own, meanwhile: all acked, none busy.
+    for (id, dev) in calm {
+        let mut s = dev.open().await.unwrap();
+        for seq in 1..=BURST / 2 {
+            s.push(&publish(seq, &format!("devices/{id}/x"), b"1"));
+        }
+        s.flush().await.unwrap();
+        let seen = until_ack(&mut s, BURST / 2).await;
+        assert!(
+            !seen.iter().any(|m| matches!(m, GatewayMsg::Busy { .. })),
+            "{id} was answered busy: {seen:?}"
+        );
+    }
+    let mut gw = gw;
+    let m = gw.stop();
+    assert!(
+        m["rate_limited"].as_u64().unwrap_or(0) >= u64::from(busy),
+        "{m}"
+    );
+}
+
+/// Three devices connected beside a flooding one.
+async fn calm_devices(gw: &Gateway) -> Vec<(String, tidepool::client::Device)> {
+    let mut calm = Vec::new();
+    for i in 1..=3 {
+        let id = format!("calm{i}");
+        calm.push((id.clone(), gw.connect(&id).await));
+    }
+    calm
+}
+
+/// Datagrams are shed on CPU, not only on the commit backlog: while the dispatcher's inbox is
+/// more than half full (its thread is behind: here one device's events queue for a handler that
+/// runs a second a call), another device's datagram is dropped at once, though there is room
+/// for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datagram_is_shed_while_the_dispatcher_is_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    // One connection may fill the whole of a 64 KiB inbox.
+    let gw = Gateway::start(&format!(
+        "[ingress]\nqueue_bytes = 65536\n[router]\nunrouted = \"drop\"\n{}",
+        long_handler_for_d1(dir.path())
+    ));
+    let d1 = gw.connect("d1").await;
+    let mut s1 = d1.open().await.unwrap();
+    // About 44 KiB of frames and their steps: past half the inbox, and within one batch.
+    for seq in 1..=36 {
+        s1.push(&publish(seq, "devices/d1/x", &[b'1'; 1000]));
+    }
+    s1.flush().await.unwrap();
+    gw.wait_log("tick", 1, Duration::from_secs(120)).await;
+    let d2 = gw.connect("d2").await;
+    let body = tidepool::proto::msg::encode_device(&tidepool::proto::msg::DeviceMsg::Publish(
+        tidepool::proto::msg::Publish {
+            seq: 0,
+            topic: "devices/d2/x".into(),
+            payload: b"1".to_vec().into(),
+            ts: None,
+            id: None,
+            src: None,
+            class: None,
+        },
+    ));
+    d2.conn.send_datagram(body.into()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let run = cli(&["status", "--json"], &gw.config);
+        assert!(run.ok, "{}", run.stderr);
+        let m = serde_json::from_str::<serde_json::Value>(&run.stdout).unwrap()["metrics"].clone();
+        if m["datagrams_in"] == 1 || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(metrics["datagrams_in"], 1, "{metrics}");
+    assert_eq!(
+        metrics["datagrams_dropped"], 1,
+        "shed while the inbox is past half: {metrics}"
+    );
+    drop((s1, d1));
 }

@@ -2,7 +2,10 @@
 //!
 //! `loadgen tidepool`: N devices, each its own QUIC connection and stream, publish 100-byte
 //! events with a window of W in flight (or at a fixed total rate); prints events/s and the
-//! ack latency p50/p99 (send to the cumulative ack that covers it).
+//! ack latency p50/p99 (send to the cumulative ack that covers it). With `--flooders F`, the
+//! first F devices flood instead (as fast as answers come, and after a `busy` straight back on
+//! a new stream, ignoring its `retry_after_ms`) until the others are done, and the figures are
+//! the others'.
 //! `loadgen sled`: the baseline on the same disk: batches of one 100-byte value per event,
 //! one flush per batch.
 
@@ -55,6 +58,9 @@ enum Cmd {
         /// the gateway to.
         #[arg(long)]
         progress: bool,
+        /// Devices (the first ones) that flood, hostile, while the others publish as told.
+        #[arg(long, default_value_t = 0)]
+        flooders: usize,
     },
     /// Print each device's durable high-water mark (`hello` → `welcome`) as `mark dev-I N`.
     Marks {
@@ -225,6 +231,59 @@ fn open_sled(dir: &std::path::Path) -> anyhow::Result<tidepool::store::Store> {
     Ok(tidepool::store::Store::open(dir, 4 << 20)?)
 }
 
+/// A hostile device: publishes windows of `window` as fast as the answers come, and after a
+/// `busy` opens a new stream and resends from its seq at once, until `stop`. Returns the events
+/// it got kept and the busy answers it was sent.
+async fn flood(
+    gateway: String,
+    certs: PathBuf,
+    i: usize,
+    window: u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(u64, u64)> {
+    let id = format!("dev-{i}");
+    let (dev, s, hwm) = hello(&gateway, &certs, &id).await?;
+    drop(s);
+    let topic = format!("devices/{id}/temp");
+    let (mut next, mut busy) = (hwm + 1, 0);
+    let flooding = async {
+        loop {
+            let mut s = dev.open().await?;
+            let last = next + window - 1;
+            for seq in next..=last {
+                s.push(&DeviceMsg::Publish(Publish {
+                    seq,
+                    topic: topic.clone(),
+                    payload: payload(100, 21.0).into(),
+                    ts: None,
+                    id: None,
+                    src: None,
+                    class: None,
+                }));
+            }
+            s.flush().await?;
+            while next <= last {
+                match s.next().await? {
+                    Some(GatewayMsg::Ack { seq }) => next = next.max(seq + 1),
+                    Some(GatewayMsg::Busy { seq, .. }) => {
+                        busy += 1;
+                        next = seq;
+                        break;
+                    }
+                    Some(other) => anyhow::bail!("{id}: unexpected {other:?}"),
+                    None => break,
+                }
+            }
+        }
+    };
+    tokio::select! {
+        r = flooding => r?,
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    dev.close().await;
+    Ok((next - 1 - hwm, busy))
+}
+
 fn report(label: &str, events: u64, start: Instant) {
     let secs = start.elapsed().as_secs_f64();
     println!(
@@ -252,14 +311,20 @@ fn main() -> anyhow::Result<()> {
             payload_bytes,
             walk,
             progress,
+            flooders,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
+                let (stop_tx, stop) = tokio::sync::watch::channel(false);
+                let floods: Vec<_> = (1..=flooders.min(devices))
+                    .map(|i| tokio::spawn(flood(gateway.clone(), certs.clone(), i, window, stop.clone())))
+                    .collect();
                 let start = Instant::now();
-                let per_device_rate = rate / devices as f64;
-                let tasks: Vec<_> = (1..=devices)
+                let calm = devices.saturating_sub(flooders).max(1);
+                let per_device_rate = rate / calm as f64;
+                let tasks: Vec<_> = (flooders + 1..=devices)
                     .map(|i| tokio::spawn(device(gateway.clone(), certs.clone(), i, Pace { events: events_per_device, window, rate: per_device_rate, progress }, Readings { bytes: payload_bytes, walk })))
                     .collect();
                 let mut lat = Vec::new();
@@ -267,10 +332,22 @@ fn main() -> anyhow::Result<()> {
                     lat.extend(t.await??);
                 }
                 let secs = start.elapsed().as_secs_f64();
+                let _ = stop_tx.send(true);
+                let (mut flood_kept, mut flood_busy) = (0, 0);
+                for f in floods {
+                    let (kept, busy) = f.await??;
+                    flood_kept += kept;
+                    flood_busy += busy;
+                }
                 lat.sort_unstable();
                 let n = lat.len();
+                anyhow::ensure!(n > 0, "no device published (--devices must exceed --flooders)");
+                let flooding = match flooders {
+                    0 => String::new(),
+                    _ => format!(" flood_kept={flood_kept} flood_busy={flood_busy}"),
+                };
                 println!(
-                    "tidepool events={n} seconds={secs:.3} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
+                    "tidepool events={n} seconds={secs:.3} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2}{flooding}",
                     n as f64 / secs,
                     pct(&lat, 0.50),
                     pct(&lat, 0.99)

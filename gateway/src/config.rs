@@ -75,6 +75,10 @@ pub struct IngressConfig {
     pub handshake_timeout_ms: u64,
     pub max_streams_per_connection: u32,
     pub busy_retry_after_ms: u64,
+    /// Events (publishes and datagrams) one device may send per second on average; 0: no limit.
+    pub device_events_per_s: u32,
+    /// Events one device may send at once above that rate (its bucket's size).
+    pub device_burst: u32,
     pub idle_timeout_ms: u64,
     pub datagram_shed_backlog: usize,
     pub queue_bytes: u32,
@@ -310,6 +314,13 @@ impl Config {
                 1024,
             ),
             ("busy_retry_after_ms", i.busy_retry_after_ms, 0, 3_600_000),
+            (
+                "device_events_per_s",
+                u64::from(i.device_events_per_s),
+                0,
+                1_000_000,
+            ),
+            ("device_burst", u64::from(i.device_burst), 1, 1_000_000),
             // 0 would disable the idle timeout: a silent peer would hold its connection
             // for good.
             ("idle_timeout_ms", i.idle_timeout_ms, 1_000, 3_600_000),

@@ -338,7 +338,7 @@ pub async fn run(
         inbox.clone(),
         roles,
         cfg.ingress.clone(),
-        revoked,
+        (revoked, &cfg.acl.tiers),
         metrics.clone(),
     ));
     // A reload (SIGHUP) puts the new config's deny-list in force; nothing else is reloaded.

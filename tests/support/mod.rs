@@ -252,6 +252,36 @@ impl Gateway {
         (c, k, ca)
     }
 
+    /// A client certificate signed by this gateway's own device CA, shaped by `shape` (its
+    /// names, validity, …; it starts as a client-auth certificate with no name), written into
+    /// `dir` as `NAME.crt` and `NAME.key`; returns (cert, key, server CA), as `device_certs`.
+    pub fn odd_device_cert(
+        &self,
+        dir: &Path,
+        name: &str,
+        shape: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> (PathBuf, PathBuf, PathBuf) {
+        let pki = self.data().join("pki");
+        let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
+        let ca_key = rcgen::KeyPair::from_pem(&read("device-ca.key")).unwrap();
+        let ca = rcgen::CertificateParams::from_ca_cert_pem(&read("device-ca.crt"))
+            .unwrap()
+            .self_signed(&ca_key)
+            .unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        shape(&mut p);
+        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+        let (crt, key_file) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&crt, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (crt, key_file, pki.join("server-ca.crt"))
+    }
+
     pub async fn connect(&self, id: &str) -> Device {
         let (c, k, ca) = self.device_certs(id);
         Device::connect(&self.addr, &ca, &c, &k)
@@ -322,6 +352,18 @@ impl Gateway {
             .map(|v| v.parse().unwrap())
             .collect();
         Duration::from_millis((f[0] + f[1]) * 10)
+    }
+
+    /// The gateway's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap();
+        kb * 1024
     }
 
     /// Waits for the gateway to exit by itself; returns its exit code.

@@ -336,17 +336,24 @@ impl Dispatcher {
         self.busy_floor.remove(device);
     }
 
-    /// Answers `busy` for `seq` once everything before it is settled.
+    /// Answers `busy` for `seq` once everything before it is settled, with `retry_after_ms`
+    /// (`None`: `ingress.busy_retry_after_ms`).
     /// A busy answer also sets the device's busy floor at `seq` (see [`Dispatcher::publish`]),
-    /// whatever the cause: a full outbox, a low disk, or another stream holding the
-    /// publishing slot.
-    pub fn busy(&mut self, device: &Arc<str>, seq: u64, reply: &Reply) -> Result<(), Fault> {
+    /// whatever the cause: a full outbox, a low disk, another stream holding the publishing
+    /// slot, or the device's rate.
+    pub fn busy(
+        &mut self,
+        device: &Arc<str>,
+        seq: u64,
+        retry_after_ms: Option<u64>,
+        reply: &Reply,
+    ) -> Result<(), Fault> {
         Metrics::inc(&self.metrics.busy);
         if seq > *self.claimed(device)? {
             let floor = self.busy_floor.entry(device.clone()).or_insert(seq);
             *floor = (*floor).min(seq);
         }
-        let retry_after_ms = self.busy_retry_ms;
+        let retry_after_ms = retry_after_ms.unwrap_or(self.busy_retry_ms);
         self.submit(device, seq, ItemKind::Busy { retry_after_ms }, Some(reply));
         Ok(())
     }
@@ -933,7 +940,7 @@ mod tests {
             let seq = p.seq;
             let r = d.publish(&dev, p, 0, &reply).unwrap();
             if r == Submitted::Busy {
-                d.busy(&dev, seq, &reply).unwrap();
+                d.busy(&dev, seq, None, &reply).unwrap();
             }
             r
         };
@@ -954,7 +961,7 @@ mod tests {
         assert_eq!(step(&mut d, sized(3, 1)), Submitted::Queued);
         // A busy for a taken publishing slot sets the floor too, and a lower seq (from the
         // stream that held the slot) neither clears it nor is held back by it.
-        d.busy(&dev, 6, &reply).unwrap();
+        d.busy(&dev, 6, None, &reply).unwrap();
         assert_eq!(step(&mut d, sized(4, 1)), Submitted::Queued);
         assert_eq!(step(&mut d, sized(9, 1)), Submitted::Busy);
         assert_eq!(step(&mut d, sized(6, 1)), Submitted::Queued);

@@ -38,9 +38,12 @@ pub enum Step {
         code: NackCode,
         reason: String,
     },
-    /// Another stream of the device holds the publishing slot: answered busy; the stream stops.
+    /// Answered busy; the stream stops. Another stream of the device holds the publishing
+    /// slot (`retry_after_ms` `None`: the configured wait), or the device is past its rate
+    /// (the wait until it may go on).
     Busy {
         seq: u64,
+        retry_after_ms: Option<u64>,
     },
 }
 
@@ -206,7 +209,9 @@ impl Inbox {
     }
 
     /// Hands a datagram over if there is room for it now, in the connection's share and in
-    /// the inbox; `false`: shed.
+    /// the inbox, and the inbox is less than half full; `false`: shed. (The inbox fills only
+    /// when the dispatcher's thread is behind: datagrams are shed on CPU there, and on the
+    /// commit backlog in the dispatcher, before a publish ever waits.)
     pub fn datagram(
         &self,
         (session, connection): (u64, &Arc<Semaphore>),
@@ -214,6 +219,9 @@ impl Inbox {
         p: Publish,
         received_ms: u64,
     ) -> bool {
+        if self.room.available_permits() < self.capacity as usize / 2 {
+            return false;
+        }
         let bytes = p.payload.len() + p.topic.len() + STEP_BYTES;
         let share = self.share(bytes);
         let Ok(own) = connection
@@ -517,14 +525,17 @@ fn take(
         match step {
             Step::Hello => d.hello(device, reply),
             Step::Nack { seq, code, reason } => d.nack(device, seq, code, reason, reply)?,
-            Step::Busy { seq } => {
-                d.busy(device, seq, reply)?;
+            Step::Busy {
+                seq,
+                retry_after_ms,
+            } => {
+                d.busy(device, seq, retry_after_ms, reply)?;
                 return Ok(BatchEnd::Busy);
             }
             Step::Publish(p) => {
                 let seq = p.seq;
                 if d.publish(device, p, b.received_ms, reply)? == Submitted::Busy {
-                    d.busy(device, seq, reply)?;
+                    d.busy(device, seq, None, reply)?;
                     return Ok(BatchEnd::Busy);
                 }
             }

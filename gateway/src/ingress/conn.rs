@@ -193,6 +193,8 @@ async fn read_datagrams(
         Metrics::inc(&shared.metrics.datagrams_in);
         let received = crate::clock::now_ms();
         let kept = match msg::decode(&d, false) {
+            // Past its rate: dropped, as under load.
+            Ok(DeviceMsg::Publish(_)) if shared.rate(&device).is_err() => false,
             Ok(DeviceMsg::Publish(p)) => {
                 shared
                     .inbox
@@ -301,12 +303,25 @@ async fn stream(
                         "busy: another stream of this device is publishing"
                     );
                     last = true;
-                    Step::Busy { seq: p.seq }
+                    Step::Busy {
+                        seq: p.seq,
+                        retry_after_ms: None,
+                    }
                 }
-                Ok(DeviceMsg::Publish(p)) => {
-                    prev_seq = p.seq;
-                    Step::Publish(p)
-                }
+                Ok(DeviceMsg::Publish(p)) => match shared.rate(&device) {
+                    Ok(()) => {
+                        prev_seq = p.seq;
+                        Step::Publish(p)
+                    }
+                    // Past its rate: not kept, and told when it may go on (ingress.rs).
+                    Err(wait) => {
+                        last = true;
+                        Step::Busy {
+                            seq: p.seq,
+                            retry_after_ms: Some(wait),
+                        }
+                    }
+                },
             });
         }
         if !steps.is_empty() {

@@ -5,6 +5,7 @@
 
 pub mod admit;
 mod conn;
+pub mod rate;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use admit::{Decision, Handshakes};
+use rate::Rates;
 
 use tokio::sync::watch;
 
@@ -48,6 +50,8 @@ pub struct Shared {
     handshakes: Mutex<Handshakes>,
     /// The deny-list (`acl.revoked`), replaced whole on a reload.
     revoked: RwLock<Arc<Revoked>>,
+    /// Each device's rate (`device_events_per_s`), by device id.
+    rates: Mutex<Rates>,
 }
 
 /// A handshake's slot, given back when dropped (the handshake ended, whichever way).
@@ -83,10 +87,15 @@ impl Shared {
         inbox: Inbox,
         roles: RoleCheck,
         ingress: IngressConfig,
-        revoked: Revoked,
+        (revoked, tiers): (Revoked, &[String]),
         metrics: Arc<Metrics>,
     ) -> Self {
         Shared {
+            rates: Mutex::new(Rates::new(
+                ingress.device_events_per_s,
+                ingress.device_burst,
+                tiers,
+            )),
             inbox,
             roles,
             revoked: RwLock::new(Arc::new(revoked)),
@@ -173,15 +182,36 @@ impl Shared {
         None
     }
 
+    /// Takes one event of `device`'s rate (see `rate.rs`): `Err` holds the wait in ms until
+    /// it may go on, and counts it (`rate_limited`).
+    fn rate(&self, device: &Arc<str>) -> Result<(), u64> {
+        let taken = self
+            .rates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(device, std::time::Instant::now());
+        taken.map_err(|wait| {
+            let n = Metrics::bump(&self.metrics.rate_limited);
+            // Logged at 1, 2, 4, 8, … : a device flooding cannot flood the log.
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    device = &**device,
+                    rate_limited = n,
+                    "a device is past its rate (ingress.device_events_per_s): answered busy"
+                );
+            }
+            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)
+        })
+    }
+
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Session>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a session for `device`, superseding the previous one: the dispatcher takes
-    /// nothing of the old session from here on (told under the sessions lock, so it learns
-    /// concurrent sessions of one device in the order they registered).
     /// Registers a session for `device` with the certificate serial `serial`, superseding the
-    /// previous one; `None` when the deny-list in force denies it (checked under the sessions
+    /// previous one: the dispatcher takes nothing of the old session from here on (told under
+    /// the sessions lock, so it learns concurrent sessions of one device in the order they
+    /// registered). `None` when the deny-list in force denies it (checked under the sessions
     /// lock, which a reload holds while it swaps the list).
     fn register(
         &self,

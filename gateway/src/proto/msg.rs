@@ -42,6 +42,33 @@ fn bad(seq: u64, reason: impl Into<String>) -> BadFrame {
     }
 }
 
+/// A body that is not CBOR, said plainly (the nack's reason).
+///
+/// What ciborium 0.2 promises here, read in its source (`de/mod.rs`): `from_reader` nests at
+/// most 256 deep (`recurse: 256`, then `RecursionLimitExceeded`), and a byte or text string
+/// longer than its 4 KiB scratch is read chunk by chunk into a `Vec` that grows with the bytes
+/// actually there, never reserved at the declared length; arrays and maps go through serde,
+/// whose `size_hint::cautious` caps what is reserved. So a frame (at most `max_frame_bytes`)
+/// cannot make the decoder reserve more than about its own size
+/// (`tests/bad_input.rs::cbor_bombs_are_nacked_bad_frame_and_take_no_memory`).
+fn not_cbor(e: ciborium::de::Error<std::io::Error>) -> BadFrame {
+    use ciborium::de::Error;
+    bad(
+        0,
+        match e {
+            Error::Io(_) => {
+                "not CBOR: the body ends inside an item (a length or a count larger than the frame)"
+                    .to_string()
+            }
+            Error::Syntax(at) => format!("not CBOR: invalid at byte {at}"),
+            Error::Semantic(Some(at), why) => format!("not CBOR: {why} at byte {at}"),
+            Error::Semantic(None, why) => format!("not CBOR: {why}"),
+            // ciborium's default limit, 256: deeper nesting is a stack-eating bomb, not a message.
+            Error::RecursionLimitExceeded => "not CBOR: nested more than 256 deep".to_string(),
+        },
+    )
+}
+
 fn field<'a>(map: &'a [(Value, Value)], name: &str) -> Option<&'a Value> {
     map.iter()
         .find(|(k, _)| k.as_text() == Some(name))
@@ -62,7 +89,7 @@ fn opt_text(map: &[(Value, Value)], name: &str, seq: u64) -> Result<Option<Strin
 
 /// Decodes one frame body. Datagrams use the same decoder with `require_seq = false`.
 pub fn decode(body: &[u8], require_seq: bool) -> Result<DeviceMsg, BadFrame> {
-    let value: Value = ciborium::from_reader(body).map_err(|e| bad(0, format!("not CBOR: {e}")))?;
+    let value: Value = ciborium::from_reader(body).map_err(not_cbor)?;
     let Value::Map(map) = value else {
         return Err(bad(0, "frame is not a CBOR map"));
     };
@@ -189,7 +216,7 @@ impl GatewayMsg {
 /// Decodes a gateway message (the device side: `tidepool send` and tests).
 /// Returns `Ok(None)` for a message type this version does not know (devices ignore those).
 pub fn decode_gateway(body: &[u8]) -> Result<Option<GatewayMsg>, BadFrame> {
-    let value: Value = ciborium::from_reader(body).map_err(|e| bad(0, format!("not CBOR: {e}")))?;
+    let value: Value = ciborium::from_reader(body).map_err(not_cbor)?;
     let Value::Map(map) = value else {
         return Err(bad(0, "frame is not a CBOR map"));
     };
