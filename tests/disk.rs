@@ -92,7 +92,7 @@ async fn fill(gw: &Gateway, device: &str, from: u64) -> (u64, Option<GatewayMsg>
 
 fn config(dir: &Path, min_free: u64) -> String {
     format!(
-        "{}[store]\nmin_free_bytes = {min_free}\n[outbox]\nmax_bytes = 1073741824\n",
+        "{}[ingress]\ndevice_events_per_s = 0\n[store]\nmin_free_bytes = {min_free}\n[outbox]\nmax_bytes = 1073741824\n",
         wat_handler(dir, "fwd", include_str!("handlers/forwarder.wat"), "")
     )
 }

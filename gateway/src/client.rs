@@ -34,6 +34,11 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
 }
 
+/// The largest answer frame a device reads: answers are a few dozen bytes (a nack's reason a
+/// few hundred), and a hostile gateway (an upstream, for the tier uplink) must not make a device
+/// buffer more, nor decode more into a CBOR tree (about 32 bytes a value).
+pub const ANSWER_BYTES: u32 = 64 * 1024;
+
 /// A device's connection to a gateway.
 pub struct Device {
     pub endpoint: Endpoint,
@@ -98,7 +103,7 @@ impl Device {
         Ok(FrameStream {
             send,
             recv,
-            decoder: FrameDecoder::new(16 * 1024 * 1024),
+            decoder: FrameDecoder::new(ANSWER_BYTES),
             out: Vec::new(),
         })
     }

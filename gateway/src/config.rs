@@ -353,9 +353,6 @@ impl Config {
                 "record.topics: `{p}`: {{id}} means the publishing device only in acl.publish; use + here"
             ));
         }
-        if self.limits.min_timer_ms == 0 {
-            return bad("limits.min_timer_ms must be at least 1".into());
-        }
         if self.outbox.max_batch_events == 0 || self.outbox.max_batch_bytes == 0 {
             return bad("outbox.max_batch_events and max_batch_bytes must be at least 1".into());
         }
@@ -370,6 +367,36 @@ impl Config {
         ] {
             if v > MAX_MS {
                 return bad(format!("outbox.{name} = {v} is more than 30 days"));
+            }
+        }
+        // Durations added to an `Instant` must not overflow it (a panic, and in release an
+        // abort): each is bounded here, with the unit it is given in.
+        for (name, v, lo, hi) in [
+            ("uplink.timeout_ms", self.uplink.timeout_ms, 1, MAX_MS),
+            (
+                "limits.quarantine_hold_ms",
+                self.limits.quarantine_hold_ms,
+                0,
+                MAX_MS,
+            ),
+            ("limits.min_timer_ms", self.limits.min_timer_ms, 1, MAX_MS),
+            (
+                "uplink.mqtt.keep_alive_s",
+                self.uplink.mqtt.keep_alive_s,
+                5,
+                65_535,
+            ),
+            (
+                "uplink.nats.duplicate_window_s",
+                self.uplink.nats.duplicate_window_s,
+                0,
+                MAX_MS / 1000,
+            ),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return bad(format!(
+                    "{name} = {v} is out of range: it must be {lo} to {hi}"
+                ));
             }
         }
         if self.outbox.retry_base_ms == 0 || self.outbox.retry_max_ms < self.outbox.retry_base_ms {
@@ -461,6 +488,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("bulk_window_ms"), "{err}");
+    }
+
+    /// A duration added to an `Instant` past its range panics (an abort in release): the
+    /// finding was `uplink.timeout_ms = 18446744073709551615`. Each such value is bounded.
+    #[test]
+    fn durations_that_would_overflow_a_deadline_are_refused() {
+        for (section, key, v) in [
+            ("uplink", "timeout_ms", "18446744073709551615"),
+            ("uplink", "timeout_ms", "0"),
+            ("limits", "quarantine_hold_ms", "18446744073709551615"),
+            ("limits", "min_timer_ms", "18446744073709551615"),
+            ("uplink.mqtt", "keep_alive_s", "4"),
+            ("uplink.mqtt", "keep_alive_s", "65536"),
+            ("uplink.nats", "duplicate_window_s", "18446744073709551615"),
+        ] {
+            let err = Config::from_toml_str(&format!("[{section}]\n{key} = {v}\n"), Path::new("x"))
+                .unwrap_err();
+            assert!(err.to_string().contains(key), "{key} = {v}: {err}");
+        }
     }
 
     /// 0 would have disabled the idle timeout (a silent peer holding its connection for good);

@@ -208,6 +208,12 @@ impl Inbox {
         self.tx.send(input).map_err(|_| Stopped)
     }
 
+    /// Whether less than half the inbox is free: the dispatcher's thread is behind, and
+    /// datagrams are shed.
+    pub fn is_half_full(&self) -> bool {
+        self.room.available_permits() < self.capacity as usize / 2
+    }
+
     /// Hands a datagram over if there is room for it now, in the connection's share and in
     /// the inbox, and the inbox is less than half full; `false`: shed. (The inbox fills only
     /// when the dispatcher's thread is behind: datagrams are shed on CPU there, and on the
@@ -219,7 +225,7 @@ impl Inbox {
         p: Publish,
         received_ms: u64,
     ) -> bool {
-        if self.room.available_permits() < self.capacity as usize / 2 {
+        if self.is_half_full() {
             return false;
         }
         let bytes = p.payload.len() + p.topic.len() + STEP_BYTES;

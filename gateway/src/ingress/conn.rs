@@ -193,8 +193,13 @@ async fn read_datagrams(
         Metrics::inc(&shared.metrics.datagrams_in);
         let received = crate::clock::now_ms();
         let kept = match msg::decode(&d, false) {
-            // Past its rate: dropped, as under load.
-            Ok(DeviceMsg::Publish(_)) if shared.rate(&device).is_err() => false,
+            // Shed before it takes a token while the dispatcher is behind; past the device's
+            // spare rate, dropped too.
+            Ok(DeviceMsg::Publish(_))
+                if shared.inbox.is_half_full() || shared.rate(&device, true).is_err() =>
+            {
+                false
+            }
             Ok(DeviceMsg::Publish(p)) => {
                 shared
                     .inbox
@@ -232,6 +237,10 @@ async fn stream(
     let mut read_and_dropped = false;
     let batch_bytes = shared.inbox.connection_bytes();
     let mut buffered = false;
+    // Past the device's rate: the wait before reading on (a frame that is not a publish), and
+    // the wait the stream is held open after a rate busy (so a device cannot churn streams for
+    // busy answers faster than `max_streams_per_connection` a wait).
+    let (mut pause, mut held) = (None, None);
     'read: loop {
         // A device that does not read its answers stops being read (QUIC flow control then
         // stops it): the answers waiting for it stay bounded.
@@ -277,6 +286,9 @@ async fn stream(
                 }
             };
             bytes += frame.len() + 4 + STEP_BYTES;
+            // Every frame takes a token: a bad frame, a hello or a repeat costs the box a
+            // decode and an answer as a publish does.
+            let over = shared.rate(&device, false).err();
             steps.push(match msg::decode(&frame, true) {
                 // Not a valid publish: nacked with the seq it carried, and it moves nothing
                 // (neither this stream's order nor the device's mark).
@@ -308,14 +320,15 @@ async fn stream(
                         retry_after_ms: None,
                     }
                 }
-                Ok(DeviceMsg::Publish(p)) => match shared.rate(&device) {
-                    Ok(()) => {
+                Ok(DeviceMsg::Publish(p)) => match over {
+                    None => {
                         prev_seq = p.seq;
                         Step::Publish(p)
                     }
-                    // Past its rate: not kept, and told when it may go on (ingress.rs).
-                    Err(wait) => {
+                    // Past its rate: not kept, and told when it may go on.
+                    Some(wait) => {
                         last = true;
+                        held = Some(wait);
                         Step::Busy {
                             seq: p.seq,
                             retry_after_ms: Some(wait),
@@ -323,6 +336,13 @@ async fn stream(
                     }
                 },
             });
+            // Anything else cannot be answered busy: it is taken, and nothing more is read
+            // for the wait.
+            if let (Some(wait), false) = (over, last) {
+                pause = Some(wait);
+                buffered = true;
+                break;
+            }
         }
         if !steps.is_empty() {
             // Every step taken submits exactly one item (none is taken after a busy answer).
@@ -352,6 +372,13 @@ async fn stream(
                 break 'read;
             }
         }
+        if let Some(ms) = pause.take() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                _ = halt.changed() => break 'read,
+                _ = gate.halted() => break 'read,
+            }
+        }
         if last || framing_lost.is_some() || ended.borrow().is_some() {
             break 'read;
         }
@@ -369,6 +396,15 @@ async fn stream(
     if let Ok(Some(mut send)) = writer.await {
         let _ = send.finish();
     }
+    // After a rate busy, the stream (its receive side) stays open for the wait: a device has
+    // `max_streams_per_connection` of them, so it gets at most that many busy answers a wait.
+    if let Some(ms) = held {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            _ = halt.changed() => {}
+        }
+    }
+    drop(recv);
 }
 
 /// Writes settled answers in order, coalescing consecutive acks into one cumulative ack.

@@ -182,25 +182,35 @@ impl Shared {
         None
     }
 
-    /// Takes one event of `device`'s rate (see `rate.rs`): `Err` holds the wait in ms until
-    /// it may go on, and counts it (`rate_limited`).
-    fn rate(&self, device: &Arc<str>) -> Result<(), u64> {
-        let taken = self
-            .rates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(device, std::time::Instant::now());
-        taken.map_err(|wait| {
-            let n = Metrics::bump(&self.metrics.rate_limited);
-            // Logged at 1, 2, 4, 8, … : a device flooding cannot flood the log.
-            if n.is_power_of_two() {
+    /// Takes one frame of `device`'s rate (see `rate.rs`; a datagram only from the upper half
+    /// of its bucket): `Err` holds the wait in ms until it may go on, counted
+    /// (`rate_limited`) and logged once a minute per device.
+    fn rate(&self, device: &Arc<str>, datagram: bool) -> Result<(), u64> {
+        let now = std::time::Instant::now();
+        let taken = {
+            let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+            match datagram {
+                false => rates.take(device, now),
+                true => rates.take_spare(device, now),
+            }
+        };
+        taken.map_err(|limited| {
+            Metrics::inc(&self.metrics.rate_limited);
+            let ms = u64::try_from(limited.wait.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            if limited.warn {
+                let what = match datagram {
+                    true => "a datagram is dropped",
+                    false => "a publish is answered busy, or the stream paused",
+                };
                 tracing::warn!(
                     device = &**device,
-                    rate_limited = n,
-                    "a device is past its rate (ingress.device_events_per_s): answered busy"
+                    wait_ms = ms,
+                    "a device is past its rate (ingress.device_events_per_s): {what}"
                 );
             }
-            u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)
+            ms
         })
     }
 

@@ -1,10 +1,13 @@
 //! Each device's event rate (pure: the time is passed in): a token bucket per device id,
 //! refilled at `ingress.device_events_per_s` and holding at most `ingress.device_burst`. Every
-//! publish a device sends (a resend too: it costs the box a decode and an answer) and every
-//! datagram takes a token; with none left, a publish is answered `busy` with the wait until the
-//! bucket holds a tenth of a second's worth again, and a datagram is dropped. So one device
-//! flooding is held to its rate before its frames reach the dispatcher, whatever it does with
-//! the answers.
+//! frame a device sends on a stream takes a token ([`Rates::take`]: a resend, a hello or a bad
+//! frame costs the box a decode and an answer as a publish does). With none left, a publish is
+//! answered `busy` with the wait until the bucket holds a tenth of a second's worth again, and
+//! the stream is held open that long (so at most `max_streams_per_connection` busy answers per
+//! wait); any other frame is taken, and the stream reads nothing more for the wait (QUIC flow
+//! control then holds the device back). A datagram takes a token only while the bucket is more
+//! than half full ([`Rates::take_spare`]): best-effort telemetry never uses up what the
+//! device's publishes need, and is dropped first.
 //!
 //! A bucket belongs to the device id, not to a connection: reconnecting does not refill it.
 //! Buckets that have refilled are forgotten once there are [`KEEP`] or more (a full bucket
@@ -18,11 +21,24 @@ use std::time::{Duration, Instant};
 /// Buckets kept before the full ones are swept.
 pub const KEEP: usize = 4096;
 
+/// How often a device past its rate is logged.
+pub const WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// One device's bucket.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// When the device was last logged as past its rate.
+    warned: Option<Instant>,
+}
+
+/// A token refused: the wait until the device may go on (at least 1 ms), and whether to log it
+/// (the device's first refusal in [`WARN_EVERY`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    pub wait: Duration,
+    pub warn: bool,
 }
 
 /// Every device's bucket.
@@ -49,9 +65,19 @@ impl Rates {
         }
     }
 
-    /// Takes one token of `device` at `now`: `Ok`, or `Err(wait)`, the time until it may go
-    /// on (at least 1 ms).
-    pub fn take(&mut self, device: &Arc<str>, now: Instant) -> Result<(), Duration> {
+    /// Takes one token of `device` at `now`, or says how long until it may go on.
+    pub fn take(&mut self, device: &Arc<str>, now: Instant) -> Result<(), Limited> {
+        self.take_above(device, now, 0.0)
+    }
+
+    /// Takes one token of `device` at `now` only while its bucket is more than half full (for
+    /// datagrams: the lower half is kept for its publishes).
+    pub fn take_spare(&mut self, device: &Arc<str>, now: Instant) -> Result<(), Limited> {
+        let half = self.burst / 2.0;
+        self.take_above(device, now, half)
+    }
+
+    fn take_above(&mut self, device: &Arc<str>, now: Instant, keep: f64) -> Result<(), Limited> {
         if self.per_s <= 0.0 || self.exempt.iter().any(|e| e == device) {
             return Ok(());
         }
@@ -63,19 +89,33 @@ impl Rates {
         let b = self.buckets.entry(device.clone()).or_insert(Bucket {
             tokens: burst,
             at: now,
+            warned: None,
         });
+        // An instant before the last one (callers racing to the lock) refills nothing, and
+        // does not move the bucket's time back (which would count a refill twice).
         let since = now.saturating_duration_since(b.at).as_secs_f64();
         b.tokens = (b.tokens + since * per_s).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
+        b.at = b.at.max(now);
+        if b.tokens >= keep + 1.0 {
             b.tokens -= 1.0;
             return Ok(());
         }
         // Back when a tenth of a second's worth is there (at least one token, at most the
         // burst): a device told to wait for a single token would come back for one event.
-        let want = (per_s / 10.0).clamp(1.0, burst);
-        let wait = ((want - b.tokens) / per_s).max(0.001);
-        Err(Duration::from_secs_f64(wait.min(3600.0)))
+        let want = (per_s / 10.0)
+            .clamp(1.0, burst)
+            .max((keep + 1.0).min(burst));
+        let wait = ((want - b.tokens) / per_s).clamp(0.001, 3600.0);
+        let warn = b
+            .warned
+            .is_none_or(|w| now.saturating_duration_since(w) >= WARN_EVERY);
+        if warn {
+            b.warned = Some(now);
+        }
+        Err(Limited {
+            wait: Duration::from_secs_f64(wait),
+            warn,
+        })
     }
 
     /// Forgets the buckets that have refilled by `now`.
@@ -108,9 +148,17 @@ mod tests {
         for _ in 0..10 {
             assert!(r.take(&d, t0).is_ok());
         }
-        let wait = r.take(&d, t0).unwrap_err();
-        // A tenth of a second's worth (10 tokens) takes 100 ms at 100/s.
-        assert_eq!(wait, Duration::from_millis(100));
+        let refused = r.take(&d, t0).unwrap_err();
+        // A tenth of a second's worth (10 tokens) takes 100 ms at 100/s; the first refusal is
+        // logged, the next ones within a minute are not.
+        assert_eq!(
+            refused,
+            Limited {
+                wait: Duration::from_millis(100),
+                warn: true
+            }
+        );
+        assert!(!r.take(&d, t0).unwrap_err().warn);
         // 50 ms later, 5 tokens: 5 events, then busy again (a refused take costs nothing).
         let t1 = t0 + Duration::from_millis(50);
         for _ in 0..5 {
@@ -118,9 +166,17 @@ mod tests {
         }
         assert!(r.take(&d, t1).is_err());
         // Over a long time, no more than the rate: 10 s of refill, capped at the burst.
-        let t2 = t1 + Duration::from_secs(10);
-        let kept = (0..1000).filter(|_| r.take(&d, t2).is_ok()).count();
+        let t2 = t1 + WARN_EVERY + Duration::from_secs(10);
+        let (mut kept, mut logged) = (0, 0);
+        for _ in 0..1000 {
+            match r.take(&d, t2) {
+                Ok(()) => kept += 1,
+                Err(l) => logged += usize::from(l.warn),
+            }
+        }
         assert_eq!(kept, 10);
+        // A minute after the last log line, the first refusal is logged again, and only it.
+        assert_eq!(logged, 1);
     }
 
     #[test]
@@ -144,12 +200,36 @@ mod tests {
         let mut r = Rates::new(1_000_000, 1, &[]);
         let t = Instant::now();
         assert!(r.take(&dev("a"), t).is_ok());
-        assert_eq!(r.take(&dev("a"), t).unwrap_err(), Duration::from_millis(1));
-        // An earlier instant (threads racing to the lock) counts as no time.
+        assert_eq!(
+            r.take(&dev("a"), t).unwrap_err().wait,
+            Duration::from_millis(1)
+        );
+        // An earlier instant (threads racing to the lock) counts as no time, and the refill
+        // since the later one is not counted twice.
         let mut r = Rates::new(10, 1, &[]);
         let later = t + Duration::from_secs(1);
         assert!(r.take(&dev("a"), later).is_ok());
         assert!(r.take(&dev("a"), t).is_err());
+        assert!(r
+            .take(&dev("a"), later + Duration::from_millis(50))
+            .is_err());
+        assert!(r
+            .take(&dev("a"), later + Duration::from_millis(100))
+            .is_ok());
+    }
+
+    #[test]
+    fn datagrams_take_only_the_upper_half_of_the_bucket() {
+        let mut r = Rates::new(10, 10, &[]);
+        let (d, t) = (dev("d"), Instant::now());
+        // 10 tokens: datagrams take 5 (never the lower half), publishes the rest.
+        let spare = (0..10).filter(|_| r.take_spare(&d, t).is_ok()).count();
+        assert_eq!(spare, 5);
+        let refused = r.take_spare(&d, t).unwrap_err();
+        // Back once the bucket holds 6 again: one token at 10/s.
+        assert_eq!(refused.wait, Duration::from_millis(100));
+        let kept = (0..10).filter(|_| r.take(&d, t).is_ok()).count();
+        assert_eq!(kept, 5, "the publishes still have their half");
     }
 
     #[test]

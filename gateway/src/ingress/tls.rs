@@ -95,7 +95,11 @@ pub fn server_config(
     Ok((server, RoleCheck { device }))
 }
 
-/// A device-side QUIC client config (for `tidepool send`, tests and the load generator).
+/// A device-side QUIC client config (for `tidepool send`, the tier uplink, tests and the load
+/// generator). The gateway never opens a stream or sends a datagram to a device, so a device
+/// accepts none: a hostile upstream (for the tier uplink) cannot make it buffer streams it
+/// never reads (quinn's defaults: 100 of each kind, 1.25 MB each), and keeps at most 2 KiB of
+/// datagrams (quinn's default: 1.25 MB).
 pub fn client_config(
     ca: &std::path::Path,
     cert: &std::path::Path,
@@ -109,5 +113,13 @@ pub fn client_config(
     tls.alpn_protocols = vec![ALPN_DEVICE.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
-    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        // Not None: quinn would then refuse to *send* datagrams too.
+        .datagram_receive_buffer_size(Some(2048));
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
 }

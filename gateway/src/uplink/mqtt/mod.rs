@@ -184,6 +184,17 @@ impl MqttSink {
                         }
                     }
                 }
+                // We subscribe to nothing: a PUBLISH to us is a hostile or broken broker, and
+                // rumqttc would keep every topic alias it names (up to 65,535 topics of up to
+                // 10 KiB) for the connection's life. The connection is dropped with the batch.
+                Event::Incoming(Packet::Publish(_)) => {
+                    return (
+                        SendResult::retry(
+                            "the broker sent a PUBLISH, though nothing is subscribed".into(),
+                        ),
+                        bytes,
+                    )
+                }
                 Event::Incoming(Packet::Disconnect(d)) => {
                     return (
                         SendResult::retry(format!("the broker disconnected: {:?}", d.reason_code)),

@@ -77,6 +77,21 @@ pub struct Exchange {
 #[error("the upstream broke the protocol: {0}")]
 pub struct Violation(pub String);
 
+/// What of an upstream's nack reason is kept in the outbox entry and the dead letter.
+pub const REASON_BYTES: usize = 256;
+
+/// `reason` cut to [`REASON_BYTES`] (on a character boundary), marked when cut.
+fn clip(reason: &str) -> std::borrow::Cow<'_, str> {
+    if reason.len() <= REASON_BYTES {
+        return reason.into();
+    }
+    let end = (0..=REASON_BYTES)
+        .rev()
+        .find(|&i| reason.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}…", &reason[..end]).into()
+}
+
 impl Exchange {
     /// `sent`: (tier seq, batch index) of each publish, in the order sent (rising seqs).
     pub fn new(sent: Vec<(u64, usize)>) -> Exchange {
@@ -106,7 +121,12 @@ impl Exchange {
                         "a nack for seq {seq}, which was not sent"
                     )));
                 };
-                let why = format!("upstream nack {}: {reason}", code.as_str());
+                // A publish is nacked once: a repeat is a hostile upstream making this
+                // gateway rewrite and sync its outbox entry again and again.
+                if self.refused.iter().any(|(r, _)| *r == i) {
+                    return Err(Violation(format!("a second nack for seq {seq}")));
+                }
+                let why = format!("upstream nack {}: {}", code.as_str(), clip(&reason));
                 self.refused.push((i, why.clone()));
                 return Ok(Some((i, why)));
             }
@@ -263,12 +283,35 @@ mod tests {
     fn answers_the_protocol_does_not_allow_are_violations() {
         let mut x = Exchange::new(vec![(1, 0)]);
         assert!(x.on(nack(5)).is_err());
+        // One nack per publish: a repeat would have the entry rewritten and synced each time.
+        assert!(x.on(nack(1)).is_ok());
+        assert_eq!(
+            x.on(nack(1)),
+            Err(Violation("a second nack for seq 1".into()))
+        );
         assert!(x
             .on(GatewayMsg::Welcome {
                 hwm: 0,
                 max_frame_bytes: 1
             })
             .is_err());
+    }
+
+    /// An upstream's reason is kept to 256 bytes (it is written into the outbox entry).
+    #[test]
+    fn a_long_nack_reason_is_clipped_on_a_character_boundary() {
+        let mut x = Exchange::new(vec![(1, 0)]);
+        let long = "é".repeat(1000);
+        let (_, why) = x
+            .on(GatewayMsg::Nack {
+                seq: 1,
+                code: NackCode::Acl,
+                reason: long,
+            })
+            .unwrap()
+            .unwrap();
+        assert!(why.len() <= REASON_BYTES + 40, "{}", why.len());
+        assert!(why.ends_with("é…"), "{why}");
     }
 
     #[test]
