@@ -246,20 +246,7 @@ async fn ten_thousand_connection_attempts_are_answered_and_a_device_still_gets_i
     let mut gw = Gateway::start("");
     let (_, _, ca) = gw.device_certs("probe");
     let before = gw.peak_rss();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in tidepool::pki::read_certs(&ca).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![b"tidepool/1".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut anonymous = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut anonymous = anonymous_client_config(&ca);
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(Duration::from_secs(5).try_into().unwrap()));
     anonymous.transport_config(Arc::new(transport));

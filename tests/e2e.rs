@@ -664,22 +664,8 @@ async fn connect_without_client_cert(
     addr: &str,
     ca: &std::path::Path,
 ) -> Result<tidepool::client::Device, tidepool::client::ClientError> {
-    use std::sync::Arc;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in tidepool::pki::read_certs(ca).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![b"tidepool/1".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint.set_default_client_config(anonymous_client_config(ca));
     let conn = endpoint
         .connect(addr.parse().unwrap(), "localhost")?
         .await?;

@@ -443,6 +443,24 @@ impl Drop for Gateway {
     }
 }
 
+/// A client config on the device ALPN that trusts `ca` and offers no client certificate.
+pub fn anonymous_client_config(ca: &Path) -> quinn::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in tidepool::pki::read_certs(ca).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"tidepool/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    quinn::ClientConfig::new(Arc::new(crypto))
+}
+
 pub fn publish(seq: u64, topic: &str, payload: &[u8]) -> DeviceMsg {
     DeviceMsg::Publish(Publish {
         seq,
