@@ -260,9 +260,24 @@ async fn revoked_devices_are_closed_with_code_6_at_connect_and_at_a_reload() {
     connect_and_publish(&gw, "d3", "127.0.0.1:0", (&c3b, &k3b, &ca3b))
         .await
         .expect("d3's new certificate is not revoked");
+    // A broken list: `config check` (what the units run before the signal) refuses it and says
+    // why; signalled anyway, the gateway keeps the list in force.
+    let check = cli(&["config", "check"], &gw.config);
+    assert!(check.ok && check.stdout.contains("OK"), "{}", check.stderr);
+    gw.edit_config("revoked = ", "revoked = [\"serial:not-hex\"]");
+    let check = cli(&["config", "check"], &gw.config);
+    assert!(
+        !check.ok && check.stderr.contains("serial:not-hex"),
+        "{check:?}"
+    );
+    gw.signal("-HUP");
+    gw.wait_log("reload refused", 1, Duration::from_secs(10))
+        .await;
+    let d2 = gw.connect("d2").await;
+    assert_eq!(close_code(&d2).await, Some(6), "the list in force stays");
     let mut gw = gw;
     let m = gw.stop();
-    assert_eq!(m["connections_revoked"], 3, "{m}");
+    assert_eq!(m["connections_revoked"], 4, "{m}");
 }
 
 /// One device flooding (3,000 events queued at once for a slow handler) does not make

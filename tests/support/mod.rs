@@ -692,6 +692,7 @@ impl Cloud {
 }
 
 /// What one run of the CLI printed.
+#[derive(Debug)]
 pub struct Run {
     pub ok: bool,
     pub code: Option<i32>,

@@ -33,7 +33,7 @@ enum Command {
         #[command(subcommand)]
         what: certs::What,
     },
-    /// Show the configuration's defaults.
+    /// Show the configuration's defaults, or check a configuration file.
     Config {
         #[command(subcommand)]
         what: config::What,
