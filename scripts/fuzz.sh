@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes what a peer, a device or an operator's file can hand the gateway, each target for a
 # bounded time: the frame decoder (`frame`), the CBOR messages (`message`), topics, patterns and
-# the ACL (`topic`), the config (`config`). Targets are in fuzz/fuzz_targets, seeds in
+# the ACL (`topic`), the config (`config`), signed bundles and handler manifests (`bundle`).
+# Targets are in fuzz/fuzz_targets, seeds in
 # fuzz/seeds (copied into a scratch corpus, so a run never changes the repository).
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     (default: 30 s each, every target)
@@ -18,7 +19,7 @@ seconds=${1:-30}
 shift || true
 targets=("$@")
 if [[ ${#targets[@]} -eq 0 ]]; then
-    targets=(frame message topic config)
+    targets=(frame message topic config bundle)
 fi
 
 if ! rustup toolchain list | grep -q '^nightly'; then

@@ -577,3 +577,35 @@ async fn frames_that_are_not_publishes_are_held_to_the_rate_too() {
     let m = gw.stop();
     assert!(m["rate_limited"].as_u64().unwrap_or(0) > 0, "{m}");
 }
+
+/// A device past its rate gets no busy answers for free from streams that find its publishing
+/// slot taken: the rate is checked first, and a stream answered busy for the rate is held open
+/// for the wait, so past its rate a device gets at most `max_streams_per_connection` (4) busy
+/// answers a wait (here at least 50 ms), besides those its rate pays for (20/s). Before, each
+/// such stream was answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_find_the_slot_taken_do_not_get_busy_answers_past_the_rate() {
+    let gw = Gateway::start("[ingress]\ndevice_events_per_s = 20\ndevice_burst = 5\n");
+    let dev = gw.connect("churn").await;
+    // This stream publishes once and stays open: it holds the publishing slot.
+    let mut holder = dev.open().await.unwrap();
+    holder
+        .send(&publish(1, "devices/churn/x", b"1"))
+        .await
+        .unwrap();
+    until_ack(&mut holder, 1).await;
+    let start = Instant::now();
+    let mut busy = 0u32;
+    while start.elapsed() < Duration::from_secs(2) {
+        let mut s = dev.open().await.unwrap();
+        s.send(&publish(2, "devices/churn/x", b"1")).await.unwrap();
+        match next_msg(&mut s).await {
+            Some(GatewayMsg::Busy { .. }) => busy += 1,
+            other => panic!("expected busy, got {other:?}"),
+        }
+    }
+    eprintln!("{busy} busy answers in 2 s past the rate");
+    // Paid for: the burst and 20/s, 45; held: 4 streams a 50 ms wait, 160.
+    assert!(busy <= 250, "{busy} busy answers in 2 s");
+    drop(holder);
+}

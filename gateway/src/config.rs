@@ -42,8 +42,34 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub uplink: UplinkConfig,
     pub record: RecordConfig,
+    pub deploy: DeployConfig,
     #[serde(default)]
     pub handler: Vec<HandlerEntry>,
+}
+
+/// `[deploy]`: who may sign what this box runs from a bundle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    /// Public keys (`ed25519:<base64>`, as `tidepool keys generate` writes them) whose bundles
+    /// this box runs.
+    pub trusted_keys: Vec<String>,
+    /// The largest bundle read at all.
+    pub max_bundle_bytes: u64,
+}
+
+impl DeployConfig {
+    /// The trusted keys, parsed (validated with the config, so this does not fail after a
+    /// successful load).
+    pub fn keys(&self) -> Result<Vec<crate::admin::bundle::PublicKey>, ConfigError> {
+        self.trusted_keys
+            .iter()
+            .map(|k| {
+                crate::admin::bundle::PublicKey::parse(k)
+                    .map_err(|e| ConfigError::Invalid(format!("deploy.trusted_keys: {e}")))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -380,10 +406,11 @@ impl Config {
                 MAX_MS,
             ),
             ("limits.min_timer_ms", self.limits.min_timer_ms, 1, MAX_MS),
+            // MQTT's keep-alive is 16 bits; below 5 s the sink uses 5 (rumqttc's least).
             (
                 "uplink.mqtt.keep_alive_s",
                 self.uplink.mqtt.keep_alive_s,
-                5,
+                0,
                 65_535,
             ),
             (
@@ -398,6 +425,14 @@ impl Config {
                     "{name} = {v} is out of range: it must be {lo} to {hi}"
                 ));
             }
+        }
+        self.deploy.keys()?;
+        if !(1024..=(256 << 20)).contains(&self.deploy.max_bundle_bytes) {
+            return bad(format!(
+                "deploy.max_bundle_bytes = {} is out of range: it must be 1024 to {}",
+                self.deploy.max_bundle_bytes,
+                256 << 20
+            ));
         }
         if self.outbox.retry_base_ms == 0 || self.outbox.retry_max_ms < self.outbox.retry_base_ms {
             return bad("outbox: need 0 < retry_base_ms <= retry_max_ms".into());
@@ -499,7 +534,6 @@ mod tests {
             ("uplink", "timeout_ms", "0"),
             ("limits", "quarantine_hold_ms", "18446744073709551615"),
             ("limits", "min_timer_ms", "18446744073709551615"),
-            ("uplink.mqtt", "keep_alive_s", "4"),
             ("uplink.mqtt", "keep_alive_s", "65536"),
             ("uplink.nats", "duplicate_window_s", "18446744073709551615"),
         ] {

@@ -4,6 +4,7 @@
 //!
 //! `docs/architecture.md` is the map of this crate and its invariants.
 
+pub mod admin;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -52,6 +52,20 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "the sandbox runs one handler on data it is given: it knows nothing of sled or the network",
     ),
     (
+        "admin/bundle.rs",
+        &[
+            "crate::store",
+            "crate::dispatch",
+            "crate::ingress",
+            "crate::outbox",
+            "crate::uplink",
+            "sled::",
+            "tokio::",
+            "quinn::",
+        ],
+        "a bundle is checked on bytes alone: no store, no network",
+    ),
+    (
         "ingress",
         &[
             "crate::store",

@@ -733,6 +733,11 @@ impl Run {
     }
 }
 
+/// `tidepool ARGS`.
+pub fn tidepool(args: &[&str]) -> Run {
+    Run::of(Command::new(BIN).args(args))
+}
+
 /// `tidepool ARGS --config CONFIG`.
 pub fn cli(args: &[&str], config: &Path) -> Run {
     Run::of(Command::new(BIN).args(args).arg("--config").arg(config))

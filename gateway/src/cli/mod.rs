@@ -1,9 +1,11 @@
 //! The command line: one file per subcommand.
 
+mod bundle;
 mod certs;
 mod config;
 mod dead_letters;
 mod invoke;
+mod keys;
 mod run;
 mod send;
 mod status;
@@ -37,6 +39,16 @@ enum Command {
     Config {
         #[command(subcommand)]
         what: config::What,
+    },
+    /// Make the key pair that signs bundles.
+    Keys {
+        #[command(subcommand)]
+        what: keys::What,
+    },
+    /// Sign a handler into a bundle (.tpb), or inspect one.
+    Bundle {
+        #[command(subcommand)]
+        what: bundle::What,
     },
     Send(send::Args),
     Invoke(invoke::Args),
@@ -81,6 +93,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Run(a) => run::run(a),
         Command::Certs { what } => certs::run(what),
         Command::Config { what } => config::run(what),
+        Command::Keys { what } => keys::run(what),
+        Command::Bundle { what } => bundle::run(what),
         Command::Send(a) => send::run(a),
         Command::Invoke(a) => invoke::run(a),
         Command::Status(a) => status::run(a),

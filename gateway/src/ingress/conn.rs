@@ -306,6 +306,17 @@ async fn stream(
                         p.seq
                     ),
                 },
+                // Past its rate (checked before the publishing slot: a device must not get
+                // busy answers for free from streams that find the slot taken).
+                Ok(DeviceMsg::Publish(p)) if over.is_some() => {
+                    let wait = over.unwrap_or(1);
+                    last = true;
+                    held = Some(wait);
+                    Step::Busy {
+                        seq: p.seq,
+                        retry_after_ms: Some(wait),
+                    }
+                }
                 Ok(DeviceMsg::Publish(p)) if !slot.take(token) => {
                     // Another stream of this device is publishing: this one is not kept, and
                     // the device resends from this seq once that stream has ended.
@@ -320,21 +331,10 @@ async fn stream(
                         retry_after_ms: None,
                     }
                 }
-                Ok(DeviceMsg::Publish(p)) => match over {
-                    None => {
-                        prev_seq = p.seq;
-                        Step::Publish(p)
-                    }
-                    // Past its rate: not kept, and told when it may go on.
-                    Some(wait) => {
-                        last = true;
-                        held = Some(wait);
-                        Step::Busy {
-                            seq: p.seq,
-                            retry_after_ms: Some(wait),
-                        }
-                    }
-                },
+                Ok(DeviceMsg::Publish(p)) => {
+                    prev_seq = p.seq;
+                    Step::Publish(p)
+                }
             });
             // Anything else cannot be answered busy: it is taken, and nothing more is read
             // for the wait.
@@ -398,10 +398,10 @@ async fn stream(
     }
     // After a rate busy, the stream (its receive side) stays open for the wait: a device has
     // `max_streams_per_connection` of them, so it gets at most that many busy answers a wait.
-    if let Some(ms) = held {
+    if let Some(ms) = held.filter(|_| !*halt.borrow()) {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
-            _ = halt.changed() => {}
+            _ = halt.wait_for(|h| *h) => {}
         }
     }
     drop(recv);

@@ -73,8 +73,9 @@ impl Rates {
     /// Takes one token of `device` at `now` only while its bucket is more than half full (for
     /// datagrams: the lower half is kept for its publishes).
     pub fn take_spare(&mut self, device: &Arc<str>, now: Instant) -> Result<(), Limited> {
-        let half = self.burst / 2.0;
-        self.take_above(device, now, half)
+        // Half the bucket, but never all of it (a burst of 1 would keep every datagram out).
+        let keep = (self.burst / 2.0).min(self.burst - 1.0);
+        self.take_above(device, now, keep)
     }
 
     fn take_above(&mut self, device: &Arc<str>, now: Instant, keep: f64) -> Result<(), Limited> {
@@ -216,6 +217,16 @@ mod tests {
         assert!(r
             .take(&dev("a"), later + Duration::from_millis(100))
             .is_ok());
+    }
+
+    #[test]
+    fn with_a_burst_of_one_datagrams_still_pass_at_the_rate() {
+        let mut r = Rates::new(10, 1, &[]);
+        let (d, t) = (dev("d"), Instant::now());
+        assert!(r.take_spare(&d, t).is_ok());
+        let refused = r.take_spare(&d, t).unwrap_err();
+        assert_eq!(refused.wait, Duration::from_millis(100));
+        assert!(r.take_spare(&d, t + refused.wait).is_ok());
     }
 
     #[test]

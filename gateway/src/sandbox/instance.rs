@@ -181,6 +181,28 @@ fn failure(e: &wasmi::Error) -> Failure {
     }
 }
 
+/// Validates and compiles `wasm` for `manifest` without running anything: a module, the
+/// ABI's imports and exports, and `tp_on_timer` when the manifest sets `timer_ms` (what
+/// `bundle build` checks before it signs, and `Handler::load` before it instantiates).
+pub fn compile(runtime: &Runtime, wasm: &[u8], manifest: &Manifest) -> Result<Module, LoadError> {
+    let name = || manifest.name.clone();
+    let module = Module::new(&runtime.engine, wasm).map_err(|source| LoadError::NotWasm {
+        name: name(),
+        source,
+    })?;
+    check_abi(&module).map_err(|mismatch| LoadError::Abi {
+        name: name(),
+        mismatch,
+    })?;
+    let has_timer = module
+        .exports()
+        .any(|e| e.name() == tidepool_abi::export::ON_TIMER);
+    if manifest.timer_ms.is_some() && !has_timer {
+        return Err(LoadError::NoTimerExport { name: name() });
+    }
+    Ok(module)
+}
+
 impl Handler {
     /// Validates and compiles `wasm`, and makes the first instance (running `tp_init`).
     pub fn load(
@@ -191,21 +213,7 @@ impl Handler {
         env: HostEnv,
         state_used: u64,
     ) -> Result<Handler, LoadError> {
-        let name = || manifest.name.clone();
-        let module = Module::new(&runtime.engine, wasm).map_err(|source| LoadError::NotWasm {
-            name: name(),
-            source,
-        })?;
-        check_abi(&module).map_err(|mismatch| LoadError::Abi {
-            name: name(),
-            mismatch,
-        })?;
-        let has_timer = module
-            .exports()
-            .any(|e| e.name() == tidepool_abi::export::ON_TIMER);
-        if manifest.timer_ms.is_some() && !has_timer {
-            return Err(LoadError::NoTimerExport { name: name() });
-        }
+        let module = compile(runtime, wasm, &manifest)?;
         let mut config = manifest.config.clone();
         config.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut h = Handler {

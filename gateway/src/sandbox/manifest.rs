@@ -35,9 +35,21 @@ impl Default for Limits {
     }
 }
 
+/// What a manifest describes. Only handlers yet: `config` is reserved for signed config
+/// bundles, and any other value is refused.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    Handler,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// `handler` (the default).
+    #[serde(default)]
+    pub kind: Kind,
     pub name: String,
     pub version: u64,
     pub subscribe: Vec<String>,

@@ -10,7 +10,7 @@ pub mod share;
 
 use std::sync::Arc;
 
-pub use instance::{AbiMismatch, Handler, LoadError, Runtime};
+pub use instance::{compile, AbiMismatch, Handler, LoadError, Runtime};
 pub use manifest::Limits;
 pub use manifest::Manifest;
 

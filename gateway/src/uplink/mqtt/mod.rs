@@ -189,9 +189,10 @@ impl MqttSink {
                 // 10 KiB) for the connection's life. The connection is dropped with the batch.
                 Event::Incoming(Packet::Publish(_)) => {
                     return (
-                        SendResult::retry(
-                            "the broker sent a PUBLISH, though nothing is subscribed".into(),
-                        ),
+                        SendResult::Retry {
+                            alarm: true,
+                            why: "the broker sent a PUBLISH, though the gateway subscribes to nothing (an auto-subscribe on the broker?); the connection is dropped each time".into(),
+                        },
                         bytes,
                     )
                 }
