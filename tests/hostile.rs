@@ -322,7 +322,8 @@ fn modules_that_break_the_abi_are_refused_at_load_with_the_reason() {
     let (ok, err) = invoke_module(dir.path(), "notwasm", b"\0asm garbage");
     assert!(!ok && err.contains("not a valid module"), "{err}");
 
-    // The gateway itself refuses to start with such a handler and says which and why.
+    // The gateway skips such a handler at start, says which and why (log and status), and
+    // serves the others.
     let gw_dir = tempfile::tempdir().unwrap();
     let entry = wat_handler(
         gw_dir.path(),
@@ -332,21 +333,44 @@ fn modules_that_break_the_abi_are_refused_at_load_with_the_reason() {
         ),
         "",
     );
-    let cfg = gw_dir.path().join("tidepool.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{entry}",
-            gw_dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
-    let run = cli(&["run"], &cfg);
-    let err = &run.stderr;
-    assert!(!run.ok);
+    let counter = wat_handler(
+        gw_dir.path(),
+        "counter",
+        COUNTER_WAT,
+        "subscribe = [\"devices/#\"]\n",
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut gw = Gateway::start(&format!("{entry}{counter}"));
+    let st = status(&gw);
+    let skipped = st["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{st}");
+    let why = skipped[0]["reason"].as_str().unwrap();
+    assert!(why.contains("proc_exit"), "{why}");
     assert!(
-        err.contains("proc_exit") && err.contains("wasi.toml"),
-        "{err}"
+        skipped[0]["manifest"]
+            .as_str()
+            .unwrap()
+            .ends_with("wasi.toml"),
+        "{st}"
+    );
+    let text = cli(&["status"], &gw.config);
+    assert!(
+        text.stdout.contains("NOT LOADED") && text.stdout.contains("wasi.toml"),
+        "{}",
+        text.stdout
+    );
+    rt.block_on(async {
+        let d = gw.connect("d1").await;
+        let mut s = d.open().await.unwrap();
+        s.send(&publish(1, "devices/d1/x", b"1")).await.unwrap();
+        until_ack(&mut s, 1).await;
+        d.close().await;
+    });
+    gw.stop();
+    assert_eq!(
+        read_state(&gw.data(), "counter", b"n"),
+        Some(1u64.to_le_bytes().to_vec()),
+        "the other handler ran"
     );
 }
 

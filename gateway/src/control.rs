@@ -33,6 +33,8 @@ pub struct Control {
     pub outbox: Arc<Outbox>,
     pub disk: Arc<crate::os::disk::DiskWatch>,
     pub store: Store,
+    /// Configured handlers that did not load at start, and why.
+    pub skipped: Vec<crate::gateway::Skipped>,
 }
 
 impl Control {
@@ -68,6 +70,7 @@ impl Control {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
             "handlers": handlers,
+            "skipped": self.skipped,
             "outbox": {
                 "entries": pending.urgent + pending.normal + pending.bulk,
                 "bytes": self.outbox.used_bytes(),

@@ -47,8 +47,6 @@ pub enum StartError {
     Nats(#[from] crate::uplink::nats::NatsSetupError),
     #[error("uplink.sink = \"nats\", but this build has no NATS sink: build with `cargo build --release --features nats`")]
     NoNats,
-    #[error("handler {path}: {msg}")]
-    Handler { path: PathBuf, msg: String },
     #[error("{0}")]
     Revoked(String),
     #[error("listen on {addr}: {source}")]
@@ -58,35 +56,76 @@ pub enum StartError {
     },
 }
 
-/// Loads the configured handlers (`[[handler]]`).
+/// A configured handler that did not load: the gateway serves the others, logs it at ERROR
+/// and `status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Skipped {
+    /// Its manifest's path, as configured.
+    pub manifest: PathBuf,
+    /// Why, with the handler's name when the manifest was read that far.
+    pub reason: String,
+}
+
+/// Loads the configured handlers (`[[handler]]`). One that does not load (an unreadable or
+/// invalid manifest, limits above the box's caps, a second handler of a name, a module that
+/// breaks the ABI or fails its `tp_init`) is skipped and returned with the reason; only a
+/// store error stops the start.
 pub fn load_handlers(
     cfg: &Config,
     store: &Store,
     env: &HostEnv,
-) -> Result<Vec<Handler>, StartError> {
+) -> Result<(Vec<Handler>, Vec<Skipped>), StartError> {
     let runtime = Runtime::default();
     let mut handlers: Vec<Handler> = Vec::new();
+    let mut skipped = Vec::new();
     for entry in &cfg.handler {
-        let err = |msg: String| StartError::Handler {
-            path: entry.manifest.clone(),
-            msg,
-        };
-        let manifest = Manifest::load(&entry.manifest).map_err(|e| err(e.to_string()))?;
-        manifest
-            .check(&cfg.limits)
-            .map_err(|e| err(e.to_string()))?;
-        if handlers.iter().any(|h| h.name() == manifest.name) {
-            return Err(err(format!(
-                "a handler named `{}` is already loaded",
-                manifest.name
-            )));
+        match load_one(entry, cfg, store, env, &runtime, &handlers)? {
+            Ok(h) => handlers.push(h),
+            Err(reason) => {
+                tracing::error!(manifest = %entry.manifest.display(), "handler skipped, the others are served: {reason}");
+                skipped.push(Skipped {
+                    manifest: entry.manifest.clone(),
+                    reason,
+                });
+            }
         }
-        let wasm = std::fs::read(&entry.wasm)
-            .map_err(|e| err(format!("cannot read {}: {e}", entry.wasm.display())))?;
-        let used = store.state_bytes(&manifest.name)?;
-        let started = Instant::now();
-        let h = Handler::load(&runtime, &wasm, manifest, &entry.config, env.clone(), used)
-            .map_err(|e| err(e.to_string()))?;
+    }
+    Ok((handlers, skipped))
+}
+
+/// One `[[handler]]`: the handler, or why it was not loaded (`Err` outside: the store failed).
+fn load_one(
+    entry: &crate::config::HandlerEntry,
+    cfg: &Config,
+    store: &Store,
+    env: &HostEnv,
+    runtime: &Runtime,
+    loaded: &[Handler],
+) -> Result<Result<Handler, String>, StartError> {
+    let manifest = match Manifest::load(&entry.manifest) {
+        Ok(m) => m,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if let Err(e) = manifest.check(&cfg.limits) {
+        return Ok(Err(e.to_string()));
+    }
+    if loaded.iter().any(|h| h.name() == manifest.name) {
+        return Ok(Err(format!(
+            "a handler named `{}` is already loaded",
+            manifest.name
+        )));
+    }
+    let wasm = match std::fs::read(&entry.wasm) {
+        Ok(w) => w,
+        Err(e) => return Ok(Err(format!("cannot read {}: {e}", entry.wasm.display()))),
+    };
+    let used = store.state_bytes(&manifest.name)?;
+    let started = Instant::now();
+    let h = match Handler::load(runtime, &wasm, manifest, &entry.config, env.clone(), used) {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    {
         tracing::info!(
             handler = h.name(),
             version = h.manifest.version,
@@ -95,9 +134,8 @@ pub fn load_handlers(
             load_ms = started.elapsed().as_secs_f64() * 1000.0,
             "handler loaded"
         );
-        handlers.push(h);
     }
-    Ok(handlers)
+    Ok(Ok(h))
 }
 
 struct Hooks {
@@ -188,8 +226,8 @@ pub async fn run(
     Metrics::add(&metrics.dead_letters_dropped, loaded.dead_dropped);
     let state = Arc::new(EventState::new(Arc::new(store.clone())));
     let env = HostEnv::new(&cfg, state.clone());
-    let handlers = load_handlers(&cfg, &store, &env)?;
-    if handlers.is_empty() {
+    let (handlers, skipped) = load_handlers(&cfg, &store, &env)?;
+    if handlers.is_empty() && skipped.is_empty() {
         tracing::warn!(
             "no handlers configured: events go nowhere unless router.unrouted = \"forward\""
         );
@@ -257,6 +295,7 @@ pub async fn run(
         outbox: outbox.clone(),
         store: store.clone(),
         disk,
+        skipped,
     });
     // Without the socket the gateway still serves devices; only `status` and the live export
     // are unavailable (e.g. a data dir path longer than a socket path may be).

@@ -55,6 +55,17 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         Some(h) => h.as_slice(),
     };
+    for s in v["skipped"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        println!(
+            "handler in {}: NOT LOADED, skipped at start: {}",
+            s["manifest"].as_str().unwrap_or("?"),
+            s["reason"].as_str().unwrap_or("?")
+        );
+    }
     for h in handlers {
         let only: Vec<&str> = h["quarantined_for"]
             .as_array()
