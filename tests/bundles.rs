@@ -193,3 +193,211 @@ fn bundle_build_refuses_what_a_box_would_refuse_and_writes_nothing() {
         assert!(!out.exists(), "{case}: a bundle was written");
     }
 }
+
+/// Waits for `path` to exist (the inbox thread moves a bundle when it is done with it).
+async fn appears(path: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Puts `bytes` in the gateway's inbox as an operator would (`NAME.part`, then a rename) and
+/// returns what it became: `Ok(())` deployed, `Err(reason)` rejected.
+async fn through_inbox(gw: &Gateway, name: &str, bytes: &[u8]) -> Result<(), String> {
+    let inbox = gw.data().join("inbox");
+    let part = inbox.join(format!("{name}.part"));
+    std::fs::write(&part, bytes).unwrap();
+    std::fs::rename(&part, inbox.join(name)).unwrap();
+    let (done, rejected) = (
+        inbox.join("done").join(name),
+        inbox.join("rejected").join(name),
+    );
+    let reason = inbox.join("rejected").join(format!("{name}.reason"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if done.exists() {
+            return Ok(());
+        }
+        if rejected.exists() && reason.exists() {
+            return Err(std::fs::read_to_string(&reason).unwrap());
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} was not taken");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A counter handler counting in state key `key`, as manifest text and module bytes.
+fn counter(name: &str, version: u64, key: &str, extra: &str) -> (String, Vec<u8>) {
+    let wat = COUNTER_WAT.replace(
+        "(data (i32.const 0) \"n\")",
+        &format!("(data (i32.const 0) \"{key}\")"),
+    );
+    (
+        format!("name = \"{name}\"\nversion = {version}\nsubscribe = [\"devices/#\"]\n{extra}"),
+        wat::parse_str(&wat).unwrap(),
+    )
+}
+
+/// Signs (manifest, module) with `key` through the CLI; returns the bundle's bytes.
+fn signed(dir: &Path, (manifest, wasm): &(String, Vec<u8>), key: &Path) -> Vec<u8> {
+    let (m, w, out) = (dir.join("m.toml"), dir.join("m.wasm"), dir.join("m.tpb"));
+    std::fs::write(&m, manifest).unwrap();
+    std::fs::write(&w, wasm).unwrap();
+    let r = build(&m, &w, key, &out);
+    assert!(r.ok, "{}", r.stderr);
+    std::fs::read(out).unwrap()
+}
+
+async fn publish_one(gw: &Gateway, seq: u64) {
+    let d = gw.connect("d1").await;
+    let mut s = d.open().await.unwrap();
+    s.send(&publish(seq, "devices/d1/x", b"1")).await.unwrap();
+    until_ack(&mut s, seq).await;
+    d.close().await;
+}
+
+/// The offline inbox: a signed bundle renamed into `<data-dir>/inbox/` is deployed (a new
+/// handler, then a new version in its place: the next event runs on it), recorded so that a
+/// restart runs it, and moved to `done/`. Each bad one is moved to `rejected/` with its reason,
+/// and changes nothing: the same version again, unsigned, tampered, signed by another key,
+/// over the box's caps, over a pinned handler, a symbolic link (not followed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_in_the_inbox_are_deployed_or_rejected_with_the_reason_and_deploys_survive_a_restart(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let (other_key, _) = keys(other.path());
+    let pinned = wat_handler(
+        dir.path(),
+        "pinned",
+        COUNTER_WAT,
+        "subscribe = [\"pinned/#\"]\n",
+    );
+    // A configured handler that does not load (it imports WASI) pins its name all the same.
+    let broken = wat_handler(
+        dir.path(),
+        "broken",
+        r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func (param i32))))"#,
+        "subscribe = [\"broken/#\"]\n",
+    );
+    let mut gw = Gateway::start(&format!(
+        "[deploy]\ntrusted_keys = [\"{public}\"]\n{pinned}{broken}"
+    ));
+
+    // A new handler, version 1, counting in `n`.
+    let v1 = signed(dir.path(), &counter("counter", 1, "n", ""), &key);
+    through_inbox(&gw, "counter-1.tpb", &v1)
+        .await
+        .expect("v1 deployed");
+    publish_one(&gw, 1).await;
+    // Version 2 in its place, counting in `m`: the next event runs on it.
+    let v2 = signed(dir.path(), &counter("counter", 2, "m", ""), &key);
+    through_inbox(&gw, "counter-2.tpb", &v2)
+        .await
+        .expect("v2 deployed");
+    publish_one(&gw, 2).await;
+
+    // Refused, each with its reason.
+    let mut tampered = signed(dir.path(), &counter("counter", 3, "m", ""), &key);
+    let at = tampered.len() - 100;
+    tampered[at] ^= 1;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("again.tpb", v2.clone(), "is not above 2"),
+        (
+            "older.tpb",
+            signed(dir.path(), &counter("counter", 1, "x", ""), &key),
+            "is not above 2",
+        ),
+        (
+            "bare.tpb",
+            counter("counter", 3, "x", "").1,
+            "not a Tidepool bundle",
+        ),
+        ("tampered.tpb", tampered, "signature does not match"),
+        (
+            "foreign.tpb",
+            signed(dir.path(), &counter("counter", 3, "x", ""), &other_key),
+            "not in trusted_keys",
+        ),
+        (
+            "greedy.tpb",
+            signed(
+                dir.path(),
+                &counter(
+                    "counter",
+                    3,
+                    "x",
+                    "[limits]\nfuel_per_event = 999999999999\n",
+                ),
+                &key,
+            ),
+            "fuel_per_event",
+        ),
+        (
+            "pinned.tpb",
+            signed(dir.path(), &counter("pinned", 5, "x", ""), &key),
+            "pinned",
+        ),
+        (
+            "broken.tpb",
+            signed(dir.path(), &counter("broken", 5, "x", ""), &key),
+            "pinned",
+        ),
+    ];
+    for (name, bytes, says) in cases {
+        let why = through_inbox(&gw, name, &bytes).await.unwrap_err();
+        assert!(why.contains(says), "{name}: {why}");
+    }
+    // A link to a good bundle is not followed: rejected as a link, the file it names untouched.
+    let target = dir.path().join("v3.tpb");
+    let v3 = signed(dir.path(), &counter("counter", 3, "x", ""), &key);
+    std::fs::write(&target, &v3).unwrap();
+    let inbox = gw.data().join("inbox");
+    std::os::unix::fs::symlink(&target, inbox.join("link.tpb")).unwrap();
+    // The reason is written before the link is moved beside it.
+    appears(&inbox.join("rejected").join("link.tpb")).await;
+    let why = std::fs::read_to_string(inbox.join("rejected").join("link.tpb.reason")).unwrap();
+    assert!(why.contains("symbolic link"), "{why}");
+    assert_eq!(std::fs::read(&target).unwrap(), v3);
+    // A copy still under way (`.part`) is left alone.
+    std::fs::write(inbox.join("slow.tpb.part"), &v3[..100]).unwrap();
+
+    let st = cli(&["status", "--json"], &gw.config);
+    let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    let counter_status = st["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "counter")
+        .cloned()
+        .unwrap();
+    assert_eq!(counter_status["version"], 2, "{st}");
+
+    // After a restart the deployed version runs, and its floor holds.
+    gw.restart();
+    publish_one(&gw, 3).await;
+    let why = through_inbox(&gw, "replay.tpb", &v2).await.unwrap_err();
+    assert!(why.contains("is not above 2"), "{why}");
+    assert!(inbox.join("slow.tpb.part").exists());
+    gw.stop();
+    assert_eq!(
+        read_state(&gw.data(), "counter", b"n"),
+        Some(1u64.to_le_bytes().to_vec())
+    );
+    assert_eq!(
+        read_state(&gw.data(), "counter", b"m"),
+        Some(2u64.to_le_bytes().to_vec())
+    );
+    assert_eq!(
+        read_state(&gw.data(), "counter", b"x"),
+        None,
+        "no refused version ran"
+    );
+}

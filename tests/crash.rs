@@ -124,7 +124,7 @@ async fn every_acked_event_survives_kill_9_under_load_exactly_once() {
     let cloud = Cloud::start(|_| 200).await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
-        "{}[uplink]\nurl = \"{}\"\n[outbox]\nmax_delay_ms = 20\nlinger_ms = 50\nretry_base_ms = 20\nretry_max_ms = 100\n",
+        "{}[ingress]\ndevice_events_per_s = 0\n[uplink]\nurl = \"{}\"\n[outbox]\nmax_delay_ms = 20\nlinger_ms = 50\nretry_base_ms = 20\nretry_max_ms = 100\n",
         wat_handler(dir.path(), "fwd", FORWARDER_WAT, ""),
         cloud.url
     );

@@ -347,7 +347,7 @@ fn modules_that_break_the_abi_are_refused_at_load_with_the_reason() {
     let why = skipped[0]["reason"].as_str().unwrap();
     assert!(why.contains("proc_exit"), "{why}");
     assert!(
-        skipped[0]["manifest"]
+        skipped[0]["source"]
             .as_str()
             .unwrap()
             .ends_with("wasi.toml"),

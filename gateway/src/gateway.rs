@@ -49,6 +49,8 @@ pub enum StartError {
     NoNats,
     #[error("{0}")]
     Revoked(String),
+    #[error("deploy: {0}")]
+    Deploy(String),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -60,8 +62,8 @@ pub enum StartError {
 /// and `status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Skipped {
-    /// Its manifest's path, as configured.
-    pub manifest: PathBuf,
+    /// Where it came from: its manifest's path, as configured, or `bundle <name>` (deployed).
+    pub source: String,
     /// Why, with the handler's name when the manifest was read that far.
     pub reason: String,
 }
@@ -84,9 +86,70 @@ pub fn load_handlers(
             Err(reason) => {
                 tracing::error!(manifest = %entry.manifest.display(), "handler skipped, the others are served: {reason}");
                 skipped.push(Skipped {
-                    manifest: entry.manifest.clone(),
+                    source: entry.manifest.display().to_string(),
                     reason,
                 });
+            }
+        }
+    }
+    Ok((handlers, skipped))
+}
+
+/// Loads the handlers deployed from bundles (the registry's current versions), checked again
+/// as at their deploy (a key since taken out of `deploy.trusted_keys` no longer runs). A name
+/// in `pinned` (configured in `[[handler]]`) is not loaded: the configured one runs.
+pub fn load_deployed(
+    cfg: &Config,
+    store: &Store,
+    env: &HostEnv,
+    pinned: &std::collections::BTreeSet<String>,
+) -> Result<(Vec<Handler>, Vec<Skipped>), StartError> {
+    let runtime = Runtime::default();
+    let trusted = cfg
+        .deploy
+        .keys()
+        .map_err(|e| StartError::Deploy(e.to_string()))?;
+    let (mut handlers, mut skipped) = (Vec::new(), Vec::new());
+    for (name, bytes) in store.deployed()? {
+        let source = format!("bundle {name}");
+        let loaded = (|| {
+            if pinned.contains(&name) {
+                return Ok(Err(format!(
+                    "`{name}` is configured in [[handler]]: the configured one runs"
+                )));
+            }
+            let v = match crate::admin::bundle::verify(&bytes, u64::MAX, &trusted) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(e.to_string())),
+            };
+            if let Err(e) = v.manifest.check(&cfg.limits) {
+                return Ok(Err(e.to_string()));
+            }
+            let used = store.state_bytes(&name)?;
+            Ok::<_, StartError>(
+                Handler::load(
+                    &runtime,
+                    &v.wasm,
+                    v.manifest,
+                    &Default::default(),
+                    env.clone(),
+                    used,
+                )
+                .map_err(|e| e.to_string()),
+            )
+        })()?;
+        match loaded {
+            Ok(h) => {
+                tracing::info!(
+                    handler = h.name(),
+                    version = h.manifest.version,
+                    "deployed handler loaded"
+                );
+                handlers.push(h);
+            }
+            Err(reason) => {
+                tracing::error!(handler = name, "deployed handler skipped: {reason}");
+                skipped.push(Skipped { source, reason });
             }
         }
     }
@@ -226,7 +289,12 @@ pub async fn run(
     Metrics::add(&metrics.dead_letters_dropped, loaded.dead_dropped);
     let state = Arc::new(EventState::new(Arc::new(store.clone())));
     let env = HostEnv::new(&cfg, state.clone());
-    let (handlers, skipped) = load_handlers(&cfg, &store, &env)?;
+    let (mut handlers, mut skipped) = load_handlers(&cfg, &store, &env)?;
+    // Every configured manifest that reads pins its name, loaded or not.
+    let pinned = crate::admin::deploy::Pinned::of(&cfg);
+    let (deployed, not_deployed) = load_deployed(&cfg, &store, &env, &pinned.names)?;
+    handlers.extend(deployed);
+    skipped.extend(not_deployed);
     if handlers.is_empty() && skipped.is_empty() {
         tracing::warn!(
             "no handlers configured: events go nowhere unless router.unrouted = \"forward\""
@@ -402,6 +470,20 @@ pub async fn run(
     });
     let (conn_stop_tx, conn_stop) = watch::channel(false);
     let server = tokio::spawn(ingress::serve(endpoint.clone(), shared, conn_stop));
+    // The offline inbox (<data-dir>/inbox): bundles put there are deployed. Started last,
+    // once nothing of the start can fail.
+    let deployer = crate::admin::deploy::Deployer::new(
+        &cfg,
+        pinned,
+        (store.clone(), inbox.clone(), env.clone()),
+        tokio::runtime::Handle::current(),
+    )
+    .map_err(|e| StartError::Deploy(e.to_string()))?;
+    let inbox_thread =
+        crate::admin::inbox::spawn(&data, deployer).map_err(|source| StartError::DataDir {
+            path: crate::admin::inbox::dir(&data),
+            source,
+        })?;
     tracing::info!(%local, gateway = %cfg.gateway.id, data_dir = %data.display(), "listening");
     ready(local);
 
@@ -423,6 +505,8 @@ pub async fn run(
         let _ = t.await;
         let _ = std::fs::remove_file(control::socket_path(&data));
     }
+    // A deploy under way finishes (it needs the dispatcher), then the inbox stops looking.
+    let _ = tokio::task::spawn_blocking(move || inbox_thread.stop()).await;
     // The dispatcher takes what is queued, then closes: the committer finishes and exits.
     inbox.stop();
     let _ = tokio::task::spawn_blocking(move || {

@@ -93,6 +93,17 @@ impl Timers {
         self.slots.is_empty()
     }
 
+    /// Drops `handler`'s timer, if it has one (its handler is replaced); returns its next due
+    /// time (which the store may not hold yet: the firing that set it may be in flight).
+    pub fn remove(&mut self, handler: usize) -> Option<Due> {
+        let i = self.slots.iter().position(|s| s.handler == handler)?;
+        let s = self.slots.remove(i);
+        Some(Due {
+            due_ms: s.due_ms,
+            epoch: s.epoch,
+        })
+    }
+
     /// The earliest due time, if there is any timer.
     pub fn next_due(&self) -> Option<u64> {
         self.slots.iter().map(|s| s.due_ms).min()

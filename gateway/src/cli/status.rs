@@ -62,7 +62,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     {
         println!(
             "handler in {}: NOT LOADED, skipped at start: {}",
-            s["manifest"].as_str().unwrap_or("?"),
+            s["source"].as_str().unwrap_or("?"),
             s["reason"].as_str().unwrap_or("?")
         );
     }

@@ -99,6 +99,8 @@ pub struct Dispatcher {
     tiers: Vec<String>,
     max_payload: usize,
     busy_retry_ms: u64,
+    /// The box's `limits.cpu_percent` (for handlers installed later).
+    cpu_percent: u32,
     /// Items waiting for the committer beyond which datagrams are shed.
     datagram_shed_backlog: usize,
     timers: Timers,
@@ -188,6 +190,7 @@ impl Dispatcher {
             tiers: cfg.acl.tiers.clone(),
             max_payload: cfg.ingress.max_payload_bytes,
             busy_retry_ms: cfg.ingress.busy_retry_after_ms,
+            cpu_percent: cfg.limits.cpu_percent,
             datagram_shed_backlog: cfg.ingress.datagram_shed_backlog,
             timers,
             recorder: None,
@@ -208,6 +211,38 @@ impl Dispatcher {
             d.submit(&"".into(), 0, ItemKind::Event(Box::new(schedule)), None);
         }
         Ok(d)
+    }
+
+    /// Installs `h` (loaded, its `tp_init` run) at wall time `now`: in place of the running
+    /// handler of its name, or beside the others. Its CPU share is the box's; its timer, if
+    /// any, keeps the stored due time of its name. Returns the version it replaced.
+    pub fn install(&mut self, mut h: Handler, now: u64) -> Result<Option<u64>, Fault> {
+        h.share =
+            crate::sandbox::share::CpuShare::new(self.cpu_percent, h.manifest.limits.cpu_percent);
+        let name = h.name().to_string();
+        let (version, period) = (h.manifest.version, h.manifest.timer_ms);
+        let (i, before) = self.tree.install(h);
+        // The running timer's next due time (its firing may not be committed yet), else the
+        // stored one of its name.
+        let running = self.timers.remove(i);
+        if let Some(period) = period {
+            let stored = match running {
+                Some(due) => Some(due),
+                None => self
+                    .store
+                    .timer_due(&name)
+                    .map_err(Fault::reading("reading a timer"))?,
+            };
+            if let Some(due) = self.timers.add(i, period, stored, now) {
+                let mut schedule = WriteSet::default();
+                schedule
+                    .state
+                    .push(timer_write(&name, due.due_ms, due.epoch));
+                self.submit(&"".into(), 0, ItemKind::Event(Box::new(schedule)), None);
+            }
+        }
+        tracing::info!(handler = name, version, replaced = ?before, "handler installed");
+        Ok(before)
     }
 
     /// Answers `busy` (and skips timers) while `disk` is below its reserve.
@@ -727,6 +762,64 @@ mod tests {
                 _dir: dir,
             }
         }
+    }
+
+    /// A handler with a timer that does nothing.
+    const TICKER: &str = r#"(module (memory (export "memory") 1)
+      (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) (i32.const 0))
+      (func (export "tp_on_timer") (param i64) (result i32) (i32.const 0)))"#;
+
+    fn handler(wat: &str, manifest: &str, store: &Store) -> Handler {
+        let manifest: Manifest = toml::from_str(manifest).unwrap();
+        let wasm = wat::parse_str(wat).unwrap();
+        let state = Arc::new(EventState::new(Arc::new(store.clone())));
+        let env = HostEnv::new(&Config::defaults(), state);
+        Handler::load(
+            &Runtime::default(),
+            &wasm,
+            manifest,
+            &Default::default(),
+            env,
+            0,
+        )
+        .unwrap()
+    }
+
+    /// A new version takes the running one's place: the same index, its timer's next due time
+    /// as it runs (the firing that set it may not be committed: the store may hold the one
+    /// before, which would fire again at once, or none), its state count (pending writes
+    /// included).
+    #[test]
+    fn an_installed_version_keeps_the_timer_phase_and_the_state_count_of_the_one_it_replaces() {
+        let manifest = |v: u64| {
+            format!(
+                "name = \"tick\"\nversion = {v}\nsubscribe = [\"devices/#\"]\ntimer_ms = 1000\n"
+            )
+        };
+        let t = Setup::with(Config::defaults(), &[(TICKER, &manifest(1))]);
+        let mut d = t.dispatcher;
+        let first = d.next_timer().unwrap();
+        // It fires; nothing commits here, so the store holds neither due time (read from it,
+        // the new version would start a period from its install instead).
+        assert_eq!(d.fire_timers(first), Some(first + 1000));
+        assert_eq!(t.store.timer_due("tick").unwrap(), None);
+        d.tree.handlers[0].state_used = 4242;
+        let h = handler(TICKER, &manifest(2), &t.store);
+        assert_eq!(d.install(h, first + 10).unwrap(), Some(1));
+        assert_eq!(d.tree.handlers.len(), 1);
+        assert_eq!(d.tree.handlers[0].manifest.version, 2);
+        assert_eq!(d.next_timer(), Some(first + 1000), "not the stale {first}");
+        assert_eq!(d.tree.handlers[0].state_used, 4242);
+        // Another name goes beside it, with its own timer.
+        let other = handler(
+            TICKER,
+            "name = \"other\"\nversion = 1\nsubscribe = [\"x/#\"]\ntimer_ms = 500\n",
+            &t.store,
+        );
+        assert_eq!(d.install(other, first + 10).unwrap(), None);
+        assert_eq!(d.tree.handlers.len(), 2);
+        assert_eq!(d.next_timer(), Some(first + 510));
     }
 
     fn publish(seq: u64) -> Publish {

@@ -119,7 +119,20 @@ enum Input {
         room: Room,
     },
     Status(oneshot::Sender<Vec<HandlerStatus>>),
+    Install(Box<Install>, oneshot::Sender<Result<Option<u64>, String>>),
     Stop,
+}
+
+/// A handler to load (run its `tp_init`) and install between two turns: loaded on the
+/// dispatcher's thread, so `tp_init` reads the state as the next event will.
+pub struct Install {
+    pub manifest: crate::sandbox::Manifest,
+    /// Compiled (and checked against the ABI) with `runtime`'s engine, off this thread.
+    pub runtime: crate::sandbox::Runtime,
+    pub module: wasmi::Module,
+    pub env: crate::sandbox::HostEnv,
+    /// Its state bytes in the store (its `state_bytes` quota starts there).
+    pub state_used: u64,
 }
 
 /// An input's room: its permits of the whole inbox, and of its connection's share of it.
@@ -251,6 +264,16 @@ impl Inbox {
             room,
         };
         self.tx.send(input).is_ok()
+    }
+
+    /// Loads and installs a handler between two turns (see [`Dispatcher::install`]): the
+    /// version it replaced, or why it was not loaded (nothing changed then).
+    pub async fn install(&self, install: Install) -> Result<Result<Option<u64>, String>, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Install(Box::new(install), tx))
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
     }
 
     /// Each handler's status, as soon as the dispatcher thread is between two turns.
@@ -508,6 +531,31 @@ fn accept(
         ),
         Input::Status(tx) => {
             let _ = tx.send(d.handler_status());
+        }
+        Input::Install(i, tx) => {
+            let Install {
+                manifest,
+                runtime,
+                module,
+                env,
+                state_used,
+            } = *i;
+            let loaded = crate::sandbox::Handler::instantiate_module(
+                &runtime,
+                module,
+                manifest,
+                &Default::default(),
+                env,
+                state_used,
+            );
+            let answer = match loaded {
+                Err(e) => Err(e.to_string()),
+                Ok(h) => match d.install(h, crate::clock::now_ms()) {
+                    Ok(before) => Ok(before),
+                    Err(f) => crate::store::fatal("installing a handler", f),
+                },
+            };
+            let _ = tx.send(answer);
         }
         Input::Stop => return true,
     }

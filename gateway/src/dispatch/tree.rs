@@ -123,6 +123,33 @@ impl Tree {
         }
     }
 
+    /// Puts `h` in place of the handler of its name (events in flight ran on the old one; the
+    /// next runs on this), or after the others; the routes follow its subscriptions. Returns
+    /// its index and the version it replaced.
+    pub(super) fn install(&mut self, h: Handler) -> (usize, Option<u64>) {
+        let mut h = h;
+        let (i, before) = match self.handlers.iter().position(|o| o.name() == h.name()) {
+            Some(i) => {
+                // Its state is the same namespace: the count goes on (writes still pending
+                // are in it, not on disk).
+                h.state_used = self.handlers[i].state_used;
+                let old = std::mem::replace(&mut self.handlers[i], h);
+                (i, Some(old.manifest.version))
+            }
+            None => {
+                self.handlers.push(h);
+                self.log_used.push(0);
+                (self.handlers.len() - 1, None)
+            }
+        };
+        self.router = Router::new(
+            self.handlers
+                .iter()
+                .map(|h| h.manifest.subscribe.as_slice()),
+        );
+        (i, before)
+    }
+
     /// Whether work is waiting behind what runs next (see `sandbox/share.rs`).
     pub(super) fn set_work_waiting(&mut self, waiting: bool) {
         self.work_waiting = waiting;

@@ -214,6 +214,19 @@ impl Handler {
         state_used: u64,
     ) -> Result<Handler, LoadError> {
         let module = compile(runtime, wasm, &manifest)?;
+        Handler::instantiate_module(runtime, module, manifest, overrides, env, state_used)
+    }
+
+    /// Makes the first instance of a module [`compile`]d with `runtime`'s engine (running
+    /// `tp_init`): a deploy compiles off the dispatcher's thread, and only this runs on it.
+    pub fn instantiate_module(
+        runtime: &Runtime,
+        module: Module,
+        manifest: Manifest,
+        overrides: &BTreeMap<String, String>,
+        env: HostEnv,
+        state_used: u64,
+    ) -> Result<Handler, LoadError> {
         let mut config = manifest.config.clone();
         config.extend(overrides.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut h = Handler {

@@ -9,6 +9,10 @@
 //! | `o/<u64 BE outbox seq>`               | outbox entry (CBOR [`crate::outbox::Entry`]) |
 //! | `d/<u64 BE id>`                       | dead letter (CBOR [`crate::store::DeadLetter`]) |
 //! | `t/<handler>`                         | u64 BE next due time of its timer (wall-clock ms) |
+//! | `q/<handler>`                         | its quarantine                          |
+//! | `r/<handler>\0current`                | the deployed bundle it runs (as signed) |
+//! | `r/<handler>\0previous`               | the bundle it ran before (for rollback) |
+//! | `r/<handler>\0floor`                  | u64 BE the highest version ever installed |
 
 /// The layout version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -20,6 +24,12 @@ pub const OUTBOX: &[u8] = b"o/";
 pub const DEAD: &[u8] = b"d/";
 pub const TIMER: &[u8] = b"t/";
 pub const QUARANTINE: &[u8] = b"q/";
+pub const REGISTRY: &[u8] = b"r/";
+
+/// A slot of a deployed handler's registry record (`current`, `previous`, `floor`).
+pub fn registry(handler: &str, slot: &str) -> Vec<u8> {
+    join(REGISTRY, &[handler.as_bytes(), b"\0", slot.as_bytes()])
+}
 
 fn join(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>());

@@ -472,6 +472,48 @@ impl Store {
             .map(|v| v.to_vec()))
     }
 
+    /// The deployed bundles (`r/<name>\0current`), by handler name.
+    pub fn deployed(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(keys::REGISTRY) {
+            let (k, v) = kv?;
+            let rest = &k[keys::REGISTRY.len()..];
+            if let Some(name) = rest.strip_suffix(b"\0current") {
+                out.push((String::from_utf8_lossy(name).into_owned(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The highest version ever installed from a bundle under `handler` (0: none).
+    pub fn version_floor(&self, handler: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .tree
+            .get(keys::registry(handler, "floor"))?
+            .and_then(|v| keys::u64_value(&v))
+            .unwrap_or(0))
+    }
+
+    /// Records `bundle` (version `version`) as what `handler` runs, the one before as its
+    /// previous, and raises its floor; durable (synced) on return.
+    pub fn record_deploy(
+        &self,
+        handler: &str,
+        bundle: &[u8],
+        version: u64,
+    ) -> Result<(), StoreError> {
+        let current = self.tree.get(keys::registry(handler, "current"))?;
+        let floor = self.version_floor(handler)?.max(version);
+        let mut b = sled::Batch::default();
+        if let Some(c) = current {
+            b.insert(keys::registry(handler, "previous"), c);
+        }
+        b.insert(keys::registry(handler, "current"), bundle);
+        b.insert(keys::registry(handler, "floor"), &floor.to_be_bytes());
+        self.tree.apply_batch(b)?;
+        self.sync()
+    }
+
     /// A committed state value, ignoring the overlay.
     pub fn state_durable(&self, handler: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
