@@ -219,9 +219,11 @@ async fn through_inbox(gw: &Gateway, name: &str, bytes: &[u8]) -> Result<(), Str
         inbox.join("rejected").join(name),
     );
     let reason = inbox.join("rejected").join(format!("{name}.reason"));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(20);
     loop {
         if done.exists() {
+            eprintln!("{name}: deployed {:?} after the rename", started.elapsed());
             return Ok(());
         }
         if rejected.exists() && reason.exists() {
