@@ -4,6 +4,19 @@
 
 use std::path::{Path, PathBuf};
 
+/// No stage of the data path, no store, no network, no runtime: code that works on what it
+/// is given (the sandbox, the bundle format).
+const NO_STAGE_NO_IO: &[&str] = &[
+    "crate::store",
+    "crate::dispatch",
+    "crate::ingress",
+    "crate::outbox",
+    "crate::uplink",
+    "sled::",
+    "tokio::",
+    "quinn::",
+];
+
 /// (module: a folder or a file under `src/`, what its code may not name, why).
 const RULES: &[(&str, &[&str], &str)] = &[
     (
@@ -39,30 +52,12 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ),
     (
         "sandbox",
-        &[
-            "crate::store",
-            "crate::dispatch",
-            "crate::ingress",
-            "crate::outbox",
-            "crate::uplink",
-            "sled::",
-            "tokio::",
-            "quinn::",
-        ],
+        NO_STAGE_NO_IO,
         "the sandbox runs one handler on data it is given: it knows nothing of sled or the network",
     ),
     (
         "admin/bundle.rs",
-        &[
-            "crate::store",
-            "crate::dispatch",
-            "crate::ingress",
-            "crate::outbox",
-            "crate::uplink",
-            "sled::",
-            "tokio::",
-            "quinn::",
-        ],
+        NO_STAGE_NO_IO,
         "a bundle is checked on bytes alone: no store, no network",
     ),
     (
