@@ -504,17 +504,7 @@ async fn a_datagram_is_shed_while_the_dispatcher_is_behind() {
     s1.flush().await.unwrap();
     gw.wait_log("tick", 1, Duration::from_secs(120)).await;
     let d2 = gw.connect("d2").await;
-    let body = tidepool::proto::msg::encode_device(&tidepool::proto::msg::DeviceMsg::Publish(
-        tidepool::proto::msg::Publish {
-            seq: 0,
-            topic: "devices/d2/x".into(),
-            payload: b"1".to_vec().into(),
-            ts: None,
-            id: None,
-            src: None,
-            class: None,
-        },
-    ));
+    let body = tidepool::proto::msg::encode_device(&publish(0, "devices/d2/x", b"1"));
     d2.conn.send_datagram(body.into()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let metrics = loop {

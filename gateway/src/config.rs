@@ -101,7 +101,8 @@ pub struct IngressConfig {
     pub handshake_timeout_ms: u64,
     pub max_streams_per_connection: u32,
     pub busy_retry_after_ms: u64,
-    /// Events (publishes and datagrams) one device may send per second on average; 0: no limit.
+    /// Frames (publishes, resends, hellos, bad frames) and datagrams one device may send per
+    /// second on average; 0: no limit.
     pub device_events_per_s: u32,
     /// Events one device may send at once above that rate (its bucket's size).
     pub device_burst: u32,

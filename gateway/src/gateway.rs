@@ -188,16 +188,14 @@ fn load_one(
         Ok(h) => h,
         Err(e) => return Ok(Err(e.to_string())),
     };
-    {
-        tracing::info!(
-            handler = h.name(),
-            version = h.manifest.version,
-            subscribe = ?h.manifest.subscribe,
-            wasm_bytes = wasm.len(),
-            load_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "handler loaded"
-        );
-    }
+    tracing::info!(
+        handler = h.name(),
+        version = h.manifest.version,
+        subscribe = ?h.manifest.subscribe,
+        wasm_bytes = wasm.len(),
+        load_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "handler loaded"
+    );
     Ok(Ok(h))
 }
 

@@ -33,7 +33,7 @@ counters! {
     resends: "Publishes at or below the high-water mark, acked again without running.",
     nacks: "Publishes nacked.",
     busy: "Busy answers sent.",
-    rate_limited: "Publishes answered busy and datagrams dropped because their device was past ingress.device_events_per_s (among busy and datagrams_dropped).",
+    rate_limited: "Frames and datagrams of a device past ingress.device_events_per_s: publishes answered busy (also in busy), other frames answered after a pause, datagrams dropped (also in datagrams_dropped).",
     datagrams_in: "Telemetry datagrams received.",
     datagrams_dropped: "Datagrams shed (the commit backlog past ingress.datagram_shed_backlog, the dispatcher's inbox half full, or their device past its rate) or rejected.",
     handler_calls: "Handler invocations.",

@@ -23,8 +23,9 @@ use crate::sandbox::manifest::{Kind, Manifest};
 
 /// What the signed message, and so every bundle, starts with.
 pub const MAGIC: &[u8] = b"tidepool-bundle-v1\0";
-/// The largest bundle read at all, unless the config says otherwise (`deploy.max_bundle_bytes`).
-pub const MAX_BUNDLE_BYTES: u64 = 16 << 20;
+/// The tests' size cap (a box's is `deploy.max_bundle_bytes`).
+#[cfg(test)]
+const MAX_BUNDLE_BYTES: u64 = 16 << 20;
 /// How a public key is written (in `trusted_keys`, in `.pub` files): this, then base64.
 pub const KEY_PREFIX: &str = "ed25519:";
 
@@ -121,17 +122,15 @@ impl SigningKey {
 
 /// The signed message: the magic and the two length-prefixed parts.
 fn signed_message(manifest: &[u8], wasm: &[u8]) -> Result<Vec<u8>, BundleError> {
-    let len = |part: &[u8], what| {
+    let len = |part: &[u8]| {
         u32::try_from(part.len())
             .map(u32::to_be_bytes)
             .map_err(|_| BundleError::TooLarge {
                 len: part.len() as u64,
                 max: u64::from(u32::MAX),
             })
-            .map(|l| (l, what))
     };
-    let (m, _) = len(manifest, "manifest")?;
-    let (w, _) = len(wasm, "module")?;
+    let (m, w) = (len(manifest)?, len(wasm)?);
     let mut out = Vec::with_capacity(MAGIC.len() + 8 + manifest.len() + wasm.len() + 96);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&m);
@@ -213,8 +212,6 @@ impl Framed<'_> {
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub manifest: Manifest,
-    /// The manifest as signed (kept as is: the registry stores what was signed).
-    pub manifest_text: String,
     pub wasm: Vec<u8>,
     pub signer: PublicKey,
 }
@@ -233,7 +230,6 @@ pub fn verify(bytes: &[u8], max: u64, trusted: &[PublicKey]) -> Result<Verified,
     let manifest = parse_manifest(text)?;
     Ok(Verified {
         manifest,
-        manifest_text: text.to_string(),
         wasm: f.wasm.to_vec(),
         signer: f.signer,
     })

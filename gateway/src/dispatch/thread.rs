@@ -228,9 +228,9 @@ impl Inbox {
     }
 
     /// Hands a datagram over if there is room for it now, in the connection's share and in
-    /// the inbox, and the inbox is less than half full; `false`: shed. (The inbox fills only
-    /// when the dispatcher's thread is behind: datagrams are shed on CPU there, and on the
-    /// commit backlog in the dispatcher, before a publish ever waits.)
+    /// the inbox; `false`: shed. (The caller sheds it first while [`Inbox::is_half_full`]: the
+    /// inbox fills only when the dispatcher's thread is behind, so datagrams are shed on CPU
+    /// there, and on the commit backlog in the dispatcher, before a publish ever waits.)
     pub fn datagram(
         &self,
         (session, connection): (u64, &Arc<Semaphore>),
@@ -238,9 +238,6 @@ impl Inbox {
         p: Publish,
         received_ms: u64,
     ) -> bool {
-        if self.is_half_full() {
-            return false;
-        }
         let bytes = p.payload.len() + p.topic.len() + STEP_BYTES;
         let share = self.share(bytes);
         let Ok(own) = connection

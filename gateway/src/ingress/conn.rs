@@ -309,7 +309,7 @@ async fn stream(
                 // Past its rate (checked before the publishing slot: a device must not get
                 // busy answers for free from streams that find the slot taken).
                 Ok(DeviceMsg::Publish(p)) if over.is_some() => {
-                    let wait = over.unwrap_or(1);
+                    let wait = over.unwrap_or_default();
                     last = true;
                     held = Some(wait);
                     Step::Busy {

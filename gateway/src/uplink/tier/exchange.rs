@@ -159,8 +159,8 @@ impl Exchange {
                 "the upstream ended the stream with {open} publishes unanswered"
             ));
         }
+        // One nack per publish (a second is a violation): no duplicates to drop.
         self.refused.sort();
-        self.refused.dedup_by_key(|(i, _)| *i);
         Outcome::Settled {
             refused: self.refused,
         }
