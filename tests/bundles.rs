@@ -3,33 +3,9 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use support::*;
-
-/// Makes a key pair in `dir/keys`; returns the key file and the public key line.
-fn keys(dir: &Path) -> (PathBuf, String) {
-    let out = dir.join("keys");
-    let run = tidepool(&["keys", "generate", "--out", out.to_str().unwrap()]);
-    assert!(run.ok, "{}", run.stderr);
-    let public = std::fs::read_to_string(out.join("signing.pub")).unwrap();
-    (out.join("signing.key"), public.trim().to_string())
-}
-
-fn build(manifest: &Path, wasm: &Path, key: &Path, out: &Path) -> Run {
-    tidepool(&[
-        "bundle",
-        "build",
-        "--manifest",
-        manifest.to_str().unwrap(),
-        "--wasm",
-        wasm.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-}
 
 fn inspect(bundle: &Path, config: &Path) -> Run {
     cli(&["bundle", "inspect", bundle.to_str().unwrap()], config)
@@ -192,76 +168,6 @@ fn bundle_build_refuses_what_a_box_would_refuse_and_writes_nothing() {
         assert!(r.stderr.contains(says), "{case}: {}", r.stderr);
         assert!(!out.exists(), "{case}: a bundle was written");
     }
-}
-
-/// Waits for `path` to exist (the inbox thread moves a bundle when it is done with it).
-async fn appears(path: &Path) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
-/// Puts `bytes` in the gateway's inbox as an operator would (`NAME.part`, then a rename) and
-/// returns what it became: `Ok(())` deployed, `Err(reason)` rejected.
-async fn through_inbox(gw: &Gateway, name: &str, bytes: &[u8]) -> Result<(), String> {
-    let inbox = gw.data().join("inbox");
-    let part = inbox.join(format!("{name}.part"));
-    std::fs::write(&part, bytes).unwrap();
-    std::fs::rename(&part, inbox.join(name)).unwrap();
-    let (done, rejected) = (
-        inbox.join("done").join(name),
-        inbox.join("rejected").join(name),
-    );
-    let reason = inbox.join("rejected").join(format!("{name}.reason"));
-    let started = std::time::Instant::now();
-    let deadline = started + std::time::Duration::from_secs(20);
-    loop {
-        if done.exists() {
-            eprintln!("{name}: deployed {:?} after the rename", started.elapsed());
-            return Ok(());
-        }
-        if rejected.exists() && reason.exists() {
-            return Err(std::fs::read_to_string(&reason).unwrap());
-        }
-        assert!(std::time::Instant::now() < deadline, "{name} was not taken");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
-/// A counter handler counting in state key `key`, as manifest text and module bytes.
-fn counter(name: &str, version: u64, key: &str, extra: &str) -> (String, Vec<u8>) {
-    let wat = COUNTER_WAT.replace(
-        "(data (i32.const 0) \"n\")",
-        &format!("(data (i32.const 0) \"{key}\")"),
-    );
-    (
-        format!("name = \"{name}\"\nversion = {version}\nsubscribe = [\"devices/#\"]\n{extra}"),
-        wat::parse_str(&wat).unwrap(),
-    )
-}
-
-/// Signs (manifest, module) with `key` through the CLI; returns the bundle's bytes.
-fn signed(dir: &Path, (manifest, wasm): &(String, Vec<u8>), key: &Path) -> Vec<u8> {
-    let (m, w, out) = (dir.join("m.toml"), dir.join("m.wasm"), dir.join("m.tpb"));
-    std::fs::write(&m, manifest).unwrap();
-    std::fs::write(&w, wasm).unwrap();
-    let r = build(&m, &w, key, &out);
-    assert!(r.ok, "{}", r.stderr);
-    std::fs::read(out).unwrap()
-}
-
-async fn publish_one(gw: &Gateway, seq: u64) {
-    let d = gw.connect("d1").await;
-    let mut s = d.open().await.unwrap();
-    s.send(&publish(seq, "devices/d1/x", b"1")).await.unwrap();
-    until_ack(&mut s, seq).await;
-    d.close().await;
 }
 
 /// The offline inbox: a signed bundle renamed into `<data-dir>/inbox/` is deployed (a new

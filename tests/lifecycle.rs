@@ -127,9 +127,9 @@ fn trapper_held(gw: &Gateway) -> serde_json::Value {
 }
 
 /// A quarantine survives a restart (before: a restart ran the handler again at once), and
-/// ends on probation: with a short hold, the next event runs it, and a success releases it.
+/// ends with a trial: with a short hold, the next event runs it, and a success releases it.
 #[tokio::test]
-async fn a_quarantine_survives_a_restart_and_ends_on_probation() {
+async fn a_quarantine_survives_a_restart_and_ends_with_a_trial() {
     let dir = tempfile::tempdir().unwrap();
     let trapper = wat_handler(dir.path(), "trapper", TRAPPER_WAT, "");
     let mut gw = Gateway::start(&format!(
@@ -149,7 +149,7 @@ async fn a_quarantine_survives_a_restart_and_ends_on_probation() {
     assert_eq!(m["dead_letters"], 1, "{m}");
 
     // Holds of 1 ms from now on (d1's stays as it was set): d2's next event after its
-    // quarantine is its probation, and it passes.
+    // quarantine is its trial, and it passes.
     gw.edit_config("quarantine_hold_ms", "quarantine_hold_ms = 1");
     gw.restart();
     publish_from(&gw, "d2", &["x", "x"]).await;

@@ -43,8 +43,39 @@ pub struct Config {
     pub uplink: UplinkConfig,
     pub record: RecordConfig,
     pub deploy: DeployConfig,
+    pub admin: AdminConfig,
     #[serde(default)]
     pub handler: Vec<HandlerEntry>,
+}
+
+/// `[admin]`: who may reach the admin channel (ALPN `tidepool-admin/1`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Source addresses or networks (`10.0.0.0/8`, `192.168.1.7`, `fd00::/8`) an operator may
+    /// connect from; empty: any.
+    pub allow_from: Vec<String>,
+    /// Denied operators: names, and certificate serials as `serial:<hex>` (reloaded on
+    /// SIGHUP).
+    pub revoked: Vec<String>,
+}
+
+impl AdminConfig {
+    /// The allow-list, parsed (validated with the config).
+    pub fn networks(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.allow_from
+            .iter()
+            .map(|a| {
+                a.parse::<ipnet::IpNet>()
+                    .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ConfigError::Invalid(format!(
+                            "admin.allow_from: `{a}` is not an address or a network (192.168.1.7, 10.0.0.0/8, fd00::/8)"
+                        ))
+                    })
+            })
+            .collect()
+    }
 }
 
 /// `[deploy]`: who may sign what this box runs from a bundle.
@@ -56,6 +87,25 @@ pub struct DeployConfig {
     pub trusted_keys: Vec<String>,
     /// The largest bundle read at all.
     pub max_bundle_bytes: u64,
+    /// A deployed version's probation: its first `probation_events` handler runs, within
+    /// `probation_s` of the deploy; more than `probation_max_failures` failures among them
+    /// roll it back (0 events or 0 s: no probation).
+    pub probation_events: u32,
+    pub probation_max_failures: u32,
+    pub probation_s: u64,
+}
+
+impl DeployConfig {
+    /// The probation rules (`None`: none).
+    pub fn probation(&self) -> Option<crate::sandbox::probation::Rules> {
+        (self.probation_events > 0 && self.probation_s > 0).then_some(
+            crate::sandbox::probation::Rules {
+                events: self.probation_events,
+                max_failures: self.probation_max_failures,
+                window_ms: self.probation_s.saturating_mul(1000),
+            },
+        )
+    }
 }
 
 impl DeployConfig {
@@ -428,6 +478,16 @@ impl Config {
             }
         }
         self.deploy.keys()?;
+        if self.deploy.probation_s > MAX_MS / 1000 {
+            return bad(format!(
+                "deploy.probation_s = {} is out of range: it must be 0 to {}",
+                self.deploy.probation_s,
+                MAX_MS / 1000
+            ));
+        }
+        self.admin.networks()?;
+        crate::pki::Revoked::parse(&self.admin.revoked)
+            .map_err(|e| ConfigError::Invalid(format!("admin.revoked: {e}")))?;
         if !(1024..=(256 << 20)).contains(&self.deploy.max_bundle_bytes) {
             return bad(format!(
                 "deploy.max_bundle_bytes = {} is out of range: it must be 1024 to {}",

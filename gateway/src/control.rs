@@ -1,16 +1,18 @@
-//! The local control socket, `<data-dir>/control.sock` (in the private data dir, so only the
-//! gateway's user can reach it): `tidepool status` and `tidepool dead-letters export` ask a
-//! running gateway through it, since the store is locked while the gateway runs. One request
-//! line (`status` or `dead-letters`), one answer (JSON, or JSON lines, streamed), then a last
-//! line `#ok` or `#error: <why>`, and the socket closes: an answer without it was cut short.
-//! The socket is made 0600. Idle, it costs no wake-ups.
+//! The admin requests and their answers, and the local control socket that carries them.
+//! `<data-dir>/control.sock` (in the private data dir, 0600, from our uid or root) and the
+//! admin channel (`admin/channel.rs`, operators over QUIC) speak the same: one request line,
+//! a body for `deploy`, then one answer (JSON, or JSON lines for `dead-letters`, streamed)
+//! and a last line `#ok` or `#error: <why>`; an answer without it was cut short. Requests:
+//! `status`, `dead-letters`, `list`, `deploy <bytes>` (then the bundle's bytes),
+//! `rollback <name>`, `remove <name>`. `docs/bundles.md` documents them. Idle, the socket costs
+//! no wake-ups.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
@@ -35,6 +37,62 @@ pub struct Control {
     pub store: Store,
     /// Configured handlers that did not load at start, and why.
     pub skipped: Vec<crate::gateway::Skipped>,
+    /// Deploys, rollbacks, removals and the registry.
+    pub deployer: Arc<crate::admin::deploy::Deployer>,
+}
+
+/// One request, as its line reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Status,
+    DeadLetters,
+    List,
+    /// A bundle of this many bytes follows the line.
+    Deploy(u64),
+    Rollback(String),
+    Remove(String),
+}
+
+impl Request {
+    /// Parses a request line (without its newline).
+    pub fn parse(line: &str) -> Result<Request, String> {
+        let mut words = line.split(' ');
+        let (verb, arg) = (words.next().unwrap_or(""), words.next());
+        if words.next().is_some() {
+            return Err(format!("`{line}`: one argument at most"));
+        }
+        let name = |arg: Option<&str>| match arg {
+            Some(n) if crate::proto::topic::valid_device_id(n) => Ok(n.to_string()),
+            Some(n) => Err(format!("`{n}` is not a handler name")),
+            None => Err(format!("`{verb}` needs a handler name")),
+        };
+        match (verb, arg) {
+            ("status", None) => Ok(Request::Status),
+            ("dead-letters", None) => Ok(Request::DeadLetters),
+            ("list", None) => Ok(Request::List),
+            ("deploy", Some(n)) => n
+                .parse()
+                .map(Request::Deploy)
+                .map_err(|_| format!("`deploy {n}`: the bundle's length in bytes")),
+            ("rollback", arg) => name(arg).map(Request::Rollback),
+            ("remove", arg) => name(arg).map(Request::Remove),
+            _ => Err(format!(
+                "unknown request `{line}` (status, dead-letters, list, deploy <bytes>, rollback <name>, remove <name>)"
+            )),
+        }
+    }
+
+    /// The request's line (without its newline).
+    pub fn line(&self) -> String {
+        match self {
+            Request::Status => "status".into(),
+            Request::DeadLetters => "dead-letters".into(),
+            Request::List => "list".into(),
+            Request::Deploy(n) => format!("deploy {n}"),
+            Request::Rollback(n) => format!("rollback {n}"),
+            Request::Remove(n) => format!("remove {n}"),
+        }
+    }
 }
 
 impl Control {
@@ -60,6 +118,7 @@ impl Control {
                         "cpu_share": h.cpu_share,
                         "cpu_refused": h.cpu_refused,
                         "timer_ms": h.timer_ms,
+                        "probation": h.probation,
                     })
                 })
                 .collect::<Vec<_>>()
@@ -81,6 +140,20 @@ impl Control {
             },
             "metrics": self.metrics.snapshot(),
         })
+    }
+}
+
+impl Control {
+    /// The `list` answer: every handler name, deployed or pinned, with what runs.
+    async fn list(&self) -> Result<serde_json::Value, String> {
+        let wait = std::time::Duration::from_secs(1);
+        let running = match tokio::time::timeout(wait, self.inbox.status()).await {
+            Ok(Ok(hs)) => hs,
+            Ok(Err(_)) => return Err("the gateway is stopping".into()),
+            Err(_) => return Err("the dispatcher did not answer within a second".into()),
+        };
+        let listed = self.deployer.list(&running).map_err(|e| e.to_string())?;
+        Ok(serde_json::to_value(listed).unwrap_or_default())
     }
 }
 
@@ -138,7 +211,7 @@ const OK: &str = "#ok\n";
 
 /// Writes `bytes` to a client, which has [`WRITE_TIMEOUT`] to take them: a client that asks
 /// and never reads does not hold the task (and the export's scan) for good.
-async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
+async fn send<W: AsyncWrite + Unpin>(write: &mut W, bytes: &[u8]) -> std::io::Result<()> {
     tokio::time::timeout(WRITE_TIMEOUT, write.write_all(bytes))
         .await
         .map_err(|_| {
@@ -164,23 +237,60 @@ async fn answer(stream: UnixStream, control: &Control) -> std::io::Result<()> {
         ));
     }
     let (read, mut write) = stream.into_split();
+    serve_one(
+        read,
+        &mut write,
+        control,
+        &format!("the local socket (uid {peer})"),
+    )
+    .await?;
+    write.shutdown().await
+}
+
+/// How long a client has to send a deploy's bundle.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_string())
+}
+
+/// Reads one request from `read` and writes its answer to `write` (the caller ends the
+/// stream). `by` names the client, for the log of what it changed.
+pub async fn serve_one<R, W>(
+    read: R,
+    write: &mut W,
+    control: &Control,
+    by: &str,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut reader = BufReader::new(read);
     let mut line = String::new();
-    let mut reader = BufReader::new(read.take(256));
-    let request = reader.read_line(&mut line);
+    let mut head = (&mut reader).take(256);
+    let request = head.read_line(&mut line);
     // A client that connects and says nothing does not hold a task for good.
     tokio::time::timeout(REQUEST_TIMEOUT, request)
         .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "no request line within 5 s")
-        })??;
-    match line.trim() {
-        "status" => {
+        .map_err(|_| timed_out("no request line within 5 s"))??;
+    Metrics::inc(&control.metrics.admin_requests);
+    let request = match Request::parse(line.trim_end_matches(['\n', '\r'])) {
+        Ok(r) => r,
+        Err(why) => return send(write, format!("#error: {why}\n").as_bytes()).await,
+    };
+    match request {
+        Request::Status => {
             let mut v = serde_json::to_vec_pretty(&control.status().await).unwrap_or_default();
             v.extend_from_slice(b"\n");
             v.extend_from_slice(OK.as_bytes());
-            send(&mut write, &v).await?;
+            send(write, &v).await
         }
-        "dead-letters" => {
+        Request::List => {
+            let answer = control.list().await;
+            send(write, &json_answer(answer)).await
+        }
+        Request::DeadLetters => {
             // Streamed in chunks from a blocking scan: the export never sits whole in memory.
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
             let store = control.store.clone();
@@ -194,21 +304,78 @@ async fn answer(stream: UnixStream, control: &Control) -> std::io::Result<()> {
                 Ok::<usize, StoreError>(n)
             });
             while let Some(chunk) = rx.recv().await {
-                send(&mut write, &chunk).await?;
+                send(write, &chunk).await?;
             }
             let trailer = match scan.await {
                 Ok(Ok(_)) => OK.to_string(),
                 Ok(Err(e)) => format!("#error: {e}\n"),
                 Err(e) => format!("#error: {e}\n"),
             };
-            send(&mut write, trailer.as_bytes()).await?;
+            send(write, trailer.as_bytes()).await
         }
-        other => {
-            let msg = format!("#error: unknown request `{other}` (status, dead-letters)\n");
-            send(&mut write, msg.as_bytes()).await?;
+        Request::Deploy(len) => {
+            let max = control.deployer.max_bytes();
+            if len > max {
+                let why = format!(
+                    "#error: a bundle of {len} bytes is over deploy.max_bundle_bytes ({max}); nothing was read\n"
+                );
+                return send(write, why.as_bytes()).await;
+            }
+            let mut bytes = Vec::new();
+            let mut body = (&mut reader).take(len);
+            let body = body.read_to_end(&mut bytes);
+            tokio::time::timeout(BODY_TIMEOUT, body)
+                .await
+                .map_err(|_| timed_out("the bundle did not arrive within 300 s"))??;
+            if bytes.len() as u64 != len {
+                let why = format!(
+                    "#error: the bundle ended after {} of its {len} bytes; nothing changed\n",
+                    bytes.len()
+                );
+                return send(write, why.as_bytes()).await;
+            }
+            let (deployer, by) = (control.deployer.clone(), by.to_string());
+            let done = tokio::task::spawn_blocking(move || deployer.deploy(&bytes, &by)).await;
+            send(write, &change_answer(done)).await
+        }
+        Request::Rollback(name) => {
+            let (deployer, by) = (control.deployer.clone(), by.to_string());
+            let done =
+                tokio::task::spawn_blocking(move || deployer.rollback(&name, &by, "asked for"))
+                    .await;
+            send(write, &change_answer(done)).await
+        }
+        Request::Remove(name) => {
+            let (deployer, by) = (control.deployer.clone(), by.to_string());
+            let done =
+                tokio::task::spawn_blocking(move || deployer.remove(&name, &by, "asked for")).await;
+            send(write, &change_answer(done)).await
         }
     }
-    write.shutdown().await
+}
+
+/// A JSON answer and its trailer, or the error trailer.
+fn json_answer(answer: Result<serde_json::Value, String>) -> Vec<u8> {
+    match answer {
+        Ok(v) => {
+            let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();
+            out.extend_from_slice(b"\n");
+            out.extend_from_slice(OK.as_bytes());
+            out
+        }
+        Err(why) => format!("#error: {}\n", why.replace('\n', " ")).into_bytes(),
+    }
+}
+
+/// The answer to a deploy, a rollback or a removal run on a blocking thread.
+fn change_answer<T: serde::Serialize>(
+    done: Result<Result<T, crate::admin::deploy::DeployError>, tokio::task::JoinError>,
+) -> Vec<u8> {
+    json_answer(match done {
+        Ok(Ok(d)) => Ok(serde_json::to_value(d).unwrap_or_default()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    })
 }
 
 /// A `Write` that sends 64 KiB chunks into a channel (from a blocking thread).
@@ -241,6 +408,18 @@ impl Write for ChunkWriter {
 /// `None` when no gateway listens on the data dir's socket. An `#error` trailer, or none (the
 /// answer was cut short), is an error.
 pub fn request(data_dir: &Path, what: &str) -> std::io::Result<Option<Vec<u8>>> {
+    let mut out = Vec::new();
+    Ok(ask(data_dir, what, &[], &mut out)?.map(|_| out))
+}
+
+/// Sends one request line (and `body`, for a deploy) through the data dir's socket and
+/// streams the answer, without its trailer, to `out`; `None` when no gateway listens there.
+pub fn ask(
+    data_dir: &Path,
+    line: &str,
+    body: &[u8],
+    out: &mut dyn Write,
+) -> std::io::Result<Option<()>> {
     use std::io::Read;
     let mut s = match std::os::unix::net::UnixStream::connect(socket_path(data_dir)) {
         Ok(s) => s,
@@ -254,40 +433,80 @@ pub fn request(data_dir: &Path, what: &str) -> std::io::Result<Option<Vec<u8>>> 
         }
         Err(e) => return Err(e),
     };
-    // A gateway that stops answering (a stalled disk) must not hang the command.
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    s.write_all(format!("{what}\n").as_bytes())?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out)?;
-    strip_trailer(out).map(Some)
+    // A gateway that stops answering (a stalled disk) must not hang the command (a deploy
+    // waits for its handler's `tp_init`, a few seconds at most).
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    s.write_all(body)?;
+    let mut answer = Answer::default();
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        answer.feed(&buf[..n], out)?;
+    }
+    answer.finish().map(Some)
 }
 
-/// The answer without its last line, which must be `#ok`.
-fn strip_trailer(mut out: Vec<u8>) -> std::io::Result<Vec<u8>> {
-    let body_end = out[..out.len().saturating_sub(1)]
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map_or(0, |i| i + 1);
-    let last = String::from_utf8_lossy(&out[body_end..])
-        .trim_end()
-        .to_string();
-    if last == OK.trim_end() {
-        out.truncate(body_end);
-        return Ok(out);
+/// An answer as it arrives: passed through but for its last line, held back until the end,
+/// which must be `#ok` (`#error: <why>` is the gateway's refusal; nothing, a cut).
+#[derive(Default)]
+pub struct Answer {
+    held: Vec<u8>,
+}
+
+impl Answer {
+    /// Takes the next bytes of the answer, writing out all but the last line seen so far.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut dyn Write) -> std::io::Result<()> {
+        self.held.extend_from_slice(chunk);
+        let Some(last_end) = self.held.iter().rposition(|b| *b == b'\n') else {
+            return Ok(());
+        };
+        let last_start = self.held[..last_end]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        out.write_all(&self.held[..last_start])?;
+        self.held.drain(..last_start);
+        Ok(())
     }
-    match last.strip_prefix("#error: ") {
-        Some(why) => Err(std::io::Error::other(format!(
-            "the gateway answered: {why}"
-        ))),
-        None => Err(std::io::Error::other(
-            "the gateway's answer was cut short (no #ok at the end)",
-        )),
+
+    /// The end of the answer: whether it ended with `#ok`.
+    pub fn finish(self) -> std::io::Result<()> {
+        let last = String::from_utf8_lossy(&self.held).trim_end().to_string();
+        if last == OK.trim_end() {
+            return Ok(());
+        }
+        match last.strip_prefix("#error: ") {
+            Some(why) => Err(std::io::Error::other(format!(
+                "the gateway answered: {why}"
+            ))),
+            None => Err(std::io::Error::other(
+                "the gateway's answer was cut short (no #ok at the end)",
+            )),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The answer fed in chunks of every size, as the client sees it.
+    fn strip_trailer(whole: Vec<u8>) -> std::io::Result<Vec<u8>> {
+        let mut results = Vec::new();
+        for size in 1..=whole.len().max(1) {
+            let (mut a, mut out) = (Answer::default(), Vec::new());
+            for chunk in whole.chunks(size) {
+                a.feed(chunk, &mut out)?;
+            }
+            results.push(a.finish().map(|_| out).map_err(|e| e.to_string()));
+        }
+        assert!(results.windows(2).all(|w| w[0] == w[1]), "{results:?}");
+        results.pop().unwrap().map_err(std::io::Error::other)
+    }
 
     #[test]
     fn only_an_answer_ending_in_ok_is_whole() {
@@ -298,5 +517,32 @@ mod tests {
         let err = strip_trailer(b"a\nb\n".to_vec()).unwrap_err();
         assert!(err.to_string().contains("cut short"), "{err}");
         assert!(strip_trailer(Vec::new()).is_err());
+    }
+
+    #[test]
+    fn request_lines_parse_and_print_back() {
+        for r in [
+            Request::Status,
+            Request::DeadLetters,
+            Request::List,
+            Request::Deploy(1234),
+            Request::Rollback("threshold".into()),
+            Request::Remove("a.b-c_1".into()),
+        ] {
+            assert_eq!(Request::parse(&r.line()), Ok(r));
+        }
+        for bad in [
+            "",
+            "deploy",
+            "deploy -1",
+            "deploy 1 2",
+            "rollback",
+            "rollback ../x",
+            "remove a/b",
+            "status now",
+            "shutdown",
+        ] {
+            assert!(Request::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -139,10 +139,19 @@ pub fn load_deployed(
             )
         })()?;
         match loaded {
-            Ok(h) => {
+            Ok(mut h) => {
+                // A probation under way at the stop starts its count again.
+                let now = crate::clock::now_ms();
+                let since = store.registered(&name)?.probation_since;
+                if let (Some(rules), Some(since)) = (cfg.deploy.probation(), since) {
+                    if now.saturating_sub(since) < rules.window_ms {
+                        h.probation = Some(crate::sandbox::probation::Probation::new(rules, now));
+                    }
+                }
                 tracing::info!(
                     handler = h.name(),
                     version = h.manifest.version,
+                    probation = h.probation.is_some(),
                     "deployed handler loaded"
                 );
                 handlers.push(h);
@@ -344,6 +353,9 @@ pub async fn run(
         tracing::info!(topics = ?cfg.record.topics, dir = %data.join("record").display(), "recording matching events");
         dispatcher.record_to(r);
     }
+    // Ended probations go to the deployer (a failed one is rolled back).
+    let (probation_tx, mut probations) = tokio::sync::mpsc::unbounded_channel();
+    dispatcher.report_probations_to(probation_tx);
     // Timers fire on the dispatcher's thread: no handler with a timer, nothing wakes it.
     let (inbox, dispatcher) =
         thread::spawn(dispatcher, cfg.ingress.queue_bytes).map_err(|source| {
@@ -352,6 +364,24 @@ pub async fn run(
                 source,
             }
         })?;
+    let deployer = Arc::new(
+        crate::admin::deploy::Deployer::new(
+            &cfg,
+            pinned,
+            (store.clone(), inbox.clone(), env.clone()),
+            tokio::runtime::Handle::current(),
+        )
+        .map_err(|e| StartError::Deploy(e.to_string()))?,
+    );
+    {
+        let deployer = deployer.clone();
+        tokio::spawn(async move {
+            while let Some(end) = probations.recv().await {
+                let deployer = deployer.clone();
+                let _ = tokio::task::spawn_blocking(move || deployer.probation_ended(end)).await;
+            }
+        });
+    }
     let (side_stop_tx, side_stop) = watch::channel(false);
     let control = Arc::new(Control {
         gateway: cfg.gateway.id.clone(),
@@ -362,11 +392,16 @@ pub async fn run(
         store: store.clone(),
         disk,
         skipped,
+        deployer: deployer.clone(),
     });
     // Without the socket the gateway still serves devices; only `status` and the live export
     // are unavailable (e.g. a data dir path longer than a socket path may be).
     let control_task = match control::bind(&data) {
-        Ok(listener) => Some(tokio::spawn(control::serve(listener, control, side_stop))),
+        Ok(listener) => Some(tokio::spawn(control::serve(
+            listener,
+            control.clone(),
+            side_stop,
+        ))),
         Err(e) => {
             tracing::error!(path = %control::socket_path(&data).display(), "no control socket ({e}): `tidepool status` and a live `dead-letters export` will not reach this gateway");
             None
@@ -439,14 +474,17 @@ pub async fn run(
     })?;
     // Validated with the config; were it not, the start fails rather than run with no list.
     let revoked = pki::Revoked::parse(&cfg.acl.revoked).map_err(StartError::Revoked)?;
+    let access = crate::admin::channel::Access::new(&cfg.admin, control.clone())
+        .map_err(|e| StartError::Deploy(e.to_string()))?;
     let shared = Arc::new(Shared::new(
         inbox.clone(),
-        roles,
+        (roles, access),
         cfg.ingress.clone(),
         (revoked, &cfg.acl.tiers),
         metrics.clone(),
     ));
-    // A reload (SIGHUP) puts the new config's deny-list in force; nothing else is reloaded.
+    // A reload (SIGHUP) puts the new config's deny-lists and admin allow-list in force;
+    // nothing else is reloaded.
     let reloading = shared.clone();
     tokio::spawn(async move {
         while let Some(new) = reloads.recv().await {
@@ -457,12 +495,21 @@ pub async fn run(
                     continue;
                 }
             };
+            let admin = match reloading.admin.reload(&new.admin) {
+                Ok(sizes) => sizes,
+                Err(e) => {
+                    tracing::error!("reload refused, the lists in force stay: {e}");
+                    continue;
+                }
+            };
             let entries = revoked.len();
             let closed = reloading.revoke(revoked);
             tracing::info!(
                 entries,
                 closed,
-                "reloaded acl.revoked (the only setting a reload changes; restart for the rest)"
+                admin_allow_from = admin.0,
+                admin_revoked = admin.1,
+                "reloaded acl.revoked, admin.allow_from and admin.revoked (the only settings a reload changes; restart for the rest)"
             );
         }
     });
@@ -470,13 +517,6 @@ pub async fn run(
     let server = tokio::spawn(ingress::serve(endpoint.clone(), shared, conn_stop));
     // The offline inbox (<data-dir>/inbox): bundles put there are deployed. Started last,
     // once nothing of the start can fail.
-    let deployer = crate::admin::deploy::Deployer::new(
-        &cfg,
-        pinned,
-        (store.clone(), inbox.clone(), env.clone()),
-        tokio::runtime::Handle::current(),
-    )
-    .map_err(|e| StartError::Deploy(e.to_string()))?;
     let inbox_thread =
         crate::admin::inbox::spawn(&data, deployer).map_err(|source| StartError::DataDir {
             path: crate::admin::inbox::dir(&data),

@@ -24,6 +24,9 @@ macro_rules! counters {
 
 counters! {
     connections: "Device connections accepted.",
+    admin_connections: "Operator connections accepted on the admin channel (ALPN tidepool-admin/1).",
+    admin_refused: "Admin channel connections and requests refused: a source outside admin.allow_from, a certificate not from the operator CA, or an operator in admin.revoked.",
+    admin_requests: "Requests answered on the admin channel and the local control socket.",
     connections_refused: "Connection attempts refused: ingress.max_connections devices connected, ingress.max_handshakes handshakes in flight, or ingress.max_handshakes_per_address from one address.",
     handshake_retries: "Connection attempts answered with a QUIC Retry (address validation, once a quarter of ingress.max_handshakes is in use).",
     handshakes_timed_out: "Handshakes given up after ingress.handshake_timeout_ms.",

@@ -5,7 +5,8 @@
 //! Every certificate is valid from 1970-01-01 (rcgen's default, 1975, would make a box or a
 //! device whose clock has not been set since boot, with no real-time clock, refuse it); a
 //! device certificate expires after the days it was issued for (`certs device --days`,
-//! [`DEVICE_DAYS`] by default). Revocation is a deny-list in the config (`acl.revoked`).
+//! [`DEVICE_DAYS`] by default), an operator's within [`OPERATOR_MAX_DAYS`]. Revocation is a
+//! deny-list in the config (`acl.revoked` for devices, `admin.revoked` for operators).
 
 use std::fs;
 use std::io::Write;
@@ -38,6 +39,8 @@ pub enum PkiError {
     ReservedId(String),
     #[error("no PKI in {0}: start the gateway once (`tidepool run`) to create it")]
     Missing(PathBuf),
+    #[error("an operator certificate is valid {OPERATOR_MAX_DAYS} days at most, not {0}: issue a new one when it expires")]
+    TooLong(u32),
 }
 
 /// The file names of the PKI inside `<data-dir>/pki/`.
@@ -229,6 +232,35 @@ pub fn issue_device_for(
     out: &Path,
     days: u32,
 ) -> Result<[PathBuf; 3], PkiError> {
+    issue_client(data_dir, DEVICE_CA, id, out, days)
+}
+
+/// The longest an operator certificate is valid: a lost laptop's key dies on its own.
+pub const OPERATOR_MAX_DAYS: u32 = 90;
+
+/// Issues an operator certificate for the admin channel, from the operator CA, valid for
+/// `days` (at most [`OPERATOR_MAX_DAYS`]); writes `<out>/<name>.crt`, `<out>/<name>.key` and
+/// `<out>/ca.crt`. The name is its CN, which the gateway logs with what the operator does.
+pub fn issue_operator(
+    data_dir: &Path,
+    name: &str,
+    out: &Path,
+    days: u32,
+) -> Result<[PathBuf; 3], PkiError> {
+    if days > OPERATOR_MAX_DAYS {
+        return Err(PkiError::TooLong(days));
+    }
+    issue_client(data_dir, OPERATOR_CA, name, out, days)
+}
+
+/// A client certificate (CN `id`, clientAuth) from the CA `ca`, and the server CA beside it.
+fn issue_client(
+    data_dir: &Path,
+    ca: &str,
+    id: &str,
+    out: &Path,
+    days: u32,
+) -> Result<[PathBuf; 3], PkiError> {
     if !valid_device_id(id) {
         return Err(PkiError::BadId(id.to_string()));
     }
@@ -237,13 +269,13 @@ pub fn issue_device_for(
     if now.unix_timestamp() < CLOCK_FLOOR_S {
         return Err(PkiError::ClockUnset(now.date().to_string()));
     }
-    // `<out>/ca.crt` is the server CA the device trusts: a device named `ca` would overwrite it.
+    // `<out>/ca.crt` is the server CA the client trusts: an id `ca` would overwrite it.
     // (Whatever the case: a FAT or exFAT stick that carries the files folds it.)
     if id.eq_ignore_ascii_case("ca") {
         return Err(PkiError::ReservedId(id.to_string()));
     }
     let paths = PkiPaths::new(data_dir);
-    let ca = load_ca(&paths, DEVICE_CA)?;
+    let ca = load_ca(&paths, ca)?;
     let (crt, key) = issue_leaf(
         &ca,
         id,

@@ -13,7 +13,7 @@
 //!   counted event has exactly one forward (in the outbox or delivered), nothing of an unacked
 //!   event half-applied;
 //! - quarantine is per device: one device's events trap the handler; only that device gets
-//!   dead letters (trapped, or held by its quarantine until a probation succeeds), and after
+//!   dead letters (trapped, or held by its quarantine until a trial succeeds), and after
 //!   a crash the handler holds what the disk says it holds;
 //! - only synced entries reach the cloud, and every one of them does, exactly once after
 //!   dedupe by id;
@@ -159,6 +159,23 @@ impl Durable for SimStore {
     fn quarantine(&self, handler: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.read(&keys::quarantine(handler)))
     }
+    fn state_keys(&self, handler: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let prefix = keys::state_prefix(handler);
+        let disk = self.disk.lock().unwrap();
+        let mut keys: std::collections::BTreeSet<Vec<u8>> = disk
+            .synced
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        for (k, v) in disk.unsynced.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+            match v {
+                Some(_) => keys.insert(k.clone()),
+                None => keys.remove(k),
+            };
+        }
+        Ok(keys.into_iter().collect())
+    }
     fn overlay(&self) -> &Overlay {
         &self.overlay
     }
@@ -242,7 +259,7 @@ impl Device {
     }
 
     /// Whether this event traps the handler: most of the last device's (which gets the
-    /// handler quarantined for itself alone, held and released on probation).
+    /// handler quarantined for itself alone, held and released after a trial).
     fn traps(&self, seq: u64) -> bool {
         self.id.ends_with(&(DEVICES - 1).to_string()) && seq % 4 != 0
     }
@@ -338,7 +355,7 @@ impl Sim {
         cfg.gateway.id = GATEWAY.into();
         // Small enough that admission says busy now and then.
         cfg.outbox.max_bytes = 6_000;
-        // Quarantines start, hold, end on probation and outlive crashes within a run.
+        // Quarantines start, hold, end with a trial and outlive crashes within a run.
         cfg.limits.quarantine_after_errors = 3;
         cfg.limits.quarantine_hold_ms = 2_000;
         let mut rng = fastrand::Rng::with_seed(seed);
@@ -442,7 +459,7 @@ impl Sim {
                 .map(|q| q.devices().map(String::from).collect())
                 .unwrap_or_default()
         };
-        let held: BTreeSet<String> = dispatcher.handler_status()[0]
+        let held: BTreeSet<String> = dispatcher.handler_status(0)[0]
             .quarantined_for
             .iter()
             .cloned()

@@ -104,6 +104,17 @@ impl Timers {
         })
     }
 
+    /// Drops `handler`'s timer, if it has one, as its handler leaves the list: the timers of
+    /// the handlers after it move down one place, as their handlers do.
+    pub fn forget(&mut self, handler: usize) {
+        self.slots.retain(|s| s.handler != handler);
+        for s in &mut self.slots {
+            if s.handler > handler {
+                s.handler -= 1;
+            }
+        }
+    }
+
     /// The earliest due time, if there is any timer.
     pub fn next_due(&self) -> Option<u64> {
         self.slots.iter().map(|s| s.due_ms).min()
@@ -163,6 +174,19 @@ mod tests {
         assert_eq!(take(&mut t, 1_599), vec![]);
         assert_eq!(t.next_due(), Some(1_600));
         assert_eq!(take(&mut t, 1_600), vec![(0, 1_600, 0, 1_700)]);
+    }
+
+    #[test]
+    fn a_forgotten_handler_takes_its_timer_and_the_later_ones_move_down() {
+        let mut t = Timers::default();
+        t.add(0, 100, Some(due(1_000)), 950);
+        t.add(1, 100, Some(due(1_010)), 950);
+        t.add(2, 100, Some(due(1_020)), 950);
+        t.forget(1);
+        assert_eq!(
+            take(&mut t, 1_050),
+            vec![(0, 1_000, 0, 1_100), (1, 1_020, 0, 1_120)]
+        );
     }
 
     #[test]

@@ -261,10 +261,22 @@ impl Gateway {
         name: &str,
         shape: impl FnOnce(&mut rcgen::CertificateParams),
     ) -> (PathBuf, PathBuf, PathBuf) {
+        self.odd_cert("device-ca", dir, name, shape)
+    }
+
+    /// As [`Gateway::odd_device_cert`], from the CA `ca` of the gateway's PKI
+    /// (`operator-ca`, …).
+    pub fn odd_cert(
+        &self,
+        ca: &str,
+        dir: &Path,
+        name: &str,
+        shape: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> (PathBuf, PathBuf, PathBuf) {
         let pki = self.data().join("pki");
         let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
-        let ca_key = rcgen::KeyPair::from_pem(&read("device-ca.key")).unwrap();
-        let ca = rcgen::CertificateParams::from_ca_cert_pem(&read("device-ca.crt"))
+        let ca_key = rcgen::KeyPair::from_pem(&read(&format!("{ca}.key"))).unwrap();
+        let ca = rcgen::CertificateParams::from_ca_cert_pem(&read(&format!("{ca}.crt")))
             .unwrap()
             .self_signed(&ca_key)
             .unwrap();
@@ -904,4 +916,100 @@ pub fn installed(name: &str, paths: &[&str]) -> PathBuf {
         .map(PathBuf::from)
         .find(|p| p.exists())
         .unwrap_or_else(|| panic!("{name} is not installed (scripts/test.sh installs it)"))
+}
+
+// Bundles: keys, signed counters, and the offline inbox, as an operator uses them.
+
+/// Makes a key pair in `dir/keys`; returns the key file and the public key line.
+pub fn keys(dir: &Path) -> (PathBuf, String) {
+    let out = dir.join("keys");
+    let run = tidepool(&["keys", "generate", "--out", out.to_str().unwrap()]);
+    assert!(run.ok, "{}", run.stderr);
+    let public = std::fs::read_to_string(out.join("signing.pub")).unwrap();
+    (out.join("signing.key"), public.trim().to_string())
+}
+
+pub fn build(manifest: &Path, wasm: &Path, key: &Path, out: &Path) -> Run {
+    tidepool(&[
+        "bundle",
+        "build",
+        "--manifest",
+        manifest.to_str().unwrap(),
+        "--wasm",
+        wasm.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+/// Waits for `path` to exist (the inbox thread moves a bundle when it is done with it).
+pub async fn appears(path: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Puts `bytes` in the gateway's inbox as an operator would (`NAME.part`, then a rename) and
+/// returns what it became: `Ok(())` deployed, `Err(reason)` rejected.
+pub async fn through_inbox(gw: &Gateway, name: &str, bytes: &[u8]) -> Result<(), String> {
+    let inbox = gw.data().join("inbox");
+    let part = inbox.join(format!("{name}.part"));
+    std::fs::write(&part, bytes).unwrap();
+    std::fs::rename(&part, inbox.join(name)).unwrap();
+    let (done, rejected) = (
+        inbox.join("done").join(name),
+        inbox.join("rejected").join(name),
+    );
+    let reason = inbox.join("rejected").join(format!("{name}.reason"));
+    let started = std::time::Instant::now();
+    let deadline = started + std::time::Duration::from_secs(20);
+    loop {
+        if done.exists() {
+            eprintln!("{name}: deployed {:?} after the rename", started.elapsed());
+            return Ok(());
+        }
+        if rejected.exists() && reason.exists() {
+            return Err(std::fs::read_to_string(&reason).unwrap());
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} was not taken");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A counter handler counting in state key `key`, as manifest text and module bytes.
+pub fn counter(name: &str, version: u64, key: &str, extra: &str) -> (String, Vec<u8>) {
+    let wat = COUNTER_WAT.replace(
+        "(data (i32.const 0) \"n\")",
+        &format!("(data (i32.const 0) \"{key}\")"),
+    );
+    (
+        format!("name = \"{name}\"\nversion = {version}\nsubscribe = [\"devices/#\"]\n{extra}"),
+        wat::parse_str(&wat).unwrap(),
+    )
+}
+
+/// Signs (manifest, module) with `key` through the CLI; returns the bundle's bytes.
+pub fn signed(dir: &Path, (manifest, wasm): &(String, Vec<u8>), key: &Path) -> Vec<u8> {
+    let (m, w, out) = (dir.join("m.toml"), dir.join("m.wasm"), dir.join("m.tpb"));
+    std::fs::write(&m, manifest).unwrap();
+    std::fs::write(&w, wasm).unwrap();
+    let r = build(&m, &w, key, &out);
+    assert!(r.ok, "{}", r.stderr);
+    std::fs::read(out).unwrap()
+}
+
+pub async fn publish_one(gw: &Gateway, seq: u64) {
+    let d = gw.connect("d1").await;
+    let mut s = d.open().await.unwrap();
+    s.send(&publish(seq, "devices/d1/x", b"1")).await.unwrap();
+    until_ack(&mut s, seq).await;
+    d.close().await;
 }

@@ -1,19 +1,25 @@
-//! One deploy, whatever brought the bundle (the offline inbox today, the admin channel later):
-//! everything is checked before anything changes (signature, pin, version floor, caps, module),
-//! then the dispatcher's thread loads the handler (`tp_init`) and swaps it in between two turns,
-//! and the registry records it (synced) before the deploy is reported done.
+//! What changes the handlers a box runs from bundles, whatever asked (the offline inbox, the
+//! admin channel, the local socket, a failed probation): `deploy`, `rollback`, `remove`, and
+//! `list` to see the registry. Everything is checked before anything changes (signature, pin,
+//! version floor, caps, module); then the dispatcher's thread loads the handler (`tp_init`)
+//! and swaps it in between two turns, or takes it out; then the registry records it (synced)
+//! before the change is reported.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
+use serde::Serialize;
+
 use super::bundle::{self, PublicKey};
 use crate::config::{BoxLimits, Config};
 use crate::dispatch::thread::{Inbox, Install};
+use crate::dispatch::{HandlerStatus, ProbationEnd, ProbationStatus};
+use crate::sandbox::probation::{End, Rules};
 use crate::sandbox::{HostEnv, Runtime};
 use crate::store::Store;
 
 /// A deploy that took.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Deployed {
     pub name: String,
     pub version: u64,
@@ -21,6 +27,8 @@ pub struct Deployed {
     pub replaced: Option<u64>,
     /// The signer's key fingerprint.
     pub signer: String,
+    /// Whether it runs on probation.
+    pub probation: bool,
 }
 
 impl std::fmt::Display for Deployed {
@@ -30,17 +38,71 @@ impl std::fmt::Display for Deployed {
             Some(v) => write!(f, "replaced version {v}")?,
             None => write!(f, "is a new handler")?,
         }
-        write!(f, ", signed by {}", self.signer)
+        write!(f, ", signed by {}", self.signer)?;
+        if self.probation {
+            write!(f, "; on probation")?;
+        }
+        Ok(())
     }
 }
 
-/// Why a deploy did not take.
+/// A rollback or a removal that took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Changed {
+    pub name: String,
+    /// The version that ran before (`None`: none ran).
+    pub from: Option<u64>,
+    /// The version that runs now (`None`: removed).
+    pub to: Option<u64>,
+}
+
+impl std::fmt::Display for Changed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = |v: Option<u64>| v.map_or("nothing".to_string(), |v| format!("version {v}"));
+        match self.to {
+            Some(_) => write!(
+                f,
+                "`{}` rolled back from {} to {}",
+                self.name,
+                v(self.from),
+                v(self.to)
+            ),
+            None => write!(
+                f,
+                "`{}` removed ({}), with its state, timer and quarantine",
+                self.name,
+                v(self.from)
+            ),
+        }
+    }
+}
+
+/// One handler name as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Listed {
+    pub name: String,
+    /// `bundle` (deployed) or `config` (pinned by `[[handler]]`).
+    pub source: &'static str,
+    /// The version running now (`None`: none).
+    pub running: Option<u64>,
+    /// The version a rollback goes back to.
+    pub previous: Option<u64>,
+    /// The highest version ever installed from a bundle (a deploy must exceed it).
+    pub floor: u64,
+    /// The current bundle's signer (fingerprint).
+    pub signer: Option<String>,
+    pub probation: Option<ProbationStatus>,
+    /// What last happened to it when it was not a deploy (a rollback, a removal), and why.
+    pub note: Option<String>,
+}
+
+/// Why a change did not take.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeployError {
-    /// The bundle is refused, for good: nothing changed.
+    /// Refused, for good: nothing changed.
     #[error("{0}")]
     Refused(String),
-    /// The gateway is stopping: nothing changed, and the bundle may be deployed again later.
+    /// The gateway is stopping: nothing changed, and it may be asked again later.
     #[error("the gateway is stopping")]
     Stopping,
 }
@@ -48,6 +110,11 @@ pub enum DeployError {
 /// A store read failed: the gateway stops (as on any store error).
 fn store_failed(e: crate::store::StoreError) -> DeployError {
     crate::store::fatal("reading the registry", e)
+}
+
+/// A registry write failed: the gateway stops (what runs and what is recorded would differ).
+fn record_failed(e: crate::store::StoreError) -> ! {
+    crate::store::fatal("recording in the registry", e)
 }
 
 /// The handler names the local config pins (`[[handler]]`): every configured manifest that
@@ -75,18 +142,27 @@ impl Pinned {
     }
 }
 
-/// What a deploy checks against, and where it installs.
+/// The version and signer a registered bundle names (it was verified when it was installed).
+fn describe(bytes: &[u8]) -> Option<(u64, String)> {
+    let f = bundle::frame(bytes, u64::MAX).ok()?;
+    let text = std::str::from_utf8(f.manifest).ok()?;
+    let m = bundle::parse_manifest(text).ok()?;
+    Some((m.version, f.signer.fingerprint()))
+}
+
+/// What a change checks against, and where it installs.
 pub struct Deployer {
     trusted: Vec<PublicKey>,
     max_bytes: u64,
     caps: BoxLimits,
+    probation: Option<Rules>,
     /// Names of the handlers in the local config: trusted as the config is, never replaced.
     pinned: Pinned,
     store: Store,
     inbox: Inbox,
     env: HostEnv,
     runtime: tokio::runtime::Handle,
-    /// One deploy at a time (the floor is read, then raised).
+    /// One change at a time (the floor is read, then raised; the registry read, then moved).
     one: Mutex<()>,
 }
 
@@ -101,6 +177,7 @@ impl Deployer {
             trusted: cfg.deploy.keys()?,
             max_bytes: cfg.deploy.max_bundle_bytes,
             caps: cfg.limits.clone(),
+            probation: cfg.deploy.probation(),
             pinned,
             store,
             inbox,
@@ -115,61 +192,249 @@ impl Deployer {
         self.max_bytes
     }
 
-    /// Verifies and deploys a bundle's bytes (from a blocking thread, not the runtime's):
-    /// what was deployed, or why nothing changed.
-    pub fn deploy(&self, bytes: &[u8]) -> Result<Deployed, DeployError> {
-        let _one = self.one.lock().unwrap_or_else(|p| p.into_inner());
-        let v = bundle::verify(bytes, self.max_bytes, &self.trusted)
-            .map_err(|e| DeployError::Refused(e.to_string()))?;
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.one.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refuse_pinned(&self, name: &str, what: &str) -> Result<(), DeployError> {
         if let Some(unread) = &self.pinned.unknown {
             return Err(DeployError::Refused(format!(
-                "the configured handler {unread} does not read, so which names it pins is not known: fix it (deploys are refused until then)"
+                "the configured handler {unread} does not read, so which names it pins is not known: fix it (deploys, rollbacks and removals are refused until then)"
             )));
         }
-        let (name, version) = (v.manifest.name.clone(), v.manifest.version);
-        if self.pinned.names.contains(&name) {
+        if self.pinned.names.contains(name) {
             return Err(DeployError::Refused(format!(
-                "`{name}` is pinned: it is configured in [[handler]] on this box, and a deploy of it is refused"
+                "`{name}` is pinned: it is configured in [[handler]] on this box, and {what} of it is refused (edit the config instead)"
             )));
         }
-        let floor = self.store.version_floor(&name).map_err(store_failed)?;
-        if version <= floor {
-            return Err(DeployError::Refused(format!(
-                "version {version} of `{name}` is not above {floor}, the highest installed here (going back is a rollback)"
-            )));
-        }
+        Ok(())
+    }
+
+    /// Checks a verified bundle against the caps and compiles it (off the dispatcher's
+    /// thread), then has the dispatcher's thread run its `tp_init` and swap it in: the version
+    /// it replaced.
+    fn install(
+        &self,
+        v: bundle::Verified,
+        probation: Option<Rules>,
+    ) -> Result<Option<u64>, DeployError> {
         v.manifest
             .check(&self.caps)
             .map_err(|e| DeployError::Refused(e.to_string()))?;
-        // Compiled here, not on the dispatcher's thread (which runs only its `tp_init`).
         let runtime = Runtime::default();
         let module = crate::sandbox::compile(&runtime, &v.wasm, &v.manifest)
             .map_err(|e| DeployError::Refused(e.to_string()))?;
         // A new handler starts from what its name holds on disk; one replaced keeps its count
         // (`Tree::install`: its pending writes are not on disk yet).
-        let state_used = self.store.state_bytes(&name).map_err(store_failed)?;
+        let state_used = self
+            .store
+            .state_bytes(&v.manifest.name)
+            .map_err(store_failed)?;
         let install = Install {
             manifest: v.manifest,
             runtime,
             module,
             env: self.env.clone(),
             state_used,
+            probation,
         };
-        let replaced = self
-            .runtime
+        self.runtime
             .block_on(self.inbox.install(install))
             .map_err(|_| DeployError::Stopping)?
-            .map_err(DeployError::Refused)?;
+            .map_err(DeployError::Refused)
+    }
+
+    /// Verifies and deploys a bundle's bytes (from a blocking thread, not the runtime's):
+    /// what was deployed, or why nothing changed. `by` names who asked, for the log.
+    pub fn deploy(&self, bytes: &[u8], by: &str) -> Result<Deployed, DeployError> {
+        let _one = self.lock();
+        let v = bundle::verify(bytes, self.max_bytes, &self.trusted)
+            .map_err(|e| DeployError::Refused(e.to_string()))?;
+        let (name, version) = (v.manifest.name.clone(), v.manifest.version);
+        self.refuse_pinned(&name, "a deploy")?;
+        let floor = self.store.version_floor(&name).map_err(store_failed)?;
+        if version <= floor {
+            return Err(DeployError::Refused(format!(
+                "version {version} of `{name}` is not above {floor}, the highest installed here (going back is a rollback)"
+            )));
+        }
+        let signer = v.signer.fingerprint();
+        let replaced = self.install(v, self.probation)?;
         // Running now; recorded before the deploy is reported (a crash in between leaves the
         // bundle where it came from, and it is deployed again).
-        if let Err(e) = self.store.record_deploy(&name, bytes, version) {
-            crate::store::fatal("recording a deploy", e);
+        let since = self.probation.map(|_| crate::clock::now_ms());
+        if let Err(e) = self.store.record_deploy(&name, bytes, version, since) {
+            record_failed(e);
         }
-        Ok(Deployed {
+        let d = Deployed {
             name,
             version,
             replaced,
-            signer: v.signer.fingerprint(),
-        })
+            signer,
+            probation: since.is_some(),
+        };
+        tracing::info!(by, "deployed: {d}");
+        Ok(d)
+    }
+
+    /// Goes back to the version `name` ran before (its floor stays: the newer version cannot
+    /// be deployed again, only a higher one). `why` is kept in the registry.
+    pub fn rollback(&self, name: &str, by: &str, why: &str) -> Result<Changed, DeployError> {
+        let _one = self.lock();
+        self.rollback_locked(name, by, why, None)
+    }
+
+    /// A rollback, when `expected` (if given) is still the current version.
+    fn rollback_locked(
+        &self,
+        name: &str,
+        by: &str,
+        why: &str,
+        expected: Option<u64>,
+    ) -> Result<Changed, DeployError> {
+        self.refuse_pinned(name, "a rollback")?;
+        let r = self.store.registered(name).map_err(store_failed)?;
+        let Some(current) = r.current.as_deref().and_then(describe) else {
+            return Err(DeployError::Refused(format!(
+                "no handler `{name}` was deployed here"
+            )));
+        };
+        if expected.is_some_and(|v| v != current.0) {
+            return Err(DeployError::Refused(format!(
+                "`{name}` runs version {} now, not the one to roll back",
+                current.0
+            )));
+        }
+        let Some(previous) = r.previous else {
+            return Err(DeployError::Refused(format!(
+                "`{name}` version {} has no previous version kept here to go back to (remove it instead)",
+                current.0
+            )));
+        };
+        // Checked again: a key taken out of deploy.trusted_keys since no longer runs.
+        let v = bundle::verify(&previous, u64::MAX, &self.trusted).map_err(|e| {
+            DeployError::Refused(format!("the previous version cannot run again: {e}"))
+        })?;
+        let to = v.manifest.version;
+        self.install(v, None)?;
+        let note = format!(
+            "rolled back from version {} to {to} by {by}: {why}",
+            current.0
+        );
+        if let Err(e) = self.store.record_rollback(name, &note) {
+            record_failed(e);
+        }
+        let c = Changed {
+            name: name.to_string(),
+            from: Some(current.0),
+            to: Some(to),
+        };
+        tracing::warn!(by, why, "{c}");
+        Ok(c)
+    }
+
+    /// Takes `name` out, with its state, timer and quarantine; its floor stays (an old bundle
+    /// of it cannot come back, a higher version can). `why` is kept in the registry.
+    pub fn remove(&self, name: &str, by: &str, why: &str) -> Result<Changed, DeployError> {
+        let _one = self.lock();
+        self.remove_locked(name, by, why)
+    }
+
+    fn remove_locked(&self, name: &str, by: &str, why: &str) -> Result<Changed, DeployError> {
+        self.refuse_pinned(name, "a removal")?;
+        let r = self.store.registered(name).map_err(store_failed)?;
+        if r.current.is_none() && r.floor == 0 {
+            return Err(DeployError::Refused(format!(
+                "no handler `{name}` was deployed here"
+            )));
+        }
+        let from = self
+            .runtime
+            .block_on(self.inbox.remove(name))
+            .map_err(|_| DeployError::Stopping)?;
+        let note = format!("removed by {by}: {why}");
+        if let Err(e) = self.store.record_remove(name, &note) {
+            record_failed(e);
+        }
+        let c = Changed {
+            name: name.to_string(),
+            from,
+            to: None,
+        };
+        tracing::warn!(by, why, "{c}");
+        Ok(c)
+    }
+
+    /// A probation ended: a pass is recorded, a failure rolled back (a new handler, with no
+    /// version before it, removed).
+    pub fn probation_ended(&self, end: ProbationEnd) {
+        let _one = self.lock();
+        let why = match end.end {
+            End::Passed => {
+                // Only if that version still runs (a later deploy has its own probation).
+                let current = self.store.registered(&end.name).map_err(store_failed);
+                let runs = current
+                    .ok()
+                    .and_then(|r| r.current)
+                    .and_then(|b| describe(&b))
+                    .is_some_and(|(v, _)| v == end.version);
+                if runs {
+                    if let Err(e) = self.store.record_passed(&end.name) {
+                        record_failed(e);
+                    }
+                }
+                return;
+            }
+            End::Failed(why) => format!("version {} failed its probation: {why}", end.version),
+        };
+        let by = "probation";
+        let r = self.store.registered(&end.name).map_err(store_failed);
+        let has_previous = r.is_ok_and(|r| r.previous.is_some());
+        let result = match has_previous {
+            true => self.rollback_locked(&end.name, by, &why, Some(end.version)),
+            false => self.remove_locked(&end.name, by, &why),
+        };
+        if let Err(e) = result {
+            tracing::error!(handler = end.name, "could not undo the failed version: {e}");
+        }
+    }
+
+    /// Every handler name: deployed ones (running or not, removed ones with their floor and
+    /// why) and pinned ones, with what runs (`running`: the dispatcher's status).
+    pub fn list(&self, running: &[HandlerStatus]) -> Result<Vec<Listed>, DeployError> {
+        let mut out = Vec::new();
+        let now_running = |name: &str| running.iter().find(|h| h.name == name);
+        for name in self.store.registry_names().map_err(store_failed)? {
+            if self.pinned.names.contains(&name) {
+                continue;
+            }
+            let r = self.store.registered(&name).map_err(store_failed)?;
+            let h = now_running(&name);
+            out.push(Listed {
+                source: "bundle",
+                running: h.map(|h| h.version),
+                previous: r.previous.as_deref().and_then(describe).map(|(v, _)| v),
+                floor: r.floor,
+                signer: r.current.as_deref().and_then(describe).map(|(_, s)| s),
+                probation: h.and_then(|h| h.probation.clone()),
+                note: r.note,
+                name,
+            });
+        }
+        for name in &self.pinned.names {
+            let h = now_running(name);
+            out.push(Listed {
+                name: name.clone(),
+                source: "config",
+                running: h.map(|h| h.version),
+                previous: None,
+                floor: 0,
+                signer: None,
+                probation: None,
+                note: None,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 }

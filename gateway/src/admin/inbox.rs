@@ -43,7 +43,7 @@ impl Running {
 
 /// Makes the inbox and its `done/` and `rejected/` (0700) and starts its thread, which deploys
 /// what arrives until stopped.
-pub fn spawn(data_dir: &Path, deployer: Deployer) -> io::Result<Running> {
+pub fn spawn(data_dir: &Path, deployer: Arc<Deployer>) -> io::Result<Running> {
     let inbox = dir(data_dir);
     for d in [inbox.clone(), inbox.join("done"), inbox.join("rejected")] {
         std::fs::DirBuilder::new()
@@ -151,10 +151,9 @@ fn take(inbox: &Path, name: &str, deployer: &Deployer) {
     let path = inbox.join(name);
     let result = read_once(&path, deployer.max_bytes())
         .map_err(DeployError::Refused)
-        .and_then(|bytes| deployer.deploy(&bytes));
+        .and_then(|bytes| deployer.deploy(&bytes, &format!("the inbox ({name})")));
     match result {
-        Ok(d) => {
-            tracing::info!(file = name, "deployed from the inbox: {d}");
+        Ok(_) => {
             if let Err(e) = move_into(&path, &inbox.join("done"), name, None) {
                 tracing::error!(file = name, "deployed, but cannot move it to done/: {e}");
             }

@@ -1,7 +1,10 @@
-//! Pushing handlers to boxes: signed bundles (`bundle.rs`), one deploy checked then installed
-//! (`deploy.rs`), the offline inbox (`inbox.rs`). The admin channel, rollback and probation
-//! come here too (issue 10).
+//! Changing what a box runs, from outside it: signed bundles (`bundle.rs`); deploy, rollback,
+//! removal, probation's verdicts and the registry (`deploy.rs`); the offline inbox
+//! (`inbox.rs`); the admin channel for operators over QUIC (`channel.rs`) and its client
+//! (`client.rs`), which speak the control protocol of `control.rs`.
 
 pub mod bundle;
+pub mod channel;
+pub mod client;
 pub mod deploy;
 pub mod inbox;

@@ -1,4 +1,5 @@
-//! `tidepool certs device ID`: issue a device certificate from the gateway's device CA.
+//! `tidepool certs device ID` and `tidepool certs operator NAME`: issue a client certificate
+//! from the gateway's device CA or operator CA.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,10 +28,70 @@ pub enum What {
               value_parser = clap::value_parser!(u32).range(1..=36_500))]
         days: u32,
     },
+    /// Issue an operator certificate for the admin channel (NAME.crt, NAME.key, ca.crt and an
+    /// operator profile, NAME.toml).
+    ///
+    /// The operator reaches the gateway with `tidepool deploy --profile NAME.toml …` (also
+    /// `list`, `rollback`, `remove`, `status`, `dead-letters export`). The name is the
+    /// certificate's CN ([A-Za-z0-9._-]{1,64}), logged with everything the operator changes.
+    /// Valid for --days, 90 at most: issue a new one when it expires. Deny one before that
+    /// with `admin.revoked = ["NAME"]` or the serial printed last (`serial:<hex>`), then
+    /// `systemctl reload tidepool`.
+    Operator {
+        /// The operator's name.
+        name: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Where to write the files.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+        /// Days the certificate is valid from now (1 to 90).
+        #[arg(long, value_name = "N", default_value_t = 30,
+              value_parser = clap::value_parser!(u32).range(1..=tidepool::pki::OPERATOR_MAX_DAYS as i64))]
+        days: u32,
+        /// The gateway's address as operators reach it, written into the profile
+        /// (default: localhost and the port of gateway.listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        gateway: Option<String>,
+    },
 }
 
 pub fn run(what: What) -> anyhow::Result<ExitCode> {
     match what {
+        What::Operator {
+            name,
+            config,
+            out,
+            days,
+            gateway,
+        } => {
+            let cfg = config.load()?;
+            tidepool::pki::ensure(&cfg.gateway.data_dir, &cfg.gateway.server_names)?;
+            let files = tidepool::pki::issue_operator(&cfg.gateway.data_dir, &name, &out, days)?;
+            let gateway =
+                gateway.unwrap_or_else(|| format!("localhost:{}", cfg.gateway.listen.port()));
+            let profile = out.join(format!("{name}.toml"));
+            let file = |p: &std::path::Path| {
+                p.file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            };
+            let text = format!(
+                "# Operator profile for the admin channel: tidepool deploy --profile {} …\n\
+                 # (paths are relative to this file's folder)\n\
+                 gateway = {:?}\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                profile.display(),
+                gateway,
+                file(&files[2]),
+                file(&files[0]),
+                file(&files[1]),
+            );
+            write_new(&profile, &text)?;
+            for f in files.iter().chain([&profile]) {
+                println!("{}", f.display());
+            }
+            print_serial(&files[0])?;
+        }
         What::Device {
             id,
             config,
@@ -43,11 +104,23 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
             for f in &files {
                 println!("{}", f.display());
             }
-            let cert = tidepool::pki::read_certs(&files[0])?;
-            if let Some(s) = cert.first().and_then(|c| tidepool::pki::serial_hex(c)) {
-                println!("serial:{s}");
-            }
+            print_serial(&files[0])?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a certificate's serial as `serial:<hex>`, the form the deny-lists take.
+fn print_serial(cert: &std::path::Path) -> anyhow::Result<()> {
+    let cert = tidepool::pki::read_certs(cert)?;
+    if let Some(s) = cert.first().and_then(|c| tidepool::pki::serial_hex(c)) {
+        println!("serial:{s}");
+    }
+    Ok(())
+}
+
+/// Writes a small file (replacing one of that name).
+fn write_new(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }

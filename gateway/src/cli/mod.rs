@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand.
 
+mod admin;
 mod bundle;
 mod certs;
 mod config;
@@ -53,6 +54,10 @@ enum Command {
     Send(send::Args),
     Invoke(invoke::Args),
     Status(status::Args),
+    Deploy(admin::DeployArgs),
+    List(admin::ListArgs),
+    Rollback(admin::RollbackArgs),
+    Remove(admin::RemoveArgs),
     /// Export the dead letters (events that failed) for replay with `tidepool invoke`.
     DeadLetters {
         #[command(subcommand)]
@@ -98,6 +103,10 @@ pub fn main() -> std::process::ExitCode {
         Command::Send(a) => send::run(a),
         Command::Invoke(a) => invoke::run(a),
         Command::Status(a) => status::run(a),
+        Command::Deploy(a) => admin::deploy(a),
+        Command::List(a) => admin::list(a),
+        Command::Rollback(a) => admin::rollback(a),
+        Command::Remove(a) => admin::remove(a),
         Command::DeadLetters { what } => dead_letters::run(what),
     };
     match result {

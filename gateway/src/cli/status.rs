@@ -4,33 +4,26 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use super::ConfigArgs;
-
-/// Show a running gateway's handlers (quarantine included), outbox and counters.
+/// Show a running gateway's handlers (quarantine and probation included), outbox and counters.
 ///
 /// Asks the gateway through `<data-dir>/control.sock`, so run it as the gateway's user with
-/// the same `--config`/`--data-dir`. Exits 3 when no gateway runs on that data dir.
+/// the same `--config`/`--data-dir`; or a remote one over the admin channel (--gateway … or
+/// --profile). Exits 3 when no gateway runs on that data dir.
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    config: ConfigArgs,
+    target: super::admin::Target,
     /// Print the raw JSON answer instead of a summary.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let cfg = a.config.load()?;
-    let data = &cfg.gateway.data_dir;
-    let Some(answer) = tidepool::control::request(data, "status")
-        .with_context(|| format!("asking the gateway in {}", data.display()))?
-    else {
-        eprintln!(
-            "tidepool: no control socket in {}: no gateway runs on this data dir (or it could not bind its socket; see its log). A stopped gateway's last counters are in metrics.json there.",
-            data.display()
-        );
-        return Ok(ExitCode::from(3));
-    };
+    let mut answer = Vec::new();
+    if !a.target.ask("status", &[], &mut answer)? {
+        eprintln!("(a stopped gateway's last counters are in metrics.json in its data dir)");
+        return Ok(ExitCode::from(super::admin::NO_GATEWAY));
+    }
     if a.json {
         print!("{}", String::from_utf8_lossy(&answer));
         return Ok(ExitCode::SUCCESS);
@@ -102,6 +95,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                 format!("{health}; {r} invocations refused over its {share} CPU share")
             }
             _ => health,
+        };
+        let health = match h["probation"].as_object() {
+            Some(p) => format!(
+                "{health}; on probation: {}/{} runs, {} failed",
+                p["runs"], p["of_runs"], p["failures"]
+            ),
+            None => health,
         };
         let timer = h["timer_ms"]
             .as_u64()

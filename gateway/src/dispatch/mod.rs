@@ -11,7 +11,7 @@ pub mod thread;
 mod tree;
 mod turns;
 
-pub use tree::EventState;
+pub use tree::{EventState, ProbationEnd};
 
 use std::collections::HashMap;
 use std::sync::mpsc::SyncSender;
@@ -68,6 +68,8 @@ pub trait Durable: StateSource {
     fn timer_due(&self, handler: &str) -> Result<Option<Due>, StoreError>;
     /// `handler`'s stored quarantine ([`Quarantine::encode`]).
     fn quarantine(&self, handler: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The full keys of `handler`'s durable state (its removal deletes them).
+    fn state_keys(&self, handler: &str) -> Result<Vec<Vec<u8>>, StoreError>;
     /// State writes submitted and not yet durable; [`StateSource::get`] reads them first.
     fn overlay(&self) -> &Overlay;
 }
@@ -89,6 +91,18 @@ pub struct HandlerStatus {
     pub cpu_percent: u32,
     pub cpu_share: &'static str,
     pub cpu_refused: u64,
+    /// Its probation, while it is on one: runs seen, failures among them, time left.
+    pub probation: Option<ProbationStatus>,
+}
+
+/// A running probation as `status` and `list` show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProbationStatus {
+    pub runs: u32,
+    pub of_runs: u32,
+    pub failures: u32,
+    pub max_failures: u32,
+    pub remaining_ms: u64,
 }
 
 pub struct Dispatcher {
@@ -121,6 +135,8 @@ pub struct Dispatcher {
     /// Random per start: datagram entry ids stay unique across restarts, even without a clock.
     boot_nonce: u64,
     metrics: Arc<Metrics>,
+    /// Where ended probations go (the admin, which rolls a failed one back).
+    probations: Option<tokio::sync::mpsc::UnboundedSender<ProbationEnd>>,
 }
 
 impl Dispatcher {
@@ -147,7 +163,7 @@ impl Dispatcher {
                 cfg.limits.cpu_percent,
                 h.manifest.limits.cpu_percent,
             );
-            // A quarantine outlives a restart (its probation still ends it).
+            // A quarantine outlives a restart (its trial still ends it).
             let stored = store
                 .quarantine(h.name())
                 .map_err(Fault::reading("reading a quarantine"))?;
@@ -161,7 +177,7 @@ impl Dispatcher {
                 Some(mut q) => {
                     q.clamp(now);
                     if q.all() || q.devices().next().is_some() {
-                        tracing::warn!(handler = h.name(), "handler still quarantined from before the restart (it runs again after its probation)");
+                        tracing::warn!(handler = h.name(), "handler still quarantined from before the restart (it runs again after its trial)");
                     }
                     h.quarantine = q;
                 }
@@ -206,6 +222,7 @@ impl Dispatcher {
             datagrams: 0,
             boot_nonce: fastrand::u64(..),
             metrics,
+            probations: None,
         };
         if !schedule.state.is_empty() {
             d.submit(&"".into(), 0, ItemKind::Event(Box::new(schedule)), None);
@@ -245,6 +262,64 @@ impl Dispatcher {
         Ok(before)
     }
 
+    /// Takes the handler named `name` out at once (the next event no longer runs it) and
+    /// deletes what its name holds: its state, its timer's due time and its quarantine, with
+    /// the writes still pending for them (the deletes go after them to the committer). A
+    /// name that runs nothing still has its leftovers deleted. Returns the version removed.
+    pub fn remove(&mut self, name: &str) -> Result<Option<u64>, Fault> {
+        let removed = self.tree.remove(name).map(|(i, h)| {
+            self.timers.forget(i);
+            h.manifest.version
+        });
+        let mut keys = self
+            .store
+            .state_keys(name)
+            .map_err(Fault::reading("listing a removed handler's state"))?;
+        keys.extend(
+            self.store
+                .overlay()
+                .keys_with_prefix(&keys::state_prefix(name)),
+        );
+        keys.sort_unstable();
+        keys.dedup();
+        let deleted = keys.len();
+        self.tag += 1;
+        let mut ws = WriteSet {
+            tag: self.tag,
+            ..WriteSet::default()
+        };
+        // Read as deleted from now on, by a handler of the same name deployed next.
+        for k in keys {
+            self.store.overlay().put(k.clone(), None, ws.tag);
+            ws.state.push((k, None));
+        }
+        ws.state.push((keys::timer(name), None));
+        ws.state.push((keys::quarantine(name), None));
+        self.submit(&"".into(), 0, ItemKind::Event(Box::new(ws)), None);
+        tracing::info!(
+            handler = name,
+            version = ?removed,
+            state_keys = deleted,
+            "handler removed, with its state, timer and quarantine"
+        );
+        Ok(removed)
+    }
+
+    /// Sends the probations that end from now on to `to`.
+    pub fn report_probations_to(&mut self, to: tokio::sync::mpsc::UnboundedSender<ProbationEnd>) {
+        self.probations = Some(to);
+    }
+
+    /// Reports the probations ended since the last call (by their runs, a quarantine or, at
+    /// `now`, their window's time).
+    pub fn report_probations(&mut self, now: u64) {
+        for end in self.tree.probation_ends(now) {
+            if let Some(tx) = &self.probations {
+                let _ = tx.send(end);
+            }
+        }
+    }
+
     /// Answers `busy` (and skips timers) while `disk` is below its reserve.
     pub fn watch_disk(&mut self, disk: Arc<DiskWatch>) {
         self.disk = Some(disk);
@@ -277,8 +352,8 @@ impl Dispatcher {
         }
     }
 
-    /// Each handler's name, version, timer and health.
-    pub fn handler_status(&self) -> Vec<HandlerStatus> {
+    /// Each handler's name, version, timer and health at `now`.
+    pub fn handler_status(&self, now: u64) -> Vec<HandlerStatus> {
         self.tree
             .handlers
             .iter()
@@ -292,6 +367,13 @@ impl Dispatcher {
                 cpu_percent: h.share.percent(),
                 cpu_share: h.share.kind(),
                 cpu_refused: h.share_refused,
+                probation: h.probation.as_ref().map(|p| ProbationStatus {
+                    runs: p.runs,
+                    of_runs: p.rules.events,
+                    failures: p.failures,
+                    max_failures: p.rules.max_failures,
+                    remaining_ms: p.remaining_ms(now),
+                }),
             })
             .collect()
     }
@@ -1001,7 +1083,7 @@ mod tests {
         assert_eq!(metrics.dead_letters.load(Ordering::Relaxed), 2);
         assert_eq!(metrics.handlers_quarantined.load(Ordering::Relaxed), 0);
         assert_eq!(
-            d.handler_status()[1].errors_in_row,
+            d.handler_status(0)[1].errors_in_row,
             2,
             "busy events do not count"
         );

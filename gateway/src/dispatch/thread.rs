@@ -120,6 +120,7 @@ enum Input {
     },
     Status(oneshot::Sender<Vec<HandlerStatus>>),
     Install(Box<Install>, oneshot::Sender<Result<Option<u64>, String>>),
+    Remove(String, oneshot::Sender<Option<u64>>),
     Stop,
 }
 
@@ -133,6 +134,8 @@ pub struct Install {
     pub env: crate::sandbox::HostEnv,
     /// Its state bytes in the store (its `state_bytes` quota starts there).
     pub state_used: u64,
+    /// The probation it starts on (`None`: none, as after a rollback).
+    pub probation: Option<crate::sandbox::probation::Rules>,
 }
 
 /// An input's room: its permits of the whole inbox, and of its connection's share of it.
@@ -269,6 +272,16 @@ impl Inbox {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Input::Install(Box::new(install), tx))
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Removes a handler between two turns, with what its name holds (see
+    /// [`Dispatcher::remove`]): the version removed, if one ran.
+    pub async fn remove(&self, name: &str) -> Result<Option<u64>, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Remove(name.to_string(), tx))
             .map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
     }
@@ -428,6 +441,7 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>, inbox_room: Arc<Semaphore>, capac
             d.set_work_waiting(queued(0));
             d.fire_timers(now);
         }
+        d.report_probations(now);
         let Some((device, work)) = turns.next() else {
             continue;
         };
@@ -527,7 +541,10 @@ fn accept(
             },
         ),
         Input::Status(tx) => {
-            let _ = tx.send(d.handler_status());
+            let now = crate::clock::now_ms();
+            // A probation whose time is up ends before it is shown.
+            d.report_probations(now);
+            let _ = tx.send(d.handler_status(now));
         }
         Input::Install(i, tx) => {
             let Install {
@@ -536,6 +553,7 @@ fn accept(
                 module,
                 env,
                 state_used,
+                probation,
             } = *i;
             let loaded = crate::sandbox::Handler::instantiate_module(
                 &runtime,
@@ -545,14 +563,25 @@ fn accept(
                 env,
                 state_used,
             );
+            let now = crate::clock::now_ms();
             let answer = match loaded {
                 Err(e) => Err(e.to_string()),
-                Ok(h) => match d.install(h, crate::clock::now_ms()) {
+                Ok(mut h) => match {
+                    h.probation =
+                        probation.map(|r| crate::sandbox::probation::Probation::new(r, now));
+                    d.install(h, now)
+                } {
                     Ok(before) => Ok(before),
                     Err(f) => crate::store::fatal("installing a handler", f),
                 },
             };
             let _ = tx.send(answer);
+        }
+        Input::Remove(name, tx) => {
+            let removed = d
+                .remove(&name)
+                .unwrap_or_else(|f| crate::store::fatal("removing a handler", f));
+            let _ = tx.send(removed);
         }
         Input::Stop => return true,
     }

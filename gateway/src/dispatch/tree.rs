@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{entry_id, Entry};
 use crate::pipeline::{Class, OutboxWrite, WriteSet};
 use crate::router::Router;
+use crate::sandbox::probation::End;
 use crate::sandbox::quarantine::{self, Change};
 use crate::sandbox::share::Policy;
 use crate::sandbox::{EventInfo, FailureKind, Handler, Limit, Outcome, StateSource, TimerInfo};
@@ -73,6 +74,17 @@ pub(super) struct Tree {
     state: Arc<EventState>,
     metrics: Arc<Metrics>,
     route_buf: Vec<usize>,
+    /// Probations ended and not handed over yet ([`Tree::probation_ends`]).
+    ended: Vec<ProbationEnd>,
+}
+
+/// A deployed version's probation ended: the dispatcher reports it to the admin, which rolls
+/// a failed one back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbationEnd {
+    pub name: String,
+    pub version: u64,
+    pub end: End,
 }
 
 /// When a handler is quarantined and for how long (`limits.quarantine_*`).
@@ -120,6 +132,7 @@ impl Tree {
             state,
             metrics,
             route_buf: Vec::new(),
+            ended: Vec::new(),
         }
     }
 
@@ -148,6 +161,59 @@ impl Tree {
                 .map(|h| h.manifest.subscribe.as_slice()),
         );
         (i, before)
+    }
+
+    /// Ends handler `h`'s probation with `end`, reported by [`Tree::probation_ends`].
+    fn probation_ended(&mut self, h: usize, end: End) {
+        let handler = &mut self.handlers[h];
+        handler.probation = None;
+        match &end {
+            End::Passed => tracing::info!(
+                handler = handler.name(),
+                version = handler.manifest.version,
+                "deployed version passed its probation"
+            ),
+            End::Failed(why) => tracing::error!(
+                handler = handler.name(),
+                version = handler.manifest.version,
+                "deployed version failed its probation: {why}; it is rolled back"
+            ),
+        }
+        self.ended.push(ProbationEnd {
+            name: handler.name().to_string(),
+            version: handler.manifest.version,
+            end,
+        });
+    }
+
+    /// Ends the probations whose window is over at `now_ms`, then hands over every probation
+    /// ended since the last call.
+    pub(super) fn probation_ends(&mut self, now_ms: u64) -> Vec<ProbationEnd> {
+        for h in 0..self.handlers.len() {
+            let over = self.handlers[h]
+                .probation
+                .as_ref()
+                .and_then(|p| p.at(now_ms));
+            if let Some(end) = over {
+                self.probation_ended(h, end);
+            }
+        }
+        std::mem::take(&mut self.ended)
+    }
+
+    /// Takes the handler named `name` out (events in flight ran on it; the next do not);
+    /// the routes follow. Returns its index and the handler, if it ran.
+    pub(super) fn remove(&mut self, name: &str) -> Option<(usize, Handler)> {
+        let i = self.handlers.iter().position(|h| h.name() == name)?;
+        let h = self.handlers.remove(i);
+        self.log_used.remove(i);
+        self.ended.retain(|e| e.name != name);
+        self.router = Router::new(
+            self.handlers
+                .iter()
+                .map(|h| h.manifest.subscribe.as_slice()),
+        );
+        Some((i, h))
     }
 
     /// Whether work is waiting behind what runs next (see `sandbox/share.rs`).
@@ -274,7 +340,7 @@ impl Tree {
                 Metrics::inc(&self.metrics.handler_timeouts);
             }
         }
-        // One verdict per handler per tree (a probation is judged once, a tree of emits
+        // One verdict per handler per tree (a trial is judged once, a tree of emits
         // counts as one failure in a row).
         let mut ran: Vec<usize> = verdicts.iter().map(|(h, _)| *h).collect();
         ran.sort_unstable();
@@ -283,9 +349,20 @@ impl Tree {
             let v = quarantine::fold(verdicts.iter().filter(|(i, _)| *i == h).map(|(_, v)| *v));
             let handler = &mut self.handlers[h];
             handler.quarantine.version = handler.manifest.version;
-            let Some(change) = handler.quarantine.observe(who, v, now_ms, settings) else {
+            let change = handler.quarantine.observe(who, v, now_ms, settings);
+            if let Some(p) = &mut handler.probation {
+                let end = match change {
+                    Some(Change::All { .. }) => Some(p.quarantined()),
+                    _ => p.observe(v, now_ms),
+                };
+                if let Some(end) = end {
+                    self.probation_ended(h, end);
+                }
+            }
+            let Some(change) = change else {
                 continue;
             };
+            let handler = &mut self.handlers[h];
             let name = handler.name().to_string();
             match change {
                 Change::Device { device, n, .. } => {
@@ -295,7 +372,7 @@ impl Tree {
                         device,
                         devices = n,
                         hold_ms = rules.hold_ms,
-                        "handler quarantined for one device: its events trapped the handler or hit a limit {} times in a row; that device's events go to the dead letters until a probation succeeds, the other devices keep the handler",
+                        "handler quarantined for one device: its events trapped the handler or hit a limit {} times in a row; that device's events go to the dead letters until a trial succeeds, the other devices keep the handler",
                         rules.after
                     );
                 }
@@ -305,7 +382,7 @@ impl Tree {
                         handler = name,
                         devices = rules.devices,
                         hold_ms = rules.hold_ms,
-                        "handler quarantined: {} failures in a row from {} devices or more; its events go to the dead letters until a probation succeeds",
+                        "handler quarantined: {} failures in a row from {} devices or more; its events go to the dead letters until a trial succeeds",
                         rules.after,
                         rules.devices
                     );
@@ -314,12 +391,12 @@ impl Tree {
                     handler = name,
                     device,
                     until_ms,
-                    "quarantined handler failed its probation: held again, twice as long"
+                    "quarantined handler failed its trial: held again, twice as long"
                 ),
                 Change::Released { device } => tracing::info!(
                     handler = name,
                     device = device.as_deref().unwrap_or("every device"),
-                    "quarantined handler passed its probation: it runs again"
+                    "quarantined handler passed its trial: it runs again"
                 ),
             }
             let q = handler.quarantine.encode();

@@ -71,14 +71,42 @@ pub(super) async fn run(
 ) {
     let remote = incoming.remote_address();
     let timeout = Duration::from_millis(shared.ingress.handshake_timeout_ms);
+    let mut connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%remote, "handshake refused: {e}");
+            return;
+        }
+    };
+    // The ALPN is known before the client's certificate is checked: an operator from outside
+    // admin.allow_from is dropped then.
+    let handshaking = async {
+        let alpn = connecting
+            .handshake_data()
+            .await
+            .ok()
+            .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|h| h.protocol);
+        let admin = alpn.as_deref() == Some(crate::proto::ALPN_ADMIN);
+        if admin && !shared.admin.allows(remote.ip()) {
+            return Ok(None);
+        }
+        connecting.await.map(|c| Some((c, admin)))
+    };
     // Dropping the handshake (on timeout, or when the gateway stops) drops the connection:
     // quinn closes it.
     let handshake_done = tokio::select! {
-        r = tokio::time::timeout(timeout, incoming) => r,
+        r = tokio::time::timeout(timeout, handshaking) => r,
         _ = stop.changed() => return,
     };
-    let conn = match handshake_done {
-        Ok(Ok(c)) => c,
+    let (conn, admin) = match handshake_done {
+        Ok(Ok(Some(c))) => c,
+        Ok(Ok(None)) => {
+            shared
+                .admin
+                .refused(remote, "its address is not in admin.allow_from");
+            return;
+        }
         Ok(Err(e)) => {
             tracing::info!(%remote, "handshake refused: {e}");
             return;
@@ -94,6 +122,10 @@ pub(super) async fn run(
         .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
         .map(|b| *b)
         .unwrap_or_default();
+    if admin {
+        drop(handshake);
+        return crate::admin::channel::run(conn, chain, shared, stop).await;
+    }
     if !shared.roles.is_device(&chain) {
         tracing::info!(%remote, "closing: certificate is not a device certificate");
         conn.close(code(CloseCode::WrongRole), CloseCode::WrongRole.reason());

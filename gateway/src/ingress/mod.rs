@@ -40,6 +40,8 @@ struct Session {
 pub struct Shared {
     pub inbox: Inbox,
     pub roles: RoleCheck,
+    /// The admin channel's access rules and what it answers.
+    pub admin: crate::admin::channel::Access,
     pub ingress: IngressConfig,
     pub metrics: Arc<Metrics>,
     sessions: Mutex<HashMap<Arc<str>, Session>>,
@@ -85,12 +87,13 @@ impl Drop for DeviceSlot {
 impl Shared {
     pub fn new(
         inbox: Inbox,
-        roles: RoleCheck,
+        (roles, admin): (RoleCheck, crate::admin::channel::Access),
         ingress: IngressConfig,
         (revoked, tiers): (Revoked, &[String]),
         metrics: Arc<Metrics>,
     ) -> Self {
         Shared {
+            admin,
             rates: Mutex::new(Rates::new(
                 ingress.device_events_per_s,
                 ingress.device_burst,

@@ -1,6 +1,7 @@
 //! TLS for the QUIC endpoint: the server certificate, mutual TLS against the gateway's CAs
 //! during the handshake, and the role check after it (a device's certificate must chain to
-//! the device CA).
+//! the device CA, an operator's to the operator CA, whatever the handshake accepted); the
+//! client configs of a device and of an operator.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use rustls::RootCertStore;
 
 use crate::config::IngressConfig;
 use crate::pki::{self, PkiError, PkiPaths};
-use crate::proto::ALPN_DEVICE;
+use crate::proto::{ALPN_ADMIN, ALPN_DEVICE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -40,20 +41,30 @@ fn roots(paths: &[std::path::PathBuf]) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(store))
 }
 
-/// Checks after the handshake that a client certificate belongs to the device role.
+/// Checks after the handshake that a client certificate belongs to the role of its ALPN.
 pub struct RoleCheck {
     device: Arc<dyn ClientCertVerifier>,
+    operator: Arc<dyn ClientCertVerifier>,
+}
+
+fn chains_to(verifier: &dyn ClientCertVerifier, chain: &[CertificateDer<'static>]) -> bool {
+    let Some((leaf, rest)) = chain.split_first() else {
+        return false;
+    };
+    verifier
+        .verify_client_cert(leaf, rest, UnixTime::now())
+        .is_ok()
 }
 
 impl RoleCheck {
     /// Whether `chain` (leaf first) chains to the device CA.
     pub fn is_device(&self, chain: &[CertificateDer<'static>]) -> bool {
-        let Some((leaf, rest)) = chain.split_first() else {
-            return false;
-        };
-        self.device
-            .verify_client_cert(leaf, rest, UnixTime::now())
-            .is_ok()
+        chains_to(&*self.device, chain)
+    }
+
+    /// Whether `chain` (leaf first) chains to the operator CA.
+    pub fn is_operator(&self, chain: &[CertificateDer<'static>]) -> bool {
+        chains_to(&*self.operator, chain)
     }
 }
 
@@ -65,18 +76,20 @@ pub fn server_config(
     let p = provider();
     let all = roots(&[paths.cert(pki::DEVICE_CA), paths.cert(pki::OPERATOR_CA)])?;
     let verifier = WebPkiClientVerifier::builder_with_provider(all, p.clone()).build()?;
-    let device = WebPkiClientVerifier::builder_with_provider(
-        roots(&[paths.cert(pki::DEVICE_CA)])?,
-        p.clone(),
-    )
-    .build()?;
+    let only = |ca: &str| {
+        WebPkiClientVerifier::builder_with_provider(roots(&[paths.cert(ca)])?, p.clone())
+            .build()
+            .map_err(TlsError::from)
+    };
+    let (device, operator) = (only(pki::DEVICE_CA)?, only(pki::OPERATOR_CA)?);
     let chain = pki::read_certs(&paths.cert(pki::SERVER))?;
     let key = pki::read_key(&paths.key(pki::SERVER))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    tls.alpn_protocols = vec![ALPN_DEVICE.to_vec()];
+    // Devices first: a client offering both is a device (the server's order wins).
+    tls.alpn_protocols = vec![ALPN_DEVICE.to_vec(), ALPN_ADMIN.to_vec()];
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
@@ -92,7 +105,7 @@ pub fn server_config(
                 .map_err(|_| TlsError::Quic("idle_timeout_ms too large".into()))?,
         ));
     server.transport_config(Arc::new(transport));
-    Ok((server, RoleCheck { device }))
+    Ok((server, RoleCheck { device, operator }))
 }
 
 /// A device-side QUIC client config (for `tidepool send`, the tier uplink, tests and the load
@@ -105,12 +118,31 @@ pub fn client_config(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_for(ALPN_DEVICE, ca, cert, key)
+}
+
+/// An operator's client config for the admin channel (`tidepool deploy --gateway`, …): the
+/// admin ALPN, and the same limits as a device's (the gateway opens no stream to a client).
+pub fn admin_client_config(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_for(ALPN_ADMIN, ca, cert, key)
+}
+
+fn client_config_for(
+    alpn: &[u8],
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<quinn::ClientConfig, TlsError> {
     let roots = roots(&[ca.to_path_buf()])?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(pki::read_certs(cert)?, pki::read_key(key)?)?;
-    tls.alpn_protocols = vec![ALPN_DEVICE.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut transport = quinn::TransportConfig::default();

@@ -8,6 +8,9 @@ pub mod topic;
 /// The ALPN devices negotiate.
 pub const ALPN_DEVICE: &[u8] = b"tidepool/1";
 
+/// The ALPN operators negotiate (the admin channel, `docs/bundles.md`), on the same port.
+pub const ALPN_ADMIN: &[u8] = b"tidepool-admin/1";
+
 /// Application error codes used to close a stream or a connection (wire protocol v1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]

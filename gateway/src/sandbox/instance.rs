@@ -100,6 +100,8 @@ pub struct Handler {
     pub state_used: u64,
     /// Which devices it no longer runs for.
     pub quarantine: super::quarantine::Quarantine,
+    /// Its probation, while a version deployed from a bundle is on one.
+    pub probation: Option<super::probation::Probation>,
     /// Its share of the wall clock (set by the dispatcher from the manifest and the box).
     pub share: super::share::CpuShare,
     /// Invocations refused for being over its share.
@@ -239,6 +241,7 @@ impl Handler {
             live: None,
             state_used,
             quarantine: Default::default(),
+            probation: None,
             share: super::share::CpuShare::new(100, None),
             share_refused: 0,
         };

@@ -5,6 +5,7 @@
 mod abi;
 mod instance;
 pub mod manifest;
+pub mod probation;
 pub mod quarantine;
 pub mod share;
 

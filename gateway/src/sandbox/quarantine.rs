@@ -6,7 +6,7 @@
 //! for every device (as quickly as one device's run would take it away from that device). A
 //! timer's firings count as the device `""`.
 //!
-//! A quarantine ends on probation: once its time is up, the next event is let through; a
+//! A quarantine ends with a trial: once its time is up, the next event is let through; a
 //! success releases the handler, a failure holds it again for twice as long (up to
 //! [`MAX_HOLD_MS`]). The held set survives a restart ([`Quarantine::encode`], kept in the
 //! store by the dispatcher); the counts of failures in a row do not.
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::FailureKind;
 
-/// The longest a quarantine holds before its next probation.
+/// The longest a quarantine holds before its next trial.
 pub const MAX_HOLD_MS: u64 = 3_600_000;
 
 /// What one invocation's verdict changed.
@@ -31,13 +31,13 @@ pub enum Change {
     },
     /// Quarantined for every device, until `until_ms`.
     All { until_ms: u64 },
-    /// The probation failed: held again, for longer.
+    /// The trial failed: held again, for longer.
     Extended { device: String, until_ms: u64 },
-    /// The probation succeeded: it runs again (for `device`, or for all when `None`).
+    /// The trial succeeded: it runs again (for `device`, or for all when `None`).
     Released { device: Option<String> },
 }
 
-/// One hold: until when, and how long the next one lasts if the probation fails.
+/// One hold: until when, and how long the next one lasts if the trial fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hold {
     pub until_ms: u64,
@@ -124,7 +124,7 @@ impl Quarantine {
     /// Counts one event tree's verdict ([`fold`]) for `device` at `now_ms`.
     ///
     /// A held device whose hold is up, or any device when the hold for all is up, is on
-    /// probation: a success releases that hold, a failure holds it again for twice as long (up
+    /// trial: a success releases that hold, a failure holds it again for twice as long (up
     /// to [`MAX_HOLD_MS`]), a rejection decides nothing. Otherwise a success clears the
     /// device's count and the run, a trap or a limit hit adds one to both, a rejection leaves
     /// them. After `after` failures in a row (0: never) the handler is held for `hold_ms`: for
@@ -139,7 +139,7 @@ impl Quarantine {
     ) -> Option<Change> {
         let own = self.devices.contains_key(device);
         if own || self.all.is_some() {
-            // Only a probation runs a held handler: of the device's own hold first.
+            // Only a trial runs a held handler: of the device's own hold first.
             return match failed {
                 Some(FailureKind::Rejected) => None,
                 None => {
@@ -347,15 +347,15 @@ mod tests {
         assert!(!per_device.all() && per_device.blocks("c", 0));
     }
 
-    /// Probation: once the hold is up one event goes through; a failure holds it twice as
+    /// Trial: once the hold is up one event goes through; a failure holds it twice as
     /// long (up to an hour), a success releases it.
     #[test]
-    fn a_quarantine_ends_on_probation() {
+    fn a_quarantine_ends_with_a_trial() {
         let mut q = Quarantine::default();
         let s = (1, 3, 60_000);
         q.observe("d1", TRAP, 0, s);
         assert!(q.blocks("d1", 59_999));
-        assert!(!q.blocks("d1", 60_000), "the probation lets one through");
+        assert!(!q.blocks("d1", 60_000), "the trial lets one through");
         assert_eq!(
             q.observe("d1", TRAP, 60_000, s),
             Some(Change::Extended {
@@ -380,7 +380,7 @@ mod tests {
     }
 
     /// The review's attack: one device traps it 50 times (held), then two stray failures from
-    /// elsewhere must not take it from everyone; and a probation for all is judged by devices
+    /// elsewhere must not take it from everyone; and a trial for all is judged by devices
     /// not held themselves, a rejection decides nothing, a release keeps the devices' holds.
     #[test]
     fn a_held_device_cannot_help_take_the_handler_from_everyone() {
@@ -404,10 +404,7 @@ mod tests {
         // The hold for all is up at 1,000; `bad` is still held on its own.
         assert!(q.blocks("bad", 1_000) && !q.blocks("a", 1_000));
         assert_eq!(q.observe("a", Some(FailureKind::Rejected), 1_000, s), None);
-        assert!(
-            !q.blocks("a", 1_000),
-            "a rejection leaves the probation open"
-        );
+        assert!(!q.blocks("a", 1_000), "a rejection leaves the trial open");
         assert_eq!(
             q.observe("a", None, 1_000, s),
             Some(Change::Released { device: None })

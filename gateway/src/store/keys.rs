@@ -13,6 +13,8 @@
 //! | `r/<handler>\0current`                | the deployed bundle it runs (as signed) |
 //! | `r/<handler>\0previous`               | the bundle it ran before (for rollback) |
 //! | `r/<handler>\0floor`                  | u64 BE the highest version ever installed |
+//! | `r/<handler>\0probation`              | u64 BE wall ms its current version's probation started |
+//! | `r/<handler>\0note`                   | what last happened to it and why (a rollback, a removal) |
 
 /// The layout version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -26,7 +28,8 @@ pub const TIMER: &[u8] = b"t/";
 pub const QUARANTINE: &[u8] = b"q/";
 pub const REGISTRY: &[u8] = b"r/";
 
-/// A slot of a deployed handler's registry record (`current`, `previous`, `floor`).
+/// A slot of a deployed handler's registry record (`current`, `previous`, `floor`,
+/// `probation`, `note`).
 pub fn registry(handler: &str, slot: &str) -> Vec<u8> {
     join(REGISTRY, &[handler.as_bytes(), b"\0", slot.as_bytes()])
 }

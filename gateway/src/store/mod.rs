@@ -110,6 +110,21 @@ impl DeadLetter {
     }
 }
 
+/// What the registry holds for one handler name (`r/<name>\0...`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registered {
+    /// The bundle it runs, as signed.
+    pub current: Option<Vec<u8>>,
+    /// The bundle it ran before (what `rollback` goes back to).
+    pub previous: Option<Vec<u8>>,
+    /// The highest version ever installed under the name.
+    pub floor: u64,
+    /// When its current version's probation started (wall ms), while it is on one.
+    pub probation_since: Option<u64>,
+    /// What last happened to it, when it was not a deploy (a rollback, a removal) and why.
+    pub note: Option<String>,
+}
+
 /// The open store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -475,14 +490,46 @@ impl Store {
     /// The deployed bundles (`r/<name>\0current`), by handler name.
     pub fn deployed(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(keys::REGISTRY) {
-            let (k, v) = kv?;
-            let rest = &k[keys::REGISTRY.len()..];
-            if let Some(name) = rest.strip_suffix(b"\0current") {
-                out.push((String::from_utf8_lossy(name).into_owned(), v.to_vec()));
+        for name in self.registry_names()? {
+            if let Some(b) = self.tree.get(keys::registry(&name, "current"))? {
+                out.push((name, b.to_vec()));
             }
         }
         Ok(out)
+    }
+
+    /// Every name the registry holds something for (a removed handler keeps its floor).
+    pub fn registry_names(&self) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = Vec::new();
+        for k in self.tree.scan_prefix(keys::REGISTRY).keys() {
+            let k = k?;
+            let rest = &k[keys::REGISTRY.len()..];
+            let Some(end) = rest.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let name = String::from_utf8_lossy(&rest[..end]).into_owned();
+            if out.last() != Some(&name) {
+                out.push(name);
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the registry holds for `handler`.
+    pub fn registered(&self, handler: &str) -> Result<Registered, StoreError> {
+        let get = |slot| -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self
+                .tree
+                .get(keys::registry(handler, slot))?
+                .map(|v| v.to_vec()))
+        };
+        Ok(Registered {
+            current: get("current")?,
+            previous: get("previous")?,
+            floor: self.version_floor(handler)?,
+            probation_since: get("probation")?.and_then(|v| keys::u64_value(&v)),
+            note: get("note")?.map(|v| String::from_utf8_lossy(&v).into_owned()),
+        })
     }
 
     /// The highest version ever installed from a bundle under `handler` (0: none).
@@ -495,12 +542,14 @@ impl Store {
     }
 
     /// Records `bundle` (version `version`) as what `handler` runs, the one before as its
-    /// previous, and raises its floor; durable (synced) on return.
+    /// previous, raises its floor, and starts its probation at `probation_since` (wall ms) if
+    /// it has one; durable (synced) on return.
     pub fn record_deploy(
         &self,
         handler: &str,
         bundle: &[u8],
         version: u64,
+        probation_since: Option<u64>,
     ) -> Result<(), StoreError> {
         let current = self.tree.get(keys::registry(handler, "current"))?;
         let floor = self.version_floor(handler)?.max(version);
@@ -510,7 +559,45 @@ impl Store {
         }
         b.insert(keys::registry(handler, "current"), bundle);
         b.insert(keys::registry(handler, "floor"), &floor.to_be_bytes());
+        match probation_since {
+            Some(t) => b.insert(keys::registry(handler, "probation"), &t.to_be_bytes()),
+            None => b.remove(keys::registry(handler, "probation")),
+        }
+        b.remove(keys::registry(handler, "note"));
         self.tree.apply_batch(b)?;
+        self.sync()
+    }
+
+    /// Records a rollback of `handler`: its previous bundle is what it runs, none is kept
+    /// before it, its floor stays, and `note` says why; durable on return.
+    pub fn record_rollback(&self, handler: &str, note: &str) -> Result<(), StoreError> {
+        let Some(previous) = self.tree.get(keys::registry(handler, "previous"))? else {
+            return Ok(());
+        };
+        let mut b = sled::Batch::default();
+        b.insert(keys::registry(handler, "current"), previous);
+        b.remove(keys::registry(handler, "previous"));
+        b.remove(keys::registry(handler, "probation"));
+        b.insert(keys::registry(handler, "note"), note.as_bytes());
+        self.tree.apply_batch(b)?;
+        self.sync()
+    }
+
+    /// Records the removal of `handler`: no bundle is kept, its floor stays (an old bundle
+    /// cannot come back), and `note` says why; durable on return.
+    pub fn record_remove(&self, handler: &str, note: &str) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for slot in ["current", "previous", "probation"] {
+            b.remove(keys::registry(handler, slot));
+        }
+        b.insert(keys::registry(handler, "note"), note.as_bytes());
+        self.tree.apply_batch(b)?;
+        self.sync()
+    }
+
+    /// Ends `handler`'s probation in the registry (it passed); durable on return.
+    pub fn record_passed(&self, handler: &str) -> Result<(), StoreError> {
+        self.tree.remove(keys::registry(handler, "probation"))?;
         self.sync()
     }
 
@@ -547,6 +634,13 @@ impl crate::dispatch::Durable for Store {
     }
     fn quarantine(&self, handler: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Store::quarantine(self, handler)
+    }
+    fn state_keys(&self, handler: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.tree
+            .scan_prefix(keys::state_prefix(handler))
+            .keys()
+            .map(|k| Ok(k?.to_vec()))
+            .collect()
     }
     fn overlay(&self) -> &Overlay {
         &self.overlay

@@ -33,6 +33,15 @@ impl Overlay {
         }
     }
 
+    /// The keys under `prefix` with a pending write (a value or a delete).
+    pub fn keys_with_prefix(&self, prefix: &[u8]) -> Vec<Vec<u8>> {
+        self.lock()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

@@ -1,0 +1,199 @@
+//! The admin channel: operators on the gateway's own QUIC port, with ALPN `tidepool-admin/1`
+//! and a certificate from the operator CA (`tidepool certs operator`). Who gets in: a source
+//! address in `admin.allow_from` (checked during the handshake, before the certificate), a
+//! certificate that chains to the operator CA (the handshake accepts the device CA too: the
+//! role is checked after it, as for devices), and an operator not in `admin.revoked` (checked
+//! again at every request, so a reload shuts out a connected operator). Each bidirectional
+//! stream carries one request of the control protocol (`control.rs`), answered as on the local
+//! socket; what an operator changes is logged with their name, serial and address.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
+
+use crate::config::{AdminConfig, ConfigError};
+use crate::control::Control;
+use crate::ingress::Shared;
+use crate::metrics::Metrics;
+use crate::pki::Revoked;
+use crate::proto::CloseCode;
+
+/// Who may use the admin channel, and what answers it.
+pub struct Access {
+    allow: RwLock<Arc<Vec<ipnet::IpNet>>>,
+    revoked: RwLock<Arc<Revoked>>,
+    control: Arc<Control>,
+}
+
+impl Access {
+    pub fn new(cfg: &AdminConfig, control: Arc<Control>) -> Result<Access, ConfigError> {
+        let revoked = Revoked::parse(&cfg.revoked)
+            .map_err(|e| ConfigError::Invalid(format!("admin.revoked: {e}")))?;
+        Ok(Access {
+            allow: RwLock::new(Arc::new(cfg.networks()?)),
+            revoked: RwLock::new(Arc::new(revoked)),
+            control,
+        })
+    }
+
+    /// Puts a reloaded `[admin]` in force: later connections and requests are checked against
+    /// it. Returns the sizes of the allow-list and the deny-list.
+    pub fn reload(&self, cfg: &AdminConfig) -> Result<(usize, usize), ConfigError> {
+        let fresh = Access::new(cfg, self.control.clone())?;
+        let allow = fresh.allow.into_inner().unwrap_or_else(|p| p.into_inner());
+        let revoked = fresh
+            .revoked
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        let sizes = (allow.len(), revoked.len());
+        *self.allow.write().unwrap_or_else(|p| p.into_inner()) = allow;
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked;
+        Ok(sizes)
+    }
+
+    /// Whether an operator may connect from `ip` (an empty list: from anywhere).
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let allow = self.allow.read().unwrap_or_else(|p| p.into_inner()).clone();
+        allow.is_empty() || listed(&allow, ip)
+    }
+
+    fn denies(&self, name: &str, serial: &str) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .denies(name, serial)
+    }
+
+    /// Counts and logs a refusal (at 1, 2, 4, 8, … refusals at WARN: a flood of attempts
+    /// cannot flood the log).
+    pub fn refused(&self, remote: SocketAddr, why: &str) {
+        let n = Metrics::bump(&self.control.metrics.admin_refused);
+        if n.is_power_of_two() {
+            tracing::warn!(%remote, refused = n, "admin channel: refused: {why}");
+        } else {
+            tracing::debug!(%remote, "admin channel: refused: {why}");
+        }
+    }
+}
+
+/// Whether `ip` is in one of `nets`.
+fn listed(nets: &[ipnet::IpNet], ip: IpAddr) -> bool {
+    // A dual-stack socket shows an IPv4 client as ::ffff:a.b.c.d.
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// How long a closing admin connection lets its requests finish.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn close(conn: &quinn::Connection, c: CloseCode) {
+    conn.close(quinn::VarInt::from_u32(c as u32), c.reason());
+}
+
+/// One operator connection, its handshake done: role and deny-list checks, then one task per
+/// request until the operator closes it or the gateway stops.
+pub async fn run(
+    conn: quinn::Connection,
+    chain: Vec<CertificateDer<'static>>,
+    shared: &Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let access = &shared.admin;
+    let remote = conn.remote_address();
+    if !shared.roles.is_operator(&chain) {
+        access.refused(remote, "its certificate is not from the operator CA");
+        return close(&conn, CloseCode::WrongRole);
+    }
+    let leaf = chain.first();
+    let Some(name) = leaf
+        .and_then(|c| crate::pki::common_name(c))
+        .filter(|cn| crate::proto::topic::valid_device_id(cn))
+    else {
+        access.refused(remote, "its certificate's CN is not an operator name");
+        return close(&conn, CloseCode::WrongRole);
+    };
+    let serial = leaf
+        .and_then(|c| crate::pki::serial_hex(c))
+        .unwrap_or_default();
+    if access.denies(&name, &serial) {
+        access.refused(
+            remote,
+            &format!("operator `{name}` (serial {serial}) is in admin.revoked"),
+        );
+        return close(&conn, CloseCode::Revoked);
+    }
+    Metrics::inc(&shared.metrics.admin_connections);
+    tracing::info!(%remote, operator = name, serial, "operator connected");
+    let by: Arc<str> = format!("operator {name} (serial {serial}) from {remote}").into();
+    let who: Arc<(String, String)> = Arc::new((name, serial));
+    let mut requests = tokio::task::JoinSet::new();
+    let stopping = loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((mut send, recv)) => {
+                    let (shared, by, who) = (shared.clone(), by.clone(), who.clone());
+                    requests.spawn(async move {
+                        let access = &shared.admin;
+                        let result = match access.denies(&who.0, &who.1) {
+                            true => {
+                                access.refused(remote, &format!("operator `{}` is in admin.revoked", who.0));
+                                tokio::io::AsyncWriteExt::write_all(
+                                    &mut send,
+                                    b"#error: this operator is revoked (admin.revoked)\n",
+                                )
+                                .await
+                                .map_err(std::io::Error::from)
+                            }
+                            false => crate::control::serve_one(recv, &mut send, &access.control, &by).await,
+                        };
+                        if let Err(e) = result {
+                            tracing::debug!(%remote, "admin request: {e}");
+                        }
+                        let _ = send.finish();
+                    });
+                }
+                Err(_) => break false,
+            },
+            _ = stop.changed() => break true,
+        }
+        while requests.try_join_next().is_some() {}
+    };
+    let settle = async { while requests.join_next().await.is_some() {} };
+    if tokio::time::timeout(SETTLE, settle).await.is_err() {
+        requests.abort_all();
+    }
+    if stopping {
+        close(&conn, CloseCode::ShuttingDown);
+    }
+    tracing::debug!(%remote, "operator disconnected");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allow_list_takes_addresses_and_networks_and_mapped_v4() {
+        let cfg = |allow: &[&str]| AdminConfig {
+            allow_from: allow.iter().map(|s| s.to_string()).collect(),
+            revoked: vec![],
+        };
+        let nets = cfg(&["10.0.0.0/8", "192.168.1.7", "fd00::/8"])
+            .networks()
+            .unwrap();
+        let any = |ip: &str| listed(&nets, ip.parse().unwrap());
+        assert!(any("10.1.2.3"));
+        assert!(any("192.168.1.7"));
+        assert!(!any("192.168.1.8"));
+        assert!(any("fd12::1"));
+        assert!(any("::ffff:10.9.9.9"));
+        assert!(!any("127.0.0.1"));
+        assert!(cfg(&["10.0.0.0/33"]).networks().is_err());
+        assert!(cfg(&["example.com"]).networks().is_err());
+    }
+}

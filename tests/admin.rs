@@ -1,0 +1,465 @@
+//! The admin channel, as operators use it: `deploy`, `list`, `rollback`, `remove`, `status`
+//! and `dead-letters export` over QUIC with an operator certificate (and the same through the
+//! local socket); a version that fails its probation rolled back on its own, with no cloud;
+//! and every refusal (a device certificate on the admin ALPN, an operator certificate on the
+//! device ALPN, an expired or revoked operator, an address outside the allow-list, an
+//! oversized or unsigned bundle, a pinned handler, a replay after a rollback) answered with a
+//! clear reason and nothing changed.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::*;
+use tidepool::admin::client::Remote;
+
+/// `tidepool certs operator NAME` for `gw` into `dir`: the profile it wrote.
+fn operator(gw: &Gateway, dir: &Path, name: &str) -> PathBuf {
+    let r = cli(
+        &[
+            "certs",
+            "operator",
+            name,
+            "--out",
+            dir.to_str().unwrap(),
+            "--gateway",
+            &gw.addr,
+        ],
+        &gw.config,
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains("serial:"), "{}", r.stdout);
+    dir.join(format!("{name}.toml"))
+}
+
+/// The serial `certs operator` printed for a certificate, as `serial:<hex>`.
+fn serial_of(cert: &Path) -> String {
+    let der = tidepool::pki::read_certs(cert).unwrap();
+    format!("serial:{}", tidepool::pki::serial_hex(&der[0]).unwrap())
+}
+
+/// `tidepool ARGS --profile PROFILE`.
+fn admin(profile: &Path, args: &[&str]) -> Run {
+    let mut all = args.to_vec();
+    all.extend(["--profile", profile.to_str().unwrap()]);
+    tidepool(&all)
+}
+
+/// `list --json` through `profile`, by name.
+fn list(profile: &Path) -> serde_json::Value {
+    let r = admin(profile, &["list", "--json"]);
+    assert!(r.ok, "{}", r.stderr);
+    serde_json::from_str(&r.stdout).unwrap()
+}
+
+fn listed(profile: &Path, name: &str) -> serde_json::Value {
+    let all = list(profile);
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not listed: {all}"))
+}
+
+/// Writes a signed counter bundle to `dir/FILE`.
+fn bundle_file(dir: &Path, file: &str, handler: &(String, Vec<u8>), key: &Path) -> PathBuf {
+    let p = dir.join(file);
+    std::fs::write(&p, signed(dir, handler, key)).unwrap();
+    p
+}
+
+/// A handler that traps on every event.
+fn trapping(name: &str, version: u64) -> (String, Vec<u8>) {
+    let wat = r#"(module
+      (memory (export "memory") 1)
+      (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) unreachable))"#;
+    (
+        format!("name = \"{name}\"\nversion = {version}\nsubscribe = [\"devices/#\"]\n"),
+        wat::parse_str(wat).unwrap(),
+    )
+}
+
+/// An operator deploys, lists, rolls back and removes over the admin channel: each change
+/// takes at once (the next event runs on it), the registry shows what runs and why, the
+/// floor holds after a rollback (the version rolled back from cannot be replayed), a pinned
+/// handler cannot be touched, and a removal takes the handler's state with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_deploys_lists_rolls_back_and_removes_over_the_admin_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    let pinned = wat_handler(
+        dir.path(),
+        "pinned",
+        COUNTER_WAT,
+        "subscribe = [\"pinned/#\"]\n",
+    );
+    let mut gw = Gateway::start(&format!(
+        "[deploy]\ntrusted_keys = [\"{public}\"]\nprobation_events = 0\n{pinned}"
+    ));
+    let ops = tempfile::tempdir().unwrap();
+    let alice = operator(&gw, ops.path(), "alice");
+
+    let v1 = bundle_file(dir.path(), "v1.tpb", &counter("counter", 1, "n", ""), &key);
+    let v2 = bundle_file(dir.path(), "v2.tpb", &counter("counter", 2, "m", ""), &key);
+    let r = admin(&alice, &["deploy", v1.to_str().unwrap()]);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("deployed counter v1 as a new handler"),
+        "{}",
+        r.stdout
+    );
+    publish_one(&gw, 1).await;
+    let r = admin(&alice, &["deploy", v2.to_str().unwrap()]);
+    assert!(
+        r.ok && r.stdout.contains("in place of v1"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    publish_one(&gw, 2).await;
+
+    let c = listed(&alice, "counter");
+    assert_eq!(
+        (&c["source"], &c["running"], &c["previous"], &c["floor"]),
+        (&"bundle".into(), &2.into(), &1.into(), &2.into()),
+        "{c}"
+    );
+    assert_eq!(c["signer"].as_str().unwrap().len(), 64);
+    let p = listed(&alice, "pinned");
+    assert_eq!((&p["source"], &p["running"]), (&"config".into(), &1.into()));
+    // The same through the local socket, and as a table.
+    let local = cli(&["list"], &gw.config);
+    assert!(local.ok, "{}", local.stderr);
+    assert!(
+        local.stdout.starts_with("NAME") && local.stdout.contains("counter  bundle  v2"),
+        "{}",
+        local.stdout
+    );
+
+    // Back to v1: the next event runs on it; v2 cannot come back, nor can a second rollback.
+    let r = admin(&alice, &["rollback", "counter"]);
+    assert!(
+        r.ok && r.stdout.contains("rolled back counter from v2 to v1"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
+    publish_one(&gw, 3).await;
+    let c = listed(&alice, "counter");
+    assert_eq!(
+        (&c["running"], &c["previous"], &c["floor"]),
+        (&1.into(), &serde_json::Value::Null, &2.into())
+    );
+    let note = c["note"].as_str().unwrap();
+    assert!(
+        note.contains("rolled back from version 2 to 1 by operator alice (serial "),
+        "{note}"
+    );
+    let replay = admin(&alice, &["deploy", v2.to_str().unwrap()]);
+    assert!(
+        !replay.ok && replay.stderr.contains("is not above 2"),
+        "{}",
+        replay.stderr
+    );
+    let again = admin(&alice, &["rollback", "counter"]);
+    assert!(
+        !again.ok && again.stderr.contains("no previous version"),
+        "{}",
+        again.stderr
+    );
+    for verb in ["rollback", "remove"] {
+        let r = admin(&alice, &[verb, "pinned"]);
+        assert!(
+            !r.ok && r.stderr.contains("is pinned"),
+            "{verb}: {}",
+            r.stderr
+        );
+    }
+    let unknown = admin(&alice, &["remove", "nobody"]);
+    assert!(
+        !unknown.ok
+            && unknown
+                .stderr
+                .contains("no handler `nobody` was deployed here"),
+        "{}",
+        unknown.stderr
+    );
+
+    // Removed: no longer runs, its state goes; its floor stays, and a higher version can come.
+    let r = admin(&alice, &["remove", "counter", "--json"]);
+    assert!(r.ok, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        (&v["from"], &v["to"]),
+        (&1.into(), &serde_json::Value::Null)
+    );
+    let st = admin(&alice, &["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert!(
+        !st["handlers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["name"] == "counter"),
+        "{st}"
+    );
+    assert!(
+        st["metrics"]["admin_requests"].as_u64().unwrap() >= 10,
+        "{st}"
+    );
+    publish_one(&gw, 4).await;
+    let c = listed(&alice, "counter");
+    assert_eq!(
+        (&c["running"], &c["floor"]),
+        (&serde_json::Value::Null, &2.into())
+    );
+    assert!(c["note"]
+        .as_str()
+        .unwrap()
+        .starts_with("removed by operator alice"));
+    let v3 = bundle_file(dir.path(), "v3.tpb", &counter("counter", 3, "n", ""), &key);
+    let r = admin(&alice, &["deploy", v3.to_str().unwrap()]);
+    assert!(
+        r.ok && r.stdout.contains("as a new handler"),
+        "{}",
+        r.stderr
+    );
+    publish_one(&gw, 5).await;
+    let export = admin(&alice, &["dead-letters", "export"]);
+    assert!(export.ok && export.stdout.is_empty(), "{}", export.stderr);
+    gw.stop();
+    // v1 had counted 2 in `n` and v2 1 in `m`: the removal took both; v3 counted 1 afresh.
+    assert_eq!(
+        read_state(&gw.data(), "counter", b"n"),
+        Some(1u64.to_le_bytes().to_vec())
+    );
+    assert_eq!(read_state(&gw.data(), "counter", b"m"), None);
+}
+
+/// Who may not use the admin channel, each refused with a reason and nothing changed: a
+/// device certificate on the admin ALPN, an operator certificate on the device ALPN, an
+/// expired operator certificate, operators revoked by name and (after a reload) by serial,
+/// an address outside admin.allow_from; and what may not be deployed through it: an
+/// oversized bundle (refused before it is read), an unsigned one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_channel_refuses_the_wrong_role_expired_revoked_and_outside_operators() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    let mut gw = Gateway::start(&format!(
+        "[deploy]\ntrusted_keys = [\"{public}\"]\nmax_bundle_bytes = 4096\n[admin]\nrevoked = [\"mallory\"]\n"
+    ));
+    let ops = tempfile::tempdir().unwrap();
+    let alice = operator(&gw, ops.path(), "alice");
+    let mallory = operator(&gw, ops.path(), "mallory");
+    let bob = operator(&gw, ops.path(), "bob");
+    let v1 = bundle_file(dir.path(), "v1.tpb", &counter("counter", 1, "n", ""), &key);
+    let nothing_deployed = |gw: &Gateway| {
+        let r = cli(&["list", "--json"], &gw.config);
+        assert_eq!(r.stdout.trim(), "[]", "{}", r.stderr);
+    };
+
+    // An operator revoked by name.
+    let r = admin(&mallory, &["deploy", v1.to_str().unwrap()]);
+    assert!(!r.ok && r.stderr.contains("revoked"), "{}", r.stderr);
+    // A device certificate on the admin ALPN: the role is checked after the handshake.
+    let (dc, dk, ca) = gw.device_certs("dev-1");
+    let device = Remote {
+        gateway: gw.addr.clone(),
+        ca: ca.clone(),
+        cert: dc.clone(),
+        key: dk.clone(),
+    };
+    let err = device.ask("list", &[], &mut Vec::new()).await.unwrap_err();
+    assert!(err.to_string().contains("wrong_role"), "{err}");
+    // An operator certificate on the device ALPN.
+    let op_cert = ops.path().join("alice.crt");
+    let op_key = ops.path().join("alice.key");
+    let d = tidepool::client::Device::connect(&gw.addr, &ca, &op_cert, &op_key)
+        .await
+        .unwrap();
+    let published = async {
+        let mut s = d.open().await?;
+        s.send(&publish(1, "devices/alice/x", b"1")).await?;
+        s.next().await
+    };
+    assert!(
+        published.await.is_err(),
+        "an operator published as a device"
+    );
+    match d.conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(4), "{c:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // An expired operator certificate, from the operator CA: refused in the handshake.
+    let (old_crt, old_key, _) = gw.odd_cert("operator-ca", ops.path(), "old", |p| {
+        p.distinguished_name.push(rcgen::DnType::CommonName, "old");
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let expired = Remote {
+        gateway: gw.addr.clone(),
+        ca: ca.clone(),
+        cert: old_crt,
+        key: old_key,
+    };
+    let err = expired.ask("list", &[], &mut Vec::new()).await.unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("expired"), "{err}");
+    // Too large: refused from its announced length, before it is read; unsigned: refused.
+    let big = dir.path().join("big.tpb");
+    std::fs::write(&big, vec![7u8; 5000]).unwrap();
+    let r = admin(&alice, &["deploy", big.to_str().unwrap()]);
+    assert!(
+        !r.ok
+            && r.stderr
+                .contains("over deploy.max_bundle_bytes (4096); nothing was read"),
+        "{}",
+        r.stderr
+    );
+    let bare = dir.path().join("bare.tpb");
+    std::fs::write(&bare, counter("counter", 1, "n", "").1).unwrap();
+    let r = admin(&alice, &["deploy", bare.to_str().unwrap()]);
+    assert!(
+        !r.ok && r.stderr.contains("not a Tidepool bundle"),
+        "{}",
+        r.stderr
+    );
+    nothing_deployed(&gw);
+
+    // Bob works, then is revoked by serial: a reload shuts him out.
+    assert!(admin(&bob, &["list"]).ok);
+    let serial = serial_of(&ops.path().join("bob.crt"));
+    gw.edit_config(
+        "revoked = [\"mallory\"]",
+        &format!("revoked = [\"mallory\", \"{serial}\"]"),
+    );
+    gw.signal("-HUP");
+    gw.wait_log("admin_revoked=2", 1, Duration::from_secs(10))
+        .await;
+    let r = admin(&bob, &["deploy", v1.to_str().unwrap()]);
+    assert!(!r.ok && r.stderr.contains("revoked"), "{}", r.stderr);
+    nothing_deployed(&gw);
+    let st = cli(&["status", "--json"], &gw.config);
+    let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    // Mallory, the device, Bob (the expired certificate failed in the TLS handshake itself).
+    assert_eq!(st["metrics"]["admin_refused"], 3, "{st}");
+    // Alice still can.
+    let r = admin(&alice, &["deploy", v1.to_str().unwrap()]);
+    assert!(r.ok, "{}", r.stderr);
+    gw.stop();
+
+    // A gateway that takes operators from 10.0.0.0/8 only: loopback is dropped in the
+    // handshake, before its certificate is looked at.
+    let mut far = Gateway::start("[admin]\nallow_from = [\"10.0.0.0/8\"]\n");
+    let carol = operator(&far, ops.path(), "carol");
+    let r = admin(&carol, &["list"]);
+    assert!(!r.ok, "{}", r.stdout);
+    let st = cli(&["status", "--json"], &far.config);
+    let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    assert_eq!(st["metrics"]["admin_refused"], 1, "{st}");
+    assert_eq!(st["metrics"]["admin_connections"], 0, "{st}");
+    far.stop();
+}
+
+/// Probation, with no cloud configured: a version deployed over a good one that fails more
+/// than allowed among its first runs is rolled back on its own (the next event runs the good
+/// one, and `list` says why); a new handler that fails is removed; one that passes leaves
+/// probation; a restart during probation starts its count again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_fails_its_probation_is_rolled_back_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    let mut gw = Gateway::start(&format!(
+        "[deploy]\ntrusted_keys = [\"{public}\"]\nprobation_events = 5\nprobation_max_failures = 2\n"
+    ));
+    let ops = tempfile::tempdir().unwrap();
+    let alice = operator(&gw, ops.path(), "alice");
+    let deploy = |file: &str, h: &(String, Vec<u8>)| {
+        let p = bundle_file(dir.path(), file, h, &key);
+        let r = admin(&alice, &["deploy", p.to_str().unwrap()]);
+        assert!(
+            r.ok && r.stdout.contains("on probation"),
+            "{}{}",
+            r.stdout,
+            r.stderr
+        );
+    };
+
+    // v1 passes: five runs without failure.
+    deploy("v1.tpb", &counter("counter", 1, "n", ""));
+    let p = &listed(&alice, "counter")["probation"];
+    assert_eq!((&p["runs"], &p["of_runs"]), (&0.into(), &5.into()), "{p}");
+    for seq in 1..=5 {
+        publish_one(&gw, seq).await;
+    }
+    gw.wait_log(
+        "deployed version passed its probation",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(listed(&alice, "counter")["probation"].is_null());
+
+    // v2 traps: the third failure (more than 2) rolls it back to v1.
+    deploy("v2.tpb", &trapping("counter", 2));
+    for seq in 6..=8 {
+        publish_one(&gw, seq).await;
+    }
+    gw.wait_log(
+        "rolled back from version 2 to version 1",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    let c = listed(&alice, "counter");
+    assert_eq!((&c["running"], &c["floor"]), (&1.into(), &2.into()), "{c}");
+    let note = c["note"].as_str().unwrap();
+    assert!(
+        note.contains("by probation: version 2 failed its probation: 3 of its first 3 runs failed"),
+        "{note}"
+    );
+    publish_one(&gw, 9).await;
+
+    // A new handler that fails is removed.
+    deploy("fresh.tpb", &trapping("fresh", 1));
+    for seq in 10..=12 {
+        publish_one(&gw, seq).await;
+    }
+    gw.wait_log("`fresh` removed", 1, Duration::from_secs(10))
+        .await;
+    let f = listed(&alice, "fresh");
+    assert!(f["running"].is_null(), "{f}");
+    assert!(
+        f["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("removed by probation"),
+        "{f}"
+    );
+
+    // v3 on probation across a restart: its count starts again.
+    deploy("v3.tpb", &counter("counter", 3, "n", ""));
+    publish_one(&gw, 13).await;
+    publish_one(&gw, 14).await;
+    assert_eq!(listed(&alice, "counter")["probation"]["runs"], 2);
+    gw.restart();
+    // (A new port: asked through the local socket.)
+    let all = cli(&["list", "--json"], &gw.config);
+    let all: serde_json::Value = serde_json::from_str(&all.stdout).unwrap();
+    let p = &all[0]["probation"];
+    assert_eq!(
+        (&all[0]["name"], &p["runs"], &p["of_runs"]),
+        (&"counter".into(), &0.into(), &5.into()),
+        "{all}"
+    );
+    gw.stop();
+    // v1 ran for 1..=5 and 9..=12; v2's runs trapped; v3 ran for 13 and 14.
+    assert_eq!(
+        read_state(&gw.data(), "counter", b"n"),
+        Some(11u64.to_le_bytes().to_vec())
+    );
+}
