@@ -82,6 +82,36 @@ fn trapping(name: &str, version: u64) -> (String, Vec<u8>) {
     )
 }
 
+/// An admin connection held open, asked on a new stream each time.
+struct AdminConn {
+    conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl AdminConn {
+    async fn open(r: &Remote) -> AdminConn {
+        let config = tidepool::ingress::tls::admin_client_config(&r.ca, &r.cert, &r.key).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(config);
+        let addr = r.gateway.parse().unwrap();
+        let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+        AdminConn {
+            conn,
+            _endpoint: endpoint,
+        }
+    }
+
+    /// The raw answer to one request line, trailer included.
+    async fn ask(&self, line: &str) -> String {
+        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+        send.write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        String::from_utf8(recv.read_to_end(1 << 20).await.unwrap()).unwrap()
+    }
+}
+
 /// An operator deploys, lists, rolls back and removes over the admin channel: each change
 /// takes at once (the next event runs on it), the registry shows what runs and why, the
 /// floor holds after a rollback (the version rolled back from cannot be replayed), a pinned
@@ -330,8 +360,11 @@ async fn the_admin_channel_refuses_the_wrong_role_expired_revoked_and_outside_op
     );
     nothing_deployed(&gw);
 
-    // Bob works, then is revoked by serial: a reload shuts him out.
+    // Bob works, then is revoked by serial: a reload shuts him out, on the connection he
+    // holds open as on a new one.
     assert!(admin(&bob, &["list"]).ok);
+    let held = AdminConn::open(&Remote::from_profile(&bob).unwrap()).await;
+    assert_eq!(held.ask("list").await, "[]\n#ok\n");
     let serial = serial_of(&ops.path().join("bob.crt"));
     gw.edit_config(
         "revoked = [\"mallory\"]",
@@ -342,11 +375,16 @@ async fn the_admin_channel_refuses_the_wrong_role_expired_revoked_and_outside_op
         .await;
     let r = admin(&bob, &["deploy", v1.to_str().unwrap()]);
     assert!(!r.ok && r.stderr.contains("revoked"), "{}", r.stderr);
+    assert_eq!(
+        held.ask("list").await,
+        "#error: this operator is revoked (admin.revoked)\n"
+    );
     nothing_deployed(&gw);
     let st = cli(&["status", "--json"], &gw.config);
     let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
-    // Mallory, the device, Bob (the expired certificate failed in the TLS handshake itself).
-    assert_eq!(st["metrics"]["admin_refused"], 3, "{st}");
+    // Mallory, the device, Bob twice (the expired certificate failed in the TLS handshake
+    // itself).
+    assert_eq!(st["metrics"]["admin_refused"], 4, "{st}");
     // Alice still can.
     let r = admin(&alice, &["deploy", v1.to_str().unwrap()]);
     assert!(r.ok, "{}", r.stderr);
