@@ -501,3 +501,102 @@ async fn a_version_that_fails_its_probation_is_rolled_back_on_its_own() {
         Some(11u64.to_le_bytes().to_vec())
     );
 }
+
+/// `fleet deploy` goes wave by wave, each wave's probation passed (here by its time, with no
+/// events) before the next; a wave that fails anywhere (a gateway that does not trust the
+/// key) stops the rollout, and the gateways after it are not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_deploy_goes_in_waves_and_stops_at_a_failed_wave() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    // Six gateways; the fourth does not trust the key.
+    let gws: Vec<Gateway> = (0..6)
+        .map(|i| {
+            let trusted = match i {
+                3 => String::new(),
+                _ => format!("\"{public}\""),
+            };
+            Gateway::start(&format!(
+                "[deploy]\ntrusted_keys = [{trusted}]\nprobation_s = 1\n"
+            ))
+        })
+        .collect();
+    let mut inventory = String::new();
+    for (i, gw) in gws.iter().enumerate() {
+        let files = dir.path().join(format!("gw-{i}"));
+        operator(gw, &files, "alice");
+        inventory += &format!(
+            "[[gateway]]\nname = \"gw-{i}\"\naddress = \"{}\"\nca = \"gw-{i}/ca.crt\"\ncert = \"gw-{i}/alice.crt\"\nkey = \"gw-{i}/alice.key\"\n",
+            gw.addr
+        );
+    }
+    let fleet = dir.path().join("fleet.toml");
+    std::fs::write(&fleet, &inventory).unwrap();
+    let v1 = bundle_file(dir.path(), "v1.tpb", &counter("counter", 1, "n", ""), &key);
+    let r = tidepool(&[
+        "fleet",
+        "deploy",
+        v1.to_str().unwrap(),
+        "--inventory",
+        fleet.to_str().unwrap(),
+        "--wave",
+        "2",
+        "--json",
+    ]);
+    assert!(!r.ok, "a failed wave fails the command: {}", r.stderr);
+    let out: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let row = |i: usize| {
+        let o = &out[i];
+        (
+            o["wave"].as_u64(),
+            o["result"].as_str().unwrap().to_string(),
+            o["detail"].as_str().unwrap().to_string(),
+        )
+    };
+    for i in 0..3 {
+        let (wave, result, detail) = row(i);
+        assert_eq!(
+            (wave, result.as_str()),
+            (Some(i as u64 / 2 + 1), "passed"),
+            "{detail}"
+        );
+        assert!(detail.contains("probation passed"), "{detail}");
+    }
+    let (wave, result, detail) = row(3);
+    assert_eq!((wave, result.as_str()), (Some(2), "failed"));
+    assert!(detail.contains("not in trusted_keys"), "{detail}");
+    for (i, gw) in gws.iter().enumerate().skip(4) {
+        let (wave, result, _) = row(i);
+        assert_eq!((wave, result.as_str()), (None, "skipped"));
+        let listed = cli(&["list", "--json"], &gw.config);
+        assert_eq!(listed.stdout.trim(), "[]", "gw-{i} was touched");
+    }
+    assert!(
+        r.stderr.contains("3 of 6 gateways run counter v1"),
+        "{}",
+        r.stderr
+    );
+
+    // Without the gateway that refuses: v2 everywhere else, in two waves of 50%.
+    let rest: String = inventory
+        .split("[[gateway]]")
+        .filter(|g| !g.contains("gw-3"))
+        .filter(|g| !g.is_empty())
+        .map(|g| format!("[[gateway]]{g}"))
+        .collect();
+    std::fs::write(&fleet, rest).unwrap();
+    let v2 = bundle_file(dir.path(), "v2.tpb", &counter("counter", 2, "n", ""), &key);
+    let r = tidepool(&[
+        "fleet",
+        "deploy",
+        v2.to_str().unwrap(),
+        "--inventory",
+        fleet.to_str().unwrap(),
+        "--wave",
+        "50%",
+    ]);
+    assert!(r.ok, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.starts_with("GATEWAY"), "{}", r.stdout);
+    assert_eq!(r.stdout.matches("  passed  ").count(), 5, "{}", r.stdout);
+    assert!(r.stderr.contains("in 2 waves"), "{}", r.stderr);
+}

@@ -459,7 +459,7 @@ pub struct Answer {
 
 impl Answer {
     /// Takes the next bytes of the answer, writing out all but the last line seen so far.
-    pub fn feed(&mut self, chunk: &[u8], out: &mut dyn Write) -> std::io::Result<()> {
+    pub fn feed<W: Write + ?Sized>(&mut self, chunk: &[u8], out: &mut W) -> std::io::Result<()> {
         self.held.extend_from_slice(chunk);
         let Some(last_end) = self.held.iter().rposition(|b| *b == b'\n') else {
             return Ok(());

@@ -65,11 +65,11 @@ impl Remote {
 
     /// Sends one request line (and `body`, for a deploy) and streams the answer, without its
     /// trailer, to `out`. An `#error` answer is an error with the gateway's reason.
-    pub async fn ask(
+    pub async fn ask<W: Write + ?Sized>(
         &self,
         line: &str,
         body: &[u8],
-        out: &mut dyn Write,
+        out: &mut W,
     ) -> Result<(), AdminError> {
         let config =
             tls::admin_client_config(&self.ca, &self.cert, &self.key).map_err(ClientError::from)?;
@@ -98,7 +98,7 @@ impl Remote {
                 .await
                 .map_err(ClientError::from)?
             {
-                answer.feed(&chunk.bytes, out)?;
+                answer.feed(&chunk.bytes, &mut *out)?;
             }
             Ok::<_, AdminError>(answer.finish()?)
         };

@@ -5,6 +5,7 @@ mod bundle;
 mod certs;
 mod config;
 mod dead_letters;
+mod fleet;
 mod invoke;
 mod keys;
 mod run;
@@ -58,6 +59,11 @@ enum Command {
     List(admin::ListArgs),
     Rollback(admin::RollbackArgs),
     Remove(admin::RemoveArgs),
+    /// Deploy to many gateways in waves (an inventory of them).
+    Fleet {
+        #[command(subcommand)]
+        what: fleet::What,
+    },
     /// Export the dead letters (events that failed) for replay with `tidepool invoke`.
     DeadLetters {
         #[command(subcommand)]
@@ -107,6 +113,7 @@ pub fn main() -> std::process::ExitCode {
         Command::List(a) => admin::list(a),
         Command::Rollback(a) => admin::rollback(a),
         Command::Remove(a) => admin::remove(a),
+        Command::Fleet { what } => fleet::run(what),
         Command::DeadLetters { what } => dead_letters::run(what),
     };
     match result {
