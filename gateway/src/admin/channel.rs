@@ -130,32 +130,14 @@ pub async fn run(
     Metrics::inc(&shared.metrics.admin_connections);
     tracing::info!(%remote, operator = name, serial, "operator connected");
     let by: Arc<str> = format!("operator {name} (serial {serial}) from {remote}").into();
-    let who: Arc<(String, String)> = Arc::new((name, serial));
+    let who: Arc<Operator> = Arc::new(Operator { name, serial });
     let mut requests = tokio::task::JoinSet::new();
     let stopping = loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
-                Ok((mut send, recv)) => {
+                Ok((send, recv)) => {
                     let (shared, by, who) = (shared.clone(), by.clone(), who.clone());
-                    requests.spawn(async move {
-                        let access = &shared.admin;
-                        let result = match access.denies(&who.0, &who.1) {
-                            true => {
-                                access.refused(remote, &format!("operator `{}` is in admin.revoked", who.0));
-                                tokio::io::AsyncWriteExt::write_all(
-                                    &mut send,
-                                    b"#error: this operator is revoked (admin.revoked)\n",
-                                )
-                                .await
-                                .map_err(std::io::Error::from)
-                            }
-                            false => crate::control::serve_one(recv, &mut send, &access.control, &by).await,
-                        };
-                        if let Err(e) = result {
-                            tracing::debug!(%remote, "admin request: {e}");
-                        }
-                        let _ = send.finish();
-                    });
+                    requests.spawn(async move { request(&shared, (send, recv), &who, &by, remote).await });
                 }
                 Err(_) => break false,
             },
@@ -171,6 +153,39 @@ pub async fn run(
         close(&conn, CloseCode::ShuttingDown);
     }
     tracing::debug!(%remote, "operator disconnected");
+}
+
+/// Who an admin connection belongs to.
+struct Operator {
+    name: String,
+    serial: String,
+}
+
+/// One request on its stream: refused if the operator was revoked since they connected, else
+/// answered as on the local socket.
+async fn request(
+    shared: &Shared,
+    (mut send, recv): (quinn::SendStream, quinn::RecvStream),
+    who: &Operator,
+    by: &str,
+    remote: SocketAddr,
+) {
+    let access = &shared.admin;
+    let result = match access.denies(&who.name, &who.serial) {
+        true => {
+            access.refused(
+                remote,
+                &format!("operator `{}` is in admin.revoked", who.name),
+            );
+            let revoked = b"#error: this operator is revoked (admin.revoked)\n";
+            tokio::io::AsyncWriteExt::write_all(&mut send, revoked).await
+        }
+        false => crate::control::serve_one(recv, &mut send, &access.control, by).await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(%remote, "admin request: {e}");
+    }
+    let _ = send.finish();
 }
 
 #[cfg(test)]

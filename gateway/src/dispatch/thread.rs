@@ -566,14 +566,14 @@ fn accept(
             let now = crate::clock::now_ms();
             let answer = match loaded {
                 Err(e) => Err(e.to_string()),
-                Ok(mut h) => match {
+                Ok(mut h) => {
                     h.probation =
                         probation.map(|r| crate::sandbox::probation::Probation::new(r, now));
-                    d.install(h, now)
-                } {
-                    Ok(before) => Ok(before),
-                    Err(f) => crate::store::fatal("installing a handler", f),
-                },
+                    match d.install(h, now) {
+                        Ok(before) => Ok(before),
+                        Err(f) => crate::store::fatal("installing a handler", f),
+                    }
+                }
             };
             let _ = tx.send(answer);
         }
