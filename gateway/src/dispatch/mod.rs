@@ -904,6 +904,56 @@ mod tests {
         assert_eq!(d.next_timer(), Some(first + 510));
     }
 
+    /// A removal takes the handler out at once (the handlers after it keep their timers, one
+    /// place down) and deletes its state after the writes still pending for it: a durable key,
+    /// a pending one (read as deleted from then on), its timer and its quarantine.
+    #[test]
+    fn a_removed_handler_takes_its_durable_and_pending_state_and_the_rest_keep_their_timers() {
+        let counter = "name = \"counter\"\nversion = 1\nsubscribe = [\"devices/#\"]\n";
+        let tick = "name = \"tick\"\nversion = 1\nsubscribe = [\"x/#\"]\ntimer_ms = 1000\n";
+        let t = Setup::with(Config::defaults(), &[(COUNTER, counter), (TICKER, tick)]);
+        let (mut d, rx, store) = (t.dispatcher, t.rx, t.store);
+        store
+            .put_state("counter", &[(b"old".to_vec(), Some(b"durable".to_vec()))])
+            .unwrap();
+        let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
+        d.publish(&"d".into(), publish(1), 0, &reply).unwrap();
+        let due = d.next_timer().unwrap();
+        rx.try_iter().for_each(drop);
+
+        assert_eq!(d.remove("counter").unwrap(), Some(1));
+        assert_eq!(d.tree.handlers.len(), 1);
+        assert_eq!(
+            d.remove("counter").unwrap(),
+            None,
+            "nothing runs: leftovers only"
+        );
+        let deletes: Vec<Vec<u8>> = rx
+            .try_iter()
+            .take(1)
+            .flat_map(|i| match i.kind {
+                ItemKind::Event(ws) => ws.state.into_iter().map(|(k, v)| {
+                    assert_eq!(v, None);
+                    k
+                }),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            deletes,
+            vec![
+                keys::state("counter", b"n"),
+                keys::state("counter", b"old"),
+                keys::timer("counter"),
+                keys::quarantine("counter"),
+            ]
+        );
+        assert_eq!(StateSource::get(&store, "counter", b"n"), None);
+        // The ticker, now first, still fires on time.
+        assert_eq!(d.fire_timers(due), Some(due + 1000));
+        assert_eq!(d.metrics.timer_calls.load(Ordering::Relaxed), 1);
+    }
+
     fn publish(seq: u64) -> Publish {
         Publish {
             seq,
