@@ -2,7 +2,7 @@
 //!
 //! `loadgen tidepool`: N devices, each its own QUIC connection and stream, publish 100-byte
 //! events with a window of W in flight (or at a fixed total rate); prints events/s and the
-//! ack latency p50/p99 (send to the cumulative ack that covers it). With `--flooders F`, the
+//! ack latency p50/p99/max (send to the cumulative ack that covers it). With `--flooders F`, the
 //! first F devices flood instead (as fast as answers come, and after a `busy` straight back on
 //! a new stream, ignoring its `retry_after_ms`) until the others are done, and the figures are
 //! the others'.
@@ -347,10 +347,11 @@ fn main() -> anyhow::Result<()> {
                     _ => format!(" flood_kept={flood_kept} flood_busy={flood_busy}"),
                 };
                 println!(
-                    "tidepool events={n} seconds={secs:.3} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2}{flooding}",
+                    "tidepool events={n} seconds={secs:.3} events_per_s={:.0} p50_ms={:.2} p99_ms={:.2} max_ms={:.2}{flooding}",
                     n as f64 / secs,
                     pct(&lat, 0.50),
-                    pct(&lat, 0.99)
+                    pct(&lat, 0.99),
+                    pct(&lat, 1.0)
                 );
                 anyhow::Ok(())
             })
