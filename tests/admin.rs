@@ -101,6 +101,11 @@ impl AdminConn {
         }
     }
 
+    async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        self._endpoint.wait_idle().await;
+    }
+
     /// The raw answer to one request line, trailer included.
     async fn ask(&self, line: &str) -> String {
         let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
@@ -339,17 +344,46 @@ async fn the_admin_channel_refuses_the_wrong_role_expired_revoked_and_outside_op
     };
     let err = expired.ask("list", &[], &mut Vec::new()).await.unwrap_err();
     assert!(err.to_string().to_lowercase().contains("expired"), "{err}");
-    // Too large: refused from its announced length, before it is read; unsigned: refused.
-    let big = dir.path().join("big.tpb");
-    std::fs::write(&big, vec![7u8; 5000]).unwrap();
-    let r = admin(&alice, &["deploy", big.to_str().unwrap()]);
-    assert!(
-        !r.ok
-            && r.stderr
-                .contains("over deploy.max_bundle_bytes (4096); nothing was read"),
-        "{}",
-        r.stderr
+    // A certificate that expires while its connection is open: refused from then on.
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let (short_crt, short_key, _) = gw.odd_cert("operator-ca", ops.path(), "brief", |p| {
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "brief");
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = soon;
+    });
+    let brief = AdminConn::open(&Remote {
+        gateway: gw.addr.clone(),
+        ca: ca.clone(),
+        cert: short_crt,
+        key: short_key,
+    })
+    .await;
+    assert_eq!(brief.ask("list").await, "[]\n#ok\n");
+    // (Time is the event awaited here: the certificate's end.)
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    assert_eq!(
+        brief.ask("list").await,
+        "#error: this operator's certificate has expired\n"
     );
+    brief.close().await;
+    // Too large: refused from its announced length, before it is read, and the refusal
+    // reaches the client although it was still sending (5 MB: past QUIC's stream window and
+    // the socket's buffer); through the channel and the local socket. Unsigned: refused.
+    let big = dir.path().join("big.tpb");
+    std::fs::write(&big, vec![7u8; 5 << 20]).unwrap();
+    for r in [
+        admin(&alice, &["deploy", big.to_str().unwrap()]),
+        cli(&["deploy", big.to_str().unwrap()], &gw.config),
+    ] {
+        assert!(
+            !r.ok
+                && r.stderr
+                    .contains("over deploy.max_bundle_bytes (4096); nothing was read"),
+            "{}",
+            r.stderr
+        );
+    }
     let bare = dir.path().join("bare.tpb");
     std::fs::write(&bare, counter("counter", 1, "n", "").1).unwrap();
     let r = admin(&alice, &["deploy", bare.to_str().unwrap()]);
@@ -363,8 +397,8 @@ async fn the_admin_channel_refuses_the_wrong_role_expired_revoked_and_outside_op
     // Bob works, then is revoked by serial: a reload shuts him out, on the connection he
     // holds open as on a new one.
     assert!(admin(&bob, &["list"]).ok);
-    let held = AdminConn::open(&Remote::from_profile(&bob).unwrap()).await;
-    assert_eq!(held.ask("list").await, "[]\n#ok\n");
+    let bobs = AdminConn::open(&Remote::from_profile(&bob).unwrap()).await;
+    assert_eq!(bobs.ask("list").await, "[]\n#ok\n");
     let serial = serial_of(&ops.path().join("bob.crt"));
     gw.edit_config(
         "revoked = [\"mallory\"]",
@@ -376,19 +410,42 @@ async fn the_admin_channel_refuses_the_wrong_role_expired_revoked_and_outside_op
     let r = admin(&bob, &["deploy", v1.to_str().unwrap()]);
     assert!(!r.ok && r.stderr.contains("revoked"), "{}", r.stderr);
     assert_eq!(
-        held.ask("list").await,
+        bobs.ask("list").await,
         "#error: this operator is revoked (admin.revoked)\n"
     );
+    bobs.close().await;
     nothing_deployed(&gw);
     let st = cli(&["status", "--json"], &gw.config);
     let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
-    // Mallory, the device, Bob twice (the expired certificate failed in the TLS handshake
-    // itself).
-    assert_eq!(st["metrics"]["admin_refused"], 4, "{st}");
+    // Mallory, the device, Brief once expired, Bob twice (the expired certificate failed in
+    // the TLS handshake itself).
+    assert_eq!(st["metrics"]["admin_refused"], 5, "{st}");
     // Alice still can.
     let r = admin(&alice, &["deploy", v1.to_str().unwrap()]);
     assert!(r.ok, "{}", r.stderr);
     gw.stop();
+
+    // At most 16 operator connections at once: the 17th is closed (a gateway of its own: a
+    // connection whose close was lost, as the 5 MB upload's may be on UDP, counts until its
+    // idle timeout).
+    let mut crowded = Gateway::start("");
+    let dave = operator(&crowded, ops.path(), "dave");
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(AdminConn::open(&Remote::from_profile(&dave).unwrap()).await);
+    }
+    assert_eq!(held[15].ask("list").await, "[]\n#ok\n");
+    let err = Remote::from_profile(&dave)
+        .unwrap()
+        .ask("list", &[], &mut Vec::new())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("too_many_operator_connections"),
+        "{err}"
+    );
+    drop(held);
+    crowded.stop();
 
     // A gateway that takes operators from 10.0.0.0/8 only: loopback is dropped in the
     // handshake, before its certificate is looked at.

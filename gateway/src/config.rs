@@ -93,6 +93,9 @@ pub struct DeployConfig {
     pub probation_events: u32,
     pub probation_max_failures: u32,
     pub probation_s: u64,
+    /// Keys a config bundle added (they sign handler bundles only); never in the file.
+    #[serde(skip)]
+    pub added_keys: Vec<String>,
 }
 
 impl DeployConfig {
@@ -109,16 +112,87 @@ impl DeployConfig {
 }
 
 impl DeployConfig {
-    /// The trusted keys, parsed (validated with the config, so this does not fail after a
-    /// successful load).
+    /// The box's own trusted keys (the file's), parsed (validated with the config, so this
+    /// does not fail after a successful load): they sign handlers and config bundles.
     pub fn keys(&self) -> Result<Vec<crate::admin::bundle::PublicKey>, ConfigError> {
-        self.trusted_keys
-            .iter()
-            .map(|k| {
-                crate::admin::bundle::PublicKey::parse(k)
-                    .map_err(|e| ConfigError::Invalid(format!("deploy.trusted_keys: {e}")))
-            })
-            .collect()
+        parse_keys(&self.trusted_keys)
+    }
+
+    /// Every key a handler bundle may be signed by: the box's own and those a config bundle
+    /// added.
+    pub fn handler_keys(&self) -> Result<Vec<crate::admin::bundle::PublicKey>, ConfigError> {
+        let mut keys = self.keys()?;
+        keys.extend(parse_keys(&self.added_keys)?);
+        keys.dedup();
+        Ok(keys)
+    }
+}
+
+fn parse_keys(keys: &[String]) -> Result<Vec<crate::admin::bundle::PublicKey>, ConfigError> {
+    keys.iter()
+        .map(|k| {
+            crate::admin::bundle::PublicKey::parse(k)
+                .map_err(|e| ConfigError::Invalid(format!("deploy.trusted_keys: {e}")))
+        })
+        .collect()
+}
+
+/// A signed config bundle's manifest (`kind = "config"`, `docs/bundles.md`): settings pushed
+/// to a box instead of edited on it. What it gives replaces the file's (`acl.publish`,
+/// `admin.allow_from`) or adds to it (the deny-lists `acl.revoked` and `admin.revoked`, and
+/// `deploy.trusted_keys`, which then sign handler bundles only: config bundles are signed by
+/// the file's own keys). A later config bundle replaces the one before whole.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigManifest {
+    pub kind: crate::sandbox::manifest::Kind,
+    pub version: u64,
+    #[serde(default)]
+    pub acl: ConfigAcl,
+    #[serde(default)]
+    pub admin: ConfigAdmin,
+    #[serde(default)]
+    pub deploy: ConfigDeploy,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigAcl {
+    pub publish: Option<Vec<String>>,
+    #[serde(default)]
+    pub revoked: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigAdmin {
+    pub allow_from: Option<Vec<String>>,
+    #[serde(default)]
+    pub revoked: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDeploy {
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+}
+
+impl Config {
+    /// This (file) config with a config bundle's settings in force, checked as a whole.
+    pub fn overlaid(&self, m: &ConfigManifest) -> Result<Config, ConfigError> {
+        let mut c = self.clone();
+        if let Some(p) = &m.acl.publish {
+            c.acl.publish = p.clone();
+        }
+        c.acl.revoked.extend(m.acl.revoked.iter().cloned());
+        if let Some(a) = &m.admin.allow_from {
+            c.admin.allow_from = a.clone();
+        }
+        c.admin.revoked.extend(m.admin.revoked.iter().cloned());
+        c.deploy.added_keys = m.deploy.trusted_keys.clone();
+        c.validate()?;
+        Ok(c)
     }
 }
 
@@ -477,7 +551,7 @@ impl Config {
                 ));
             }
         }
-        self.deploy.keys()?;
+        self.deploy.handler_keys()?;
         if self.deploy.probation_s > MAX_MS / 1000 {
             return bad(format!(
                 "deploy.probation_s = {} is out of range: it must be 0 to {}",

@@ -39,6 +39,8 @@ pub struct Control {
     pub skipped: Vec<crate::gateway::Skipped>,
     /// Deploys, rollbacks, removals and the registry.
     pub deployer: Arc<crate::admin::deploy::Deployer>,
+    /// One deploy's bundle read at a time (each may be `deploy.max_bundle_bytes`).
+    pub uploads: tokio::sync::Semaphore,
 }
 
 /// One request, as its line reads.
@@ -236,15 +238,16 @@ async fn answer(stream: UnixStream, control: &Control) -> std::io::Result<()> {
             format!("refused a client of uid {peer} (only uid {me} or root)"),
         ));
     }
-    let (read, mut write) = stream.into_split();
-    serve_one(
-        read,
-        &mut write,
-        control,
-        &format!("the local socket (uid {peer})"),
-    )
-    .await?;
-    write.shutdown().await
+    let (mut read, mut write) = stream.into_split();
+    let by = format!("the local socket (uid {peer})");
+    serve_one(&mut read, &mut write, control, &by, &|| None).await?;
+    write.shutdown().await?;
+    // A client still sending (a bundle refused from its length) reads the answer before the
+    // socket closes: closed with its bytes unread, its reads would fail with a reset.
+    let mut sink = tokio::io::sink();
+    let drained = tokio::io::copy(&mut read, &mut sink);
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, drained).await;
+    Ok(())
 }
 
 /// How long a client has to send a deploy's bundle.
@@ -255,12 +258,15 @@ fn timed_out(what: &str) -> std::io::Error {
 }
 
 /// Reads one request from `read` and writes its answer to `write` (the caller ends the
-/// stream). `by` names the client, for the log of what it changed.
+/// stream). `by` names the client, for the log of what it changed; `refused` says why the
+/// client may no longer change anything (asked again once a deploy's bundle is in, before
+/// anything changes: access can be withdrawn while it uploads).
 pub async fn serve_one<R, W>(
     read: R,
     write: &mut W,
     control: &Control,
     by: &str,
+    refused: &(dyn Fn() -> Option<String> + Sync),
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -279,6 +285,13 @@ where
         Ok(r) => r,
         Err(why) => return send(write, format!("#error: {why}\n").as_bytes()).await,
     };
+    let changes = matches!(
+        request,
+        Request::Deploy(_) | Request::Rollback(_) | Request::Remove(_)
+    );
+    if let (true, Some(why)) = (changes, refused()) {
+        return send(write, format!("#error: {why}\n").as_bytes()).await;
+    }
     match request {
         Request::Status => {
             let mut v = serde_json::to_vec_pretty(&control.status().await).unwrap_or_default();
@@ -321,10 +334,15 @@ where
                 );
                 return send(write, why.as_bytes()).await;
             }
-            let mut bytes = Vec::new();
-            let mut body = (&mut reader).take(len);
-            let body = body.read_to_end(&mut bytes);
-            tokio::time::timeout(BODY_TIMEOUT, body)
+            // One bundle in memory at a time: the others wait their turn (the wait counts in
+            // their 300 s).
+            let upload = async {
+                let _one = control.uploads.acquire().await;
+                let mut bytes = Vec::new();
+                (&mut reader).take(len).read_to_end(&mut bytes).await?;
+                Ok::<_, std::io::Error>(bytes)
+            };
+            let bytes = tokio::time::timeout(BODY_TIMEOUT, upload)
                 .await
                 .map_err(|_| timed_out("the bundle did not arrive within 300 s"))??;
             if bytes.len() as u64 != len {
@@ -333,6 +351,13 @@ where
                     bytes.len()
                 );
                 return send(write, why.as_bytes()).await;
+            }
+            if let Some(why) = refused() {
+                return send(
+                    write,
+                    format!("#error: {why}; nothing changed\n").as_bytes(),
+                )
+                .await;
             }
             let (deployer, by) = (control.deployer.clone(), by.to_string());
             let done = tokio::task::spawn_blocking(move || deployer.deploy(&bytes, &by)).await;
@@ -436,8 +461,14 @@ pub fn ask(
     // A gateway that stops answering (a stalled disk) must not hang the command (a deploy
     // waits for its handler's `tp_init`, a few seconds at most).
     s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
-    s.write_all(format!("{line}\n").as_bytes())?;
-    s.write_all(body)?;
+    // Sent from another thread while the answer is read: a gateway that refuses a bundle from
+    // its length answers and stops reading, and its answer is what counts.
+    let mut w = s.try_clone()?;
+    let request = [format!("{line}\n").into_bytes(), body.to_vec()].concat();
+    let sender = std::thread::spawn(move || {
+        w.write_all(&request)?;
+        w.shutdown(std::net::Shutdown::Write)
+    });
     let mut answer = Answer::default();
     let mut buf = vec![0; 64 * 1024];
     loop {
@@ -447,7 +478,15 @@ pub fn ask(
         }
         answer.feed(&buf[..n], out)?;
     }
-    answer.finish().map(Some)
+    let sent = sender
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the sending thread failed")));
+    match (answer.finish(), sent) {
+        (Ok(()), _) => Ok(Some(())),
+        (Err(e), _) if e.to_string().starts_with("the gateway answered") => Err(e),
+        (Err(_), Err(e)) => Err(e),
+        (Err(e), Ok(())) => Err(e),
+    }
 }
 
 /// An answer as it arrives: passed through but for its last line, held back until the end,

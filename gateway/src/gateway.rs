@@ -107,10 +107,13 @@ pub fn load_deployed(
     let runtime = Runtime::default();
     let trusted = cfg
         .deploy
-        .keys()
+        .handler_keys()
         .map_err(|e| StartError::Deploy(e.to_string()))?;
     let (mut handlers, mut skipped) = (Vec::new(), Vec::new());
     for (name, bytes) in store.deployed()? {
+        if name == crate::admin::deploy::CONFIG {
+            continue;
+        }
         let source = format!("bundle {name}");
         let loaded = (|| {
             if pinned.contains(&name) {
@@ -140,12 +143,19 @@ pub fn load_deployed(
         })()?;
         match loaded {
             Ok(mut h) => {
-                // A probation under way at the stop starts its count again.
+                // A probation under way at the stop (by the wall clock, the only one that
+                // outlives a restart) starts its count and window again.
                 let now = crate::clock::now_ms();
                 let since = store.registered(&name)?.probation_since;
-                if let (Some(rules), Some(since)) = (cfg.deploy.probation(), since) {
-                    if now.saturating_sub(since) < rules.window_ms {
-                        h.probation = Some(crate::sandbox::probation::Probation::new(rules, now));
+                if let Some(since) = since {
+                    match cfg.deploy.probation() {
+                        Some(rules) if now.saturating_sub(since) < rules.window_ms => {
+                            let mono = crate::clock::mono_ms();
+                            h.probation =
+                                Some(crate::sandbox::probation::Probation::new(rules, mono));
+                        }
+                        // Its window went by while the gateway was down (or probation is off).
+                        _ => store.record_passed(&name)?,
                     }
                 }
                 tracing::info!(
@@ -163,6 +173,45 @@ pub fn load_deployed(
         }
     }
     Ok((handlers, skipped))
+}
+
+/// Puts what can change live in force: the deny-lists (`acl.revoked`, closing the devices
+/// newly on it; `admin.revoked`), `admin.allow_from`, `acl.publish` (on the dispatcher's
+/// thread, from its next event), and the keys deploys are checked against. `file` is the
+/// config file as (re)loaded, `cfg` it with the config bundle in force.
+fn apply_live(
+    file: &Config,
+    cfg: &Config,
+    (shared, inbox, deployer): (&Shared, &thread::Inbox, &crate::admin::deploy::Deployer),
+) {
+    let revoked = match pki::Revoked::parse(&cfg.acl.revoked) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("reload refused, the settings in force stay: {e}");
+            return;
+        }
+    };
+    let admin = match shared.admin.reload(&cfg.admin) {
+        Ok(sizes) => sizes,
+        Err(e) => {
+            tracing::error!("reload refused, the settings in force stay: {e}");
+            return;
+        }
+    };
+    if let Err(e) = deployer.configure(file, cfg) {
+        tracing::error!("reload: the deploy keys in force stay: {e}");
+    }
+    inbox.set_acl(cfg.acl.publish.clone());
+    let entries = revoked.len();
+    let closed = shared.revoke(revoked);
+    tracing::info!(
+        entries,
+        closed,
+        admin_allow_from = admin.0,
+        admin_revoked = admin.1,
+        publish = ?cfg.acl.publish,
+        "in force: acl.revoked, acl.publish, admin.allow_from, admin.revoked and the deploy keys (the only settings that change without a restart)"
+    );
 }
 
 /// One `[[handler]]`: the handler, or why it was not loaded (`Err` outside: the store failed).
@@ -287,6 +336,15 @@ pub async fn run(
         cfg.gateway.id = pki::box_id(&data)?;
     }
     let store = Store::open(&data.join("db"), cfg.store.cache_capacity_bytes)?;
+    // The config in force: the file, and the signed config bundle deployed (if still good).
+    let file_cfg = cfg.clone();
+    let (cfg, held) = crate::admin::deploy::with_config_bundle(&file_cfg, &store)?;
+    if let Some(h) = &held {
+        tracing::info!(
+            version = h.manifest.version,
+            "the config bundle's settings are in force"
+        );
+    }
     store.bound_dead_letters(cfg.store.dead_letter_max_bytes);
     let (outbox, loaded) = Outbox::load(&store, &cfg.outbox, crate::clock::now_ms())?;
     let outbox = Arc::new(outbox);
@@ -364,12 +422,14 @@ pub async fn run(
                 source,
             }
         })?;
+    let (settings_tx, mut settings) = tokio::sync::mpsc::unbounded_channel();
     let deployer = Arc::new(
         crate::admin::deploy::Deployer::new(
-            &cfg,
+            (&file_cfg, &cfg),
             pinned,
             (store.clone(), inbox.clone(), env.clone()),
             tokio::runtime::Handle::current(),
+            settings_tx,
         )
         .map_err(|e| StartError::Deploy(e.to_string()))?,
     );
@@ -393,6 +453,7 @@ pub async fn run(
         disk,
         skipped,
         deployer: deployer.clone(),
+        uploads: tokio::sync::Semaphore::new(1),
     });
     // Without the socket the gateway still serves devices; only `status` and the live export
     // are unavailable (e.g. a data dir path longer than a socket path may be).
@@ -483,36 +544,26 @@ pub async fn run(
         (revoked, &cfg.acl.tiers),
         metrics.clone(),
     ));
-    // A reload (SIGHUP) puts the new config's deny-lists and admin allow-list in force;
-    // nothing else is reloaded.
-    let reloading = shared.clone();
-    tokio::spawn(async move {
-        while let Some(new) = reloads.recv().await {
-            let revoked = match pki::Revoked::parse(&new.acl.revoked) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!("reload refused, the deny-list in force stays: {e}");
-                    continue;
+    // A reload (SIGHUP: a new config file) or a config bundle deployed puts the settings that
+    // can change live in force (see `apply_live`); nothing else changes without a restart.
+    {
+        let (shared, inbox, deployer) = (shared.clone(), inbox.clone(), deployer.clone());
+        let (mut file, mut held) = (file_cfg.clone(), held);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    new = reloads.recv() => match new {
+                        Some(new) => file = new,
+                        None => break,
+                    },
+                    Some(bundle) = settings.recv() => held = Some(bundle),
                 }
-            };
-            let admin = match reloading.admin.reload(&new.admin) {
-                Ok(sizes) => sizes,
-                Err(e) => {
-                    tracing::error!("reload refused, the lists in force stay: {e}");
-                    continue;
-                }
-            };
-            let entries = revoked.len();
-            let closed = reloading.revoke(revoked);
-            tracing::info!(
-                entries,
-                closed,
-                admin_allow_from = admin.0,
-                admin_revoked = admin.1,
-                "reloaded acl.revoked, admin.allow_from and admin.revoked (the only settings a reload changes; restart for the rest)"
-            );
-        }
-    });
+                let (in_force, kept) = crate::admin::deploy::in_force(&file, held.take());
+                held = kept;
+                apply_live(&file, &in_force, (&shared, &inbox, &deployer));
+            }
+        });
+    }
     let (conn_stop_tx, conn_stop) = watch::channel(false);
     let server = tokio::spawn(ingress::serve(endpoint.clone(), shared, conn_stop));
     // The offline inbox (<data-dir>/inbox): bundles put there are deployed. Started last,

@@ -322,6 +322,12 @@ pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
     })
 }
 
+/// The end of a DER certificate's validity, in Unix seconds.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// The subject common name of a DER certificate.
 pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;

@@ -459,7 +459,7 @@ impl Sim {
                 .map(|q| q.devices().map(String::from).collect())
                 .unwrap_or_default()
         };
-        let held: BTreeSet<String> = dispatcher.handler_status(0)[0]
+        let held: BTreeSet<String> = dispatcher.handler_status()[0]
             .quarantined_for
             .iter()
             .cloned()

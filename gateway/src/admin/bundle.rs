@@ -19,6 +19,7 @@ use std::fmt;
 use base64::Engine as _;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
+use crate::config::ConfigManifest;
 use crate::sandbox::manifest::{Kind, Manifest};
 
 /// What the signed message, and so every bundle, starts with.
@@ -208,7 +209,7 @@ impl Framed<'_> {
     }
 }
 
-/// A bundle whose signer is trusted and whose signature holds, with its manifest parsed.
+/// A handler bundle whose signer is trusted and whose signature holds, its manifest parsed.
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub manifest: Manifest,
@@ -216,9 +217,23 @@ pub struct Verified {
     pub signer: PublicKey,
 }
 
+/// A config bundle whose signer is trusted and whose signature holds, its manifest parsed.
+#[derive(Debug, Clone)]
+pub struct VerifiedConfig {
+    pub manifest: ConfigManifest,
+    pub signer: PublicKey,
+}
+
+/// A verified bundle of either kind.
+#[derive(Debug, Clone)]
+pub enum Signed {
+    Handler(Verified),
+    Config(VerifiedConfig),
+}
+
 /// Reads a bundle as a gateway does: size, frame, a trusted signer, the signature, then the
-/// manifest. `trusted` is the box's `trusted_keys`.
-pub fn verify(bytes: &[u8], max: u64, trusted: &[PublicKey]) -> Result<Verified, BundleError> {
+/// manifest (its `kind` first). `trusted` is the box's `trusted_keys`.
+pub fn verify_any(bytes: &[u8], max: u64, trusted: &[PublicKey]) -> Result<Signed, BundleError> {
     let f = frame(bytes, max)?;
     if !trusted.contains(&f.signer) {
         return Err(BundleError::UntrustedKey(f.signer.fingerprint()));
@@ -227,19 +242,67 @@ pub fn verify(bytes: &[u8], max: u64, trusted: &[PublicKey]) -> Result<Verified,
         return Err(BundleError::BadSignature);
     }
     let text = std::str::from_utf8(f.manifest).map_err(|_| BundleError::ManifestNotText)?;
-    let manifest = parse_manifest(text)?;
-    Ok(Verified {
-        manifest,
-        wasm: f.wasm.to_vec(),
-        signer: f.signer,
-    })
+    match kind_of(text)? {
+        Kind::Handler => Ok(Signed::Handler(Verified {
+            manifest: parse_manifest(text)?,
+            wasm: f.wasm.to_vec(),
+            signer: f.signer,
+        })),
+        Kind::Config => {
+            if !f.wasm.is_empty() {
+                return Err(BundleError::Manifest(
+                    "a config bundle carries no module".into(),
+                ));
+            }
+            Ok(Signed::Config(VerifiedConfig {
+                manifest: parse_config(text)?,
+                signer: f.signer,
+            }))
+        }
+    }
 }
 
-/// A bundle's manifest: a handler's manifest (`kind = "handler"`, the default).
+/// As [`verify_any`], for a handler bundle only.
+pub fn verify(bytes: &[u8], max: u64, trusted: &[PublicKey]) -> Result<Verified, BundleError> {
+    match verify_any(bytes, max, trusted)? {
+        Signed::Handler(v) => Ok(v),
+        Signed::Config(_) => Err(BundleError::Manifest(
+            "a config bundle (kind = \"config\"), not a handler".into(),
+        )),
+    }
+}
+
+/// A manifest's `kind` (`handler` when absent).
+pub fn kind_of(text: &str) -> Result<Kind, BundleError> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        kind: Kind,
+    }
+    toml::from_str::<Head>(text)
+        .map(|h| h.kind)
+        .map_err(|e| BundleError::Manifest(e.to_string()))
+}
+
+/// A handler bundle's manifest (`kind = "handler"`, the default).
 pub fn parse_manifest(text: &str) -> Result<Manifest, BundleError> {
-    let m: Manifest = toml::from_str(text).map_err(|e| BundleError::Manifest(e.to_string()))?;
+    if kind_of(text)? == Kind::Config {
+        return Err(BundleError::Manifest(
+            "a config bundle (kind = \"config\"), not a handler".into(),
+        ));
+    }
+    toml::from_str(text).map_err(|e| BundleError::Manifest(e.to_string()))
+}
+
+/// A config bundle's manifest (`kind = "config"`).
+pub fn parse_config(text: &str) -> Result<ConfigManifest, BundleError> {
+    let m: ConfigManifest =
+        toml::from_str(text).map_err(|e| BundleError::Manifest(e.to_string()))?;
     match m.kind {
-        Kind::Handler => Ok(m),
+        Kind::Config => Ok(m),
+        Kind::Handler => Err(BundleError::Manifest(
+            "a handler manifest, not a config bundle".into(),
+        )),
     }
 }
 
@@ -341,7 +404,11 @@ mod tests {
         let (key, _) = SigningKey::generate().unwrap();
         let trusted = [key.public()];
         for (manifest, says) in [
-            (format!("kind = \"config\"\n{MANIFEST}"), "kind"),
+            (format!("kind = \"sensor\"\n{MANIFEST}"), "sensor"),
+            (
+                format!("kind = \"config\"\n{MANIFEST}"),
+                "carries no module",
+            ),
             ("name = \"t\"\n".to_string(), "version"),
             (format!("{MANIFEST}colour = 1\n"), "colour"),
         ] {
@@ -353,6 +420,39 @@ mod tests {
         }
         let b = build(&format!("kind = \"handler\"\n{MANIFEST}"), WASM, &key).unwrap();
         assert!(verify(&b, MAX_BUNDLE_BYTES, &trusted).is_ok());
+    }
+
+    #[test]
+    fn a_config_bundle_verifies_as_settings_and_never_as_a_handler() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let trusted = [key.public()];
+        let text = "kind = \"config\"\nversion = 2\n[acl]\nrevoked = [\"d9\"]\n";
+        let b = build(text, b"", &key).unwrap();
+        match verify_any(&b, MAX_BUNDLE_BYTES, &trusted).unwrap() {
+            Signed::Config(c) => {
+                assert_eq!(c.manifest.version, 2);
+                assert_eq!(c.manifest.acl.revoked, vec!["d9".to_string()]);
+                assert_eq!(c.manifest.acl.publish, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let why = verify(&b, MAX_BUNDLE_BYTES, &trusted).unwrap_err();
+        assert!(why.to_string().contains("not a handler"), "{why}");
+        assert!(parse_manifest(text).is_err());
+        for (bad, says) in [
+            (
+                "kind = \"config\"\nversion = 2\n[acl]\ntiers = []\n".to_string(),
+                "tiers",
+            ),
+            ("kind = \"config\"\n".to_string(), "version"),
+            (format!("{text}[router]\nunrouted = \"drop\"\n"), "router"),
+        ] {
+            let b = build(&bad, b"", &key).unwrap();
+            match verify_any(&b, MAX_BUNDLE_BYTES, &trusted).unwrap_err() {
+                BundleError::Manifest(why) => assert!(why.contains(says), "{why}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! and a certificate from the operator CA (`tidepool certs operator`). Who gets in: a source
 //! address in `admin.allow_from` (checked during the handshake, before the certificate), a
 //! certificate that chains to the operator CA (the handshake accepts the device CA too: the
-//! role is checked after it, as for devices), and an operator not in `admin.revoked` (checked
-//! again at every request, so a reload shuts out a connected operator). Each bidirectional
+//! role is checked after it, as for devices), and an operator not in `admin.revoked`. The
+//! deny-list, the allow-list and the certificate's expiry are checked again at every request
+//! and, for a deploy, once its bundle is in: a reload (or time) shuts out a connected
+//! operator. Each bidirectional
 //! stream carries one request of the control protocol (`control.rs`), answered as on the local
 //! socket; what an operator changes is logged with their name, serial and address.
 
@@ -25,7 +27,13 @@ pub struct Access {
     allow: RwLock<Arc<Vec<ipnet::IpNet>>>,
     revoked: RwLock<Arc<Revoked>>,
     control: Arc<Control>,
+    /// Operator connections open (at most [`MAX_CONNECTIONS`]).
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// The most operator connections at once: each may hold a request or two, and operators are
+/// few (a fleet rollout opens one per request).
+pub const MAX_CONNECTIONS: usize = 16;
 
 impl Access {
     pub fn new(cfg: &AdminConfig, control: Arc<Control>) -> Result<Access, ConfigError> {
@@ -35,6 +43,7 @@ impl Access {
             allow: RwLock::new(Arc::new(cfg.networks()?)),
             revoked: RwLock::new(Arc::new(revoked)),
             control,
+            open: Arc::default(),
         })
     }
 
@@ -120,6 +129,8 @@ pub async fn run(
     let serial = leaf
         .and_then(|c| crate::pki::serial_hex(c))
         .unwrap_or_default();
+    // Checked again at every request: a connection does not outlive its certificate.
+    let not_after = leaf.and_then(|c| crate::pki::not_after(c)).unwrap_or(0);
     if access.denies(&name, &serial) {
         access.refused(
             remote,
@@ -127,10 +138,32 @@ pub async fn run(
         );
         return close(&conn, CloseCode::Revoked);
     }
+    let open = access.open.clone();
+    if open.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_CONNECTIONS {
+        open.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        access.refused(
+            remote,
+            &format!("{MAX_CONNECTIONS} operator connections are open"),
+        );
+        // Not a device close code: the admin channel's own reason.
+        return conn.close(0u32.into(), b"too_many_operator_connections");
+    }
+    // Given back however this connection ends.
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+    let _counted = Counted(open);
     Metrics::inc(&shared.metrics.admin_connections);
     tracing::info!(%remote, operator = name, serial, "operator connected");
     let by: Arc<str> = format!("operator {name} (serial {serial}) from {remote}").into();
-    let who: Arc<Operator> = Arc::new(Operator { name, serial });
+    let who: Arc<Operator> = Arc::new(Operator {
+        name,
+        serial,
+        not_after,
+    });
     let mut requests = tokio::task::JoinSet::new();
     let stopping = loop {
         tokio::select! {
@@ -159,6 +192,25 @@ pub async fn run(
 struct Operator {
     name: String,
     serial: String,
+    /// Its certificate's end, in Unix seconds.
+    not_after: i64,
+}
+
+impl Operator {
+    /// Why this operator, connected from `remote`, may no longer be answered: revoked, its
+    /// address taken out of the allow-list, or its certificate expired since it connected.
+    fn refused(&self, access: &Access, remote: SocketAddr) -> Option<String> {
+        let now = crate::clock::now_ms() / 1000;
+        if access.denies(&self.name, &self.serial) {
+            Some("this operator is revoked (admin.revoked)".into())
+        } else if !access.allows(remote.ip()) {
+            Some("this address is no longer in admin.allow_from".into())
+        } else if i64::try_from(now).unwrap_or(i64::MAX) > self.not_after {
+            Some("this operator's certificate has expired".into())
+        } else {
+            None
+        }
+    }
 }
 
 /// One request on its stream: refused if the operator was revoked since they connected, else
@@ -171,16 +223,19 @@ async fn request(
     remote: SocketAddr,
 ) {
     let access = &shared.admin;
-    let result = match access.denies(&who.name, &who.serial) {
-        true => {
-            access.refused(
-                remote,
-                &format!("operator `{}` is in admin.revoked", who.name),
-            );
-            let revoked = b"#error: this operator is revoked (admin.revoked)\n";
-            tokio::io::AsyncWriteExt::write_all(&mut send, revoked).await
+    let refused = || {
+        let why = who.refused(access, remote);
+        if let Some(why) = &why {
+            access.refused(remote, &format!("operator `{}`: {why}", who.name));
         }
-        false => crate::control::serve_one(recv, &mut send, &access.control, by).await,
+        why
+    };
+    let result = match refused() {
+        Some(why) => {
+            let answer = format!("#error: {why}\n");
+            tokio::io::AsyncWriteExt::write_all(&mut send, answer.as_bytes()).await
+        }
+        None => crate::control::serve_one(recv, &mut send, &access.control, by, &refused).await,
     };
     if let Err(e) = result {
         tracing::debug!(%remote, "admin request: {e}");

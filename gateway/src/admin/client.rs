@@ -23,6 +23,8 @@ pub enum AdminError {
     Profile { path: PathBuf, why: String },
     #[error("no answer from {0} within {1:?}: is the address right, and admin.allow_from open to this machine?")]
     Timeout(String, Duration),
+    #[error("{0} stopped answering for {1:?}: what it did with the request is unknown (see `tidepool list`)")]
+    NoAnswer(String, Duration),
     #[error("the gateway closed the connection: {0}")]
     Closed(String),
 }
@@ -40,7 +42,7 @@ pub struct Remote {
     pub key: PathBuf,
 }
 
-/// How long connecting, and then each answer, may take.
+/// How long connecting may take, and then the wait for each part of the answer.
 const CONNECT: Duration = Duration::from_secs(10);
 const ANSWER: Duration = Duration::from_secs(120);
 
@@ -87,25 +89,37 @@ impl Remote {
             .map_err(ClientError::from)?;
         let asked = async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(ClientError::from)?;
-            send.write_all(format!("{line}\n").as_bytes())
-                .await
-                .map_err(ClientError::from)?;
-            send.write_all(body).await.map_err(ClientError::from)?;
-            send.finish().map_err(ClientError::from)?;
-            let mut answer = Answer::default();
-            while let Some(chunk) = recv
-                .read_chunk(64 * 1024, true)
-                .await
-                .map_err(ClientError::from)?
-            {
-                answer.feed(&chunk.bytes, &mut *out)?;
+            // Sent while the answer is read: a gateway that refuses a bundle from its length
+            // answers and stops reading, and its answer is what counts.
+            let sending = async {
+                send.write_all(format!("{line}\n").as_bytes()).await?;
+                send.write_all(body).await?;
+                send.finish()?;
+                Ok::<_, ClientError>(())
+            };
+            let reading = async {
+                let mut answer = Answer::default();
+                loop {
+                    let chunk = tokio::time::timeout(ANSWER, recv.read_chunk(64 * 1024, true))
+                        .await
+                        .map_err(|_| AdminError::NoAnswer(self.gateway.clone(), ANSWER))?
+                        .map_err(ClientError::from)?;
+                    match chunk {
+                        Some(c) => answer.feed(&c.bytes, &mut *out)?,
+                        None => break,
+                    }
+                }
+                Ok::<_, AdminError>(answer.finish()?)
+            };
+            let (sent, answered) = tokio::join!(sending, reading);
+            match (answered, sent) {
+                (Ok(()), _) => Ok(()),
+                (Err(e @ AdminError::Io(_)), _) => Err(e),
+                (Err(e), Ok(())) => Err(e),
+                (Err(_), Err(e)) => Err(e.into()),
             }
-            Ok::<_, AdminError>(answer.finish()?)
         };
-        let result = match tokio::time::timeout(ANSWER, asked).await {
-            Ok(r) => r,
-            Err(_) => Err(AdminError::Timeout(self.gateway.clone(), ANSWER)),
-        };
+        let result = asked.await;
         // The gateway's own reason (a wrong role, a revoked operator) beats the stream's error.
         let result = match (result, conn.close_reason()) {
             (Err(_), Some(quinn::ConnectionError::ApplicationClosed(c))) => {

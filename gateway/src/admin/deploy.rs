@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use super::bundle::{self, PublicKey};
-use crate::config::{BoxLimits, Config};
+use crate::config::{BoxLimits, Config, ConfigManifest};
 use crate::dispatch::thread::{Inbox, Install};
 use crate::dispatch::{HandlerStatus, ProbationEnd, ProbationStatus};
 use crate::sandbox::probation::{End, Rules};
@@ -92,6 +92,10 @@ pub struct Listed {
     /// The current bundle's signer (fingerprint).
     pub signer: Option<String>,
     pub probation: Option<ProbationStatus>,
+    /// Whether its version has yet to pass its probation (recorded once it has: a probation
+    /// judged and being rolled back, or its pass being recorded, shows here without the
+    /// running count).
+    pub on_probation: bool,
     /// What last happened to it when it was not a deploy (a rollback, a removal), and why.
     pub note: Option<String>,
 }
@@ -150,9 +154,83 @@ fn describe(bytes: &[u8]) -> Option<(u64, String)> {
     Some((m.version, f.signer.fingerprint()))
 }
 
+/// The registry name of the box's config bundle (not a handler name: `@` is not allowed in
+/// one).
+pub const CONFIG: &str = "@config";
+
+/// The keys in force: the box's own (from its file: they sign config bundles too) and every
+/// key a handler bundle may be signed by (those and the ones a config bundle added).
+#[derive(Debug, Clone, Default)]
+struct Keys {
+    own: Vec<PublicKey>,
+    handlers: Vec<PublicKey>,
+}
+
+/// A config bundle in force: its settings, and who signed them.
+#[derive(Debug, Clone)]
+pub struct ConfigInForce {
+    pub manifest: ConfigManifest,
+    pub signer: PublicKey,
+}
+
+/// The box's config with its config bundle in force (if any, and if its signer is still one
+/// of the file's keys), and that bundle. Reads the registry (at start).
+pub fn with_config_bundle(
+    file: &Config,
+    store: &Store,
+) -> Result<(Config, Option<ConfigInForce>), crate::store::StoreError> {
+    let Some(bytes) = store.registered(CONFIG)?.current else {
+        return Ok((file.clone(), None));
+    };
+    let own = file.deploy.keys().unwrap_or_default();
+    let held = match bundle::verify_any(&bytes, u64::MAX, &own) {
+        Ok(bundle::Signed::Config(c)) => ConfigInForce {
+            manifest: c.manifest,
+            signer: c.signer,
+        },
+        Ok(bundle::Signed::Handler(_)) => return Ok((file.clone(), None)),
+        Err(e) => {
+            tracing::error!("the config bundle in the registry is not in force: {e}");
+            return Ok((file.clone(), None));
+        }
+    };
+    Ok(in_force(file, Some(held)))
+}
+
+/// `file` with `held` in force, when its signer is still one of the file's keys and the
+/// whole still checks; else the file alone (logged).
+pub fn in_force(file: &Config, held: Option<ConfigInForce>) -> (Config, Option<ConfigInForce>) {
+    let Some(held) = held else {
+        return (file.clone(), None);
+    };
+    let own = file.deploy.keys().unwrap_or_default();
+    if !own.contains(&held.signer) {
+        tracing::error!(
+            version = held.manifest.version,
+            "the config bundle in force was signed by {}, no longer in deploy.trusted_keys: its settings are dropped",
+            held.signer.fingerprint()
+        );
+        return (file.clone(), None);
+    }
+    match file.overlaid(&held.manifest) {
+        Ok(c) => (c, Some(held)),
+        Err(e) => {
+            tracing::error!(
+                version = held.manifest.version,
+                "the config bundle's settings do not fit this config: {e}; they are dropped"
+            );
+            (file.clone(), None)
+        }
+    }
+}
+
 /// What a change checks against, and where it installs.
 pub struct Deployer {
-    trusted: Vec<PublicKey>,
+    keys: std::sync::RwLock<Keys>,
+    /// The box's config file as last (re)loaded: a config bundle is checked on top of it.
+    file: Mutex<Config>,
+    /// Where a deployed config bundle goes to be put in force (the gateway's reload task).
+    settings: tokio::sync::mpsc::UnboundedSender<ConfigInForce>,
     max_bytes: u64,
     caps: BoxLimits,
     probation: Option<Rules>,
@@ -167,14 +245,19 @@ pub struct Deployer {
 }
 
 impl Deployer {
+    /// A deployer on the box's config `file`, with `cfg` in force (the file and its config
+    /// bundle); a deployed config bundle is sent to `settings`.
     pub fn new(
-        cfg: &Config,
+        (file, cfg): (&Config, &Config),
         pinned: Pinned,
         (store, inbox, env): (Store, Inbox, HostEnv),
         runtime: tokio::runtime::Handle,
+        settings: tokio::sync::mpsc::UnboundedSender<ConfigInForce>,
     ) -> Result<Deployer, crate::config::ConfigError> {
-        Ok(Deployer {
-            trusted: cfg.deploy.keys()?,
+        let d = Deployer {
+            keys: Default::default(),
+            file: Mutex::new(file.clone()),
+            settings,
             max_bytes: cfg.deploy.max_bundle_bytes,
             caps: cfg.limits.clone(),
             probation: cfg.deploy.probation(),
@@ -184,7 +267,25 @@ impl Deployer {
             env,
             runtime,
             one: Mutex::new(()),
-        })
+        };
+        d.configure(file, cfg)?;
+        Ok(d)
+    }
+
+    /// Puts a reloaded config `file`, and `cfg` (it with its config bundle), in force for the
+    /// checks: the keys.
+    pub fn configure(&self, file: &Config, cfg: &Config) -> Result<(), crate::config::ConfigError> {
+        let keys = Keys {
+            own: file.deploy.keys()?,
+            handlers: cfg.deploy.handler_keys()?,
+        };
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        *self.file.lock().unwrap_or_else(|p| p.into_inner()) = file.clone();
+        Ok(())
+    }
+
+    fn keys(&self) -> Keys {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The largest bundle read at all.
@@ -248,8 +349,13 @@ impl Deployer {
     /// what was deployed, or why nothing changed. `by` names who asked, for the log.
     pub fn deploy(&self, bytes: &[u8], by: &str) -> Result<Deployed, DeployError> {
         let _one = self.lock();
-        let v = bundle::verify(bytes, self.max_bytes, &self.trusted)
-            .map_err(|e| DeployError::Refused(e.to_string()))?;
+        let keys = self.keys();
+        let v = match bundle::verify_any(bytes, self.max_bytes, &keys.handlers)
+            .map_err(|e| DeployError::Refused(e.to_string()))?
+        {
+            bundle::Signed::Handler(v) => v,
+            bundle::Signed::Config(c) => return self.deploy_config(bytes, c, &keys, by),
+        };
         let (name, version) = (v.manifest.name.clone(), v.manifest.version);
         self.refuse_pinned(&name, "a deploy")?;
         let floor = self.store.version_floor(&name).map_err(store_failed)?;
@@ -274,6 +380,59 @@ impl Deployer {
             probation: since.is_some(),
         };
         tracing::info!(by, "deployed: {d}");
+        Ok(d)
+    }
+
+    /// A config bundle: signed by one of the box's own keys, above its floor, and the box's
+    /// config with it still checks; recorded (synced), then put in force by the gateway.
+    fn deploy_config(
+        &self,
+        bytes: &[u8],
+        c: bundle::VerifiedConfig,
+        keys: &Keys,
+        by: &str,
+    ) -> Result<Deployed, DeployError> {
+        let signer = c.signer.fingerprint();
+        if !keys.own.contains(&c.signer) {
+            return Err(DeployError::Refused(format!(
+                "a config bundle must be signed by one of the box's own deploy.trusted_keys (in its config file), not {signer}, which a config bundle added"
+            )));
+        }
+        let version = c.manifest.version;
+        let floor = self.store.version_floor(CONFIG).map_err(store_failed)?;
+        if version <= floor {
+            return Err(DeployError::Refused(format!(
+                "config bundle version {version} is not above {floor}, the highest installed here"
+            )));
+        }
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        file.overlaid(&c.manifest)
+            .map_err(|e| DeployError::Refused(format!("the config bundle's settings: {e}")))?;
+        let before = self
+            .store
+            .registered(CONFIG)
+            .map_err(store_failed)?
+            .current
+            .as_deref()
+            .and_then(|b| bundle::frame(b, u64::MAX).ok().map(|f| f.manifest.to_vec()))
+            .and_then(|m| String::from_utf8(m).ok())
+            .and_then(|t| bundle::parse_config(&t).ok())
+            .map(|m| m.version);
+        if let Err(e) = self.store.record_deploy(CONFIG, bytes, version, None) {
+            record_failed(e);
+        }
+        let _ = self.settings.send(ConfigInForce {
+            manifest: c.manifest,
+            signer: c.signer,
+        });
+        let d = Deployed {
+            name: CONFIG.to_string(),
+            version,
+            replaced: before,
+            signer,
+            probation: false,
+        };
+        tracing::info!(by, "config bundle deployed: {d}");
         Ok(d)
     }
 
@@ -312,7 +471,7 @@ impl Deployer {
             )));
         };
         // Checked again: a key taken out of deploy.trusted_keys since no longer runs.
-        let v = bundle::verify(&previous, u64::MAX, &self.trusted).map_err(|e| {
+        let v = bundle::verify(&previous, u64::MAX, &self.keys().handlers).map_err(|e| {
             DeployError::Refused(format!("the previous version cannot run again: {e}"))
         })?;
         let to = v.manifest.version;
@@ -388,9 +547,20 @@ impl Deployer {
             End::Failed(why) => format!("version {} failed its probation: {why}", end.version),
         };
         let by = "probation";
-        let r = self.store.registered(&end.name).map_err(store_failed);
-        let has_previous = r.is_ok_and(|r| r.previous.is_some());
-        let result = match has_previous {
+        let Ok(r) = self.store.registered(&end.name).map_err(store_failed) else {
+            return;
+        };
+        // Only if the failed version is still the one recorded as running (an operator may
+        // have rolled it back, or deployed another, since).
+        if r.current.as_deref().and_then(describe).map(|(v, _)| v) != Some(end.version) {
+            tracing::info!(
+                handler = end.name,
+                version = end.version,
+                "a failed probation is moot: that version no longer runs"
+            );
+            return;
+        }
+        let result = match r.previous.is_some() {
             true => self.rollback_locked(&end.name, by, &why, Some(end.version)),
             false => self.remove_locked(&end.name, by, &why),
         };
@@ -405,6 +575,26 @@ impl Deployer {
         let mut out = Vec::new();
         let now_running = |name: &str| running.iter().find(|h| h.name == name);
         for name in self.store.registry_names().map_err(store_failed)? {
+            if name == CONFIG {
+                let r = self.store.registered(CONFIG).map_err(store_failed)?;
+                let current = r.current.as_deref().and_then(|b| {
+                    let f = bundle::frame(b, u64::MAX).ok()?;
+                    let m = bundle::parse_config(std::str::from_utf8(f.manifest).ok()?).ok()?;
+                    Some((m.version, f.signer.fingerprint()))
+                });
+                out.push(Listed {
+                    name,
+                    source: "settings",
+                    running: current.as_ref().map(|c| c.0),
+                    previous: None,
+                    floor: r.floor,
+                    signer: current.map(|c| c.1),
+                    probation: None,
+                    on_probation: false,
+                    note: r.note,
+                });
+                continue;
+            }
             if self.pinned.names.contains(&name) {
                 continue;
             }
@@ -417,6 +607,7 @@ impl Deployer {
                 floor: r.floor,
                 signer: r.current.as_deref().and_then(describe).map(|(_, s)| s),
                 probation: h.and_then(|h| h.probation.clone()),
+                on_probation: r.probation_since.is_some(),
                 note: r.note,
                 name,
             });
@@ -431,6 +622,7 @@ impl Deployer {
                 floor: 0,
                 signer: None,
                 probation: None,
+                on_probation: false,
                 note: None,
             });
         }

@@ -187,7 +187,8 @@ async fn join_in_order<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<Result<
     out
 }
 
-/// One gateway: deploy, then wait for the version's probation to end.
+/// One gateway: deploy, then wait for the version's probation to end. A gateway that already
+/// runs this version (a rollout run again) is watched as if it had just been deployed.
 async fn one(
     r: &Remote,
     name: &str,
@@ -197,38 +198,59 @@ async fn one(
 ) -> Result<String, String> {
     let started = Instant::now();
     let mut answer = Vec::new();
-    r.ask(&format!("deploy {}", bundle.len()), bundle, &mut answer)
+    if let Err(e) = r
+        .ask(&format!("deploy {}", bundle.len()), bundle, &mut answer)
         .await
-        .map_err(|e| format!("deploy refused: {}", short(&e)))?;
-    loop {
-        let mut listed = Vec::new();
-        r.ask("list", &[], &mut listed)
+    {
+        let runs = listed(r, name)
             .await
-            .map_err(|e| format!("deployed, then list failed: {}", short(&e)))?;
-        let all: serde_json::Value =
-            serde_json::from_slice(&listed).map_err(|e| format!("list: {e}"))?;
-        let h = all
-            .as_array()
-            .and_then(|a| a.iter().find(|h| h["name"] == name))
-            .cloned()
-            .unwrap_or_default();
+            .ok()
+            .and_then(|h| h["running"].as_u64());
+        if runs != Some(version) {
+            return Err(format!("deploy refused: {}", short(&e)));
+        }
+    }
+    loop {
+        let h = listed(r, name).await?;
         let took = format!("{:.1} s", started.elapsed().as_secs_f64());
         if h["running"].as_u64() != Some(version) {
             let why = h["note"].as_str().unwrap_or("it no longer runs");
             return Err(format!("v{version} rolled back or removed: {why}"));
         }
-        if h["probation"].is_null() {
+        // Passed once recorded so (a probation judged a failure is not running either, until
+        // its rollback is done).
+        let p = &h["probation"];
+        if p.is_null() && h["on_probation"] == false {
             return Ok(format!("v{version} runs, probation passed ({took})"));
         }
         if started.elapsed() >= wait {
-            let p = &h["probation"];
+            let state = match p.is_null() {
+                true => "its probation ended and is being recorded or rolled back".to_string(),
+                false => format!(
+                    "{}/{} runs, {} failed",
+                    p["runs"], p["of_runs"], p["failures"]
+                ),
+            };
             return Err(format!(
-                "still on probation after {took} ({}/{} runs, {} failed): give it events, or a longer --wait",
-                p["runs"], p["of_runs"], p["failures"]
+                "still on probation after {took} ({state}): give it events, or a longer --wait"
             ));
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// What `list` says of `name` on one gateway (`null` fields when it does not know it).
+async fn listed(r: &Remote, name: &str) -> Result<serde_json::Value, String> {
+    let mut out = Vec::new();
+    r.ask("list", &[], &mut out)
+        .await
+        .map_err(|e| format!("list failed: {}", short(&e)))?;
+    let all: serde_json::Value = serde_json::from_slice(&out).map_err(|e| format!("list: {e}"))?;
+    Ok(all
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["name"] == name))
+        .cloned()
+        .unwrap_or_default())
 }
 
 fn short(e: &AdminError) -> String {

@@ -250,8 +250,10 @@ fn table(v: &serde_json::Value) -> String {
         .unwrap_or_default()
         .iter()
         .map(|h| {
-            let probation = match h["probation"].as_object() {
-                Some(p) => format!(
+            // (Indexed as a `Value`: a field missing from the answer reads as null.)
+            let p = &h["probation"];
+            let probation = match (p.is_object(), h["on_probation"].as_bool()) {
+                (true, _) => format!(
                     "{}/{} runs, {} failed (>{} rolls back), {} s left",
                     p["runs"],
                     p["of_runs"],
@@ -259,7 +261,8 @@ fn table(v: &serde_json::Value) -> String {
                     p["max_failures"],
                     p["remaining_ms"].as_u64().unwrap_or(0).div_ceil(1000)
                 ),
-                None => "-".into(),
+                (false, Some(true)) => "ended, being recorded".into(),
+                _ => "-".into(),
             };
             [
                 h["name"].as_str().unwrap_or("?").to_string(),

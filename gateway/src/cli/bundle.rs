@@ -6,23 +6,27 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use tidepool::admin::bundle::{self, BundleError, SigningKey};
+use tidepool::sandbox::manifest::Kind;
 
 use super::ConfigArgs;
 
 #[derive(clap::Subcommand)]
 pub enum What {
-    /// Sign a handler (its manifest and module) into one bundle file.
+    /// Sign a handler (its manifest and module), or a box's settings, into one bundle file.
     ///
     /// The manifest is checked (shape, `kind`) and the module compiled against the handler ABI
     /// before anything is signed: a bundle that a box would refuse for its contents is not
-    /// made. Whether its limits fit a box's caps is the box's to decide at deploy.
+    /// made. Whether its limits fit a box's caps is the box's to decide at deploy. A config
+    /// bundle (`kind = "config"`: acl.publish, acl.revoked, admin.allow_from, admin.revoked,
+    /// deploy.trusted_keys; docs/bundles.md) has no module.
     Build {
-        /// The handler's manifest (TOML).
+        /// The manifest (TOML): a handler's, or a config bundle's.
         #[arg(long, value_name = "FILE")]
         manifest: PathBuf,
-        /// The handler's module (a core Wasm module, built for wasm32-unknown-unknown).
+        /// The handler's module (a core Wasm module, built for wasm32-unknown-unknown); none
+        /// for a config bundle.
         #[arg(long, value_name = "FILE")]
-        wasm: PathBuf,
+        wasm: Option<PathBuf>,
         /// The signing key (`tidepool keys generate` wrote it as NAME.key).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
@@ -57,15 +61,42 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn build(manifest: &Path, wasm: &Path, key: &Path, out: &Path) -> anyhow::Result<ExitCode> {
+fn build(
+    manifest: &Path,
+    wasm: &Option<PathBuf>,
+    key: &Path,
+    out: &Path,
+) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(manifest)
         .with_context(|| format!("cannot read the manifest {}", manifest.display()))?;
-    let parsed =
-        bundle::parse_manifest(&text).with_context(|| format!("{}", manifest.display()))?;
-    let module = std::fs::read(wasm)
-        .with_context(|| format!("cannot read the module {}", wasm.display()))?;
-    tidepool::sandbox::compile(&tidepool::sandbox::Runtime::default(), &module, &parsed)
-        .with_context(|| format!("{}: not signed", wasm.display()))?;
+    let kind = bundle::kind_of(&text).with_context(|| format!("{}", manifest.display()))?;
+    let (module, what) = match (kind, wasm) {
+        (Kind::Config, None) => {
+            let m =
+                bundle::parse_config(&text).with_context(|| format!("{}", manifest.display()))?;
+            tidepool::config::Config::defaults()
+                .overlaid(&m)
+                .with_context(|| format!("{}", manifest.display()))?;
+            (Vec::new(), format!("config bundle version {}", m.version))
+        }
+        (Kind::Config, Some(_)) => {
+            anyhow::bail!(
+                "{}: a config bundle has no module: leave out --wasm",
+                manifest.display()
+            )
+        }
+        (Kind::Handler, None) => anyhow::bail!("a handler bundle needs its module: --wasm FILE"),
+        (Kind::Handler, Some(wasm)) => {
+            let parsed =
+                bundle::parse_manifest(&text).with_context(|| format!("{}", manifest.display()))?;
+            let module = std::fs::read(wasm)
+                .with_context(|| format!("cannot read the module {}", wasm.display()))?;
+            tidepool::sandbox::compile(&tidepool::sandbox::Runtime::default(), &module, &parsed)
+                .with_context(|| format!("{}: not signed", wasm.display()))?;
+            let what = format!("handler `{}` version {}", parsed.name, parsed.version);
+            (module, what)
+        }
+    };
     let der = tidepool::pki::read_key(key)
         .with_context(|| format!("cannot read the signing key {}", key.display()))?;
     let signing =
@@ -80,10 +111,8 @@ fn build(manifest: &Path, wasm: &Path, key: &Path, out: &Path) -> anyhow::Result
     std::fs::rename(&partial, out)
         .with_context(|| format!("cannot rename {} to {}", partial.display(), out.display()))?;
     println!(
-        "{}: handler `{}` version {}, {} bytes, signed by {}",
+        "{}: {what}, {} bytes, signed by {}",
         out.display(),
-        parsed.name,
-        parsed.version,
         bytes.len(),
         signing.public().fingerprint()
     );
@@ -103,9 +132,16 @@ fn inspect(file: &Path, config: &ConfigArgs, json: bool) -> anyhow::Result<ExitC
         .transpose()?;
     // The manifest is shown only once the signature holds: what an unsigned author wrote is
     // not parsed.
+    let text = std::str::from_utf8(f.manifest).map_err(|_| BundleError::ManifestNotText);
+    let config = match (holds, &text) {
+        (true, Ok(t)) if bundle::kind_of(t) == Ok(Kind::Config) => Some(bundle::parse_config(t)),
+        _ => None,
+    };
+    if let Some(config) = config {
+        return inspect_config(file, &f, config, trusted, json);
+    }
     let manifest = match holds {
-        true => std::str::from_utf8(f.manifest)
-            .map_err(|_| BundleError::ManifestNotText)
+        true => text
             .and_then(bundle::parse_manifest)
             .map_err(|e| e.to_string()),
         false => Err(BundleError::BadSignature.to_string()),
@@ -160,6 +196,55 @@ fn inspect(file: &Path, config: &ConfigArgs, json: bool) -> anyhow::Result<ExitC
             Some(true) => println!("  trusted: yes (in deploy.trusted_keys)"),
             Some(false) => println!("  trusted: NO (not in deploy.trusted_keys)"),
             None => println!("  trusted: (give --config to check against a box's trusted_keys)"),
+        }
+    }
+    match verdict {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(why) => {
+            eprintln!("tidepool: {}: {why}", file.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `inspect` of a config bundle whose signature holds.
+fn inspect_config(
+    file: &Path,
+    f: &bundle::Framed<'_>,
+    config: Result<tidepool::config::ConfigManifest, BundleError>,
+    trusted: Option<bool>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let verdict = match (&config, trusted) {
+        (Err(e), _) => Err(e.to_string()),
+        (Ok(_), Some(false)) => Err(BundleError::UntrustedKey(f.signer.fingerprint()).to_string()),
+        (Ok(_), _) => Ok(()),
+    };
+    let m = config.as_ref().ok();
+    let v = serde_json::json!({
+        "file": file.display().to_string(),
+        "kind": "config",
+        "version": m.map(|m| m.version),
+        "acl_publish": m.and_then(|m| m.acl.publish.clone()),
+        "acl_revoked": m.map(|m| m.acl.revoked.clone()),
+        "admin_allow_from": m.and_then(|m| m.admin.allow_from.clone()),
+        "admin_revoked": m.map(|m| m.admin.revoked.clone()),
+        "trusted_keys": m.map(|m| m.deploy.trusted_keys.clone()),
+        "signer": f.signer.to_string(),
+        "fingerprint": f.signer.fingerprint(),
+        "signature_holds": true,
+        "trusted": trusted,
+        "error": verdict.as_ref().err(),
+    });
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&v)?),
+        false => {
+            println!("{}: config bundle", file.display());
+            for (k, val) in v.as_object().into_iter().flatten() {
+                if !val.is_null() && k != "file" && k != "kind" {
+                    println!("  {k}: {val}");
+                }
+            }
         }
     }
     match verdict {

@@ -96,12 +96,13 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             }
             _ => health,
         };
-        let health = match h["probation"].as_object() {
-            Some(p) => format!(
+        let p = &h["probation"];
+        let health = match p.is_object() {
+            true => format!(
                 "{health}; on probation: {}/{} runs, {} failed",
                 p["runs"], p["of_runs"], p["failures"]
             ),
-            None => health,
+            false => health,
         };
         let timer = h["timer_ms"]
             .as_u64()

@@ -271,14 +271,16 @@ impl Dispatcher {
             self.timers.forget(i);
             h.manifest.version
         });
+        // The overlay first: the committer writes a key to sled before it leaves the overlay,
+        // so read in this order every key is in one list or the other.
         let mut keys = self
             .store
-            .state_keys(name)
-            .map_err(Fault::reading("listing a removed handler's state"))?;
+            .overlay()
+            .keys_with_prefix(&keys::state_prefix(name));
         keys.extend(
             self.store
-                .overlay()
-                .keys_with_prefix(&keys::state_prefix(name)),
+                .state_keys(name)
+                .map_err(Fault::reading("listing a removed handler's state"))?,
         );
         keys.sort_unstable();
         keys.dedup();
@@ -305,15 +307,25 @@ impl Dispatcher {
         Ok(removed)
     }
 
+    /// Checks publishes against `publish` (`acl.publish`) from now on.
+    pub fn set_acl(&mut self, publish: Vec<String>) {
+        self.acl = publish;
+    }
+
     /// Sends the probations that end from now on to `to`.
     pub fn report_probations_to(&mut self, to: tokio::sync::mpsc::UnboundedSender<ProbationEnd>) {
         self.probations = Some(to);
     }
 
-    /// Reports the probations ended since the last call (by their runs, a quarantine or, at
-    /// `now`, their window's time).
-    pub fn report_probations(&mut self, now: u64) {
-        for end in self.tree.probation_ends(now) {
+    /// The monotonic clock, as the dispatcher's thread reads it (probations are timed on it).
+    pub fn set_mono(&mut self, mono_ms: u64) {
+        self.tree.mono_ms = mono_ms;
+    }
+
+    /// Reports the probations ended since the last call (by their runs, a quarantine or their
+    /// window's time).
+    pub fn report_probations(&mut self) {
+        for end in self.tree.probation_ends() {
             if let Some(tx) = &self.probations {
                 let _ = tx.send(end);
             }
@@ -352,8 +364,9 @@ impl Dispatcher {
         }
     }
 
-    /// Each handler's name, version, timer and health at `now`.
-    pub fn handler_status(&self, now: u64) -> Vec<HandlerStatus> {
+    /// Each handler's name, version, timer and health.
+    pub fn handler_status(&self) -> Vec<HandlerStatus> {
+        let now = self.tree.mono_ms;
         self.tree
             .handlers
             .iter()
@@ -1133,7 +1146,7 @@ mod tests {
         assert_eq!(metrics.dead_letters.load(Ordering::Relaxed), 2);
         assert_eq!(metrics.handlers_quarantined.load(Ordering::Relaxed), 0);
         assert_eq!(
-            d.handler_status(0)[1].errors_in_row,
+            d.handler_status()[1].errors_in_row,
             2,
             "busy events do not count"
         );

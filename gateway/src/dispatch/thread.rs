@@ -121,6 +121,8 @@ enum Input {
     Status(oneshot::Sender<Vec<HandlerStatus>>),
     Install(Box<Install>, oneshot::Sender<Result<Option<u64>, String>>),
     Remove(String, oneshot::Sender<Option<u64>>),
+    /// A new `acl.publish` (a reload, a config bundle).
+    Acl(Vec<String>),
     Stop,
 }
 
@@ -286,6 +288,11 @@ impl Inbox {
         rx.await.map_err(|_| Stopped)
     }
 
+    /// Puts a new `acl.publish` in force from the next event on.
+    pub fn set_acl(&self, publish: Vec<String>) {
+        let _ = self.tx.send(Input::Acl(publish));
+    }
+
     /// Each handler's status, as soon as the dispatcher thread is between two turns.
     pub async fn status(&self) -> Result<Vec<HandlerStatus>, Stopped> {
         let (tx, rx) = oneshot::channel();
@@ -441,7 +448,8 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>, inbox_room: Arc<Semaphore>, capac
             d.set_work_waiting(queued(0));
             d.fire_timers(now);
         }
-        d.report_probations(now);
+        d.set_mono(crate::clock::mono_ms());
+        d.report_probations();
         let Some((device, work)) = turns.next() else {
             continue;
         };
@@ -489,6 +497,7 @@ fn wait(d: &mut Dispatcher, rx: &Receiver<Input>, queued: &dyn Fn(usize) -> bool
         let now = crate::clock::now_ms();
         let due = match due <= now {
             true => {
+                d.set_mono(crate::clock::mono_ms());
                 d.set_work_waiting(queued(0));
                 d.fire_timers(now).unwrap_or(u64::MAX)
             }
@@ -541,10 +550,10 @@ fn accept(
             },
         ),
         Input::Status(tx) => {
-            let now = crate::clock::now_ms();
             // A probation whose time is up ends before it is shown.
-            d.report_probations(now);
-            let _ = tx.send(d.handler_status(now));
+            d.set_mono(crate::clock::mono_ms());
+            d.report_probations();
+            let _ = tx.send(d.handler_status());
         }
         Input::Install(i, tx) => {
             let Install {
@@ -563,12 +572,12 @@ fn accept(
                 env,
                 state_used,
             );
-            let now = crate::clock::now_ms();
+            let (now, mono) = (crate::clock::now_ms(), crate::clock::mono_ms());
             let answer = match loaded {
                 Err(e) => Err(e.to_string()),
                 Ok(mut h) => {
                     h.probation =
-                        probation.map(|r| crate::sandbox::probation::Probation::new(r, now));
+                        probation.map(|r| crate::sandbox::probation::Probation::new(r, mono));
                     match d.install(h, now) {
                         Ok(before) => Ok(before),
                         Err(f) => crate::store::fatal("installing a handler", f),
@@ -583,6 +592,7 @@ fn accept(
                 .unwrap_or_else(|f| crate::store::fatal("removing a handler", f));
             let _ = tx.send(removed);
         }
+        Input::Acl(publish) => d.set_acl(publish),
         Input::Stop => return true,
     }
     false

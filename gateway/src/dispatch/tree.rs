@@ -76,6 +76,9 @@ pub(super) struct Tree {
     route_buf: Vec<usize>,
     /// Probations ended and not handed over yet ([`Tree::probation_ends`]).
     ended: Vec<ProbationEnd>,
+    /// Monotonic ms, as the dispatcher's thread last read them: probations are timed with
+    /// them (an NTP step does not end one).
+    pub(super) mono_ms: u64,
 }
 
 /// A deployed version's probation ended: the dispatcher reports it to the admin, which rolls
@@ -133,6 +136,7 @@ impl Tree {
             metrics,
             route_buf: Vec::new(),
             ended: Vec::new(),
+            mono_ms: 0,
         }
     }
 
@@ -141,6 +145,8 @@ impl Tree {
     /// its index and the version it replaced.
     pub(super) fn install(&mut self, h: Handler) -> (usize, Option<u64>) {
         let mut h = h;
+        // A probation ended for the version it replaces is moot now.
+        self.ended.retain(|e| e.name != h.name());
         let (i, before) = match self.handlers.iter().position(|o| o.name() == h.name()) {
             Some(i) => {
                 // Its state is the same namespace: the count goes on (writes still pending
@@ -186,14 +192,12 @@ impl Tree {
         });
     }
 
-    /// Ends the probations whose window is over at `now_ms`, then hands over every probation
-    /// ended since the last call.
-    pub(super) fn probation_ends(&mut self, now_ms: u64) -> Vec<ProbationEnd> {
+    /// Ends the probations whose window is over (at [`Tree::mono_ms`]), then hands over every
+    /// probation ended since the last call.
+    pub(super) fn probation_ends(&mut self) -> Vec<ProbationEnd> {
+        let now = self.mono_ms;
         for h in 0..self.handlers.len() {
-            let over = self.handlers[h]
-                .probation
-                .as_ref()
-                .and_then(|p| p.at(now_ms));
+            let over = self.handlers[h].probation.as_ref().and_then(|p| p.at(now));
             if let Some(end) = over {
                 self.probation_ended(h, end);
             }
@@ -353,7 +357,7 @@ impl Tree {
             if let Some(p) = &mut handler.probation {
                 let end = match change {
                     Some(Change::All { .. }) => Some(p.quarantined()),
-                    _ => p.observe(v, now_ms),
+                    _ => p.observe(v, self.mono_ms),
                 };
                 if let Some(end) = end {
                     self.probation_ended(h, end);

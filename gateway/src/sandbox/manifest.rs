@@ -35,13 +35,14 @@ impl Default for Limits {
     }
 }
 
-/// What a manifest describes. Only handlers yet: `config` is reserved for signed config
-/// bundles, and any other value is refused.
+/// What a bundle's manifest describes: a handler (the default), or a box's settings (a signed
+/// config bundle, `config::ConfigManifest`). Any other value is refused.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     #[default]
     Handler,
+    Config,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
