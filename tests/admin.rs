@@ -384,6 +384,35 @@ async fn the_admin_channel_refuses_the_wrong_role_expired_revoked_and_outside_op
             r.stderr
         );
     }
+    // Signed by a trusted key but built by hand (`bundle build` refuses them): a WASI import,
+    // a start function. Refused at the deploy, before anything runs.
+    let signing = {
+        let der = tidepool::pki::read_key(&key).unwrap();
+        tidepool::admin::bundle::SigningKey::from_pkcs8(der.secret_der()).unwrap()
+    };
+    for (wat, says) in [
+        (
+            r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32))))"#,
+            "wasi_snapshot_preview1",
+        ),
+        (
+            r#"(module (memory (export "memory") 1) (func $s) (start $s)
+               (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+               (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) (i32.const 0)))"#,
+            "start",
+        ),
+    ] {
+        let manifest = "name = \"sly\"\nversion = 1\nsubscribe = [\"devices/#\"]\n";
+        let module = wat::parse_str(wat).unwrap();
+        let file = dir.path().join("sly.tpb");
+        std::fs::write(
+            &file,
+            tidepool::admin::bundle::build(manifest, &module, &signing).unwrap(),
+        )
+        .unwrap();
+        let r = admin(&alice, &["deploy", file.to_str().unwrap()]);
+        assert!(!r.ok && r.stderr.contains(says), "{says}: {}", r.stderr);
+    }
     let bare = dir.path().join("bare.tpb");
     std::fs::write(&bare, counter("counter", 1, "n", "").1).unwrap();
     let r = admin(&alice, &["deploy", bare.to_str().unwrap()]);
