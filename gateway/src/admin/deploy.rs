@@ -224,6 +224,13 @@ pub fn in_force(file: &Config, held: Option<ConfigInForce>) -> (Config, Option<C
     }
 }
 
+/// The version and signer a registered config bundle names.
+fn describe_config(bytes: &[u8]) -> Option<(u64, String)> {
+    let f = bundle::frame(bytes, u64::MAX).ok()?;
+    let m = bundle::parse_config(std::str::from_utf8(f.manifest).ok()?).ok()?;
+    Some((m.version, f.signer.fingerprint()))
+}
+
 /// What a change checks against, and where it installs.
 pub struct Deployer {
     keys: std::sync::RwLock<Keys>,
@@ -414,10 +421,8 @@ impl Deployer {
             .map_err(store_failed)?
             .current
             .as_deref()
-            .and_then(|b| bundle::frame(b, u64::MAX).ok().map(|f| f.manifest.to_vec()))
-            .and_then(|m| String::from_utf8(m).ok())
-            .and_then(|t| bundle::parse_config(&t).ok())
-            .map(|m| m.version);
+            .and_then(describe_config)
+            .map(|(v, _)| v);
         if let Err(e) = self.store.record_deploy(CONFIG, bytes, version, None) {
             record_failed(e);
         }
@@ -577,11 +582,7 @@ impl Deployer {
         for name in self.store.registry_names().map_err(store_failed)? {
             if name == CONFIG {
                 let r = self.store.registered(CONFIG).map_err(store_failed)?;
-                let current = r.current.as_deref().and_then(|b| {
-                    let f = bundle::frame(b, u64::MAX).ok()?;
-                    let m = bundle::parse_config(std::str::from_utf8(f.manifest).ok()?).ok()?;
-                    Some((m.version, f.signer.fingerprint()))
-                });
+                let current = r.current.as_deref().and_then(describe_config);
                 out.push(Listed {
                     name,
                     source: "settings",
