@@ -546,6 +546,14 @@ async fn a_version_that_fails_its_probation_is_rolled_back_on_its_own() {
         note.contains("by probation: version 2 failed its probation: 3 of its first 3 runs failed"),
         "{note}"
     );
+    // `status` says why too.
+    let st = admin(&alice, &["status"]);
+    assert!(
+        st.stdout
+            .contains("handler counter: rolled back from version 2 to 1 by probation"),
+        "{}",
+        st.stdout
+    );
     publish_one(&gw, 9).await;
 
     // A new handler that fails is removed.

@@ -248,7 +248,7 @@ async fn revoked_devices_are_closed_with_code_6_at_connect_and_at_a_reload() {
         Some(6),
         "d2 was not closed at the reload"
     );
-    gw.wait_log("reloaded acl.revoked", 1, Duration::from_secs(10))
+    gw.wait_log("in force: acl.revoked", 1, Duration::from_secs(10))
         .await;
     let config = tidepool::ingress::tls::client_config(&ca3, &c3, &k3).unwrap();
     let d3 = tidepool::client::Device::connect_with(&gw.addr, config)

@@ -107,6 +107,14 @@ impl Control {
             Ok(Ok(hs)) => Some(hs),
             Ok(Err(_)) | Err(_) => None,
         };
+        // What last happened to deployed handlers, and why (a rollback, a removal).
+        let notes: serde_json::Map<String, serde_json::Value> = handlers
+            .as_deref()
+            .and_then(|hs| self.deployer.list(hs).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|l| Some((l.name, l.note?.into())))
+            .collect();
         let handlers = handlers.map(|hs| {
             hs.iter()
                 .map(|h| {
@@ -132,6 +140,7 @@ impl Control {
             "uptime_s": self.started.elapsed().as_secs(),
             "handlers": handlers,
             "skipped": self.skipped,
+            "notes": notes,
             "outbox": {
                 "entries": pending.urgent + pending.normal + pending.bulk,
                 "bytes": self.outbox.used_bytes(),

@@ -59,6 +59,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
             s["reason"].as_str().unwrap_or("?")
         );
     }
+    for (name, note) in v["notes"].as_object().into_iter().flatten() {
+        println!("handler {name}: {}", note.as_str().unwrap_or("?"));
+    }
     for h in handlers {
         let only: Vec<&str> = h["quarantined_for"]
             .as_array()
