@@ -3,7 +3,7 @@
 //! admin channel (`admin/channel.rs`, operators over QUIC) speak the same: one request line,
 //! a body for `deploy`, then one answer (JSON, or JSON lines for `dead-letters`, streamed)
 //! and a last line `#ok` or `#error: <why>`; an answer without it was cut short. Requests:
-//! `status`, `dead-letters`, `list`, `deploy <bytes>` (then the bundle's bytes),
+//! `status`, `health`, `dead-letters`, `list`, `deploy <bytes>` (then the bundle's bytes),
 //! `rollback <name>`, `remove <name>`. `docs/bundles.md` documents them. Idle, the socket costs
 //! no wake-ups.
 
@@ -41,12 +41,15 @@ pub struct Control {
     pub deployer: Arc<crate::admin::deploy::Deployer>,
     /// One deploy's bundle read at a time (each may be `deploy.max_bundle_bytes`).
     pub uploads: tokio::sync::Semaphore,
+    /// Items submitted to the committer and not yet durable (for `health`).
+    pub backlog: Arc<crate::store::commit::Backlog>,
 }
 
 /// One request, as its line reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Status,
+    Health,
     DeadLetters,
     List,
     /// A bundle of this many bytes follows the line.
@@ -70,6 +73,7 @@ impl Request {
         };
         match (verb, arg) {
             ("status", None) => Ok(Request::Status),
+            ("health", None) => Ok(Request::Health),
             ("dead-letters", None) => Ok(Request::DeadLetters),
             ("list", None) => Ok(Request::List),
             ("deploy", Some(n)) => n
@@ -79,7 +83,7 @@ impl Request {
             ("rollback", arg) => name(arg).map(Request::Rollback),
             ("remove", arg) => name(arg).map(Request::Remove),
             _ => Err(format!(
-                "unknown request `{line}` (status, dead-letters, list, deploy <bytes>, rollback <name>, remove <name>)"
+                "unknown request `{line}` (status, health, dead-letters, list, deploy <bytes>, rollback <name>, remove <name>)"
             )),
         }
     }
@@ -88,6 +92,7 @@ impl Request {
     pub fn line(&self) -> String {
         match self {
             Request::Status => "status".into(),
+            Request::Health => "health".into(),
             Request::DeadLetters => "dead-letters".into(),
             Request::List => "list".into(),
             Request::Deploy(n) => format!("deploy {n}"),
@@ -155,6 +160,55 @@ impl Control {
 }
 
 impl Control {
+    /// The `health` answer, judged as the watchdog judges (`os/watchdog.rs`) over a second:
+    /// the dispatcher's thread answers, the commit path moves or has nothing waiting; a disk
+    /// below its reserve is `degraded` (publishes get `busy`).
+    async fn health(&self) -> serde_json::Value {
+        use crate::os::watchdog::{Sample, Watchdog};
+        let groups = || {
+            self.metrics
+                .groups
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let mut judge = Watchdog::default();
+        let _ = judge.judge(Sample {
+            dispatcher_answered: true,
+            backlog_items: self.backlog.items(),
+            groups: groups(),
+        });
+        let wait = std::time::Duration::from_secs(1);
+        let started = Instant::now();
+        let answered = matches!(
+            tokio::time::timeout(wait, self.inbox.status()).await,
+            Ok(Ok(_))
+        );
+        // A second between the samples, so a commit path with work waiting has had time to
+        // move.
+        tokio::time::sleep(wait.saturating_sub(started.elapsed())).await;
+        let verdict = judge.judge(Sample {
+            dispatcher_answered: answered,
+            backlog_items: self.backlog.items(),
+            groups: groups(),
+        });
+        let state = match (&verdict, self.disk.is_low()) {
+            (Err(_), _) => "unhealthy",
+            (Ok(()), true) => "degraded",
+            (Ok(()), false) => "healthy",
+        };
+        serde_json::json!({
+            "state": state,
+            "why": match (&verdict, self.disk.is_low()) {
+                (Err(why), _) => why.clone(),
+                (Ok(()), true) => "the data dir's disk is below store.min_free_bytes: publishes are answered busy".into(),
+                (Ok(()), false) => String::new(),
+            },
+            "dispatcher_answered": answered,
+            "commit_backlog": self.backlog.items(),
+            "disk_low": self.disk.is_low(),
+            "uptime_s": self.started.elapsed().as_secs(),
+        })
+    }
+
     /// The `list` answer: every handler name, deployed or pinned, with what runs.
     async fn list(&self) -> Result<serde_json::Value, String> {
         let wait = std::time::Duration::from_secs(1);
@@ -307,6 +361,10 @@ where
             v.extend_from_slice(b"\n");
             v.extend_from_slice(OK.as_bytes());
             send(write, &v).await
+        }
+        Request::Health => {
+            let answer = Ok(control.health().await);
+            send(write, &json_answer(answer)).await
         }
         Request::List => {
             let answer = control.list().await;
@@ -571,6 +629,7 @@ mod tests {
     fn request_lines_parse_and_print_back() {
         for r in [
             Request::Status,
+            Request::Health,
             Request::DeadLetters,
             Request::List,
             Request::Deploy(1234),

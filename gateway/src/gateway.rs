@@ -175,6 +175,45 @@ pub fn load_deployed(
     Ok((handlers, skipped))
 }
 
+/// Pings systemd's watchdog every `every` while the gateway is healthy
+/// (`os/watchdog.rs`): the dispatcher's thread answers within `every`, the commit path moves
+/// or has nothing to do. A change of verdict is logged.
+async fn watch_over(
+    every: Duration,
+    inbox: thread::Inbox,
+    backlog: Arc<crate::store::commit::Backlog>,
+    metrics: Arc<Metrics>,
+) {
+    let mut judge = crate::os::watchdog::Watchdog::default();
+    let mut was_healthy = true;
+    loop {
+        tokio::time::sleep(every).await;
+        let answered = matches!(tokio::time::timeout(every, inbox.status()).await, Ok(Ok(_)));
+        let sample = crate::os::watchdog::Sample {
+            dispatcher_answered: answered,
+            backlog_items: backlog.items(),
+            groups: metrics.groups.load(std::sync::atomic::Ordering::Relaxed),
+        };
+        match judge.judge(sample) {
+            Ok(()) => {
+                crate::os::notify::ping();
+                if !was_healthy {
+                    tracing::info!("healthy again: watchdog pings resume");
+                    crate::os::notify::status("healthy");
+                }
+                was_healthy = true;
+            }
+            Err(why) => {
+                if was_healthy {
+                    tracing::error!("unhealthy, watchdog pings withheld (systemd restarts the gateway if this lasts): {why}");
+                    crate::os::notify::status(&format!("unhealthy: {why}"));
+                }
+                was_healthy = false;
+            }
+        }
+    }
+}
+
 /// Puts what can change live in force: the deny-lists (`acl.revoked`, closing the devices
 /// newly on it; `admin.revoked`), `admin.allow_from`, `acl.publish` (on the dispatcher's
 /// thread, from its next event), and the keys deploys are checked against. `file` is the
@@ -382,6 +421,7 @@ pub async fn run(
     .unwrap_or_else(|f| crate::store::fatal("starting the dispatcher", f));
     let disk = Arc::new(DiskWatch::new(&data, cfg.store.min_free_bytes));
     dispatcher.watch_disk(disk.clone());
+    let backlog = dispatcher.backlog.clone();
     let hooks = Hooks {
         outbox: outbox.clone(),
         disk: disk.clone(),
@@ -454,6 +494,7 @@ pub async fn run(
         skipped,
         deployer: deployer.clone(),
         uploads: tokio::sync::Semaphore::new(1),
+        backlog: backlog.clone(),
     });
     // Without the socket the gateway still serves devices; only `status` and the live export
     // are unavailable (e.g. a data dir path longer than a socket path may be).
@@ -575,8 +616,25 @@ pub async fn run(
         })?;
     tracing::info!(%local, gateway = %cfg.gateway.id, data_dir = %data.display(), "listening");
     ready(local);
+    crate::os::notify::ready(&format!("listening on {local}"));
+    let watchdog = crate::os::notify::watchdog_period().map(|period| {
+        tracing::info!(
+            ?period,
+            "systemd's watchdog: pinged every half period while healthy"
+        );
+        tokio::spawn(watch_over(
+            period / 2,
+            inbox.clone(),
+            backlog,
+            metrics.clone(),
+        ))
+    });
 
     let _ = stop.wait_for(|s| *s).await;
+    crate::os::notify::stopping();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     tracing::info!("stopping: settling connections");
     let _ = conn_stop_tx.send(true);
     if tokio::time::timeout(Duration::from_secs(10), server)

@@ -1,0 +1,138 @@
+//! The gateway under systemd, with a real notify socket standing in for systemd's: `READY=1`
+//! once it listens, `WATCHDOG=1` every half `WATCHDOG_USEC` while healthy and withheld while
+//! the dispatcher's thread is stuck (a handler call longer than that), `STOPPING=1` on
+//! SIGTERM; and `tidepool health`.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// What the gateway told "systemd", with when.
+type Heard = Arc<Mutex<Vec<(Instant, String)>>>;
+
+fn listen(path: &std::path::Path) -> Heard {
+    let sock = UnixDatagram::bind(path).unwrap();
+    let heard: Heard = Arc::default();
+    let h = heard.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            h.lock().unwrap().push((Instant::now(), msg));
+        }
+    });
+    heard
+}
+
+/// Waits until `count` messages containing `what` were heard; returns when the last came.
+async fn heard(h: &Heard, what: &str, count: usize) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let times: Vec<Instant> = h
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, m)| m.contains(what))
+            .map(|(t, _)| *t)
+            .collect();
+        if times.len() >= count {
+            return times[count - 1];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} heard {} times",
+            times.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The pings heard between `from` and `to`.
+fn pings(h: &Heard, from: Instant, to: Instant) -> Vec<Instant> {
+    h.lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, m)| m.contains("WATCHDOG=1") && *t >= from && *t <= to)
+        .map(|(t, _)| *t)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_then_pings_only_while_healthy_then_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("notify.sock");
+    let h = listen(&socket);
+    // Pings every 300 ms; a long call (about a second each, debug build) holds the
+    // dispatcher's thread longer than that.
+    let mut gw = Gateway::start_with_env(
+        &long_handler_for_d1(dir.path()),
+        &[
+            ("NOTIFY_SOCKET", socket.to_str().unwrap()),
+            ("WATCHDOG_USEC", "600000"),
+        ],
+    );
+    let ready = heard(&h, "READY=1", 1).await;
+    let ready_msg = h.lock().unwrap()[0].1.clone();
+    assert!(
+        ready_msg.contains("STATUS=listening on 127.0.0.1:"),
+        "{ready_msg}"
+    );
+    // Healthy and idle: pinged every half period.
+    let third = heard(&h, "WATCHDOG=1", 3).await;
+    assert!(pings(&h, ready, third).len() >= 3);
+    let health = cli(&["health"], &gw.config);
+    assert!(
+        health.ok && health.stdout.trim() == "healthy",
+        "{}",
+        health.stdout
+    );
+
+    // Three long calls back to back: the dispatcher's thread does not answer within half a
+    // period while one runs, and the pings stop for that long.
+    let (d1, s1) = queue_long_calls(&gw, 3).await;
+    let first_tick = Instant::now();
+    gw.wait_log("tick", 3, Duration::from_secs(120)).await;
+    let last_tick = Instant::now();
+    let during = pings(&h, first_tick, last_tick);
+    let mut gaps: Vec<Duration> = during.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.push(
+        during
+            .first()
+            .map_or(last_tick - first_tick, |t| *t - first_tick),
+    );
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "pings while the calls ran: {} in {:?}, the longest gap {longest:?}",
+        during.len(),
+        last_tick - first_tick
+    );
+    assert!(
+        longest >= Duration::from_millis(700),
+        "pinged while the dispatcher was stuck: gaps {gaps:?}"
+    );
+    gw.wait_log(
+        "unhealthy, watchdog pings withheld",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    // Then healthy again: the pings resume.
+    let before = h.lock().unwrap().len();
+    heard(&h, "WATCHDOG=1", pings(&h, ready, Instant::now()).len() + 2).await;
+    assert!(h.lock().unwrap().len() > before);
+    drop((s1, d1));
+
+    gw.stop();
+    heard(&h, "STOPPING=1", 1).await;
+}
+
+#[test]
+fn health_says_when_no_gateway_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = tidepool(&["health", "--data-dir", dir.path().to_str().unwrap()]);
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+}
