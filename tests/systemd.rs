@@ -66,13 +66,13 @@ async fn systemd_hears_ready_then_pings_only_while_healthy_then_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("notify.sock");
     let h = listen(&socket);
-    // Pings every 300 ms; a long call (about a second each, debug build) holds the
+    // Pings every 200 ms; a long call (about a second each, debug build) holds the
     // dispatcher's thread longer than that.
     let mut gw = Gateway::start_with_env(
         &long_handler_for_d1(dir.path()),
         &[
             ("NOTIFY_SOCKET", socket.to_str().unwrap()),
-            ("WATCHDOG_USEC", "600000"),
+            ("WATCHDOG_USEC", "400000"),
         ],
     );
     let ready = heard(&h, "READY=1", 1).await;

@@ -186,8 +186,11 @@ async fn watch_over(
 ) {
     let mut judge = crate::os::watchdog::Watchdog::default();
     let mut was_healthy = true;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
     loop {
-        tokio::time::sleep(every).await;
+        tick.tick().await;
         let answered = matches!(tokio::time::timeout(every, inbox.status()).await, Ok(Ok(_)));
         let sample = crate::os::watchdog::Sample {
             dispatcher_answered: answered,
