@@ -136,3 +136,46 @@ fn health_says_when_no_gateway_runs() {
     let r = tidepool(&["health", "--data-dir", dir.path().to_str().unwrap()]);
     assert_eq!(r.code, Some(3), "{}", r.stderr);
 }
+
+/// Started as root with `gateway.user`, it binds its port first (here 700: only root may), then
+/// runs as that user, owns its data dir, has core dumps off, and serves. (Skipped when the
+/// tests do not run as root.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_as_root_it_binds_then_runs_as_gateway_user_without_core_dumps() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: not root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // `nobody` must reach the data dir.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let mut gw =
+        Gateway::start_in_with(&data, "user = \"nobody\"\nlisten = \"127.0.0.1:700\"\n", "");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid_line}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert!(core.split_whitespace().nth(4) == Some("0"), "{core}");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&data).unwrap().uid(), 65534);
+    assert_eq!(std::fs::metadata(data.join("pki")).unwrap().uid(), 65534);
+    assert!(gw.addr.ends_with(":700"), "{}", gw.addr);
+    let d = gw.connect("d1").await;
+    let mut s = d.open().await.unwrap();
+    s.send(&publish(1, "devices/d1/x", b"1")).await.unwrap();
+    until_ack(&mut s, 1).await;
+    d.close().await;
+    gw.stop();
+}

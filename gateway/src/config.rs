@@ -212,6 +212,8 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     pub server_names: Vec<String>,
     pub log: String,
+    /// Started as root: the user to switch to once the port is bound ("": stay).
+    pub user: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

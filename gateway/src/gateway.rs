@@ -49,6 +49,8 @@ pub enum StartError {
     NoNats,
     #[error("{0}")]
     Revoked(String),
+    #[error(transparent)]
+    Process(#[from] crate::os::process::ProcessError),
     #[error("deploy: {0}")]
     Deploy(String),
     #[error("listen on {addr}: {source}")]
@@ -367,7 +369,19 @@ pub async fn run(
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<serde_json::Value, StartError> {
     let data = cfg.gateway.data_dir.clone();
+    let listen = cfg.gateway.listen;
+    // The port first: one below 1024 needs root, which is given up next.
+    let socket = std::net::UdpSocket::bind(listen).map_err(|source| StartError::Listen {
+        addr: listen,
+        source,
+    })?;
+    let open_files = crate::os::process::harden();
     make_private_dir(&data)?;
+    if !cfg.gateway.user.is_empty() {
+        crate::os::process::drop_to(&cfg.gateway.user, &data)?;
+        tracing::info!(user = cfg.gateway.user, "running as gateway.user");
+    }
+    tracing::debug!(open_files, "core dumps off; open-file limit");
     let paths = PkiPaths::new(&data);
     if pki::ensure(&data, &cfg.gateway.server_names)? {
         tracing::info!(dir = %paths.dir.display(), "generated the device CA, operator CA, server CA and server certificate; issue device certificates with `tidepool certs device ID`");
@@ -567,12 +581,22 @@ pub async fn run(
     };
 
     let (server_cfg, roles) = ingress::tls::server_config(&paths, &cfg.ingress)?;
-    let listen = cfg.gateway.listen;
-    let endpoint =
-        quinn::Endpoint::server(server_cfg, listen).map_err(|source| StartError::Listen {
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime"))
+        .map_err(|source| StartError::Listen {
             addr: listen,
             source,
         })?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_cfg),
+        socket,
+        runtime,
+    )
+    .map_err(|source| StartError::Listen {
+        addr: listen,
+        source,
+    })?;
     let local = endpoint.local_addr().map_err(|source| StartError::Listen {
         addr: listen,
         source,

@@ -173,6 +173,17 @@ impl Gateway {
         Gateway::start_at(id_line, None, extra, &[])
     }
 
+    /// Like [`Gateway::start_in`], with these lines in `[gateway]` (they may set `listen`).
+    pub fn start_in_with(data_dir: &Path, gateway_lines: &str, extra: &str) -> Gateway {
+        let lines = format!("id = \"gw-test\"\n{gateway_lines}");
+        Gateway::start_at(&lines, Some(data_dir), extra, &[])
+    }
+
+    /// The gateway process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Like [`Gateway::start`], with these environment variables set for the process.
     pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Gateway {
         Gateway::start_at("id = \"gw-test\"\n", None, extra, env)
@@ -187,8 +198,13 @@ impl Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("tidepool.toml");
         let data_dir = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
+        // `id_line` may set `listen` itself (then the default one is left out).
+        let listen = match id_line.contains("listen =") {
+            true => "",
+            false => "listen = \"127.0.0.1:0\"\n",
+        };
         let base = format!(
-            "[gateway]\n{id_line}listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nlog = \"info,tidepool=debug\"\n",
+            "[gateway]\n{id_line}{listen}data_dir = \"{}\"\nlog = \"info,tidepool=debug\"\n",
             data_dir.display()
         );
         std::fs::write(&config, format!("{base}{extra}")).unwrap();
