@@ -154,6 +154,10 @@ async fn started_as_root_it_binds_then_runs_as_gateway_user_without_core_dumps()
     )
     .unwrap();
     let data = dir.path().join("data");
+    // Core dumps allowed where it starts, so that their being off is the gateway's doing.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_CORE).unwrap();
+    setrlimit(Resource::RLIMIT_CORE, hard.min(1 << 20), hard).unwrap();
     let mut gw =
         Gateway::start_in_with(&data, "user = \"nobody\"\nlisten = \"127.0.0.1:700\"\n", "");
     let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
