@@ -846,5 +846,25 @@ async fn a_signed_config_bundle_puts_acls_deny_lists_and_keys_in_force() {
             .any(|h| h["name"] == "bee"),
         "key B's handler runs after the restart: {st}"
     );
+
+    // Its signer taken out of the file's keys: the bundle is no longer in force (plant/x is
+    // nacked again) except its deny-lists (d2 stays out).
+    gw.edit_config(
+        &format!("trusted_keys = [\"{public}\"]"),
+        "trusted_keys = []",
+    );
+    gw.signal("-HUP");
+    gw.wait_log("only its deny-lists stay", 1, Duration::from_secs(10))
+        .await;
+    // (The log spans the restart: the deploy's, the first reload's, this one's.)
+    gw.wait_log("in force: acl.revoked", 3, Duration::from_secs(10))
+        .await;
+    assert_eq!(answered(&gw, "d1", 5, "plant/x").await, Err("Acl".into()));
+    let refused = gw.connect("d2").await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), refused.conn.closed());
+    assert!(matches!(
+        closed.await.expect("d2 is still refused"),
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(6)
+    ));
     gw.stop();
 }

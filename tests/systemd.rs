@@ -66,7 +66,7 @@ async fn systemd_hears_ready_then_pings_only_while_healthy_then_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("notify.sock");
     let h = listen(&socket);
-    // Pings every 200 ms; a long call (about a second each, debug build) holds the
+    // Pings every 100 ms; a long call (about a second each, debug build) holds the
     // dispatcher's thread longer than that.
     let mut gw = Gateway::start_with_env(
         &long_handler_for_d1(dir.path()),
@@ -81,7 +81,7 @@ async fn systemd_hears_ready_then_pings_only_while_healthy_then_stopping() {
         ready_msg.contains("STATUS=listening on 127.0.0.1:"),
         "{ready_msg}"
     );
-    // Healthy and idle: pinged every half period.
+    // Healthy and idle: pinged every quarter period.
     let third = heard(&h, "WATCHDOG=1", 3).await;
     assert!(pings(&h, ready, third).len() >= 3);
     let health = cli(&["health"], &gw.config);

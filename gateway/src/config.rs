@@ -138,15 +138,19 @@ fn parse_keys(keys: &[String]) -> Result<Vec<crate::admin::bundle::PublicKey>, C
 }
 
 /// A signed config bundle's manifest (`kind = "config"`, `docs/bundles.md`): settings pushed
-/// to a box instead of edited on it. What it gives replaces the file's (`acl.publish`,
-/// `admin.allow_from`) or adds to it (the deny-lists `acl.revoked` and `admin.revoked`, and
-/// `deploy.trusted_keys`, which then sign handler bundles only: config bundles are signed by
-/// the file's own keys). A later config bundle replaces the one before whole.
+/// to a box instead of edited on it. What it gives replaces the file's (`acl.publish`), narrows
+/// it (`admin.allow_from`) or adds to it (the deny-lists `acl.revoked` and `admin.revoked`,
+/// and `deploy.trusted_keys`, which then sign handler bundles only: config bundles are signed
+/// by the file's own keys). It may name the gateways it is for. A later config bundle replaces
+/// the one before whole.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigManifest {
     pub kind: crate::sandbox::manifest::Kind,
     pub version: u64,
+    /// The gateway ids it is for (empty: any box that trusts its signer).
+    #[serde(default)]
+    pub gateways: Vec<String>,
     #[serde(default)]
     pub acl: ConfigAcl,
     #[serde(default)]
@@ -181,13 +185,31 @@ pub struct ConfigDeploy {
 impl Config {
     /// This (file) config with a config bundle's settings in force, checked as a whole.
     pub fn overlaid(&self, m: &ConfigManifest) -> Result<Config, ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if !m.gateways.is_empty() && !m.gateways.contains(&self.gateway.id) {
+            return bad(format!(
+                "the config bundle is for the gateways {:?}, not this one (`{}`)",
+                m.gateways, self.gateway.id
+            ));
+        }
         let mut c = self.clone();
         if let Some(p) = &m.acl.publish {
             c.acl.publish = p.clone();
         }
         c.acl.revoked.extend(m.acl.revoked.iter().cloned());
         if let Some(a) = &m.admin.allow_from {
+            // It may narrow the file's allow-list, never widen it (an empty list is any
+            // address).
+            let file = self.admin.networks()?;
             c.admin.allow_from = a.clone();
+            let bundle = c.admin.networks()?;
+            let within = |n: &ipnet::IpNet| file.iter().any(|f| f.contains(n));
+            if !file.is_empty() && (bundle.is_empty() || !bundle.iter().all(within)) {
+                return bad(format!(
+                    "admin.allow_from {a:?} would widen the box's own {:?}: a config bundle may only narrow it",
+                    self.admin.allow_from
+                ));
+            }
         }
         c.admin.revoked.extend(m.admin.revoked.iter().cloned());
         c.deploy.added_keys = m.deploy.trusted_keys.clone();
@@ -624,6 +646,43 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+
+    fn config_bundle(text: &str) -> ConfigManifest {
+        toml::from_str(text).unwrap()
+    }
+
+    /// A config bundle may narrow the file's admin allow-list, never widen it; it applies only
+    /// to the gateways it names; its deny-lists add to the file's.
+    #[test]
+    fn a_config_bundle_narrows_allow_from_names_its_gateways_and_adds_to_deny_lists() {
+        let mut file = Config::defaults();
+        file.gateway.id = "gw-1".into();
+        file.admin.allow_from = vec!["10.0.0.0/8".into()];
+        file.acl.revoked = vec!["d1".into()];
+        let ok = file
+            .overlaid(&config_bundle(
+                "kind = \"config\"\nversion = 1\ngateways = [\"gw-1\"]\n[admin]\nallow_from = [\"10.1.0.0/16\", \"10.2.3.4\"]\n[acl]\nrevoked = [\"d2\"]\n",
+            ))
+            .unwrap();
+        assert_eq!(ok.admin.allow_from, vec!["10.1.0.0/16", "10.2.3.4"]);
+        assert_eq!(ok.acl.revoked, vec!["d1", "d2"]);
+        for (bad, says) in [
+            ("[admin]\nallow_from = [\"0.0.0.0/0\"]\n", "widen"),
+            ("[admin]\nallow_from = [\"192.168.1.1\"]\n", "widen"),
+            ("[admin]\nallow_from = []\n", "widen"),
+            ("gateways = [\"gw-2\"]\n", "not this one"),
+        ] {
+            let text = format!("kind = \"config\"\nversion = 1\n{bad}");
+            let err = file.overlaid(&config_bundle(&text)).unwrap_err();
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+        // A file that allows any address may be narrowed to anything.
+        file.admin.allow_from.clear();
+        let any = config_bundle(
+            "kind = \"config\"\nversion = 1\n[admin]\nallow_from = [\"192.168.1.1\"]\n",
+        );
+        assert!(file.overlaid(&any).is_ok());
+    }
     use super::*;
 
     #[test]

@@ -43,6 +43,8 @@ pub struct Control {
     pub uploads: tokio::sync::Semaphore,
     /// Items submitted to the committer and not yet durable (for `health`).
     pub backlog: Arc<crate::store::commit::Backlog>,
+    /// The watchdog's last verdict, while systemd's watchdog is on (`health` answers it).
+    pub watchdog: crate::os::watchdog::LastVerdict,
 }
 
 /// One request, as its line reads.
@@ -113,9 +115,17 @@ impl Control {
             Ok(Err(_)) | Err(_) => None,
         };
         // What last happened to deployed handlers, and why (a rollback, a removal).
-        let notes: serde_json::Map<String, serde_json::Value> = handlers
-            .as_deref()
-            .and_then(|hs| self.deployer.list(hs).ok())
+        let listed = match handlers.clone() {
+            Some(hs) => {
+                let deployer = self.deployer.clone();
+                tokio::task::spawn_blocking(move || deployer.list(&hs).ok())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            None => None,
+        };
+        let notes: serde_json::Map<String, serde_json::Value> = listed
             .unwrap_or_default()
             .into_iter()
             .filter_map(|l| Some((l.name, l.note?.into())))
@@ -165,6 +175,15 @@ impl Control {
     /// below its reserve is `degraded` (publishes get `busy`).
     async fn health(&self) -> serde_json::Value {
         use crate::os::watchdog::{Sample, Watchdog};
+        let watched = self
+            .watchdog
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(verdict) = watched {
+            // The watchdog's own judgement, over its longer window.
+            return self.health_answer(verdict, None, "the watchdog's last sample");
+        }
         let groups = || {
             self.metrics
                 .groups
@@ -190,21 +209,32 @@ impl Control {
             backlog_items: self.backlog.items(),
             groups: groups(),
         });
-        let state = match (&verdict, self.disk.is_low()) {
-            (Err(_), _) => "unhealthy",
-            (Ok(()), true) => "degraded",
-            (Ok(()), false) => "healthy",
+        self.health_answer(verdict, Some(answered), "a second's samples")
+    }
+
+    fn health_answer(
+        &self,
+        verdict: Result<(), String>,
+        answered: Option<bool>,
+        judged_by: &str,
+    ) -> serde_json::Value {
+        let low = self.disk.is_low();
+        let (state, why) = match (verdict, low) {
+            (Err(why), _) => ("unhealthy", why),
+            (Ok(()), true) => (
+                "degraded",
+                "the data dir's disk is below store.min_free_bytes: publishes are answered busy"
+                    .to_string(),
+            ),
+            (Ok(()), false) => ("healthy", String::new()),
         };
         serde_json::json!({
             "state": state,
-            "why": match (&verdict, self.disk.is_low()) {
-                (Err(why), _) => why.clone(),
-                (Ok(()), true) => "the data dir's disk is below store.min_free_bytes: publishes are answered busy".into(),
-                (Ok(()), false) => String::new(),
-            },
+            "why": why,
+            "judged_by": judged_by,
             "dispatcher_answered": answered,
             "commit_backlog": self.backlog.items(),
-            "disk_low": self.disk.is_low(),
+            "disk_low": low,
             "uptime_s": self.started.elapsed().as_secs(),
         })
     }
@@ -217,7 +247,12 @@ impl Control {
             Ok(Err(_)) => return Err("the gateway is stopping".into()),
             Err(_) => return Err("the dispatcher did not answer within a second".into()),
         };
-        let listed = self.deployer.list(&running).map_err(|e| e.to_string())?;
+        // The registry's bundles are read whole: off the runtime's threads.
+        let deployer = self.deployer.clone();
+        let listed = tokio::task::spawn_blocking(move || deployer.list(&running))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         Ok(serde_json::to_value(listed).unwrap_or_default())
     }
 }
@@ -525,9 +560,9 @@ pub fn ask(
         }
         Err(e) => return Err(e),
     };
-    // A gateway that stops answering (a stalled disk) must not hang the command (a deploy
-    // waits for its handler's `tp_init`, a few seconds at most).
-    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    // A gateway that stops answering (a stalled disk) must not hang the command for good: a
+    // deploy may wait its turn to upload (up to 300 s) and for its handler's `tp_init`.
+    s.set_read_timeout(Some(std::time::Duration::from_secs(360)))?;
     // Sent from another thread while the answer is read: a gateway that refuses a bundle from
     // its length answers and stops reading, and its answer is what counts.
     let mut w = s.try_clone()?;
@@ -539,7 +574,12 @@ pub fn ask(
     let mut answer = Answer::default();
     let mut buf = vec![0; 64 * 1024];
     loop {
-        let n = s.read(&mut buf)?;
+        let n = s.read(&mut buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::other(
+                "the gateway stopped answering for 360 s: what it did with the request is unknown (see `tidepool list`)",
+            ),
+            _ => e,
+        })?;
         if n == 0 {
             break;
         }

@@ -183,7 +183,10 @@ pub fn load_deployed(
 async fn watch_over(
     every: Duration,
     inbox: thread::Inbox,
-    backlog: Arc<crate::store::commit::Backlog>,
+    (backlog, verdict): (
+        Arc<crate::store::commit::Backlog>,
+        crate::os::watchdog::LastVerdict,
+    ),
     metrics: Arc<Metrics>,
 ) {
     let mut judge = crate::os::watchdog::Watchdog::default();
@@ -199,7 +202,9 @@ async fn watch_over(
             backlog_items: backlog.items(),
             groups: metrics.groups.load(std::sync::atomic::Ordering::Relaxed),
         };
-        match judge.judge(sample) {
+        let judged = judge.judge(sample);
+        *verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(judged.clone());
+        match judged {
             Ok(()) => {
                 crate::os::notify::ping();
                 if !was_healthy {
@@ -226,7 +231,12 @@ async fn watch_over(
 fn apply_live(
     file: &Config,
     cfg: &Config,
-    (shared, inbox, deployer): (&Shared, &thread::Inbox, &crate::admin::deploy::Deployer),
+    (shared, inbox, deployer, acl): &(
+        Arc<Shared>,
+        thread::Inbox,
+        Arc<crate::admin::deploy::Deployer>,
+        crate::sandbox::SharedAcl,
+    ),
 ) {
     let revoked = match pki::Revoked::parse(&cfg.acl.revoked) {
         Ok(r) => r,
@@ -246,6 +256,7 @@ fn apply_live(
         tracing::error!("reload: the deploy keys in force stay: {e}");
     }
     inbox.set_acl(cfg.acl.publish.clone());
+    acl.set(cfg.acl.publish.clone());
     let entries = revoked.len();
     let closed = shared.revoke(revoked);
     tracing::info!(
@@ -394,7 +405,8 @@ pub async fn run(
     let store = Store::open(&data.join("db"), cfg.store.cache_capacity_bytes)?;
     // The config in force: the file, and the signed config bundle deployed (if still good).
     let file_cfg = cfg.clone();
-    let (cfg, held) = crate::admin::deploy::with_config_bundle(&file_cfg, &store)?;
+    let held = crate::admin::deploy::stored_config_bundle(&store)?;
+    let cfg = crate::admin::deploy::in_force(&file_cfg, held.as_ref());
     if let Some(h) = &held {
         tracing::info!(
             version = h.manifest.version,
@@ -500,6 +512,7 @@ pub async fn run(
         });
     }
     let (side_stop_tx, side_stop) = watch::channel(false);
+    let verdict = crate::os::watchdog::LastVerdict::default();
     let control = Arc::new(Control {
         gateway: cfg.gateway.id.clone(),
         started: Instant::now(),
@@ -512,6 +525,7 @@ pub async fn run(
         deployer: deployer.clone(),
         uploads: tokio::sync::Semaphore::new(1),
         backlog: backlog.clone(),
+        watchdog: verdict.clone(),
     });
     // Without the socket the gateway still serves devices; only `status` and the live export
     // are unavailable (e.g. a data dir path longer than a socket path may be).
@@ -615,20 +629,37 @@ pub async fn run(
     // A reload (SIGHUP: a new config file) or a config bundle deployed puts the settings that
     // can change live in force (see `apply_live`); nothing else changes without a restart.
     {
-        let (shared, inbox, deployer) = (shared.clone(), inbox.clone(), deployer.clone());
+        let live = (
+            shared.clone(),
+            inbox.clone(),
+            deployer.clone(),
+            env.acl.clone(),
+        );
         let (mut file, mut held) = (file_cfg.clone(), held);
         tokio::spawn(async move {
+            let mut reloading = true;
             loop {
                 tokio::select! {
-                    new = reloads.recv() => match new {
-                        Some(new) => file = new,
+                    new = reloads.recv(), if reloading => match new {
+                        Some(mut new) => {
+                            // The id derived at start, when the file leaves it to the box.
+                            if new.gateway.id.is_empty() {
+                                new.gateway.id = file.gateway.id.clone();
+                            }
+                            file = new;
+                        }
+                        None => {
+                            reloading = false;
+                            continue;
+                        }
+                    },
+                    bundle = settings.recv() => match bundle {
+                        Some(bundle) => held = Some(bundle),
                         None => break,
                     },
-                    Some(bundle) = settings.recv() => held = Some(bundle),
                 }
-                let (in_force, kept) = crate::admin::deploy::in_force(&file, held.take());
-                held = kept;
-                apply_live(&file, &in_force, (&shared, &inbox, &deployer));
+                let cfg = crate::admin::deploy::in_force(&file, held.as_ref());
+                apply_live(&file, &cfg, &live);
             }
         });
     }
@@ -647,12 +678,12 @@ pub async fn run(
     let watchdog = crate::os::notify::watchdog_period().map(|period| {
         tracing::info!(
             ?period,
-            "systemd's watchdog: pinged every half period while healthy"
+            "systemd's watchdog: pinged every quarter period while healthy (a ping withheld three times in a row: restarted)"
         );
         tokio::spawn(watch_over(
-            period / 2,
+            period / 4,
             inbox.clone(),
-            backlog,
+            (backlog, verdict),
             metrics.clone(),
         ))
     });

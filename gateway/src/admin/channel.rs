@@ -169,8 +169,8 @@ pub async fn run(
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    let (shared, by, who) = (shared.clone(), by.clone(), who.clone());
-                    requests.spawn(async move { request(&shared, (send, recv), &who, &by, remote).await });
+                    let (shared, by, who, conn) = (shared.clone(), by.clone(), who.clone(), conn.clone());
+                    requests.spawn(async move { request(&shared, &conn, (send, recv), &who, &by).await });
                 }
                 Err(_) => break false,
             },
@@ -217,12 +217,12 @@ impl Operator {
 /// answered as on the local socket.
 async fn request(
     shared: &Shared,
+    conn: &quinn::Connection,
     (mut send, recv): (quinn::SendStream, quinn::RecvStream),
     who: &Operator,
     by: &str,
-    remote: SocketAddr,
 ) {
-    let access = &shared.admin;
+    let (access, remote) = (&shared.admin, conn.remote_address());
     let refused = || {
         let why = who.refused(access, remote);
         if let Some(why) = &why {
@@ -232,8 +232,13 @@ async fn request(
     };
     let result = match refused() {
         Some(why) => {
+            // Answered, then the connection is closed: it holds no slot once refused.
             let answer = format!("#error: {why}\n");
-            tokio::io::AsyncWriteExt::write_all(&mut send, answer.as_bytes()).await
+            let sent = tokio::io::AsyncWriteExt::write_all(&mut send, answer.as_bytes()).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
+            close(conn, CloseCode::Revoked);
+            sent
         }
         None => crate::control::serve_one(recv, &mut send, &access.control, by, &refused).await,
     };

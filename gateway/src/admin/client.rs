@@ -42,9 +42,10 @@ pub struct Remote {
     pub key: PathBuf,
 }
 
-/// How long connecting may take, and then the wait for each part of the answer.
+/// How long connecting may take, and then the wait for each part of the answer (a deploy may
+/// wait its turn to upload, up to 300 s on the gateway).
 const CONNECT: Duration = Duration::from_secs(10);
-const ANSWER: Duration = Duration::from_secs(120);
+const ANSWER: Duration = Duration::from_secs(360);
 
 impl Remote {
     /// Reads an operator profile (TOML: `gateway`, `ca`, `cert`, `key`; relative paths are

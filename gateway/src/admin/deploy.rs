@@ -173,55 +173,67 @@ pub struct ConfigInForce {
     pub signer: PublicKey,
 }
 
-/// The box's config with its config bundle in force (if any, and if its signer is still one
-/// of the file's keys), and that bundle. Reads the registry (at start).
-pub fn with_config_bundle(
-    file: &Config,
+/// The config bundle in the registry, if any (read at start: its bytes were verified when it
+/// was deployed, and its signature is checked again here; whether its signer is still
+/// trusted is [`in_force`]'s to say).
+pub fn stored_config_bundle(
     store: &Store,
-) -> Result<(Config, Option<ConfigInForce>), crate::store::StoreError> {
+) -> Result<Option<ConfigInForce>, crate::store::StoreError> {
     let Some(bytes) = store.registered(CONFIG)?.current else {
-        return Ok((file.clone(), None));
+        return Ok(None);
     };
-    let own = file.deploy.keys().unwrap_or_default();
-    let held = match bundle::verify_any(&bytes, u64::MAX, &own) {
-        Ok(bundle::Signed::Config(c)) => ConfigInForce {
-            manifest: c.manifest,
-            signer: c.signer,
-        },
-        Ok(bundle::Signed::Handler(_)) => return Ok((file.clone(), None)),
-        Err(e) => {
-            tracing::error!("the config bundle in the registry is not in force: {e}");
-            return Ok((file.clone(), None));
-        }
-    };
-    Ok(in_force(file, Some(held)))
+    let read = bundle::frame(&bytes, u64::MAX).ok().and_then(|f| {
+        let manifest = bundle::parse_config(std::str::from_utf8(f.manifest).ok()?).ok()?;
+        f.signature_holds().then_some(ConfigInForce {
+            manifest,
+            signer: f.signer,
+        })
+    });
+    if read.is_none() {
+        tracing::error!("the config bundle in the registry does not read: it is not in force");
+    }
+    Ok(read)
 }
 
-/// `file` with `held` in force, when its signer is still one of the file's keys and the
-/// whole still checks; else the file alone (logged).
-pub fn in_force(file: &Config, held: Option<ConfigInForce>) -> (Config, Option<ConfigInForce>) {
+/// `file` with `held` in force. When its signer is no longer one of the file's keys, or its
+/// settings no longer check with this file, only its deny-lists stay in force (a bundle's
+/// revocations are never undone by a change of keys), logged at ERROR.
+pub fn in_force(file: &Config, held: Option<&ConfigInForce>) -> Config {
     let Some(held) = held else {
-        return (file.clone(), None);
+        return file.clone();
     };
     let own = file.deploy.keys().unwrap_or_default();
-    if !own.contains(&held.signer) {
-        tracing::error!(
-            version = held.manifest.version,
-            "the config bundle in force was signed by {}, no longer in deploy.trusted_keys: its settings are dropped",
+    let why = match own.contains(&held.signer) {
+        false => format!(
+            "it was signed by {}, no longer in deploy.trusted_keys",
             held.signer.fingerprint()
-        );
-        return (file.clone(), None);
-    }
-    match file.overlaid(&held.manifest) {
-        Ok(c) => (c, Some(held)),
-        Err(e) => {
-            tracing::error!(
-                version = held.manifest.version,
-                "the config bundle's settings do not fit this config: {e}; they are dropped"
-            );
-            (file.clone(), None)
-        }
-    }
+        ),
+        true => match file.overlaid(&held.manifest) {
+            Ok(c) => return c,
+            Err(e) => format!("its settings do not fit this config: {e}"),
+        },
+    };
+    tracing::error!(
+        version = held.manifest.version,
+        "the config bundle is not in force ({why}): only its deny-lists stay"
+    );
+    let deny = ConfigManifest {
+        kind: held.manifest.kind,
+        version: held.manifest.version,
+        acl: crate::config::ConfigAcl {
+            publish: None,
+            revoked: held.manifest.acl.revoked.clone(),
+        },
+        admin: crate::config::ConfigAdmin {
+            allow_from: None,
+            revoked: held.manifest.admin.revoked.clone(),
+        },
+        ..ConfigManifest::default()
+    };
+    file.overlaid(&deny).unwrap_or_else(|e| {
+        tracing::error!("the config bundle's deny-lists do not read either: {e}");
+        file.clone()
+    })
 }
 
 /// The version and signer a registered config bundle names.
@@ -426,10 +438,17 @@ impl Deployer {
         if let Err(e) = self.store.record_deploy(CONFIG, bytes, version, None) {
             record_failed(e);
         }
-        let _ = self.settings.send(ConfigInForce {
+        let held = ConfigInForce {
             manifest: c.manifest,
             signer: c.signer,
-        });
+        };
+        // Its keys before it is reported (a handler signed by one may follow at once); the
+        // ACLs and deny-lists through the gateway's reload task, as a reload's.
+        let cfg = in_force(&file, Some(&held));
+        if let Err(e) = self.configure(&file, &cfg) {
+            tracing::error!("the config bundle's keys: {e}");
+        }
+        let _ = self.settings.send(held);
         let d = Deployed {
             name: CONFIG.to_string(),
             version,

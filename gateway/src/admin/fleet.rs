@@ -119,12 +119,22 @@ pub struct Outcome {
     pub detail: String,
 }
 
-/// A bundle's handler name and version, as its manifest says (the gateways verify the rest).
+/// A bundle's name as `list` shows it (a handler's, or `@config`) and its version, as its
+/// manifest says (the gateways verify the rest).
 pub fn bundle_names(bytes: &[u8]) -> Result<(String, u64), String> {
-    let f = super::bundle::frame(bytes, u64::MAX).map_err(|e| e.to_string())?;
+    use super::bundle;
+    let f = bundle::frame(bytes, u64::MAX).map_err(|e| e.to_string())?;
     let text = std::str::from_utf8(f.manifest).map_err(|e| e.to_string())?;
-    let m = super::bundle::parse_manifest(text).map_err(|e| e.to_string())?;
-    Ok((m.name, m.version))
+    match bundle::kind_of(text).map_err(|e| e.to_string())? {
+        crate::sandbox::manifest::Kind::Config => {
+            let m = bundle::parse_config(text).map_err(|e| e.to_string())?;
+            Ok((super::deploy::CONFIG.to_string(), m.version))
+        }
+        crate::sandbox::manifest::Kind::Handler => {
+            let m = bundle::parse_manifest(text).map_err(|e| e.to_string())?;
+            Ok((m.name, m.version))
+        }
+    }
 }
 
 /// How often a wave's gateways are asked about the probation.

@@ -310,8 +310,8 @@ fn table(v: &serde_json::Value) -> String {
 
 /// Say in one line whether a running gateway is healthy, for scripts and monitors.
 ///
-/// Judged as systemd's watchdog is (over a second): the dispatcher's thread answers, and the
-/// commit path moves or has nothing waiting. Exits 0 healthy, 1 unhealthy, 2 degraded (the
+/// Healthy: the dispatcher's thread answers, and the commit path moves or has nothing
+/// waiting. Under systemd's watchdog, its last verdict; otherwise judged over a second. Exits 0 healthy, 1 unhealthy, 2 degraded (the
 /// data dir's disk below store.min_free_bytes: publishes are answered busy), 3 when no
 /// gateway runs on the local data dir. `status` is the full view.
 #[derive(clap::Args)]

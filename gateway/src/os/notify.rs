@@ -1,7 +1,7 @@
 //! systemd's notify protocol, through `sd-notify` (a datagram to `$NOTIFY_SOCKET`: no
 //! subprocess, no libsystemd, nothing at all when the variable is unset, as outside systemd):
-//! `READY=1` once the store is open and the port bound, `STATUS=`, `WATCHDOG=1` every half
-//! `$WATCHDOG_USEC` while [`super::watchdog`] finds the gateway healthy, `STOPPING=1` when it
+//! `READY=1` once the store is open and the port bound, `STATUS=`, `WATCHDOG=1` every quarter
+//! of `$WATCHDOG_USEC` while [`super::watchdog`] finds the gateway healthy, `STOPPING=1` when it
 //! starts to stop. A failed send is logged, never fatal.
 
 use std::time::Duration;

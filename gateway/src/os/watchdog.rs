@@ -1,15 +1,19 @@
 //! The watchdog's judgement (pure: samples in, a verdict out; no clock read): whether the
-//! gateway is healthy enough to ping systemd's watchdog. A sample is taken every half watchdog
-//! period. Healthy: the dispatcher's thread answered within that half period (no handler
-//! wedged, no turn stalled), and the commit path made progress since the last sample or had
-//! nothing waiting (a disk that hangs, not one that fails: a failed write stops the process,
-//! `store::fatal`, which systemd sees on its own). Unhealthy, the ping is withheld, and after a
-//! whole period without one systemd restarts the gateway.
+//! gateway is healthy enough to ping systemd's watchdog. A sample is taken every quarter of
+//! the watchdog period. Healthy: the dispatcher's thread answered within that quarter (no
+//! handler wedged, no turn stalled), and the commit path made progress since the last sample or
+//! had nothing waiting (a disk that hangs, not one that fails: a failed write stops the
+//! process, `store::fatal`, which systemd sees on its own). Unhealthy, the ping is withheld;
+//! about three samples in a row withheld make a whole period without a ping, and systemd
+//! restarts the gateway (one bad sample does not).
+
+/// The watchdog's last verdict, shared with `tidepool health` (`None`: no watchdog).
+pub type LastVerdict = std::sync::Arc<std::sync::Mutex<Option<Result<(), String>>>>;
 
 /// What the gateway looked like at one sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
-    /// The dispatcher's thread answered a status request within the half period.
+    /// The dispatcher's thread answered a status request within a quarter of the watchdog period.
     pub dispatcher_answered: bool,
     /// Items submitted to the committer and not yet durable.
     pub backlog_items: usize,
@@ -29,11 +33,11 @@ impl Watchdog {
         let stalled = self.last_groups == Some(s.groups) && s.backlog_items > 0;
         self.last_groups = Some(s.groups);
         if !s.dispatcher_answered {
-            return Err("the dispatcher's thread did not answer within half the watchdog period (a handler or a turn is stuck)".into());
+            return Err("the dispatcher's thread did not answer within a quarter of the watchdog period (a handler or a turn is stuck)".into());
         }
         if stalled {
             return Err(format!(
-                "the commit path made no progress in half the watchdog period with {} items waiting (the disk hangs?)",
+                "the commit path made no progress in a quarter of the watchdog period with {} items waiting (the disk hangs?)",
                 s.backlog_items
             ));
         }

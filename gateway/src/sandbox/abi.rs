@@ -477,6 +477,7 @@ pub fn linker(engine: &wasmi::Engine) -> Linker<Host> {
             };
             if h.env
                 .acl
+                .get()
                 .iter()
                 .any(|p| topic::names_other_device(p, &topic, device))
             {

@@ -509,7 +509,7 @@ mod tests {
             state: Arc::new(NoState),
             log_bytes_per_event: 100,
             emit_depth: 2,
-            acl: vec!["devices/{id}/#".to_string()].into(),
+            acl: crate::sandbox::SharedAcl::new(vec!["devices/{id}/#".to_string()]),
             state_writes: 8,
             max_payload_bytes: 1024,
             capture_logs: false,

@@ -271,13 +271,33 @@ pub struct HostEnv {
     pub log_bytes_per_event: usize,
     pub emit_depth: u32,
     /// The publish ACL (`acl.publish`): an emit may not land in another device's part of it.
-    pub acl: Arc<[String]>,
+    pub acl: SharedAcl,
     /// Distinct state keys one invocation may write (`limits.state_writes_per_event`).
     pub state_writes: u32,
     /// Largest payload a handler may forward or emit (`ingress.max_payload_bytes`).
     pub max_payload_bytes: usize,
     /// Keep log lines in [`Outcome::logs`] (for `tidepool invoke`), besides tracing them.
     pub capture_logs: bool,
+}
+
+/// The publish ACL as every handler's host sees it: one for all, replaced whole when it
+/// changes live (a reload, a config bundle).
+#[derive(Clone, Debug)]
+pub struct SharedAcl(Arc<std::sync::RwLock<Arc<[String]>>>);
+
+impl SharedAcl {
+    pub fn new(patterns: Vec<String>) -> SharedAcl {
+        SharedAcl(Arc::new(std::sync::RwLock::new(patterns.into())))
+    }
+
+    /// The patterns in force.
+    pub fn get(&self) -> Arc<[String]> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, patterns: Vec<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = patterns.into();
+    }
 }
 
 impl HostEnv {
@@ -287,7 +307,7 @@ impl HostEnv {
             state,
             log_bytes_per_event: cfg.limits.log_bytes_per_event,
             emit_depth: cfg.limits.emit_depth,
-            acl: cfg.acl.publish.clone().into(),
+            acl: SharedAcl::new(cfg.acl.publish.clone()),
             state_writes: cfg.limits.state_writes_per_event,
             max_payload_bytes: cfg.ingress.max_payload_bytes,
             capture_logs: false,
