@@ -732,16 +732,7 @@ async fn a_signed_config_bundle_puts_acls_deny_lists_and_keys_in_force() {
             dir.path().join(file),
         );
         std::fs::write(&m, text).unwrap();
-        let r = tidepool(&[
-            "bundle",
-            "build",
-            "--manifest",
-            m.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let r = build_with(&m, None, key, &out);
         assert!(
             r.ok && r.stdout.contains("config bundle version"),
             "{}",

@@ -176,10 +176,6 @@ async fn started_as_root_it_binds_then_runs_as_gateway_user_without_core_dumps()
     assert_eq!(std::fs::metadata(&data).unwrap().uid(), 65534);
     assert_eq!(std::fs::metadata(data.join("pki")).unwrap().uid(), 65534);
     assert!(gw.addr.ends_with(":700"), "{}", gw.addr);
-    let d = gw.connect("d1").await;
-    let mut s = d.open().await.unwrap();
-    s.send(&publish(1, "devices/d1/x", b"1")).await.unwrap();
-    until_ack(&mut s, 1).await;
-    d.close().await;
+    publish_one(&gw, 1).await;
     gw.stop();
 }

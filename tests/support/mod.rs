@@ -946,18 +946,22 @@ pub fn keys(dir: &Path) -> (PathBuf, String) {
 }
 
 pub fn build(manifest: &Path, wasm: &Path, key: &Path, out: &Path) -> Run {
-    tidepool(&[
-        "bundle",
-        "build",
-        "--manifest",
-        manifest.to_str().unwrap(),
-        "--wasm",
-        wasm.to_str().unwrap(),
+    build_with(manifest, Some(wasm), key, out)
+}
+
+/// `tidepool bundle build`, with no module for a config bundle.
+pub fn build_with(manifest: &Path, wasm: Option<&Path>, key: &Path, out: &Path) -> Run {
+    let mut args = vec!["bundle", "build", "--manifest", manifest.to_str().unwrap()];
+    if let Some(w) = wasm {
+        args.extend(["--wasm", w.to_str().unwrap()]);
+    }
+    args.extend([
         "--key",
         key.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ])
+    ]);
+    tidepool(&args)
 }
 
 /// Waits for `path` to exist (the inbox thread moves a bundle when it is done with it).

@@ -182,13 +182,17 @@ pub fn stored_config_bundle(
     let Some(bytes) = store.registered(CONFIG)?.current else {
         return Ok(None);
     };
-    let read = bundle::frame(&bytes, u64::MAX).ok().and_then(|f| {
-        let manifest = bundle::parse_config(std::str::from_utf8(f.manifest).ok()?).ok()?;
-        f.signature_holds().then_some(ConfigInForce {
-            manifest,
-            signer: f.signer,
-        })
-    });
+    // The signature before the manifest is parsed, as everywhere.
+    let read = bundle::frame(&bytes, u64::MAX)
+        .ok()
+        .filter(|f| f.signature_holds())
+        .and_then(|f| {
+            let manifest = bundle::parse_config(std::str::from_utf8(f.manifest).ok()?).ok()?;
+            Some(ConfigInForce {
+                manifest,
+                signer: f.signer,
+            })
+        });
     if read.is_none() {
         tracing::error!("the config bundle in the registry does not read: it is not in force");
     }
