@@ -179,3 +179,36 @@ async fn started_as_root_it_binds_then_runs_as_gateway_user_without_core_dumps()
     publish_one(&gw, 1).await;
     gw.stop();
 }
+
+/// A SIGHUP puts a changed `gateway.log` in force: debug lines stop once it says `info`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_log_levels() {
+    let gw = Gateway::start("");
+    let debug_lines = |gw: &Gateway| {
+        gw.stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("device connected"))
+            .count()
+    };
+    publish_one(&gw, 1).await;
+    // Every later line comes after the first connection's (stderr is one ordered stream).
+    gw.signal("-HUP");
+    gw.wait_log("in force: acl.revoked", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(debug_lines(&gw), 1, "debug on at first");
+    gw.edit_config("log = \"info,tidepool=debug\"", "log = \"info\"");
+    gw.signal("-HUP");
+    gw.wait_log(
+        "reloaded gateway.log: `info,tidepool=debug` -> `info`",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    publish_one(&gw, 2).await;
+    gw.signal("-HUP");
+    gw.wait_log("in force: acl.revoked", 3, Duration::from_secs(10))
+        .await;
+    assert_eq!(debug_lines(&gw), 1, "no debug line after the reload");
+}

@@ -32,6 +32,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let filter: Targets = directives
         .parse()
         .with_context(|| format!("{origin} = `{directives}`"))?;
+    // Reloadable: a SIGHUP puts a changed `gateway.log` in force (unless RUST_LOG rules).
+    let (filter, log_levels) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
@@ -40,6 +42,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         )
         .with(filter)
         .init();
+    let fixed_by_env = origin == "RUST_LOG";
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -79,9 +82,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     return;
                 }
             };
+            let mut levels = directives;
             while hup.recv().await.is_some() {
                 match source.load() {
                     Ok(cfg) => {
+                        if cfg.gateway.log != levels {
+                            levels =
+                                reload_levels(&log_levels, fixed_by_env, &levels, &cfg.gateway.log);
+                        }
                         let _ = reload_tx.send(cfg);
                     }
                     Err(e) => tracing::error!("reload refused, the config in force stays: {e:#}"),
@@ -95,4 +103,36 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Puts `new` log levels (`gateway.log`) in force in place of `now`, unless RUST_LOG set them;
+/// returns the levels in force, saying what changed or why not.
+fn reload_levels<S>(
+    handle: &tracing_subscriber::reload::Handle<Targets, S>,
+    fixed_by_env: bool,
+    now: &str,
+    new: &str,
+) -> String {
+    if fixed_by_env {
+        tracing::warn!(
+            "gateway.log changed to `{new}`, but RUST_LOG sets the log levels: unchanged"
+        );
+        return now.to_string();
+    }
+    match new.parse::<Targets>() {
+        Ok(filter) => match handle.reload(filter) {
+            Ok(()) => {
+                tracing::info!("reloaded gateway.log: `{now}` -> `{new}`");
+                new.to_string()
+            }
+            Err(e) => {
+                tracing::error!("gateway.log: cannot reload the log levels: {e}");
+                now.to_string()
+            }
+        },
+        Err(e) => {
+            tracing::error!("gateway.log = `{new}`: {e}; the levels in force stay");
+            now.to_string()
+        }
+    }
 }
