@@ -16,6 +16,10 @@ use super::ConfigArgs;
 /// certificate in the data dir. Prints `tidepool listening on ADDR` on stdout when ready; logs
 /// go to stderr. SIGINT or SIGTERM stops it gracefully: streams stop reading, everything
 /// received is settled and answered, then it exits and writes `<data-dir>/metrics.json`.
+/// SIGHUP re-reads the config file and puts in force what can change live: acl.publish,
+/// acl.revoked, admin.allow_from, admin.revoked, deploy.trusted_keys and gateway.log (the
+/// rest needs a restart). Under systemd it speaks the notify protocol (READY, STOPPING, and
+/// WATCHDOG while healthy).
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
