@@ -35,12 +35,18 @@ pub struct Access {
 /// few (a fleet rollout opens one per request).
 pub const MAX_CONNECTIONS: usize = 16;
 
+/// `[admin]`'s lists, parsed.
+fn lists(cfg: &AdminConfig) -> Result<(Vec<ipnet::IpNet>, Revoked), ConfigError> {
+    let revoked = Revoked::parse(&cfg.revoked)
+        .map_err(|e| ConfigError::Invalid(format!("admin.revoked: {e}")))?;
+    Ok((cfg.networks()?, revoked))
+}
+
 impl Access {
     pub fn new(cfg: &AdminConfig, control: Arc<Control>) -> Result<Access, ConfigError> {
-        let revoked = Revoked::parse(&cfg.revoked)
-            .map_err(|e| ConfigError::Invalid(format!("admin.revoked: {e}")))?;
+        let (allow, revoked) = lists(cfg)?;
         Ok(Access {
-            allow: RwLock::new(Arc::new(cfg.networks()?)),
+            allow: RwLock::new(Arc::new(allow)),
             revoked: RwLock::new(Arc::new(revoked)),
             control,
             open: Arc::default(),
@@ -50,15 +56,10 @@ impl Access {
     /// Puts a reloaded `[admin]` in force: later connections and requests are checked against
     /// it. Returns the sizes of the allow-list and the deny-list.
     pub fn reload(&self, cfg: &AdminConfig) -> Result<(usize, usize), ConfigError> {
-        let fresh = Access::new(cfg, self.control.clone())?;
-        let allow = fresh.allow.into_inner().unwrap_or_else(|p| p.into_inner());
-        let revoked = fresh
-            .revoked
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner());
+        let (allow, revoked) = lists(cfg)?;
         let sizes = (allow.len(), revoked.len());
-        *self.allow.write().unwrap_or_else(|p| p.into_inner()) = allow;
-        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = revoked;
+        *self.allow.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(allow);
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(revoked);
         Ok(sizes)
     }
 
