@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: builds everything (the gateway and the Wasm handlers) and runs
 # every test. Installs what it needs by itself (the wasm32 target; fuse3, libfuse2 and fusepy for
-# the power-cut test; mosquitto and nats-server for the sinks'). Non-interactive. The gateway is
+# the power-cut test; mosquitto and nats-server for the sinks'; qemu-user-static, and through
+# scripts/build.sh the aarch64 cross toolchain, for the board test). Non-interactive. The gateway is
 # tested with every feature (the NATS sink is the cargo feature `nats`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,6 +14,8 @@ ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2' || missing+=(libfuse2)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v nats-server >/dev/null || missing+=(nats-server)
+# tests/board.rs runs the aarch64 board build (scripts/build.sh installs its cross toolchain).
+command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -143,6 +143,9 @@ pub struct Gateway {
     child: Option<Child>,
     /// Environment variables the process starts with (restarts included).
     env: Vec<(String, String)>,
+    /// The command that runs the gateway: the binary under test, or an emulator and a
+    /// board's binary (restarts included).
+    program: Vec<std::ffi::OsString>,
     pub stderr: Arc<Mutex<String>>,
     /// Woken after each line the gateway logs.
     logged: Arc<Notify>,
@@ -173,6 +176,15 @@ impl Gateway {
         Gateway::start_at(id_line, None, extra, &[])
     }
 
+    /// Like [`Gateway::start`], run by `program` (e.g. `qemu-aarch64-static` and a board's
+    /// binary) instead of the binary under test.
+    pub fn start_program(program: &[&std::ffi::OsStr], extra: &str) -> Gateway {
+        let mut g = Gateway::prepare("id = \"gw-test\"\n", None, extra, &[]);
+        g.program = program.iter().map(|p| p.to_os_string()).collect();
+        g.spawn();
+        g
+    }
+
     /// Like [`Gateway::start_in`], with these lines in `[gateway]` (they may set `listen`).
     pub fn start_in_with(data_dir: &Path, gateway_lines: &str, extra: &str) -> Gateway {
         let lines = format!("id = \"gw-test\"\n{gateway_lines}");
@@ -195,6 +207,17 @@ impl Gateway {
         extra: &str,
         env: &[(&str, &str)],
     ) -> Gateway {
+        let mut g = Gateway::prepare(id_line, data_dir, extra, env);
+        g.spawn();
+        g
+    }
+
+    fn prepare(
+        id_line: &str,
+        data_dir: Option<&Path>,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("tidepool.toml");
         let data_dir = data_dir.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
@@ -208,7 +231,7 @@ impl Gateway {
             data_dir.display()
         );
         std::fs::write(&config, format!("{base}{extra}")).unwrap();
-        let mut g = Gateway {
+        Gateway {
             dir,
             data_dir,
             config,
@@ -220,13 +243,13 @@ impl Gateway {
                 .collect(),
             stderr: Arc::default(),
             logged: Arc::default(),
-        };
-        g.spawn();
-        g
+            program: vec![BIN.into()],
+        }
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(&self.program[0])
+            .args(&self.program[1..])
             .args(["run", "--config"])
             .arg(&self.config)
             .env_remove("RUST_LOG")

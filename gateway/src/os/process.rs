@@ -23,8 +23,9 @@ pub enum ProcessError {
 }
 
 /// Core dumps off and the open-file limit at its hard limit; returns the open-file limit.
-/// Failures are logged (a container may forbid them), never fatal.
-pub fn harden() -> u64 {
+/// Failures are logged (a container may forbid them), never fatal. `rlim_t` is 32 bits on
+/// armv7.
+pub fn harden() -> nix::libc::rlim_t {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Err(e) = setrlimit(Resource::RLIMIT_CORE, 0, 0) {
         tracing::warn!("cannot turn core dumps off: {e}");
