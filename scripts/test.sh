@@ -16,6 +16,10 @@ command -v python3 >/dev/null || missing+=(python3 python3-pip)
 command -v nats-server >/dev/null || missing+=(nats-server)
 # tests/board.rs runs the aarch64 board build (scripts/build.sh installs its cross toolchain).
 command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
+# tests/flash.rs makes a disk image (sfdisk, mkfs.ext4) and checks the unit (systemd-analyze).
+command -v sfdisk >/dev/null || missing+=(fdisk)
+command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

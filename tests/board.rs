@@ -7,7 +7,6 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use support::*;
@@ -15,15 +14,7 @@ use tidepool::proto::msg::GatewayMsg;
 
 /// Builds (or finds up to date: cargo decides) the board's binary; returns its path.
 fn board_binary(board: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut cmd = Command::new(root.join("scripts/build.sh"));
-    // cargo test's own CARGO_* variables would make the nested cargo rebuild each time.
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("CARGO_") && k != "CARGO_HOME" {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd
+    let out = script("build.sh")
         .args(["--board", board])
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -267,7 +267,7 @@ async fn only_device_certificates_get_in_and_topics_outside_the_acl_are_nacked()
     let gw = Gateway::start("");
     // Another gateway's device CA.
     let stranger = tempfile::tempdir().unwrap();
-    tidepool::pki::ensure(stranger.path(), &[]).unwrap();
+    tidepool::pki::ensure(&tidepool::pki::PkiPaths::new(stranger.path()), &[]).unwrap();
     let [c, k, _] =
         tidepool::pki::issue_device(stranger.path(), "dev-x", &stranger.path().join("out"))
             .unwrap();

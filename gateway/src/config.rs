@@ -44,8 +44,19 @@ pub struct Config {
     pub record: RecordConfig,
     pub deploy: DeployConfig,
     pub admin: AdminConfig,
+    pub pki: PkiConfig,
     #[serde(default)]
     pub handler: Vec<HandlerEntry>,
+}
+
+/// `[pki]`: a fleet's CA certificates this box trusts instead of generating its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PkiConfig {
+    /// The fleet's device CA (PEM); empty: the box's own, in `<data_dir>/pki/`.
+    pub device_ca: PathBuf,
+    /// The fleet's operator CA (PEM); empty: the box's own.
+    pub operator_ca: PathBuf,
 }
 
 /// `[admin]`: who may reach the admin channel (ALPN `tidepool-admin/1`).
@@ -441,7 +452,14 @@ impl Config {
                 h.manifest = dir.join(&h.manifest);
             }
             let t = &mut cfg.uplink.tier;
-            for p in [&mut t.ca_file, &mut t.cert_file, &mut t.key_file] {
+            let k = &mut cfg.pki;
+            for p in [
+                &mut t.ca_file,
+                &mut t.cert_file,
+                &mut t.key_file,
+                &mut k.device_ca,
+                &mut k.operator_ca,
+            ] {
                 if !p.as_os_str().is_empty() {
                     *p = dir.join(&*p);
                 }

@@ -393,8 +393,8 @@ pub async fn run(
         tracing::info!(user = cfg.gateway.user, "running as gateway.user");
     }
     tracing::debug!(open_files, "core dumps off; open-file limit");
-    let paths = PkiPaths::new(&data);
-    if pki::ensure(&data, &cfg.gateway.server_names)? {
+    let paths = PkiPaths::of(&cfg);
+    if pki::ensure(&paths, &cfg.gateway.server_names)? {
         tracing::info!(dir = %paths.dir.display(), "generated the device CA, operator CA, server CA and server certificate; issue device certificates with `tidepool certs device ID`");
     } else {
         tracing::info!(dir = %paths.dir.display(), "using the certificates in the data dir");

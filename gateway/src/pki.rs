@@ -41,22 +41,55 @@ pub enum PkiError {
     Missing(PathBuf),
     #[error("an operator certificate is valid {OPERATOR_MAX_DAYS} days at most, not {0}: issue a new one when it expires")]
     TooLong(u32),
+    #[error("this box trusts a fleet's {what} ({path}, pki.{what} in the config) and holds no key for it: issue the certificate where the fleet's CA key is kept")]
+    FleetCa { what: &'static str, path: PathBuf },
 }
 
-/// The file names of the PKI inside `<data-dir>/pki/`.
+/// The file names of the PKI inside `<data-dir>/pki/`, and the fleet's CA certificates the
+/// config names instead of the box's own (`[pki]`).
 #[derive(Debug, Clone)]
 pub struct PkiPaths {
     pub dir: PathBuf,
+    /// `pki.device_ca`: devices are the fleet's (no device CA is generated on the box).
+    pub fleet_device_ca: Option<PathBuf>,
+    /// `pki.operator_ca`: operators are the fleet's.
+    pub fleet_operator_ca: Option<PathBuf>,
 }
 
 impl PkiPaths {
+    /// The box's own PKI only.
     pub fn new(data_dir: &Path) -> Self {
         PkiPaths {
             dir: data_dir.join("pki"),
+            fleet_device_ca: None,
+            fleet_operator_ca: None,
         }
     }
+
+    /// The PKI a config describes: the data dir's, with the fleet's CAs it names.
+    pub fn of(cfg: &crate::config::Config) -> Self {
+        let some = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
+        PkiPaths {
+            fleet_device_ca: some(&cfg.pki.device_ca),
+            fleet_operator_ca: some(&cfg.pki.operator_ca),
+            ..PkiPaths::new(&cfg.gateway.data_dir)
+        }
+    }
+
+    /// The fleet's certificate standing in for the CA `name`, if the config names one.
+    fn fleet(&self, name: &str) -> Option<(&'static str, &PathBuf)> {
+        match name {
+            DEVICE_CA => self.fleet_device_ca.as_ref().map(|p| ("device_ca", p)),
+            OPERATOR_CA => self.fleet_operator_ca.as_ref().map(|p| ("operator_ca", p)),
+            _ => None,
+        }
+    }
+
     pub fn cert(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.crt"))
+        match self.fleet(name) {
+            Some((_, p)) => p.clone(),
+            None => self.dir.join(format!("{name}.crt")),
+        }
     }
     pub fn key(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.key"))
@@ -133,6 +166,12 @@ fn new_ca(cn: &str) -> Result<(String, KeyPair), PkiError> {
 }
 
 fn load_ca(paths: &PkiPaths, name: &str) -> Result<(Certificate, KeyPair), PkiError> {
+    if let Some((what, path)) = paths.fleet(name) {
+        return Err(PkiError::FleetCa {
+            what,
+            path: path.clone(),
+        });
+    }
     let (cp, kp) = (paths.cert(name), paths.key(name));
     if !cp.exists() {
         return Err(PkiError::Missing(paths.dir.clone()));
@@ -185,8 +224,8 @@ fn issue_leaf(
 }
 
 /// Creates whatever part of the PKI is missing. Returns true when something was created.
-pub fn ensure(data_dir: &Path, server_names: &[String]) -> Result<bool, PkiError> {
-    let paths = PkiPaths::new(data_dir);
+/// A CA the config names as the fleet's is never generated (its certificate must be readable).
+pub fn ensure(paths: &PkiPaths, server_names: &[String]) -> Result<bool, PkiError> {
     fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
     let mut created = false;
     for (name, cn) in [
@@ -194,6 +233,10 @@ pub fn ensure(data_dir: &Path, server_names: &[String]) -> Result<bool, PkiError
         (OPERATOR_CA, "Tidepool operator CA"),
         (SERVER_CA, "Tidepool server CA"),
     ] {
+        if let Some((_, fleet)) = paths.fleet(name) {
+            read_certs(fleet)?;
+            continue;
+        }
         if !paths.cert(name).exists() {
             let (crt, key) = new_ca(cn)?;
             write_file(&paths.key(name), &key.serialize_pem(), 0o600)?;
@@ -202,7 +245,7 @@ pub fn ensure(data_dir: &Path, server_names: &[String]) -> Result<bool, PkiError
         }
     }
     if !paths.cert(SERVER).exists() {
-        let ca = load_ca(&paths, SERVER_CA)?;
+        let ca = load_ca(paths, SERVER_CA)?;
         let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
         sans.extend(server_names.iter().cloned());
         let (crt, key) = issue_leaf(
@@ -221,18 +264,18 @@ pub fn ensure(data_dir: &Path, server_names: &[String]) -> Result<bool, PkiError
 
 /// Issues a device certificate: writes `ID.crt`, `ID.key` and the gateway's `ca.crt` to `out`.
 pub fn issue_device(data_dir: &Path, id: &str, out: &Path) -> Result<[PathBuf; 3], PkiError> {
-    issue_device_for(data_dir, id, out, DEVICE_DAYS)
+    issue_device_for(&PkiPaths::new(data_dir), id, out, DEVICE_DAYS)
 }
 
 /// Issues a device certificate valid for `days` (from the Unix epoch, so a box with no clock
 /// accepts it, until now + `days`); writes `<out>/<id>.crt`, `<out>/<id>.key` and `<out>/ca.crt`.
 pub fn issue_device_for(
-    data_dir: &Path,
+    paths: &PkiPaths,
     id: &str,
     out: &Path,
     days: u32,
 ) -> Result<[PathBuf; 3], PkiError> {
-    issue_client(data_dir, DEVICE_CA, id, out, days)
+    issue_client(paths, DEVICE_CA, id, out, days)
 }
 
 /// The longest an operator certificate is valid: a lost laptop's key dies on its own.
@@ -242,7 +285,7 @@ pub const OPERATOR_MAX_DAYS: u32 = 90;
 /// `days` (at most [`OPERATOR_MAX_DAYS`]); writes `<out>/<name>.crt`, `<out>/<name>.key` and
 /// `<out>/ca.crt`. The name is its CN, which the gateway logs with what the operator does.
 pub fn issue_operator(
-    data_dir: &Path,
+    paths: &PkiPaths,
     name: &str,
     out: &Path,
     days: u32,
@@ -250,12 +293,12 @@ pub fn issue_operator(
     if days > OPERATOR_MAX_DAYS {
         return Err(PkiError::TooLong(days));
     }
-    issue_client(data_dir, OPERATOR_CA, name, out, days)
+    issue_client(paths, OPERATOR_CA, name, out, days)
 }
 
 /// A client certificate (CN `id`, clientAuth) from the CA `ca`, and the server CA beside it.
 fn issue_client(
-    data_dir: &Path,
+    paths: &PkiPaths,
     ca: &str,
     id: &str,
     out: &Path,
@@ -274,8 +317,7 @@ fn issue_client(
     if id.eq_ignore_ascii_case("ca") {
         return Err(PkiError::ReservedId(id.to_string()));
     }
-    let paths = PkiPaths::new(data_dir);
-    let ca = load_ca(&paths, ca)?;
+    let ca = load_ca(paths, ca)?;
     let (crt, key) = issue_leaf(
         &ca,
         id,
@@ -421,8 +463,8 @@ mod tests {
     #[test]
     fn creates_once_and_issues_device_certs_with_the_id_as_cn() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(ensure(dir.path(), &["gw.example".into()]).unwrap());
-        assert!(!ensure(dir.path(), &[]).unwrap());
+        assert!(ensure(&PkiPaths::new(dir.path()), &["gw.example".into()]).unwrap());
+        assert!(!ensure(&PkiPaths::new(dir.path()), &[]).unwrap());
         let out = dir.path().join("out");
         let files = issue_device(dir.path(), "dev-1", &out).unwrap();
         let cert = &read_certs(&files[0]).unwrap()[0];
@@ -444,8 +486,14 @@ mod tests {
     #[test]
     fn a_device_certificate_is_valid_from_the_epoch_for_its_days() {
         let dir = tempfile::tempdir().unwrap();
-        ensure(dir.path(), &[]).unwrap();
-        let files = issue_device_for(dir.path(), "d1", &dir.path().join("out"), 30).unwrap();
+        ensure(&PkiPaths::new(dir.path()), &[]).unwrap();
+        let files = issue_device_for(
+            &PkiPaths::new(dir.path()),
+            "d1",
+            &dir.path().join("out"),
+            30,
+        )
+        .unwrap();
         for f in [&files[0], &files[2]] {
             let der = read_certs(f).unwrap().remove(0);
             let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
@@ -474,7 +522,7 @@ mod tests {
     #[test]
     fn ids_that_would_overwrite_a_file_or_climb_a_path_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        ensure(dir.path(), &[]).unwrap();
+        ensure(&PkiPaths::new(dir.path()), &[]).unwrap();
         let out = dir.path().join("out");
         for id in [".", ".."] {
             assert!(matches!(
@@ -498,7 +546,7 @@ mod tests {
     #[test]
     fn a_link_planted_at_the_temp_name_does_not_receive_the_key() {
         let dir = tempfile::tempdir().unwrap();
-        ensure(dir.path(), &[]).unwrap();
+        ensure(&PkiPaths::new(dir.path()), &[]).unwrap();
         let out = dir.path().join("out");
         std::fs::create_dir(&out).unwrap();
         let stolen = dir.path().join("stolen");

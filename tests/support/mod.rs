@@ -948,6 +948,20 @@ impl Drop for Daemon {
     }
 }
 
+/// A command running one of the repo's scripts (`scripts/NAME`), without cargo test's own
+/// `CARGO_*` variables (they would make a nested cargo rebuild every time).
+pub fn script(name: &str) -> Command {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cmd = Command::new(root.join("scripts").join(name));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("CARGO_") && k != "CARGO_HOME" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
 /// The first of `paths` that exists (a server installed by `scripts/test.sh`).
 pub fn installed(name: &str, paths: &[&str]) -> PathBuf {
     paths

@@ -66,8 +66,9 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
             gateway,
         } => {
             let cfg = config.load()?;
-            tidepool::pki::ensure(&cfg.gateway.data_dir, &cfg.gateway.server_names)?;
-            let files = tidepool::pki::issue_operator(&cfg.gateway.data_dir, &name, &out, days)?;
+            let paths = tidepool::pki::PkiPaths::of(&cfg);
+            tidepool::pki::ensure(&paths, &cfg.gateway.server_names)?;
+            let files = tidepool::pki::issue_operator(&paths, &name, &out, days)?;
             let gateway =
                 gateway.unwrap_or_else(|| format!("localhost:{}", cfg.gateway.listen.port()));
             let profile = out.join(format!("{name}.toml"));
@@ -99,8 +100,9 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
             days,
         } => {
             let cfg = config.load()?;
-            tidepool::pki::ensure(&cfg.gateway.data_dir, &cfg.gateway.server_names)?;
-            let files = tidepool::pki::issue_device_for(&cfg.gateway.data_dir, &id, &out, days)?;
+            let paths = tidepool::pki::PkiPaths::of(&cfg);
+            tidepool::pki::ensure(&paths, &cfg.gateway.server_names)?;
+            let files = tidepool::pki::issue_device_for(&paths, &id, &out, days)?;
             for f in &files {
                 println!("{}", f.display());
             }
