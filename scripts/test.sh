@@ -20,6 +20,8 @@ command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
 command -v sfdisk >/dev/null || missing+=(fdisk)
 command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+# tests/clock.rs runs the gateway at 1970 and 2099 under libfaketime.
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || missing+=(faketime)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -164,8 +164,24 @@ impl Control {
                 "free_bytes": self.disk.free_bytes(),
                 "low": self.disk.is_low(),
             },
+            "clock": clock_status(),
             "metrics": self.metrics.snapshot(),
         })
+    }
+}
+
+/// The wall clock against the floor: `synced` false while it is behind (no RTC, no NTP yet),
+/// and the time certificates are checked at meanwhile.
+fn clock_status() -> serde_json::Value {
+    let wall_s = crate::clock::now_ms() / 1000;
+    match crate::clock::floor() {
+        Some(f) => serde_json::json!({
+            "synced": f.wall_clock_plausible(),
+            "wall_s": wall_s,
+            "floor_s": f.floor_s(),
+            "checked_at_s": f.trusted_s(),
+        }),
+        None => serde_json::json!({ "wall_s": wall_s }),
     }
 }
 

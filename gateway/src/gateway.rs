@@ -317,10 +317,22 @@ struct Hooks {
     disk: Arc<DiskWatch>,
     metrics: Arc<Metrics>,
     backlog: Arc<Backlog>,
+    /// The clock floor, and the value riding along with the group being written.
+    floor: crate::clock::SharedFloor,
+    floor_writing: Option<u64>,
 }
 
 impl AfterFlush for Hooks {
+    fn ride_along(&mut self) -> Option<(&'static [u8], Vec<u8>)> {
+        self.floor_writing = self.floor.due(false);
+        self.floor_writing
+            .map(|f| (crate::store::keys::CLOCK_FLOOR, f.to_be_bytes().to_vec()))
+    }
+
     fn after_flush(&mut self, g: &Group) {
+        if let Some(f) = self.floor_writing.take() {
+            self.floor.persisted(f);
+        }
         self.outbox.add(&g.entries, Instant::now());
         Metrics::inc(&self.metrics.groups);
         Metrics::inc(&self.metrics.store_syncs);
@@ -403,6 +415,19 @@ pub async fn run(
         cfg.gateway.id = pki::box_id(&data)?;
     }
     let store = Store::open(&data.join("db"), cfg.store.cache_capacity_bytes)?;
+    let floor = crate::clock::SharedFloor::new(crate::clock::Floor::new(
+        store.clock_floor()?,
+        crate::clock::BUILD_S,
+        crate::clock::mono_ms(),
+    ));
+    crate::clock::install_floor(floor.clone());
+    if !floor.wall_clock_plausible() {
+        tracing::warn!(
+            clock_s = crate::clock::now_ms() / 1000,
+            floor_s = floor.floor_s(),
+            "the wall clock is behind the last time this box knew (no real-time clock, NTP not synced yet?): certificates are checked at the floor, which advances with monotonic time, until the clock catches up"
+        );
+    }
     // The config in force: the file, and the signed config bundle deployed (if still good).
     let file_cfg = cfg.clone();
     let held = crate::admin::deploy::stored_config_bundle(&store)?;
@@ -456,6 +481,8 @@ pub async fn run(
         disk: disk.clone(),
         metrics: metrics.clone(),
         backlog: dispatcher.backlog.clone(),
+        floor: floor.clone(),
+        floor_writing: None,
     };
     let committer = {
         let store = store.clone();
@@ -727,6 +754,12 @@ pub async fn run(
     }
     if let Err(e) = store.sync() {
         tracing::error!("making the store durable at shutdown: {e}");
+    }
+    if let Some(f) = floor.due(true) {
+        match store.put_clock_floor(f) {
+            Ok(()) => floor.persisted(f),
+            Err(e) => tracing::warn!("cannot write the clock floor: {e}"),
+        }
     }
     endpoint.wait_idle().await;
     let snapshot = metrics.snapshot();

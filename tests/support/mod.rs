@@ -196,6 +196,11 @@ impl Gateway {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Like [`Gateway::start_in`], with these environment variables set for the process.
+    pub fn start_in_env(data_dir: &Path, extra: &str, env: &[(&str, &str)]) -> Gateway {
+        Gateway::start_at("id = \"gw-test\"\n", Some(data_dir), extra, env)
+    }
+
     /// Like [`Gateway::start`], with these environment variables set for the process.
     pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Gateway {
         Gateway::start_at("id = \"gw-test\"\n", None, extra, env)

@@ -201,7 +201,7 @@ impl Operator {
     /// Why this operator, connected from `remote`, may no longer be answered: revoked, its
     /// address taken out of the allow-list, or its certificate expired since it connected.
     fn refused(&self, access: &Access, remote: SocketAddr) -> Option<String> {
-        let now = crate::clock::now_ms() / 1000;
+        let now = crate::clock::trusted_now_s();
         if access.denies(&self.name, &self.serial) {
             Some("this operator is revoked (admin.revoked)".into())
         } else if !access.allows(remote.ip()) {

@@ -37,6 +37,14 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         v["version"].as_str().unwrap_or("?"),
         n(&v["uptime_s"])
     );
+    if v["clock"]["synced"].as_bool() == Some(false) {
+        println!(
+            "clock: UNSYNCED, the wall clock reads {} s, behind the last known time {} s (no RTC, NTP not answered yet?); certificates are checked at {} s",
+            n(&v["clock"]["wall_s"]),
+            n(&v["clock"]["floor_s"]),
+            n(&v["clock"]["checked_at_s"])
+        );
+    }
     let handlers = match v["handlers"].as_array() {
         None => {
             println!("handlers: unknown (the dispatcher did not answer within a second)");

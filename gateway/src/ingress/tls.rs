@@ -47,13 +47,25 @@ pub struct RoleCheck {
     operator: Arc<dyn ClientCertVerifier>,
 }
 
+/// rustls checks certificates at the clock floor's time ([`crate::clock::Floor`]), not the
+/// bare wall clock: a board that boots at 1970 still takes its devices.
+#[derive(Debug)]
+struct FloorTime;
+
+impl rustls::time_provider::TimeProvider for FloorTime {
+    fn current_time(&self) -> Option<UnixTime> {
+        Some(UnixTime::since_unix_epoch(Duration::from_secs(
+            crate::clock::trusted_now_s(),
+        )))
+    }
+}
+
 fn chains_to(verifier: &dyn ClientCertVerifier, chain: &[CertificateDer<'static>]) -> bool {
     let Some((leaf, rest)) = chain.split_first() else {
         return false;
     };
-    verifier
-        .verify_client_cert(leaf, rest, UnixTime::now())
-        .is_ok()
+    let now = UnixTime::since_unix_epoch(Duration::from_secs(crate::clock::trusted_now_s()));
+    verifier.verify_client_cert(leaf, rest, now).is_ok()
 }
 
 impl RoleCheck {
@@ -84,7 +96,7 @@ pub fn server_config(
     let (device, operator) = (only(pki::DEVICE_CA)?, only(pki::OPERATOR_CA)?);
     let chain = pki::read_certs(&paths.cert(pki::SERVER))?;
     let key = pki::read_key(&paths.key(pki::SERVER))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(p)
+    let mut tls = rustls::ServerConfig::builder_with_details(p, Arc::new(FloorTime))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;

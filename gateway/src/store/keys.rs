@@ -4,6 +4,7 @@
 //! | key                                   | value                                   |
 //! |---------------------------------------|-----------------------------------------|
 //! | `m/schema`                            | u32 BE schema version                   |
+//! | `m/clock_floor`                       | u64 BE the clock floor, Unix s ([`crate::clock::Floor`]) |
 //! | `h/<device>`                          | u64 BE durable high-water mark          |
 //! | `s/<handler>\0<key>`                  | state value (raw bytes)                 |
 //! | `o/<u64 BE outbox seq>`               | outbox entry (CBOR [`crate::outbox::Entry`]) |
@@ -20,6 +21,8 @@
 pub const SCHEMA_VERSION: u32 = 1;
 
 pub const SCHEMA: &[u8] = b"m/schema";
+/// Written along with a group commit, never alone (`AfterFlush::ride_along`).
+pub const CLOCK_FLOOR: &[u8] = b"m/clock_floor";
 pub const HWM: &[u8] = b"h/";
 pub const STATE: &[u8] = b"s/";
 pub const OUTBOX: &[u8] = b"o/";

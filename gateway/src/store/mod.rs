@@ -395,6 +395,23 @@ impl Store {
         self.commit(batch, Vec::new()).map(|_| ())
     }
 
+    /// The clock floor last written (Unix seconds).
+    pub fn clock_floor(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .tree
+            .get(keys::CLOCK_FLOOR)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Writes the clock floor in one durable write (at shutdown; while running it rides along
+    /// with a group commit instead).
+    pub fn put_clock_floor(&self, floor_s: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::CLOCK_FLOOR, &floor_s.to_be_bytes());
+        self.commit(batch, Vec::new()).map(|_| ())
+    }
+
     /// The encoded entry at outbox seq `seq`.
     pub fn outbox_entry(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.tree.get(keys::outbox(seq))?.map(|v| v.to_vec()))
