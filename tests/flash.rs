@@ -347,3 +347,96 @@ async fn a_box_with_a_fleet_device_ca_takes_the_fleets_devices_and_issues_none_i
     assert!(!run.ok);
     assert!(run.stderr.contains("pki.device_ca"), "{}", run.stderr);
 }
+
+#[tokio::test]
+async fn a_fleet_provisions_a_box_by_csr_and_its_devices_reach_it_with_the_fleets_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("fleet");
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let run = tidepool(&["certs", "init", "--out", &p(&fleet)]);
+    assert!(run.ok, "{}", run.stderr);
+    let mut gw = Gateway::start(&format!(
+        "[pki]\ndevice_ca = \"{}\"\n",
+        fleet.join("device-ca.crt").display()
+    ));
+    // On the box: a request for its own key, which stays where it is.
+    let key_before = std::fs::read(gw.data().join("pki/server.key")).unwrap();
+    let csr = dir.path().join("box.csr");
+    let run = cli(&["certs", "csr", "--out", &p(&csr)], &gw.config);
+    assert!(run.ok, "{}", run.stderr);
+    let csr_text = std::fs::read_to_string(&csr).unwrap();
+    assert!(csr_text.contains("BEGIN CERTIFICATE REQUEST") && !csr_text.contains("PRIVATE"));
+    // Where the fleet's CAs are: signed.
+    let crt = dir.path().join("box.crt");
+    let run = tidepool(&[
+        "certs",
+        "sign",
+        "--ca",
+        &p(&fleet),
+        &p(&csr),
+        "--out",
+        &p(&crt),
+    ]);
+    assert!(run.ok, "{}", run.stderr);
+    // A device makes its own key and request; the fleet signs it (the device keeps its key).
+    let dev_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let dev_csr = rcgen::CertificateParams::new(vec!["ignored.example".to_string()])
+        .unwrap()
+        .serialize_request(&dev_key)
+        .unwrap();
+    let dev_dir = dir.path().join("dev");
+    std::fs::create_dir_all(&dev_dir).unwrap();
+    std::fs::write(dev_dir.join("d7.csr"), dev_csr.pem().unwrap()).unwrap();
+    std::fs::write(dev_dir.join("d7.key"), dev_key.serialize_pem()).unwrap();
+    let run = tidepool(&[
+        "certs",
+        "device",
+        "d7",
+        "--csr",
+        &p(&dev_dir.join("d7.csr")),
+        "--ca",
+        &p(&fleet),
+        "--out",
+        &p(&dev_dir),
+    ]);
+    assert!(run.ok, "{}", run.stderr);
+    let (dev_crt, dev_key_file, fleet_ca) = (
+        dev_dir.join("d7.crt"),
+        dev_dir.join("d7.key"),
+        dev_dir.join("ca.crt"),
+    );
+    assert_eq!(
+        std::fs::read(&fleet_ca).unwrap(),
+        std::fs::read(fleet.join("server-ca.crt")).unwrap()
+    );
+    // Before the box serves the fleet's certificate, the device does not trust it.
+    let before =
+        tidepool::client::Device::connect(&gw.addr, &fleet_ca, &dev_crt, &dev_key_file).await;
+    assert!(
+        before.is_err(),
+        "the box's own server CA is not the fleet's"
+    );
+    // A certificate for another key is refused; the box's own is installed.
+    let other = dir.path().join("other.crt");
+    std::fs::copy(&dev_crt, &other).unwrap();
+    let run = cli(&["certs", "install", &p(&other)], &gw.config);
+    assert!(
+        !run.ok && run.stderr.contains("not this box's"),
+        "{}",
+        run.stderr
+    );
+    let run = cli(&["certs", "install", &p(&crt)], &gw.config);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read(gw.data().join("pki/server.key")).unwrap(),
+        key_before
+    );
+    gw.restart();
+    let dev = tidepool::client::Device::connect(&gw.addr, &fleet_ca, &dev_crt, &dev_key_file)
+        .await
+        .expect("a fleet device reaches a fleet box");
+    let mut s = dev.open().await.unwrap();
+    s.send(&publish(1, "devices/d7/temp", b"{}")).await.unwrap();
+    assert_eq!(until_ack(&mut s, 1).await, vec![GatewayMsg::Ack { seq: 1 }]);
+    dev.close().await;
+}

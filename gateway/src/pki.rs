@@ -41,7 +41,13 @@ pub enum PkiError {
     Missing(PathBuf),
     #[error("an operator certificate is valid {OPERATOR_MAX_DAYS} days at most, not {0}: issue a new one when it expires")]
     TooLong(u32),
-    #[error("this box trusts a fleet's {what} ({path}, pki.{what} in the config) and holds no key for it: issue the certificate where the fleet's CA key is kept")]
+    #[error("{path}: not a certificate signing request this can sign: {msg}")]
+    Csr { path: PathBuf, msg: String },
+    #[error(
+        "{path}: its public key is not this box's ({key}): it was signed for another box's request"
+    )]
+    NotOurKey { path: PathBuf, key: PathBuf },
+    #[error("this box trusts a fleet's {what} ({path}, pki.{what} in the config) and holds no key for it: issue the certificate where the fleet's CAs are kept, with `--ca DIR`")]
     FleetCa { what: &'static str, path: PathBuf },
 }
 
@@ -63,6 +69,14 @@ impl PkiPaths {
             dir: data_dir.join("pki"),
             fleet_device_ca: None,
             fleet_operator_ca: None,
+        }
+    }
+
+    /// A PKI kept in `dir` itself (a fleet's, on the operator's machine: `certs init`).
+    pub fn at(dir: &Path) -> Self {
+        PkiPaths {
+            dir: dir.to_path_buf(),
+            ..PkiPaths::new(Path::new(""))
         }
     }
 
@@ -226,6 +240,13 @@ fn issue_leaf(
 /// Creates whatever part of the PKI is missing. Returns true when something was created.
 /// A CA the config names as the fleet's is never generated (its certificate must be readable).
 pub fn ensure(paths: &PkiPaths, server_names: &[String]) -> Result<bool, PkiError> {
+    let cas = ensure_cas(paths)?;
+    Ok(ensure_server(paths, server_names)? || cas)
+}
+
+/// Creates whichever of the three CAs is missing in `paths.dir` (a fleet's PKI: `certs init`,
+/// or a box's own); returns true when one was created.
+pub fn ensure_cas(paths: &PkiPaths) -> Result<bool, PkiError> {
     fs::create_dir_all(&paths.dir).map_err(io(&paths.dir))?;
     let mut created = false;
     for (name, cn) in [
@@ -244,6 +265,12 @@ pub fn ensure(paths: &PkiPaths, server_names: &[String]) -> Result<bool, PkiErro
             created = true;
         }
     }
+    Ok(created)
+}
+
+/// The box's server certificate, made from its server CA when missing.
+fn ensure_server(paths: &PkiPaths, server_names: &[String]) -> Result<bool, PkiError> {
+    let mut created = false;
     if !paths.cert(SERVER).exists() {
         let ca = load_ca(paths, SERVER_CA)?;
         let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
@@ -304,19 +331,9 @@ fn issue_client(
     out: &Path,
     days: u32,
 ) -> Result<[PathBuf; 3], PkiError> {
-    if !valid_device_id(id) {
-        return Err(PkiError::BadId(id.to_string()));
-    }
+    check_client_id(id)?;
     // The expiry counts from now: a clock that was never set would issue a dead certificate.
-    let now = time::OffsetDateTime::now_utc();
-    if now.unix_timestamp() < CLOCK_FLOOR_S {
-        return Err(PkiError::ClockUnset(now.date().to_string()));
-    }
-    // `<out>/ca.crt` is the server CA the client trusts: an id `ca` would overwrite it.
-    // (Whatever the case: a FAT or exFAT stick that carries the files folds it.)
-    if id.eq_ignore_ascii_case("ca") {
-        return Err(PkiError::ReservedId(id.to_string()));
-    }
+    clock_set()?;
     let ca = load_ca(paths, ca)?;
     let (crt, key) = issue_leaf(
         &ca,
@@ -337,6 +354,161 @@ fn issue_client(
     let ca_pem = fs::read_to_string(&server_ca).map_err(io(&server_ca))?;
     write_file(&files[2], &ca_pem, 0o644)?;
     Ok(files)
+}
+
+/// A certificate signing request for the box's own server key (made if missing; it never
+/// leaves the box): CN "tidepool gateway", the names localhost, 127.0.0.1 and
+/// `server_names`. Signed by a fleet's server CA ([`sign_server_request`]) and installed
+/// ([`install_server_cert`]), it lets every device of the fleet trust any box of it.
+pub fn server_request(paths: &PkiPaths, server_names: &[String]) -> Result<String, PkiError> {
+    ensure(paths, server_names)?;
+    let kp = paths.key(SERVER);
+    let pem = fs::read_to_string(&kp).map_err(io(&kp))?;
+    let key = KeyPair::from_pem(&pem).map_err(|e| PkiError::Pem {
+        path: kp.clone(),
+        msg: e.to_string(),
+    })?;
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    sans.extend(server_names.iter().cloned());
+    let mut p = CertificateParams::new(sans)?;
+    p.distinguished_name
+        .push(DnType::CommonName, "tidepool gateway");
+    Ok(p.serialize_request(&key)?.pem()?)
+}
+
+/// Reads a CSR (its signature checked: whoever sent it holds the key).
+fn read_request(path: &Path) -> Result<rcgen::CertificateSigningRequestParams, PkiError> {
+    let pem = fs::read_to_string(path).map_err(io(path))?;
+    rcgen::CertificateSigningRequestParams::from_pem(&pem).map_err(|e| PkiError::Csr {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+/// Signs a box's server CSR with the server CA in `ca` (a fleet's PKI, `certs init`): the
+/// names it asks for (DNS names and IP addresses only), serverAuth, valid from 1970 (a box
+/// with no clock) for `days` (`None`: no set end). Returns the certificate (PEM).
+pub fn sign_server_request(
+    ca: &PkiPaths,
+    csr: &Path,
+    days: Option<u32>,
+) -> Result<String, PkiError> {
+    let mut req = read_request(csr)?;
+    let bad = |msg: String| PkiError::Csr {
+        path: csr.to_path_buf(),
+        msg,
+    };
+    if req.params.subject_alt_names.is_empty() {
+        return Err(bad("it names no host (subject alternative names)".into()));
+    }
+    for san in &req.params.subject_alt_names {
+        if !matches!(
+            san,
+            rcgen::SanType::DnsName(_) | rcgen::SanType::IpAddress(_)
+        ) {
+            return Err(bad(format!("{san:?}: only DNS names and IP addresses")));
+        }
+    }
+    if days.is_some() {
+        clock_set()?;
+    }
+    let ca = load_ca(ca, SERVER_CA)?;
+    let p = &mut req.params;
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(DnType::CommonName, "tidepool gateway");
+    shape_leaf(p, ExtendedKeyUsagePurpose::ServerAuth, days);
+    Ok(req.signed_by(&ca.0, &ca.1)?.pem())
+}
+
+/// Signs a device's own CSR with the device CA of `paths` (a box's, or a fleet's): CN `id`
+/// whatever the request says, no other names, clientAuth, valid from 1970 for `days`. Writes
+/// `<out>/<id>.crt` and `<out>/ca.crt` (the server CA the device trusts); the device keeps
+/// its key.
+pub fn sign_device_request(
+    paths: &PkiPaths,
+    id: &str,
+    csr: &Path,
+    out: &Path,
+    days: u32,
+) -> Result<[PathBuf; 2], PkiError> {
+    check_client_id(id)?;
+    let mut req = read_request(csr)?;
+    clock_set()?;
+    let ca = load_ca(paths, DEVICE_CA)?;
+    let p = &mut req.params;
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(DnType::CommonName, id);
+    p.subject_alt_names.clear();
+    shape_leaf(p, ExtendedKeyUsagePurpose::ClientAuth, Some(days));
+    let crt = req.signed_by(&ca.0, &ca.1)?.pem();
+    fs::create_dir_all(out).map_err(io(out))?;
+    let files = [out.join(format!("{id}.crt")), out.join("ca.crt")];
+    write_file(&files[0], &crt, 0o644)?;
+    let server_ca = paths.cert(SERVER_CA);
+    let ca_pem = fs::read_to_string(&server_ca).map_err(io(&server_ca))?;
+    write_file(&files[1], &ca_pem, 0o644)?;
+    Ok(files)
+}
+
+/// Installs a server certificate signed for this box's key (`certs install`), replacing the
+/// one the box made itself; the gateway serves it from its next start.
+pub fn install_server_cert(paths: &PkiPaths, crt: &Path) -> Result<(), PkiError> {
+    let certs = read_certs(crt)?;
+    let kp = paths.key(SERVER);
+    let key_pem = fs::read_to_string(&kp).map_err(io(&kp))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::Pem {
+        path: kp.clone(),
+        msg: e.to_string(),
+    })?;
+    let spki = x509_parser::parse_x509_certificate(certs[0].as_ref())
+        .map(|(_, c)| c.public_key().raw.to_vec())
+        .map_err(|e| PkiError::Pem {
+            path: crt.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+    if spki != key.public_key_der() {
+        return Err(PkiError::NotOurKey {
+            path: crt.to_path_buf(),
+            key: kp,
+        });
+    }
+    let pem = fs::read_to_string(crt).map_err(io(crt))?;
+    write_file(&paths.cert(SERVER), &pem, 0o644)
+}
+
+/// A leaf's usages and validity (from 1970, for `days` from now when given), a fresh serial.
+fn shape_leaf(p: &mut CertificateParams, eku: ExtendedKeyUsagePurpose, days: Option<u32>) {
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.not_before = valid_from();
+    p.not_after = match days {
+        Some(d) => time::OffsetDateTime::now_utc() + time::Duration::days(d.into()),
+        None => CertificateParams::default().not_after,
+    };
+    p.extended_key_usages = vec![eku];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.serial_number = Some(random_serial());
+}
+
+/// An expiry counted from now needs a clock that was set.
+fn clock_set() -> Result<(), PkiError> {
+    let now = time::OffsetDateTime::now_utc();
+    if now.unix_timestamp() < CLOCK_FLOOR_S {
+        return Err(PkiError::ClockUnset(now.date().to_string()));
+    }
+    Ok(())
+}
+
+/// A client certificate's id: a valid device id, and not `ca` (its file would overwrite the
+/// CA certificate written beside it, whatever the case on a FAT stick).
+fn check_client_id(id: &str) -> Result<(), PkiError> {
+    if !valid_device_id(id) {
+        return Err(PkiError::BadId(id.to_string()));
+    }
+    if id.eq_ignore_ascii_case("ca") {
+        return Err(PkiError::ReservedId(id.to_string()));
+    }
+    Ok(())
 }
 
 /// Reads every certificate of a PEM file.

@@ -1,5 +1,7 @@
-//! `tidepool certs device ID` and `tidepool certs operator NAME`: issue a client certificate
-//! from the gateway's device CA or operator CA.
+//! `tidepool certs …`: issue client certificates from the box's CAs or a fleet's (`device`,
+//! `operator`, a device's own CSR with `device --csr`), and provision a fleet: its CAs
+//! (`init`), a box's server key's CSR (`csr`, on the box), signing it (`sign`, where the
+//! fleet's CAs are) and installing the result (`install`, on the box).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +29,13 @@ pub enum What {
         #[arg(long, value_name = "N", default_value_t = tidepool::pki::DEVICE_DAYS,
               value_parser = clap::value_parser!(u32).range(1..=36_500))]
         days: u32,
+        /// Sign this CSR (PEM) that the device made with its own key, instead of making a
+        /// key: writes ID.crt and ca.crt only. Its subject and names are replaced by ID.
+        #[arg(long, value_name = "FILE")]
+        csr: Option<PathBuf>,
+        /// Issue from the fleet's CAs in DIR (`certs init`) instead of the box's.
+        #[arg(long, value_name = "DIR")]
+        ca: Option<PathBuf>,
     },
     /// Issue an operator certificate for the admin channel (NAME.crt, NAME.key, ca.crt and an
     /// operator profile, NAME.toml).
@@ -53,7 +62,95 @@ pub enum What {
         /// (default: localhost and the port of gateway.listen).
         #[arg(long, value_name = "HOST:PORT")]
         gateway: Option<String>,
+        /// Issue from the fleet's CAs in DIR (`certs init`) instead of the box's.
+        #[arg(long, value_name = "DIR")]
+        ca: Option<PathBuf>,
     },
+    /// Make a fleet's CAs in DIR: device-ca, operator-ca and server-ca (.crt and .key).
+    ///
+    /// Keep DIR on the operator's machine, never on a box. Each box of the fleet trusts the
+    /// device and operator CAs (`pki.device_ca`, `pki.operator_ca`: `scripts/flash.sh
+    /// --device-ca DIR/device-ca.crt --operator-ca DIR/operator-ca.crt`), and serves a server
+    /// certificate from the server CA (`certs csr`, `certs sign`, `certs install`), so any
+    /// device with DIR/server-ca.crt as its ca.crt reaches any box, and a replaced box needs
+    /// no device re-provisioned. Existing files are kept.
+    Init {
+        /// Where the fleet's CAs are kept.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// On the box: a certificate signing request for its server key (which never leaves it).
+    ///
+    /// Sign it where the fleet's CAs are (`tidepool certs sign --ca DIR FILE`), then install
+    /// the certificate on the box (`tidepool certs install FILE`) and restart the gateway.
+    Csr {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Where to write the request (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Sign a box's server CSR (`certs csr`) with the fleet's server CA in DIR.
+    ///
+    /// The certificate carries the names the box asked for (DNS names and IP addresses
+    /// only), is valid from 1970 (a box with no clock) and, with --days, ends that many days
+    /// from now.
+    Sign {
+        /// The box's request (PEM).
+        csr: PathBuf,
+        /// The fleet's CAs (`certs init`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Where to write the certificate (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Days the certificate is valid from now (default: no set end, as the box's own).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        days: Option<u32>,
+    },
+    /// On the box: install a server certificate signed for its key (`certs sign`).
+    ///
+    /// Refused unless its public key is the box's own. The gateway serves it from its next
+    /// start (`systemctl restart tidepool`).
+    Install {
+        /// The certificate (PEM).
+        cert: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+/// The PKI a certificate is issued from: a fleet's (`--ca DIR`) or the box's (its config).
+fn issuer(config: &ConfigArgs, ca: Option<PathBuf>) -> anyhow::Result<tidepool::pki::PkiPaths> {
+    match ca {
+        Some(dir) => {
+            let paths = tidepool::pki::PkiPaths::at(&dir);
+            if !paths.cert(tidepool::pki::SERVER_CA).exists() {
+                anyhow::bail!(
+                    "{}: no fleet CAs in it (make them with `tidepool certs init --out DIR`)",
+                    dir.display()
+                );
+            }
+            Ok(paths)
+        }
+        None => {
+            let cfg = config.load()?;
+            let paths = tidepool::pki::PkiPaths::of(&cfg);
+            tidepool::pki::ensure(&paths, &cfg.gateway.server_names)?;
+            Ok(paths)
+        }
+    }
+}
+
+/// Writes `text` to `out`, or standard output.
+fn emit(out: Option<PathBuf>, text: &str) -> anyhow::Result<()> {
+    match out {
+        Some(p) => write_new(&p, text),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
 }
 
 pub fn run(what: What) -> anyhow::Result<ExitCode> {
@@ -64,13 +161,14 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
             out,
             days,
             gateway,
+            ca,
         } => {
-            let cfg = config.load()?;
-            let paths = tidepool::pki::PkiPaths::of(&cfg);
-            tidepool::pki::ensure(&paths, &cfg.gateway.server_names)?;
+            let paths = issuer(&config, ca)?;
             let files = tidepool::pki::issue_operator(&paths, &name, &out, days)?;
-            let gateway =
-                gateway.unwrap_or_else(|| format!("localhost:{}", cfg.gateway.listen.port()));
+            let gateway = match gateway {
+                Some(g) => g,
+                None => format!("localhost:{}", config.load()?.gateway.listen.port()),
+            };
             let profile = out.join(format!("{name}.toml"));
             let file = |p: &std::path::Path| {
                 p.file_name()
@@ -98,15 +196,55 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
             config,
             out,
             days,
+            csr,
+            ca,
         } => {
-            let cfg = config.load()?;
-            let paths = tidepool::pki::PkiPaths::of(&cfg);
-            tidepool::pki::ensure(&paths, &cfg.gateway.server_names)?;
-            let files = tidepool::pki::issue_device_for(&paths, &id, &out, days)?;
+            let paths = issuer(&config, ca)?;
+            let files = match csr {
+                Some(csr) => {
+                    tidepool::pki::sign_device_request(&paths, &id, &csr, &out, days)?.to_vec()
+                }
+                None => tidepool::pki::issue_device_for(&paths, &id, &out, days)?.to_vec(),
+            };
             for f in &files {
                 println!("{}", f.display());
             }
             print_serial(&files[0])?;
+        }
+        What::Init { out } => {
+            let paths = tidepool::pki::PkiPaths::at(&out);
+            let made = tidepool::pki::ensure_cas(&paths)?;
+            for ca in [
+                tidepool::pki::DEVICE_CA,
+                tidepool::pki::OPERATOR_CA,
+                tidepool::pki::SERVER_CA,
+            ] {
+                println!("{}", paths.cert(ca).display());
+            }
+            if !made {
+                eprintln!("(the fleet's CAs were there already: kept)");
+            }
+        }
+        What::Csr { config, out } => {
+            let cfg = config.load()?;
+            let paths = tidepool::pki::PkiPaths::of(&cfg);
+            let csr = tidepool::pki::server_request(&paths, &cfg.gateway.server_names)?;
+            emit(out, &csr)?;
+        }
+        What::Sign { csr, ca, out, days } => {
+            let paths = tidepool::pki::PkiPaths::at(&ca);
+            let crt = tidepool::pki::sign_server_request(&paths, &csr, days)?;
+            emit(out, &crt)?;
+        }
+        What::Install { cert, config } => {
+            let cfg = config.load()?;
+            let paths = tidepool::pki::PkiPaths::of(&cfg);
+            tidepool::pki::install_server_cert(&paths, &cert)?;
+            println!(
+                "installed {} as {}: restart the gateway to serve it",
+                cert.display(),
+                paths.cert(tidepool::pki::SERVER).display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
