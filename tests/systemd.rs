@@ -212,3 +212,87 @@ async fn a_reload_changes_the_log_levels() {
         .await;
     assert_eq!(debug_lines(&gw), 1, "no debug line after the reload");
 }
+
+/// TCP sockets in LISTEN state that process `pid` holds (its fds against its net/tcp tables).
+fn listening_tcp(pid: u32) -> usize {
+    let mut listening = std::collections::HashSet::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" {
+                listening.insert(f[9].to_string());
+            }
+        }
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .filter(|inode| listening.contains(inode))
+        .count()
+}
+
+async fn get_metrics(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_metrics_are_served_only_when_configured() {
+    // Off by default: no TCP socket listens.
+    let gw = Gateway::start("");
+    assert_eq!(
+        listening_tcp(gw.pid()),
+        0,
+        "no metrics endpoint unless configured"
+    );
+    drop(gw);
+
+    let extra = format!(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\ninvoke_budget_ms = 0\n{}",
+        handler_entry(&threshold_wasm(), &threshold_manifest())
+    );
+    let gw = Gateway::start(&extra);
+    gw.wait_log("Prometheus metrics at http://", 1, Duration::from_secs(10))
+        .await;
+    let log = gw.stderr.lock().unwrap().clone();
+    let addr = log
+        .split("Prometheus metrics at http://")
+        .nth(1)
+        .and_then(|r| r.split("/metrics").next())
+        .unwrap()
+        .to_string();
+    assert_eq!(listening_tcp(gw.pid()), 1);
+    let dev = gw.connect("dev-1").await;
+    let mut s = dev.open().await.unwrap();
+    for seq in 1..=3 {
+        s.send(&publish(seq, "devices/dev-1/temp", br#"{"v": 20}"#))
+            .await
+            .unwrap();
+    }
+    until_ack(&mut s, 3).await;
+    let text = get_metrics(&addr).await;
+    for line in [
+        "tidepool_events_in_total 3",
+        "tidepool_handler_invocations_total{handler=\"threshold\"} 3",
+        // A budget of 0 ms: every invocation ran past it.
+        "tidepool_handler_over_budget_total{handler=\"threshold\"} 3",
+        "tidepool_connected_devices 1",
+        "tidepool_clock_synced 1",
+        "tidepool_build_info{",
+    ] {
+        assert!(text.contains(line), "no {line:?} in\n{text}");
+    }
+    dev.close().await;
+}

@@ -45,8 +45,26 @@ pub struct Config {
     pub deploy: DeployConfig,
     pub admin: AdminConfig,
     pub pki: PkiConfig,
+    pub metrics: MetricsConfig,
     #[serde(default)]
     pub handler: Vec<HandlerEntry>,
+}
+
+/// `[metrics]`: the Prometheus endpoint, and what counts as a handler running too long.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A local address to serve Prometheus text metrics on (`GET /metrics`); empty: off.
+    pub listen: String,
+    /// An invocation longer than this is counted as over budget ("negative uptime").
+    pub invoke_budget_ms: u64,
+}
+
+impl MetricsConfig {
+    /// The endpoint's address (`None`: off); validated with the config.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
 }
 
 /// `[pki]`: a fleet's CA certificates this box trusts instead of generating its own.
@@ -480,6 +498,12 @@ impl Config {
 
     fn validate(&mut self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !self.metrics.listen.is_empty() && self.metrics.address().is_none() {
+            return bad(format!(
+                "metrics.listen `{}` must be an IP address and port, e.g. 127.0.0.1:9464 (empty: off)",
+                self.metrics.listen
+            ));
+        }
         // Empty: derived from the box's own key at start (`pki::box_id`).
         if !self.gateway.id.is_empty() && !topic::valid_device_id(&self.gateway.id) {
             return bad(format!(

@@ -144,6 +144,7 @@ impl Control {
                         "cpu_refused": h.cpu_refused,
                         "timer_ms": h.timer_ms,
                         "probation": h.probation,
+                        "runs": h.runs,
                     })
                 })
                 .collect::<Vec<_>>()

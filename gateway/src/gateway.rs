@@ -653,6 +653,36 @@ pub async fn run(
         (revoked, &cfg.acl.tiers),
         metrics.clone(),
     ));
+    if let Some(addr) = cfg.metrics.address() {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?;
+        let at = listener.local_addr().unwrap_or(addr);
+        tracing::info!(%at, "Prometheus metrics at http://{at}/metrics");
+        let (control, shared) = (control.clone(), shared.clone());
+        let scrape = move || {
+            let (control, shared) = (control.clone(), shared.clone());
+            async move {
+                let p = control.outbox.pending();
+                let age = |at: Option<Instant>| at.map(|t| t.elapsed());
+                crate::prometheus::Scrape {
+                    status: control.status().await,
+                    connected: shared.connected_devices(),
+                    outbox: [
+                        ("urgent", p.urgent as u64, None),
+                        ("normal", p.normal as u64, age(p.oldest_normal)),
+                        ("bulk", p.bulk as u64, age(p.oldest_bulk)),
+                    ],
+                    store_bytes: control.store.raw_db().size_on_disk().unwrap_or(0),
+                }
+            }
+        };
+        tokio::spawn(crate::prometheus::serve(
+            listener,
+            scrape,
+            side_stop_tx.subscribe(),
+        ));
+    }
     // A reload (SIGHUP: a new config file) or a config bundle deployed puts the settings that
     // can change live in force (see `apply_live`); nothing else changes without a restart.
     {

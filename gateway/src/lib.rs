@@ -18,6 +18,7 @@ pub mod os;
 pub mod outbox;
 pub mod pipeline;
 pub mod pki;
+pub mod prometheus;
 pub mod proto;
 pub mod record;
 pub mod router;

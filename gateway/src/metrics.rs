@@ -18,6 +18,10 @@ macro_rules! counters {
                 $(m.insert(stringify!($name).into(), self.$name.load(Ordering::Relaxed).into());)*
                 serde_json::Value::Object(m)
             }
+
+            /// Each counter's name and what it counts (the Prometheus HELP lines).
+            pub const HELP: &'static [(&'static str, &'static str)] =
+                &[$((stringify!($name), $doc),)*];
         }
     };
 }

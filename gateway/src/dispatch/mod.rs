@@ -91,6 +91,8 @@ pub struct HandlerStatus {
     pub cpu_percent: u32,
     pub cpu_share: &'static str,
     pub cpu_refused: u64,
+    /// What its invocations cost since it was loaded.
+    pub runs: crate::sandbox::RunStats,
     /// Its probation, while it is on one: runs seen, failures among them, time left.
     pub probation: Option<ProbationStatus>,
 }
@@ -380,6 +382,7 @@ impl Dispatcher {
                 cpu_percent: h.share.percent(),
                 cpu_share: h.share.kind(),
                 cpu_refused: h.share_refused,
+                runs: h.runs,
                 probation: h.probation.as_ref().map(|p| ProbationStatus {
                     runs: p.runs,
                     of_runs: p.rules.events,

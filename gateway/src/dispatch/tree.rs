@@ -66,6 +66,8 @@ pub(super) struct Tree {
     emit_budget: u32,
     /// Log bytes each handler may write per device event, and what each wrote so far.
     log_cap: usize,
+    /// An invocation longer than this counts as over budget (`metrics.invoke_budget_ms`).
+    invoke_budget: std::time::Duration,
     log_used: Vec<usize>,
     rules: QuarantineRules,
     /// Whether other input is queued behind what runs now (the dispatcher thread tells): with
@@ -126,6 +128,7 @@ impl Tree {
             unrouted_class: cfg.router.unrouted_class,
             emit_budget: cfg.limits.emits_per_event,
             log_cap: cfg.limits.log_bytes_per_event,
+            invoke_budget: std::time::Duration::from_millis(cfg.metrics.invoke_budget_ms),
             rules: QuarantineRules {
                 after: cfg.limits.quarantine_after_errors,
                 devices: cfg.limits.quarantine_devices,
@@ -468,9 +471,17 @@ impl Tree {
                 .push(dead_letter(ctx, &name, at.topic, at.payload, reason));
             return;
         };
+        let t0 = Instant::now();
         let outcome = self.handlers[h].invoke(&ev);
+        let took = t0.elapsed();
         self.share_end(h, started);
         Metrics::inc(&self.metrics.handler_calls);
+        self.handlers[h].runs.record(
+            outcome.failure_kind(),
+            outcome.fuel_used,
+            took,
+            self.invoke_budget,
+        );
         self.apply_outcome(ctx, h, at, outcome, run);
     }
 

@@ -56,6 +56,13 @@ pub struct Shared {
     rates: Mutex<Rates>,
 }
 
+impl Shared {
+    /// Devices connected now (past the role check, not superseded).
+    pub fn connected_devices(&self) -> u64 {
+        self.devices.load(std::sync::atomic::Ordering::Relaxed) as u64
+    }
+}
+
 /// A handshake's slot, given back when dropped (the handshake ended, whichever way).
 pub(crate) struct HandshakeSlot {
     shared: Arc<Shared>,

@@ -106,6 +106,8 @@ pub struct Handler {
     pub share: super::share::CpuShare,
     /// Invocations refused for being over its share.
     pub share_refused: u64,
+    /// What its invocations cost.
+    pub runs: super::RunStats,
 }
 
 fn check_abi(module: &Module) -> Result<(), AbiMismatch> {
@@ -244,6 +246,7 @@ impl Handler {
             probation: None,
             share: super::share::CpuShare::new(100, None),
             share_refused: 0,
+            runs: Default::default(),
         };
         h.instantiate().map_err(|f| LoadError::Init {
             name: h.manifest.name.clone(),

@@ -234,6 +234,49 @@ impl Failure {
     }
 }
 
+/// What a handler's invocations cost since it was loaded (`status`, the Prometheus metrics).
+/// An invocation past the budget (`metrics.invoke_budget_ms`) is "negative uptime": it is
+/// not stopped (fuel stops it), it is counted, with the time it ran past.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RunStats {
+    pub calls: u64,
+    pub errors: u64,
+    /// Failures for running out of fuel (among `errors`).
+    pub timeouts: u64,
+    pub fuel: u64,
+    pub busy_us: u64,
+    pub over_budget: u64,
+    pub over_budget_us: u64,
+}
+
+impl RunStats {
+    /// Counts one invocation that took `took` against `budget`.
+    pub fn record(
+        &mut self,
+        failure: Option<FailureKind>,
+        fuel: u64,
+        took: std::time::Duration,
+        budget: std::time::Duration,
+    ) {
+        self.calls += 1;
+        match failure {
+            Some(FailureKind::Timeout) => {
+                self.errors += 1;
+                self.timeouts += 1;
+            }
+            Some(FailureKind::Broken) => self.errors += 1,
+            Some(FailureKind::Rejected) | None => {}
+        }
+        self.fuel += fuel;
+        let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.busy_us += us(took);
+        if took > budget {
+            self.over_budget += 1;
+            self.over_budget_us += us(took - budget);
+        }
+    }
+}
+
 /// The result of one invocation.
 #[derive(Debug)]
 pub struct Outcome {
@@ -312,5 +355,48 @@ impl HostEnv {
             max_payload_bytes: cfg.ingress.max_payload_bytes,
             capture_logs: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{FailureKind, RunStats};
+    use std::time::Duration;
+
+    #[test]
+    fn run_stats_count_failures_fuel_and_time_past_the_budget() {
+        let mut r = RunStats::default();
+        let budget = Duration::from_millis(10);
+        r.record(None, 100, Duration::from_millis(2), budget);
+        r.record(
+            Some(FailureKind::Timeout),
+            1000,
+            Duration::from_millis(25),
+            budget,
+        );
+        r.record(
+            Some(FailureKind::Rejected),
+            5,
+            Duration::from_millis(1),
+            budget,
+        );
+        r.record(
+            Some(FailureKind::Broken),
+            5,
+            Duration::from_millis(10),
+            budget,
+        );
+        assert_eq!(
+            r,
+            RunStats {
+                calls: 4,
+                errors: 2,
+                timeouts: 1,
+                fuel: 1110,
+                busy_us: 38_000,
+                over_budget: 1,
+                over_budget_us: 15_000,
+            }
+        );
     }
 }
