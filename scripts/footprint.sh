@@ -2,26 +2,40 @@
 # Footprint: stripped binary size, idle RSS and idle wake-ups of the release gateway with the
 # demo's set-up (threshold handler, an uplink URL, no connections), measured over an idle
 # minute, then again over an idle minute after a load run (8 devices x 20000 events).
-# Wake-ups = the sum of voluntary context switches of all threads (/proc/PID/task/*/status).
+# Thread wake-ups = the sum of voluntary context switches of all threads
+# (/proc/PID/task/*/status). CPU wake-ups = the distinct milliseconds in which a thread's
+# timed wait ended by timing out (strace -f -tt of futex/epoll/nanosleep over the idle
+# period, after the switches were counted over one; timers the kernel fired together count
+# once: what a timer slack folds).
 #
-#   scripts/footprint.sh [--idle SECONDS]
+#   scripts/footprint.sh [--idle SECONDS] [--bin FILE] [--slack MS] [--events N]
+#
+# --bin measures another build of the gateway (a board's static x86_64 musl binary from
+# scripts/build.sh --board x86_64, say); --slack sets gateway.timer_slack_ms; --events is the
+# load run's events per device (default 20000).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 . scripts/lib.sh
-idle=60
+idle=60 bin="" slack=0 events=20000
 while (($#)); do
     case $1 in
         --idle) idle=$2; shift 2 ;;
-        -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+        --bin) bin=$(realpath "$2"); shift 2 ;;
+        --slack) slack=$2; shift 2 ;;
+        --events) events=$2; shift 2 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
 done
 
-cargo build --release --quiet -p tidepool
+if [ -z "$bin" ]; then
+    cargo build --release --quiet -p tidepool
+    bin=$root/target/release/tidepool
+fi
 cargo build --profile bench-fast --quiet -p tidepool --example loadgen
 scripts/build-handlers.sh >/dev/null
-bin=$root/target/release/tidepool
+command -v strace >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; }
 tp_workdir -p "$root/target" footprint.XXXXXX
 
 cat >"$work/tidepool.toml" <<TOML
@@ -30,6 +44,7 @@ id = "footprint"
 listen = "127.0.0.1:0"
 data_dir = "$work/data"
 log = "warn"
+timer_slack_ms = $slack
 [ingress]
 # A load run measures the box, not the per-device limit.
 device_events_per_s = 0
@@ -44,17 +59,32 @@ pid=$GW_PID
 
 switches() { cat /proc/"$pid"/task/*/status | awk '/^voluntary_ctxt_switches/ { s += $2 } END { print s }'; }
 measure() {
-    local a b
+    # Counted apart: strace's stops would add switches of their own.
+    local a b trace=$work/strace.$RANDOM
     a=$(switches); sleep "$idle"; b=$(switches)
-    printf '   %-22s rss_kb=%s wakeups_per_s=%s threads=%s\n' "$1" \
+    timeout -s INT "$idle" strace -f -tt -q -p "$pid" -e trace=futex,epoll_wait,epoll_pwait,nanosleep,clock_nanosleep -o "$trace" 2>/dev/null || true
+    printf '   %-22s rss_kb=%s thread_wakeups_per_s=%s cpu_wakeups_per_s=%s threads=%s\n' "$1" \
         "$(awk '/^VmRSS/ { print $2 }' /proc/"$pid"/status)" \
-        "$(python3 -c "print(round(($b - $a) / $idle, 2))")" "$(ls /proc/"$pid"/task | wc -l)"
+        "$(python3 -c "print(round(($b - $a) / $idle, 2))")" \
+        "$(python3 - "$trace" "$idle" <<'PY'
+import re, sys
+ms = set()
+for line in open(sys.argv[1]):
+    # A timed wait that ended by its timeout: the kernel fired a timer for it.
+    if "ETIMEDOUT" in line or re.search(r"epoll_p?wait\(.*\) = 0$", line.strip()) or ("nanosleep" in line and "= 0" in line):
+        t = line.split()[1]
+        h, m, sec = t.split(":")
+        ms.add(int((int(h) * 3600 + int(m) * 60 + float(sec)) * 1000))
+print(round(len(ms) / float(sys.argv[2]), 2))
+PY
+)" "$(ls /proc/"$pid"/task | wc -l)"
+    rm -f "$trace"
 }
 
 echo "== stripped release binary: $(stat -c %s "$bin") bytes"
 echo "== idle ${idle} s after start"
 measure "idle"
 "$root/target/bench-fast/examples/loadgen" tidepool --gateway "localhost:$port" --certs "$work/certs" \
-    --devices 8 --events-per-device 20000 | sed 's/^/   load: /'
+    --devices 8 --events-per-device "$events" | sed 's/^/   load: /'
 echo "== idle ${idle} s after the load run"
 measure "idle after load"

@@ -265,6 +265,8 @@ pub struct GatewayConfig {
     pub log: String,
     /// Started as root: the user to switch to once the port is bound ("": stay).
     pub user: String,
+    /// The timer slack of every thread (`PR_SET_TIMERSLACK`), in ms; 0: the kernel's.
+    pub timer_slack_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

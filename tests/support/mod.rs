@@ -953,13 +953,23 @@ impl Drop for Daemon {
     }
 }
 
-/// A command running one of the repo's scripts (`scripts/NAME`), without cargo test's own
-/// `CARGO_*` variables (they would make a nested cargo rebuild every time).
+/// A command running one of the repo's scripts (`scripts/NAME`), without what cargo test
+/// adds to the environment (`CARGO_*`, `OUT_DIR`, the build script's `TIDEPOOL_BUILD_UNIX`:
+/// a nested cargo would see them change and rebuild every time).
 pub fn script(name: &str) -> Command {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cmd = Command::new(root.join("scripts").join(name));
     for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("CARGO_") && k != "CARGO_HOME" {
+        let key = k.to_string_lossy();
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME")
+            || [
+                "OUT_DIR",
+                "TIDEPOOL_BUILD_UNIX",
+                "LD_LIBRARY_PATH",
+                "RUST_RECURSION_COUNT",
+            ]
+            .contains(&key.as_ref())
+        {
             cmd.env_remove(k);
         }
     }

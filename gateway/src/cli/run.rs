@@ -47,6 +47,8 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .with(filter)
         .init();
     let fixed_by_env = origin == "RUST_LOG";
+    // Before any thread starts: each inherits it (sled's pool included).
+    tidepool::os::process::timer_slack(cfg.gateway.timer_slack_ms);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
