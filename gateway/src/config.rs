@@ -419,7 +419,7 @@ pub struct MqttConfig {
 }
 
 /// A `[[handler]]` entry: a module, its manifest and per-box config overrides.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HandlerEntry {
     pub wasm: PathBuf,

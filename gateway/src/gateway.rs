@@ -693,6 +693,8 @@ pub async fn run(
             env.acl.clone(),
         );
         let (mut file, mut held) = (file_cfg.clone(), held);
+        // The handler list in force: the one read at start (a reload does not change it).
+        let at_start = file.handler.clone();
         tokio::spawn(async move {
             let mut reloading = true;
             loop {
@@ -702,6 +704,11 @@ pub async fn run(
                             // The id derived at start, when the file leaves it to the box.
                             if new.gateway.id.is_empty() {
                                 new.gateway.id = file.gateway.id.clone();
+                            }
+                            if new.handler != at_start {
+                                tracing::warn!(
+                                    "[[handler]] changed in the config: not in force until a restart (`systemctl restart tidepool`); handlers change live through `tidepool deploy`"
+                                );
                             }
                             file = new;
                         }
