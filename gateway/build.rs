@@ -14,4 +14,7 @@ fn main() {
     println!("cargo:rustc-env=TIDEPOOL_BUILD_UNIX={t}");
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
     println!("cargo:rerun-if-changed=build.rs");
+    // Stamped again whenever the code changes (a target dir kept for months would otherwise
+    // ship the floor of its first build).
+    println!("cargo:rerun-if-changed=src");
 }

@@ -153,6 +153,19 @@ fn a_rootfs_is_flashed_then_upgraded_keeping_its_data_and_local_edits() {
     std::fs::write(&cfg_path, edited).unwrap();
     // A stale binary, so the upgrade must replace it.
     std::fs::write(root.join("usr/bin/tidepool"), b"old").unwrap();
+    // The key list edited by hand into a multi-line array; a second key is added to it.
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let one_line = format!("trusted_keys = [\"{public}\"]");
+    assert!(text.contains(&one_line), "{text}");
+    std::fs::write(
+        &cfg_path,
+        text.replace(
+            &one_line,
+            &format!("trusted_keys = [\n    \"{public}\",\n]"),
+        ),
+    )
+    .unwrap();
+    let (_, second) = keys(&dir.path().join("second"));
 
     flash(&[
         "--rootfs",
@@ -160,7 +173,7 @@ fn a_rootfs_is_flashed_then_upgraded_keeping_its_data_and_local_edits() {
         "--uplink",
         "https://cloud.example/v2",
         "--trusted-key",
-        dir.path().join("keys/signing.pub").to_str().unwrap(),
+        dir.path().join("second/keys/signing.pub").to_str().unwrap(),
     ]);
     check_tree(&root);
     assert_eq!(
@@ -179,9 +192,30 @@ fn a_rootfs_is_flashed_then_upgraded_keeping_its_data_and_local_edits() {
         Some("https://cloud.example/v2")
     );
     assert_eq!(cfg["pki"]["device_ca"].as_str(), Some("pki/device-ca.crt"));
+    let keys_now: Vec<&str> = cfg["deploy"]["trusted_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
     assert_eq!(
-        cfg["deploy"]["trusted_keys"].as_array().unwrap().len(),
-        1,
+        keys_now,
+        [public.as_str(), second.as_str()],
+        "added to the list"
+    );
+    // Flashed again with a key it has: not added twice.
+    flash(&[
+        "--rootfs",
+        root.to_str().unwrap(),
+        "--trusted-key",
+        dir.path().join("second/keys/signing.pub").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        config_of(&root)["deploy"]["trusted_keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
         "the same key is not added twice"
     );
 
@@ -271,6 +305,26 @@ fn a_disk_image_is_found_mounted_flashed_and_upgraded() {
     }
     with_root(&image, bare_rootfs);
 
+    // An image in use (attached, as a mounted card is) is refused, untouched.
+    {
+        let _busy = Loop::new(&image, ROOT_START * 512, ROOT_SECTORS * 512);
+        let out = script("flash.sh")
+            .args(["--board", "rpi-aarch64", "--image", image.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("attached to a loop device"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    with_root(&image, |root| {
+        assert!(
+            !root.join("usr/bin/tidepool").exists(),
+            "nothing was installed"
+        );
+    });
     flash(&[
         "--image",
         image.to_str().unwrap(),
@@ -430,6 +484,27 @@ async fn a_fleet_provisions_a_box_by_csr_and_its_devices_reach_it_with_the_fleet
     assert_eq!(
         std::fs::read(gw.data().join("pki/server.key")).unwrap(),
         key_before
+    );
+    // The box's own server CA is no longer what its clients must trust: issuing on the box
+    // without the fleet's CAs is refused.
+    // (The operator CA is still the box's own here: only the server side changed.)
+    let run = cli(
+        &[
+            "certs",
+            "operator",
+            "ann",
+            "--out",
+            &p(&dir.path().join("ann")),
+        ],
+        &gw.config,
+    );
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("serves a server certificate from another CA"),
+        "{}",
+        run.stderr
     );
     gw.restart();
     let dev = tidepool::client::Device::connect(&gw.addr, &fleet_ca, &dev_crt, &dev_key_file)

@@ -268,6 +268,11 @@ async fn get_metrics(addr: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    // Prometheus picks its parser by this: OpenMetrics, what the body is.
+    assert!(
+        out.contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{out}"
+    );
     out
 }
 

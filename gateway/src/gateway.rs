@@ -673,7 +673,15 @@ pub async fn run(
                         ("normal", p.normal as u64, age(p.oldest_normal)),
                         ("bulk", p.bulk as u64, age(p.oldest_bulk)),
                     ],
-                    store_bytes: control.store.raw_db().size_on_disk().unwrap_or(0),
+                    // File system calls: off the runtime's workers.
+                    store_bytes: {
+                        let store = control.store.clone();
+                        tokio::task::spawn_blocking(move || store.size_on_disk())
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .unwrap_or(0)
+                    },
                 }
             }
         };

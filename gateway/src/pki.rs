@@ -47,6 +47,10 @@ pub enum PkiError {
         "{path}: its public key is not this box's ({key}): it was signed for another box's request"
     )]
     NotOurKey { path: PathBuf, key: PathBuf },
+    #[error("pki.device_ca and pki.operator_ca name the same CA ({0}): every device would be an operator; give the fleet two CAs (`tidepool certs init` makes them)")]
+    SameCa(PathBuf),
+    #[error("this box serves a server certificate from another CA than its own (a fleet's, `certs install`): its devices and operators trust that CA, so issue with `--ca DIR` where the fleet's CAs are")]
+    ServedByFleet,
     #[error("this box trusts a fleet's {what} ({path}, pki.{what} in the config) and holds no key for it: issue the certificate where the fleet's CAs are kept, with `--ca DIR`")]
     FleetCa { what: &'static str, path: PathBuf },
 }
@@ -172,7 +176,12 @@ fn new_ca(cn: &str) -> Result<(String, KeyPair), PkiError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.not_before = valid_from();
-    p.distinguished_name.push(DnType::CommonName, cn);
+    // A name of its own (a box's CA and a fleet's are told apart by their names: an issuer
+    // is matched to its CA by name).
+    p.distinguished_name.push(
+        DnType::CommonName,
+        format!("{cn} {:08x}", fastrand::u32(..)),
+    );
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     p.serial_number = Some(random_serial());
@@ -191,11 +200,7 @@ fn load_ca(paths: &PkiPaths, name: &str) -> Result<(Certificate, KeyPair), PkiEr
         return Err(PkiError::Missing(paths.dir.clone()));
     }
     let crt = fs::read_to_string(&cp).map_err(io(&cp))?;
-    let key = fs::read_to_string(&kp).map_err(io(&kp))?;
-    let key = KeyPair::from_pem(&key).map_err(|e| PkiError::Pem {
-        path: kp.clone(),
-        msg: e.to_string(),
-    })?;
+    let key = read_key_pair(&kp)?;
     let params = CertificateParams::from_ca_cert_pem(&crt).map_err(|e| PkiError::Pem {
         path: cp.clone(),
         msg: e.to_string(),
@@ -264,6 +269,11 @@ pub fn ensure_cas(paths: &PkiPaths) -> Result<bool, PkiError> {
             write_file(&paths.cert(name), &crt, 0o644)?;
             created = true;
         }
+    }
+    // One CA for both roles would make every device an operator.
+    let (d, o) = (paths.cert(DEVICE_CA), paths.cert(OPERATOR_CA));
+    if read_certs(&d)?.first() == read_certs(&o)?.first() {
+        return Err(PkiError::SameCa(d));
     }
     Ok(created)
 }
@@ -335,6 +345,7 @@ fn issue_client(
     // The expiry counts from now: a clock that was never set would issue a dead certificate.
     clock_set()?;
     let ca = load_ca(paths, ca)?;
+    served_by_own_ca(paths)?;
     let (crt, key) = issue_leaf(
         &ca,
         id,
@@ -362,12 +373,7 @@ fn issue_client(
 /// ([`install_server_cert`]), it lets every device of the fleet trust any box of it.
 pub fn server_request(paths: &PkiPaths, server_names: &[String]) -> Result<String, PkiError> {
     ensure(paths, server_names)?;
-    let kp = paths.key(SERVER);
-    let pem = fs::read_to_string(&kp).map_err(io(&kp))?;
-    let key = KeyPair::from_pem(&pem).map_err(|e| PkiError::Pem {
-        path: kp.clone(),
-        msg: e.to_string(),
-    })?;
+    let key = read_key_pair(&paths.key(SERVER))?;
     let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     sans.extend(server_names.iter().cloned());
     let mut p = CertificateParams::new(sans)?;
@@ -436,6 +442,7 @@ pub fn sign_device_request(
     let mut req = read_request(csr)?;
     clock_set()?;
     let ca = load_ca(paths, DEVICE_CA)?;
+    served_by_own_ca(paths)?;
     let p = &mut req.params;
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, id);
@@ -456,11 +463,7 @@ pub fn sign_device_request(
 pub fn install_server_cert(paths: &PkiPaths, crt: &Path) -> Result<(), PkiError> {
     let certs = read_certs(crt)?;
     let kp = paths.key(SERVER);
-    let key_pem = fs::read_to_string(&kp).map_err(io(&kp))?;
-    let key = KeyPair::from_pem(&key_pem).map_err(|e| PkiError::Pem {
-        path: kp.clone(),
-        msg: e.to_string(),
-    })?;
+    let key = read_key_pair(&kp)?;
     let spki = x509_parser::parse_x509_certificate(certs[0].as_ref())
         .map(|(_, c)| c.public_key().raw.to_vec())
         .map_err(|e| PkiError::Pem {
@@ -475,6 +478,41 @@ pub fn install_server_cert(paths: &PkiPaths, crt: &Path) -> Result<(), PkiError>
     }
     let pem = fs::read_to_string(crt).map_err(io(crt))?;
     write_file(&paths.cert(SERVER), &pem, 0o644)
+}
+
+/// Refuses to hand out `paths`' server CA as a client's `ca.crt` when the box serves a
+/// certificate from another CA (a fleet's, installed with `certs install`): the client would
+/// not trust the box. A folder of a fleet's CAs (no server certificate in it) passes.
+fn served_by_own_ca(paths: &PkiPaths) -> Result<(), PkiError> {
+    let served = paths.cert(SERVER);
+    if !served.exists() {
+        return Ok(());
+    }
+    let name = |p: &Path, issuer: bool| -> Result<Vec<u8>, PkiError> {
+        let der = read_certs(p)?;
+        let (_, c) =
+            x509_parser::parse_x509_certificate(der[0].as_ref()).map_err(|e| PkiError::Pem {
+                path: p.to_path_buf(),
+                msg: e.to_string(),
+            })?;
+        Ok(match issuer {
+            true => c.issuer().as_raw().to_vec(),
+            false => c.subject().as_raw().to_vec(),
+        })
+    };
+    if name(&served, true)? != name(&paths.cert(SERVER_CA), false)? {
+        return Err(PkiError::ServedByFleet);
+    }
+    Ok(())
+}
+
+/// A private key file (PEM) as rcgen signs with it.
+fn read_key_pair(path: &Path) -> Result<KeyPair, PkiError> {
+    let pem = fs::read_to_string(path).map_err(io(path))?;
+    KeyPair::from_pem(&pem).map_err(|e| PkiError::Pem {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
 }
 
 /// A leaf's usages and validity (from 1970, for `days` from now when given), a fresh serial.
@@ -631,6 +669,25 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_ca_for_devices_and_operators_is_refused() {
+        let fleet = tempfile::tempdir().unwrap();
+        ensure_cas(&PkiPaths::at(fleet.path())).unwrap();
+        let box_dir = tempfile::tempdir().unwrap();
+        let ca = fleet.path().join("device-ca.crt");
+        let paths = PkiPaths {
+            fleet_device_ca: Some(ca.clone()),
+            fleet_operator_ca: Some(ca),
+            ..PkiPaths::new(box_dir.path())
+        };
+        assert!(matches!(ensure(&paths, &[]), Err(PkiError::SameCa(_))));
+        let two = PkiPaths {
+            fleet_operator_ca: Some(fleet.path().join("operator-ca.crt")),
+            ..paths
+        };
+        ensure(&two, &[]).unwrap();
+    }
 
     #[test]
     fn creates_once_and_issues_device_certs_with_the_id_as_cn() {

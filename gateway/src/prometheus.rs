@@ -1,5 +1,6 @@
 //! The Prometheus endpoint (`[metrics] listen`, off by default): `GET /metrics` answers the
-//! text exposition format 0.0.4, made by `prometheus-client` from one snapshot of what
+//! OpenMetrics text format (1.0.0; Prometheus picks its parser by the content type), made by
+//! `prometheus-client` from one snapshot of what
 //! `status` reports (the counters, each handler's runs, the outbox, the disk, the clock) and a
 //! few gauges beside it. Nothing runs between scrapes: no timer, no wake-up.
 
@@ -114,43 +115,44 @@ impl Collector for Scrape {
             }
         }
         if !handlers.is_empty() {
-            let mut family = enc.encode_descriptor(
-                "tidepool_handler_quarantined",
-                "1 when the handler is quarantined for every device.",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+            gauges(
+                &mut enc,
+                (
+                    "tidepool_handler_quarantined",
+                    "1 when the handler is quarantined for every device.",
+                ),
+                handlers.iter().map(|h| {
+                    let name = h["name"].as_str().unwrap_or("?").to_string();
+                    (
+                        ("handler", name),
+                        f64::from(u8::from(h["quarantined"].as_bool() == Some(true))),
+                    )
+                }),
             )?;
-            for h in &handlers {
-                let label = [("handler", h["name"].as_str().unwrap_or("?").to_string())];
-                let q = i64::from(h["quarantined"].as_bool() == Some(true));
-                ConstGauge::new(q).encode(family.encode_family(&label)?)?;
-            }
         }
-        {
-            let mut family = enc.encode_descriptor(
+        gauges(
+            &mut enc,
+            (
                 "tidepool_outbox_entries",
                 "Forwards waiting in the outbox, by class.",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for (class, count, _) in &self.outbox {
-                let label = [("class", *class)];
-                ConstGauge::new(*count as i64).encode(family.encode_family(&label)?)?;
-            }
-        }
-        {
-            let mut family = enc.encode_descriptor(
+            ),
+            self.outbox
+                .iter()
+                .map(|(class, count, _)| (("class", class.to_string()), *count as f64)),
+        )?;
+        gauges(
+            &mut enc,
+            (
                 "tidepool_outbox_oldest_age_seconds",
                 "Age of the oldest waiting forward, by class (0: none waits).",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
-            for (class, _, age) in &self.outbox {
-                let label = [("class", *class)];
-                let s = age.map_or(0.0, |d| d.as_secs_f64());
-                ConstGauge::new(s).encode(family.encode_family(&label)?)?;
-            }
-        }
+            ),
+            self.outbox.iter().map(|(class, _, age)| {
+                (
+                    ("class", class.to_string()),
+                    age.map_or(0.0, |d| d.as_secs_f64()),
+                )
+            }),
+        )?;
         let st = &self.status;
         gauge(
             &mut enc,
@@ -191,7 +193,7 @@ impl Collector for Scrape {
         gauge(
             &mut enc,
             "tidepool_clock_floor_seconds",
-            "The clock floor certificates are checked at (Unix seconds).",
+            "The clock floor (Unix seconds): certificates are checked at the later of it and the wall clock.",
             n(&st["clock"]["floor_s"]) as i64,
         )?;
         gauge_f(
@@ -213,6 +215,24 @@ impl Collector for Scrape {
     }
 }
 
+/// A gauge family with one label: one sample per (label, value).
+fn gauges(
+    enc: &mut DescriptorEncoder,
+    (name, help): (&str, &str),
+    samples: impl Iterator<Item = ((&'static str, String), f64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = enc.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (label, v) in samples {
+        ConstGauge::new(v).encode(family.encode_family(&[label])?)?;
+    }
+    Ok(())
+}
+
 /// The text exposition of one scrape.
 pub fn render(scrape: Scrape) -> String {
     let mut registry = Registry::default();
@@ -224,15 +244,17 @@ pub fn render(scrape: Scrape) -> String {
 }
 
 /// Serves `GET /metrics` on `listener` until `stop` turns true; `scrape` gathers each answer.
-/// A client gets 5 s to send its request line; one scrape at a time.
+/// Each client is served on a task of its own (at most [`MAX_CLIENTS`] at once, others are
+/// closed at once) and gets 2 s to send its request and 5 s to take the answer.
 pub async fn serve<F, Fut>(
     listener: tokio::net::TcpListener,
     scrape: F,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Scrape>,
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Scrape> + Send,
 {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let sock = tokio::select! {
             r = listener.accept() => match r {
@@ -244,27 +266,40 @@ pub async fn serve<F, Fut>(
             },
             _ = stop.changed() => return,
         };
-        let request = tokio::time::timeout(Duration::from_secs(5), read_head(sock)).await;
-        let Ok(Some((mut sock, line))) = request else {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
-        let (status, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
-            ["GET", "/metrics"] => ("200 OK", render(scrape().await)),
-            ["GET", _] => ("404 Not Found", "only /metrics is here\n".to_string()),
-            _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
-        };
-        let head = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            sock.write_all(head.as_bytes()).await?;
-            sock.write_all(body.as_bytes()).await?;
-            sock.shutdown().await
-        })
-        .await;
+        let scrape = scrape.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let request = tokio::time::timeout(Duration::from_secs(2), read_head(sock)).await;
+            let Ok(Some((mut sock, line))) = request else {
+                return;
+            };
+            let (status, body) = match line.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+                ["GET", "/metrics"] => ("200 OK", render(scrape().await)),
+                ["GET", _] => ("404 Not Found", "only /metrics is here\n".to_string()),
+                _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {CONTENT_TYPE}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                sock.write_all(head.as_bytes()).await?;
+                sock.write_all(body.as_bytes()).await?;
+                sock.shutdown().await
+            })
+            .await;
+        });
     }
 }
+
+/// Scrapes served at once.
+pub const MAX_CLIENTS: usize = 4;
+
+/// What `prometheus-client`'s text encoder writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Reads a request's head (at most 8 KiB) and returns its first line.
 async fn read_head(mut sock: tokio::net::TcpStream) -> Option<(tokio::net::TcpStream, String)> {

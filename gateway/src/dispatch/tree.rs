@@ -289,9 +289,17 @@ impl Tree {
                         // Over its CPU share: this firing is skipped (the schedule moves on).
                         Err(OverShare) => Metrics::inc(&self.metrics.timers_skipped),
                         Ok(started) => {
+                            let t0 = Instant::now();
                             let outcome = self.handlers[h].timer(&info);
+                            let took = t0.elapsed();
                             self.share_end(h, started);
                             Metrics::inc(&self.metrics.timer_calls);
+                            self.handlers[h].runs.record(
+                                outcome.failure_kind(),
+                                outcome.fuel_used,
+                                took,
+                                self.invoke_budget,
+                            );
                             self.apply_outcome(ctx, h, At::ROOT_TIMER, outcome, &mut run);
                         }
                     }

@@ -234,9 +234,13 @@ impl Failure {
     }
 }
 
-/// What a handler's invocations cost since it was loaded (`status`, the Prometheus metrics).
-/// An invocation past the budget (`metrics.invoke_budget_ms`) is "negative uptime": it is
-/// not stopped (fuel stops it), it is counted, with the time it ran past.
+/// What a handler's invocations cost since it was loaded (`status`, the Prometheus metrics):
+/// its events' and its timer's, counted as they run (a tree undone by a full outbox and run
+/// again when the device resends counts twice). `errors` are traps and limits, not
+/// rejections (a handler returning non-zero judged its input; the gateway-wide
+/// `handler_errors` counts both). An invocation past the budget (`metrics.invoke_budget_ms`)
+/// is "negative uptime": it is not stopped (fuel stops it), it is counted, with the time it
+/// ran past.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct RunStats {
     pub calls: u64,

@@ -395,6 +395,11 @@ impl Store {
         self.commit(batch, Vec::new()).map(|_| ())
     }
 
+    /// The store's files' size on disk (file system calls: not on an async runtime's worker).
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
     /// The clock floor last written (Unix seconds).
     pub fn clock_floor(&self) -> Result<Option<u64>, StoreError> {
         Ok(self
