@@ -10,6 +10,7 @@
 #
 #   scripts/footprint.sh [--idle SECONDS] [--bin FILE] [--slack MS] [--events N]
 #
+# Disk bytes written (/proc/PID/io write_bytes) per hour while idle, and per event over the load.
 # --bin measures another build of the gateway (a board's static x86_64 musl binary from
 # scripts/build.sh --board x86_64, say); --slack sets gateway.timer_slack_ms; --events is the
 # load run's events per device (default 20000).
@@ -24,7 +25,7 @@ while (($#)); do
         --bin) bin=$(realpath "$2"); shift 2 ;;
         --slack) slack=$2; shift 2 ;;
         --events) events=$2; shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -57,14 +58,18 @@ for i in $(seq 1 8); do "$bin" certs device "dev-$i" --config "$work/tidepool.to
 tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"
 pid=$GW_PID
 
+# Bytes the gateway caused to be written to the disk (/proc/PID/io write_bytes: what reaches
+# the block layer, the SD card's wear).
+written() { awk '/^write_bytes/ { print $2 }' /proc/"$pid"/io; }
 switches() { cat /proc/"$pid"/task/*/status | awk '/^voluntary_ctxt_switches/ { s += $2 } END { print s }'; }
 measure() {
     # Counted apart: strace's stops would add switches of their own.
-    local a b trace=$work/strace.$RANDOM
-    a=$(switches); sleep "$idle"; b=$(switches)
+    local a b w0 w1 trace=$work/strace.$RANDOM
+    a=$(switches); w0=$(written); sleep "$idle"; b=$(switches); w1=$(written)
     timeout -s INT "$idle" strace -f -tt -q -p "$pid" -e trace=futex,epoll_wait,epoll_pwait,nanosleep,clock_nanosleep -o "$trace" 2>/dev/null || true
-    printf '   %-22s rss_kb=%s thread_wakeups_per_s=%s cpu_wakeups_per_s=%s threads=%s\n' "$1" \
+    printf '   %-22s rss_kb=%s disk_bytes_written_per_h=%s thread_wakeups_per_s=%s cpu_wakeups_per_s=%s threads=%s\n' "$1" \
         "$(awk '/^VmRSS/ { print $2 }' /proc/"$pid"/status)" \
+        "$(python3 -c "print(round(($w1 - $w0) * 3600 / $idle))")" \
         "$(python3 -c "print(round(($b - $a) / $idle, 2))")" \
         "$(python3 - "$trace" "$idle" <<'PY'
 import re, sys
@@ -84,7 +89,10 @@ PY
 echo "== stripped release binary: $(stat -c %s "$bin") bytes"
 echo "== idle ${idle} s after start"
 measure "idle"
+w_before=$(written)
 "$root/target/bench-fast/examples/loadgen" tidepool --gateway "localhost:$port" --certs "$work/certs" \
     --devices 8 --events-per-device "$events" | sed 's/^/   load: /'
+w_after=$(written)
+echo "   load: disk bytes written per event: $(python3 -c "print(round(($w_after - $w_before) / (8 * $events), 1))") (write_bytes over the run, / events)"
 echo "== idle ${idle} s after the load run"
 measure "idle after load"
