@@ -8,24 +8,35 @@
 # period, after the switches were counted over one; timers the kernel fired together count
 # once: what a timer slack folds).
 #
-#   scripts/footprint.sh [--idle SECONDS] [--bin FILE] [--slack MS] [--events N]
+#   scripts/footprint.sh [--idle SECONDS] [--bin FILE] [--slack MS] [--events N] [--hold N]
+#                        [--rate EVENTS_PER_S --sustain SECONDS]
 #
 # Disk bytes written (/proc/PID/io write_bytes) per hour while idle, and per event over the load.
+# Between the two idle minutes: RSS with --hold devices (default 1000) connected and idle (each
+# its own QUIC connection with its hello answered), then the load run.
 # --bin measures another build of the gateway (a board's static x86_64 musl binary from
 # scripts/build.sh --board x86_64, say); --slack sets gateway.timer_slack_ms; --events is the
-# load run's events per device (default 20000).
+# load run's events per device (default 20000). --rate R --sustain S makes the load run a
+# steady R events/s for S seconds instead (readings that cross the threshold rarely, as a real
+# sensor's), with RSS sampled every second: its peak, and where it stood at each fifth of the run
+# (flat, or still growing).
+#
+#   scripts/footprint.sh --rate 20000 --sustain 300      # the issue's 5 minutes at 20k events/s
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 . scripts/lib.sh
-idle=60 bin="" slack=0 events=20000
+idle=60 bin="" slack=0 events=20000 hold=1000 rate=0 sustain=0
 while (($#)); do
     case $1 in
         --idle) idle=$2; shift 2 ;;
         --bin) bin=$(realpath "$2"); shift 2 ;;
         --slack) slack=$2; shift 2 ;;
         --events) events=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --hold) hold=$2; shift 2 ;;
+        --rate) rate=$2; shift 2 ;;
+        --sustain) sustain=$2; shift 2 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -49,11 +60,13 @@ timer_slack_ms = $slack
 [ingress]
 # A load run measures the box, not the per-device limit.
 device_events_per_s = 0
+max_connections = $((hold + 16))
 [uplink]
 url = "http://127.0.0.1:9/ingest"
 TOML
 tp_threshold_handler >>"$work/tidepool.toml"
-for i in $(seq 1 8); do "$bin" certs device "dev-$i" --config "$work/tidepool.toml" --out "$work/certs" >/dev/null; done
+devices=$((hold > 8 ? hold : 8))
+for i in $(seq 1 "$devices"); do "$bin" certs device "dev-$i" --config "$work/tidepool.toml" --out "$work/certs" >/dev/null; done
 
 tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"
 pid=$GW_PID
@@ -89,10 +102,41 @@ PY
 echo "== stripped release binary: $(stat -c %s "$bin") bytes"
 echo "== idle ${idle} s after start"
 measure "idle"
+rss() { awk '/^VmRSS/ { print $2 }' /proc/"$pid"/status; }
+if ((hold > 0)); then
+    ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    r0=$(rss)
+    "$root/target/bench-fast/examples/loadgen" hold --gateway "localhost:$port" --certs "$work/certs" \
+        --devices "$hold" >"$work/hold.out" 2>&1 &
+    holder=$!
+    # Wait for the holder's own word that every device is in, not for a time.
+    while ! grep -q '^connected' "$work/hold.out"; do
+        kill -0 "$holder" 2>/dev/null || { cat "$work/hold.out" >&2; echo "footprint: the holder failed" >&2; exit 1; }
+        sleep 0.2
+    done
+    r1=$(rss)
+    echo "== $hold idle devices connected: rss_kb=$r1 (+$((r1 - r0)) kB, $(python3 -c "print(round(($r1 - $r0) * 1024 / $hold))") bytes per device) threads=$(ls /proc/"$pid"/task | wc -l)"
+    kill -TERM "$holder"; wait "$holder" || true
+fi
 w_before=$(written)
+load=(--devices 8 --events-per-device "$events")
+if ((sustain > 0)); then
+    ((rate > 0)) || { echo "--sustain needs --rate" >&2; exit 2; }
+    load=(--devices 8 --events-per-device $((rate * sustain / 8)) --rate "$rate" --walk)
+fi
+( while kill -0 "$pid" 2>/dev/null; do rss; sleep 1; done ) >"$work/rss.samples" &
+sampler=$!
 "$root/target/bench-fast/examples/loadgen" tidepool --gateway "localhost:$port" --certs "$work/certs" \
-    --devices 8 --events-per-device "$events" | sed 's/^/   load: /'
+    "${load[@]}" | sed 's/^/   load: /'
+kill "$sampler"; wait "$sampler" 2>/dev/null || true
 w_after=$(written)
-echo "   load: disk bytes written per event: $(python3 -c "print(round(($w_after - $w_before) / (8 * $events), 1))") (write_bytes over the run, / events)"
+echo "   load: disk bytes written per event: $(python3 -c "print(round(($w_after - $w_before) / (8 * ${load[3]}), 1))") (write_bytes over the run, / events)"
+python3 - "$work/rss.samples" <<'PY'
+import sys
+s = [int(l) for l in open(sys.argv[1]) if l.strip()]
+if s:
+    fifths = [s[min(len(s) - 1, len(s) * k // 5)] for k in range(1, 5)] + [s[-1]]
+    print(f"   load: rss_kb peak={max(s)} at each fifth of the run: {' '.join(map(str, fifths))} ({len(s)} samples)")
+PY
 echo "== idle ${idle} s after the load run"
 measure "idle after load"

@@ -2,6 +2,8 @@
 //! boots at 1970 (no RTC, NTP not answered) still takes a device whose certificate starts
 //! after 1970, and says its clock is unsynced; a forged step to 2099 refuses certificates
 //! only while it lasts, because the floor written down advances by monotonic time only.
+//! A forward received before the clock was set goes up marked `unsynced` with its boot id and
+//! time since boot, and once the clock is set, re-stamped from them.
 
 mod support;
 
@@ -101,4 +103,102 @@ async fn a_box_booting_at_1970_takes_its_devices_and_a_jump_to_2099_is_not_kept(
     publish_with(&gw, &cert)
         .await
         .expect("the clock is right again: in");
+}
+
+/// The real time now, in ms since the epoch.
+fn real_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test]
+async fn a_forward_received_before_the_clock_is_set_is_restamped_once_it_is() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    // The cloud is unreachable (503) until the clock is set, so the forward waits in the outbox.
+    let accept = std::sync::Arc::new(AtomicBool::new(false));
+    let open = accept.clone();
+    let cloud = Cloud::start_with(move |_| match open.load(Ordering::SeqCst) {
+        true => 200,
+        false => 503,
+    })
+    .await;
+    // libfaketime re-reads this file at every clock read: the clock reads 1970 (a board
+    // without an RTC, NTP not answered yet) until the test writes the real time into it.
+    let clock = dir.path().join("faketime");
+    std::fs::write(&clock, "@1970-01-02 00:00:00\n").unwrap();
+    let mut env = faked("1970-01-02 00:00:00");
+    env.retain(|(k, _)| *k != "FAKETIME");
+    env.push(("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()));
+    env.push(("FAKETIME_NO_CACHE", "1".to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = Gateway::start_in_env(
+        &dir.path().join("data"),
+        &format!(
+            "[router]\nunrouted = \"forward\"\nunrouted_class = \"urgent\"\n[uplink]\nurl = \"{}\"\n[outbox]\nlinger_ms = 50\nretry_base_ms = 50\nretry_max_ms = 200\n",
+            cloud.url
+        ),
+        &env,
+    );
+    let dev = gw.connect("d1").await;
+    let mut s = dev.open().await.unwrap();
+    let (before, boot_before) = (real_ms(), uptime_ms());
+    s.send(&publish(1, "devices/d1/temp", b"{\"v\":31}"))
+        .await
+        .unwrap();
+    until_ack(&mut s, 1).await;
+    let (after, boot_after) = (real_ms(), uptime_ms());
+
+    // Sent while the clock is unset: the receipt time by that clock, marked unsynced, with
+    // this boot's id and the time since boot.
+    let first = cloud
+        .wait_until(Duration::from_secs(20), |r| !r.is_empty())
+        .await;
+    let ev = &first[0].json()["events"][0];
+    assert_eq!(ev["clock"], "unsynced", "{ev}");
+    assert!(ev["ts"].as_u64().unwrap() < 2 * 86_400_000, "{ev}");
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(ev["boot_id"], boot_id.trim(), "{ev}");
+    let mono = ev["mono_ms"].as_u64().unwrap();
+    assert!(
+        (boot_before.saturating_sub(1000)..=boot_after + 1000).contains(&mono),
+        "{mono} not within {boot_before}..{boot_after} ms since boot"
+    );
+
+    // NTP answers: the clock reads the real time; then the cloud is back.
+    std::fs::write(&clock, "+0\n").unwrap();
+    accept.store(true, Ordering::SeqCst);
+    let all = cloud
+        .wait_until(Duration::from_secs(20), |r| {
+            r.iter().any(|r| r.status == 200)
+        })
+        .await;
+    let ok = all.iter().find(|r| r.status == 200).expect("delivered");
+    let ev2 = &ok.json()["events"][0];
+    assert_eq!(ev2["id"], ev["id"], "the same event");
+    assert_eq!(ev2["clock"], "synced", "{ev2}");
+    let ts = ev2["ts"].as_u64().unwrap();
+    assert!(
+        (before.saturating_sub(1000)..=after + 1000).contains(&ts),
+        "re-stamped to {ts}, received between {before} and {after} (real time)"
+    );
+    assert_eq!(
+        (&ev2["boot_id"], ev2["mono_ms"].as_u64()),
+        (&ev["boot_id"], Some(mono))
+    );
+    assert_ne!(
+        ok.header("idempotency-key"),
+        first[0].header("idempotency-key"),
+        "other bytes, another key"
+    );
+    dev.close().await;
+}
+
+/// Milliseconds since boot (`/proc/uptime`, the boot clock less suspend: the same on a test box).
+fn uptime_ms() -> u64 {
+    let up = std::fs::read_to_string("/proc/uptime").unwrap();
+    let secs: f64 = up.split_whitespace().next().unwrap().parse().unwrap();
+    (secs * 1000.0) as u64
 }

@@ -356,6 +356,19 @@ async fn an_uplink_outage_backs_off_and_every_event_arrives_once_after_dedupe() 
             .contains("uplink refused: HTTP 401"),
         "401 raises an alarm"
     );
+    // One outage, said once as it began and once as it turned into an alarm, not once per
+    // attempt (the log is what wears an SD card during an outage).
+    let log = gw.stderr.lock().unwrap().clone();
+    let said = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .filter(|l| l.contains("uplink failed") || l.contains("uplink refused"))
+        .count();
+    let tries = m["send_failures"].as_u64().unwrap();
+    assert!(
+        tries > 4 && said <= 3,
+        "{said} warnings for {tries} failed attempts: {log}"
+    );
 }
 
 /// Forwards each event as is, with the class its payload's first byte names (`0` urgent,

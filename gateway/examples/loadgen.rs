@@ -62,6 +62,15 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         flooders: usize,
     },
+    /// Connect the fleet's devices (each with its `hello` answered, at most 8 handshakes at
+    /// once), print `connected N`, then hold the connections idle for `--seconds` (0: until
+    /// SIGINT/SIGTERM) and close them: what a box's memory per idle device is measured with.
+    Hold {
+        #[command(flatten)]
+        fleet: Fleet,
+        #[arg(long, default_value_t = 0)]
+        seconds: u64,
+    },
     /// Print each device's durable high-water mark (`hello` → `welcome`) as `mark dev-I N`.
     Marks {
         #[command(flatten)]
@@ -353,6 +362,63 @@ fn main() -> anyhow::Result<()> {
                     pct(&lat, 0.99),
                     pct(&lat, 1.0)
                 );
+                anyhow::Ok(())
+            })
+        }
+        Cmd::Hold {
+            fleet:
+                Fleet {
+                    gateway,
+                    certs,
+                    devices,
+                },
+            seconds,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+                let tasks: Vec<_> = (1..=devices)
+                    .map(|i| {
+                        let (gateway, certs, gate) = (gateway.clone(), certs.clone(), gate.clone());
+                        tokio::spawn(async move {
+                            let _turn = gate.acquire_owned().await?;
+                            let (dev, s, _) = hello(&gateway, &certs, &format!("dev-{i}")).await?;
+                            anyhow::Ok((dev, s))
+                        })
+                    })
+                    .collect();
+                let mut held = Vec::with_capacity(devices);
+                for t in tasks {
+                    held.push(t.await??);
+                }
+                println!("connected {}", held.len());
+                use std::io::Write as _;
+                std::io::stdout().flush()?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let hold = async {
+                    match seconds {
+                        0 => std::future::pending().await,
+                        s => tokio::time::sleep(Duration::from_secs(s)).await,
+                    }
+                };
+                tokio::select! {
+                    _ = hold => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                let closing: Vec<_> = held
+                    .into_iter()
+                    .map(|(dev, s)| {
+                        drop(s);
+                        tokio::spawn(dev.close())
+                    })
+                    .collect();
+                for c in closing {
+                    c.await?;
+                }
                 anyhow::Ok(())
             })
         }

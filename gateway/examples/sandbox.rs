@@ -428,8 +428,13 @@ fn dispatch_rate(
             src: None,
             class: None,
         };
-        d.publish(&devices[i % devices.len()], p, 0, &reply)
-            .expect("the store is readable");
+        d.publish(
+            &devices[i % devices.len()],
+            p,
+            tidepool::clock::Stamp::set(0),
+            &reply,
+        )
+        .expect("the store is readable");
     }
     let rate = n as f64 / start.elapsed().as_secs_f64();
     d.close();

@@ -159,6 +159,65 @@ pub fn trusted_now_s() -> u64 {
     }
 }
 
+/// Milliseconds since the system booted (`CLOCK_BOOTTIME`: counts suspend, is not moved by
+/// the wall clock, and goes on across a gateway restart within the boot); 0 if unreadable.
+pub fn boot_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`, new at every boot; empty if unreadable:
+/// then no stamp of this boot is ever re-stamped, as if from another boot).
+pub fn boot_id() -> std::sync::Arc<str> {
+    static ID: std::sync::OnceLock<std::sync::Arc<str>> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+            .into()
+    })
+    .clone()
+}
+
+/// When the gateway took something in: its wall clock, and, only when that clock was not set
+/// then ([`Stamp::set`]), the time since boot, from which the wall time is computed again once
+/// the clock is set (the outbox's re-stamp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub wall_ms: u64,
+    /// `Some(ms since boot)` when the wall clock was not set at `wall_ms`.
+    pub boot_ms: Option<u64>,
+}
+
+impl Stamp {
+    /// A stamp taken with the clock set (tests, the simulator, `tidepool invoke`).
+    pub fn set(wall_ms: u64) -> Stamp {
+        Stamp {
+            wall_ms,
+            boot_ms: None,
+        }
+    }
+}
+
+/// Whether the wall clock is set: it reads 2024 or later ([`looks_synced`]) and is not behind
+/// the floor. A clock restored at boot from a saved time (systemd-timesyncd's clock file,
+/// fake-hwclock) counts as set: it is off by the time the box was off at most. The kernel's own
+/// NTP status (`adjtimex`) is not asked: containers and VMs report it unsynchronised while their
+/// clock is right.
+pub fn is_set(wall_ms: u64) -> bool {
+    looks_synced(wall_ms) && floor().is_none_or(|f| wall_ms / 1000 >= f.floor_s())
+}
+
+/// The stamp for now.
+pub fn stamp() -> Stamp {
+    let wall_ms = now_ms();
+    Stamp {
+        wall_ms,
+        boot_ms: (!is_set(wall_ms)).then(boot_ms),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

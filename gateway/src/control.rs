@@ -177,7 +177,7 @@ fn clock_status() -> serde_json::Value {
     let wall_s = crate::clock::now_ms() / 1000;
     match crate::clock::floor() {
         Some(f) => serde_json::json!({
-            "synced": f.wall_clock_plausible(),
+            "synced": crate::clock::is_set(wall_s * 1000),
             "wall_s": wall_s,
             "floor_s": f.floor_s(),
             "checked_at_s": f.trusted_s(),

@@ -504,7 +504,7 @@ impl Sim {
             session: d.session,
             device: d.id.clone(),
             steps: vec![Step::Hello],
-            received_ms: self.now_ms,
+            received: crate::clock::Stamp::set(self.now_ms),
             reply: d.reply.clone(),
             gate: d.gate.clone(),
         };
@@ -533,7 +533,7 @@ impl Sim {
             session: d.session,
             device: d.id.clone(),
             steps,
-            received_ms: self.now_ms,
+            received: crate::clock::Stamp::set(self.now_ms),
             reply: d.reply.clone(),
             gate: d.gate.clone(),
         };
@@ -560,7 +560,7 @@ impl Sim {
             session: d.previous,
             device: d.id.clone(),
             steps: vec![Step::Publish(d.publish(d.next.min(EVENTS_PER_DEVICE)))],
-            received_ms: self.now_ms,
+            received: crate::clock::Stamp::set(self.now_ms),
             reply: d.reply.clone(),
             gate: Arc::default(),
         };

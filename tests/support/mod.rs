@@ -451,6 +451,29 @@ impl Gateway {
         }
     }
 
+    /// The counter `name` now (`tidepool status`; 0 when the status does not answer).
+    pub fn counter(&self, name: &str) -> u64 {
+        let st = cli(&["status", "--json"], &self.config);
+        let v: serde_json::Value = serde_json::from_str(&st.stdout).unwrap_or_default();
+        v["metrics"][name].as_u64().unwrap_or(0)
+    }
+
+    /// Waits (polling `tidepool status`, bounded) until the counter `name` is at least `n`.
+    pub async fn wait_counter(&self, name: &str, n: u64, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let c = self.counter(name);
+            if c >= n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} did not come to {n} within {timeout:?}: it is {c}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Kills the gateway with SIGKILL (no drain, no flush) and waits for it to be gone.
     pub fn kill(&mut self) {
         let mut child = self.child.take().expect("running");

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
+use crate::clock::Stamp;
 use crate::config::Config;
 use crate::jsonl::Line;
 use crate::metrics::Metrics;
@@ -136,6 +137,8 @@ pub struct Dispatcher {
     datagrams: u64,
     /// Random per start: datagram entry ids stay unique across restarts, even without a clock.
     boot_nonce: u64,
+    /// This boot's id, for forwards stamped by an unset clock ([`Stamp`]).
+    boot_id: Arc<str>,
     metrics: Arc<Metrics>,
     /// Where ended probations go (the admin, which rolls a failed one back).
     probations: Option<tokio::sync::mpsc::UnboundedSender<ProbationEnd>>,
@@ -223,6 +226,7 @@ impl Dispatcher {
             tag: 0,
             datagrams: 0,
             boot_nonce: fastrand::u64(..),
+            boot_id: crate::clock::boot_id(),
             metrics,
             probations: None,
         };
@@ -543,7 +547,7 @@ impl Dispatcher {
         &mut self,
         device: &Arc<str>,
         p: Publish,
-        received_ms: u64,
+        received: Stamp,
         reply: &Reply,
     ) -> Result<Submitted, Fault> {
         Metrics::inc(&self.metrics.events_in);
@@ -575,17 +579,19 @@ impl Dispatcher {
             true => relayed(&p).ok().flatten(),
             false => None,
         };
+        let boot_id = self.boot_id.clone();
         let ctx = Ctx {
             origin: Origin::Publish { device, seq: p.seq },
             ts: p.ts,
-            received_ms,
+            received_ms: received.wall_ms,
+            boot: received.boot_ms.map(|ms| (&*boot_id, ms)),
             seq_text: &seq_text,
             relay,
         };
         match self.process(&ctx, Root::Event(&p.topic, &p.payload)) {
             Some(ws) => {
                 // Recorded once kept: an event answered busy is recorded when it is resent.
-                self.recorder_sees(device, &p, received_ms);
+                self.recorder_sees(device, &p, received.wall_ms);
                 *self.claimed(device)? = p.seq;
                 self.submit(device, p.seq, ItemKind::Event(Box::new(ws)), Some(reply));
                 Ok(Submitted::Queued)
@@ -595,7 +601,7 @@ impl Dispatcher {
     }
 
     /// A best-effort telemetry datagram: no seq, no ack, shed first under load.
-    pub fn datagram(&mut self, device: &Arc<str>, p: Publish, received_ms: u64) {
+    pub fn datagram(&mut self, device: &Arc<str>, p: Publish, received: Stamp) {
         if self.backlog.items() > self.datagram_shed_backlog
             || self.backlog.is_nearly_full()
             || self.check(device, &p).is_err()
@@ -606,16 +612,18 @@ impl Dispatcher {
         }
         self.datagrams += 1;
         let seq_text = format!("dg{:016x}.{}", self.boot_nonce, self.datagrams);
+        let boot_id = self.boot_id.clone();
         let ctx = Ctx {
             origin: Origin::Datagram { device },
             ts: p.ts,
-            received_ms,
+            received_ms: received.wall_ms,
+            boot: received.boot_ms.map(|ms| (&*boot_id, ms)),
             seq_text: &seq_text,
             relay: None,
         };
         match self.process(&ctx, Root::Event(&p.topic, &p.payload)) {
             Some(ws) => {
-                self.recorder_sees(device, &p, received_ms);
+                self.recorder_sees(device, &p, received.wall_ms);
                 self.submit(device, 0, ItemKind::Event(Box::new(ws)), None)
             }
             None => Metrics::inc(&self.metrics.datagrams_dropped),
@@ -645,6 +653,7 @@ impl Dispatcher {
                 },
                 ts: Some(due_ms),
                 received_ms: now_ms,
+                boot: None,
                 seq_text: &seq_text,
                 relay: None,
             };
@@ -933,7 +942,8 @@ mod tests {
             .put_state("counter", &[(b"old".to_vec(), Some(b"durable".to_vec()))])
             .unwrap();
         let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
-        d.publish(&"d".into(), publish(1), 0, &reply).unwrap();
+        d.publish(&"d".into(), publish(1), Stamp::set(0), &reply)
+            .unwrap();
         let due = d.next_timer().unwrap();
         rx.try_iter().for_each(drop);
 
@@ -993,20 +1003,20 @@ mod tests {
         let dev: Arc<str> = "d".into();
         // Nothing is committed in this test: every item stays "in flight".
         assert_eq!(
-            d.publish(&dev, publish(1), 0, &reply).unwrap(),
+            d.publish(&dev, publish(1), Stamp::set(0), &reply).unwrap(),
             Submitted::Queued
         );
         assert_eq!(
-            d.publish(&dev, publish(2), 0, &reply).unwrap(),
+            d.publish(&dev, publish(2), Stamp::set(0), &reply).unwrap(),
             Submitted::Queued
         );
         // The same seqs again, as from a new connection, while the originals are in flight.
         assert_eq!(
-            d.publish(&dev, publish(2), 0, &reply).unwrap(),
+            d.publish(&dev, publish(2), Stamp::set(0), &reply).unwrap(),
             Submitted::Queued
         );
         assert_eq!(
-            d.publish(&dev, publish(1), 0, &reply).unwrap(),
+            d.publish(&dev, publish(1), Stamp::set(0), &reply).unwrap(),
             Submitted::Queued
         );
         assert_eq!(
@@ -1066,7 +1076,8 @@ mod tests {
         let cfg = Config::defaults();
         let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
         assert_eq!(
-            d.publish(&"d".into(), publish(1), 0, &reply).unwrap(),
+            d.publish(&"d".into(), publish(1), Stamp::set(0), &reply)
+                .unwrap(),
             Submitted::Queued
         );
         // The box allows 16 emits per device event in all: the root and 16 emitted events run;
@@ -1106,7 +1117,8 @@ mod tests {
         let t = Setup::with(cfg.clone(), &[(wat, manifest)]);
         let (mut d, metrics) = (t.dispatcher, t.metrics);
         let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
-        d.publish(&"d".into(), publish(1), 0, &reply).unwrap();
+        d.publish(&"d".into(), publish(1), Stamp::set(0), &reply)
+            .unwrap();
         let calls = metrics.handler_calls.load(Ordering::Relaxed);
         assert_eq!(calls, 4, "the root and 3 emitted events");
         // A cap per invocation would drop 4 x (3000 - 4096 clipped to 0) = nothing.
@@ -1140,7 +1152,7 @@ mod tests {
         let (reply, _answers) = tokio::sync::mpsc::unbounded_channel();
         let dev: Arc<str> = "d".into();
         let kept: Vec<Submitted> = (1..=6)
-            .map(|s| d.publish(&dev, publish(s), 0, &reply).unwrap())
+            .map(|s| d.publish(&dev, publish(s), Stamp::set(0), &reply).unwrap())
             .collect();
         // Nothing commits here, so the outbox stays full after the first two events.
         assert_eq!(kept[..2], [Submitted::Queued, Submitted::Queued]);
@@ -1179,7 +1191,7 @@ mod tests {
         // As the dispatcher thread takes a step: a busy publish is answered busy.
         let step = |d: &mut Dispatcher, p: Publish| {
             let seq = p.seq;
-            let r = d.publish(&dev, p, 0, &reply).unwrap();
+            let r = d.publish(&dev, p, Stamp::set(0), &reply).unwrap();
             if r == Submitted::Busy {
                 d.busy(&dev, seq, None, &reply).unwrap();
             }

@@ -90,8 +90,8 @@ pub struct Batch {
     pub session: u64,
     pub device: Arc<str>,
     pub steps: Vec<Step>,
-    /// When the frames were read (wall clock, ms).
-    pub received_ms: u64,
+    /// When the frames were read.
+    pub received: crate::clock::Stamp,
     pub reply: Reply,
     pub gate: Arc<Gate>,
 }
@@ -114,7 +114,7 @@ enum Input {
         session: u64,
         device: Arc<str>,
         publish: Publish,
-        received_ms: u64,
+        received: crate::clock::Stamp,
         /// Its share of the room, given back when the input is dropped (after it was taken).
         room: Room,
     },
@@ -241,7 +241,7 @@ impl Inbox {
         (session, connection): (u64, &Arc<Semaphore>),
         device: &Arc<str>,
         p: Publish,
-        received_ms: u64,
+        received: crate::clock::Stamp,
     ) -> bool {
         let bytes = p.payload.len() + p.topic.len() + STEP_BYTES;
         let share = self.share(bytes);
@@ -262,7 +262,7 @@ impl Inbox {
             session,
             device: device.clone(),
             publish: p,
-            received_ms,
+            received,
             room,
         };
         self.tx.send(input).is_ok()
@@ -405,7 +405,7 @@ enum Work {
     Datagram {
         session: u64,
         publish: Publish,
-        received_ms: u64,
+        received: crate::clock::Stamp,
         room: Room,
     },
 }
@@ -473,12 +473,12 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>, inbox_room: Arc<Semaphore>, capac
             Work::Datagram {
                 session,
                 publish,
-                received_ms,
+                received,
                 room,
             } => {
                 d.set_work_waiting(queued(room.held()));
                 match sessions.is_latest(&device, session) {
-                    true => d.datagram(&device, publish, received_ms),
+                    true => d.datagram(&device, publish, received),
                     false => d.datagram_dropped(),
                 }
             }
@@ -538,14 +538,14 @@ fn accept(
             session,
             device,
             publish,
-            received_ms,
+            received,
             room,
         } => turns.push(
             &device,
             Work::Datagram {
                 session,
                 publish,
-                received_ms,
+                received,
                 room,
             },
         ),
@@ -624,7 +624,7 @@ fn take(
             }
             Step::Publish(p) => {
                 let seq = p.seq;
-                if d.publish(device, p, b.received_ms, reply)? == Submitted::Busy {
+                if d.publish(device, p, b.received, reply)? == Submitted::Busy {
                     d.busy(device, seq, None, reply)?;
                     return Ok(BatchEnd::Busy);
                 }

@@ -15,7 +15,7 @@ use std::time::Instant;
 use super::Relayed;
 use crate::config::{Config, Unrouted};
 use crate::metrics::Metrics;
-use crate::outbox::{entry_id, Entry};
+use crate::outbox::{entry_id, BootTime, Entry};
 use crate::pipeline::{Class, OutboxWrite, WriteSet};
 use crate::router::Router;
 use crate::sandbox::probation::End;
@@ -618,6 +618,10 @@ pub(super) struct Ctx<'a> {
     pub origin: Origin<'a>,
     pub ts: Option<u64>,
     pub received_ms: u64,
+    /// This boot's id and the milliseconds since boot at receipt, when the wall clock was not
+    /// set then: a forward stamped with `received_ms` carries them, to be re-stamped once the
+    /// clock is set.
+    pub boot: Option<(&'a str, u64)>,
     /// The seq part of outbox entry ids: the seq, a datagram id or `timer.<due_ms>`.
     pub seq_text: &'a str,
     /// What a lower tier said about the event it relays (only from devices in `acl.tiers`).
@@ -711,7 +715,8 @@ struct Run {
 }
 
 /// An outbox entry for a forward of the event (or timer firing) in `ctx`: its time is the
-/// device's `ts`, else when it was received; it is queued at `received_ms`. `device` is the
+/// device's `ts`, else when it was received (with this boot's id and the time since boot when
+/// the wall clock was not set then: [`BootTime`]); it is queued at `received_ms`. `device` is the
 /// event's device (the origin's, for an event a lower tier relays).
 fn forward_entry(
     id: String,
@@ -731,6 +736,14 @@ fn forward_entry(
         payload: payload.to_vec(),
         tier_seq: None,
         tier_nack: None,
+        boot: match (ctx.ts, ctx.boot) {
+            (None, Some((boot_id, mono_ms))) => Some(BootTime {
+                boot_id: boot_id.to_string(),
+                mono_ms,
+                restamped: false,
+            }),
+            _ => None,
+        },
     };
     OutboxWrite {
         class,

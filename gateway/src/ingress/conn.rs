@@ -223,7 +223,7 @@ async fn read_datagrams(
         }
         Metrics::add(&shared.metrics.bytes_in, d.len() as u64);
         Metrics::inc(&shared.metrics.datagrams_in);
-        let received = crate::clock::now_ms();
+        let received = crate::clock::stamp();
         let kept = match msg::decode(&d, false) {
             // Shed before it takes a token while the dispatcher is behind; past the device's
             // spare rate, dropped too.
@@ -298,7 +298,7 @@ async fn stream(
             Metrics::add(&shared.metrics.bytes_in, chunk.bytes.len() as u64);
             decoder.extend(&chunk.bytes);
         }
-        let received_ms = crate::clock::now_ms();
+        let received = crate::clock::stamp();
         let (mut steps, mut bytes, mut last) = (Vec::new(), 0, false);
         while !last {
             // A batch holds at most the connection's share of the inbox (many tiny frames are
@@ -383,7 +383,7 @@ async fn stream(
                 session,
                 device: device.clone(),
                 steps,
-                received_ms,
+                received,
                 reply: reply.clone(),
                 gate: gate.clone(),
             };

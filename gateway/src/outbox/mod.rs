@@ -45,6 +45,24 @@ pub struct Entry {
     /// upstream's mark covers the seq from then on, so a retry must not count it as held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier_nack: Option<String>,
+    /// Set when `ts` is the gateway's receipt time and its wall clock was not set then (a board
+    /// without a real-time clock, before NTP): where in which boot it was received, so that
+    /// `ts` is computed again once the clock is set ([`Entry::restamp`]). Absent otherwise:
+    /// such entries' bytes are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootTime>,
+}
+
+/// When in which boot a forward was received, for a `ts` taken from an unset clock.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BootTime {
+    /// The Linux boot id of the boot it was received in ([`crate::clock::boot_id`]).
+    pub boot_id: String,
+    /// Milliseconds since that boot at receipt ([`crate::clock::boot_ms`]).
+    pub mono_ms: u64,
+    /// `ts` was computed again from these once the clock was set.
+    #[serde(default)]
+    pub restamped: bool,
 }
 
 impl Entry {
@@ -56,6 +74,22 @@ impl Entry {
 
     pub fn decode(bytes: &[u8]) -> Option<Entry> {
         ciborium::from_reader(bytes).ok()
+    }
+
+    /// Computes `ts` again for an entry received in this boot (`boot_id`) before the clock was
+    /// set, now that it is: the wall clock now (`wall_ms`) less the time since receipt on the
+    /// boot clock (`boot_ms` now). Returns whether it changed the entry. An entry from another
+    /// boot keeps its `ts` (the time between that boot's receipt and now is unknown), as does
+    /// one re-stamped already. Pure.
+    pub fn restamp(&mut self, boot_id: &str, wall_ms: u64, boot_ms: u64) -> bool {
+        match self.boot.as_mut() {
+            Some(b) if !b.restamped && !boot_id.is_empty() && b.boot_id == boot_id => {
+                self.ts = wall_ms.saturating_sub(boot_ms.saturating_sub(b.mono_ms));
+                b.restamped = true;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -448,6 +482,7 @@ mod tests {
             payload: vec![],
             tier_seq: None,
             tier_nack: None,
+            boot: None,
         };
         let puts = [
             (1, entry(Class::Bulk, now_ms - 2 * hour).encode()),
@@ -493,8 +528,56 @@ mod tests {
             payload: b"{}".to_vec(),
             tier_seq: None,
             tier_nack: None,
+            boot: None,
         };
         assert_eq!(e.id, "gw:d1:5:threshold:0");
         assert_eq!(Entry::decode(&e.encode()), Some(e));
+    }
+
+    #[test]
+    fn an_entry_from_this_boot_is_restamped_once_and_one_from_another_boot_never() {
+        let unset = |boot_id: &str| Entry {
+            id: "gw:d1:5:threshold:0".into(),
+            device: "d1".into(),
+            topic: "t".into(),
+            class: Class::Normal,
+            // Received at 1970-01-01T00:01:40 by a box without a clock, 5 s after boot.
+            ts: 100_000,
+            queued_ms: 100_000,
+            payload: vec![],
+            tier_seq: None,
+            tier_nack: None,
+            boot: Some(BootTime {
+                boot_id: boot_id.into(),
+                mono_ms: 5_000,
+                restamped: false,
+            }),
+        };
+        let now = 1_800_000_000_000;
+        let mut e = unset("b1");
+        // NTP answered; 65 s since boot: received 60 s ago.
+        assert!(e.restamp("b1", now, 65_000));
+        assert_eq!(e.ts, now - 60_000);
+        assert!(e.boot.as_ref().unwrap().restamped);
+        let bytes = e.encode();
+        assert_eq!(Entry::decode(&bytes), Some(e.clone()));
+        // Once only: a later look changes nothing, so every send carries the same bytes.
+        assert!(!e.restamp("b1", now + 5_000, 70_000));
+        assert_eq!(e.encode(), bytes);
+        // Another boot's entry (the box rebooted before the clock was set) keeps its ts.
+        let mut other = unset("b0");
+        assert!(!other.restamp("b1", now, 65_000));
+        assert_eq!((other.ts, other.boot.unwrap().restamped), (100_000, false));
+        // An unreadable boot id (empty) never matches.
+        assert!(!unset("").restamp("", now, 65_000));
+        // Entries that never had an unset clock are written as before: no `boot` key.
+        let mut plain = unset("b1");
+        plain.boot = None;
+        assert!(!plain.restamp("b1", now, 65_000));
+        let text = format!(
+            "{:?}",
+            ciborium::from_reader::<ciborium::Value, _>(plain.encode().as_slice()).unwrap()
+        );
+        assert!(!text.contains("boot"), "{text}");
     }
 }

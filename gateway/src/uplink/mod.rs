@@ -9,6 +9,7 @@ pub mod http;
 pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod outage;
 pub mod plan;
 pub mod template;
 pub mod tier;
@@ -24,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Action, Entry, Outbox, WakePolicy};
 use crate::store::{keys, DeadLetter, Store, StoreError};
 use budget::{Budget, Turn};
+use outage::{OutageLog, Say};
 use plan::{Plan, Step};
 
 /// A batch: outbox entries and the id derived from them (the HTTP `Idempotency-Key`). The same
@@ -36,11 +38,19 @@ pub struct Batch {
 }
 
 /// A batch's id (and `Idempotency-Key`), derived from the ids of its entries: the same entries
-/// always give the same key, different entries a different one, across restarts and boxes.
+/// always give the same key, different entries a different one, across restarts and boxes. An
+/// entry whose `ts` came from an unset clock adds whether it was re-stamped: the batch sent
+/// before the clock was set and the one after carry different bytes, so they get different
+/// keys (the cloud dedupes their events by `id`).
 pub fn batch_id(gateway: &str, entries: &[Entry]) -> String {
     let mut h = ring::digest::Context::new(&ring::digest::SHA256);
     for e in entries {
         h.update(e.id.as_bytes());
+        match &e.boot {
+            Some(b) if b.restamped => h.update(b"\x1fsynced"),
+            Some(_) => h.update(b"\x1funsynced"),
+            None => {}
+        }
         h.update(b"\n");
     }
     let d = h.finish();
@@ -125,6 +135,8 @@ pub struct Uplink<S: Sink> {
     pub max_batch_bytes: usize,
     pub budget: Budget,
     pub sink: S,
+    /// What the log has said about the current outage ([`outage`]).
+    outage: OutageLog,
 }
 
 impl<S: Sink> Uplink<S> {
@@ -145,6 +157,7 @@ impl<S: Sink> Uplink<S> {
             max_batch_bytes: cfg.outbox.max_batch_bytes,
             budget: Budget::new(cfg.uplink.budget_bytes_per_day),
             sink,
+            outage: OutageLog::default(),
         }
     }
 
@@ -157,6 +170,58 @@ impl<S: Sink> Uplink<S> {
                 .outbox_entry(*s)?
                 .ok_or_else(|| StoreError::Corrupt("o/ (missing)".into()))?;
             entries.push(Entry::decode(&v).ok_or_else(|| StoreError::Corrupt("o/".into()))?);
+        }
+        let id = batch_id(&self.gateway, &entries);
+        Ok(Batch { id, seqs, entries })
+    }
+
+    /// A batch was delivered: an outage that was said ends, and says so.
+    fn outage_over(&mut self) {
+        if let Some((failures, lasted)) = self.outage.delivered(Instant::now()) {
+            tracing::info!(
+                failures,
+                "uplink delivers again, after {} s and {failures} failed attempts",
+                lasted.as_secs()
+            );
+        }
+    }
+
+    /// Re-stamps the batch's entries received in this boot before the clock was set, now that
+    /// it is ([`Entry::restamp`]), and writes them durably before the batch is sent: every
+    /// later attempt, after a restart too, sends the same bytes. Before the clock is set, or
+    /// with nothing to re-stamp, the batch is as it was.
+    async fn restamp(&mut self, b: Batch) -> Result<Batch, StoreError> {
+        let (wall_ms, boot_ms) = (crate::clock::now_ms(), crate::clock::boot_ms());
+        if !b
+            .entries
+            .iter()
+            .any(|e| e.boot.as_ref().is_some_and(|t| !t.restamped))
+            || !crate::clock::is_set(wall_ms)
+        {
+            return Ok(b);
+        }
+        let boot_id = crate::clock::boot_id();
+        let Batch {
+            seqs, mut entries, ..
+        } = b;
+        let writes: Vec<(u64, Vec<u8>)> = seqs
+            .iter()
+            .zip(entries.iter_mut())
+            .filter_map(|(s, e)| {
+                e.restamp(&boot_id, wall_ms, boot_ms)
+                    .then(|| (*s, e.encode()))
+            })
+            .collect();
+        if !writes.is_empty() {
+            tracing::info!(
+                entries = writes.len(),
+                "outbox: forwards received before the clock was set, re-stamped"
+            );
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.rewrite_outbox(writes))
+                .await
+                .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+            Metrics::inc(&self.metrics.store_syncs);
         }
         let id = batch_id(&self.gateway, &entries);
         Ok(Batch { id, seqs, entries })
@@ -248,6 +313,7 @@ impl<S: Sink> Uplink<S> {
                         }
                     };
                     let batch = self.batch(seqs)?;
+                    let batch = self.restamp(batch).await?;
                     if awake_since.is_none() {
                         awake_since = Some(Instant::now());
                         Metrics::inc(&self.metrics.uplink_wakeups);
@@ -274,6 +340,7 @@ impl<S: Sink> Uplink<S> {
                                 (batch.seqs.len() - refused.len()) as u64,
                             );
                             self.policy.on_delivered(Instant::now());
+                            self.outage_over();
                         }
                         SendResult::Delivered => {
                             self.clear_sent(&batch, &[]).await?;
@@ -281,15 +348,28 @@ impl<S: Sink> Uplink<S> {
                             Metrics::inc(&self.metrics.batches_sent);
                             Metrics::add(&self.metrics.events_sent, batch.seqs.len() as u64);
                             self.policy.on_delivered(Instant::now());
+                            self.outage_over();
                             tracing::debug!(batch = %batch.id, events = batch.seqs.len(), "delivered");
                         }
                         SendResult::Retry { alarm, why } => {
                             Metrics::inc(&self.metrics.send_failures);
                             let wait = self.policy.on_failed(Instant::now(), fastrand::f64());
-                            if alarm {
-                                tracing::error!(batch = %batch.id, "uplink refused: {why}; retrying in {wait:?}");
-                            } else {
-                                tracing::warn!(batch = %batch.id, "uplink failed: {why}; retrying in {wait:?}");
+                            match (self.outage.failed(Instant::now(), alarm), alarm) {
+                                (Say::First, true) => {
+                                    tracing::error!(batch = %batch.id, "uplink refused: {why}; retrying in {wait:?} (while this lasts, said again every {} min)", OutageLog::EVERY.as_secs() / 60)
+                                }
+                                (Say::First, false) => {
+                                    tracing::warn!(batch = %batch.id, "uplink failed: {why}; retrying in {wait:?} (while this lasts, said again every {} min)", OutageLog::EVERY.as_secs() / 60)
+                                }
+                                (Say::Still { failures, for_ }, true) => {
+                                    tracing::error!(batch = %batch.id, failures, "uplink still refused after {} s: {why}; retrying in {wait:?}", for_.as_secs())
+                                }
+                                (Say::Still { failures, for_ }, false) => {
+                                    tracing::warn!(batch = %batch.id, failures, "uplink still failing after {} s: {why}; retrying in {wait:?}", for_.as_secs())
+                                }
+                                (Say::Quiet, _) => {
+                                    tracing::debug!(batch = %batch.id, "uplink failed: {why}; retrying in {wait:?}")
+                                }
                             }
                             if plan.failed(batch.seqs.clone(), !S::RETRY_AS_IS).is_some() {
                                 tracing::error!(batch = %batch.id, "an event keeps failing while the cloud accepts others ({why}); dead-lettered");

@@ -90,6 +90,7 @@ mod tests {
             payload: vec![],
             tier_seq: None,
             tier_nack: None,
+            boot: None,
         };
         const MQTT: &[char] = &['+', '#'];
         let t = Template::parse("tp/{gateway}/{class}/{topic}", MQTT).unwrap();

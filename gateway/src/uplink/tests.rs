@@ -70,6 +70,7 @@ fn entry(i: u64, bad: bool) -> Entry {
         payload: if bad { b"bad".to_vec() } else { b"ok".to_vec() },
         tier_seq: None,
         tier_nack: None,
+        boot: None,
     }
 }
 
