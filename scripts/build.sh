@@ -75,7 +75,9 @@ export "CC_${triple_cc}=$b_cc"
 export "CFLAGS_${triple_cc}=$b_cflags"
 [ -n "$b_linker" ] && export "CARGO_TARGET_${triple_env}_LINKER=$b_linker"
 # Target-scoped so build scripts and proc macros (built for the host) are not affected.
-export "CARGO_TARGET_${triple_env}_RUSTFLAGS=$b_rustflags"
+# `{root}` in them is this checkout (the board's linker script fragment lives there).
+case $root in *" "*) echo "build.sh: the checkout's path has a space ($root): rustflags cannot carry it" >&2; exit 2 ;; esac
+export "CARGO_TARGET_${triple_env}_RUSTFLAGS=${b_rustflags//\{root\}/$root}"
 
 args=(build --profile board --target "$b_target" -p tidepool --bin tidepool --locked)
 [ -n "$features" ] && args+=(--features "$features")

@@ -9,7 +9,7 @@
 # once: what a timer slack folds).
 #
 #   scripts/footprint.sh [--idle SECONDS] [--bin FILE] [--slack MS] [--events N] [--hold N]
-#                        [--rate EVENTS_PER_S --sustain SECONDS]
+#                        [--rate EVENTS_PER_S --sustain SECONDS] [--cloud] [--cache BYTES]
 #
 # Disk bytes written (/proc/PID/io write_bytes) per hour while idle, and per event over the load.
 # Between the two idle minutes: RSS with --hold devices (default 1000) connected and idle (each
@@ -21,12 +21,16 @@
 # sensor's), with RSS sampled every second: its peak, and where it stood at each fifth of the run
 # (flat, or still growing).
 #
+# --cloud delivers the forwards to a local HTTP endpoint (default: the uplink points at a closed
+# port, and the load's forwards stay in the outbox, in the store and its index: the worst case
+# for memory after a load); --cache sets store.cache_capacity_bytes (sled's page cache).
+#
 #   scripts/footprint.sh --rate 20000 --sustain 300      # the issue's 5 minutes at 20k events/s
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 . scripts/lib.sh
-idle=60 bin="" slack=0 events=20000 hold=1000 rate=0 sustain=0
+idle=60 bin="" slack=0 events=20000 hold=1000 rate=0 sustain=0 cloud=0 cache=4194304
 while (($#)); do
     case $1 in
         --idle) idle=$2; shift 2 ;;
@@ -36,7 +40,9 @@ while (($#)); do
         --hold) hold=$2; shift 2 ;;
         --rate) rate=$2; shift 2 ;;
         --sustain) sustain=$2; shift 2 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        --cloud) cloud=1; shift ;;
+        --cache) cache=$2; shift 2 ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -49,6 +55,11 @@ cargo build --profile bench-fast --quiet -p tidepool --example loadgen
 scripts/build-handlers.sh >/dev/null
 command -v strace >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace >/dev/null; }
 tp_workdir -p "$root/target" footprint.XXXXXX
+uplink=http://127.0.0.1:9/ingest
+if ((cloud)); then
+    tp_start_cloud
+    uplink=http://127.0.0.1:$cloud_port/ingest
+fi
 
 cat >"$work/tidepool.toml" <<TOML
 [gateway]
@@ -62,28 +73,39 @@ timer_slack_ms = $slack
 device_events_per_s = 0
 max_connections = $((hold + 16))
 [uplink]
-url = "http://127.0.0.1:9/ingest"
+url = "$uplink"
+[store]
+cache_capacity_bytes = $cache
 TOML
 tp_threshold_handler >>"$work/tidepool.toml"
 devices=$((hold > 8 ? hold : 8))
 for i in $(seq 1 "$devices"); do "$bin" certs device "dev-$i" --config "$work/tidepool.toml" --out "$work/certs" >/dev/null; done
 
+t0=$(date +%s%N)
 tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"
+t1=$(date +%s%N)
 pid=$GW_PID
 
 # Bytes the gateway caused to be written to the disk (/proc/PID/io write_bytes: what reaches
 # the block layer, the SD card's wear).
 written() { awk '/^write_bytes/ { print $2 }' /proc/"$pid"/io; }
-switches() { cat /proc/"$pid"/task/*/status | awk '/^voluntary_ctxt_switches/ { s += $2 } END { print s }'; }
+# "tid switches" per thread: a thread that ends (tokio's blocking pool lets an idle one go
+# after 10 s) must not count as negative wake-ups.
+switches() { for t in /proc/"$pid"/task/*; do echo "${t##*/} $(awk '/^voluntary_ctxt_switches/ { print $2 }' "$t"/status 2>/dev/null)"; done; }
 measure() {
     # Counted apart: strace's stops would add switches of their own.
     local a b w0 w1 trace=$work/strace.$RANDOM
-    a=$(switches); w0=$(written); sleep "$idle"; b=$(switches); w1=$(written)
+    switches >"$work/sw.a"; w0=$(written); sleep "$idle"; switches >"$work/sw.b"; w1=$(written)
     timeout -s INT "$idle" strace -f -tt -q -p "$pid" -e trace=futex,epoll_wait,epoll_pwait,nanosleep,clock_nanosleep -o "$trace" 2>/dev/null || true
     printf '   %-22s rss_kb=%s disk_bytes_written_per_h=%s thread_wakeups_per_s=%s cpu_wakeups_per_s=%s threads=%s\n' "$1" \
         "$(awk '/^VmRSS/ { print $2 }' /proc/"$pid"/status)" \
         "$(python3 -c "print(round(($w1 - $w0) * 3600 / $idle))")" \
-        "$(python3 -c "print(round(($b - $a) / $idle, 2))")" \
+        "$(python3 - "$work/sw.a" "$work/sw.b" "$idle" <<'PY'
+import sys
+a, b = ({t: int(n) for t, n in (l.split() for l in open(f)) if n} for f in sys.argv[1:3])
+print(round(sum(b[t] - a[t] for t in b if t in a) / float(sys.argv[3]), 2))
+PY
+)" \
         "$(python3 - "$trace" "$idle" <<'PY'
 import re, sys
 ms = set()
@@ -100,6 +122,7 @@ PY
 }
 
 echo "== stripped release binary: $(stat -c %s "$bin") bytes"
+echo "== start: $(((t1 - t0) / 1000000)) ms to the ready line (store open, handlers loaded, port bound; a new data dir, its CA and certificates made by the certs step before)"
 echo "== idle ${idle} s after start"
 measure "idle"
 rss() { awk '/^VmRSS/ { print $2 }' /proc/"$pid"/status; }
@@ -138,5 +161,10 @@ if s:
     fifths = [s[min(len(s) - 1, len(s) * k // 5)] for k in range(1, 5)] + [s[-1]]
     print(f"   load: rss_kb peak={max(s)} at each fifth of the run: {' '.join(map(str, fifths))} ({len(s)} samples)")
 PY
+"$bin" status --config "$work/tidepool.toml" --json | python3 -c '
+import json, sys
+o = json.load(sys.stdin)["outbox"]
+e, b = o["entries"], o["bytes"]
+print(f"   load: outbox after the run: {e} entries, {b} bytes undelivered")'
 echo "== idle ${idle} s after the load run"
 measure "idle after load"

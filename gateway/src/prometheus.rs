@@ -28,180 +28,138 @@ pub struct Scrape {
 
 impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType::{Counter, Gauge};
+        use Sample::{Count, Value};
         let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-        let counter = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64| {
-            let c = ConstCounter::new(v);
-            c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
-        };
-        let gauge = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
-            let g = ConstGauge::new(v);
-            g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
-        };
-        let gauge_f = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64| {
-            let g = ConstGauge::new(v);
-            g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
-        };
+        let enc = &mut enc;
         for (name, help) in crate::metrics::Metrics::HELP {
             let v = n(&self.status["metrics"][*name]);
-            counter(&mut enc, &format!("tidepool_{name}"), help, v)?;
+            one(enc, Counter, (&format!("tidepool_{name}"), help), Count(v))?;
         }
-        // Each handler's runs, labelled by handler.
+        // Each handler's runs, labelled by handler (no family at all without handlers).
         let handlers = self.status["handlers"]
             .as_array()
             .cloned()
             .unwrap_or_default();
-        let per_handler: [(&str, &str, &str, f64); 7] = [
+        let per_handler: [(&str, &str, &str, Option<f64>); 7] = [
             (
                 "calls",
                 "tidepool_handler_invocations",
                 "Invocations of the handler.",
-                1.0,
+                None,
             ),
             (
                 "errors",
                 "tidepool_handler_failures",
                 "Invocations that trapped or hit a limit.",
-                1.0,
+                None,
             ),
             (
                 "timeouts",
                 "tidepool_handler_fuel_timeouts",
                 "Invocations stopped for running out of fuel.",
-                1.0,
+                None,
             ),
             (
                 "fuel",
                 "tidepool_handler_fuel",
                 "Fuel the handler's invocations used.",
-                1.0,
+                None,
             ),
             (
                 "busy_us",
                 "tidepool_handler_busy_seconds",
                 "Time the handler's invocations ran.",
-                1e-6,
+                Some(1e-6),
             ),
             (
                 "over_budget",
                 "tidepool_handler_over_budget",
                 "Invocations longer than metrics.invoke_budget_ms (negative uptime).",
-                1.0,
+                None,
             ),
             (
                 "over_budget_us",
                 "tidepool_handler_over_budget_seconds",
                 "Time invocations ran past metrics.invoke_budget_ms (negative uptime).",
-                1e-6,
+                Some(1e-6),
             ),
         ];
-        for (key, name, help, scale) in per_handler {
-            if handlers.is_empty() {
-                continue;
-            }
-            let mut family = enc.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for h in &handlers {
-                let label = [("handler", h["name"].as_str().unwrap_or("?").to_string())];
-                let v = n(&h["runs"][key]);
-                if scale == 1.0 {
-                    ConstCounter::new(v).encode(family.encode_family(&label)?)?;
-                } else {
-                    ConstCounter::new(v as f64 * scale).encode(family.encode_family(&label)?)?;
-                }
-            }
-        }
+        let label =
+            |h: &serde_json::Value| ("handler", h["name"].as_str().unwrap_or("?").to_string());
         if !handlers.is_empty() {
-            gauges(
-                &mut enc,
+            for (key, name, help, scale) in per_handler {
+                let samples = handlers.iter().map(|h| {
+                    let v = n(&h["runs"][key]);
+                    (label(h), scale.map_or(Count(v), |s| Value(v as f64 * s)))
+                });
+                family(enc, Counter, (name, help), samples)?;
+            }
+            let quarantined = handlers.iter().map(|h| {
                 (
-                    "tidepool_handler_quarantined",
-                    "1 when the handler is quarantined for every device.",
-                ),
-                handlers.iter().map(|h| {
-                    let name = h["name"].as_str().unwrap_or("?").to_string();
-                    (
-                        ("handler", name),
-                        f64::from(u8::from(h["quarantined"].as_bool() == Some(true))),
-                    )
-                }),
-            )?;
+                    label(h),
+                    Count(u64::from(h["quarantined"].as_bool() == Some(true))),
+                )
+            });
+            let what = (
+                "tidepool_handler_quarantined",
+                "1 when the handler is quarantined for every device.",
+            );
+            family(enc, Gauge, what, quarantined)?;
         }
-        gauges(
-            &mut enc,
+        let classes = self.outbox.iter();
+        family(
+            enc,
+            Gauge,
             (
                 "tidepool_outbox_entries",
                 "Forwards waiting in the outbox, by class.",
             ),
-            self.outbox
-                .iter()
-                .map(|(class, count, _)| (("class", class.to_string()), *count as f64)),
+            classes
+                .clone()
+                .map(|(class, count, _)| (("class", class.to_string()), Count(*count))),
         )?;
-        gauges(
-            &mut enc,
+        family(
+            enc,
+            Gauge,
             (
                 "tidepool_outbox_oldest_age_seconds",
                 "Age of the oldest waiting forward, by class (0: none waits).",
             ),
-            self.outbox.iter().map(|(class, _, age)| {
+            classes.map(|(class, _, age)| {
                 (
                     ("class", class.to_string()),
-                    age.map_or(0.0, |d| d.as_secs_f64()),
+                    Value(age.map_or(0.0, |d| d.as_secs_f64())),
                 )
             }),
         )?;
         let st = &self.status;
-        gauge(
-            &mut enc,
-            "tidepool_outbox_bytes",
-            "Bytes the outbox holds.",
-            n(&st["outbox"]["bytes"]) as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "tidepool_connected_devices",
-            "Devices connected now.",
-            self.connected as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "tidepool_store_bytes",
-            "The store's size on disk.",
-            self.store_bytes as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "tidepool_disk_free_bytes",
-            "Free bytes on the data dir's disk.",
-            n(&st["disk"]["free_bytes"]) as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "tidepool_disk_low",
-            "1 while free space is below store.min_free_bytes (publishes answered busy).",
-            i64::from(st["disk"]["low"].as_bool() == Some(true)),
-        )?;
-        gauge(
-            &mut enc,
-            "tidepool_clock_synced",
-            "0 while the wall clock is behind the clock floor (no RTC, NTP not synced).",
-            i64::from(st["clock"]["synced"].as_bool() != Some(false)),
-        )?;
-        gauge(
-            &mut enc,
-            "tidepool_clock_floor_seconds",
-            "The clock floor (Unix seconds): certificates are checked at the later of it and the wall clock.",
-            n(&st["clock"]["floor_s"]) as i64,
-        )?;
-        gauge_f(
-            &mut enc,
-            "tidepool_uptime_seconds",
-            "Seconds since the gateway started.",
-            n(&st["uptime_s"]) as f64,
-        )?;
+        let flag = |b: bool| Count(u64::from(b));
+        let gauges = [
+            ("tidepool_outbox_bytes", "Bytes the outbox holds.", Count(n(&st["outbox"]["bytes"]))),
+            ("tidepool_connected_devices", "Devices connected now.", Count(self.connected)),
+            ("tidepool_store_bytes", "The store's size on disk.", Count(self.store_bytes)),
+            ("tidepool_disk_free_bytes", "Free bytes on the data dir's disk.", Count(n(&st["disk"]["free_bytes"]))),
+            (
+                "tidepool_disk_low",
+                "1 while free space is below store.min_free_bytes (publishes answered busy).",
+                flag(st["disk"]["low"].as_bool() == Some(true)),
+            ),
+            (
+                "tidepool_clock_synced",
+                "0 while the wall clock is not set (before 2024 or behind the clock floor: no RTC, NTP not synced).",
+                flag(st["clock"]["synced"].as_bool() != Some(false)),
+            ),
+            (
+                "tidepool_clock_floor_seconds",
+                "The clock floor (Unix seconds): certificates are checked at the later of it and the wall clock.",
+                Count(n(&st["clock"]["floor_s"])),
+            ),
+            ("tidepool_uptime_seconds", "Seconds since the gateway started.", Value(n(&st["uptime_s"]) as f64)),
+        ];
+        for (name, help, v) in gauges {
+            one(enc, Gauge, (name, help), v)?;
+        }
         let info = prometheus_client::metrics::info::Info::new([
             ("version", env!("CARGO_PKG_VERSION").to_string()),
             ("gateway", st["gateway"].as_str().unwrap_or("").to_string()),
@@ -215,20 +173,51 @@ impl Collector for Scrape {
     }
 }
 
-/// A gauge family with one label: one sample per (label, value).
-fn gauges(
+/// A sample's value: a count prints as an integer, a value (seconds, a ratio) as a float.
+#[derive(Debug, Clone, Copy)]
+enum Sample {
+    Count(u64),
+    Value(f64),
+}
+
+impl Sample {
+    fn encode(
+        self,
+        kind: prometheus_client::metrics::MetricType,
+        enc: prometheus_client::encoding::MetricEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType::Counter;
+        match (kind, self) {
+            (Counter, Sample::Count(v)) => ConstCounter::new(v).encode(enc),
+            (Counter, Sample::Value(v)) => ConstCounter::new(v).encode(enc),
+            (_, Sample::Count(v)) => {
+                ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(enc)
+            }
+            (_, Sample::Value(v)) => ConstGauge::new(v).encode(enc),
+        }
+    }
+}
+
+/// One metric without labels.
+fn one(
     enc: &mut DescriptorEncoder,
+    kind: prometheus_client::metrics::MetricType,
     (name, help): (&str, &str),
-    samples: impl Iterator<Item = ((&'static str, String), f64)>,
+    v: Sample,
 ) -> Result<(), std::fmt::Error> {
-    let mut family = enc.encode_descriptor(
-        name,
-        help,
-        None,
-        prometheus_client::metrics::MetricType::Gauge,
-    )?;
+    v.encode(kind, enc.encode_descriptor(name, help, None, kind)?)
+}
+
+/// A family with one label: one sample per (label, value).
+fn family(
+    enc: &mut DescriptorEncoder,
+    kind: prometheus_client::metrics::MetricType,
+    (name, help): (&str, &str),
+    samples: impl Iterator<Item = ((&'static str, String), Sample)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = enc.encode_descriptor(name, help, None, kind)?;
     for (label, v) in samples {
-        ConstGauge::new(v).encode(family.encode_family(&[label])?)?;
+        v.encode(kind, family.encode_family(&[label])?)?;
     }
     Ok(())
 }

@@ -33,11 +33,13 @@ pub struct FrameDecoder {
 }
 
 impl FrameDecoder {
-    /// A decoder that accepts frames of 1..=`max` bytes.
+    /// A decoder that accepts frames of 1..=`max` bytes. It holds no buffer until bytes
+    /// arrive: an idle device's stream (its `hello` answered) keeps only what its bytes needed,
+    /// not a 4 KiB reserve (`scripts/footprint.sh` measures the memory per idle device).
     pub fn new(max: u32) -> Self {
         FrameDecoder {
             max,
-            buf: BytesMut::with_capacity(4096),
+            buf: BytesMut::new(),
         }
     }
 
