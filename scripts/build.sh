@@ -77,7 +77,7 @@ export "CFLAGS_${triple_cc}=$b_cflags"
 # Target-scoped so build scripts and proc macros (built for the host) are not affected.
 # `{root}` in them is this checkout (the board's linker script fragment lives there).
 case $root in *" "*) echo "build.sh: the checkout's path has a space ($root): rustflags cannot carry it" >&2; exit 2 ;; esac
-export "CARGO_TARGET_${triple_env}_RUSTFLAGS=${b_rustflags//\{root\}/$root}"
+export "CARGO_TARGET_${triple_env}_RUSTFLAGS=${b_rustflags//\{root\}/"$root"}"
 
 args=(build --profile board --target "$b_target" -p tidepool --bin tidepool --locked)
 [ -n "$features" ] && args+=(--features "$features")

@@ -132,9 +132,11 @@ if ((hold > 0)); then
     "$root/target/bench-fast/examples/loadgen" hold --gateway "localhost:$port" --certs "$work/certs" \
         --devices "$hold" >"$work/hold.out" 2>&1 &
     holder=$!
-    # Wait for the holder's own word that every device is in, not for a time.
+    # Wait for the holder's own word that every device is in (for 5 minutes at most).
+    deadline=$((SECONDS + 300))
     while ! grep -q '^connected' "$work/hold.out"; do
         kill -0 "$holder" 2>/dev/null || { cat "$work/hold.out" >&2; echo "footprint: the holder failed" >&2; exit 1; }
+        ((SECONDS < deadline)) || { kill "$holder"; echo "footprint: $hold devices not connected in 5 minutes" >&2; exit 1; }
         sleep 0.2
     done
     r1=$(rss)

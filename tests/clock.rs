@@ -14,6 +14,7 @@ use support::*;
 use tidepool::proto::msg::GatewayMsg;
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+const LIBFAKETIME_MT: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
 /// The environment that makes the gateway's wall clock start at `at` (monotonic time stays
 /// real).
@@ -117,12 +118,17 @@ fn real_ms() -> u64 {
 async fn a_forward_received_before_the_clock_is_set_is_restamped_once_it_is() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    // The cloud is unreachable (503) until the clock is set, so the forward waits in the outbox.
+    // The cloud is unreachable (503) until the clock is set, so the forward waits in the outbox;
+    // then it takes only the re-stamped copy (an attempt the uplink began before the clock was
+    // set may still arrive after; it is answered 503 too).
     let accept = std::sync::Arc::new(AtomicBool::new(false));
     let open = accept.clone();
-    let cloud = Cloud::start_with(move |_| match open.load(Ordering::SeqCst) {
-        true => 200,
-        false => 503,
+    let cloud = Cloud::start_with(move |r| {
+        let synced = r.json()["events"][0]["clock"] == "synced";
+        match open.load(Ordering::SeqCst) && synced {
+            true => 200,
+            false => 503,
+        }
     })
     .await;
     // libfaketime re-reads this file at every clock read: the clock reads 1970 (a board
@@ -130,7 +136,10 @@ async fn a_forward_received_before_the_clock_is_set_is_restamped_once_it_is() {
     let clock = dir.path().join("faketime");
     std::fs::write(&clock, "@1970-01-02 00:00:00\n").unwrap();
     let mut env = faked("1970-01-02 00:00:00");
-    env.retain(|(k, _)| *k != "FAKETIME");
+    // The thread-safe build: the spec is read again at every clock read, from every thread.
+    env.retain(|(k, _)| *k != "FAKETIME" && *k != "LD_PRELOAD");
+    let mt = installed("libfaketime (MT)", &[LIBFAKETIME_MT]);
+    env.push(("LD_PRELOAD", mt.display().to_string()));
     env.push(("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()));
     env.push(("FAKETIME_NO_CACHE", "1".to_string()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();

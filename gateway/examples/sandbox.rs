@@ -184,6 +184,7 @@ fn run_handler(h: &mut Handler, state: &MemState, n: usize) -> (f64, u64) {
             seq: i as u64 + 1,
             ts: None,
             received_ms: 0,
+            clock_set: true,
             topic: &topics[i % topics.len()],
             payload: PAYLOAD,
             depth: 0,

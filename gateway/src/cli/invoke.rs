@@ -220,6 +220,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
                     seq: seq.unwrap_or(n as u64),
                     ts: *ts,
                     received_ms: now,
+                    clock_set: tidepool::clock::is_set(now),
                     topic,
                     payload,
                     depth: 0,

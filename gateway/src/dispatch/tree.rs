@@ -449,6 +449,7 @@ impl Tree {
             seq: ctx.origin.seq(),
             ts: ctx.ts,
             received_ms: ctx.received_ms,
+            clock_set: ctx.boot.is_none(),
             topic: at.topic,
             payload: at.payload,
             depth: at.depth,

@@ -342,6 +342,7 @@ impl Handler {
             seq: ev.seq,
             ts: ev.ts,
             received_ms: ev.received_ms,
+            clock_set: ev.clock_set,
         };
         let inv = Invocation::new(Mode::Event, meta, ev.depth, ev.emit_budget, ev.log_budget);
         self.call(inv, |live| {
@@ -593,6 +594,7 @@ mod tests {
             seq: 7,
             ts: None,
             received_ms: 5,
+            clock_set: false,
             topic: "a/b",
             payload: b"xy",
             depth: 0,
@@ -922,6 +924,7 @@ mod tests {
             seq: one.seq,
             ts: one.ts,
             received_ms: one.received_ms,
+            clock_set: one.clock_set,
         }
         .encode();
         assert_eq!(len, meta.len());

@@ -51,6 +51,9 @@ pub struct EventInfo<'a> {
     pub seq: u64,
     pub ts: Option<u64>,
     pub received_ms: u64,
+    /// Whether the gateway's clock was set when it received the event (`clock::is_set`):
+    /// `event_meta`'s `clock_synced`.
+    pub clock_set: bool,
     pub topic: &'a str,
     pub payload: &'a [u8],
     /// 0 for a device's event, n for an event emitted n hops away.
@@ -81,6 +84,7 @@ pub enum Meta {
         seq: u64,
         ts: Option<u64>,
         received_ms: u64,
+        clock_set: bool,
     },
     /// `{timer: true, due_ms, now_ms, late_ms}`.
     Timer {
@@ -115,13 +119,14 @@ impl Meta {
                 seq,
                 ts,
                 received_ms,
+                clock_set,
             } => ciborium::into_writer(
                 &EventMeta {
                     device,
                     seq: *seq,
                     ts: *ts,
                     received_ms: *received_ms,
-                    clock_synced: crate::clock::looks_synced(*received_ms),
+                    clock_synced: *clock_set,
                 },
                 &mut out,
             ),

@@ -175,12 +175,13 @@ impl<S: Sink> Uplink<S> {
         Ok(Batch { id, seqs, entries })
     }
 
-    /// A batch was delivered: an outage that was said ends, and says so.
+    /// The cloud answered (a delivery, a refusal of an event): an outage that was said ends,
+    /// and says so.
     fn outage_over(&mut self) {
         if let Some((failures, lasted)) = self.outage.delivered(Instant::now()) {
             tracing::info!(
                 failures,
-                "uplink delivers again, after {} s and {failures} failed attempts",
+                "uplink reaches the cloud again, after {} s and {failures} failed attempts",
                 lasted.as_secs()
             );
         }
@@ -308,7 +309,11 @@ impl<S: Sink> Uplink<S> {
                             Metrics::inc(&self.metrics.uplink_outages);
                             Metrics::inc(&self.metrics.send_failures);
                             let wait = self.policy.on_failed(Instant::now(), fastrand::f64());
-                            tracing::error!("the cloud refuses every event it is sent and accepted none since: an outage (a proxy or firewall?), not bad events; nothing dead-lettered, retrying in {wait:?}");
+                            let why = "the cloud refuses every event it is sent and accepted none since: an outage (a proxy or firewall?), not bad events; nothing dead-lettered";
+                            match self.outage.failed(Instant::now(), true) {
+                                Say::Quiet => tracing::debug!("{why}, retrying in {wait:?}"),
+                                _ => tracing::error!("{why}, retrying in {wait:?}"),
+                            }
                             continue;
                         }
                     };
@@ -377,6 +382,7 @@ impl<S: Sink> Uplink<S> {
                             }
                         }
                         SendResult::Split => {
+                            self.outage_over();
                             if plan.too_large(batch.seqs.clone()).is_some() {
                                 tracing::error!(batch = %batch.id, "an event is too large for the cloud (HTTP 413, also after other events were accepted); dead-lettered");
                                 self.clear_sent(&batch, &all(&batch, "HTTP 413")).await?;
@@ -384,6 +390,7 @@ impl<S: Sink> Uplink<S> {
                             }
                         }
                         SendResult::Reject(why) => {
+                            self.outage_over();
                             if plan.refused(batch.seqs.clone()).is_some() {
                                 tracing::error!(batch = %batch.id, "the cloud rejected an event ({why}), also after accepting others; dead-lettered");
                                 self.clear_sent(&batch, &all(&batch, &why)).await?;

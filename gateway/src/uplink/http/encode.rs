@@ -49,7 +49,12 @@ pub fn body(gateway: &str, batch: &str, entries: &[Entry]) -> Vec<u8> {
                 .boot
                 .as_ref()
                 .map(|b| if b.restamped { "synced" } else { "unsynced" }),
-            boot_id: e.boot.as_ref().map(|b| b.boot_id.as_str()),
+            // An unreadable boot id (empty) places nothing: left out.
+            boot_id: e
+                .boot
+                .as_ref()
+                .map(|b| b.boot_id.as_str())
+                .filter(|id| !id.is_empty()),
             mono_ms: e.boot.as_ref().map(|b| b.mono_ms),
         })
         .collect();

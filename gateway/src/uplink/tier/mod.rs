@@ -222,7 +222,13 @@ impl TierSink {
                 seq,
                 topic: self.topic.render(&self.gateway, e),
                 payload: e.payload.clone().into(),
-                ts: Some(e.ts),
+                // A receipt time from an unset clock (not re-stamped yet) is not sent as if it
+                // were the device's: the upstream stamps the event itself, and marks it when
+                // its own clock is not set either.
+                ts: match &e.boot {
+                    Some(b) if !b.restamped => None,
+                    _ => Some(e.ts),
+                },
                 id: Some(e.id.clone()),
                 src: Some(e.device.clone()),
                 class: Some(e.class.as_str().into()),
