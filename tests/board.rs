@@ -49,12 +49,10 @@ async fn the_static_aarch64_gateway_serves_a_device_and_forwards_under_qemu() {
     );
     let qemu = installed("qemu-aarch64-static", &["/usr/bin/qemu-aarch64-static"]);
     let cloud = Cloud::start(|_| 200).await;
-    let extra = format!(
-        "[uplink]\nurl = \"{}\"\n[outbox]\nlinger_ms = 100\n{}",
-        cloud.url,
-        handler_entry(&threshold_wasm(), &threshold_manifest())
+    let mut gw = Gateway::start_program(
+        &[qemu.as_os_str(), bin.as_os_str()],
+        &threshold_config(&cloud),
     );
-    let mut gw = Gateway::start_program(&[qemu.as_os_str(), bin.as_os_str()], &extra);
     let dev = gw.connect("dev-1").await;
     let mut s = dev.open().await.unwrap();
     s.send(&publish(1, "devices/dev-1/temp", br#"{"v": 21.5}"#))

@@ -10,14 +10,6 @@ use base64::Engine as _;
 use support::*;
 use tidepool::proto::msg::{DeviceMsg, GatewayMsg, NackCode};
 
-fn threshold_config(cloud: &Cloud) -> String {
-    format!(
-        "[uplink]\nurl = \"{}\"\n[outbox]\nlinger_ms = 100\nretry_base_ms = 50\nretry_max_ms = 200\n{}",
-        cloud.url,
-        handler_entry(&threshold_wasm(), &threshold_manifest())
-    )
-}
-
 #[tokio::test]
 async fn urgent_forward_reaches_the_cloud_with_the_contract_body_and_state_survives_restart() {
     let cloud = Cloud::start(|_| 200).await;

@@ -60,6 +60,16 @@ pub fn handler_entry(wasm: &Path, manifest: &Path) -> String {
     )
 }
 
+/// The demo's set-up as extra config: the example threshold handler, its crossings posted to
+/// `cloud` (lingering 100 ms, retrying from 50 ms).
+pub fn threshold_config(cloud: &Cloud) -> String {
+    format!(
+        "[uplink]\nurl = \"{}\"\n[outbox]\nlinger_ms = 100\nretry_base_ms = 50\nretry_max_ms = 200\n{}",
+        cloud.url,
+        handler_entry(&threshold_wasm(), &threshold_manifest())
+    )
+}
+
 /// A handler that counts its invocations in state key `n` (u64 LE) and forwards nothing.
 pub const COUNTER_WAT: &str = include_str!("../handlers/counter.wat");
 

@@ -203,7 +203,9 @@ impl<S: Sink> Uplink<S> {
         }
         let boot_id = crate::clock::boot_id();
         let Batch {
-            seqs, mut entries, ..
+            id,
+            seqs,
+            mut entries,
         } = b;
         let writes: Vec<(u64, Vec<u8>)> = seqs
             .iter()
@@ -213,17 +215,19 @@ impl<S: Sink> Uplink<S> {
                     .then(|| (*s, e.encode()))
             })
             .collect();
-        if !writes.is_empty() {
-            tracing::info!(
-                entries = writes.len(),
-                "outbox: forwards received before the clock was set, re-stamped"
-            );
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.rewrite_outbox(writes))
-                .await
-                .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
-            Metrics::inc(&self.metrics.store_syncs);
+        if writes.is_empty() {
+            // Only other boots' entries: nothing changed, the id stands.
+            return Ok(Batch { id, seqs, entries });
         }
+        tracing::info!(
+            entries = writes.len(),
+            "outbox: forwards received before the clock was set, re-stamped"
+        );
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.rewrite_outbox(writes))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        Metrics::inc(&self.metrics.store_syncs);
         let id = batch_id(&self.gateway, &entries);
         Ok(Batch { id, seqs, entries })
     }
