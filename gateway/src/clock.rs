@@ -191,7 +191,7 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    /// A stamp taken with the clock set (tests, the simulator, `tidepool invoke`).
+    /// A stamp taken with the clock set (tests, the simulator, the sandbox benchmark).
     pub fn set(wall_ms: u64) -> Stamp {
         Stamp {
             wall_ms,

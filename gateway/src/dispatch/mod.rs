@@ -579,12 +579,13 @@ impl Dispatcher {
             true => relayed(&p).ok().flatten(),
             false => None,
         };
-        let boot_id = self.boot_id.clone();
+        // Cloned only for an unset clock's stamp: not an atomic per event otherwise.
+        let boot = received.boot_ms.map(|ms| (self.boot_id.clone(), ms));
         let ctx = Ctx {
             origin: Origin::Publish { device, seq: p.seq },
             ts: p.ts,
             received_ms: received.wall_ms,
-            boot: received.boot_ms.map(|ms| (&*boot_id, ms)),
+            boot: boot.as_ref().map(|(id, ms)| (&**id, *ms)),
             seq_text: &seq_text,
             relay,
         };
@@ -612,12 +613,13 @@ impl Dispatcher {
         }
         self.datagrams += 1;
         let seq_text = format!("dg{:016x}.{}", self.boot_nonce, self.datagrams);
-        let boot_id = self.boot_id.clone();
+        // Cloned only for an unset clock's stamp: not an atomic per event otherwise.
+        let boot = received.boot_ms.map(|ms| (self.boot_id.clone(), ms));
         let ctx = Ctx {
             origin: Origin::Datagram { device },
             ts: p.ts,
             received_ms: received.wall_ms,
-            boot: received.boot_ms.map(|ms| (&*boot_id, ms)),
+            boot: boot.as_ref().map(|(id, ms)| (&**id, *ms)),
             seq_text: &seq_text,
             relay: None,
         };
