@@ -4,6 +4,7 @@
 mod support;
 
 use std::path::Path;
+use std::time::Duration;
 
 use support::*;
 
@@ -307,5 +308,150 @@ async fn bundles_in_the_inbox_are_deployed_or_rejected_with_the_reason_and_deplo
         read_state(&gw.data(), "counter", b"x"),
         None,
         "no refused version ran"
+    );
+}
+
+/// The handlers that run, by name: their versions (`status --json`).
+fn versions(gw: &Gateway) -> Vec<(String, u64)> {
+    let run = cli(&["status", "--json"], &gw.config);
+    assert!(run.ok, "{}", run.stderr);
+    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let mut v: Vec<(String, u64)> = st["handlers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap().to_string(),
+                h["version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Replaces `from` (found once, lines and all) with `to` in the gateway's config file.
+fn rewrite_config(gw: &Gateway, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    assert_eq!(text.matches(from).count(), 1, "{from} in {text}");
+    std::fs::write(&gw.config, text.replace(from, to)).unwrap();
+}
+
+/// What `status --json` lists as not loaded: each one's source.
+fn skipped(gw: &Gateway) -> Vec<String> {
+    let run = cli(&["status", "--json"], &gw.config);
+    assert!(run.ok, "{}", run.stderr);
+    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    st["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["source"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn count(n: u64) -> Option<Vec<u8>> {
+    Some(n.to_le_bytes().to_vec())
+}
+
+/// A reload (SIGHUP) puts the `[[handler]]` list in force as a restart would: a new handler
+/// runs, a changed one takes the place of the running one, one taken out is unloaded with
+/// its state kept, and a deployed bundle that an entry pinned runs again once the entry
+/// goes. Unlike a restart, a changed handler that does not load leaves its running version
+/// in place, and a manifest that does not read leaves the whole list as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_puts_the_handler_list_in_force_and_a_change_that_does_not_load_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keys(dir.path());
+    // A configured counter, its files in `dir` (the same paths whatever its version).
+    let write = |name: &str, version: u64, counts_in: &str| -> String {
+        let (manifest, wasm) = counter(name, version, counts_in, "");
+        let m = dir.path().join(format!("{name}.toml"));
+        let w = dir.path().join(format!("{name}.wasm"));
+        std::fs::write(&m, manifest).unwrap();
+        std::fs::write(&w, wasm).unwrap();
+        handler_entry(&w, &m)
+    };
+    let a = write("a", 1, "n");
+    let mut gw = Gateway::start(&format!("[deploy]\ntrusted_keys = [\"{public}\"]\n{a}"));
+    let c5 = signed(dir.path(), &counter("c", 5, "n", ""), &key);
+    through_inbox(&gw, "c-5.tpb", &c5).await.expect("deployed");
+    publish_one(&gw, 1).await;
+    let v = |list: &[(&str, u64)]| -> Vec<(String, u64)> {
+        list.iter().map(|(n, v)| (n.to_string(), *v)).collect()
+    };
+    assert_eq!(versions(&gw), v(&[("a", 1), ("c", 5)]));
+    let in_force = "reload: the [[handler]] list is in force";
+
+    // `a` version 2 (counting in `m`), `b` new, and `c` configured (counting in `k`): the
+    // configured `c` takes the deployed one's place.
+    write("a", 2, "m");
+    let (b, c) = (write("b", 1, "n"), write("c", 1, "k"));
+    rewrite_config(&gw, &a, &format!("{a}{b}{c}"));
+    gw.signal("-HUP");
+    gw.wait_log(in_force, 1, Duration::from_secs(20)).await;
+    assert_eq!(versions(&gw), v(&[("a", 2), ("b", 1), ("c", 1)]));
+    assert_eq!(skipped(&gw), vec!["bundle c".to_string()], "the deployed c");
+    let c6 = signed(dir.path(), &counter("c", 6, "n", ""), &key);
+    let why = through_inbox(&gw, "c-6.tpb", &c6).await.unwrap_err();
+    assert!(
+        why.contains("pinned"),
+        "a name configured by a reload is pinned: {why}"
+    );
+    publish_one(&gw, 2).await;
+
+    // `a`'s module broken, `b` and `c` taken out: `a` version 2 goes on, `b` is unloaded,
+    // the deployed `c` version 5 runs again.
+    std::fs::write(dir.path().join("a.wasm"), b"not wasm").unwrap();
+    rewrite_config(&gw, &format!("{b}{c}"), "");
+    gw.signal("-HUP");
+    gw.wait_log(in_force, 2, Duration::from_secs(20)).await;
+    assert_eq!(versions(&gw), v(&[("a", 2), ("c", 5)]));
+    assert!(skipped(&gw).is_empty(), "a keeps running, c runs");
+    {
+        let log = gw.stderr.lock().unwrap();
+        assert!(
+            log.contains("reload: not loaded, version 2 keeps running"),
+            "{log}"
+        );
+        assert!(log.contains("its deployed version 5 runs again"), "{log}");
+    }
+    publish_one(&gw, 3).await;
+
+    // A manifest that does not read: nothing changes.
+    std::fs::write(dir.path().join("a.toml"), "not [ toml").unwrap();
+    gw.signal("-HUP");
+    gw.wait_log(
+        "a [[handler]] manifest does not read",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(versions(&gw), v(&[("a", 2), ("c", 5)]));
+    publish_one(&gw, 4).await;
+
+    gw.stop();
+    let data = gw.data();
+    assert_eq!(read_state(&data, "a", b"n"), count(1), "version 1: event 1");
+    assert_eq!(
+        read_state(&data, "a", b"m"),
+        count(3),
+        "version 2: events 2 to 4"
+    );
+    assert_eq!(
+        read_state(&data, "b", b"n"),
+        count(1),
+        "b ran for event 2; its state stays"
+    );
+    assert_eq!(
+        read_state(&data, "c", b"k"),
+        count(1),
+        "the configured c: event 2"
+    );
+    assert_eq!(
+        read_state(&data, "c", b"n"),
+        count(3),
+        "the deployed c: events 1, 3, 4"
     );
 }

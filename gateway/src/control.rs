@@ -35,9 +35,7 @@ pub struct Control {
     pub outbox: Arc<Outbox>,
     pub disk: Arc<crate::os::disk::DiskWatch>,
     pub store: Store,
-    /// Configured handlers that did not load at start, and why.
-    pub skipped: Vec<crate::gateway::Skipped>,
-    /// Deploys, rollbacks, removals and the registry.
+    /// Deploys, rollbacks, removals, the registry, and the handlers that did not load.
     pub deployer: Arc<crate::admin::deploy::Deployer>,
     /// One deploy's bundle read at a time (each may be `deploy.max_bundle_bytes`).
     pub uploads: tokio::sync::Semaphore,
@@ -155,7 +153,7 @@ impl Control {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
             "handlers": handlers,
-            "skipped": self.skipped,
+            "skipped": self.deployer.skipped(),
             "notes": notes,
             "outbox": {
                 "entries": pending.urgent + pending.normal + pending.bulk,

@@ -2,12 +2,14 @@
 //! the uplink and the QUIC endpoint, and on stop drains them in order (stop reading, settle,
 //! answer, close, stop the dispatcher, commit what is left, write the metrics).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::admin::configured::{Configured, Skipped};
 use crate::config::{Config, SinkKind};
 use crate::control::{self, Control};
 use crate::dispatch::{thread, Dispatcher, EventState};
@@ -17,7 +19,7 @@ use crate::os::disk::DiskWatch;
 use crate::outbox::Outbox;
 use crate::pki::{self, PkiPaths};
 use crate::record::RecordTap;
-use crate::sandbox::{Handler, HostEnv, Manifest, Runtime};
+use crate::sandbox::{Handler, HostEnv, Runtime};
 use crate::store::commit::{self, AfterFlush, Backlog, Group};
 use crate::store::Store;
 use crate::uplink::{http::HttpSink, mqtt::MqttSink, Sink, Uplink};
@@ -60,41 +62,41 @@ pub enum StartError {
     },
 }
 
-/// A configured handler that did not load: the gateway serves the others, logs it at ERROR
-/// and `status` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Skipped {
-    /// Where it came from: its manifest's path, as configured, or `bundle <name>` (deployed).
-    pub source: String,
-    /// Why, with the handler's name when the manifest was read that far.
-    pub reason: String,
-}
-
 /// Loads the configured handlers (`[[handler]]`). One that does not load (an unreadable or
 /// invalid manifest, limits above the box's caps, a second handler of a name, a module that
 /// breaks the ABI or fails its `tp_init`) is skipped and returned with the reason; only a
-/// store error stops the start.
+/// store error stops the start. Returns them with the list in force (what a reload changes).
 pub fn load_handlers(
     cfg: &Config,
     store: &Store,
     env: &HostEnv,
-) -> Result<(Vec<Handler>, Vec<Skipped>), StartError> {
+) -> Result<(Vec<Handler>, Configured), StartError> {
     let runtime = Runtime::default();
     let mut handlers: Vec<Handler> = Vec::new();
-    let mut skipped = Vec::new();
+    // Every configured manifest that reads pins its name, loaded or not.
+    let mut list = Configured {
+        pinned: crate::admin::configured::Pinned::of(&cfg.handler),
+        ..Configured::default()
+    };
     for entry in &cfg.handler {
         match load_one(entry, cfg, store, env, &runtime, &handlers)? {
-            Ok(h) => handlers.push(h),
+            Ok((h, digest)) => {
+                list.running.push(crate::admin::configured::Running {
+                    name: h.name().to_string(),
+                    digest,
+                });
+                handlers.push(h);
+            }
             Err(reason) => {
                 tracing::error!(manifest = %entry.manifest.display(), "handler skipped, the others are served: {reason}");
-                skipped.push(Skipped {
+                list.skipped.push(Skipped {
                     source: entry.manifest.display().to_string(),
                     reason,
                 });
             }
         }
     }
-    Ok((handlers, skipped))
+    Ok((handlers, list))
 }
 
 /// Loads the handlers deployed from bundles (the registry's current versions), checked again
@@ -105,18 +107,17 @@ pub fn load_deployed(
     store: &Store,
     env: &HostEnv,
     pinned: &std::collections::BTreeSet<String>,
-) -> Result<(Vec<Handler>, Vec<Skipped>), StartError> {
+) -> Result<(Vec<Handler>, BTreeMap<String, String>), StartError> {
     let runtime = Runtime::default();
     let trusted = cfg
         .deploy
         .handler_keys()
         .map_err(|e| StartError::Deploy(e.to_string()))?;
-    let (mut handlers, mut skipped) = (Vec::new(), Vec::new());
+    let (mut handlers, mut skipped) = (Vec::new(), BTreeMap::new());
     for (name, bytes) in store.deployed()? {
         if name == crate::admin::deploy::CONFIG {
             continue;
         }
-        let source = format!("bundle {name}");
         let loaded = (|| {
             if pinned.contains(&name) {
                 return Ok(Err(format!(
@@ -145,21 +146,15 @@ pub fn load_deployed(
         })()?;
         match loaded {
             Ok(mut h) => {
-                // A probation under way at the stop (by the wall clock, the only one that
-                // outlives a restart) starts its count and window again.
-                let now = crate::clock::now_ms();
-                let since = store.registered(&name)?.probation_since;
-                if let Some(since) = since {
-                    match cfg.deploy.probation() {
-                        Some(rules) if now.saturating_sub(since) < rules.window_ms => {
-                            let mono = crate::clock::mono_ms();
-                            h.probation =
-                                Some(crate::sandbox::probation::Probation::new(rules, mono));
-                        }
-                        // Its window went by while the gateway was down (or probation is off).
-                        _ => store.record_passed(&name)?,
-                    }
-                }
+                let rules = crate::admin::deploy::resumed_probation(
+                    store,
+                    &name,
+                    cfg.deploy.probation(),
+                    crate::clock::now_ms(),
+                )?;
+                h.probation = rules.map(|rules| {
+                    crate::sandbox::probation::Probation::new(rules, crate::clock::mono_ms())
+                });
                 tracing::info!(
                     handler = h.name(),
                     version = h.manifest.version,
@@ -170,7 +165,7 @@ pub fn load_deployed(
             }
             Err(reason) => {
                 tracing::error!(handler = name, "deployed handler skipped: {reason}");
-                skipped.push(Skipped { source, reason });
+                skipped.insert(name, reason);
             }
         }
     }
@@ -265,11 +260,12 @@ fn apply_live(
         admin_allow_from = admin.0,
         admin_revoked = admin.1,
         publish = ?cfg.acl.publish,
-        "in force: acl.revoked, acl.publish, admin.allow_from, admin.revoked and the deploy keys (the only settings that change without a restart)"
+        "in force: acl.revoked, acl.publish, admin.allow_from, admin.revoked and the deploy keys (a reload also changes gateway.log and the [[handler]] list; the rest needs a restart)"
     );
 }
 
-/// One `[[handler]]`: the handler, or why it was not loaded (`Err` outside: the store failed).
+/// One `[[handler]]`: the handler and the digest of what it was loaded from, or why it was
+/// not loaded (`Err` outside: the store failed).
 fn load_one(
     entry: &crate::config::HandlerEntry,
     cfg: &Config,
@@ -277,11 +273,12 @@ fn load_one(
     env: &HostEnv,
     runtime: &Runtime,
     loaded: &[Handler],
-) -> Result<Result<Handler, String>, StartError> {
-    let manifest = match Manifest::load(&entry.manifest) {
-        Ok(m) => m,
+) -> Result<Result<(Handler, u64), String>, StartError> {
+    let read = match crate::admin::configured::read(entry) {
+        Ok(r) => r,
         Err(e) => return Ok(Err(e.to_string())),
     };
+    let manifest = read.manifest;
     if let Err(e) = manifest.check(&cfg.limits) {
         return Ok(Err(e.to_string()));
     }
@@ -291,9 +288,9 @@ fn load_one(
             manifest.name
         )));
     }
-    let wasm = match std::fs::read(&entry.wasm) {
+    let wasm = match read.wasm {
         Ok(w) => w,
-        Err(e) => return Ok(Err(format!("cannot read {}: {e}", entry.wasm.display()))),
+        Err(e) => return Ok(Err(e)),
     };
     let used = store.state_bytes(&manifest.name)?;
     let started = Instant::now();
@@ -309,7 +306,7 @@ fn load_one(
         load_ms = started.elapsed().as_secs_f64() * 1000.0,
         "handler loaded"
     );
-    Ok(Ok(h))
+    Ok(Ok((h, read.digest)))
 }
 
 struct Hooks {
@@ -447,13 +444,10 @@ pub async fn run(
     Metrics::add(&metrics.dead_letters_dropped, loaded.dead_dropped);
     let state = Arc::new(EventState::new(Arc::new(store.clone())));
     let env = HostEnv::new(&cfg, state.clone());
-    let (mut handlers, mut skipped) = load_handlers(&cfg, &store, &env)?;
-    // Every configured manifest that reads pins its name, loaded or not.
-    let pinned = crate::admin::deploy::Pinned::of(&cfg);
-    let (deployed, not_deployed) = load_deployed(&cfg, &store, &env, &pinned.names)?;
+    let (mut handlers, configured) = load_handlers(&cfg, &store, &env)?;
+    let (deployed, not_deployed) = load_deployed(&cfg, &store, &env, &configured.pinned.names)?;
     handlers.extend(deployed);
-    skipped.extend(not_deployed);
-    if handlers.is_empty() && skipped.is_empty() {
+    if handlers.is_empty() && configured.skipped.is_empty() && not_deployed.is_empty() {
         tracing::warn!(
             "no handlers configured: events go nowhere unless router.unrouted = \"forward\""
         );
@@ -522,7 +516,7 @@ pub async fn run(
     let deployer = Arc::new(
         crate::admin::deploy::Deployer::new(
             (&file_cfg, &cfg),
-            pinned,
+            (configured, not_deployed),
             (store.clone(), inbox.clone(), env.clone()),
             tokio::runtime::Handle::current(),
             settings_tx,
@@ -548,7 +542,6 @@ pub async fn run(
         outbox: outbox.clone(),
         store: store.clone(),
         disk,
-        skipped,
         deployer: deployer.clone(),
         uploads: tokio::sync::Semaphore::new(1),
         backlog: backlog.clone(),
@@ -692,7 +685,8 @@ pub async fn run(
         ));
     }
     // A reload (SIGHUP: a new config file) or a config bundle deployed puts the settings that
-    // can change live in force (see `apply_live`); nothing else changes without a restart.
+    // can change live in force (see `apply_live`); a reload, the `[[handler]]` list too
+    // (`Deployer::reload_handlers`); nothing else changes without a restart.
     {
         let live = (
             shared.clone(),
@@ -701,24 +695,20 @@ pub async fn run(
             env.acl.clone(),
         );
         let (mut file, mut held) = (file_cfg.clone(), held);
-        // The handler list in force: the one read at start (a reload does not change it).
-        let at_start = file.handler.clone();
         tokio::spawn(async move {
             let mut reloading = true;
             loop {
-                tokio::select! {
+                // A reload's `[[handler]]` list, to put in force after the settings.
+                let entries = tokio::select! {
                     new = reloads.recv(), if reloading => match new {
                         Some(mut new) => {
                             // The id derived at start, when the file leaves it to the box.
                             if new.gateway.id.is_empty() {
                                 new.gateway.id = file.gateway.id.clone();
                             }
-                            if new.handler != at_start {
-                                tracing::warn!(
-                                    "[[handler]] changed in the config: not in force until a restart (`systemctl restart tidepool`); handlers change live through `tidepool deploy`"
-                                );
-                            }
+                            let entries = new.handler.clone();
                             file = new;
+                            Some(entries)
                         }
                         None => {
                             reloading = false;
@@ -726,12 +716,21 @@ pub async fn run(
                         }
                     },
                     bundle = settings.recv() => match bundle {
-                        Some(bundle) => held = Some(bundle),
+                        Some(bundle) => {
+                            held = Some(bundle);
+                            None
+                        }
                         None => break,
                     },
-                }
+                };
                 let cfg = crate::admin::deploy::in_force(&file, held.as_ref());
                 apply_live(&file, &cfg, &live);
+                // The handlers after the settings: one loaded now sees the reloaded ACL.
+                if let Some(entries) = entries {
+                    let deployer = live.2.clone();
+                    let _ = tokio::task::spawn_blocking(move || deployer.reload_handlers(&entries))
+                        .await;
+                }
             }
         });
     }

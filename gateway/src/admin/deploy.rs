@@ -3,15 +3,17 @@
 //! `list` to see the registry. Everything is checked before anything changes (signature, pin,
 //! version floor, caps, module); then the dispatcher's thread loads the handler (`tp_init`)
 //! and swaps it in between two turns, or takes it out; then the registry records it (synced)
-//! before the change is reported.
+//! before the change is reported. A reload's `[[handler]]` list goes through here too
+//! (`reload_handlers`, the rule in `configured.rs`), one change at a time with the others.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use serde::Serialize;
 
 use super::bundle::{self, PublicKey};
-use crate::config::{BoxLimits, Config, ConfigManifest};
+use super::configured::{self, Configured, Pinned, Running, Skipped};
+use crate::config::{BoxLimits, Config, ConfigManifest, HandlerEntry};
 use crate::dispatch::thread::{Inbox, Install};
 use crate::dispatch::{HandlerStatus, ProbationEnd, ProbationStatus};
 use crate::sandbox::probation::{End, Rules};
@@ -121,28 +123,25 @@ fn record_failed(e: crate::store::StoreError) -> ! {
     crate::store::fatal("recording in the registry", e)
 }
 
-/// The handler names the local config pins (`[[handler]]`): every configured manifest that
-/// reads, loaded or not. While one does not read, which names it pins is unknown, and deploys
-/// are refused.
-#[derive(Debug, Clone, Default)]
-pub struct Pinned {
-    pub names: BTreeSet<String>,
-    /// A configured manifest that does not read (its path), if any.
-    pub unknown: Option<String>,
-}
-
-impl Pinned {
-    pub fn of(cfg: &Config) -> Pinned {
-        let mut p = Pinned::default();
-        for entry in &cfg.handler {
-            match crate::sandbox::Manifest::load(&entry.manifest) {
-                Ok(m) => {
-                    p.names.insert(m.name);
-                }
-                Err(_) => p.unknown = Some(entry.manifest.display().to_string()),
-            }
+/// The probation a deployed handler loaded again (at start, or uncovered by a reload) runs
+/// on: a probation under way when it stopped running starts its count and window again
+/// (timed by the wall clock, the only one that outlives a restart); one whose window went by
+/// meanwhile, or with probation off (`rules` is `None`), is recorded as passed.
+pub fn resumed_probation(
+    store: &Store,
+    name: &str,
+    rules: Option<Rules>,
+    now_ms: u64,
+) -> Result<Option<Rules>, crate::store::StoreError> {
+    let Some(since) = store.registered(name)?.probation_since else {
+        return Ok(None);
+    };
+    match rules {
+        Some(rules) if now_ms.saturating_sub(since) < rules.window_ms => Ok(Some(rules)),
+        _ => {
+            store.record_passed(name)?;
+            Ok(None)
         }
-        p
     }
 }
 
@@ -257,8 +256,11 @@ pub struct Deployer {
     max_bytes: u64,
     caps: BoxLimits,
     probation: Option<Rules>,
-    /// Names of the handlers in the local config: trusted as the config is, never replaced.
-    pinned: Pinned,
+    /// The handlers of the local config: trusted as the config is, never replaced by a
+    /// bundle; changed by a reload.
+    configured: Mutex<Configured>,
+    /// Deployed handlers that do not run, by name: why (`status` shows them).
+    bundle_skips: Mutex<BTreeMap<String, String>>,
     store: Store,
     inbox: Inbox,
     env: HostEnv,
@@ -272,7 +274,7 @@ impl Deployer {
     /// bundle); a deployed config bundle is sent to `settings`.
     pub fn new(
         (file, cfg): (&Config, &Config),
-        pinned: Pinned,
+        (configured, bundle_skips): (Configured, BTreeMap<String, String>),
         (store, inbox, env): (Store, Inbox, HostEnv),
         runtime: tokio::runtime::Handle,
         settings: tokio::sync::mpsc::UnboundedSender<ConfigInForce>,
@@ -284,7 +286,8 @@ impl Deployer {
             max_bytes: cfg.deploy.max_bundle_bytes,
             caps: cfg.limits.clone(),
             probation: cfg.deploy.probation(),
-            pinned,
+            configured: Mutex::new(configured),
+            bundle_skips: Mutex::new(bundle_skips),
             store,
             inbox,
             env,
@@ -320,13 +323,33 @@ impl Deployer {
         self.one.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn configured(&self) -> std::sync::MutexGuard<'_, Configured> {
+        self.configured.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bundle_skips(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.bundle_skips.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The handlers that do not run: configured ones that did not load, deployed ones
+    /// skipped (at start, or uncovered by a reload and not loaded).
+    pub fn skipped(&self) -> Vec<Skipped> {
+        let mut all = self.configured().skipped.clone();
+        all.extend(self.bundle_skips().iter().map(|(name, reason)| Skipped {
+            source: format!("bundle {name}"),
+            reason: reason.clone(),
+        }));
+        all
+    }
+
     fn refuse_pinned(&self, name: &str, what: &str) -> Result<(), DeployError> {
-        if let Some(unread) = &self.pinned.unknown {
+        let pinned = self.configured().pinned.clone();
+        if let Some(unread) = &pinned.unknown {
             return Err(DeployError::Refused(format!(
                 "the configured handler {unread} does not read, so which names it pins is not known: fix it (deploys, rollbacks and removals are refused until then)"
             )));
         }
-        if self.pinned.names.contains(name) {
+        if pinned.names.contains(name) {
             return Err(DeployError::Refused(format!(
                 "`{name}` is pinned: it is configured in [[handler]] on this box, and {what} of it is refused (edit the config instead)"
             )));
@@ -334,33 +357,35 @@ impl Deployer {
         Ok(())
     }
 
-    /// Checks a verified bundle against the caps and compiles it (off the dispatcher's
-    /// thread), then has the dispatcher's thread run its `tp_init` and swap it in: the version
-    /// it replaced.
+    /// Checks a handler (a verified bundle's, or a configured one's with its `overrides`)
+    /// against the caps and compiles it (off the dispatcher's thread), then has the
+    /// dispatcher's thread run its `tp_init` and swap it in: the version it replaced.
     fn install(
         &self,
-        v: bundle::Verified,
+        (manifest, wasm): (crate::sandbox::Manifest, &[u8]),
+        overrides: BTreeMap<String, String>,
         probation: Option<Rules>,
     ) -> Result<Option<u64>, DeployError> {
-        v.manifest
+        manifest
             .check(&self.caps)
             .map_err(|e| DeployError::Refused(e.to_string()))?;
         let runtime = Runtime::default();
-        let module = crate::sandbox::compile(&runtime, &v.wasm, &v.manifest)
+        let module = crate::sandbox::compile(&runtime, wasm, &manifest)
             .map_err(|e| DeployError::Refused(e.to_string()))?;
         // A new handler starts from what its name holds on disk; one replaced keeps its count
         // (`Tree::install`: its pending writes are not on disk yet).
         let state_used = self
             .store
-            .state_bytes(&v.manifest.name)
+            .state_bytes(&manifest.name)
             .map_err(store_failed)?;
         let install = Install {
-            manifest: v.manifest,
+            manifest,
             runtime,
             module,
             env: self.env.clone(),
             state_used,
             probation,
+            overrides,
         };
         self.runtime
             .block_on(self.inbox.install(install))
@@ -388,7 +413,8 @@ impl Deployer {
             )));
         }
         let signer = v.signer.fingerprint();
-        let replaced = self.install(v, self.probation)?;
+        let replaced = self.install((v.manifest, &v.wasm), BTreeMap::new(), self.probation)?;
+        self.bundle_skips().remove(&name);
         // Running now; recorded before the deploy is reported (a crash in between leaves the
         // bundle where it came from, and it is deployed again).
         let since = self.probation.map(|_| crate::clock::now_ms());
@@ -503,7 +529,8 @@ impl Deployer {
             DeployError::Refused(format!("the previous version cannot run again: {e}"))
         })?;
         let to = v.manifest.version;
-        self.install(v, None)?;
+        self.install((v.manifest, &v.wasm), BTreeMap::new(), None)?;
+        self.bundle_skips().remove(name);
         let note = format!(
             "rolled back from version {} to {to} by {by}: {why}",
             current.0
@@ -550,6 +577,168 @@ impl Deployer {
         };
         tracing::warn!(by, why, "{c}");
         Ok(c)
+    }
+
+    /// Puts a reloaded config file's `[[handler]]` list in force (the rule in
+    /// `configured.rs`), from a blocking thread, one change at a time with the others. Each
+    /// change is logged, and why one did not take; a manifest that does not read leaves the
+    /// whole list in force.
+    pub fn reload_handlers(&self, entries: &[HandlerEntry]) {
+        let _one = self.lock();
+        let mut reads = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match configured::read(entry) {
+                Ok(r) => reads.push(r),
+                Err(e) => {
+                    tracing::error!("reload: the handlers in force stay, a [[handler]] manifest does not read: {e}");
+                    return;
+                }
+            }
+        }
+        let before = self.configured().clone();
+        let named: Vec<(&str, u64)> = reads
+            .iter()
+            .map(|r| (r.manifest.name.as_str(), r.digest))
+            .collect();
+        let plan = configured::plan(&before.running, &named);
+        if plan.load.is_empty() && plan.unload.is_empty() && plan.duplicate.is_empty() {
+            tracing::debug!("reload: [[handler]] unchanged");
+            return;
+        }
+        let mut now = Configured {
+            pinned: Pinned {
+                names: named.iter().map(|(n, _)| n.to_string()).collect(),
+                unknown: None,
+            },
+            running: before.running.clone(),
+            skipped: Vec::new(),
+        };
+        let stopping = || tracing::warn!("reload cut short: the gateway is stopping");
+        for name in &plan.unload {
+            let Ok(from) = self.runtime.block_on(self.inbox.unload(name)) else {
+                return stopping();
+            };
+            now.running.retain(|r| &r.name != name);
+            // A deployed bundle the entry pinned runs again, as after a restart.
+            match self.uncover(name) {
+                Ok(None) => tracing::warn!(
+                    handler = name,
+                    version = ?from,
+                    "reload: no longer in [[handler]]: unloaded (its state stays on disk)"
+                ),
+                Ok(Some(v)) => {
+                    self.bundle_skips().remove(name);
+                    tracing::warn!(
+                        handler = name,
+                        "reload: no longer in [[handler]]: its deployed version {v} runs again"
+                    );
+                }
+                Err(DeployError::Stopping) => return stopping(),
+                Err(DeployError::Refused(why)) => {
+                    tracing::error!(
+                        handler = name,
+                        "reload: no longer in [[handler]]: unloaded; its deployed version does not run: {why}"
+                    );
+                    self.bundle_skips().insert(name.clone(), why);
+                }
+            }
+        }
+        let mut failed = 0;
+        for &i in &plan.load {
+            let r = &reads[i];
+            let name = r.manifest.name.clone();
+            let was = before.running.iter().any(|x| x.name == name);
+            let installed = match &r.wasm {
+                Ok(wasm) => self.install((r.manifest.clone(), wasm), r.overrides.clone(), None),
+                Err(why) => Err(DeployError::Refused(why.clone())),
+            };
+            match installed {
+                Ok(replaced) => {
+                    now.running.retain(|x| x.name != name);
+                    now.running.push(Running {
+                        name: name.clone(),
+                        digest: r.digest,
+                    });
+                    if replaced.is_some() && !was {
+                        // It took the place of a deployed version.
+                        self.bundle_skips().insert(
+                            name.clone(),
+                            format!(
+                                "`{name}` is configured in [[handler]]: the configured one runs"
+                            ),
+                        );
+                    }
+                    tracing::info!(
+                        handler = name,
+                        version = r.manifest.version,
+                        replaced = ?replaced,
+                        "reload: loaded from [[handler]]"
+                    );
+                }
+                Err(DeployError::Stopping) => return stopping(),
+                Err(DeployError::Refused(why)) => {
+                    failed += 1;
+                    match self.running_version(&name) {
+                        Some(v) => tracing::error!(
+                            handler = name,
+                            manifest = r.source,
+                            "reload: not loaded, version {v} keeps running: {why}"
+                        ),
+                        None => tracing::error!(
+                            handler = name,
+                            manifest = r.source,
+                            "reload: not loaded: {why}"
+                        ),
+                    }
+                    if !was {
+                        now.skipped.push(Skipped {
+                            source: r.source.clone(),
+                            reason: why,
+                        });
+                    }
+                }
+            }
+        }
+        for &i in &plan.duplicate {
+            let r = &reads[i];
+            let reason = format!("a handler named `{}` is already loaded", r.manifest.name);
+            tracing::error!(manifest = r.source, "reload: not loaded: {reason}");
+            now.skipped.push(Skipped {
+                source: r.source.clone(),
+                reason,
+            });
+        }
+        tracing::info!(
+            loaded = plan.load.len() - failed,
+            not_loaded = failed + plan.duplicate.len(),
+            unloaded = plan.unload.len(),
+            unchanged = plan.unchanged,
+            "reload: the [[handler]] list is in force"
+        );
+        *self.configured() = now;
+    }
+
+    /// The version of `name` that runs now, by the registry or the configured list, as
+    /// the dispatcher last reported (`None`: none, or unknown).
+    fn running_version(&self, name: &str) -> Option<u64> {
+        let status = self.runtime.block_on(self.inbox.status()).ok()?;
+        status.iter().find(|h| h.name == name).map(|h| h.version)
+    }
+
+    /// Loads `name`'s deployed bundle again, once no `[[handler]]` entry pins it (checked
+    /// again as at start): the version that runs, `None` when none is deployed.
+    fn uncover(&self, name: &str) -> Result<Option<u64>, DeployError> {
+        let Some(bytes) = self.store.registered(name).map_err(store_failed)?.current else {
+            return Ok(None);
+        };
+        let v = bundle::verify(&bytes, u64::MAX, &self.keys().handlers)
+            .map_err(|e| DeployError::Refused(e.to_string()))?;
+        let probation =
+            resumed_probation(&self.store, name, self.probation, crate::clock::now_ms())
+                .map_err(store_failed)?;
+        let version = v.manifest.version;
+        self.install((v.manifest, &v.wasm), BTreeMap::new(), probation)?;
+        Ok(Some(version))
     }
 
     /// A probation ended: a pass is recorded, a failure rolled back (a new handler, with no
@@ -602,6 +791,7 @@ impl Deployer {
     pub fn list(&self, running: &[HandlerStatus]) -> Result<Vec<Listed>, DeployError> {
         let mut out = Vec::new();
         let now_running = |name: &str| running.iter().find(|h| h.name == name);
+        let pinned = self.configured().pinned.names.clone();
         for name in self.store.registry_names().map_err(store_failed)? {
             if name == CONFIG {
                 let r = self.store.registered(CONFIG).map_err(store_failed)?;
@@ -619,7 +809,7 @@ impl Deployer {
                 });
                 continue;
             }
-            if self.pinned.names.contains(&name) {
+            if pinned.contains(&name) {
                 continue;
             }
             let r = self.store.registered(&name).map_err(store_failed)?;
@@ -636,7 +826,7 @@ impl Deployer {
                 name,
             });
         }
-        for name in &self.pinned.names {
+        for name in &pinned {
             let h = now_running(name);
             out.push(Listed {
                 name: name.clone(),

@@ -17,8 +17,9 @@ use super::ConfigArgs;
 /// go to stderr. SIGINT or SIGTERM stops it gracefully: streams stop reading, everything
 /// received is settled and answered, then it exits and writes `<data-dir>/metrics.json`.
 /// SIGHUP re-reads the config file and puts in force what can change live: acl.publish,
-/// acl.revoked, admin.allow_from, admin.revoked, deploy.trusted_keys and gateway.log (the
-/// rest needs a restart). Under systemd it speaks the notify protocol (READY, STOPPING, and
+/// acl.revoked, admin.allow_from, admin.revoked, deploy.trusted_keys, gateway.log and the
+/// [[handler]] list (a new or changed handler is loaded, one taken out unloaded; one that
+/// does not load leaves the running version). The rest needs a restart. Under systemd it speaks the notify protocol (READY, STOPPING, and
 /// WATCHDOG while healthy).
 #[derive(clap::Args)]
 pub struct Args {

@@ -62,7 +62,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .unwrap_or_default()
     {
         println!(
-            "handler in {}: NOT LOADED, skipped at start: {}",
+            "handler in {}: NOT LOADED: {}",
             s["source"].as_str().unwrap_or("?"),
             s["reason"].as_str().unwrap_or("?")
         );

@@ -273,10 +273,7 @@ impl Dispatcher {
     /// the writes still pending for them (the deletes go after them to the committer). A
     /// name that runs nothing still has its leftovers deleted. Returns the version removed.
     pub fn remove(&mut self, name: &str) -> Result<Option<u64>, Fault> {
-        let removed = self.tree.remove(name).map(|(i, h)| {
-            self.timers.forget(i);
-            h.manifest.version
-        });
+        let removed = self.take_out(name);
         // The overlay first: the committer writes a key to sled before it leaves the overlay,
         // so read in this order every key is in one list or the other.
         let mut keys = self
@@ -311,6 +308,27 @@ impl Dispatcher {
             "handler removed, with its state, timer and quarantine"
         );
         Ok(removed)
+    }
+
+    /// Takes the handler named `name` out at once (the next event no longer runs it), leaving
+    /// what its name holds: its state, its timer's due time and its quarantine stay, for a
+    /// handler of that name loaded later (a reload that no longer configures it, as a restart
+    /// would). Returns the version unloaded.
+    pub fn unload(&mut self, name: &str) -> Option<u64> {
+        let version = self.take_out(name)?;
+        tracing::info!(
+            handler = name,
+            version,
+            "handler unloaded; its state, timer and quarantine stay"
+        );
+        Some(version)
+    }
+
+    /// Takes the handler named `name` and its timer out of the list: its version, if it ran.
+    fn take_out(&mut self, name: &str) -> Option<u64> {
+        let (i, h) = self.tree.remove(name)?;
+        self.timers.forget(i);
+        Some(h.manifest.version)
     }
 
     /// Checks publishes against `publish` (`acl.publish`) from now on.

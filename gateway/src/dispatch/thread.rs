@@ -121,6 +121,7 @@ enum Input {
     Status(oneshot::Sender<Vec<HandlerStatus>>),
     Install(Box<Install>, oneshot::Sender<Result<Option<u64>, String>>),
     Remove(String, oneshot::Sender<Option<u64>>),
+    Unload(String, oneshot::Sender<Option<u64>>),
     /// A new `acl.publish` (a reload, a config bundle).
     Acl(Vec<String>),
     Stop,
@@ -138,6 +139,8 @@ pub struct Install {
     pub state_used: u64,
     /// The probation it starts on (`None`: none, as after a rollback).
     pub probation: Option<crate::sandbox::probation::Rules>,
+    /// Its `[[handler]]` entry's `config` overrides (none for a bundle).
+    pub overrides: std::collections::BTreeMap<String, String>,
 }
 
 /// An input's room: its permits of the whole inbox, and of its connection's share of it.
@@ -284,6 +287,16 @@ impl Inbox {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Input::Remove(name.to_string(), tx))
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Takes a handler out between two turns, leaving what its name holds (see
+    /// [`Dispatcher::unload`]): the version unloaded, if one ran.
+    pub async fn unload(&self, name: &str) -> Result<Option<u64>, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Unload(name.to_string(), tx))
             .map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
     }
@@ -563,14 +576,10 @@ fn accept(
                 env,
                 state_used,
                 probation,
+                overrides,
             } = *i;
             let loaded = crate::sandbox::Handler::instantiate_module(
-                &runtime,
-                module,
-                manifest,
-                &Default::default(),
-                env,
-                state_used,
+                &runtime, module, manifest, &overrides, env, state_used,
             );
             let (now, mono) = (crate::clock::now_ms(), crate::clock::mono_ms());
             let answer = match loaded {
@@ -591,6 +600,9 @@ fn accept(
                 .remove(&name)
                 .unwrap_or_else(|f| crate::store::fatal("removing a handler", f));
             let _ = tx.send(removed);
+        }
+        Input::Unload(name, tx) => {
+            let _ = tx.send(d.unload(&name));
         }
         Input::Acl(publish) => d.set_acl(publish),
         Input::Stop => return true,

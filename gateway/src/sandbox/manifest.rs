@@ -77,7 +77,12 @@ impl Manifest {
         let shown = path.display().to_string();
         let text =
             std::fs::read_to_string(path).map_err(|e| ManifestError::Read(shown.clone(), e))?;
-        toml::from_str(&text).map_err(|e| ManifestError::Parse(shown, e))
+        Manifest::parse(&text, shown)
+    }
+
+    /// Parses a manifest's `text`; `shown` names where it came from in the error.
+    pub fn parse(text: &str, shown: String) -> Result<Manifest, ManifestError> {
+        toml::from_str(text).map_err(|e| ManifestError::Parse(shown, e))
     }
 
     /// Checks names, patterns and that every limit is within the box's caps.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 pub use instance::{compile, AbiMismatch, Handler, LoadError, Runtime};
 pub use manifest::Limits;
-pub use manifest::Manifest;
+pub use manifest::{Manifest, ManifestError};
 
 use crate::pipeline::Class;
 
