@@ -131,17 +131,7 @@ async fn a_forward_received_before_the_clock_is_set_is_restamped_once_it_is() {
         }
     })
     .await;
-    // libfaketime re-reads this file at every clock read: the clock reads 1970 (a board
-    // without an RTC, NTP not answered yet) until the test writes the real time into it.
-    let clock = dir.path().join("faketime");
-    std::fs::write(&clock, "@1970-01-02 00:00:00\n").unwrap();
-    let mut env = faked("1970-01-02 00:00:00");
-    // The thread-safe build: the spec is read again at every clock read, from every thread.
-    env.retain(|(k, _)| *k != "FAKETIME" && *k != "LD_PRELOAD");
-    let mt = installed("libfaketime (MT)", &[LIBFAKETIME_MT]);
-    env.push(("LD_PRELOAD", mt.display().to_string()));
-    env.push(("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()));
-    env.push(("FAKETIME_NO_CACHE", "1".to_string()));
+    let (clock, env) = settable_clock(dir.path());
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let gw = Gateway::start_in_env(
         &dir.path().join("data"),
@@ -203,6 +193,81 @@ async fn a_forward_received_before_the_clock_is_set_is_restamped_once_it_is() {
         "other bytes, another key"
     );
     dev.close().await;
+}
+
+/// A clock that reads 1970 (a board without an RTC, NTP not answered yet) until the test
+/// writes `+0` into the file returned (the real time): the environment for the gateway.
+/// libfaketime's thread-safe build re-reads the file at every clock read, from every thread.
+fn settable_clock(dir: &Path) -> (std::path::PathBuf, Vec<(&'static str, String)>) {
+    let clock = dir.join("faketime");
+    std::fs::write(&clock, "@1970-01-02 00:00:00\n").unwrap();
+    let mut env = faked("1970-01-02 00:00:00");
+    env.retain(|(k, _)| *k != "FAKETIME" && *k != "LD_PRELOAD");
+    let mt = installed("libfaketime (MT)", &[LIBFAKETIME_MT]);
+    env.push(("LD_PRELOAD", mt.display().to_string()));
+    env.push(("FAKETIME_TIMESTAMP_FILE", clock.display().to_string()));
+    env.push(("FAKETIME_NO_CACHE", "1".to_string()));
+    (clock, env)
+}
+
+/// A forward that waits in the outbox (bulk, its window an hour) is re-stamped on disk as
+/// soon as the clock is set, not at its send: a reboot before the send (a new boot id, the
+/// time since receipt gone) would leave it at 1970.
+#[tokio::test]
+async fn a_waiting_forward_is_restamped_on_disk_as_soon_as_the_clock_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(|_| 200).await;
+    let (clock, env) = settable_clock(dir.path());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut gw = Gateway::start_in_env(
+        &dir.path().join("data"),
+        &format!(
+            "[router]\nunrouted = \"forward\"\nunrouted_class = \"bulk\"\n[uplink]\nurl = \"{}\"\n[outbox]\nbulk_window_ms = 3600000\n",
+            cloud.url
+        ),
+        &env,
+    );
+    let dev = gw.connect("d1").await;
+    let mut s = dev.open().await.unwrap();
+    let before = real_ms();
+    s.send(&publish(1, "devices/d1/temp", b"{\"v\":31}"))
+        .await
+        .unwrap();
+    until_ack(&mut s, 1).await;
+    let after = real_ms();
+    dev.close().await;
+
+    // NTP answers.
+    std::fs::write(&clock, "+0\n").unwrap();
+    gw.wait_log(
+        "the clock is set; forwards received before it was, re-stamped",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    // Power cut: only what is on disk counts.
+    gw.kill();
+    assert!(
+        cloud.requests().is_empty(),
+        "nothing was sent: the sweep did it"
+    );
+    let store = open_stopped(&gw.data());
+    let entries: Vec<tidepool::outbox::Entry> = store
+        .outbox_scan()
+        .map(|kv| tidepool::outbox::Entry::decode(&kv.unwrap().1).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 1);
+    let e = &entries[0];
+    let boot = e
+        .boot
+        .as_ref()
+        .expect("marked as stamped on an unset clock");
+    assert!(boot.restamped, "{e:?}");
+    assert!(
+        (before.saturating_sub(1000)..=after + 1000).contains(&e.ts),
+        "re-stamped to {}, received between {before} and {after} (real time)",
+        e.ts
+    );
 }
 
 /// Milliseconds since boot (`/proc/uptime`, the boot clock less suspend: the same on a test box).

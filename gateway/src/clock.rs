@@ -209,13 +209,26 @@ pub fn is_set(wall_ms: u64) -> bool {
     looks_synced(wall_ms) && floor().is_none_or(|f| wall_ms / 1000 >= f.floor_s())
 }
 
+/// Stamps taken while the clock was not set, in this process.
+static UNSET_STAMPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The stamp for now.
 pub fn stamp() -> Stamp {
     let wall_ms = now_ms();
+    let set = is_set(wall_ms);
+    if !set {
+        UNSET_STAMPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     Stamp {
         wall_ms,
-        boot_ms: (!is_set(wall_ms)).then(boot_ms),
+        boot_ms: (!set).then(boot_ms),
     }
+}
+
+/// How many stamps were taken while the clock was not set, in this process: when it moved,
+/// outbox entries may wait for a re-stamp (the uplink's sweep).
+pub fn unset_stamps() -> u64 {
+    UNSET_STAMPS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]

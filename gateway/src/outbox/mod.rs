@@ -82,14 +82,23 @@ impl Entry {
     /// boot keeps its `ts` (the time between that boot's receipt and now is unknown), as does
     /// one re-stamped already. Pure.
     pub fn restamp(&mut self, boot_id: &str, wall_ms: u64, boot_ms: u64) -> bool {
-        match self.boot.as_mut() {
-            Some(b) if !b.restamped && !boot_id.is_empty() && b.boot_id == boot_id => {
-                self.ts = wall_ms.saturating_sub(boot_ms.saturating_sub(b.mono_ms));
-                b.restamped = true;
-                true
-            }
-            _ => false,
+        if !self.restampable(boot_id) {
+            return false;
         }
+        let Some(b) = self.boot.as_mut() else {
+            return false;
+        };
+        self.ts = wall_ms.saturating_sub(boot_ms.saturating_sub(b.mono_ms));
+        b.restamped = true;
+        true
+    }
+
+    /// Whether [`Entry::restamp`] would change it in boot `boot_id`: received in that boot
+    /// before the clock was set, and not re-stamped yet. Pure.
+    pub fn restampable(&self, boot_id: &str) -> bool {
+        self.boot
+            .as_ref()
+            .is_some_and(|b| !b.restamped && !boot_id.is_empty() && b.boot_id == boot_id)
     }
 }
 
@@ -179,6 +188,9 @@ pub struct Outbox {
     full_policy: FullPolicy,
     /// Woken when flushed entries arrive.
     pub wake: Notify,
+    /// Entries of this boot from before the clock was set were found at start, not yet
+    /// re-stamped (the uplink's sweep clears it).
+    restamp_found: std::sync::atomic::AtomicBool,
 }
 
 fn slot(c: Class) -> usize {
@@ -201,6 +213,7 @@ impl Outbox {
         let mut found = Vec::new();
         let mut corrupt = Vec::new();
         let mut tier_seqs = Vec::new();
+        let boot_id = crate::clock::boot_id();
         for kv in store.outbox_scan() {
             let (k, v) = kv?;
             let (Some(seq), Some(e)) = (keys::seq_of(&k), Entry::decode(&v)) else {
@@ -214,6 +227,10 @@ impl Outbox {
             let at = now.checked_sub(Duration::from_millis(age_ms));
             if let Some(t) = e.tier_seq {
                 tier_seqs.push((t, seq));
+            }
+            if e.restampable(&boot_id) {
+                ob.restamp_found
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
             let entry = NewEntry {
                 seq,
@@ -246,7 +263,21 @@ impl Outbox {
             max_bytes: cfg.max_bytes,
             full_policy: cfg.full_policy,
             wake: Notify::new(),
+            restamp_found: Default::default(),
         }
+    }
+
+    /// Whether entries of this boot from before the clock was set were found at start, and
+    /// not swept since ([`Outbox::restamp_swept`]).
+    pub fn restamp_found(&self) -> bool {
+        self.restamp_found
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The uplink re-stamped every entry it could.
+    pub fn restamp_swept(&self) {
+        self.restamp_found
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Entries found durable at start (each with when it was queued): indexed, and counted
@@ -395,6 +426,7 @@ mod tests {
             max_bytes,
             full_policy,
             wake: Notify::new(),
+            restamp_found: Default::default(),
         }
     }
 

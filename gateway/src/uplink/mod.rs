@@ -137,7 +137,16 @@ pub struct Uplink<S: Sink> {
     pub sink: S,
     /// What the log has said about the current outage ([`outage`]).
     outage: OutageLog,
+    /// [`crate::clock::unset_stamps`] at the last sweep of the outbox
+    /// ([`Uplink::restamp_outbox`]).
+    swept: u64,
 }
+
+/// Entries re-stamped by the sweep per durable write.
+const SWEEP_CHUNK: usize = 1024;
+
+/// How often the uplink looks at the clock while entries wait for it to be set.
+const CLOCK_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl<S: Sink> Uplink<S> {
     pub fn new(
@@ -158,7 +167,62 @@ impl<S: Sink> Uplink<S> {
             budget: Budget::new(cfg.uplink.budget_bytes_per_day),
             sink,
             outage: OutageLog::default(),
+            swept: 0,
         }
+    }
+
+    /// Whether outbox entries may wait for a re-stamp: found at start, or reads stamped on an
+    /// unset clock since the last sweep.
+    fn restamp_due(&self) -> bool {
+        self.outbox.restamp_found() || crate::clock::unset_stamps() != self.swept
+    }
+
+    /// Re-stamps every outbox entry received in this boot before the clock was set, as soon as
+    /// it is ([`Entry::restamp`]), not only at the entry's next send: a reboot before that send
+    /// would take the time since receipt with it. Written durably, [`SWEEP_CHUNK`] entries a
+    /// write. The batch-by-batch re-stamp ([`Uplink::restamp`]) still covers an entry
+    /// committed after the sweep read the outbox.
+    async fn restamp_outbox(&mut self) -> Result<(), StoreError> {
+        let mark = crate::clock::unset_stamps();
+        let store = self.store.clone();
+        let (entries, writes) = tokio::task::spawn_blocking(move || {
+            let boot_id = crate::clock::boot_id();
+            let (wall_ms, boot_ms) = (crate::clock::now_ms(), crate::clock::boot_ms());
+            let (mut chunk, mut entries, mut writes) = (Vec::new(), 0, 0);
+            let mut flush = |chunk: &mut Vec<(u64, Vec<u8>)>| {
+                entries += chunk.len();
+                writes += 1;
+                store.rewrite_outbox(std::mem::take(chunk))
+            };
+            for kv in store.outbox_scan() {
+                let (k, v) = kv?;
+                let (Some(seq), Some(mut e)) = (keys::seq_of(&k), Entry::decode(&v)) else {
+                    continue;
+                };
+                if e.restamp(&boot_id, wall_ms, boot_ms) {
+                    chunk.push((seq, e.encode()));
+                }
+                if chunk.len() == SWEEP_CHUNK {
+                    flush(&mut chunk)?;
+                }
+            }
+            if !chunk.is_empty() {
+                flush(&mut chunk)?;
+            }
+            Ok::<_, StoreError>((entries, writes))
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        Metrics::add(&self.metrics.store_syncs, writes);
+        self.swept = mark;
+        self.outbox.restamp_swept();
+        if entries > 0 {
+            tracing::info!(
+                entries,
+                "outbox: the clock is set; forwards received before it was, re-stamped"
+            );
+        }
+        Ok(())
     }
 
     /// The batch of these outbox entries (the same entries always make the same bytes).
@@ -281,6 +345,10 @@ impl<S: Sink> Uplink<S> {
             }
             let now = Instant::now();
             let now_ms = crate::clock::now_ms();
+            let clock_set = crate::clock::is_set(now_ms);
+            if clock_set && self.restamp_due() {
+                self.restamp_outbox().await?;
+            }
             let (held, turn) = self.budget.check(now_ms);
             match turn {
                 Some(Turn::Held) => {
@@ -416,6 +484,13 @@ impl<S: Sink> Uplink<S> {
                         Some(deadline.map_or(next_day, |d| d.min(next_day)))
                     } else {
                         deadline
+                    };
+                    // Entries wait for the clock to be set: look at it again soon.
+                    let deadline = match !clock_set && self.restamp_due() {
+                        true => Some(
+                            deadline.map_or(now + CLOCK_RECHECK, |d| d.min(now + CLOCK_RECHECK)),
+                        ),
+                        false => deadline,
                     };
                     let sleep = async {
                         match deadline {
