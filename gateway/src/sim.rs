@@ -782,7 +782,7 @@ impl Sim {
         let now = self.now_ms;
         let life = self.life();
         if life.dispatcher.next_timer().is_some_and(|due| due <= now) {
-            life.dispatcher.fire_timers(now);
+            life.dispatcher.fire_timers(crate::clock::Stamp::set(now));
         }
     }
 

@@ -650,9 +650,12 @@ impl Dispatcher {
         }
     }
 
-    /// Fires the timers due at `now_ms` (each in its own write set, which also moves its
-    /// durable next due time) and returns the next due time, if any timer exists.
-    pub fn fire_timers(&mut self, now_ms: u64) -> Option<u64> {
+    /// Fires the timers due at `now` (each in its own write set, which also moves its
+    /// durable next due time) and returns the next due time, if any timer exists. On an
+    /// unset clock (`now.boot_ms`), a firing's forwards carry the time since boot at its due
+    /// time, to be re-stamped as a device event's are.
+    pub fn fire_timers(&mut self, now: Stamp) -> Option<u64> {
+        let now_ms = now.wall_ms;
         for Firing {
             handler: h,
             due: Due { due_ms, epoch },
@@ -666,6 +669,7 @@ impl Dispatcher {
                 e => format!("timer.{e}.{due_ms}"),
             };
             let no_device = self.no_device.clone();
+            let boot_id = self.boot_id.clone();
             // A timer's time is its due time (the ts of its forwards and dead letters).
             let ctx = Ctx {
                 origin: Origin::Timer {
@@ -673,7 +677,9 @@ impl Dispatcher {
                 },
                 ts: Some(due_ms),
                 received_ms: now_ms,
-                boot: None,
+                boot: now
+                    .boot_ms
+                    .map(|b| (&*boot_id, b.saturating_sub(now_ms.saturating_sub(due_ms)))),
                 seq_text: &seq_text,
                 relay: None,
             };
@@ -929,7 +935,7 @@ mod tests {
         let first = d.next_timer().unwrap();
         // It fires; nothing commits here, so the store holds neither due time (read from it,
         // the new version would start a period from its install instead).
-        assert_eq!(d.fire_timers(first), Some(first + 1000));
+        assert_eq!(d.fire_timers(Stamp::set(first)), Some(first + 1000));
         assert_eq!(t.store.timer_due("tick").unwrap(), None);
         d.tree.handlers[0].state_used = 4242;
         let h = handler(TICKER, &manifest(2), &t.store);
@@ -996,8 +1002,81 @@ mod tests {
         );
         assert_eq!(StateSource::get(&store, "counter", b"n"), None);
         // The ticker, now first, still fires on time.
-        assert_eq!(d.fire_timers(due), Some(due + 1000));
+        assert_eq!(d.fire_timers(Stamp::set(due)), Some(due + 1000));
         assert_eq!(d.metrics.timer_calls.load(Ordering::Relaxed), 1);
+    }
+
+    /// A handler whose timer forwards `t` on topic `tick` (class normal).
+    const FORWARDING_TICKER: &str = r#"(module
+      (import "tidepool" "forward" (func $fwd (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 0) "tick")
+      (data (i32.const 8) "t")
+      (func (export "tp_alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "tp_on_event") (param i32 i32 i32 i32) (result i32) (i32.const 0))
+      (func (export "tp_on_timer") (param i64) (result i32)
+        (call $fwd (i32.const 0) (i32.const 4) (i32.const 8) (i32.const 1) (i32.const 1))))"#;
+
+    /// A timer firing on an unset clock: its forward carries this boot's id and the time
+    /// since boot at its due time (a late firing counts back to it), to be re-stamped; on a
+    /// set clock, none.
+    #[test]
+    fn a_timer_forward_on_an_unset_clock_carries_the_boot_time_of_its_due_time() {
+        let tick = "name = \"tick\"\nversion = 1\nsubscribe = [\"x/#\"]\ntimer_ms = 1000\n";
+        let t = Setup::with(Config::defaults(), &[(FORWARDING_TICKER, tick)]);
+        let (mut d, rx) = (t.dispatcher, t.rx);
+        rx.try_iter().for_each(drop);
+        let due = d.next_timer().unwrap();
+        let entries = |rx: &std::sync::mpsc::Receiver<Item>| -> Vec<crate::outbox::Entry> {
+            rx.try_iter()
+                .flat_map(|i| match i.kind {
+                    ItemKind::Event(ws) => ws.outbox,
+                    _ => Vec::new(),
+                })
+                .map(|w| crate::outbox::Entry::decode(&w.entry).unwrap())
+                .collect()
+        };
+        // Fired 300 ms late, 50,000 ms after boot.
+        let late = Stamp {
+            wall_ms: due + 300,
+            boot_ms: Some(50_000),
+        };
+        d.fire_timers(late);
+        let e = entries(&rx);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].ts, due, "a timer's time is its due time");
+        let boot = e[0].boot.as_ref().expect("marked");
+        assert_eq!((boot.mono_ms, boot.restamped), (49_700, false));
+        assert_eq!(&*boot.boot_id, &*crate::clock::boot_id());
+        // The clock set: no mark.
+        d.fire_timers(Stamp::set(due + 1000));
+        let e = entries(&rx);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].boot, None);
+    }
+
+    /// An unload takes the handler and its timer out and deletes nothing: no write goes to the
+    /// committer, and its state reads as before.
+    #[test]
+    fn an_unloaded_handler_leaves_its_state_and_the_others_keep_their_timers() {
+        let counter = "name = \"counter\"\nversion = 1\nsubscribe = [\"devices/#\"]\n";
+        let tick = "name = \"tick\"\nversion = 1\nsubscribe = [\"x/#\"]\ntimer_ms = 1000\n";
+        let t = Setup::with(Config::defaults(), &[(COUNTER, counter), (TICKER, tick)]);
+        let (mut d, rx, store) = (t.dispatcher, t.rx, t.store);
+        store
+            .put_state("counter", &[(b"n".to_vec(), Some(b"kept".to_vec()))])
+            .unwrap();
+        let due = d.next_timer().unwrap();
+        rx.try_iter().for_each(drop);
+        assert_eq!(d.unload("counter"), Some(1));
+        assert_eq!(d.unload("counter"), None, "nothing runs");
+        assert_eq!(rx.try_iter().count(), 0, "nothing written");
+        assert_eq!(
+            StateSource::get(&store, "counter", b"n"),
+            Some(b"kept".to_vec())
+        );
+        assert_eq!(d.tree.handlers.len(), 1);
+        assert_eq!(d.fire_timers(Stamp::set(due)), Some(due + 1000));
     }
 
     fn publish(seq: u64) -> Publish {

@@ -456,8 +456,8 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>, inbox_room: Arc<Semaphore>, capac
         }
         // Timers that are due, then one turn: timers that are always late cannot starve the
         // devices, nor the reverse.
-        let now = crate::clock::now_ms();
-        if d.next_timer().is_some_and(|due| due <= now) {
+        let now = crate::clock::stamp();
+        if d.next_timer().is_some_and(|due| due <= now.wall_ms) {
             d.set_work_waiting(queued(0));
             d.fire_timers(now);
         }
@@ -507,8 +507,8 @@ fn wait(d: &mut Dispatcher, rx: &Receiver<Input>, queued: &dyn Fn(usize) -> bool
         let Some(due) = d.next_timer() else {
             return rx.recv().ok();
         };
-        let now = crate::clock::now_ms();
-        let due = match due <= now {
+        let now = crate::clock::stamp();
+        let due = match due <= now.wall_ms {
             true => {
                 d.set_mono(crate::clock::mono_ms());
                 d.set_work_waiting(queued(0));

@@ -716,8 +716,9 @@ struct Run {
 }
 
 /// An outbox entry for a forward of the event (or timer firing) in `ctx`: its time is the
-/// device's `ts`, else when it was received (with this boot's id and the time since boot when
-/// the wall clock was not set then: [`BootTime`]); it is queued at `received_ms`. `device` is the
+/// device's `ts`, else when it was received, or the timer's due time (with this boot's id and
+/// the time since boot then when the wall clock was not set: [`BootTime`]); it is queued at
+/// `received_ms`. `device` is the
 /// event's device (the origin's, for an event a lower tier relays).
 fn forward_entry(
     id: String,
@@ -737,12 +738,18 @@ fn forward_entry(
         payload: payload.to_vec(),
         tier_seq: None,
         tier_nack: None,
-        boot: match (ctx.ts, ctx.boot) {
-            (None, Some((boot_id, mono_ms))) => Some(BootTime {
-                boot_id: boot_id.to_string(),
-                mono_ms,
-                restamped: false,
-            }),
+        // The time is the gateway's own (a receipt time, a timer's due time), taken on an
+        // unset clock.
+        boot: match ctx.boot {
+            Some((boot_id, mono_ms))
+                if ctx.ts.is_none() || matches!(ctx.origin, Origin::Timer { .. }) =>
+            {
+                Some(BootTime {
+                    boot_id: boot_id.to_string(),
+                    mono_ms,
+                    restamped: false,
+                })
+            }
             _ => None,
         },
     };
