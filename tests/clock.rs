@@ -195,6 +195,41 @@ async fn a_forward_received_before_the_clock_is_set_is_restamped_once_it_is() {
     dev.close().await;
 }
 
+/// A box that boots at 1970 reaches an https:// cloud (a private CA, `uplink.http.ca_file`)
+/// whose certificate was issued long after 1970 but before the clock floor: rustls checks it
+/// at the floor's time (at a first start, the build time), not at the bare wall clock, which
+/// calls it not valid yet until NTP answers.
+#[tokio::test]
+async fn a_box_at_1970_reaches_an_https_cloud_through_the_clock_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("cloud-ca.crt");
+    let cloud = Cloud::start_tls(&ca, tidepool::clock::BUILD_S - 86_400, |_| 200).await;
+    let env = faked("1970-01-02 00:00:00");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let gw = Gateway::start_in_env(
+        &dir.path().join("data"),
+        &format!(
+            "[router]\nunrouted = \"forward\"\nunrouted_class = \"urgent\"\n[uplink]\nurl = \"{}\"\n[uplink.http]\nca_file = \"{}\"\n[outbox]\nlinger_ms = 50\nretry_base_ms = 50\nretry_max_ms = 200\n",
+            cloud.url,
+            ca.display()
+        ),
+        &env,
+    );
+    let dev = gw.connect("d1").await;
+    let mut s = dev.open().await.unwrap();
+    s.send(&publish(1, "devices/d1/temp", b"{\"v\":31}"))
+        .await
+        .unwrap();
+    until_ack(&mut s, 1).await;
+    let got = cloud
+        .wait_until(Duration::from_secs(20), |r| !r.is_empty())
+        .await;
+    let log = gw.stderr.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "delivered over TLS at 1970: {log}");
+    assert_eq!(got[0].json()["events"][0]["clock"], "unsynced");
+    dev.close().await;
+}
+
 /// A clock that reads 1970 (a board without an RTC, NTP not answered yet) until the test
 /// writes `+0` into the file returned (the real time): the environment for the gateway.
 /// libfaketime's thread-safe build re-reads the file at every clock read, from every thread.

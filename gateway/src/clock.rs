@@ -209,6 +209,21 @@ pub fn is_set(wall_ms: u64) -> bool {
     looks_synced(wall_ms) && floor().is_none_or(|f| wall_ms / 1000 >= f.floor_s())
 }
 
+/// What rustls checks certificates at, everywhere (the devices' and operators' at the
+/// ingress, the cloud's and the upstream's at the uplink, the gateway's at `send` and
+/// `deploy --gateway`): [`trusted_now_s`], the clock floor's time, not the bare wall clock, so
+/// a board that boots at 1970 still takes its devices and reaches its cloud.
+#[derive(Debug)]
+pub struct FloorTime;
+
+impl rustls::time_provider::TimeProvider for FloorTime {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(
+            std::time::Duration::from_secs(trusted_now_s()),
+        ))
+    }
+}
+
 /// Stamps taken while the clock was not set, in this process.
 static UNSET_STAMPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 

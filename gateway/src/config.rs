@@ -380,6 +380,7 @@ pub struct UplinkConfig {
     pub url: String,
     pub timeout_ms: u64,
     pub budget_bytes_per_day: u64,
+    pub http: HttpConfig,
     pub mqtt: MqttConfig,
     pub nats: NatsConfig,
     pub tier: TierConfig,
@@ -406,7 +407,18 @@ pub struct NatsConfig {
     pub duplicate_window_s: u64,
 }
 
-/// `[uplink.mqtt]`: the MQTT sink's settings.
+/// `[uplink.http]`: the HTTP sink's settings. A relative path resolves against the config
+/// file's directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// For https://: the CA file the cloud's certificate chains to (empty: the public CAs
+    /// built in, Mozilla's list).
+    pub ca_file: PathBuf,
+}
+
+/// `[uplink.mqtt]`: the MQTT sink's settings. A relative path resolves against the config
+/// file's directory.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
@@ -414,7 +426,7 @@ pub struct MqttConfig {
     pub client_id: String,
     pub username: String,
     pub password: String,
-    pub ca_file: String,
+    pub ca_file: PathBuf,
     pub keep_alive_s: u64,
 }
 
@@ -474,6 +486,8 @@ impl Config {
             let t = &mut cfg.uplink.tier;
             let k = &mut cfg.pki;
             for p in [
+                &mut cfg.uplink.http.ca_file,
+                &mut cfg.uplink.mqtt.ca_file,
                 &mut t.ca_file,
                 &mut t.cert_file,
                 &mut t.key_file,

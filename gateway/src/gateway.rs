@@ -43,6 +43,8 @@ pub enum StartError {
     #[error(transparent)]
     Mqtt(#[from] crate::uplink::mqtt::MqttSetupError),
     #[error(transparent)]
+    Http(#[from] crate::uplink::http::HttpSetupError),
+    #[error(transparent)]
     Tier(#[from] crate::uplink::tier::TierSetupError),
     #[cfg(feature = "nats")]
     #[error(transparent)]
@@ -577,7 +579,12 @@ pub async fn run(
             None
         }
         (SinkKind::Http, url) => {
-            let sink = HttpSink::new(cfg.gateway.id.clone(), url.to_string(), timeout);
+            let sink = HttpSink::new(
+                cfg.gateway.id.clone(),
+                url.to_string(),
+                timeout,
+                &cfg.uplink.http.ca_file,
+            )?;
             tracing::info!(%url, "uplink: HTTP");
             Some(parts.spawn(sink, uplink_stop))
         }

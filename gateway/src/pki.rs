@@ -550,6 +550,21 @@ fn check_client_id(id: &str) -> Result<(), PkiError> {
 }
 
 /// Reads every certificate of a PEM file.
+/// The trust anchors of a PEM file of CA certificates (one, or a bundle such as
+/// `/etc/ssl/certs/ca-certificates.crt`, whose certificates rustls cannot use as anchors
+/// are left out); an error when none is usable.
+pub fn root_store(path: &Path) -> Result<rustls::RootCertStore, PkiError> {
+    let mut store = rustls::RootCertStore::empty();
+    let (added, ignored) = store.add_parsable_certificates(read_certs(path)?);
+    if added == 0 {
+        return Err(PkiError::Pem {
+            path: path.to_path_buf(),
+            msg: format!("none of its {ignored} certificate(s) is a usable CA certificate"),
+        });
+    }
+    Ok(store)
+}
+
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())

@@ -687,7 +687,58 @@ impl Cloud {
         listener: tokio::net::TcpListener,
         answer: impl Fn(&Request) -> (u16, Duration) + Send + Sync + 'static,
     ) -> Cloud {
-        let url = format!("http://{}/ingest", listener.local_addr().unwrap());
+        Cloud::serve_over(listener, None, answer)
+    }
+
+    /// An HTTPS cloud at `https://localhost:PORT/ingest`, its certificate (for `localhost`)
+    /// issued by a new CA, valid from `not_before` (Unix seconds) for a year; the CA's PEM is
+    /// written to `ca_file`. Answers by request content.
+    pub async fn start_tls(
+        ca_file: &Path,
+        not_before: u64,
+        status: impl Fn(&Request) -> u16 + Send + Sync + 'static,
+    ) -> Cloud {
+        let day = |s: u64| time::OffsetDateTime::from_unix_timestamp(s as i64).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.not_before = day(not_before);
+        ca_params.not_after = day(not_before + 365 * 86_400);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        std::fs::write(ca_file, ca.pem()).unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        leaf.not_before = day(not_before);
+        leaf.not_after = day(not_before + 365 * 86_400);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        Cloud::serve_over(listener, Some(acceptor), move |r| {
+            (status(r), Duration::ZERO)
+        })
+    }
+
+    fn serve_over(
+        listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        answer: impl Fn(&Request) -> (u16, Duration) + Send + Sync + 'static,
+    ) -> Cloud {
+        let port = listener.local_addr().unwrap().port();
+        let url = match tls {
+            Some(_) => format!("https://localhost:{port}/ingest"),
+            None => format!("http://127.0.0.1:{port}/ingest"),
+        };
         let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
         let arrived = Arc::new(Notify::new());
         let status = Arc::new(answer);
@@ -695,54 +746,16 @@ impl Cloud {
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 let (reqs, arr, status) = (reqs.clone(), arr.clone(), status.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let (r, mut w) = sock.into_split();
-                    let mut r = tokio::io::BufReader::new(r);
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                        let mut headers = Vec::new();
-                        loop {
-                            let mut h = String::new();
-                            r.read_line(&mut h).await.unwrap();
-                            let h = h.trim_end().to_string();
-                            if h.is_empty() {
-                                break;
-                            }
-                            if let Some((k, v)) = h.split_once(':') {
-                                headers.push((k.trim().to_string(), v.trim().to_string()));
+                    match tls {
+                        // A handshake the client gives up (a certificate it refuses) ends here.
+                        Some(t) => {
+                            if let Ok(s) = t.accept(sock).await {
+                                answer_requests(s, reqs, arr, status).await
                             }
                         }
-                        let len: usize = headers
-                            .iter()
-                            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                            .map(|(_, v)| v.parse().unwrap())
-                            .unwrap_or(0);
-                        let mut body = vec![0; len];
-                        r.read_exact(&mut body).await.unwrap();
-                        let events = serde_json::from_slice::<serde_json::Value>(&body)
-                            .ok()
-                            .and_then(|v| v["events"].as_array().map(Vec::len))
-                            .unwrap_or(0);
-                        let mut req = Request {
-                            path,
-                            headers,
-                            body,
-                            status: 0,
-                            events,
-                        };
-                        let (code, delay) = status(&req);
-                        req.status = code;
-                        reqs.lock().unwrap().push(req);
-                        arr.notify_waiters();
-                        tokio::time::sleep(delay).await;
-                        let resp = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n");
-                        if w.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
+                        None => answer_requests(sock, reqs, arr, status).await,
                     }
                 });
             }
@@ -777,6 +790,68 @@ impl Cloud {
 
     pub fn requests(&self) -> Vec<Request> {
         self.requests.lock().unwrap().clone()
+    }
+}
+
+/// Reads HTTP/1.1 requests from `stream` and answers each as `status` says, recording it.
+async fn answer_requests<S>(
+    stream: S,
+    reqs: Arc<Mutex<Vec<Request>>>,
+    arr: Arc<Notify>,
+    status: Arc<impl Fn(&Request) -> (u16, Duration) + Send + Sync + 'static>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (r, mut w) = tokio::io::split(stream);
+    let mut r = tokio::io::BufReader::new(r);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).await.unwrap();
+            let h = h.trim_end().to_string();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).await.unwrap();
+        let events = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["events"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        let mut req = Request {
+            path,
+            headers,
+            body,
+            status: 0,
+            events,
+        };
+        let (code, delay) = status(&req);
+        req.status = code;
+        reqs.lock().unwrap().push(req);
+        arr.notify_waiters();
+        tokio::time::sleep(delay).await;
+        let resp = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n");
+        if w.write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
     }
 }
 

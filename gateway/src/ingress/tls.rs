@@ -34,9 +34,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 fn roots(paths: &[std::path::PathBuf]) -> Result<Arc<RootCertStore>, TlsError> {
     let mut store = RootCertStore::empty();
     for p in paths {
-        for c in pki::read_certs(p)? {
-            store.add(c)?;
-        }
+        store.roots.extend(pki::root_store(p)?.roots);
     }
     Ok(Arc::new(store))
 }
@@ -45,19 +43,6 @@ fn roots(paths: &[std::path::PathBuf]) -> Result<Arc<RootCertStore>, TlsError> {
 pub struct RoleCheck {
     device: Arc<dyn ClientCertVerifier>,
     operator: Arc<dyn ClientCertVerifier>,
-}
-
-/// rustls checks certificates at the clock floor's time ([`crate::clock::Floor`]), not the
-/// bare wall clock: a board that boots at 1970 still takes its devices.
-#[derive(Debug)]
-struct FloorTime;
-
-impl rustls::time_provider::TimeProvider for FloorTime {
-    fn current_time(&self) -> Option<UnixTime> {
-        Some(UnixTime::since_unix_epoch(Duration::from_secs(
-            crate::clock::trusted_now_s(),
-        )))
-    }
 }
 
 fn chains_to(verifier: &dyn ClientCertVerifier, chain: &[CertificateDer<'static>]) -> bool {
@@ -96,7 +81,7 @@ pub fn server_config(
     let (device, operator) = (only(pki::DEVICE_CA)?, only(pki::OPERATOR_CA)?);
     let chain = pki::read_certs(&paths.cert(pki::SERVER))?;
     let key = pki::read_key(&paths.key(pki::SERVER))?;
-    let mut tls = rustls::ServerConfig::builder_with_details(p, Arc::new(FloorTime))
+    let mut tls = rustls::ServerConfig::builder_with_details(p, Arc::new(crate::clock::FloorTime))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
@@ -150,10 +135,11 @@ fn client_config_for(
     key: &std::path::Path,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let roots = roots(&[ca.to_path_buf()])?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(pki::read_certs(cert)?, pki::read_key(key)?)?;
+    let mut tls =
+        rustls::ClientConfig::builder_with_details(provider(), Arc::new(crate::clock::FloorTime))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(pki::read_certs(cert)?, pki::read_key(key)?)?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;

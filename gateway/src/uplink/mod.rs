@@ -28,6 +28,19 @@ use budget::{Budget, Turn};
 use outage::{OutageLog, Say};
 use plan::{Plan, Step};
 
+/// A sink's TLS client config (HTTP, MQTT): the ring provider, TLS 1.2 and 1.3, `roots`, and
+/// certificates checked at the clock floor's time ([`crate::clock::FloorTime`]), so a box
+/// that boots at 1970 reaches its cloud before NTP answers.
+pub fn tls_client(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(
+        rustls::ClientConfig::builder_with_details(provider, Arc::new(crate::clock::FloorTime))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
 /// A batch: outbox entries and the id derived from them (the HTTP `Idempotency-Key`). The same
 /// entries always make the same batch, so a retry sends the same bytes.
 #[derive(Debug, Clone)]

@@ -14,17 +14,43 @@ pub struct HttpSink {
     gateway: String,
     url: String,
     timeout: Duration,
+    /// For https://: the roots (`uplink.http.ca_file`, else the public CAs built in) and the
+    /// clock floor's time ([`crate::uplink::tls_client`]).
+    tls: rustls::ClientConfig,
     client: Option<reqwest::Client>,
 }
 
+/// Why the HTTP sink cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpSetupError {
+    #[error("uplink.http.ca_file: {0}")]
+    Ca(#[from] crate::pki::PkiError),
+    #[error("uplink.http: TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
 impl HttpSink {
-    pub fn new(gateway: String, url: String, timeout: Duration) -> Self {
-        HttpSink {
+    /// A sink posting to `url`; `ca_file` (empty: the public CAs built in) is what an
+    /// https:// cloud's certificate must chain to.
+    pub fn new(
+        gateway: String,
+        url: String,
+        timeout: Duration,
+        ca_file: &std::path::Path,
+    ) -> Result<Self, HttpSetupError> {
+        let roots = match ca_file.as_os_str().is_empty() {
+            true => rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            },
+            false => crate::pki::root_store(ca_file)?,
+        };
+        Ok(HttpSink {
             gateway,
             url,
             timeout,
+            tls: crate::uplink::tls_client(roots)?,
             client: None,
-        }
+        })
     }
 }
 
@@ -54,7 +80,8 @@ impl HttpSink {
             // No redirects: a POST turned into a GET by a 30x must not count as delivered.
             let builder = reqwest::Client::builder()
                 .timeout(self.timeout)
-                .redirect(reqwest::redirect::Policy::none());
+                .redirect(reqwest::redirect::Policy::none())
+                .use_preconfigured_tls(self.tls.clone());
             match builder.build() {
                 Ok(c) => self.client = Some(c),
                 Err(e) => {

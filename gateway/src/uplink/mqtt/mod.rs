@@ -226,28 +226,18 @@ fn judge(reason: PubAckReason) -> Option<SendResult> {
     }
 }
 
-fn tls_config(ca_file: &str) -> Result<rustls::ClientConfig, MqttSetupError> {
+fn tls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, MqttSetupError> {
     let err = |msg: String| MqttSetupError::Ca {
-        path: ca_file.into(),
+        path: ca_file.display().to_string(),
         msg,
     };
-    if ca_file.is_empty() {
+    if ca_file.as_os_str().is_empty() {
         return Err(err(
             "mqtts:// needs a CA file (the broker's CA, or the system bundle, e.g. /etc/ssl/certs/ca-certificates.crt)".into(),
         ));
     }
-    let certs =
-        crate::pki::read_certs(std::path::Path::new(ca_file)).map_err(|e| err(e.to_string()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs {
-        roots.add(c).map_err(|e| err(e.to_string()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    let roots = crate::pki::root_store(ca_file).map_err(|e| err(e.to_string()))?;
+    crate::uplink::tls_client(roots).map_err(|e| err(e.to_string()))
 }
 
 impl Sink for MqttSink {
