@@ -358,22 +358,32 @@ fn count(n: u64) -> Option<Vec<u8>> {
 /// A reload (SIGHUP) puts the `[[handler]]` list in force as a restart would: a new handler
 /// runs, a changed one takes the place of the running one, one taken out is unloaded with
 /// its state kept, and a deployed bundle that an entry pinned runs again once the entry
-/// goes. Unlike a restart, a changed handler that does not load leaves its running version
-/// in place, and a manifest that does not read leaves the whole list as it is.
+/// goes (also when the entry never loaded). Unlike a restart, an entry that does not load
+/// takes nothing away: a changed handler keeps its running version, a deployed version of
+/// its name keeps running (and can be deployed over); a manifest that does not read leaves
+/// the whole list as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_puts_the_handler_list_in_force_and_a_change_that_does_not_load_changes_nothing() {
+async fn a_reload_puts_the_handler_list_in_force_and_an_entry_that_does_not_load_takes_nothing_away(
+) {
     let dir = tempfile::tempdir().unwrap();
     let (key, public) = keys(dir.path());
-    // A configured counter, its files in `dir` (the same paths whatever its version).
-    let write = |name: &str, version: u64, counts_in: &str| -> String {
+    // A configured counter, its files in `dir` under `file` (the same paths whatever its
+    // version).
+    let write = |file: &str, name: &str, version: u64, counts_in: &str| -> String {
         let (manifest, wasm) = counter(name, version, counts_in, "");
-        let m = dir.path().join(format!("{name}.toml"));
-        let w = dir.path().join(format!("{name}.wasm"));
+        let m = dir.path().join(format!("{file}.toml"));
+        let w = dir.path().join(format!("{file}.wasm"));
         std::fs::write(&m, manifest).unwrap();
         std::fs::write(&w, wasm).unwrap();
         handler_entry(&w, &m)
     };
-    let a = write("a", 1, "n");
+    let source = |file: &str| {
+        dir.path()
+            .join(format!("{file}.toml"))
+            .display()
+            .to_string()
+    };
+    let a = write("a", "a", 1, "n");
     let mut gw = Gateway::start(&format!("[deploy]\ntrusted_keys = [\"{public}\"]\n{a}"));
     let c5 = signed(dir.path(), &counter("c", 5, "n", ""), &key);
     through_inbox(&gw, "c-5.tpb", &c5).await.expect("deployed");
@@ -385,9 +395,9 @@ async fn a_reload_puts_the_handler_list_in_force_and_a_change_that_does_not_load
     let in_force = "reload: the [[handler]] list is in force";
 
     // `a` version 2 (counting in `m`), `b` new, and `c` configured (counting in `k`): the
-    // configured `c` takes the deployed one's place.
-    write("a", 2, "m");
-    let (b, c) = (write("b", 1, "n"), write("c", 1, "k"));
+    // configured `c` takes the deployed one's place, and its name is pinned.
+    write("a", "a", 2, "m");
+    let (b, c) = (write("b", "b", 1, "n"), write("c", "c", 1, "k"));
     rewrite_config(&gw, &a, &format!("{a}{b}{c}"));
     gw.signal("-HUP");
     gw.wait_log(in_force, 1, Duration::from_secs(20)).await;
@@ -403,21 +413,51 @@ async fn a_reload_puts_the_handler_list_in_force_and_a_change_that_does_not_load
 
     // `a`'s module broken, `b` and `c` taken out: `a` version 2 goes on, `b` is unloaded,
     // the deployed `c` version 5 runs again.
+    let good_a = std::fs::read(dir.path().join("a.wasm")).unwrap();
     std::fs::write(dir.path().join("a.wasm"), b"not wasm").unwrap();
     rewrite_config(&gw, &format!("{b}{c}"), "");
     gw.signal("-HUP");
     gw.wait_log(in_force, 2, Duration::from_secs(20)).await;
     assert_eq!(versions(&gw), v(&[("a", 2), ("c", 5)]));
-    assert!(skipped(&gw).is_empty(), "a keeps running, c runs");
+    assert_eq!(skipped(&gw), vec![source("a")], "a's change did not load");
     {
         let log = gw.stderr.lock().unwrap();
         assert!(
-            log.contains("reload: not loaded, version 2 keeps running"),
+            log.contains("the changed entry did not load, version 2 keeps running"),
             "{log}"
         );
-        assert!(log.contains("its deployed version 5 runs again"), "{log}");
+        assert!(log.contains("its deployed version 5 runs"), "{log}");
     }
     publish_one(&gw, 3).await;
+
+    // An entry for `c` whose module is broken: the deployed `c` keeps running, and its name
+    // is not pinned (a new version deploys).
+    std::fs::write(dir.path().join("a.wasm"), &good_a).unwrap();
+    let cx = write("cx", "c", 1, "k");
+    std::fs::write(dir.path().join("cx.wasm"), b"not wasm").unwrap();
+    rewrite_config(&gw, &a, &format!("{a}{cx}"));
+    gw.signal("-HUP");
+    gw.wait_log(in_force, 3, Duration::from_secs(20)).await;
+    assert_eq!(versions(&gw), v(&[("a", 2), ("c", 5)]));
+    assert_eq!(skipped(&gw), vec![source("cx")]);
+    through_inbox(&gw, "c-6-again.tpb", &c6)
+        .await
+        .expect("c is not pinned while its entry does not load");
+    assert_eq!(versions(&gw), v(&[("a", 2), ("c", 6)]));
+    publish_one(&gw, 4).await;
+
+    // A restart, as a restart does: the broken entry pins `c`, so the deployed `c` does not
+    // run. Then the entry is taken out: the deployed `c` runs again.
+    gw.restart();
+    assert_eq!(versions(&gw), v(&[("a", 2)]));
+    assert_eq!(skipped(&gw), vec![source("cx"), "bundle c".to_string()]);
+    rewrite_config(&gw, &cx, "");
+    gw.signal("-HUP");
+    // The log runs on across the restart: the fourth.
+    gw.wait_log(in_force, 4, Duration::from_secs(20)).await;
+    assert_eq!(versions(&gw), v(&[("a", 2), ("c", 6)]));
+    assert!(skipped(&gw).is_empty(), "{:?}", skipped(&gw));
+    publish_one(&gw, 5).await;
 
     // A manifest that does not read: nothing changes.
     std::fs::write(dir.path().join("a.toml"), "not [ toml").unwrap();
@@ -428,16 +468,16 @@ async fn a_reload_puts_the_handler_list_in_force_and_a_change_that_does_not_load
         Duration::from_secs(20),
     )
     .await;
-    assert_eq!(versions(&gw), v(&[("a", 2), ("c", 5)]));
-    publish_one(&gw, 4).await;
+    assert_eq!(versions(&gw), v(&[("a", 2), ("c", 6)]));
+    publish_one(&gw, 6).await;
 
     gw.stop();
     let data = gw.data();
     assert_eq!(read_state(&data, "a", b"n"), count(1), "version 1: event 1");
     assert_eq!(
         read_state(&data, "a", b"m"),
-        count(3),
-        "version 2: events 2 to 4"
+        count(5),
+        "version 2: events 2 to 6"
     );
     assert_eq!(
         read_state(&data, "b", b"n"),
@@ -451,7 +491,7 @@ async fn a_reload_puts_the_handler_list_in_force_and_a_change_that_does_not_load
     );
     assert_eq!(
         read_state(&data, "c", b"n"),
-        count(3),
-        "the deployed c: events 1, 3, 4"
+        count(5),
+        "the deployed c: events 1, 3 (version 5), 4, 5, 6 (version 6)"
     );
 }

@@ -209,10 +209,11 @@ pub fn is_set(wall_ms: u64) -> bool {
     looks_synced(wall_ms) && floor().is_none_or(|f| wall_ms / 1000 >= f.floor_s())
 }
 
-/// What rustls checks certificates at, everywhere (the devices' and operators' at the
-/// ingress, the cloud's and the upstream's at the uplink, the gateway's at `send` and
-/// `deploy --gateway`): [`trusted_now_s`], the clock floor's time, not the bare wall clock, so
-/// a board that boots at 1970 still takes its devices and reaches its cloud.
+/// What rustls checks certificates at (the devices' and operators' at the ingress, the cloud's
+/// and the upstream's at the uplink; the NATS sink's TLS is its own): [`trusted_now_s`], the
+/// clock floor's time once the gateway installed it, so a board that boots at 1970 still
+/// takes its devices and reaches its cloud. In a CLI process (`send`, `deploy --gateway`),
+/// which installs no floor, it is the wall clock.
 #[derive(Debug)]
 pub struct FloorTime;
 
@@ -224,26 +225,13 @@ impl rustls::time_provider::TimeProvider for FloorTime {
     }
 }
 
-/// Stamps taken while the clock was not set, in this process.
-static UNSET_STAMPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// The stamp for now.
 pub fn stamp() -> Stamp {
     let wall_ms = now_ms();
-    let set = is_set(wall_ms);
-    if !set {
-        UNSET_STAMPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
     Stamp {
         wall_ms,
-        boot_ms: (!set).then(boot_ms),
+        boot_ms: (!is_set(wall_ms)).then(boot_ms),
     }
-}
-
-/// How many stamps were taken while the clock was not set, in this process: when it moved,
-/// outbox entries may wait for a re-stamp (the uplink's sweep).
-pub fn unset_stamps() -> u64 {
-    UNSET_STAMPS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]

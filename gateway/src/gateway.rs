@@ -148,15 +148,16 @@ pub fn load_deployed(
         })()?;
         match loaded {
             Ok(mut h) => {
-                let rules = crate::admin::deploy::resumed_probation(
-                    store,
-                    &name,
-                    cfg.deploy.probation(),
-                    crate::clock::now_ms(),
-                )?;
-                h.probation = rules.map(|rules| {
-                    crate::sandbox::probation::Probation::new(rules, crate::clock::mono_ms())
-                });
+                use crate::admin::deploy::{resumed_probation, Resumed};
+                let since = store.registered(&name)?.probation_since;
+                match resumed_probation(since, cfg.deploy.probation(), crate::clock::now_ms()) {
+                    Resumed::Again(rules) => {
+                        let mono = crate::clock::mono_ms();
+                        h.probation = Some(crate::sandbox::probation::Probation::new(rules, mono));
+                    }
+                    Resumed::Passed => store.record_passed(&name)?,
+                    Resumed::None => {}
+                }
                 tracing::info!(
                     handler = h.name(),
                     version = h.manifest.version,
@@ -224,7 +225,8 @@ async fn watch_over(
 /// Puts what can change live in force: the deny-lists (`acl.revoked`, closing the devices
 /// newly on it; `admin.revoked`), `admin.allow_from`, `acl.publish` (on the dispatcher's
 /// thread, from its next event), and the keys deploys are checked against. `file` is the
-/// config file as (re)loaded, `cfg` it with the config bundle in force.
+/// config file as (re)loaded, `cfg` it with the config bundle in force. Returns whether it
+/// did (a deny-list or `[admin]` that does not read changes nothing).
 fn apply_live(
     file: &Config,
     cfg: &Config,
@@ -234,19 +236,19 @@ fn apply_live(
         Arc<crate::admin::deploy::Deployer>,
         crate::sandbox::SharedAcl,
     ),
-) {
+) -> bool {
     let revoked = match pki::Revoked::parse(&cfg.acl.revoked) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("reload refused, the settings in force stay: {e}");
-            return;
+            return false;
         }
     };
     let admin = match shared.admin.reload(&cfg.admin) {
         Ok(sizes) => sizes,
         Err(e) => {
             tracing::error!("reload refused, the settings in force stay: {e}");
-            return;
+            return false;
         }
     };
     if let Err(e) = deployer.configure(file, cfg) {
@@ -264,6 +266,7 @@ fn apply_live(
         publish = ?cfg.acl.publish,
         "in force: acl.revoked, acl.publish, admin.allow_from, admin.revoked and the deploy keys (a reload also changes gateway.log and the [[handler]] list; the rest needs a restart)"
     );
+    true
 }
 
 /// One `[[handler]]`: the handler and the digest of what it was loaded from, or why it was
@@ -731,9 +734,10 @@ pub async fn run(
                     },
                 };
                 let cfg = crate::admin::deploy::in_force(&file, held.as_ref());
-                apply_live(&file, &cfg, &live);
-                // The handlers after the settings: one loaded now sees the reloaded ACL.
-                if let Some(entries) = entries {
+                let applied = apply_live(&file, &cfg, &live);
+                // The handlers after the settings (one loaded now sees the reloaded ACL), and
+                // not when the settings were refused: the reload changes nothing then.
+                if let (Some(entries), true) = (entries, applied) {
                     let deployer = live.2.clone();
                     let _ = tokio::task::spawn_blocking(move || deployer.reload_handlers(&entries))
                         .await;

@@ -53,6 +53,9 @@ pub struct OutboxWrite {
     pub class: Class,
     /// The encoded [`crate::outbox::Entry`].
     pub entry: Vec<u8>,
+    /// Its `ts` was taken on an unset clock (it carries a `boot` time): it waits for a
+    /// re-stamp once the clock is set.
+    pub unset_clock: bool,
 }
 
 /// Everything one processed event writes. Applied whole or not at all.

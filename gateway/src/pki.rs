@@ -549,7 +549,6 @@ fn check_client_id(id: &str) -> Result<(), PkiError> {
     Ok(())
 }
 
-/// Reads every certificate of a PEM file.
 /// The trust anchors of a PEM file of CA certificates (one, or a bundle such as
 /// `/etc/ssl/certs/ca-certificates.crt`, whose certificates rustls cannot use as anchors
 /// are left out); an error when none is usable.
@@ -565,6 +564,7 @@ pub fn root_store(path: &Path) -> Result<rustls::RootCertStore, PkiError> {
     Ok(store)
 }
 
+/// Reads every certificate of a PEM file.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())

@@ -429,6 +429,7 @@ impl Sim {
                         seq,
                         class: e.class,
                         bytes: v.len() as u64,
+                        unset_clock: e.boot.is_some(),
                     };
                     (ne, Instant::now())
                 })

@@ -690,7 +690,7 @@ impl Cloud {
         Cloud::serve_over(listener, None, answer)
     }
 
-    /// An HTTPS cloud at `https://localhost:PORT/ingest`, its certificate (for `localhost`)
+    /// An HTTPS cloud at `https://127.0.0.1:PORT/ingest`, its certificate (for that address)
     /// issued by a new CA, valid from `not_before` (Unix seconds) for a year; the CA's PEM is
     /// written to `ca_file`. Answers by request content.
     pub async fn start_tls(
@@ -706,7 +706,7 @@ impl Cloud {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let ca = ca_params.self_signed(&ca_key).unwrap();
         std::fs::write(ca_file, ca.pem()).unwrap();
-        let mut leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
         leaf.not_before = day(not_before);
         leaf.not_after = day(not_before + 365 * 86_400);
         let key = rcgen::KeyPair::generate().unwrap();
@@ -736,7 +736,7 @@ impl Cloud {
     ) -> Cloud {
         let port = listener.local_addr().unwrap().port();
         let url = match tls {
-            Some(_) => format!("https://localhost:{port}/ingest"),
+            Some(_) => format!("https://127.0.0.1:{port}/ingest"),
             None => format!("http://127.0.0.1:{port}/ingest"),
         };
         let requests: Arc<Mutex<Vec<Request>>> = Arc::default();

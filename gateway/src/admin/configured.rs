@@ -1,11 +1,14 @@
 //! The handlers the config file pins (`[[handler]]`): an entry read from disk ([`read`], with
-//! a digest of what the handler is made of), the names the entries pin ([`Pinned`]), and what
-//! a reload (SIGHUP) changes among the running ones ([`plan`], pure).
+//! a digest of what the handler is made of), the names the entries pin ([`Pinned`]), and which
+//! entries a reload (SIGHUP) loads ([`plan`], pure; a name no entry pins any more is released
+//! by the deployer).
 //!
-//! The rule a reload keeps: the box runs what a restart with the new file would run, with one
-//! exception: a handler whose entry changed and no longer loads keeps its running version
-//! (a restart would skip it). A handler taken out of the file is unloaded and its state stays
-//! on disk, as after a restart; a deployed bundle of its name that the entry pinned runs again.
+//! The rule a reload keeps: the box runs what a restart with the new file would run, except
+//! that an entry that does not load takes nothing away: a changed handler keeps its running
+//! version, and a deployed version of the name keeps running (its name unpinned until the
+//! entry loads); a restart would run neither. A handler taken out of the file is unloaded and
+//! its state stays on disk, as after a restart; a deployed bundle of its name that the entry
+//! pinned runs again, in its place.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
@@ -104,36 +107,45 @@ pub struct Running {
 /// What a reload does, by [`plan`].
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Running configured handlers whose name no entry names any more: unloaded.
-    pub unload: Vec<String>,
     /// Entries (indices) to load: a new name, a changed one, or one that did not run.
     pub load: Vec<usize>,
-    /// Entries (indices) naming a handler an earlier entry names: not loaded.
+    /// Entries (indices) naming a handler another entry stands for: not loaded.
     pub duplicate: Vec<usize>,
     /// Entries that run as they are.
     pub unchanged: usize,
 }
 
 /// What a reload to `entries` (each entry's handler name and digest, in file order) does
-/// to the configured handlers `running`.
+/// to the configured handlers `running`. Of several entries naming one handler, the one it
+/// runs from stands for the name (a start loads the next entry of a name when the first
+/// fails), else the first; the others are duplicates.
 pub fn plan(running: &[Running], entries: &[(&str, u64)]) -> Plan {
+    let runs = |i: usize| {
+        let (name, digest) = entries[i];
+        running.iter().any(|r| r.name == name && r.digest == digest)
+    };
     let mut p = Plan::default();
-    let mut named = BTreeSet::new();
-    for (i, &(name, digest)) in entries.iter().enumerate() {
-        if !named.insert(name) {
-            p.duplicate.push(i);
-            continue;
+    let mut chosen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, &(name, _)) in entries.iter().enumerate() {
+        match chosen.get(name).copied() {
+            None => {
+                chosen.insert(name, i);
+            }
+            Some(c) if runs(i) && !runs(c) => {
+                p.duplicate.push(c);
+                chosen.insert(name, i);
+            }
+            Some(_) => p.duplicate.push(i),
         }
-        match running.iter().any(|r| r.name == name && r.digest == digest) {
+    }
+    for &i in chosen.values() {
+        match runs(i) {
             true => p.unchanged += 1,
             false => p.load.push(i),
         }
     }
-    p.unload = running
-        .iter()
-        .filter(|r| !named.contains(r.name.as_str()))
-        .map(|r| r.name.clone())
-        .collect();
+    p.load.sort_unstable();
+    p.duplicate.sort_unstable();
     p
 }
 
@@ -169,8 +181,10 @@ mod tests {
             &[("b", 20), ("a", 1), ("new", 4)],
         );
         assert_eq!(p.load, vec![0, 2], "b changed, new is new");
-        assert_eq!(p.unload, vec!["gone".to_string()]);
-        assert_eq!(p.unchanged, 1);
+        assert_eq!(
+            p.unchanged, 1,
+            "gone is released by its name (`Pinned`), not planned"
+        );
         assert!(p.duplicate.is_empty());
     }
 
@@ -178,7 +192,15 @@ mod tests {
     fn a_second_entry_of_a_name_is_not_loaded_and_does_not_unload_the_first() {
         let p = plan(&running(&[("a", 1)]), &[("a", 1), ("a", 9)]);
         assert_eq!(p.duplicate, vec![1]);
-        assert!(p.load.is_empty() && p.unload.is_empty());
+        assert!(p.load.is_empty());
+    }
+
+    #[test]
+    fn of_two_entries_of_a_name_the_one_it_runs_from_stands_for_it() {
+        // The first entry failed at start; the second loaded.
+        let p = plan(&running(&[("a", 9)]), &[("a", 1), ("a", 9)]);
+        assert_eq!(p.duplicate, vec![0]);
+        assert_eq!((p.unchanged, p.load.len()), (1, 0));
     }
 
     #[test]

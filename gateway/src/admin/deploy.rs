@@ -123,25 +123,28 @@ fn record_failed(e: crate::store::StoreError) -> ! {
     crate::store::fatal("recording in the registry", e)
 }
 
-/// The probation a deployed handler loaded again (at start, or uncovered by a reload) runs
-/// on: a probation under way when it stopped running starts its count and window again
-/// (timed by the wall clock, the only one that outlives a restart); one whose window went by
-/// meanwhile, or with probation off (`rules` is `None`), is recorded as passed.
-pub fn resumed_probation(
-    store: &Store,
-    name: &str,
-    rules: Option<Rules>,
-    now_ms: u64,
-) -> Result<Option<Rules>, crate::store::StoreError> {
-    let Some(since) = store.registered(name)?.probation_since else {
-        return Ok(None);
-    };
-    match rules {
-        Some(rules) if now_ms.saturating_sub(since) < rules.window_ms => Ok(Some(rules)),
-        _ => {
-            store.record_passed(name)?;
-            Ok(None)
+/// What becomes of a deployed version's probation as it is loaded again (at start, or
+/// uncovered by a reload), by [`resumed_probation`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Resumed {
+    /// It was not on probation.
+    None,
+    /// Its probation was under way: its count and window start again.
+    Again(Rules),
+    /// Its window went by while it did not run (or probation is off): record it as passed,
+    /// once it runs.
+    Passed,
+}
+
+/// What becomes of a probation that began at `since` (the registry's, by the wall clock, the
+/// only one that outlives a restart) at `now_ms`, under `rules` (`None`: probation off). Pure.
+pub fn resumed_probation(since: Option<u64>, rules: Option<Rules>, now_ms: u64) -> Resumed {
+    match (since, rules) {
+        (None, _) => Resumed::None,
+        (Some(since), Some(rules)) if now_ms.saturating_sub(since) < rules.window_ms => {
+            Resumed::Again(rules)
         }
+        (Some(_), _) => Resumed::Passed,
     }
 }
 
@@ -570,6 +573,7 @@ impl Deployer {
         if let Err(e) = self.store.record_remove(name, &note) {
             record_failed(e);
         }
+        self.bundle_skips().remove(name);
         let c = Changed {
             name: name.to_string(),
             from,
@@ -601,10 +605,6 @@ impl Deployer {
             .map(|r| (r.manifest.name.as_str(), r.digest))
             .collect();
         let plan = configured::plan(&before.running, &named);
-        if plan.load.is_empty() && plan.unload.is_empty() && plan.duplicate.is_empty() {
-            tracing::debug!("reload: [[handler]] unchanged");
-            return;
-        }
         let mut now = Configured {
             pinned: Pinned {
                 names: named.iter().map(|(n, _)| n.to_string()).collect(),
@@ -614,30 +614,43 @@ impl Deployer {
             skipped: Vec::new(),
         };
         let stopping = || tracing::warn!("reload cut short: the gateway is stopping");
-        for name in &plan.unload {
-            let Ok(from) = self.runtime.block_on(self.inbox.unload(name)) else {
-                return stopping();
-            };
+        let mut changed = 0;
+        // Names no entry pins any more: a deployed bundle of the name runs (in place of the
+        // configured one, if it ran: its timer and state count go on), else the configured
+        // one is unloaded; its state stays, as after a restart.
+        let released: Vec<String> = before
+            .pinned
+            .names
+            .difference(&now.pinned.names)
+            .cloned()
+            .collect();
+        for name in &released {
+            let ran = before.running.iter().any(|r| &r.name == name);
             now.running.retain(|r| &r.name != name);
-            // A deployed bundle the entry pinned runs again, as after a restart.
-            match self.uncover(name) {
-                Ok(None) => tracing::warn!(
+            self.bundle_skips().remove(name);
+            let uncovered = self.uncover(name);
+            if ran
+                && !matches!(uncovered, Ok(Some(_)))
+                && self.runtime.block_on(self.inbox.unload(name)).is_err()
+            {
+                return stopping();
+            }
+            changed += 1;
+            match uncovered {
+                Ok(Some(v)) => tracing::warn!(
                     handler = name,
-                    version = ?from,
+                    "reload: no longer in [[handler]]: its deployed version {v} runs"
+                ),
+                Ok(None) if ran => tracing::warn!(
+                    handler = name,
                     "reload: no longer in [[handler]]: unloaded (its state stays on disk)"
                 ),
-                Ok(Some(v)) => {
-                    self.bundle_skips().remove(name);
-                    tracing::warn!(
-                        handler = name,
-                        "reload: no longer in [[handler]]: its deployed version {v} runs again"
-                    );
-                }
+                Ok(None) => tracing::info!(handler = name, "reload: no longer in [[handler]]"),
                 Err(DeployError::Stopping) => return stopping(),
                 Err(DeployError::Refused(why)) => {
                     tracing::error!(
                         handler = name,
-                        "reload: no longer in [[handler]]: unloaded; its deployed version does not run: {why}"
+                        "reload: no longer in [[handler]]; its deployed version does not run: {why}"
                     );
                     self.bundle_skips().insert(name.clone(), why);
                 }
@@ -654,6 +667,7 @@ impl Deployer {
             };
             match installed {
                 Ok(replaced) => {
+                    changed += 1;
                     now.running.retain(|x| x.name != name);
                     now.running.push(Running {
                         name: name.clone(),
@@ -678,24 +692,23 @@ impl Deployer {
                 Err(DeployError::Stopping) => return stopping(),
                 Err(DeployError::Refused(why)) => {
                     failed += 1;
-                    match self.running_version(&name) {
-                        Some(v) => tracing::error!(
-                            handler = name,
-                            manifest = r.source,
-                            "reload: not loaded, version {v} keeps running: {why}"
+                    let reason = match (self.running_version(&name), was) {
+                        (Some(v), true) => format!(
+                            "the changed entry did not load, version {v} keeps running: {why}"
                         ),
-                        None => tracing::error!(
-                            handler = name,
-                            manifest = r.source,
-                            "reload: not loaded: {why}"
-                        ),
-                    }
-                    if !was {
-                        now.skipped.push(Skipped {
-                            source: r.source.clone(),
-                            reason: why,
-                        });
-                    }
+                        (Some(v), false) => {
+                            // A deployed version runs: it goes on, and its name is not pinned
+                            // until the entry loads (it can still be rolled back or removed).
+                            now.pinned.names.remove(&name);
+                            format!("did not load, the deployed version {v} keeps running: {why}")
+                        }
+                        (None, _) => why,
+                    };
+                    tracing::error!(handler = name, manifest = r.source, "reload: {reason}");
+                    now.skipped.push(Skipped {
+                        source: r.source.clone(),
+                        reason,
+                    });
                 }
             }
         }
@@ -708,36 +721,49 @@ impl Deployer {
                 reason,
             });
         }
-        tracing::info!(
-            loaded = plan.load.len() - failed,
-            not_loaded = failed + plan.duplicate.len(),
-            unloaded = plan.unload.len(),
-            unchanged = plan.unchanged,
-            "reload: the [[handler]] list is in force"
-        );
+        let quiet = changed == 0 && failed == 0 && now.pinned == before.pinned;
         *self.configured() = now;
+        match quiet {
+            true => tracing::debug!("reload: [[handler]] unchanged"),
+            false => tracing::info!(
+                loaded = plan.load.len() - failed,
+                not_loaded = failed + plan.duplicate.len(),
+                released = released.len(),
+                unchanged = plan.unchanged,
+                "reload: the [[handler]] list is in force"
+            ),
+        }
     }
 
-    /// The version of `name` that runs now, by the registry or the configured list, as
-    /// the dispatcher last reported (`None`: none, or unknown).
+    /// The version of `name` that runs now, as the dispatcher reports it (`None`: none, or
+    /// the gateway is stopping).
     fn running_version(&self, name: &str) -> Option<u64> {
         let status = self.runtime.block_on(self.inbox.status()).ok()?;
         status.iter().find(|h| h.name == name).map(|h| h.version)
     }
 
     /// Loads `name`'s deployed bundle again, once no `[[handler]]` entry pins it (checked
-    /// again as at start): the version that runs, `None` when none is deployed.
+    /// again as at start; in place of a handler of that name that runs): the version that
+    /// runs, `None` when none is deployed.
     fn uncover(&self, name: &str) -> Result<Option<u64>, DeployError> {
-        let Some(bytes) = self.store.registered(name).map_err(store_failed)?.current else {
+        let r = self.store.registered(name).map_err(store_failed)?;
+        let Some(bytes) = r.current else {
             return Ok(None);
         };
         let v = bundle::verify(&bytes, u64::MAX, &self.keys().handlers)
             .map_err(|e| DeployError::Refused(e.to_string()))?;
-        let probation =
-            resumed_probation(&self.store, name, self.probation, crate::clock::now_ms())
-                .map_err(store_failed)?;
+        let resumed = resumed_probation(r.probation_since, self.probation, crate::clock::now_ms());
         let version = v.manifest.version;
-        self.install((v.manifest, &v.wasm), BTreeMap::new(), probation)?;
+        let rules = match resumed {
+            Resumed::Again(rules) => Some(rules),
+            _ => None,
+        };
+        self.install((v.manifest, &v.wasm), BTreeMap::new(), rules)?;
+        if resumed == Resumed::Passed {
+            if let Err(e) = self.store.record_passed(name) {
+                record_failed(e);
+            }
+        }
         Ok(Some(version))
     }
 

@@ -32,7 +32,7 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
                     p.display().to_string()
                 });
             println!(
-                "{file}: OK ({} handler(s), {} revoked; a reload applies acl, admin, deploy.trusted_keys, gateway.log and [[handler]]; anything else needs a restart)",
+                "{file}: OK ({} handler(s), {} revoked; a reload applies acl.publish, acl.revoked, admin, deploy.trusted_keys, gateway.log and [[handler]]; anything else needs a restart)",
                 cfg.handler.len(),
                 cfg.acl.revoked.len()
             );

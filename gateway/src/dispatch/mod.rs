@@ -653,7 +653,8 @@ impl Dispatcher {
     /// Fires the timers due at `now` (each in its own write set, which also moves its
     /// durable next due time) and returns the next due time, if any timer exists. On an
     /// unset clock (`now.boot_ms`), a firing's forwards carry the time since boot at its due
-    /// time, to be re-stamped as a device event's are.
+    /// time, to be re-stamped as a device event's are; a due time from an unset clock fired
+    /// on a set one takes the firing's time.
     pub fn fire_timers(&mut self, now: Stamp) -> Option<u64> {
         let now_ms = now.wall_ms;
         for Firing {
@@ -670,12 +671,17 @@ impl Dispatcher {
             };
             let no_device = self.no_device.clone();
             let boot_id = self.boot_id.clone();
-            // A timer's time is its due time (the ts of its forwards and dead letters).
+            // A timer's time is its due time (the ts of its forwards and dead letters); a due
+            // time the unset clock gave, fired once the clock is set, is now's.
+            let ts = match now.boot_ms {
+                None if !crate::clock::looks_synced(due_ms) => now_ms,
+                _ => due_ms,
+            };
             let ctx = Ctx {
                 origin: Origin::Timer {
                     no_device: &no_device,
                 },
-                ts: Some(due_ms),
+                ts: Some(ts),
                 received_ms: now_ms,
                 boot: now
                     .boot_ms
@@ -1048,11 +1054,13 @@ mod tests {
         let boot = e[0].boot.as_ref().expect("marked");
         assert_eq!((boot.mono_ms, boot.restamped), (49_700, false));
         assert_eq!(&*boot.boot_id, &*crate::clock::boot_id());
-        // The clock set: no mark.
-        d.fire_timers(Stamp::set(due + 1000));
+        // The clock set (the due time came from the unset clock): no mark, and the firing's
+        // time, not 1970's.
+        let set = 1_800_000_000_000;
+        d.fire_timers(Stamp::set(set));
         let e = entries(&rx);
         assert_eq!(e.len(), 1);
-        assert_eq!(e[0].boot, None);
+        assert_eq!((e[0].ts, &e[0].boot), (set, &None));
     }
 
     /// An unload takes the handler and its timer out and deletes nothing: no write goes to the

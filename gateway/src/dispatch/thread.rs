@@ -456,10 +456,12 @@ fn run(mut d: Dispatcher, rx: Receiver<Input>, inbox_room: Arc<Semaphore>, capac
         }
         // Timers that are due, then one turn: timers that are always late cannot starve the
         // devices, nor the reverse.
-        let now = crate::clock::stamp();
-        if d.next_timer().is_some_and(|due| due <= now.wall_ms) {
+        // The clock is read for a stamp only when a timer fires (two locks).
+        if d.next_timer()
+            .is_some_and(|due| due <= crate::clock::now_ms())
+        {
             d.set_work_waiting(queued(0));
-            d.fire_timers(now);
+            d.fire_timers(crate::clock::stamp());
         }
         d.set_mono(crate::clock::mono_ms());
         d.report_probations();
@@ -507,12 +509,11 @@ fn wait(d: &mut Dispatcher, rx: &Receiver<Input>, queued: &dyn Fn(usize) -> bool
         let Some(due) = d.next_timer() else {
             return rx.recv().ok();
         };
-        let now = crate::clock::stamp();
-        let due = match due <= now.wall_ms {
+        let due = match due <= crate::clock::now_ms() {
             true => {
                 d.set_mono(crate::clock::mono_ms());
                 d.set_work_waiting(queued(0));
-                d.fire_timers(now).unwrap_or(u64::MAX)
+                d.fire_timers(crate::clock::stamp()).unwrap_or(u64::MAX)
             }
             false => due,
         };

@@ -756,5 +756,6 @@ fn forward_entry(
     OutboxWrite {
         class,
         entry: e.encode(),
+        unset_clock: e.boot.is_some(),
     }
 }

@@ -188,9 +188,9 @@ pub struct Outbox {
     full_policy: FullPolicy,
     /// Woken when flushed entries arrive.
     pub wake: Notify,
-    /// Entries of this boot from before the clock was set were found at start, not yet
-    /// re-stamped (the uplink's sweep clears it).
-    restamp_found: std::sync::atomic::AtomicBool,
+    /// Entries indexed so far (found at start or flushed since) whose `ts` was taken on an
+    /// unset clock: when it moved, entries may wait for a re-stamp (the uplink's sweep).
+    unset_clock: AtomicU64,
 }
 
 fn slot(c: Class) -> usize {
@@ -228,14 +228,11 @@ impl Outbox {
             if let Some(t) = e.tier_seq {
                 tier_seqs.push((t, seq));
             }
-            if e.restampable(&boot_id) {
-                ob.restamp_found
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-            }
             let entry = NewEntry {
                 seq,
                 class: e.class,
                 bytes: v.len() as u64,
+                unset_clock: e.restampable(&boot_id),
             };
             found.push((entry, at.unwrap_or(now)));
         }
@@ -263,21 +260,19 @@ impl Outbox {
             max_bytes: cfg.max_bytes,
             full_policy: cfg.full_policy,
             wake: Notify::new(),
-            restamp_found: Default::default(),
+            unset_clock: AtomicU64::new(0),
         }
     }
 
-    /// Whether entries of this boot from before the clock was set were found at start, and
-    /// not swept since ([`Outbox::restamp_swept`]).
-    pub fn restamp_found(&self) -> bool {
-        self.restamp_found
-            .load(std::sync::atomic::Ordering::Relaxed)
+    /// How many entries stamped on an unset clock were indexed so far (counted after they
+    /// are in the index: one counted and no longer indexed was sent).
+    pub fn unset_clock_entries(&self) -> u64 {
+        self.unset_clock.load(Ordering::Acquire)
     }
 
-    /// The uplink re-stamped every entry it could.
-    pub fn restamp_swept(&self) {
-        self.restamp_found
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+    /// Whether no entry waits.
+    pub fn is_empty(&self) -> bool {
+        self.lock().classes.iter().all(|c| c.is_empty())
     }
 
     /// Entries found durable at start (each with when it was queued): indexed, and counted
@@ -288,6 +283,16 @@ impl Outbox {
         let mut ix = self.lock();
         for (e, at) in found {
             ix.insert(e, *at);
+        }
+        drop(ix);
+        self.count_unset_clock(found.iter().map(|(e, _)| e));
+    }
+
+    /// Counts the entries stamped on an unset clock among `entries`, once they are indexed.
+    fn count_unset_clock<'a>(&self, entries: impl Iterator<Item = &'a NewEntry>) {
+        let n = entries.filter(|e| e.unset_clock).count() as u64;
+        if n > 0 {
+            self.unset_clock.fetch_add(n, Ordering::Release);
         }
     }
 
@@ -336,6 +341,7 @@ impl Outbox {
             ix.insert(e, now);
         }
         drop(ix);
+        self.count_unset_clock(entries.iter());
         self.wake.notify_one();
     }
 
@@ -426,7 +432,7 @@ mod tests {
             max_bytes,
             full_policy,
             wake: Notify::new(),
-            restamp_found: Default::default(),
+            unset_clock: AtomicU64::new(0),
         }
     }
 
@@ -434,6 +440,7 @@ mod tests {
         OutboxWrite {
             class,
             entry: vec![0; n],
+            unset_clock: false,
         }
     }
 
@@ -473,16 +480,19 @@ mod tests {
                     seq: 1,
                     class: Class::Bulk,
                     bytes: 10,
+                    unset_clock: false,
                 },
                 NewEntry {
                     seq: 2,
                     class: Class::Normal,
                     bytes: 10,
+                    unset_clock: false,
                 },
                 NewEntry {
                     seq: 3,
                     class: Class::Urgent,
                     bytes: 10,
+                    unset_clock: false,
                 },
             ],
             now,

@@ -20,6 +20,8 @@ pub struct NewEntry {
     pub seq: u64,
     pub class: Class,
     pub bytes: u64,
+    /// Stamped on an unset clock ([`crate::pipeline::OutboxWrite::unset_clock`]).
+    pub unset_clock: bool,
 }
 
 /// One atomic write and what it releases once durable.
@@ -170,6 +172,7 @@ impl CommitQueue {
                             seq,
                             class: rec.class,
                             bytes: rec.entry.len() as u64,
+                            unset_clock: rec.unset_clock,
                         });
                         g.ops.push((keys::outbox(seq), Some(rec.entry)));
                     }
@@ -580,6 +583,7 @@ mod tests {
         ws.outbox.push(OutboxWrite {
             class: Class::Urgent,
             entry: b"e".to_vec(),
+            unset_clock: false,
         });
         q.push(item("d", 5, ItemKind::Event(Box::new(ws)), &tx));
         q.push(item(
@@ -617,7 +621,8 @@ mod tests {
             vec![NewEntry {
                 seq: 10,
                 class: Class::Urgent,
-                bytes: 1
+                bytes: 1,
+                unset_clock: false,
             }]
         );
         let g = q.flushed(g);

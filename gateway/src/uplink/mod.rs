@@ -150,8 +150,8 @@ pub struct Uplink<S: Sink> {
     pub sink: S,
     /// What the log has said about the current outage ([`outage`]).
     outage: OutageLog,
-    /// [`crate::clock::unset_stamps`] at the last sweep of the outbox
-    /// ([`Uplink::restamp_outbox`]).
+    /// [`Outbox::unset_clock_entries`] when the last sweep of the outbox began
+    /// ([`Uplink::restamp_outbox`]), or when the outbox was last seen empty.
     swept: u64,
 }
 
@@ -184,21 +184,28 @@ impl<S: Sink> Uplink<S> {
         }
     }
 
-    /// Whether outbox entries may wait for a re-stamp: found at start, or reads stamped on an
-    /// unset clock since the last sweep.
-    fn restamp_due(&self) -> bool {
-        self.outbox.restamp_found() || crate::clock::unset_stamps() != self.swept
+    /// Whether outbox entries stamped on an unset clock may wait for a re-stamp: such entries
+    /// were indexed (found at start, or flushed) since the last sweep, and the outbox is not
+    /// empty (an entry counted and no longer indexed was sent: once the outbox is seen empty,
+    /// nothing counted so far waits).
+    fn restamp_due(&mut self) -> bool {
+        let counted = self.outbox.unset_clock_entries();
+        if counted != self.swept && self.outbox.is_empty() {
+            self.swept = counted;
+        }
+        counted != self.swept
     }
 
     /// Re-stamps every outbox entry received in this boot before the clock was set, as soon as
     /// it is ([`Entry::restamp`]), not only at the entry's next send: a reboot before that send
     /// would take the time since receipt with it. Written durably, [`SWEEP_CHUNK`] entries a
-    /// write. The batch-by-batch re-stamp ([`Uplink::restamp`]) still covers an entry
-    /// committed after the sweep read the outbox.
-    async fn restamp_outbox(&mut self) -> Result<(), StoreError> {
-        let mark = crate::clock::unset_stamps();
+    /// write; a stop ends it between two writes (the rest is swept at the next start). An
+    /// entry indexed after the sweep began is counted after it, so another sweep follows.
+    async fn restamp_outbox(&mut self, stop: &watch::Receiver<bool>) -> Result<(), StoreError> {
+        let mark = self.outbox.unset_clock_entries();
         let store = self.store.clone();
-        let (entries, writes) = tokio::task::spawn_blocking(move || {
+        let stop = stop.clone();
+        let (entries, writes, whole) = tokio::task::spawn_blocking(move || {
             let boot_id = crate::clock::boot_id();
             let (wall_ms, boot_ms) = (crate::clock::now_ms(), crate::clock::boot_ms());
             let (mut chunk, mut entries, mut writes) = (Vec::new(), 0, 0);
@@ -217,18 +224,22 @@ impl<S: Sink> Uplink<S> {
                 }
                 if chunk.len() == SWEEP_CHUNK {
                     flush(&mut chunk)?;
+                    if *stop.borrow() {
+                        return Ok((entries, writes, false));
+                    }
                 }
             }
             if !chunk.is_empty() {
                 flush(&mut chunk)?;
             }
-            Ok::<_, StoreError>((entries, writes))
+            Ok::<_, StoreError>((entries, writes, true))
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
         Metrics::add(&self.metrics.store_syncs, writes);
-        self.swept = mark;
-        self.outbox.restamp_swept();
+        if whole {
+            self.swept = mark;
+        }
         if entries > 0 {
             tracing::info!(
                 entries,
@@ -360,7 +371,8 @@ impl<S: Sink> Uplink<S> {
             let now_ms = crate::clock::now_ms();
             let clock_set = crate::clock::is_set(now_ms);
             if clock_set && self.restamp_due() {
-                self.restamp_outbox().await?;
+                self.restamp_outbox(&stop).await?;
+                continue;
             }
             let (held, turn) = self.budget.check(now_ms);
             match turn {

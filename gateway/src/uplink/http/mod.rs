@@ -44,11 +44,14 @@ impl HttpSink {
             },
             false => crate::pki::root_store(ca_file)?,
         };
+        let mut tls = crate::uplink::tls_client(roots)?;
+        // reqwest sets no ALPN on a config it is given: HTTP/1.1, as it would offer.
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(HttpSink {
             gateway,
             url,
             timeout,
-            tls: crate::uplink::tls_client(roots)?,
+            tls,
             client: None,
         })
     }
