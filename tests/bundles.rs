@@ -311,12 +311,16 @@ async fn bundles_in_the_inbox_are_deployed_or_rejected_with_the_reason_and_deplo
     );
 }
 
-/// The handlers that run, by name: their versions (`status --json`).
-fn versions(gw: &Gateway) -> Vec<(String, u64)> {
+/// `tidepool status --json` of a running gateway.
+fn status(gw: &Gateway) -> serde_json::Value {
     let run = cli(&["status", "--json"], &gw.config);
     assert!(run.ok, "{}", run.stderr);
-    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    let mut v: Vec<(String, u64)> = st["handlers"]
+    serde_json::from_str(&run.stdout).unwrap()
+}
+
+/// The handlers that run, by name: their versions.
+fn versions(gw: &Gateway) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = status(gw)["handlers"]
         .as_array()
         .unwrap()
         .iter()
@@ -338,12 +342,9 @@ fn rewrite_config(gw: &Gateway, from: &str, to: &str) {
     std::fs::write(&gw.config, text.replace(from, to)).unwrap();
 }
 
-/// What `status --json` lists as not loaded: each one's source.
+/// What `status` lists as not loaded: each one's source.
 fn skipped(gw: &Gateway) -> Vec<String> {
-    let run = cli(&["status", "--json"], &gw.config);
-    assert!(run.ok, "{}", run.stderr);
-    let st: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
-    st["skipped"]
+    status(gw)["skipped"]
         .as_array()
         .unwrap()
         .iter()
