@@ -75,13 +75,20 @@ pub fn load_handlers(
 ) -> Result<(Vec<Handler>, Configured), StartError> {
     let runtime = Runtime::default();
     let mut handlers: Vec<Handler> = Vec::new();
-    // Every configured manifest that reads pins its name, loaded or not.
-    let mut list = Configured {
-        pinned: crate::admin::configured::Pinned::of(&cfg.handler),
-        ..Configured::default()
-    };
+    let mut list = Configured::default();
     for entry in &cfg.handler {
-        match load_one(entry, cfg, store, env, &runtime, &handlers)? {
+        // Every configured manifest that reads pins its name, loaded or not.
+        let loaded = match crate::admin::configured::read(entry) {
+            Ok(read) => {
+                list.pinned.names.insert(read.manifest.name.clone());
+                load_one(read, cfg, store, env, &runtime, &handlers)?
+            }
+            Err(e) => {
+                list.pinned.unknown = Some(entry.manifest.display().to_string());
+                Err(e.to_string())
+            }
+        };
+        match loaded {
             Ok((h, digest)) => {
                 list.running.push(crate::admin::configured::Running {
                     name: h.name().to_string(),
@@ -269,20 +276,16 @@ fn apply_live(
     true
 }
 
-/// One `[[handler]]`: the handler and the digest of what it was loaded from, or why it was
-/// not loaded (`Err` outside: the store failed).
+/// One `[[handler]]`, as read: the handler and the digest of what it was loaded from, or why
+/// it was not loaded (`Err` outside: the store failed).
 fn load_one(
-    entry: &crate::config::HandlerEntry,
+    read: crate::admin::configured::Read,
     cfg: &Config,
     store: &Store,
     env: &HostEnv,
     runtime: &Runtime,
     loaded: &[Handler],
 ) -> Result<Result<(Handler, u64), String>, StartError> {
-    let read = match crate::admin::configured::read(entry) {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e.to_string())),
-    };
     let manifest = read.manifest;
     if let Err(e) = manifest.check(&cfg.limits) {
         return Ok(Err(e.to_string()));
@@ -299,7 +302,7 @@ fn load_one(
     };
     let used = store.state_bytes(&manifest.name)?;
     let started = Instant::now();
-    let h = match Handler::load(runtime, &wasm, manifest, &entry.config, env.clone(), used) {
+    let h = match Handler::load(runtime, &wasm, manifest, &read.overrides, env.clone(), used) {
         Ok(h) => h,
         Err(e) => return Ok(Err(e.to_string())),
     };

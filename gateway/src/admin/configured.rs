@@ -25,22 +25,6 @@ pub struct Pinned {
     pub unknown: Option<String>,
 }
 
-impl Pinned {
-    /// The names `entries` pin, reading their manifests.
-    pub fn of(entries: &[HandlerEntry]) -> Pinned {
-        let mut p = Pinned::default();
-        for entry in entries {
-            match Manifest::load(&entry.manifest) {
-                Ok(m) => {
-                    p.names.insert(m.name);
-                }
-                Err(_) => p.unknown = Some(entry.manifest.display().to_string()),
-            }
-        }
-        p
-    }
-}
-
 /// A configured handler that did not load: the gateway serves the others, logs it at ERROR
 /// and `status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -199,7 +199,8 @@ impl<S: Sink> Uplink<S> {
     /// Re-stamps every outbox entry received in this boot before the clock was set, as soon as
     /// it is ([`Entry::restamp`]), not only at the entry's next send: a reboot before that send
     /// would take the time since receipt with it. Written durably, [`SWEEP_CHUNK`] entries a
-    /// write; a stop ends it between two writes (the rest is swept at the next start). An
+    /// write; a stop ends it within [`SWEEP_CHUNK`] entries read (what it re-stamped is
+    /// written; the rest is swept at the next start). An
     /// entry indexed after the sweep began is counted after it, so another sweep follows.
     async fn restamp_outbox(&mut self, stop: &watch::Receiver<bool>) -> Result<(), StoreError> {
         let mark = self.outbox.unset_clock_entries();
@@ -214,19 +215,22 @@ impl<S: Sink> Uplink<S> {
                 writes += 1;
                 store.rewrite_outbox(std::mem::take(chunk))
             };
-            for kv in store.outbox_scan() {
+            for (n, kv) in store.outbox_scan().enumerate() {
                 let (k, v) = kv?;
-                let (Some(seq), Some(mut e)) = (keys::seq_of(&k), Entry::decode(&v)) else {
-                    continue;
-                };
-                if e.restamp(&boot_id, wall_ms, boot_ms) {
-                    chunk.push((seq, e.encode()));
+                if let (Some(seq), Some(mut e)) = (keys::seq_of(&k), Entry::decode(&v)) {
+                    if e.restamp(&boot_id, wall_ms, boot_ms) {
+                        chunk.push((seq, e.encode()));
+                    }
                 }
                 if chunk.len() == SWEEP_CHUNK {
                     flush(&mut chunk)?;
-                    if *stop.borrow() {
-                        return Ok((entries, writes, false));
+                }
+                // Looked at every SWEEP_CHUNK entries read, re-stamped or not.
+                if n % SWEEP_CHUNK == SWEEP_CHUNK - 1 && *stop.borrow() {
+                    if !chunk.is_empty() {
+                        flush(&mut chunk)?;
                     }
+                    return Ok((entries, writes, false));
                 }
             }
             if !chunk.is_empty() {
