@@ -734,3 +734,55 @@ async fn a_silent_control_client_is_closed() {
     assert_eq!(n, 0);
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+/// One rule for paths: a relative `data_dir` in a config file is relative to the file, not to
+/// the directory the command runs in, so `status -c /abs/my.toml` from anywhere finds the
+/// gateway `run -c my.toml` started from the file's own folder.
+#[test]
+fn a_relative_data_dir_is_relative_to_the_config_file_not_the_current_directory() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("my.toml");
+    std::fs::write(
+        &cfg,
+        "[gateway]\nid = \"paths\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n",
+    )
+    .unwrap();
+    // Started from its own folder, by a relative name, as a newcomer does.
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "-c", "my.toml"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("tidepool listening on "), "{line:?}");
+    let status = std::process::Command::new(BIN)
+        .args(["status", "-c"])
+        .arg(&cfg)
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(out.contains("gateway paths"), "{out}");
+    assert!(
+        dir.path().join("data").is_dir(),
+        "the data dir beside the file"
+    );
+    assert!(
+        !elsewhere.path().join("data").exists(),
+        "nothing made where `status` ran"
+    );
+}

@@ -463,7 +463,9 @@ impl Config {
             .expect("embedded defaults are valid")
     }
 
-    /// Defaults overridden by `text`; relative handler paths resolve against `base_dir`.
+    /// Defaults overridden by `text` (read from `origin`). Every relative path of the result,
+    /// the defaults' `./tidepool-data` included, resolves against `origin`'s folder: the one
+    /// rule for paths in a config file.
     pub fn from_toml_str(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         let parse = |s: &str| {
             toml::from_str::<toml::Value>(s).map_err(|e| ConfigError::Parse {
@@ -478,7 +480,8 @@ impl Config {
             path: origin.to_path_buf(),
             source: Box::new(e),
         })?;
-        if let Some(dir) = origin.parent() {
+        // A file named without a folder is in the current one: its paths stay as written.
+        if let Some(dir) = origin.parent().filter(|d| !d.as_os_str().is_empty()) {
             for h in &mut cfg.handler {
                 h.wasm = dir.join(&h.wasm);
                 h.manifest = dir.join(&h.manifest);
@@ -486,6 +489,7 @@ impl Config {
             let t = &mut cfg.uplink.tier;
             let k = &mut cfg.pki;
             for p in [
+                &mut cfg.gateway.data_dir,
                 &mut cfg.uplink.http.ca_file,
                 &mut cfg.uplink.mqtt.ca_file,
                 &mut t.ca_file,
@@ -495,7 +499,8 @@ impl Config {
                 &mut k.operator_ca,
             ] {
                 if !p.as_os_str().is_empty() {
-                    *p = dir.join(&*p);
+                    // `./x` is written as `dir/x`, not `dir/./x`.
+                    *p = dir.join(p.strip_prefix(".").unwrap_or(p));
                 }
             }
         }
@@ -764,6 +769,19 @@ mod tests {
         assert_eq!(c.outbox.max_batch_events, 100);
         assert_eq!(c.handler[0].wasm, PathBuf::from("/etc/tidepool/a.wasm"));
         assert_eq!(c.handler[0].config["threshold"], "40");
+    }
+
+    /// One rule: a relative path in a config file is relative to the file's folder, whatever
+    /// the working directory (the data dir included, also when it is the default's).
+    #[test]
+    fn relative_paths_in_a_file_resolve_against_its_folder() {
+        let file = Path::new("/etc/tidepool/tidepool.toml");
+        let c = Config::from_toml_str("[gateway]\ndata_dir = \"data\"\n", file).unwrap();
+        assert_eq!(c.gateway.data_dir, PathBuf::from("/etc/tidepool/data"));
+        let c = Config::from_toml_str("", file).unwrap();
+        assert_eq!(c.gateway.data_dir, Path::new("/etc/tidepool/tidepool-data"));
+        let c = Config::from_toml_str("[gateway]\ndata_dir = \"/var/lib/tp\"\n", file).unwrap();
+        assert_eq!(c.gateway.data_dir, PathBuf::from("/var/lib/tp"));
     }
 
     #[test]
