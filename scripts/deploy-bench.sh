@@ -34,7 +34,7 @@ log = "info"
 [deploy]
 trusted_keys = ["$pub"]
 TOML
-for i in $(seq 1 8); do $bin certs device dev-$i --config $w/tidepool.toml --out $w/certs >/dev/null; done
+for i in $(seq 1 8); do $bin certs device dev-$i --init --config $w/tidepool.toml --out $w/certs >/dev/null; done
 wasm=$root/modules/target/wasm32-unknown-unknown/release/threshold.wasm
 for v in 1 2 3; do
   sed "s/^version = .*/version = $v/" $root/modules/examples/threshold/threshold.toml > $w/m$v.toml

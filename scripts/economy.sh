@@ -53,7 +53,7 @@ $(tp_threshold_handler)
 TOML
 echo "== $devices device certificates"
 for i in $(seq 1 "$devices"); do
-    "$bin" certs device "dev-$i" --config "$work/tidepool.toml" --out "$work/certs" >/dev/null
+    "$bin" certs device "dev-$i" --init --config "$work/tidepool.toml" --out "$work/certs" >/dev/null
 done
 per_device=$((rate * minutes * 60 / devices))
 echo "== $devices devices, $rate events/s in all, $minutes min ($per_device events each), readings: $readings"

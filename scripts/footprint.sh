@@ -79,7 +79,7 @@ cache_capacity_bytes = $cache
 TOML
 tp_threshold_handler >>"$work/tidepool.toml"
 devices=$((hold > 8 ? hold : 8))
-for i in $(seq 1 "$devices"); do "$bin" certs device "dev-$i" --config "$work/tidepool.toml" --out "$work/certs" >/dev/null; done
+for i in $(seq 1 "$devices"); do "$bin" certs device "dev-$i" --init --config "$work/tidepool.toml" --out "$work/certs" >/dev/null; done
 
 t0=$(date +%s%N)
 tp_start_gateway "$work/tidepool.toml" "$work/gateway.log"

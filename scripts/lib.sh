@@ -85,6 +85,6 @@ max_bytes = 268435456
 TOML
     tp_threshold_handler >>"$1/tidepool.toml"
     for i in $(seq 1 "$2"); do
-        "$bin" certs device "dev-$i" --config "$1/tidepool.toml" --out "$1/certs" >/dev/null
+        "$bin" certs device "dev-$i" --init --config "$1/tidepool.toml" --out "$1/certs" >/dev/null
     done
 }

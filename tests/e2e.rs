@@ -699,7 +699,7 @@ async fn the_data_dir_is_private_when_certs_device_runs_first() {
     let out = dir.path().join("certs");
     let r = Run::of_with_umask(
         std::process::Command::new(BIN)
-            .args(["certs", "device", "d1", "--out"])
+            .args(["certs", "device", "d1", "--init", "--out"])
             .arg(&out)
             .arg("--config")
             .arg(&cfg),
@@ -784,5 +784,65 @@ fn a_relative_data_dir_is_relative_to_the_config_file_not_the_current_directory(
     assert!(
         !elsewhere.path().join("data").exists(),
         "nothing made where `status` ran"
+    );
+}
+
+/// `certs device` makes no CAs of its own accord (a second set, which no gateway uses, was
+/// what a forgotten `-c` gave): on a data dir with none it refuses, names the data dir and
+/// where it came from, and writes nothing; `--init` creates them; each run says which CAs
+/// issued the certificate.
+#[test]
+fn certs_device_makes_no_cas_unless_asked_and_says_which_it_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(&cfg, "[gateway]\ndata_dir = \"data\"\n").unwrap();
+    // (ok, stdout, stderr)
+    let certs = |extra: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(["certs", "device", "d1", "--out", "certs"])
+            .args(extra)
+            .current_dir(elsewhere.path())
+            .env_remove("TIDEPOOL_CONFIG")
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    // No config: the defaults' data dir, here, holds no CAs.
+    let (ok, _, err) = certs(&[]);
+    assert!(!ok);
+    assert!(err.contains("no CAs in ./tidepool-data"), "{err}");
+    assert!(
+        err.contains("embedded defaults") && err.contains("--init"),
+        "{err}"
+    );
+    // The gateway's config, before its first start: refused too, naming the file.
+    let c = cfg.to_str().unwrap();
+    let (ok, _, err) = certs(&["-c", c]);
+    assert!(!ok);
+    assert!(err.contains(c) && err.contains("--init"), "{err}");
+    for nothing in [
+        elsewhere.path().join("tidepool-data"),
+        elsewhere.path().join("certs"),
+        dir.path().join("data"),
+    ] {
+        assert!(!nothing.exists(), "{} was made", nothing.display());
+    }
+    // Asked: made in the config's data dir, and said.
+    let (ok, out, err) = certs(&["-c", c, "--init"]);
+    assert!(ok, "{err}");
+    let data = dir.path().join("data");
+    assert!(
+        out.contains(&format!("created the CAs in {}", data.display())),
+        "{out}"
+    );
+    assert!(data.join("pki/device-ca.crt").exists());
+    assert!(elsewhere.path().join("certs/d1.crt").exists());
+    let (ok, out, err) = certs(&["-c", c]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("issued by the CAs in {}", data.display())),
+        "{out}"
     );
 }

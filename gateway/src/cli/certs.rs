@@ -36,6 +36,11 @@ pub enum What {
         /// Issue from the fleet's CAs in DIR (`certs init`) instead of the box's.
         #[arg(long, value_name = "DIR")]
         ca: Option<PathBuf>,
+        /// Create the box's CAs in its data dir if it has none yet (a gateway makes them at
+        /// its first start). Without it, a data dir with no CAs is an error, not a second set
+        /// of CAs no gateway uses.
+        #[arg(long, conflicts_with = "ca")]
+        init: bool,
     },
     /// Issue an operator certificate for the admin channel (NAME.crt, NAME.key, ca.crt and an
     /// operator profile, NAME.toml).
@@ -65,6 +70,9 @@ pub enum What {
         /// Issue from the fleet's CAs in DIR (`certs init`) instead of the box's.
         #[arg(long, value_name = "DIR")]
         ca: Option<PathBuf>,
+        /// Create the box's CAs in its data dir if it has none yet (as `certs device --init`).
+        #[arg(long, conflicts_with = "ca")]
+        init: bool,
     },
     /// Make a fleet's CAs in DIR: device-ca, operator-ca and server-ca (.crt and .key).
     ///
@@ -120,8 +128,14 @@ pub enum What {
     },
 }
 
-/// The PKI a certificate is issued from: a fleet's (`--ca DIR`) or the box's (its config).
-fn issuer(config: &ConfigArgs, ca: Option<PathBuf>) -> anyhow::Result<tidepool::pki::PkiPaths> {
+/// The PKI a certificate is issued from: a fleet's (`--ca DIR`) or the box's (its config:
+/// created there only with `init`; which one, and the config it came from, is the first line
+/// printed).
+fn issuer(
+    config: &ConfigArgs,
+    ca: Option<PathBuf>,
+    init: bool,
+) -> anyhow::Result<tidepool::pki::PkiPaths> {
     match ca {
         Some(dir) => {
             let paths = tidepool::pki::PkiPaths::at(&dir);
@@ -136,7 +150,25 @@ fn issuer(config: &ConfigArgs, ca: Option<PathBuf>) -> anyhow::Result<tidepool::
         None => {
             let cfg = config.load()?;
             let paths = tidepool::pki::PkiPaths::of(&cfg);
-            tidepool::pki::ensure(&paths, &cfg.gateway.server_names)?;
+            let from = match &config.config {
+                Some(file) => format!("the data dir of {}", file.display()),
+                None => "the data dir of the embedded defaults (no --config given)".to_string(),
+            };
+            let data = cfg.gateway.data_dir.display();
+            // A box's PKI is whole once its server certificate is there (its first start).
+            if !init && !paths.cert(tidepool::pki::SERVER).exists() {
+                anyhow::bail!(
+                    "no CAs in {data} ({from}): start the gateway there once (`tidepool run`), name the config of the gateway you mean with --config, or pass --init to create the CAs in {data}"
+                );
+            }
+            let made = tidepool::pki::ensure(&paths, &cfg.gateway.server_names)?;
+            println!(
+                "{} {data} ({from})",
+                match made {
+                    true => "created the CAs in",
+                    false => "issued by the CAs in",
+                }
+            );
             Ok(paths)
         }
     }
@@ -162,8 +194,9 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
             days,
             gateway,
             ca,
+            init,
         } => {
-            let paths = issuer(&config, ca)?;
+            let paths = issuer(&config, ca, init)?;
             let files = tidepool::pki::issue_operator(&paths, &name, &out, days)?;
             let gateway = match gateway {
                 Some(g) => g,
@@ -198,8 +231,9 @@ pub fn run(what: What) -> anyhow::Result<ExitCode> {
             days,
             csr,
             ca,
+            init,
         } => {
-            let paths = issuer(&config, ca)?;
+            let paths = issuer(&config, ca, init)?;
             let files = match csr {
                 Some(csr) => {
                     tidepool::pki::sign_device_request(&paths, &id, &csr, &out, days)?.to_vec()
