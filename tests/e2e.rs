@@ -283,6 +283,28 @@ async fn only_device_certificates_get_in_and_topics_outside_the_acl_are_nacked()
         refused(foreign).await,
         "a certificate from another CA must be refused"
     );
+    // And said at WARN, with the certificate's issuer (the stranger's device CA) and subject.
+    gw.wait_log("client certificate refused", 1, Duration::from_secs(10))
+        .await;
+    {
+        let log = gw.stderr.lock().unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("client certificate refused"))
+            .unwrap();
+        assert!(line.contains("WARN"), "{line}");
+        let name = |data: &std::path::Path| {
+            let ca = tidepool::pki::read_certs(&data.join("pki/device-ca.crt")).unwrap();
+            tidepool::pki::issuer_and_subject(&ca[0]).unwrap().1
+        };
+        let (stranger_name, own_name) = (name(stranger.path()), name(&gw.data()));
+        assert_ne!(stranger_name, own_name);
+        assert!(
+            line.contains(&format!("issued by `{stranger_name}`")),
+            "{line}"
+        );
+        assert!(line.contains(&own_name) && line.contains("dev-x"), "{line}");
+    }
     let anon = connect_without_client_cert(&gw.addr, &ca).await;
     assert!(
         refused(anon).await,
@@ -844,5 +866,52 @@ fn certs_device_makes_no_cas_unless_asked_and_says_which_it_used() {
     assert!(
         out.contains(&format!("issued by the CAs in {}", data.display())),
         "{out}"
+    );
+}
+
+/// `tidepool send` with a ca.crt from another data dir says so once, and what to check,
+/// instead of `invalid peer certificate: BadSignature` twice.
+#[tokio::test]
+async fn send_with_the_wrong_ca_says_which_file_and_what_to_check() {
+    let gw = Gateway::start("");
+    let (crt, key, _) = gw.device_certs("d1");
+    let stranger = tempfile::tempdir().unwrap();
+    tidepool::pki::ensure(&tidepool::pki::PkiPaths::new(stranger.path()), &[]).unwrap();
+    let wrong_ca = stranger.path().join("pki/server-ca.crt");
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let run = tokio::task::spawn_blocking({
+        let (addr, crt, key, ca) = (gw.addr.clone(), p(&crt), p(&key), p(&wrong_ca));
+        move || {
+            tidepool(&[
+                "send",
+                "--gateway",
+                &addr,
+                "--cert",
+                &crt,
+                "--key",
+                &key,
+                "--ca",
+                &ca,
+                "--topic",
+                "devices/d1/t",
+                "--payload",
+                "{}",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!run.ok);
+    assert!(
+        run.stderr
+            .contains(&format!("does not check against {}", wrong_ca.display())),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        run.stderr.matches("invalid peer certificate").count(),
+        1,
+        "{}",
+        run.stderr
     );
 }

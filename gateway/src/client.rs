@@ -16,10 +16,11 @@ pub enum ClientError {
     Tls(#[from] TlsError),
     #[error("cannot resolve {0}")]
     Resolve(String),
+    // Not a `source` as well: `{:#}` would print the TLS error twice.
     #[error("connect: {0}")]
-    Connect(#[from] quinn::ConnectError),
+    Connect(quinn::ConnectError),
     #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(quinn::ConnectionError),
     #[error("write: {0}")]
     Write(#[from] quinn::WriteError),
     #[error("stream: {0}")]
@@ -32,6 +33,18 @@ pub enum ClientError {
     Message(#[from] BadFrame),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<quinn::ConnectError> for ClientError {
+    fn from(e: quinn::ConnectError) -> Self {
+        ClientError::Connect(e)
+    }
+}
+
+impl From<quinn::ConnectionError> for ClientError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        ClientError::Connection(e)
+    }
 }
 
 /// The largest answer frame a device reads: answers are a few dozen bytes (a nack's reason a

@@ -607,6 +607,12 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     Some(cn)
 }
 
+/// A certificate's issuer and subject, as text (`CN=…`), for a log line.
+pub fn issuer_and_subject(der: &[u8]) -> Option<(String, String)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some((cert.issuer().to_string(), cert.subject().to_string()))
+}
+
 /// A certificate's serial as `acl.revoked` names it: lowercase hex, no leading zeros.
 pub fn serial_hex(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;

@@ -103,9 +103,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let dev = Device::connect(&a.gateway, &a.ca, &a.cert, &a.key)
-            .await
-            .context("connecting")?;
+        let dev = match Device::connect(&a.gateway, &a.ca, &a.cert, &a.key).await {
+            Ok(d) => d,
+            Err(e) if e.to_string().contains("invalid peer certificate") => {
+                return Err(anyhow::anyhow!(
+                    "connecting: {e}: the gateway's certificate does not check against {}; is it the ca.crt that `tidepool certs device -c CONFIG` wrote for this gateway (from its data dir)?",
+                    a.ca.display()
+                ));
+            }
+            Err(e) => return Err(e).context("connecting"),
+        };
         let mut s = dev.open().await?;
         s.send(&DeviceMsg::Hello).await?;
         let hwm = loop {

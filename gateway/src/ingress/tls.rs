@@ -65,6 +65,93 @@ impl RoleCheck {
     }
 }
 
+/// The client certificate check, which says at WARN why it refused a certificate, with its
+/// issuer and subject (a device given certificates from another data dir's CAs is otherwise
+/// only an INFO line), at most once every [`Telling::EVERY`] (a flood of bad certificates
+/// does not wear the log).
+#[derive(Debug)]
+struct Telling {
+    inner: Arc<dyn ClientCertVerifier>,
+    /// The names of the CAs it trusts, to set beside the refused certificate's issuer.
+    trusted: String,
+    /// When it last said so, and the refusals it kept quiet about since.
+    said: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Telling {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn refused(&self, leaf: &CertificateDer<'_>, e: &rustls::Error) {
+        let now = std::time::Instant::now();
+        let quiet = {
+            let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+            if said.0.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+                said.1 += 1;
+                return;
+            }
+            *said = (Some(now), 0);
+            said.1
+        };
+        let (issuer, subject) = pki::issuer_and_subject(leaf)
+            .unwrap_or_else(|| ("(unreadable)".into(), "(unreadable)".into()));
+        tracing::warn!(
+            %issuer,
+            %subject,
+            trusted = %self.trusted,
+            refused_since_last = quiet,
+            "client certificate refused: {e} (issued by `{issuer}`; this gateway trusts {}: a certificate from another box's or data dir's CAs? `tidepool certs device -c CONFIG` prints the CAs it uses)",
+            self.trusted
+        );
+    }
+}
+
+impl ClientCertVerifier for Telling {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .inspect_err(|e| self.refused(end_entity, e))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// The QUIC server config and the role check for a data dir's PKI.
 pub fn server_config(
     paths: &PkiPaths,
@@ -72,7 +159,18 @@ pub fn server_config(
 ) -> Result<(quinn::ServerConfig, RoleCheck), TlsError> {
     let p = provider();
     let all = roots(&[paths.cert(pki::DEVICE_CA), paths.cert(pki::OPERATOR_CA)])?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(all, p.clone()).build()?;
+    let mut trusted = Vec::new();
+    for ca in [pki::DEVICE_CA, pki::OPERATOR_CA] {
+        for c in pki::read_certs(&paths.cert(ca))? {
+            trusted.extend(pki::issuer_and_subject(&c).map(|(_, subject)| format!("`{subject}`")));
+        }
+    }
+    let trusted = trusted.join(" and ");
+    let verifier = Arc::new(Telling {
+        inner: WebPkiClientVerifier::builder_with_provider(all, p.clone()).build()?,
+        trusted,
+        said: Default::default(),
+    });
     let only = |ca: &str| {
         WebPkiClientVerifier::builder_with_provider(roots(&[paths.cert(ca)])?, p.clone())
             .build()
