@@ -8,6 +8,7 @@ mod dead_letters;
 mod fleet;
 mod invoke;
 mod keys;
+mod new;
 mod run;
 mod send;
 mod status;
@@ -53,6 +54,8 @@ enum Command {
         what: bundle::What,
     },
     Send(send::Args),
+    New(new::NewArgs),
+    Build(new::BuildArgs),
     Invoke(invoke::Args),
     Status(status::Args),
     Health(admin::HealthArgs),
@@ -108,6 +111,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Keys { what } => keys::run(what),
         Command::Bundle { what } => bundle::run(what),
         Command::Send(a) => send::run(a),
+        Command::New(a) => new::new(a),
+        Command::Build(a) => new::build(a),
         Command::Invoke(a) => invoke::run(a),
         Command::Status(a) => status::run(a),
         Command::Health(a) => admin::health(a),

@@ -1,0 +1,94 @@
+//! The newcomer's path, from a folder outside the repo, with the real binary and cargo:
+//! `tidepool new`, `cargo test`, `tidepool build` (which runs `invoke`), a gateway with the
+//! handler, `tidepool send`, `tidepool status`, and the forward at a local HTTP endpoint.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Runs `cmd` in `dir`: (ok, stdout, stderr).
+fn run_in(dir: &std::path::Path, cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.current_dir(dir).output().expect("runs");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_made_outside_the_repo_reaches_the_cloud() {
+    let home = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let (ok, out, err) = run_in(
+        home.path(),
+        Command::new(BIN).args(["new", "mine", "--template", "threshold"]),
+    );
+    assert!(ok, "{out}{err}");
+    let krate = home.path().join("mine");
+
+    // The tests run on this machine as written.
+    let (ok, out, err) = run_in(&krate, Command::new("cargo").arg("test"));
+    assert!(ok, "cargo test: {out}{err}");
+    assert!(out.contains("test result: ok"), "{out}");
+
+    // The module, its size and, through invoke, the sample events' fuel.
+    let (ok, out, err) = run_in(&krate, Command::new(BIN).arg("build"));
+    assert!(ok, "tidepool build: {out}{err}");
+    assert!(
+        out.contains("mine.wasm: ") && out.contains(" bytes (rustc "),
+        "{out}"
+    );
+    assert!(out.contains("6 lines: 5 ok, 1 failed"), "{out}");
+    let wasm = krate.join("target/wasm32-unknown-unknown/release/mine.wasm");
+    let manifest = krate.join("mine.toml");
+
+    // A gateway with it; a device sends a crossing with `tidepool send`.
+    let cloud = Cloud::start(|_| 200).await;
+    let gw = Gateway::start(&format!(
+        "[uplink]\nurl = \"{}\"\n[outbox]\nlinger_ms = 50\n{}",
+        cloud.url,
+        handler_entry(&wasm, &manifest)
+    ));
+    let (crt, key, ca) = gw.device_certs("d1");
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let sent = tokio::task::spawn_blocking({
+        let (addr, crt, key, ca) = (gw.addr.clone(), p(&crt), p(&key), p(&ca));
+        move || {
+            tidepool(&[
+                "send",
+                "--gateway",
+                &addr,
+                "--cert",
+                &crt,
+                "--key",
+                &key,
+                "--ca",
+                &ca,
+                "--topic",
+                "devices/d1/temp",
+                "--payload",
+                "{\"v\": 31.2}",
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(sent.ok, "{}{}", sent.stdout, sent.stderr);
+    let got = cloud
+        .wait_until(Duration::from_secs(20), |r| !r.is_empty())
+        .await;
+    let first = started.elapsed();
+    assert_eq!(got.len(), 1, "the crossing reached the cloud");
+    let ev = &got[0].json()["events"][0];
+    assert_eq!(ev["class"], "urgent");
+    assert_eq!(ev["device"], "d1");
+    let status = cli(&["status"], &gw.config);
+    assert!(status.ok, "{}", status.stderr);
+    assert!(
+        status.stdout.contains("handler mine v1"),
+        "{}",
+        status.stdout
+    );
+    eprintln!("from `tidepool new` to the first forward at the cloud: {first:?}");
+}
