@@ -1,6 +1,6 @@
 //! The handler's configuration: the manifest's `[config]` string map with the box's overrides.
 //! Read it in `tp_init` (see [`handler!`](crate::handler)) and keep it in a
-//! [`Cached`](crate::Cached): each read is a host call.
+//! [`Cached`]: each read is a host call.
 //!
 //! ```no_run
 //! let threshold = tidepool_sdk::config::get_f64("threshold").ok_or(tidepool_sdk::Error::NotFound)?;
