@@ -915,3 +915,31 @@ async fn send_with_the_wrong_ca_says_which_file_and_what_to_check() {
         run.stderr
     );
 }
+
+/// A gateway whose data sits where a relative `data_dir` meant before the one rule (the
+/// current directory) is refused, saying where, not started afresh beside the config file.
+#[test]
+fn a_data_dir_left_in_the_current_directory_is_not_silently_replaced() {
+    let cwd = tempfile::tempdir().unwrap();
+    let etc = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(cwd.path().join("data/pki")).unwrap();
+    let cfg = etc.path().join("my.toml");
+    std::fs::write(
+        &cfg,
+        "[gateway]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"data\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("relative to the config file"), "{err}");
+    assert!(
+        !etc.path().join("data").exists(),
+        "nothing made beside the file"
+    );
+}

@@ -267,6 +267,10 @@ pub struct GatewayConfig {
     pub user: String,
     /// The timer slack of every thread (`PR_SET_TIMERSLACK`), in ms; 0: the kernel's.
     pub timer_slack_ms: u64,
+    /// `data_dir` as the file wrote it, before it was made relative to the file (the start
+    /// warns of a data dir that meant the current directory before that rule).
+    #[serde(skip)]
+    pub data_dir_as_written: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -480,6 +484,7 @@ impl Config {
             path: origin.to_path_buf(),
             source: Box::new(e),
         })?;
+        cfg.gateway.data_dir_as_written = cfg.gateway.data_dir.clone();
         // A file named without a folder is in the current one: its paths stay as written.
         if let Some(dir) = origin.parent().filter(|d| !d.as_os_str().is_empty()) {
             for h in &mut cfg.handler {

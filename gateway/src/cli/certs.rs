@@ -150,9 +150,12 @@ fn issuer(
         None => {
             let cfg = config.load()?;
             let paths = tidepool::pki::PkiPaths::of(&cfg);
-            let from = match &config.config {
-                Some(file) => format!("the data dir of {}", file.display()),
-                None => "the data dir of the embedded defaults (no --config given)".to_string(),
+            let from = match (&config.data_dir, &config.config) {
+                (Some(_), _) => "the data dir given with --data-dir".to_string(),
+                (None, Some(file)) => format!("the data dir of {}", file.display()),
+                (None, None) => {
+                    "the data dir of the embedded defaults (no --config given)".to_string()
+                }
             };
             let data = cfg.gateway.data_dir.display();
             // A box's PKI is whole once its server certificate is there (its first start).

@@ -103,7 +103,11 @@ impl ConfigArgs {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Whatever the shell's umask: the data dir, the store and exports are the owner's alone.
-    tidepool::os::files::private_by_default();
+    // Not for a handler crate (`new`, `build`): its sources and module keep the shell's
+    // umask, so a module copied to a box stays readable by the gateway's user.
+    if !matches!(cli.command, Command::New(_) | Command::Build(_)) {
+        tidepool::os::files::private_by_default();
+    }
     let result = match cli.command {
         Command::Run(a) => run::run(a),
         Command::Certs { what } => certs::run(what),

@@ -4,8 +4,9 @@
 //!
 //! The crate depends on the SDK of a Tidepool checkout by path (no network needed, and its
 //! `Cargo.lock` is the checkout's, so the versions are the ones already fetched). Its
-//! `.cargo/config.toml` sets the module's stack for the wasm target only, so `cargo test` runs
-//! the handler's pure logic on the host as written.
+//! `build.rs` sets the module's stack for the wasm target only (a `RUSTFLAGS` in the
+//! environment cannot drop it, as it would a `.cargo/config.toml` flag), and nothing sets the
+//! target for the whole crate, so `cargo test` runs the handler's pure logic on the host.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -17,15 +18,16 @@ const BUILT_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../modules/sdk");
 
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 
-/// Make a handler crate from a template: Cargo.toml, .cargo/config.toml, the handler's source
-/// and tests, its manifest (NAME.toml), sample events (events.jsonl) and a README.
+/// Make a handler crate from a template: Cargo.toml, build.rs, .cargo/config.toml, the
+/// handler's source and tests, its manifest (NAME.toml), sample events (events.jsonl) and a
+/// README.
 ///
 /// Then, in it: `cargo test` (the tests, on this machine), `tidepool build` (the .wasm, its
 /// size, and its fuel on the sample events), and a `[[handler]]` entry in a gateway's config
 /// (the README says which lines).
 #[derive(clap::Args)]
 pub struct NewArgs {
-    /// The handler's name: also the crate's and the manifest's ([A-Za-z][A-Za-z0-9_-]{0,63}).
+    /// The handler's name: also the crate's and the manifest's ([a-z][a-z0-9_-]{0,63}).
     name: String,
     /// What to start from: `threshold` (an alarm with hysteresis), `window` (per-minute
     /// statistics on a timer, typed JSON with serde), `deadband` (forward only a change), or
@@ -36,7 +38,7 @@ pub struct NewArgs {
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// The SDK to depend on: a Tidepool checkout's `modules/sdk` (default: the checkout this
-    /// binary was built from).
+    /// binary was built from, if it is still there; a binary built elsewhere needs this).
     #[arg(long, value_name = "DIR")]
     sdk: Option<PathBuf>,
 }
@@ -164,24 +166,50 @@ const EVENTS: &str = r#"{"topic":"devices/d1/temp","device":"d1","payload":"{\"v
 {"topic":"devices/d1/temp","device":"d1","payload":"{\"v\": \"hot\"}"}
 "#;
 
-const CARGO_CONFIG: &str = r#"# The module's stack: Rust reserves 1 MiB by default (18 pages of initial memory), and a
-# handler gets a few pages. For the wasm build only: `cargo test` runs on this machine as usual.
-[target.wasm32-unknown-unknown]
-rustflags = ["-C", "link-arg=-zstack-size=65536"]
-
-[alias]
-# `cargo wasm` builds the module, as `tidepool build` does.
+const CARGO_CONFIG: &str = r#"[alias]
+# `cargo wasm` builds the module, as `tidepool build` does. No target is set for the whole
+# crate: `cargo test` runs on this machine.
 wasm = "build --release --target wasm32-unknown-unknown"
+"#;
+
+const BUILD_RS: &str = r#"//! The module's stack: Rust reserves 1 MiB by default (18 pages of initial memory), and a
+//! handler gets a few pages (a bigger module does not load: `memory_pages is 4`). For the
+//! wasm build only.
+fn main() {
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("wasm32") {
+        println!("cargo:rustc-link-arg-cdylib=-zstack-size=65536");
+    }
+}
 "#;
 
 /// The checkout's lock file: a new crate resolves to the versions already fetched.
 const CARGO_LOCK: &str = include_str!("../../../modules/Cargo.lock");
 
+/// Names cargo refuses for a crate, or that clash with the crates it depends on.
+const TAKEN: &[&str] = &[
+    "test",
+    "self",
+    "super",
+    "crate",
+    "fn",
+    "mod",
+    "core",
+    "std",
+    "alloc",
+    "serde",
+    "tidepool",
+    "tidepool-sdk",
+    "tidepool_sdk",
+    "tidepool-abi",
+    "tidepool_abi",
+];
+
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     name.len() <= 64
-        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !TAKEN.contains(&name)
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
 }
 
 /// The module's file name for crate `name`.
@@ -227,32 +255,27 @@ strip = true
     )
 }
 
-fn readme(name: &str, dir: &Path) -> String {
-    let wasm = dir
-        .join("target")
-        .join(WASM_TARGET)
-        .join("release")
-        .join(wasm_file(name));
-    let manifest = dir.join(format!("{name}.toml"));
+fn readme(name: &str) -> String {
+    let wasm = wasm_file(name);
     format!(
         r#"# {name}
 
 A Tidepool handler (`tidepool new`). In this folder:
 
     cargo test          # the handler's logic, on this machine
-    tidepool build      # the .wasm, its size, and its fuel on events.jsonl
+    tidepool build      # the .wasm, checked, and run on events.jsonl
 
-In a gateway's config (paths in a config file are relative to that file):
+On the box, copy the module (`tidepool build` prints where it is) and `{name}.toml` beside the
+gateway's config, e.g. into /etc/tidepool/handlers/, and add to that config (paths in a config
+file are relative to the file):
 
     [[handler]]
-    wasm = "{wasm}"
-    manifest = "{manifest}"
+    wasm = "handlers/{wasm}"
+    manifest = "handlers/{name}.toml"
 
-then `systemctl reload tidepool` (or SIGHUP) puts it in force. The SDK and the ABI are
-described in docs/handlers.md of the Tidepool checkout.
-"#,
-        wasm = wasm.display(),
-        manifest = manifest.display(),
+then `systemctl reload tidepool` puts it in force. The SDK and the ABI are described in
+docs/handlers.md of the Tidepool checkout.
+"#
     )
 }
 
@@ -264,16 +287,29 @@ pub fn new(a: NewArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let sdk = a.sdk.unwrap_or_else(|| PathBuf::from(BUILT_SDK));
+    let is_sdk = |p: &Path| {
+        std::fs::read_to_string(p.join("Cargo.toml"))
+            .ok()
+            .and_then(|t| t.parse::<toml::Table>().ok())
+            .and_then(|t| Some(t.get("package")?.get("name")?.as_str()? == "tidepool-sdk"))
+            .unwrap_or(false)
+    };
     let sdk = std::fs::canonicalize(&sdk)
         .ok()
-        .filter(|p| p.join("Cargo.toml").is_file())
+        .filter(|p| is_sdk(p))
         .with_context(|| {
             format!(
-                "no SDK at {}: give a Tidepool checkout's modules/sdk with --sdk DIR",
+                "no SDK at {} (its Cargo.toml names the package tidepool-sdk): give a Tidepool checkout's modules/sdk with --sdk DIR",
                 sdk.display()
             )
         })?;
     let dir = a.dir.unwrap_or_else(|| PathBuf::from(&a.name));
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "{} exists and is not a folder: nothing written",
+            dir.display()
+        );
+    }
     if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
         bail!("{} exists and is not empty: nothing written", dir.display());
     }
@@ -283,7 +319,6 @@ pub fn new(a: NewArgs) -> anyhow::Result<ExitCode> {
         &format!("name = \"{}\"", a.name),
         1,
     );
-    let abs = std::path::absolute(&dir)?;
     let write = |path: &str, text: &str| -> anyhow::Result<()> {
         let p = dir.join(path);
         if let Some(parent) = p.parent() {
@@ -294,12 +329,13 @@ pub fn new(a: NewArgs) -> anyhow::Result<ExitCode> {
     write("Cargo.toml", &cargo_toml(&a.name, &sdk, files.serde))?;
     write("Cargo.lock", CARGO_LOCK)?;
     write(".cargo/config.toml", CARGO_CONFIG)?;
+    write("build.rs", BUILD_RS)?;
     for (path, text) in &files.sources {
         write(path, text)?;
     }
     write(&format!("{}.toml", a.name), &manifest)?;
     write("events.jsonl", EVENTS)?;
-    write("README.md", &readme(&a.name, &abs))?;
+    write("README.md", &readme(&a.name))?;
     write(".gitignore", "/target\n")?;
     println!(
         "made {} (handler `{}`, SDK {})",
@@ -311,11 +347,12 @@ pub fn new(a: NewArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Installs the wasm target through rustup when it is missing (nothing when rustup is not
-/// there: cargo then says what is missing).
-fn ensure_wasm_target() -> anyhow::Result<()> {
+/// Installs the wasm target through rustup when it is missing, for the toolchain the crate in
+/// `dir` builds with (nothing when rustup is not there: cargo then says what is missing).
+fn ensure_wasm_target(dir: &Path) -> anyhow::Result<()> {
     let Ok(out) = Command::new("rustup")
         .args(["target", "list", "--installed"])
+        .current_dir(dir)
         .output()
     else {
         return Ok(());
@@ -329,6 +366,7 @@ fn ensure_wasm_target() -> anyhow::Result<()> {
     eprintln!("installing the {WASM_TARGET} target (rustup target add {WASM_TARGET})");
     let added = Command::new("rustup")
         .args(["target", "add", WASM_TARGET])
+        .current_dir(dir)
         .status()?;
     if !added.success() {
         bail!("`rustup target add {WASM_TARGET}` failed");
@@ -353,26 +391,35 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
     else {
         bail!("{}: no [package] name", cargo_toml.display());
     };
-    ensure_wasm_target()?;
+    ensure_wasm_target(&a.dir)?;
     // From the crate's folder: cargo reads .cargo/config.toml from the working directory.
-    let built = Command::new("cargo")
-        .args(["build", "--release", "--target", WASM_TARGET])
+    // Where the module lands is cargo's to say (target dirs, workspaces, [lib] names).
+    let mut cargo = Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "--target",
+            WASM_TARGET,
+            "--message-format=json-render-diagnostics",
+        ])
         .current_dir(&a.dir)
-        .status()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .context("running cargo")?;
-    if !built.success() {
+    let mut wasm = None;
+    if let Some(out) = cargo.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            wasm = wasm.or_else(|| module_of(&line));
+        }
+    }
+    if !cargo.wait()?.success() {
         bail!("cargo build failed (above): nothing to check");
     }
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(t) => a.dir.join(t),
-        None => a.dir.join("target"),
+    let Some(wasm) = wasm else {
+        bail!("cargo built no .wasm for `{name}`: is its [lib] crate-type [\"cdylib\"]?");
     };
-    let wasm = target
-        .join(WASM_TARGET)
-        .join("release")
-        .join(wasm_file(name));
-    let bytes = std::fs::read(&wasm)
-        .with_context(|| format!("{}: not built (is the crate a cdylib?)", wasm.display()))?;
+    let bytes = std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))?;
     let manifest_path = a
         .manifest
         .unwrap_or_else(|| a.dir.join(format!("{name}.toml")));
@@ -392,24 +439,47 @@ pub fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         bytes.len(),
         manifest_path.display()
     );
+    // `invoke` loads it as the gateway does (`tp_init` included), then runs the events; with
+    // none, it only loads it.
     let events = a.events.unwrap_or_else(|| a.dir.join("events.jsonl"));
-    if !events.exists() {
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("== tidepool invoke on {}", events.display());
-    let ran = Command::new(std::env::current_exe()?)
+    let mut invoke = Command::new(std::env::current_exe()?);
+    invoke
         .arg("invoke")
         .arg("--handler")
         .arg(&wasm)
         .arg("--manifest")
         .arg(&manifest_path)
-        .arg("--events")
-        .arg(&events)
-        .status()?;
+        .arg("--events");
+    match events.exists() {
+        true => {
+            println!("== tidepool invoke on {}", events.display());
+            invoke.arg(&events)
+        }
+        false => invoke.arg("-").stdin(std::process::Stdio::null()),
+    };
+    let ran = invoke.status()?;
     Ok(match ran.success() {
         true => ExitCode::SUCCESS,
         false => ExitCode::FAILURE,
     })
+}
+
+/// The `.wasm` a cargo JSON message names: a `compiler-artifact` of a `cdylib`.
+fn module_of(line: &str) -> Option<PathBuf> {
+    let m: serde_json::Value = serde_json::from_str(line).ok()?;
+    if m["reason"] != "compiler-artifact" {
+        return None;
+    }
+    let cdylib = m["target"]["kind"]
+        .as_array()?
+        .iter()
+        .any(|k| k == "cdylib");
+    let files = m["filenames"].as_array()?;
+    let wasm = files
+        .iter()
+        .filter_map(|f| f.as_str())
+        .find(|f| f.ends_with(".wasm"))?;
+    cdylib.then(|| PathBuf::from(wasm))
 }
 
 #[cfg(test)]
@@ -417,11 +487,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_module_is_the_cdylib_artifact_cargo_names() {
+        let artifact = r#"{"reason":"compiler-artifact","target":{"kind":["cdylib"],"name":"my_h"},"filenames":["/t/wasm32-unknown-unknown/release/my_h.wasm"]}"#;
+        assert_eq!(
+            module_of(artifact),
+            Some(PathBuf::from("/t/wasm32-unknown-unknown/release/my_h.wasm"))
+        );
+        let dep = r#"{"reason":"compiler-artifact","target":{"kind":["lib"]},"filenames":["/t/libx.rlib"]}"#;
+        assert_eq!(module_of(dep), None);
+        assert_eq!(
+            module_of(r#"{"reason":"build-finished","success":true}"#),
+            None
+        );
+        assert_eq!(module_of("not json"), None);
+    }
+
+    #[test]
     fn names_that_make_a_crate_a_module_and_a_handler() {
         for ok in ["t", "my-handler", "a_b9"] {
             assert!(valid_name(ok), "{ok}");
         }
-        for bad in ["", "9a", "-a", "a.b", "a b", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "9a",
+            "-a",
+            "a.b",
+            "a b",
+            "Upper",
+            "test",
+            "serde",
+            "tidepool-sdk",
+            &"a".repeat(65),
+        ] {
             assert!(!valid_name(bad), "{bad}");
         }
         assert_eq!(wasm_file("my-handler"), "my_handler.wasm");

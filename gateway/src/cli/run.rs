@@ -29,6 +29,23 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let cfg = a.config.load()?;
+    // A relative data_dir meant the current directory before it meant the config file's
+    // folder: a gateway whose data is still there is refused, not started afresh (a new
+    // identity, new CAs, its outbox left behind).
+    let (dir, written) = (&cfg.gateway.data_dir, &cfg.gateway.data_dir_as_written);
+    if a.config.data_dir.is_none()
+        && written.is_relative()
+        && dir != written
+        && !dir.join("pki").exists()
+        && written.join("pki").exists()
+    {
+        anyhow::bail!(
+            "data_dir `{}` is relative to the config file, so it is {}, which holds no gateway's data; {} in the current directory does (relative paths in a config file meant the current directory before). Set data_dir to its absolute path, or move it there",
+            written.display(),
+            dir.display(),
+            std::path::absolute(written)?.display()
+        );
+    }
     // `target=level` directives, comma-separated (e.g. `info,tidepool=debug`); RUST_LOG wins.
     let (directives, origin) = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => (v, "RUST_LOG"),

@@ -105,13 +105,23 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         let dev = match Device::connect(&a.gateway, &a.ca, &a.cert, &a.key).await {
             Ok(d) => d,
-            Err(e) if e.to_string().contains("invalid peer certificate") => {
-                return Err(anyhow::anyhow!(
-                    "connecting: {e}: the gateway's certificate does not check against {}; is it the ca.crt that `tidepool certs device -c CONFIG` wrote for this gateway (from its data dir)?",
-                    a.ca.display()
-                ));
+            Err(e) => {
+                let text = e.to_string();
+                let hint = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+                    format!(
+                        "the gateway's certificate does not check against {}; is it the ca.crt that `tidepool certs device -c CONFIG` wrote for this gateway (from its data dir)?",
+                        a.ca.display()
+                    )
+                } else if text.contains("NotValidForName") {
+                    format!(
+                        "the gateway's certificate is not issued for `{}`: connect by a name it covers (localhost, 127.0.0.1 and its gateway.server_names)",
+                        a.gateway
+                    )
+                } else {
+                    return Err(e).context("connecting");
+                };
+                anyhow::bail!("connecting: {text}: {hint}");
             }
-            Err(e) => return Err(e).context("connecting"),
         };
         let mut s = dev.open().await?;
         s.send(&DeviceMsg::Hello).await?;

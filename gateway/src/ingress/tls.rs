@@ -75,32 +75,77 @@ struct Telling {
     /// The names of the CAs it trusts, to set beside the refused certificate's issuer.
     trusted: String,
     /// When it last said so, and the refusals it kept quiet about since.
-    said: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+    said: std::sync::Mutex<Said>,
+}
+
+/// How often a refusal is said: at most once every [`Said::EVERY`], the next one with the
+/// count of those kept quiet meanwhile. Pure (time comes in).
+#[derive(Debug, Default)]
+struct Said {
+    last: Option<std::time::Instant>,
+    quiet: u64,
+}
+
+impl Said {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// A refusal at `now`: `Some(refusals kept quiet since the last said)` when this one is
+    /// said, `None` when it is kept quiet.
+    fn refusal(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::EVERY)
+        {
+            self.quiet += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.quiet))
+    }
+}
+
+/// `text` from an unverified certificate, for one log line: control characters escaped
+/// (no forged lines), at most 200 characters.
+fn loggable(text: &str) -> String {
+    let escaped: String = text.chars().flat_map(char::escape_default).collect();
+    match escaped.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &escaped[..i]),
+        None => escaped,
+    }
 }
 
 impl Telling {
-    const EVERY: Duration = Duration::from_secs(10);
-
     fn refused(&self, leaf: &CertificateDer<'_>, e: &rustls::Error) {
         let now = std::time::Instant::now();
-        let quiet = {
-            let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
-            if said.0.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
-                said.1 += 1;
-                return;
-            }
-            *said = (Some(now), 0);
-            said.1
+        let said = self
+            .said
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refusal(now);
+        let Some(quiet) = said else {
+            return;
         };
         let (issuer, subject) = pki::issuer_and_subject(leaf)
+            .map(|(i, s)| (loggable(&i), loggable(&s)))
             .unwrap_or_else(|| ("(unreadable)".into(), "(unreadable)".into()));
+        let from_other_cas = matches!(
+            e,
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature
+            )
+        );
+        let hint = match from_other_cas {
+            true => format!(
+                "; this gateway trusts {}: a certificate from another box's or data dir's CAs? (`tidepool certs device -c CONFIG` prints the CAs it uses)",
+                self.trusted
+            ),
+            false => String::new(),
+        };
         tracing::warn!(
             %issuer,
             %subject,
-            trusted = %self.trusted,
             refused_since_last = quiet,
-            "client certificate refused: {e} (issued by `{issuer}`; this gateway trusts {}: a certificate from another box's or data dir's CAs? `tidepool certs device -c CONFIG` prints the CAs it uses)",
-            self.trusted
+            "client certificate refused: {e} (issued by `{issuer}`){hint}"
         );
     }
 }
@@ -149,6 +194,10 @@ impl ClientCertVerifier for Telling {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
     }
 }
 
@@ -250,4 +299,26 @@ fn client_config_for(
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_said_at_most_every_10_s_with_the_count_kept_quiet() {
+        let t0 = std::time::Instant::now();
+        let mut said = Said::default();
+        assert_eq!(said.refusal(t0), Some(0));
+        assert_eq!(said.refusal(t0 + Duration::from_secs(1)), None);
+        assert_eq!(said.refusal(t0 + Duration::from_secs(9)), None);
+        assert_eq!(said.refusal(t0 + Duration::from_secs(10)), Some(2));
+        assert_eq!(said.refusal(t0 + Duration::from_secs(30)), Some(0));
+    }
+
+    #[test]
+    fn text_from_a_certificate_cannot_forge_a_log_line() {
+        assert_eq!(loggable("CN=a\nWARN forged"), "CN=a\\nWARN forged");
+        assert_eq!(loggable(&"x".repeat(300)).chars().count(), 201);
+    }
 }
