@@ -282,7 +282,7 @@ docs/handlers.md of the Tidepool checkout.
 pub fn new(a: NewArgs) -> anyhow::Result<ExitCode> {
     if !valid_name(&a.name) {
         bail!(
-            "`{}` is not a handler name: a letter, then letters, digits, `-` or `_`, 64 at most (it names the crate, the module and the state)",
+            "`{}` is not a handler name: a lowercase letter, then lowercase letters, digits, `-` or `_`, 64 at most, and not a name cargo or the SDK takes (it names the crate, the module and the state)",
             a.name
         );
     }
