@@ -878,29 +878,7 @@ async fn send_with_the_wrong_ca_says_which_file_and_what_to_check() {
     let stranger = tempfile::tempdir().unwrap();
     tidepool::pki::ensure(&tidepool::pki::PkiPaths::new(stranger.path()), &[]).unwrap();
     let wrong_ca = stranger.path().join("pki/server-ca.crt");
-    let p = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let run = tokio::task::spawn_blocking({
-        let (addr, crt, key, ca) = (gw.addr.clone(), p(&crt), p(&key), p(&wrong_ca));
-        move || {
-            tidepool(&[
-                "send",
-                "--gateway",
-                &addr,
-                "--cert",
-                &crt,
-                "--key",
-                &key,
-                "--ca",
-                &ca,
-                "--topic",
-                "devices/d1/t",
-                "--payload",
-                "{}",
-            ])
-        }
-    })
-    .await
-    .unwrap();
+    let run = send_cli(&gw.addr, (&crt, &key, &wrong_ca), "devices/d1/t", "{}").await;
     assert!(!run.ok);
     assert!(
         run.stderr

@@ -9,9 +9,14 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// Runs `cmd` in `dir`: (ok, stdout, stderr).
+/// Runs `cmd` in `dir`, offline (the checkout's lock file and what its build fetched are
+/// enough): (ok, stdout, stderr).
 fn run_in(dir: &std::path::Path, cmd: &mut Command) -> (bool, String, String) {
-    let out = cmd.current_dir(dir).output().expect("runs");
+    let out = cmd
+        .current_dir(dir)
+        .env("CARGO_NET_OFFLINE", "true")
+        .output()
+        .expect("runs");
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
@@ -28,23 +33,12 @@ async fn a_handler_made_outside_the_repo_reaches_the_cloud() {
     let krate = home.path().join("mine");
 
     // The tests run on this machine as written.
-    // Offline: the checkout's lock file and what its build fetched are enough.
-    let (ok, out, err) = run_in(
-        &krate,
-        Command::new("cargo")
-            .arg("test")
-            .env("CARGO_NET_OFFLINE", "true"),
-    );
+    let (ok, out, err) = run_in(&krate, Command::new("cargo").arg("test"));
     assert!(ok, "cargo test: {out}{err}");
     assert!(out.contains("test result: ok"), "{out}");
 
     // The module, its size and, through invoke, the sample events' fuel.
-    let (ok, out, err) = run_in(
-        &krate,
-        Command::new(BIN)
-            .arg("build")
-            .env("CARGO_NET_OFFLINE", "true"),
-    );
+    let (ok, out, err) = run_in(&krate, Command::new(BIN).arg("build"));
     assert!(ok, "tidepool build: {out}{err}");
     assert!(out.contains("6 lines: 5 ok, 1 failed"), "{out}");
     // Its first line: where cargo put the module, its size and the toolchain.
@@ -64,29 +58,13 @@ async fn a_handler_made_outside_the_repo_reaches_the_cloud() {
         handler_entry(&wasm, &manifest)
     ));
     let (crt, key, ca) = gw.device_certs("d1");
-    let p = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let sent = tokio::task::spawn_blocking({
-        let (addr, crt, key, ca) = (gw.addr.clone(), p(&crt), p(&key), p(&ca));
-        move || {
-            tidepool(&[
-                "send",
-                "--gateway",
-                &addr,
-                "--cert",
-                &crt,
-                "--key",
-                &key,
-                "--ca",
-                &ca,
-                "--topic",
-                "devices/d1/temp",
-                "--payload",
-                "{\"v\": 31.2}",
-            ])
-        }
-    })
-    .await
-    .unwrap();
+    let sent = send_cli(
+        &gw.addr,
+        (&crt, &key, &ca),
+        "devices/d1/temp",
+        "{\"v\": 31.2}",
+    )
+    .await;
     assert!(sent.ok, "{}{}", sent.stdout, sent.stderr);
     let got = cloud
         .wait_until(Duration::from_secs(20), |r| !r.is_empty())
@@ -151,12 +129,7 @@ fn the_tutorial_listings_build_when_pasted_in_order() {
         if file == "Cargo.toml" {
             std::fs::write(krate.join("Cargo.lock"), &lock).unwrap();
         }
-        let (ok, out, err) = run_in(
-            &krate,
-            Command::new(BIN)
-                .arg("build")
-                .env("CARGO_NET_OFFLINE", "true"),
-        );
+        let (ok, out, err) = run_in(&krate, Command::new(BIN).arg("build"));
         assert!(ok, "listing {} ({file}): {out}{err}", i + 1);
         assert!(
             !err.contains("warning:"),
@@ -164,11 +137,6 @@ fn the_tutorial_listings_build_when_pasted_in_order() {
             i + 1
         );
     }
-    let (ok, out, err) = run_in(
-        &krate,
-        Command::new("cargo")
-            .arg("test")
-            .env("CARGO_NET_OFFLINE", "true"),
-    );
+    let (ok, out, err) = run_in(&krate, Command::new("cargo").arg("test"));
     assert!(ok, "cargo test: {out}{err}");
 }

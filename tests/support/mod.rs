@@ -902,6 +902,40 @@ pub fn tidepool(args: &[&str]) -> Run {
     Run::of(Command::new(BIN).args(args))
 }
 
+/// `tidepool send` as device `(cert, key, ca)` to `addr`: one payload on `topic` (run off the
+/// async runtime, which the gateway under test may share).
+pub async fn send_cli(
+    addr: &str,
+    (cert, key, ca): (&Path, &Path, &Path),
+    topic: &str,
+    payload: &str,
+) -> Run {
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let args: Vec<String> = [
+        "send",
+        "--gateway",
+        addr,
+        "--cert",
+        &s(cert),
+        "--key",
+        &s(key),
+        "--ca",
+        &s(ca),
+        "--topic",
+        topic,
+        "--payload",
+        payload,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    tokio::task::spawn_blocking(move || {
+        tidepool(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap()
+}
+
 /// `tidepool ARGS --config CONFIG`.
 pub fn cli(args: &[&str], config: &Path) -> Run {
     Run::of(Command::new(BIN).args(args).arg("--config").arg(config))
