@@ -607,10 +607,19 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     Some(cn)
 }
 
-/// A certificate's issuer and subject, as text (`CN=…`), for a log line.
+/// A certificate's issuer and subject, as `CN=…` (the common names only: every name this
+/// PKI issues has one, and naming the other attributes would link x509-parser's table of
+/// every OID's name into the binary), for a log line.
 pub fn issuer_and_subject(der: &[u8]) -> Option<(String, String)> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    Some((cert.issuer().to_string(), cert.subject().to_string()))
+    let cn = |name: &x509_parser::x509::X509Name<'_>| {
+        let cns: Vec<&str> = name
+            .iter_common_name()
+            .filter_map(|a| a.as_str().ok())
+            .collect();
+        format!("CN={}", cns.join(","))
+    };
+    Some((cn(cert.issuer()), cn(cert.subject())))
 }
 
 /// A certificate's serial as `acl.revoked` names it: lowercase hex, no leading zeros.
