@@ -52,10 +52,7 @@ pub struct Read {
 /// Reads `entry`'s manifest and module. Only a manifest that does not read is an error: a
 /// module that does not read is the handler's failure to load, told in [`Read::wasm`].
 pub fn read(entry: &HandlerEntry) -> Result<Read, ManifestError> {
-    let shown = entry.manifest.display().to_string();
-    let text = std::fs::read_to_string(&entry.manifest)
-        .map_err(|e| ManifestError::Read(shown.clone(), e))?;
-    let manifest = Manifest::parse(&text, shown.clone())?;
+    let (manifest, text) = Manifest::load_with_text(&entry.manifest)?;
     let wasm = std::fs::read(&entry.wasm)
         .map_err(|e| format!("cannot read {}: {e}", entry.wasm.display()));
     let mut h = std::hash::DefaultHasher::new();
@@ -63,7 +60,7 @@ pub fn read(entry: &HandlerEntry) -> Result<Read, ManifestError> {
     wasm.as_ref().ok().hash(&mut h);
     entry.config.hash(&mut h);
     Ok(Read {
-        source: shown,
+        source: entry.manifest.display().to_string(),
         manifest,
         wasm,
         overrides: entry.config.clone(),

@@ -74,15 +74,16 @@ pub enum ManifestError {
 
 impl Manifest {
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        Manifest::load_with_text(path).map(|(m, _)| m)
+    }
+
+    /// [`Manifest::load`], and the text it was parsed from (a reload's digest hashes it).
+    pub fn load_with_text(path: &Path) -> Result<(Manifest, String), ManifestError> {
         let shown = path.display().to_string();
         let text =
             std::fs::read_to_string(path).map_err(|e| ManifestError::Read(shown.clone(), e))?;
-        Manifest::parse(&text, shown)
-    }
-
-    /// Parses a manifest's `text`; `shown` names where it came from in the error.
-    pub fn parse(text: &str, shown: String) -> Result<Manifest, ManifestError> {
-        toml::from_str(text).map_err(|e| ManifestError::Parse(shown, e))
+        let m = toml::from_str(&text).map_err(|e| ManifestError::Parse(shown, e))?;
+        Ok((m, text))
     }
 
     /// Checks names, patterns and that every limit is within the box's caps.
